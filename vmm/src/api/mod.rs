@@ -1,0 +1,114 @@
+//! The control API: newline-delimited JSON over a Unix socket (protocol in `docs/api.md`).
+//!
+//! `server` accepts connections and turns each request line into a [`VmmEvent::Api`] for the VMM's
+//! main loop; `client` is what `vmm ctl` uses.
+
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A parsed API request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Info,
+    Pause,
+    Resume,
+    /// ACPI power button, then a forced stop after `timeout_ms`.
+    Shutdown { timeout_ms: u64 },
+}
+
+/// Default grace period between the power button and a forced stop.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+
+/// The wire form of a response: `{"ok":true,"result":…}` or `{"ok":false,"error":"…"}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    pub fn ok(result: Value) -> Self {
+        Response {
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+    pub fn err(msg: impl Into<String>) -> Self {
+        Response {
+            ok: false,
+            result: None,
+            error: Some(msg.into()),
+        }
+    }
+}
+
+/// Parses one request line. Errors are the message the caller gets back.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    let obj = v.as_object().ok_or("a request must be a JSON object")?;
+    let cmd = obj
+        .get("command")
+        .and_then(Value::as_str)
+        .ok_or("missing \"command\" (a string)")?;
+    let allowed: &[&str] = match cmd {
+        "shutdown" => &["command", "timeout_ms"],
+        _ => &["command"],
+    };
+    if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(format!("unknown field \"{k}\" for command \"{cmd}\""));
+    }
+    match cmd {
+        "info" => Ok(Request::Info),
+        "pause" => Ok(Request::Pause),
+        "resume" => Ok(Request::Resume),
+        "shutdown" => {
+            let timeout_ms = match obj.get("timeout_ms") {
+                None => DEFAULT_SHUTDOWN_TIMEOUT_MS,
+                Some(t) => t
+                    .as_u64()
+                    .ok_or("\"timeout_ms\" must be a non-negative integer")?,
+            };
+            Ok(Request::Shutdown { timeout_ms })
+        }
+        other => Err(format!(
+            "unknown command \"{other}\" (known: info, pause, resume, shutdown)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_commands() {
+        assert_eq!(parse_request(r#"{"command":"info"}"#), Ok(Request::Info));
+        assert_eq!(
+            parse_request(r#"{"command":"shutdown","timeout_ms":5}"#),
+            Ok(Request::Shutdown { timeout_ms: 5 })
+        );
+        assert_eq!(
+            parse_request(r#"{"command":"shutdown"}"#),
+            Ok(Request::Shutdown {
+                timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_bad_requests_with_reasons() {
+        assert!(parse_request("nope").unwrap_err().contains("invalid JSON"));
+        assert!(parse_request("[1]").unwrap_err().contains("object"));
+        assert!(parse_request("{}").unwrap_err().contains("command"));
+        assert!(parse_request(r#"{"command":"fly"}"#).unwrap_err().contains("unknown command \"fly\""));
+        assert!(parse_request(r#"{"command":"pause","x":1}"#).unwrap_err().contains("unknown field"));
+        assert!(parse_request(r#"{"command":"shutdown","timeout_ms":-1}"#).is_err());
+    }
+}

@@ -1,0 +1,102 @@
+//! Accepts API connections; each connection gets a thread that reads request lines, hands them to
+//! the VMM's main loop and writes back the answers.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Sender};
+
+use thiserror::Error;
+
+use super::{parse_request, Response};
+use crate::vmm::VmmEvent;
+
+/// Longest request line accepted; anything longer is refused and the connection closed.
+const MAX_REQUEST_LINE: usize = 64 * 1024;
+
+#[derive(Debug, Error)]
+pub enum ApiError {
+    #[error("API socket {0} is in use by another process")]
+    InUse(PathBuf),
+    #[error("API socket path {0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    #[error("cannot bind API socket {0}: {1}")]
+    Bind(PathBuf, std::io::Error),
+}
+
+/// Binds the API socket. A stale socket left by a dead VMM is replaced; a live one is refused.
+pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ApiError::NotASocket(path.into()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(ApiError::InUse(path.into()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|e| ApiError::Bind(path.into(), e))
+}
+
+/// Serves connections until the process ends.
+pub fn spawn(listener: UnixListener, events: Sender<VmmEvent>) -> std::io::Result<()> {
+    std::thread::Builder::new().name("api".into()).spawn(move || {
+        for conn in listener.incoming() {
+            match conn {
+                Ok(stream) => {
+                    let events = events.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("api-conn".into())
+                        .spawn(move || serve(stream, &events));
+                    if let Err(e) = spawned {
+                        tracing::warn!(error = %e, "cannot serve API connection");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "API accept failed"),
+            }
+        }
+    })?;
+    Ok(())
+}
+
+fn serve(stream: UnixStream, events: &Sender<VmmEvent>) {
+    let Ok(mut writer) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = Vec::new();
+        match (&mut reader)
+            .take(MAX_REQUEST_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let too_long = line.len() > MAX_REQUEST_LINE;
+        let response = if too_long {
+            Response::err(format!("request longer than {MAX_REQUEST_LINE} bytes"))
+        } else {
+            match std::str::from_utf8(&line).map_err(|_| "request is not UTF-8".to_string()) {
+                Ok(text) if text.trim().is_empty() => continue,
+                Ok(text) => match parse_request(text.trim()) {
+                    Ok(req) => {
+                        tracing::debug!(?req, "API request");
+                        let (tx, rx) = channel();
+                        if events.send(VmmEvent::Api(req, tx)).is_err() {
+                            return;
+                        }
+                        rx.recv().unwrap_or_else(|_| Response::err("the VMM is exiting"))
+                    }
+                    Err(msg) => Response::err(msg),
+                },
+                Err(msg) => Response::err(msg),
+            }
+        };
+        let mut out = serde_json::to_vec(&response).unwrap_or_default();
+        out.push(b'\n');
+        if writer.write_all(&out).is_err() || too_long {
+            return;
+        }
+    }
+}
+

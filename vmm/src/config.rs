@@ -1,0 +1,171 @@
+//! The VM configuration: what `vmm run` was asked to build, validated before anything is created.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+use thiserror::Error;
+
+/// Largest number of vCPUs this VMM describes to a guest: xAPIC ids in the MADT are 8-bit and 0xff is
+/// the broadcast id.
+pub const MAX_VCPUS: u8 = 254;
+/// Largest accepted command line, including the terminating NUL (Linux's COMMAND_LINE_SIZE is 2048 on
+/// x86; newer kernels accept more).
+pub const MAX_CMDLINE_LEN: usize = 4096;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("--vcpus must be at least 1")]
+    NoVcpus,
+    #[error("--vcpus {requested} is more than this host allows ({max})")]
+    TooManyVcpus { requested: u32, max: u32 },
+    #[error("--memory-mib must be at least 1")]
+    NoMemory,
+    #[error("--memory-mib {0} is too large")]
+    MemoryTooLarge(u64),
+    #[error("kernel {0}: {1}")]
+    Kernel(PathBuf, std::io::Error),
+    #[error("initrd {0}: {1}")]
+    Initrd(PathBuf, std::io::Error),
+    #[error("the command line is {0} bytes; at most {MAX_CMDLINE_LEN} are allowed")]
+    CmdlineTooLong(usize),
+    #[error("invalid --serial '{0}': expected 'stdio' or 'file:PATH'")]
+    Serial(String),
+}
+
+/// Where the guest's COM1 goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SerialOutput {
+    /// Console on the VMM's stdout, input from its stdin.
+    Stdio,
+    /// Console appended to a file; no input.
+    File(PathBuf),
+}
+
+impl std::str::FromStr for SerialOutput {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stdio" => Ok(SerialOutput::Stdio),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(SerialOutput::File(PathBuf::from(p))),
+                _ => Err(ConfigError::Serial(s.to_string())),
+            },
+        }
+    }
+}
+
+/// A validated VM configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub serial: SerialOutput,
+    pub api_socket: Option<PathBuf>,
+}
+
+impl VmConfig {
+    /// Checks everything that can be checked without KVM. `max_vcpus` is what the host allows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: String,
+        vcpus: u32,
+        memory_mib: u64,
+        serial: SerialOutput,
+        api_socket: Option<PathBuf>,
+        max_vcpus: u32,
+    ) -> Result<Self, ConfigError> {
+        if vcpus == 0 {
+            return Err(ConfigError::NoVcpus);
+        }
+        let max = max_vcpus.min(u32::from(MAX_VCPUS));
+        if vcpus > max {
+            return Err(ConfigError::TooManyVcpus { requested: vcpus, max });
+        }
+        if memory_mib == 0 {
+            return Err(ConfigError::NoMemory);
+        }
+        // 1 TiB: beyond what the 4-level identity map and e820 layout here are written for.
+        if memory_mib > 1 << 20 {
+            return Err(ConfigError::MemoryTooLarge(memory_mib));
+        }
+        if cmdline.len() + 1 > MAX_CMDLINE_LEN {
+            return Err(ConfigError::CmdlineTooLong(cmdline.len() + 1));
+        }
+        std::fs::metadata(&kernel).map_err(|e| ConfigError::Kernel(kernel.clone(), e))?;
+        if let Some(initrd) = &initrd {
+            std::fs::metadata(initrd).map_err(|e| ConfigError::Initrd(initrd.clone(), e))?;
+        }
+        Ok(VmConfig {
+            kernel,
+            initrd,
+            cmdline,
+            vcpus: vcpus as u8,
+            memory_mib,
+            serial,
+            api_socket,
+        })
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(vcpus: u32, mem: u64) -> Result<VmConfig, ConfigError> {
+        VmConfig::new(
+            "/proc/self/exe".into(),
+            None,
+            String::new(),
+            vcpus,
+            mem,
+            SerialOutput::Stdio,
+            None,
+            8,
+        )
+    }
+
+    #[test]
+    fn rejects_bad_sizes() {
+        assert!(matches!(cfg(0, 128), Err(ConfigError::NoVcpus)));
+        assert!(matches!(cfg(9, 128), Err(ConfigError::TooManyVcpus { requested: 9, max: 8 })));
+        assert!(matches!(cfg(1, 0), Err(ConfigError::NoMemory)));
+        assert!(cfg(8, 128).is_ok());
+    }
+
+    #[test]
+    fn parses_serial() {
+        assert_eq!("stdio".parse::<SerialOutput>().unwrap(), SerialOutput::Stdio);
+        assert_eq!(
+            "file:/tmp/x".parse::<SerialOutput>().unwrap(),
+            SerialOutput::File("/tmp/x".into())
+        );
+        assert!("file:".parse::<SerialOutput>().is_err());
+        assert!("tcp".parse::<SerialOutput>().is_err());
+    }
+
+    #[test]
+    fn missing_kernel_is_named() {
+        let e = VmConfig::new(
+            "/nonexistent/k".into(),
+            None,
+            String::new(),
+            1,
+            128,
+            SerialOutput::Stdio,
+            None,
+            8,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/k"), "{e}");
+    }
+}

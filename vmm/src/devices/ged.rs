@@ -1,0 +1,58 @@
+//! ACPI Generic Event Device: a 32-bit event register the guest's `_EVT` method reads (and thereby
+//! clears) after the GED interrupt. Used for the power button now, CPU and memory hotplug later.
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::BusDevice;
+
+/// Event bit: power button pressed. The DSDT's `_EVT` tests the same bit.
+pub const POWER_BUTTON_BIT: u32 = 1 << 0;
+
+pub struct Ged {
+    pending: u32,
+    irq: EventFd,
+}
+
+impl Ged {
+    pub fn new(irq: EventFd) -> Self {
+        Ged { pending: 0, irq }
+    }
+
+    /// Latches `bits` and interrupts the guest.
+    pub fn notify(&mut self, bits: u32) -> std::io::Result<()> {
+        self.pending |= bits;
+        self.irq.write(1)
+    }
+}
+
+impl BusDevice for Ged {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let v = if offset == 0 { std::mem::take(&mut self.pending) } else { 0 };
+        let bytes = v.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = bytes.get(i).copied().unwrap_or(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!(offset, ?data, "write to read-only GED register ignored");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_clears_pending() {
+        let irq = EventFd::new(0).unwrap();
+        let mut g = Ged::new(irq.try_clone().unwrap());
+        g.notify(POWER_BUTTON_BIT).unwrap();
+        assert_eq!(irq.read().unwrap(), 1);
+        let mut d = [0u8; 4];
+        g.read(0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), POWER_BUTTON_BIT);
+        g.read(0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0);
+    }
+}

@@ -1,0 +1,25 @@
+//! A minimal KVM virtual machine monitor: one process per VM.
+//!
+//! The modules follow the parts of a machine:
+//! - [`config`]: what the user asked for, validated;
+//! - [`memory`]: guest RAM and the guest physical address map;
+//! - [`arch`]: x86_64 specifics — CPUID, MSRs, registers, page tables;
+//! - [`boot`]: loading a kernel (ELF/PVH or bzImage), initrd and command line;
+//! - [`acpi`]: the ACPI tables that describe CPUs and devices to the guest;
+//! - [`devices`]: the emulated devices and the buses that route guest I/O to them;
+//! - [`vm`] and [`vcpu`]: the KVM VM and its vCPU threads;
+//! - [`migration`]: the pause/snapshot traits every component implements;
+//! - [`api`]: the control socket and its client;
+//! - [`vmm`]: ties it all together and runs the VM to its end.
+
+pub mod acpi;
+pub mod api;
+pub mod arch;
+pub mod boot;
+pub mod config;
+pub mod devices;
+pub mod memory;
+pub mod migration;
+pub mod vcpu;
+pub mod vm;
+pub mod vmm;

@@ -1,0 +1,129 @@
+//! `vmm run` boots a VM; `vmm ctl` talks to a running one over its API socket.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use vmm::config::{SerialOutput, VmConfig};
+use vmm::{api, vm, vmm::Machine};
+
+#[derive(Parser)]
+#[command(name = "vmm", version, about = "A minimal KVM virtual machine monitor")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM and run it until it powers off.
+    Run(RunArgs),
+    /// Send a command to a running VMM.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Kernel: an ELF (PVH entry if it has the note) or a bzImage.
+    #[arg(long)]
+    kernel: PathBuf,
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    #[arg(long = "memory-mib", default_value_t = 128)]
+    memory_mib: u64,
+    /// Unix socket for the control API.
+    #[arg(long = "api-socket")]
+    api_socket: Option<PathBuf>,
+    /// Console: `stdio` or `file:PATH`.
+    #[arg(long, default_value = "stdio")]
+    serial: String,
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    #[arg(long = "api-socket")]
+    api_socket: PathBuf,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// State, configuration, vCPUs and memory.
+    Info,
+    Pause,
+    Resume,
+    /// Press the ACPI power button; force the stop after the timeout.
+    Shutdown {
+        #[arg(long = "timeout-ms", default_value_t = api::DEFAULT_SHUTDOWN_TIMEOUT_MS)]
+        timeout_ms: u64,
+    },
+}
+
+fn run(args: RunArgs) -> Result<i32> {
+    let serial: SerialOutput = args.serial.parse()?;
+    let kvm = vm::open_kvm()?;
+    let max_vcpus = kvm.get_max_vcpus() as u32;
+    let config = VmConfig::new(
+        args.kernel,
+        args.initrd,
+        args.cmdline,
+        args.vcpus,
+        args.memory_mib,
+        serial,
+        args.api_socket,
+        max_vcpus,
+    )?;
+    let machine = Machine::build(config, kvm)?;
+    let outcome = machine.run();
+    if outcome.exit_code == 0 {
+        tracing::info!(reason = %outcome.reason, "VM stopped");
+    } else {
+        eprintln!("vmm: {}", outcome.reason);
+    }
+    Ok(outcome.exit_code)
+}
+
+fn ctl(args: CtlArgs) -> Result<i32> {
+    let (request, timeout) = match args.command {
+        CtlCommand::Info => (json!({"command": "info"}), Duration::from_secs(10)),
+        CtlCommand::Pause => (json!({"command": "pause"}), Duration::from_secs(10)),
+        CtlCommand::Resume => (json!({"command": "resume"}), Duration::from_secs(10)),
+        CtlCommand::Shutdown { timeout_ms } => (
+            json!({"command": "shutdown", "timeout_ms": timeout_ms}),
+            Duration::from_millis(timeout_ms) + Duration::from_secs(10),
+        ),
+    };
+    let result = api::client::call(&args.api_socket, &request, timeout)?;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(0)
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run(a),
+        Command::Ctl(a) => ctl(a),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("vmm: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! vCPUs: creation and boot state, the run loop on a thread of its own, and the control that pauses,
+//! resumes and stops them.
+//!
+//! To get a vCPU out of `KVM_RUN` the controller sends its thread a real-time signal; the handler
+//! does nothing, so `KVM_RUN` returns `EINTR` and the loop looks at the requested state. A signal
+//! that lands just before `KVM_RUN` is entered would be lost, so the controller repeats the kick
+//! until every vCPU has acknowledged.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave, CpuId, Msrs,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::arch::{cpuid, msr, regs};
+use crate::boot::BootEntry;
+use crate::devices::Bus;
+use crate::migration::{MigrationError, Pausable, Snapshottable};
+use crate::vmm::VmmEvent;
+
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    #[error("cannot create vCPU {0}: {1}")]
+    Create(u8, kvm_ioctls::Error),
+    #[error("cannot configure vCPU {index} ({what}): {err}")]
+    Configure {
+        index: u8,
+        what: &'static str,
+        err: kvm_ioctls::Error,
+    },
+    #[error("cannot start the vCPU thread: {0}")]
+    Spawn(std::io::Error),
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+    #[error("vCPUs did not stop within {0:?}")]
+    PauseTimeout(Duration),
+}
+
+pub struct Vcpu {
+    pub index: u8,
+    pub fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` of `count` with CPUID, MSRs, LAPIC and FPU set; the boot vCPU (0) also
+    /// gets the entry registers. The others wait for INIT/SIPI from the guest.
+    pub fn new(
+        vm: &kvm_ioctls::VmFd,
+        supported_cpuid: &CpuId,
+        index: u8,
+        count: u8,
+        boot: &BootEntry,
+    ) -> Result<Vcpu, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|e| VcpuError::Create(index, e))?;
+        let cfg = |what| move |err| VcpuError::Configure { index, what, err };
+        fd.set_cpuid2(&cpuid::configure(supported_cpuid, index, count))
+            .map_err(cfg("CPUID"))?;
+        let refused = msr::set_msrs_tolerant(&fd, &msr::boot_msrs());
+        if !refused.is_empty() && index == 0 {
+            tracing::info!(?refused, "host refused some boot MSRs");
+        }
+        regs::setup_lapic(&fd).map_err(cfg("LAPIC"))?;
+        regs::setup_fpu(&fd).map_err(cfg("FPU"))?;
+        if index == 0 {
+            regs::setup_vcpu(&fd, boot.entry, boot.boot_info, boot.mode).map_err(cfg("registers"))?;
+        }
+        Ok(Vcpu { index, fd })
+    }
+
+    /// A one-line summary of the registers, for fatal-exit messages.
+    pub fn describe_registers(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip={:#x} rsp={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rflags={:#x} \
+                 cs={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                r.rip, r.rsp, r.rax, r.rbx, r.rcx, r.rdx, r.rflags, s.cs.selector, s.cr0, s.cr3, s.cr4, s.efer
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("registers unreadable: {e}"),
+        }
+    }
+}
+
+/// The requested run state of all vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Requested {
+    Run,
+    Pause,
+}
+
+struct ControlState {
+    requested: Requested,
+    paused: usize,
+}
+
+/// Shared between the VMM and the vCPU threads.
+pub struct VcpuControl {
+    state: Mutex<ControlState>,
+    changed: Condvar,
+}
+
+impl VcpuControl {
+    fn new() -> Self {
+        VcpuControl {
+            state: Mutex::new(ControlState {
+                requested: Requested::Run,
+                paused: 0,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called by a vCPU thread between runs: parks while a pause is requested.
+    fn checkpoint(&self) {
+        let mut s = self.lock();
+        if s.requested == Requested::Run {
+            return;
+        }
+        s.paused += 1;
+        self.changed.notify_all();
+        while s.requested == Requested::Pause {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.paused -= 1;
+    }
+}
+
+/// The running vCPU threads.
+pub struct VcpuSet {
+    control: Arc<VcpuControl>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+impl VcpuSet {
+    /// Starts one thread per vCPU.
+    pub fn start(
+        vcpus: Vec<Vcpu>,
+        io_bus: Bus,
+        mmio_bus: Bus,
+        events: Sender<VmmEvent>,
+    ) -> Result<VcpuSet, VcpuError> {
+        register_signal_handler(SIGRTMIN(), kick_handler).map_err(VcpuError::Signal)?;
+        let control = Arc::new(VcpuControl::new());
+        let mut threads = Vec::new();
+        for vcpu in vcpus {
+            let (control, io, mmio, events) =
+                (control.clone(), io_bus.clone(), mmio_bus.clone(), events.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.index))
+                .spawn(move || run_loop(vcpu, &control, &io, &mmio, &events))
+                .map_err(VcpuError::Spawn)?;
+            threads.push(t);
+        }
+        Ok(VcpuSet { control, threads })
+    }
+
+    pub fn count(&self) -> usize {
+        self.threads.len()
+    }
+
+    fn kick_all(&self) {
+        for t in &self.threads {
+            // SAFETY: the pthread id belongs to a thread we own and have not joined.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), SIGRTMIN()) };
+        }
+    }
+
+    /// Stops every vCPU outside `KVM_RUN`; returns when all have acknowledged.
+    pub fn pause(&self, timeout: Duration) -> Result<(), VcpuError> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.control.lock();
+        s.requested = Requested::Pause;
+        let live = self.threads.iter().filter(|t| !t.is_finished()).count();
+        while s.paused < live {
+            drop(s);
+            self.kick_all();
+            s = self.control.lock();
+            if Instant::now() >= deadline {
+                return Err(VcpuError::PauseTimeout(timeout));
+            }
+            s = self
+                .control
+                .changed
+                .wait_timeout(s, Duration::from_millis(1))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) {
+        let mut s = self.control.lock();
+        s.requested = Requested::Run;
+        self.control.changed.notify_all();
+    }
+}
+
+fn run_loop(mut vcpu: Vcpu, control: &VcpuControl, io: &Bus, mmio: &Bus, events: &Sender<VmmEvent>) {
+    loop {
+        control.checkpoint();
+        let fatal = match vcpu.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                io.write(u64::from(port), data);
+                None
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                io.read(u64::from(port), data);
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                mmio.write(addr, data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                mmio.read(addr, data);
+                None
+            }
+            Ok(VcpuExit::Hlt) => {
+                // Only without an in-kernel LAPIC; ours has one. Do not spin.
+                std::thread::sleep(Duration::from_millis(1));
+                None
+            }
+            Ok(VcpuExit::Shutdown) => Some("triple fault (KVM_EXIT_SHUTDOWN)".to_string()),
+            Ok(VcpuExit::InternalError) => Some("KVM internal error (emulation failure)".to_string()),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                Some(format!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"))
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                use crate::devices::power::ExitReason;
+                let reason = match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
+                    _ => ExitReason::PowerOff,
+                };
+                let _ = events.send(VmmEvent::GuestExit(reason));
+                return;
+            }
+            Ok(VcpuExit::Intr) => None,
+            Ok(other) => {
+                tracing::debug!(vcpu = vcpu.index, exit = ?other, "unhandled vCPU exit ignored");
+                None
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.fd.set_kvm_immediate_exit(0);
+                None
+            }
+            Err(e) => Some(format!("KVM_RUN failed: {e}")),
+        };
+        if let Some(what) = fatal {
+            let message = format!("vCPU {}: {what}; {}", vcpu.index, vcpu.describe_registers());
+            let _ = events.send(VmmEvent::VcpuFailed(message));
+            return;
+        }
+    }
+}
+
+/// The complete architectural state of one vCPU.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub lapic: kvm_lapic_state,
+    pub mp_state: kvm_mp_state,
+    pub events: kvm_vcpu_events,
+    pub xcrs: kvm_xcrs,
+    pub debugregs: kvm_debugregs,
+    pub msrs: Vec<(u32, u64)>,
+}
+
+impl Pausable for Vcpu {}
+
+impl Snapshottable for Vcpu {
+    type State = VcpuState;
+    const STATE_VERSION: u32 = 1;
+
+    fn id(&self) -> String {
+        format!("vcpu{}", self.index)
+    }
+
+    fn save(&mut self) -> Result<VcpuState, MigrationError> {
+        let err = |what: &str, e: kvm_ioctls::Error| MigrationError::Save {
+            id: format!("vcpu{}", self.index),
+            reason: format!("{what}: {e}"),
+        };
+        let mut msrs = Msrs::from_entries(&msr::boot_msrs()).map_err(|e| MigrationError::Save {
+            id: self.id(),
+            reason: format!("MSR list: {e:?}"),
+        })?;
+        let n = self.fd.get_msrs(&mut msrs).map_err(|e| err("MSRs", e))?;
+        Ok(VcpuState {
+            regs: self.fd.get_regs().map_err(|e| err("regs", e))?,
+            sregs: self.fd.get_sregs().map_err(|e| err("sregs", e))?,
+            xsave: self.fd.get_xsave().map_err(|e| err("XSAVE", e))?,
+            lapic: self.fd.get_lapic().map_err(|e| err("LAPIC", e))?,
+            mp_state: self.fd.get_mp_state().map_err(|e| err("MP state", e))?,
+            events: self.fd.get_vcpu_events().map_err(|e| err("events", e))?,
+            xcrs: self.fd.get_xcrs().map_err(|e| err("XCRs", e))?,
+            debugregs: self.fd.get_debug_regs().map_err(|e| err("debug regs", e))?,
+            msrs: msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)).collect(),
+        })
+    }
+
+    fn restore(&mut self, s: VcpuState) -> Result<(), MigrationError> {
+        let id = self.id();
+        let err = |what: &str, e: kvm_ioctls::Error| MigrationError::Restore {
+            id: id.clone(),
+            reason: format!("{what}: {e}"),
+        };
+        self.fd.set_sregs(&s.sregs).map_err(|e| err("sregs", e))?;
+        self.fd.set_regs(&s.regs).map_err(|e| err("regs", e))?;
+        // SAFETY: the buffer is a kvm_xsave read from KVM by `save`, of the size KVM_SET_XSAVE expects.
+        unsafe { self.fd.set_xsave(&s.xsave) }.map_err(|e| err("XSAVE", e))?;
+        self.fd.set_xcrs(&s.xcrs).map_err(|e| err("XCRs", e))?;
+        self.fd.set_lapic(&s.lapic).map_err(|e| err("LAPIC", e))?;
+        let entries: Vec<_> = s
+            .msrs
+            .iter()
+            .map(|(index, data)| kvm_bindings::kvm_msr_entry {
+                index: *index,
+                data: *data,
+                ..Default::default()
+            })
+            .collect();
+        msr::set_msrs_tolerant(&self.fd, &entries);
+        self.fd.set_debug_regs(&s.debugregs).map_err(|e| err("debug regs", e))?;
+        self.fd.set_mp_state(s.mp_state).map_err(|e| err("MP state", e))?;
+        self.fd.set_vcpu_events(&s.events).map_err(|e| err("events", e))?;
+        Ok(())
+    }
+}
