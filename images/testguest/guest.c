@@ -1,0 +1,614 @@
+/*
+ * The fleet test guest: a freestanding program for KVM hosts where guest ring-0 code is emulated
+ * slowly (nested PVM). It does as little as it can before its readiness line, finds CPUs and devices
+ * only by walking the ACPI tables it is given, and reports in the line protocol of
+ * docs/test-guest.md on COM1.
+ *
+ * Built with -mgeneral-regs-only: SSE instructions in ring 0 kill the VM on those hosts.
+ */
+#include <stdint.h>
+
+typedef uint8_t u8;
+typedef uint16_t u16;
+typedef uint32_t u32;
+typedef uint64_t u64;
+
+#define COM1 0x3f8
+#define DEBUG_EXIT_PORT 0x501
+#define LAPIC 0xfee00000u
+#define IOAPIC 0xfec00000u
+#define TRAMPOLINE_ADDR 0x8000u
+#define TIMER_VECTOR 0x40
+#define GED_VECTOR 0x41
+#define SPURIOUS_VECTOR 0xff
+#define MAX_CPUS 64
+#define MAX_DEVICES 32
+#define PAGE 4096u
+#define MIB (1024u * 1024u)
+
+/* ---- port and MMIO access ---- */
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
+static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" ::"a"(v), "Nd"(port)); }
+static inline void mmio_write32(u32 addr, u32 v) { *(volatile u32 *)addr = v; }
+static inline u32 mmio_read32(u32 addr) { return *(volatile u32 *)addr; }
+
+void *memcpy(void *d, const void *s, unsigned long n) {
+    void *r = d;
+    __asm__ volatile("rep movsb" : "+D"(d), "+S"(s), "+c"(n)::"memory");
+    return r;
+}
+void *memset(void *d, int c, unsigned long n) {
+    void *r = d;
+    __asm__ volatile("rep stosb" : "+D"(d), "+c"(n) : "a"(c) : "memory");
+    return r;
+}
+
+/* ---- console: one `rep outsb` per line, one VM exit instead of one per byte ---- */
+static volatile u32 console_lock;
+
+static void lock(volatile u32 *l) {
+    while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE)) __asm__ volatile("pause");
+}
+static void unlock(volatile u32 *l) { __atomic_store_n(l, 0, __ATOMIC_RELEASE); }
+
+struct line {
+    char buf[256];
+    u32 len;
+};
+
+static void put(struct line *l, const char *s) {
+    while (*s && l->len < sizeof(l->buf) - 1) l->buf[l->len++] = *s++;
+}
+static void put_u(struct line *l, u32 v) {
+    char tmp[10];
+    int i = 0;
+    do {
+        tmp[i++] = '0' + v % 10;
+        v /= 10;
+    } while (v);
+    while (i && l->len < sizeof(l->buf) - 1) l->buf[l->len++] = tmp[--i];
+}
+static void put_x(struct line *l, u32 v) {
+    static const char hex[] = "0123456789abcdef";
+    put(l, "0x");
+    int started = 0;
+    for (int shift = 28; shift >= 0; shift -= 4) {
+        u32 d = (v >> shift) & 0xf;
+        if (d || started || shift == 0) {
+            started = 1;
+            if (l->len < sizeof(l->buf) - 1) l->buf[l->len++] = hex[d];
+        }
+    }
+}
+static void emit(struct line *l) {
+    l->buf[l->len++] = '\n';
+    const char *p = l->buf;
+    u32 n = l->len;
+    lock(&console_lock);
+    __asm__ volatile("rep outsb" : "+S"(p), "+c"(n) : "d"(COM1) : "memory");
+    unlock(&console_lock);
+    l->len = 0;
+}
+static void say(const char *s) {
+    struct line l = {.len = 0};
+    put(&l, "tg: ");
+    put(&l, s);
+    emit(&l);
+}
+
+/* ---- boot information (PVH start_info) ---- */
+struct start_info {
+    u32 magic, version, flags, nr_modules;
+    u64 modlist_paddr, cmdline_paddr, rsdp_paddr, memmap_paddr;
+    u32 memmap_entries, reserved;
+};
+struct memmap_entry {
+    u64 addr, size;
+    u32 type, reserved;
+};
+
+/* ---- ACPI ---- */
+struct sdt {
+    char sig[4];
+    u32 length;
+    u8 revision, checksum;
+    char oem_id[6], oem_table_id[8];
+    u32 oem_revision, creator_id, creator_revision;
+} __attribute__((packed));
+
+struct gas {
+    u8 space, bit_width, bit_offset, access_size;
+    u64 address;
+} __attribute__((packed));
+
+static int sig_eq(const char *a, const char *b, int n) {
+    for (int i = 0; i < n; i++)
+        if (a[i] != b[i]) return 0;
+    return 1;
+}
+
+static const struct sdt *xsdt_find(const struct sdt *xsdt, const char *sig) {
+    u32 n = (xsdt->length - sizeof(struct sdt)) / 8;
+    const u8 *entries = (const u8 *)xsdt + sizeof(struct sdt);
+    for (u32 i = 0; i < n; i++) {
+        u32 addr = *(const u32 *)(entries + 8 * i); /* tables live below 4 GiB */
+        const struct sdt *t = (const struct sdt *)addr;
+        if (sig_eq(t->sig, sig, 4)) return t;
+    }
+    return 0;
+}
+
+static u32 cpu_count;
+static u8 cpu_apic_ids[MAX_CPUS];
+static u32 ioapic_addr = IOAPIC;
+
+/* MADT: enabled processor-local APICs, and the IOAPIC address. */
+static void parse_madt(const struct sdt *madt) {
+    const u8 *p = (const u8 *)madt + 44;
+    const u8 *end = (const u8 *)madt + madt->length;
+    while (p + 2 <= end && p[1] >= 2) {
+        if (p[0] == 0 && (*(const u32 *)(p + 4) & 1) && cpu_count < MAX_CPUS)
+            cpu_apic_ids[cpu_count++] = p[3];
+        else if (p[0] == 1)
+            ioapic_addr = *(const u32 *)(p + 4);
+        p += p[1];
+    }
+}
+
+/* Power-off through the FADT's registers, with the \_S5 sleep type from the DSDT. */
+static struct gas sleep_control;
+static u32 pm1a_cnt;
+static int hw_reduced;
+static u8 s5_type = 5;
+
+static u32 aml_pkglen(const u8 *p, u32 *len_bytes) {
+    u32 follow = p[0] >> 6;
+    u32 len = follow ? (p[0] & 0x0f) : (p[0] & 0x3f);
+    for (u32 i = 0; i < follow; i++) len |= (u32)p[1 + i] << (4 + 8 * i);
+    *len_bytes = follow + 1;
+    return len;
+}
+
+struct device {
+    char hid[9];
+    u32 mmio_base, mmio_len, irq, io_base;
+    u32 region_base; /* first SystemMemory OperationRegion inside the device */
+};
+static struct device devices[MAX_DEVICES];
+static u32 device_count;
+
+/* _CRS buffer: Memory32Fixed (0x86), extended IRQ (0x89), IO (0x47), small IRQ (0x22/0x23). */
+static void parse_crs(const u8 *p, const u8 *end, struct device *d) {
+    while (p < end) {
+        if (p[0] & 0x80) {
+            u32 len = p[1] | (p[2] << 8);
+            if (p[0] == 0x86 && len >= 9) {
+                d->mmio_base = *(const u32 *)(p + 4);
+                d->mmio_len = *(const u32 *)(p + 8);
+            } else if (p[0] == 0x89 && len >= 6) {
+                d->irq = *(const u32 *)(p + 5);
+            }
+            p += 3 + len;
+        } else {
+            u32 len = p[0] & 7, kind = (p[0] >> 3) & 0xf;
+            if (kind == 0xf) break; /* end tag */
+            if (kind == 0x4 && len >= 2) {
+                u16 mask = p[1] | (p[2] << 8);
+                for (u32 i = 0; i < 16; i++)
+                    if (mask & (1u << i)) d->irq = i;
+            } else if (kind == 0x8 && len >= 7) {
+                d->io_base = p[2] | (p[3] << 8);
+            }
+            p += 1 + len;
+        }
+    }
+}
+
+/* EISA id (compressed) to text, e.g. PNP0501. */
+static void eisa_to_str(u32 v, char *out) {
+    static const char hex[] = "0123456789ABCDEF";
+    u32 b = ((v & 0xff) << 24) | ((v & 0xff00) << 8) | ((v >> 8) & 0xff00) | (v >> 24);
+    out[0] = '@' + ((b >> 26) & 0x1f);
+    out[1] = '@' + ((b >> 21) & 0x1f);
+    out[2] = '@' + ((b >> 16) & 0x1f);
+    for (int i = 0; i < 4; i++) out[3 + i] = hex[(b >> (12 - 4 * i)) & 0xf];
+    out[7] = 0;
+}
+
+/* Reads a Name(_HID/_CRS, ...) at p (just past "_HID"/"_CRS"). */
+static void parse_named(const u8 *name, const u8 *end, struct device *d) {
+    const u8 *v = name + 4;
+    if (v >= end) return;
+    if (sig_eq((const char *)name, "_HID", 4)) {
+        if (v[0] == 0x0d) { /* string */
+            u32 i = 0;
+            for (; i < 8 && v[1 + i]; i++) d->hid[i] = v[1 + i];
+            d->hid[i] = 0;
+        } else if (v[0] == 0x0c) { /* dword: EISA id */
+            eisa_to_str(*(const u32 *)(v + 1), d->hid);
+        }
+    } else if (sig_eq((const char *)name, "_CRS", 4) && v[0] == 0x11) { /* buffer */
+        u32 lb, len = aml_pkglen(v + 1, &lb);
+        const u8 *body = v + 1 + lb;
+        const u8 *bend = v + 1 + len;
+        if (bend > end) bend = end;
+        /* BufferSize is an integer term: skip its prefix and value. */
+        u32 skip = body[0] == 0x0a ? 2 : body[0] == 0x0b ? 3 : body[0] == 0x0c ? 5 : 1;
+        parse_crs(body + skip, bend, d);
+    }
+}
+
+/*
+ * Walks the DSDT for Device() objects and their _HID and _CRS, and for \_S5. A byte scan guided by
+ * the AML encoding: enough for tables whose devices carry Name objects, which is what a VMM emits.
+ */
+static void parse_dsdt(const struct sdt *dsdt) {
+    const u8 *p = (const u8 *)dsdt + sizeof(struct sdt);
+    const u8 *end = (const u8 *)dsdt + dsdt->length;
+    struct device *cur = 0;
+    const u8 *cur_end = 0;
+    for (; p + 5 < end; p++) {
+        if (cur && p >= cur_end) cur = 0;
+        if (p[0] == 0x5b && p[1] == 0x82) { /* DeviceOp */
+            u32 lb, len = aml_pkglen(p + 2, &lb);
+            if (device_count < MAX_DEVICES) {
+                cur = &devices[device_count++];
+                cur->hid[0] = 0;
+                cur_end = p + 2 + len;
+            }
+            p += 1 + lb;
+            continue;
+        }
+        if (cur && p[0] == 0x5b && p[1] == 0x80 && p[6] == 0x00 && !cur->region_base) {
+            /* OperationRegion(name, SystemMemory, offset, len) */
+            const u8 *o = p + 7;
+            cur->region_base = o[0] == 0x0c || o[0] == 0x0e ? *(const u32 *)(o + 1)
+                               : o[0] == 0x0b              ? (u32)(o[1] | (o[2] << 8))
+                                                           : 0;
+            p += 6;
+            continue;
+        }
+        if (p[0] == 0x08) { /* NameOp */
+            if (sig_eq((const char *)p + 1, "_S5_", 4) && p[5] == 0x12) {
+                u32 lb;
+                aml_pkglen(p + 6, &lb);
+                const u8 *e = p + 6 + lb + 1; /* past NumElements */
+                s5_type = e[0] == 0x0a ? e[1] : e[0] == 0x01 ? 1 : e[0] == 0x00 ? 0 : e[0];
+            } else if (cur) {
+                parse_named(p + 1, cur_end, cur);
+            }
+        }
+    }
+}
+
+static void parse_fadt(const struct sdt *fadt) {
+    const u8 *f = (const u8 *)fadt;
+    u32 flags = *(const u32 *)(f + 112);
+    hw_reduced = (flags >> 20) & 1;
+    pm1a_cnt = *(const u32 *)(f + 64);
+    if (fadt->length >= 244) sleep_control = *(const struct gas *)(f + 244);
+    const struct sdt *dsdt = 0;
+    if (fadt->length >= 148 && *(const u32 *)(f + 140)) dsdt = (const struct sdt *)*(const u32 *)(f + 140);
+    else dsdt = (const struct sdt *)*(const u32 *)(f + 40);
+    if (dsdt) parse_dsdt(dsdt);
+}
+
+static void acpi_poweroff(void) {
+    say("poweroff");
+    if (hw_reduced && sleep_control.address) {
+        u8 v = (u8)((s5_type << 2) | (1 << 5));
+        if (sleep_control.space == 1) outb((u16)sleep_control.address, v);
+        else *(volatile u8 *)(u32)sleep_control.address = v;
+    } else if (pm1a_cnt) {
+        outw((u16)pm1a_cnt, (u16)((s5_type << 10) | (1 << 13)));
+    }
+    /* No ACPI power-off happened: tell the VMM through the debug-exit port, with failure. */
+    outb(DEBUG_EXIT_PORT, 1);
+    for (;;) __asm__ volatile("cli; hlt");
+}
+
+static const struct sdt *find_rsdp_xsdt(u32 rsdp) {
+    if (!rsdp) {
+        for (u32 a = 0xe0000; a < 0x100000; a += 16)
+            if (sig_eq((const char *)a, "RSD PTR ", 8)) {
+                rsdp = a;
+                break;
+            }
+    }
+    if (!rsdp) return 0;
+    const u8 *r = (const u8 *)rsdp;
+    if (r[15] >= 2 && *(const u32 *)(r + 24)) return (const struct sdt *)*(const u32 *)(r + 24);
+    return 0; /* RSDT-only firmware is not supported */
+}
+
+/* ---- interrupts ---- */
+struct idt_entry {
+    u16 off_lo, sel;
+    u8 zero, type;
+    u16 off_hi;
+} __attribute__((packed));
+static struct idt_entry idt[256];
+extern void isr_timer(void), isr_ged(void), isr_spurious(void), isr_unexpected(void);
+
+static void set_gate(int v, void (*h)(void)) {
+    u32 a = (u32)h;
+    idt[v] = (struct idt_entry){(u16)a, 0x08, 0, 0x8e, (u16)(a >> 16)};
+}
+
+static void load_idt(void) {
+    struct {
+        u16 limit;
+        u32 base;
+    } __attribute__((packed)) ptr = {sizeof(idt) - 1, (u32)idt};
+    __asm__ volatile("lidt %0" ::"m"(ptr));
+}
+
+static volatile u32 ticks;
+static volatile u32 ged_pending;
+
+void on_timer(void) {
+    ticks++;
+    mmio_write32(LAPIC + 0xb0, 0);
+}
+
+/* GED: the event register is the first dword of the LNRO/ACPI0013 window the DSDT gave. */
+static u32 ged_base;
+void on_ged(void) {
+    if (ged_base) ged_pending |= mmio_read32(ged_base);
+    mmio_write32(LAPIC + 0xb0, 0);
+}
+
+extern void (*const exception_stubs[32])(void);
+
+void on_unexpected(u32 vector, u32 err_or_eip, u32 eip) {
+    struct line l = {.len = 0};
+    put(&l, "tg: error exception vector=");
+    put_u(&l, vector);
+    put(&l, " word1=");
+    put_x(&l, err_or_eip);
+    put(&l, " word2=");
+    put_x(&l, eip);
+    emit(&l);
+    outb(DEBUG_EXIT_PORT, 2);
+}
+
+/* ---- command line ---- */
+static const char *cmdline = "";
+
+/* Value of `key=` on the command line, or 0. */
+static const char *arg(const char *key) {
+    const char *p = cmdline;
+    u32 klen = 0;
+    while (key[klen]) klen++;
+    while (*p) {
+        while (*p == ' ') p++;
+        if (sig_eq(p, key, (int)klen) && p[klen] == '=') return p + klen + 1;
+        while (*p && *p != ' ') p++;
+    }
+    return 0;
+}
+static int arg_is(const char *key, const char *val) {
+    const char *v = arg(key);
+    if (!v) return 0;
+    u32 i = 0;
+    for (; val[i]; i++)
+        if (v[i] != val[i]) return 0;
+    return v[i] == 0 || v[i] == ' ';
+}
+static u32 arg_u(const char *key, u32 dflt) {
+    const char *v = arg(key);
+    if (!v || *v < '0' || *v > '9') return dflt;
+    u32 n = 0;
+    while (*v >= '0' && *v <= '9') n = n * 10 + (u32)(*v++ - '0');
+    return n;
+}
+
+/* ---- SMP ---- */
+extern char ap_trampoline[], ap_trampoline_end[];
+static volatile u32 aps_up;
+
+void ap_main(u32 apic_id) {
+    struct line l = {.len = 0};
+    put(&l, "tg: cpu-up apic=");
+    put_u(&l, apic_id);
+    emit(&l);
+    __atomic_fetch_add(&aps_up, 1, __ATOMIC_SEQ_CST);
+    for (;;) __asm__ volatile("cli; hlt");
+}
+
+static u32 lapic_id(void) { return mmio_read32(LAPIC + 0x20) >> 24; }
+
+static void start_aps(void) {
+    memcpy((void *)TRAMPOLINE_ADDR, ap_trampoline, (u32)(ap_trampoline_end - ap_trampoline));
+    u32 self = lapic_id();
+    u32 expected = 0;
+    for (u32 i = 0; i < cpu_count; i++) {
+        u32 id = cpu_apic_ids[i];
+        if (id == self) continue;
+        expected++;
+        mmio_write32(LAPIC + 0x310, id << 24);
+        mmio_write32(LAPIC + 0x300, 0x4500); /* INIT */
+        mmio_write32(LAPIC + 0x310, id << 24);
+        mmio_write32(LAPIC + 0x300, 0x4600 | (TRAMPOLINE_ADDR >> 12)); /* SIPI */
+    }
+    /* Wait up to ~2 s of timer ticks for every AP. */
+    u32 deadline = ticks + 200;
+    while (aps_up < expected && ticks < deadline) __asm__ volatile("sti; hlt; cli");
+    struct line l = {.len = 0};
+    put(&l, "tg: smp cpus=");
+    put_u(&l, aps_up + 1);
+    put(&l, aps_up == expected ? " ok" : " missing");
+    emit(&l);
+}
+
+/* ---- workloads ---- */
+#define TICK_MS 10u
+
+static void start_timer(void) {
+    mmio_write32(LAPIC + 0xf0, 0x100 | SPURIOUS_VECTOR); /* enable */
+    mmio_write32(LAPIC + 0x3e0, 0xb);                    /* divide by 1 */
+    mmio_write32(LAPIC + 0x320, (1u << 17) | TIMER_VECTOR); /* periodic */
+    /* KVM's LAPIC timer counts at 1 GHz (1 ns APIC bus cycle). */
+    mmio_write32(LAPIC + 0x380, TICK_MS * 1000000u);
+}
+
+static void route_ged(u32 gsi) {
+    /* Edge, active high, fixed delivery to this CPU. */
+    mmio_write32(ioapic_addr, 0x10 + 2 * gsi);
+    mmio_write32(ioapic_addr + 0x10, GED_VECTOR);
+    mmio_write32(ioapic_addr, 0x10 + 2 * gsi + 1);
+    mmio_write32(ioapic_addr + 0x10, lapic_id() << 24);
+}
+
+static volatile u32 heartbeat; /* lives in guest memory: survives snapshot and migration */
+
+static void run(u32 ram_top) {
+    u32 hb_ms = arg_u("tg.hb_ms", 1000);
+    u32 dirty_mib = arg_is("tg.mode", "dirty") ? arg_u("tg.dirty_mib", 64) : 0;
+    u32 rate_mib = arg_u("tg.rate_mib", 16);
+    u32 region = 16 * MIB;
+    if (dirty_mib && region + dirty_mib * MIB > ram_top) {
+        struct line l = {.len = 0};
+        put(&l, "tg: error dirty region larger than memory ram_top=");
+        put_x(&l, ram_top);
+        emit(&l);
+        dirty_mib = (ram_top - region) / MIB;
+    }
+    u32 pages = dirty_mib * (MIB / PAGE);
+    u32 per_tick = pages ? (rate_mib * (MIB / PAGE) * TICK_MS + 999) / 1000 : 0;
+    u32 cursor = 0;
+    u32 dirtied_pages = 0;
+    u32 next_hb = ticks + hb_ms / TICK_MS;
+    for (;;) {
+        u32 t = ticks;
+        if (ged_pending & 1) {
+            say("power-button");
+            acpi_poweroff();
+        }
+        for (u32 i = 0; i < per_tick; i++) {
+            *(volatile u32 *)(region + cursor * PAGE) = t;
+            if (++cursor == pages) cursor = 0;
+        }
+        dirtied_pages += per_tick;
+        if ((int)(t - next_hb) >= 0) {
+            next_hb += hb_ms / TICK_MS ? hb_ms / TICK_MS : 1;
+            struct line l = {.len = 0};
+            put(&l, "tg: hb n=");
+            put_u(&l, ++heartbeat);
+            put(&l, " t_ms=");
+            put_u(&l, t * TICK_MS);
+            if (pages) {
+                put(&l, " dirtied_mib=");
+                put_u(&l, dirtied_pages / (MIB / PAGE));
+            }
+            emit(&l);
+        }
+        /* Sleep until the next interrupt. */
+        while (ticks == t && !(ged_pending & 1)) __asm__ volatile("sti; hlt; cli");
+    }
+}
+
+void bsp_main(const struct start_info *si) {
+    if (si->magic != 0x336ec578) {
+        say("error bad-start-info-magic");
+        outb(DEBUG_EXIT_PORT, 3);
+    }
+    if (si->cmdline_paddr) cmdline = (const char *)(u32)si->cmdline_paddr;
+
+    /* Memory from the boot memory map. */
+    u64 ram = 0, ram_top = 0;
+    const struct memmap_entry *mm = (const struct memmap_entry *)(u32)si->memmap_paddr;
+    for (u32 i = 0; i < si->memmap_entries; i++)
+        if (mm[i].type == 1) {
+            ram += mm[i].size;
+            if (mm[i].addr + mm[i].size <= 0xffffffffull && mm[i].addr + mm[i].size > ram_top)
+                ram_top = mm[i].addr + mm[i].size;
+        }
+
+    const struct sdt *xsdt = find_rsdp_xsdt((u32)si->rsdp_paddr);
+    const struct sdt *madt = xsdt ? xsdt_find(xsdt, "APIC") : 0;
+    if (!madt) {
+        say("error no-acpi-madt");
+        outb(DEBUG_EXIT_PORT, 4);
+    }
+    parse_madt(madt);
+
+    struct line l = {.len = 0};
+    put(&l, "tg: ready cpus=");
+    put_u(&l, cpu_count);
+    put(&l, " mem_mib=");
+    put_u(&l, (u32)((ram + MIB - 1) / MIB));
+    emit(&l);
+
+    /* After readiness: the details, which cost more ring-0 work. */
+    put(&l, "tg: boot cmdline=\"");
+    put(&l, cmdline);
+    put(&l, "\" ram_kib=");
+    put_u(&l, (u32)(ram / 1024));
+    emit(&l);
+    for (u32 i = 0; i < cpu_count; i++) {
+        put(&l, "tg: cpu apic=");
+        put_u(&l, cpu_apic_ids[i]);
+        emit(&l);
+    }
+    const struct sdt *fadt = xsdt_find(xsdt, "FACP");
+    if (fadt) parse_fadt(fadt);
+    u32 virtio = 0;
+    u32 ged_gsi = 0;
+    for (u32 i = 0; i < device_count; i++) {
+        struct device *d = &devices[i];
+        put(&l, "tg: device hid=");
+        put(&l, d->hid[0] ? d->hid : "?");
+        if (d->mmio_len) {
+            put(&l, " mmio=");
+            put_x(&l, d->mmio_base);
+            put(&l, "+");
+            put_x(&l, d->mmio_len);
+        }
+        if (d->io_base) {
+            put(&l, " io=");
+            put_x(&l, d->io_base);
+        }
+        put(&l, " irq=");
+        put_u(&l, d->irq);
+        emit(&l);
+        if (sig_eq(d->hid, "LNRO0005", 8)) virtio++;
+        if (sig_eq(d->hid, "ACPI0013", 8)) {
+            ged_gsi = d->irq;
+            ged_base = d->region_base;
+        }
+    }
+    put(&l, "tg: acpi cpus=");
+    put_u(&l, cpu_count);
+    put(&l, " devices=");
+    put_u(&l, device_count);
+    put(&l, " virtio=");
+    put_u(&l, virtio);
+    put(&l, " s5=");
+    put_u(&l, s5_type);
+    put(&l, hw_reduced ? " hw_reduced=1" : " hw_reduced=0");
+    emit(&l);
+
+    for (int v = 0; v < 32; v++) set_gate(v, exception_stubs[v]);
+    set_gate(TIMER_VECTOR, isr_timer);
+    set_gate(GED_VECTOR, isr_ged);
+    set_gate(SPURIOUS_VECTOR, isr_spurious);
+    load_idt();
+    /* Mask the legacy PICs: nobody initialised them, so their vectors would land on exceptions. */
+    outb(0x21, 0xff);
+    outb(0xa1, 0xff);
+    start_timer();
+    if (ged_gsi) route_ged(ged_gsi);
+
+    if (arg_is("tg.mode", "poweroff") || !arg("tg.mode")) acpi_poweroff();
+    if (arg_is("tg.mode", "smp")) {
+        start_aps();
+        if (arg_is("tg.then", "hold")) run((u32)ram_top);
+        acpi_poweroff();
+    }
+    if (arg_is("tg.mode", "exit")) {
+        say("debug-exit");
+        outb(DEBUG_EXIT_PORT, (u8)arg_u("tg.code", 0));
+    }
+    run((u32)ram_top);
+}
