@@ -478,9 +478,14 @@ static void run(u32 ram_top) {
     u32 per_tick = pages ? (rate_mib * (MIB / PAGE) * TICK_MS + 999) / 1000 : 0;
     u32 cursor = 0;
     u32 dirtied_pages = 0;
+    u32 ignore_button = arg_u("tg.ignore_button", 0);
     u32 next_hb = ticks + hb_ms / TICK_MS;
     for (;;) {
         u32 t = ticks;
+        if ((ged_pending & 1) && ignore_button) {
+            ged_pending = 0;
+            say("power-button ignored");
+        }
         if (ged_pending & 1) {
             say("power-button");
             acpi_poweroff();

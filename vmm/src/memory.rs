@@ -17,6 +17,8 @@ pub enum MemoryError {
     Memfd(std::io::Error),
     #[error("cannot size the guest memory file to {size} bytes: {err}")]
     Truncate { size: u64, err: std::io::Error },
+    #[error("{requested} MiB of guest memory is more than this host has ({host} MiB)")]
+    MoreThanHost { requested: u64, host: u64 },
     #[error("cannot map {size} MiB of guest memory: {err}")]
     Map { size: u64, err: String },
 }
@@ -36,6 +38,15 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
 /// Creates `size` bytes of guest RAM backed by a memfd, mapped shared so that a snapshot or a
 /// migration can later hand the same pages over as a file.
 pub fn create_guest_memory(size: u64) -> Result<(GuestMemory, File), MemoryError> {
+    // Memory is mapped lazily, so an impossible size would only fail when the guest touches it.
+    if let Some(host) = host_memory_bytes() {
+        if size > host {
+            return Err(MemoryError::MoreThanHost {
+                requested: size >> 20,
+                host: host >> 20,
+            });
+        }
+    }
     // SAFETY: memfd_create with a valid NUL-terminated name; the fd is checked before use.
     let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
@@ -60,6 +71,20 @@ pub fn create_guest_memory(size: u64) -> Result<(GuestMemory, File), MemoryError
         err: e.to_string(),
     })?;
     Ok((mem, file))
+}
+
+/// The host's physical memory (MemTotal), if /proc/meminfo says.
+pub fn host_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 #[cfg(test)]

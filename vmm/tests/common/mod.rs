@@ -1,0 +1,150 @@
+//! Helpers for tests that run the `vmm` binary with the test guest on this machine's KVM.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn vmm_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vmm")
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The test guest, built once per test binary from images/testguest.
+pub fn test_guest() -> &'static Path {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    GUEST.get_or_init(|| {
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("testguest-{}", std::process::id()));
+        let status = Command::new(repo_root().join("images/testguest/build.sh"))
+            .arg(&out)
+            .status()
+            .expect("cannot run images/testguest/build.sh");
+        assert!(status.success(), "building the test guest failed");
+        out.join("testguest.elf")
+    })
+}
+
+/// Runs `vmm` with `args` to completion (bounded by `TIMEOUT`); returns status, stdout, stderr.
+pub fn run_vmm(args: &[&str]) -> (ExitStatus, String, String) {
+    let mut child = Command::new(vmm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm");
+    let status = wait_bounded(&mut child, TIMEOUT);
+    let mut out = String::new();
+    let mut err = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    (status, out, err)
+}
+
+/// Waits for `child` at most `timeout`; kills it and panics if it is still running.
+pub fn wait_bounded(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("vmm (pid {}) did not exit within {timeout:?}; killed", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A VMM running in the background with its console in a file and an API socket; killed on drop.
+pub struct RunningVmm {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub console: PathBuf,
+    pub api: PathBuf,
+}
+
+impl RunningVmm {
+    pub fn start(extra: &[&str]) -> RunningVmm {
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("console.log");
+        let api = dir.path().join("api.sock");
+        let serial = format!("file:{}", console.display());
+        let mut args = vec![
+            "run",
+            "--kernel",
+            test_guest().to_str().unwrap(),
+            "--serial",
+            &serial,
+            "--api-socket",
+            api.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let child = Command::new(vmm_bin())
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vmm");
+        let vmm = RunningVmm { child, dir, console, api };
+        vmm.wait_for_console("tg: ready", TIMEOUT);
+        vmm
+    }
+
+    pub fn console_text(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// Waits until the console has a line containing `needle`; returns that line.
+    pub fn wait_for_console(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.console_text().lines().find(|l| l.contains(needle)) {
+                return l.to_string();
+            }
+            assert!(Instant::now() < deadline, "no console line with {needle:?} within {timeout:?}:\n{}", self.console_text());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `vmm ctl` with `args`; returns (success, stdout, stderr).
+    pub fn ctl(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(vmm_bin())
+            .args(["ctl", "--api-socket", self.api.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        wait_bounded(&mut self.child, timeout)
+    }
+}
+
+impl Drop for RunningVmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The number after `key=` in `line`.
+pub fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+}
