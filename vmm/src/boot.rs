@@ -35,7 +35,7 @@ pub enum BootError {
     },
     #[error("invalid command line: {0}")]
     Cmdline(String),
-    #[error("guest memory too small for the boot structures: {0}")]
+    #[error("guest memory too small for the boot structures")]
     Memory(#[from] GuestMemoryError),
 }
 

@@ -19,7 +19,7 @@ pub enum VmError {
     KvmVersion(i32),
     #[error("cannot create the VM: {0}")]
     CreateVm(kvm_ioctls::Error),
-    #[error("{0}")]
+    #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error("cannot register guest memory with KVM: {0}")]
     MemorySlot(kvm_ioctls::Error),
