@@ -12,7 +12,6 @@ const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_CSTAR: u32 = 0xc000_0083;
 const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
-const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 
@@ -21,7 +20,8 @@ const MISC_ENABLE_FAST_STRING: u64 = 1;
 /// MTRRs enabled (bit 11), default memory type write-back (6).
 const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;
 
-/// The MSR values a vCPU starts with.
+/// The MSR values a vCPU starts with. The TSC is left alone: KVM keeps the vCPUs' TSCs in step,
+/// and per-vCPU writes made at different moments would make the guest call its TSC unstable.
 pub fn boot_msrs() -> Vec<kvm_msr_entry> {
     [
         (MSR_IA32_SYSENTER_CS, 0),
@@ -32,7 +32,6 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
         (MSR_KERNEL_GS_BASE, 0),
         (MSR_SYSCALL_MASK, 0),
         (MSR_LSTAR, 0),
-        (MSR_IA32_TSC, 0),
         (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
         (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WB),
     ]

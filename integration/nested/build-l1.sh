@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Builds the nested lane's L1 base image: an uncompressed initramfs for Debian's cloud kernel running
+# under QEMU TCG (-cpu max gives it SVM + NPT, so kvm_amd provides a real /dev/kvm), holding
+#   - busybox, irqbypass.ko, kvm.ko, kvm-amd.ko (that order, from modules.dep),
+#   - our vmm with the shared libraries ldd lists and the dynamic loader,
+#   - the L2 guest: images/out/vmlinuz + initramfs.cpio.gz,
+#   - /lib/l1.sh: the helpers scenarios use, and a base /init that only reports "no scenario".
+# A scenario is a second, small cpio whose /init replaces the base one (see run-l1.sh).
+#
+# Usage: build-l1.sh VMM_BINARY OUT_DIR      (needs images/build.sh to have run)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+vmm=${1:?usage: build-l1.sh VMM_BINARY OUT_DIR}
+out=${2:?usage: build-l1.sh VMM_BINARY OUT_DIR}
+images="$repo/images/out"
+for f in vmlinuz initramfs.cpio.gz kernel-version; do
+    [ -e "$images/$f" ] || { echo "build-l1: $images/$f missing: run images/build.sh" >&2; exit 1; }
+done
+kver=$(cat "$images/kernel-version")
+mkdir -p "$out"
+root="$out/l1.root"
+rm -rf "$root"
+mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,run,lib,lib64,l2,modules}
+
+cp /bin/busybox "$root/bin/busybox"
+for a in $("$root/bin/busybox" --list); do
+    [ "$a" = busybox ] || ln -sf busybox "$root/bin/$a"
+done
+
+for dep in $(modprobe -d "$images/modules" -S "$kver" --show-depends kvm-amd | awk '/^insmod/{print $2}'); do
+    cp "$dep" "$root/modules/"
+    basename "$dep" >> "$root/modules/order"
+done
+
+install -m 0755 "$vmm" "$root/bin/vmm"
+for lib in $(ldd "$vmm" | awk '$3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+done
+
+cp "$images/vmlinuz" "$images/initramfs.cpio.gz" "$root/l2/"
+cp "$here/l1.sh" "$root/lib/l1.sh"
+cat > "$root/init" <<'INIT'
+#!/bin/sh
+. /lib/l1.sh
+l1_setup
+result base fail "no scenario cpio was appended"
+l1_poweroff
+INIT
+chmod +x "$root/init"
+(cd "$root" && find . | cpio -o -H newc --quiet) > "$out/l1-base.cpio.tmp"
+mv "$out/l1-base.cpio.tmp" "$out/l1-base.cpio"
+rm -rf "$root"
+echo "build-l1: $out/l1-base.cpio ($(du -h "$out/l1-base.cpio" | cut -f1))" >&2

@@ -1,0 +1,48 @@
+# Helpers for nested-lane scenarios, sourced by each scenario's /init inside the L1 VM.
+# Result lines on the L1 console: "RESULT <name> pass|fail <detail>", then "SCENARIO-DONE".
+export PATH=/bin:/sbin
+
+l1_setup() {
+    mount -t proc proc /proc
+    mount -t sysfs sys /sys
+    mount -t devtmpfs dev /dev 2>/dev/null
+    mount -t tmpfs tmp /tmp
+    while read -r m; do insmod "/modules/$m" || echo "L1: insmod $m failed"; done < /modules/order
+    if [ -c /dev/kvm ]; then
+        echo "L1: /dev/kvm ready after $(cut -d' ' -f1 /proc/uptime)s"
+    else
+        result l1-kvm fail "no /dev/kvm in L1"
+        l1_poweroff
+    fi
+}
+
+result() { # name pass|fail detail...
+    name=$1; status=$2; shift 2
+    echo "RESULT $name $status $*"
+}
+
+l1_poweroff() {
+    echo "SCENARIO-DONE"
+    poweroff -f
+}
+
+# l2_boot NAME TIMEOUT_S VMM_ARGS... : runs our vmm with the L2 Debian guest; console in /tmp/NAME.log.
+# Sets L2_STATUS (exit status) and L2_LOG.
+l2_boot() {
+    name=$1; t=$2; shift 2
+    L2_LOG=/tmp/$name.log
+    : > "$L2_LOG"
+    timeout "$t" vmm run --kernel /l2/vmlinuz --initrd /l2/initramfs.cpio.gz --serial "file:$L2_LOG" "$@" \
+        2> "/tmp/$name.err"
+    L2_STATUS=$?
+    echo "L1: $name: vmm exit $L2_STATUS after $(cut -d' ' -f1 /proc/uptime)s"
+    if [ "$L2_STATUS" != 0 ]; then
+        echo "L1: $name: vmm stderr:"; sed 's/^/L1:   /' "/tmp/$name.err"
+        echo "L1: $name: guest console (tail):"; tail -n 30 "$L2_LOG" | sed 's/^/L1:   /'
+    fi
+}
+
+# The value of key=... on the "guest: ready" line of the L2 console.
+ready_field() { # key
+    sed -n 's/.*guest: ready .*\b'"$1"'=\([^ ]*\).*/\1/p' "$L2_LOG" | head -n 1
+}

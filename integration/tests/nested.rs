@@ -1,0 +1,78 @@
+//! The nested lane: QEMU (TCG, `-cpu max`) runs a Debian L1 whose kvm_amd gives a real /dev/kvm;
+//! inside it our `vmm` boots the unmodified Debian cloud kernel as L2. Each scenario is a shell
+//! script under `integration/nested/scenarios/` that prints `RESULT <name> pass|fail <detail>`.
+//!
+//! Needs qemu-system-x86, busybox-static and the images from images/build.sh (scripts/setup.sh).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() || text.contains("SCENARIO-DONE"), "{cmd:?} failed:\n{text}");
+    text
+}
+
+/// Builds (once per test binary) the release vmm, the images and the L1 base image.
+fn l1_base() -> &'static Path {
+    static BASE: OnceLock<PathBuf> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let repo = repo();
+        run(Command::new(env!("CARGO")).current_dir(&repo).args(["build", "--release", "-p", "vmm", "--bin", "vmm"]));
+        run(&mut Command::new(repo.join("images/build.sh")));
+        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or(repo.join("target"));
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nested");
+        run(Command::new(repo.join("integration/nested/build-l1.sh"))
+            .arg(target.join("release/vmm"))
+            .arg(&out));
+        out.join("l1-base.cpio")
+    })
+}
+
+/// Runs a scenario; returns its RESULT lines as (name, passed, detail) and the whole console.
+fn scenario(name: &str, timeout_s: u32) -> (Vec<(String, bool, String)>, String) {
+    let script = repo().join("integration/nested/scenarios").join(format!("{name}.sh"));
+    let console = run(Command::new(repo().join("integration/nested/run-l1.sh"))
+        .arg(l1_base())
+        .arg(&script)
+        .arg(timeout_s.to_string()));
+    let results = console
+        .lines()
+        .filter_map(|l| l.strip_prefix("RESULT "))
+        .map(|r| {
+            let mut it = r.splitn(3, ' ');
+            let n = it.next().unwrap_or("").to_string();
+            let ok = it.next() == Some("pass");
+            (n, ok, it.next().unwrap_or("").to_string())
+        })
+        .collect();
+    (results, console)
+}
+
+fn expect_all_pass(name: &str, timeout_s: u32, expected: &[&str]) {
+    let (results, console) = scenario(name, timeout_s);
+    assert!(console.contains("SCENARIO-DONE"), "scenario {name} did not finish:\n{console}");
+    for want in expected {
+        let r = results.iter().find(|r| r.0 == *want);
+        match r {
+            Some((_, true, detail)) => eprintln!("{want}: pass ({detail})"),
+            Some((_, false, detail)) => panic!("{want} failed: {detail}\n{console}"),
+            None => panic!("{want} reported no result\n{console}"),
+        }
+    }
+}
+
+#[test]
+fn debian_guest_boots_with_one_and_two_vcpus_and_powers_off() {
+    expect_all_pass("boot", 400, &["boot-1vcpu", "boot-2vcpu"]);
+}
