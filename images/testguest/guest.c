@@ -479,6 +479,7 @@ static void run(u32 ram_top) {
     u32 cursor = 0;
     u32 dirtied_pages = 0;
     u32 ignore_button = arg_u("tg.ignore_button", 0);
+    u32 stop_after = arg_u("tg.stop_after", 0);
     u32 next_hb = ticks + hb_ms / TICK_MS;
     for (;;) {
         u32 t = ticks;
@@ -507,6 +508,7 @@ static void run(u32 ram_top) {
                 put_u(&l, dirtied_pages / (MIB / PAGE));
             }
             emit(&l);
+            if (stop_after && heartbeat >= stop_after) acpi_poweroff();
         }
         /* Sleep until the next interrupt. */
         while (ticks == t && !(ged_pending & 1)) __asm__ volatile("sti; hlt; cli");

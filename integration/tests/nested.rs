@@ -9,17 +9,25 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success() || text.contains("SCENARIO-DONE"), "{cmd:?} failed:\n{text}");
+    assert!(
+        out.status.success() || text.contains("SCENARIO-DONE"),
+        "{cmd:?} failed:\n{text}"
+    );
     text
 }
 
@@ -28,9 +36,18 @@ fn l1_base() -> &'static Path {
     static BASE: OnceLock<PathBuf> = OnceLock::new();
     BASE.get_or_init(|| {
         let repo = repo();
-        run(Command::new(env!("CARGO")).current_dir(&repo).args(["build", "--release", "-p", "vmm", "--bin", "vmm"]));
+        run(Command::new(env!("CARGO")).current_dir(&repo).args([
+            "build",
+            "--release",
+            "-p",
+            "vmm",
+            "--bin",
+            "vmm",
+        ]));
         run(&mut Command::new(repo.join("images/build.sh")));
-        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or(repo.join("target"));
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or(repo.join("target"));
         let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nested");
         run(Command::new(repo.join("integration/nested/build-l1.sh"))
             .arg(target.join("release/vmm"))
@@ -41,7 +58,9 @@ fn l1_base() -> &'static Path {
 
 /// Runs a scenario; returns its RESULT lines as (name, passed, detail) and the whole console.
 fn scenario(name: &str, timeout_s: u32) -> (Vec<(String, bool, String)>, String) {
-    let script = repo().join("integration/nested/scenarios").join(format!("{name}.sh"));
+    let script = repo()
+        .join("integration/nested/scenarios")
+        .join(format!("{name}.sh"));
     let console = run(Command::new(repo().join("integration/nested/run-l1.sh"))
         .arg(l1_base())
         .arg(&script)
@@ -61,7 +80,10 @@ fn scenario(name: &str, timeout_s: u32) -> (Vec<(String, bool, String)>, String)
 
 fn expect_all_pass(name: &str, timeout_s: u32, expected: &[&str]) {
     let (results, console) = scenario(name, timeout_s);
-    assert!(console.contains("SCENARIO-DONE"), "scenario {name} did not finish:\n{console}");
+    assert!(
+        console.contains("SCENARIO-DONE"),
+        "scenario {name} did not finish:\n{console}"
+    );
     for want in expected {
         let r = results.iter().find(|r| r.0 == *want);
         match r {

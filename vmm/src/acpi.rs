@@ -8,7 +8,9 @@
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, MADT, ProcessorLocalApic};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -63,7 +65,13 @@ impl Aml for RawAml {
 }
 
 fn io_gas(port: u16) -> GAS {
-    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(port))
+    GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(port),
+    )
 }
 
 /// Builds the DSDT body: COM1, the power button and GED, the processors, virtio-mmio devices, \_S5.
@@ -99,7 +107,11 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let ged_crs = aml::ResourceTemplate::new(vec![&ged_irq]);
     let ged_base = GED_START as usize;
     let ged_len = 4usize;
-    let evt_check = aml::And::new(&aml::Local(1), &aml::Local(0), &crate::devices::ged::POWER_BUTTON_BIT);
+    let evt_check = aml::And::new(
+        &aml::Local(1),
+        &aml::Local(0),
+        &crate::devices::ged::POWER_BUTTON_BIT,
+    );
     let pwrb = aml::Path::new("\\_SB_.PWRB");
     let notify = aml::Notify::new(&pwrb, &0x80u8);
     aml::Device::new(
@@ -108,7 +120,12 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
             &aml::Name::new("_HID".into(), &"ACPI0013"),
             &aml::Name::new("_UID".into(), &aml::ZERO),
             &aml::Name::new("_CRS".into(), &ged_crs),
-            &aml::OpRegion::new("GDST".into(), aml::OpRegionSpace::SystemMemory, &ged_base, &ged_len),
+            &aml::OpRegion::new(
+                "GDST".into(),
+                aml::OpRegionSpace::SystemMemory,
+                &ged_base,
+                &ged_len,
+            ),
             &aml::Field::new(
                 "GDST".into(),
                 aml::FieldAccessType::DWord,
@@ -123,7 +140,10 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
                 vec![
                     &aml::Store::new(&aml::Local(0), &aml::Path::new("GDAT")),
                     &evt_check,
-                    &aml::If::new(&aml::NotEqual::new(&aml::Local(1), &aml::ZERO), vec![&notify]),
+                    &aml::If::new(
+                        &aml::NotEqual::new(&aml::Local(1), &aml::ZERO),
+                        vec![&notify],
+                    ),
                 ],
             ),
         ],
@@ -171,7 +191,12 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     // \_S5: the sleep type the sleep control register recognises as power-off.
     aml::Name::new(
         "_S5_".into(),
-        &aml::Package::new(vec![&ACPI_S5_SLEEP_TYPE, &aml::ZERO, &aml::ZERO, &aml::ZERO]),
+        &aml::Package::new(vec![
+            &ACPI_S5_SLEEP_TYPE,
+            &aml::ZERO,
+            &aml::ZERO,
+            &aml::ZERO,
+        ]),
     )
     .to_aml_bytes(&mut body);
 

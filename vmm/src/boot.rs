@@ -7,10 +7,12 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::{BzImage, Elf, KernelLoader, KernelLoaderResult, PvhBootCapability};
 use thiserror::Error;
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryError};
 
 use crate::arch::layout::*;
 use crate::arch::regs::EntryMode;
@@ -133,7 +135,7 @@ pub fn load(
         })?
     };
     write_cmdline(mem, cmdline)?;
-    let mem_size = mem.iter().map(|r| vm_memory::GuestMemoryRegion::len(r)).sum::<u64>();
+    let mem_size = crate::memory::size(mem);
     // linux-loader reports `kernel_end` as an absolute guest address.
     let kernel_end = loaded.kernel_end;
 
@@ -220,7 +222,7 @@ fn load_initrd(
         .metadata()
         .map_err(|e| BootError::ReadInitrd(path.into(), e))?
         .len();
-    let mem_size = mem.iter().map(|r| vm_memory::GuestMemoryRegion::len(r)).sum::<u64>();
+    let mem_size = crate::memory::size(mem);
     let top = limit.min(mem_size.min(MMIO_HOLE_START));
     let too_large = || BootError::InitrdTooLarge {
         path: path.into(),
@@ -280,7 +282,8 @@ fn write_start_info(
 ) -> Result<(), BootError> {
     let map = memory_map(mem_size);
     let memmap_addr = PVH_INFO_START + std::mem::size_of::<hvm_start_info>() as u64;
-    let modlist_addr = memmap_addr + (map.len() * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
+    let modlist_addr =
+        memmap_addr + (map.len() * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
     for (i, (addr, size, type_)) in map.iter().enumerate() {
         let e = MemmapEntry(hvm_memmap_table_entry {
             addr: *addr,
@@ -323,7 +326,10 @@ mod tests {
         assert_eq!(m[0], (0, LOW_RAM_END, E820_RAM));
         assert_eq!(m[2], (HIMEM_START, (128 << 20) - HIMEM_START, E820_RAM));
         let big = memory_map(4 << 30);
-        assert_eq!(big.last().unwrap(), &(MMIO_HOLE_END, (4 << 30) - MMIO_HOLE_START, E820_RAM));
+        assert_eq!(
+            big.last().unwrap(),
+            &(MMIO_HOLE_END, (4 << 30) - MMIO_HOLE_START, E820_RAM)
+        );
     }
 
     #[test]

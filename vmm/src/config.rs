@@ -85,7 +85,10 @@ impl VmConfig {
         }
         let max = max_vcpus.min(u32::from(MAX_VCPUS));
         if vcpus > max {
-            return Err(ConfigError::TooManyVcpus { requested: vcpus, max });
+            return Err(ConfigError::TooManyVcpus {
+                requested: vcpus,
+                max,
+            });
         }
         if memory_mib == 0 {
             return Err(ConfigError::NoMemory);
@@ -137,14 +140,23 @@ mod tests {
     #[test]
     fn rejects_bad_sizes() {
         assert!(matches!(cfg(0, 128), Err(ConfigError::NoVcpus)));
-        assert!(matches!(cfg(9, 128), Err(ConfigError::TooManyVcpus { requested: 9, max: 8 })));
+        assert!(matches!(
+            cfg(9, 128),
+            Err(ConfigError::TooManyVcpus {
+                requested: 9,
+                max: 8
+            })
+        ));
         assert!(matches!(cfg(1, 0), Err(ConfigError::NoMemory)));
         assert!(cfg(8, 128).is_ok());
     }
 
     #[test]
     fn parses_serial() {
-        assert_eq!("stdio".parse::<SerialOutput>().unwrap(), SerialOutput::Stdio);
+        assert_eq!(
+            "stdio".parse::<SerialOutput>().unwrap(),
+            SerialOutput::Stdio
+        );
         assert_eq!(
             "file:/tmp/x".parse::<SerialOutput>().unwrap(),
             SerialOutput::File("/tmp/x".into())

@@ -107,12 +107,15 @@ fn ctl(args: CtlArgs) -> Result<i32> {
 }
 
 fn main() {
+    // VMM_LOG=error|warn|info|debug|trace (default warn). A plain level, not a filter expression:
+    // an env-filter would pull a regex engine into every VMM process.
+    let level = std::env::var("VMM_LOG")
+        .ok()
+        .and_then(|v| v.parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::WARN);
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_max_level(level)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -30,7 +30,10 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
     } else {
         vec![
             (GuestAddress(0), MMIO_HOLE_START as usize),
-            (GuestAddress(MMIO_HOLE_END), (size - MMIO_HOLE_START) as usize),
+            (
+                GuestAddress(MMIO_HOLE_END),
+                (size - MMIO_HOLE_START) as usize,
+            ),
         ]
     }
 }
@@ -54,7 +57,8 @@ pub fn create_guest_memory(size: u64) -> Result<(GuestMemory, File), MemoryError
     }
     // SAFETY: fd is a freshly created, owned file descriptor.
     let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).map_err(|err| MemoryError::Truncate { size, err })?;
+    file.set_len(size)
+        .map_err(|err| MemoryError::Truncate { size, err })?;
 
     let mut offset = 0u64;
     let ranges: Vec<_> = ram_ranges(size)
@@ -71,6 +75,12 @@ pub fn create_guest_memory(size: u64) -> Result<(GuestMemory, File), MemoryError
         err: e.to_string(),
     })?;
     Ok((mem, file))
+}
+
+/// Total guest RAM in bytes.
+pub fn size(mem: &GuestMemory) -> u64 {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.iter().map(GuestMemoryRegion::len).sum()
 }
 
 /// The host's physical memory (MemTotal), if /proc/meminfo says.
@@ -105,8 +115,12 @@ mod tests {
     #[test]
     fn memory_is_usable() {
         let (mem, _f) = create_guest_memory(8 << 20).unwrap();
-        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
         assert_eq!(mem.num_regions(), 1);
     }
 }

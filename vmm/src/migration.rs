@@ -14,7 +14,11 @@ pub enum MigrationError {
     #[error("{id}: cannot restore state: {reason}")]
     Restore { id: String, reason: String },
     #[error("{id}: state version {found} is not readable by this build (reads {supported})")]
-    Version { id: String, found: u32, supported: u32 },
+    Version {
+        id: String,
+        found: u32,
+        supported: u32,
+    },
 }
 
 /// A component that can stop and restart its activity. Pausing must be idempotent.
@@ -69,10 +73,11 @@ pub trait Snapshottable: Pausable {
                 supported: Self::STATE_VERSION,
             });
         }
-        let state = serde_json::from_value(s.state.clone()).map_err(|e| MigrationError::Restore {
-            id: self.id(),
-            reason: e.to_string(),
-        })?;
+        let state =
+            serde_json::from_value(s.state.clone()).map_err(|e| MigrationError::Restore {
+                id: self.id(),
+                reason: e.to_string(),
+            })?;
         self.restore(state)
     }
 }

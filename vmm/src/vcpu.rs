@@ -13,8 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events,
-    kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave, CpuId, Msrs,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
@@ -73,7 +73,8 @@ impl Vcpu {
         regs::setup_lapic(&fd).map_err(cfg("LAPIC"))?;
         regs::setup_fpu(&fd).map_err(cfg("FPU"))?;
         if index == 0 {
-            regs::setup_vcpu(&fd, boot.entry, boot.boot_info, boot.mode).map_err(cfg("registers"))?;
+            regs::setup_vcpu(&fd, boot.entry, boot.boot_info, boot.mode)
+                .map_err(cfg("registers"))?;
         }
         Ok(Vcpu { index, fd })
     }
@@ -84,7 +85,18 @@ impl Vcpu {
             (Ok(r), Ok(s)) => format!(
                 "rip={:#x} rsp={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rflags={:#x} \
                  cs={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
-                r.rip, r.rsp, r.rax, r.rbx, r.rcx, r.rdx, r.rflags, s.cs.selector, s.cr0, s.cr3, s.cr4, s.efer
+                r.rip,
+                r.rsp,
+                r.rax,
+                r.rbx,
+                r.rcx,
+                r.rdx,
+                r.rflags,
+                s.cs.selector,
+                s.cr0,
+                s.cr3,
+                s.cr4,
+                s.efer
             ),
             (Err(e), _) | (_, Err(e)) => format!("registers unreadable: {e}"),
         }
@@ -159,8 +171,12 @@ impl VcpuSet {
         let control = Arc::new(VcpuControl::new());
         let mut threads = Vec::new();
         for vcpu in vcpus {
-            let (control, io, mmio, events) =
-                (control.clone(), io_bus.clone(), mmio_bus.clone(), events.clone());
+            let (control, io, mmio, events) = (
+                control.clone(),
+                io_bus.clone(),
+                mmio_bus.clone(),
+                events.clone(),
+            );
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.index))
                 .spawn(move || run_loop(vcpu, &control, &io, &mmio, &events))
@@ -211,7 +227,13 @@ impl VcpuSet {
     }
 }
 
-fn run_loop(mut vcpu: Vcpu, control: &VcpuControl, io: &Bus, mmio: &Bus, events: &Sender<VmmEvent>) {
+fn run_loop(
+    mut vcpu: Vcpu,
+    control: &VcpuControl,
+    io: &Bus,
+    mmio: &Bus,
+    events: &Sender<VmmEvent>,
+) {
     loop {
         control.checkpoint();
         let fatal = match vcpu.fd.run() {
@@ -237,10 +259,12 @@ fn run_loop(mut vcpu: Vcpu, control: &VcpuControl, io: &Bus, mmio: &Bus, events:
                 None
             }
             Ok(VcpuExit::Shutdown) => Some("triple fault (KVM_EXIT_SHUTDOWN)".to_string()),
-            Ok(VcpuExit::InternalError) => Some("KVM internal error (emulation failure)".to_string()),
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                Some(format!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"))
+            Ok(VcpuExit::InternalError) => {
+                Some("KVM internal error (emulation failure)".to_string())
             }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(format!(
+                "VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"
+            )),
             Ok(VcpuExit::SystemEvent(kind, _)) => {
                 use crate::devices::power::ExitReason;
                 let reason = match kind {
@@ -312,7 +336,10 @@ impl Snapshottable for Vcpu {
             events: self.fd.get_vcpu_events().map_err(|e| err("events", e))?,
             xcrs: self.fd.get_xcrs().map_err(|e| err("XCRs", e))?,
             debugregs: self.fd.get_debug_regs().map_err(|e| err("debug regs", e))?,
-            msrs: msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)).collect(),
+            msrs: msrs.as_slice()[..n]
+                .iter()
+                .map(|e| (e.index, e.data))
+                .collect(),
         })
     }
 
@@ -338,9 +365,15 @@ impl Snapshottable for Vcpu {
             })
             .collect();
         msr::set_msrs_tolerant(&self.fd, &entries);
-        self.fd.set_debug_regs(&s.debugregs).map_err(|e| err("debug regs", e))?;
-        self.fd.set_mp_state(s.mp_state).map_err(|e| err("MP state", e))?;
-        self.fd.set_vcpu_events(&s.events).map_err(|e| err("events", e))?;
+        self.fd
+            .set_debug_regs(&s.debugregs)
+            .map_err(|e| err("debug regs", e))?;
+        self.fd
+            .set_mp_state(s.mp_state)
+            .map_err(|e| err("MP state", e))?;
+        self.fd
+            .set_vcpu_events(&s.events)
+            .map_err(|e| err("events", e))?;
         Ok(())
     }
 }

@@ -67,7 +67,8 @@ impl Vm {
         let setup = |what| move |err| VmError::Setup { what, err };
         fd.set_tss_address(KVM_TSS_START as usize)
             .map_err(setup("the TSS address"))?;
-        fd.create_irq_chip().map_err(setup("the interrupt controllers"))?;
+        fd.create_irq_chip()
+            .map_err(setup("the interrupt controllers"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()

@@ -153,7 +153,8 @@ impl Machine {
         let vcpus = VcpuSet::start(vcpus, io_bus, mmio_bus, tx.clone())?;
 
         if config.serial == SerialOutput::Stdio {
-            serial::spawn_stdin_reader(serial.clone()).context("cannot start the serial input thread")?;
+            serial::spawn_stdin_reader(serial.clone())
+                .context("cannot start the serial input thread")?;
         }
         if let Some(l) = listener {
             api::server::spawn(l, tx).context("cannot start the API thread")?;

@@ -22,7 +22,10 @@ fn iasl_disassembles(dir: &Path, name: &str, bytes: &[u8]) -> String {
     assert!(out.status.success(), "iasl failed on {name}:\n{text}");
     let dsl = std::fs::read_to_string(dir.join(format!("{name}.dsl")))
         .unwrap_or_else(|e| panic!("iasl wrote no {name}.dsl ({e}):\n{text}"));
-    assert!(!text.contains("Error") && !dsl.contains("**** "), "iasl reported problems in {name}:\n{text}\n{dsl}");
+    assert!(
+        !text.contains("Error") && !dsl.contains("**** "),
+        "iasl reported problems in {name}:\n{text}\n{dsl}"
+    );
     dsl
 }
 
@@ -63,12 +66,20 @@ fn iasl_accepts_every_table() {
     }
     let dsdt = &dsl[2];
     assert_eq!(dsdt.matches("\"LNRO0005\"").count(), 2, "{dsdt}");
-    assert!(dsdt.contains("Memory32Fixed (ReadWrite,\n") || dsdt.contains("Memory32Fixed (ReadWrite"), "{dsdt}");
+    assert!(
+        dsdt.contains("Memory32Fixed (ReadWrite,\n") || dsdt.contains("Memory32Fixed (ReadWrite"),
+        "{dsdt}"
+    );
     assert!(dsdt.contains("0xD0001000"), "{dsdt}");
     assert!(dsdt.contains("_S5_"), "{dsdt}");
     assert!(dsdt.contains("ACPI0013"), "{dsdt}");
     let madt = &dsl[4];
-    assert_eq!(madt.matches("Subtable Type : 00 [Processor Local APIC]").count(), 4, "{madt}");
+    assert_eq!(
+        madt.matches("Subtable Type : 00 [Processor Local APIC]")
+            .count(),
+        4,
+        "{madt}"
+    );
     let fadt = &dsl[3];
     assert!(fadt.contains("Hardware Reduced (V5) : 1"), "{fadt}");
     if std::env::var_os("KEEP_ACPI").is_none() {

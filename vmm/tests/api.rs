@@ -18,7 +18,14 @@ fn heartbeats(console: &str) -> u64 {
 
 #[test]
 fn info_pause_resume_and_graceful_shutdown() {
-    let mut vmm = RunningVmm::start(&["--vcpus", "2", "--memory-mib", "64", "--cmdline", "tg.mode=hold tg.hb_ms=50"]);
+    let mut vmm = RunningVmm::start(&[
+        "--vcpus",
+        "2",
+        "--memory-mib",
+        "64",
+        "--cmdline",
+        "tg.mode=hold tg.hb_ms=50",
+    ]);
     let (ok, out, err) = vmm.ctl(&["info"]);
     assert!(ok, "{err}");
     let info: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -35,7 +42,11 @@ fn info_pause_resume_and_graceful_shutdown() {
     assert!(out.contains("\"paused\""), "{out}");
     let frozen = heartbeats(&vmm.console_text());
     std::thread::sleep(Duration::from_millis(400));
-    assert_eq!(heartbeats(&vmm.console_text()), frozen, "the guest ran while paused");
+    assert_eq!(
+        heartbeats(&vmm.console_text()),
+        frozen,
+        "the guest ran while paused"
+    );
     let (ok, _, err) = vmm.ctl(&["pause"]);
     assert!(!ok && err.contains("already paused"), "{err}");
 
@@ -81,12 +92,18 @@ fn bad_requests_get_errors_and_change_nothing() {
         (r#"{"command":"fly"}"#, "unknown command"),
         ("not json", "invalid JSON"),
         (r#"{"command":"pause","extra":1}"#, "unknown field"),
-        (r#"{"command":"shutdown","timeout_ms":"soon"}"#, "timeout_ms"),
+        (
+            r#"{"command":"shutdown","timeout_ms":"soon"}"#,
+            "timeout_ms",
+        ),
         ("[]", "object"),
     ] {
         let r = raw(&vmm, req);
         assert_eq!(r["ok"], false, "{req} -> {r}");
-        assert!(r["error"].as_str().unwrap().contains(expect), "{req} -> {r}");
+        assert!(
+            r["error"].as_str().unwrap().contains(expect),
+            "{req} -> {r}"
+        );
     }
     let r = raw(&vmm, r#"{"command":"info"}"#);
     assert_eq!(r["ok"], true);
@@ -97,7 +114,13 @@ fn bad_requests_get_errors_and_change_nothing() {
 fn taken_api_socket_is_refused_and_the_first_vmm_keeps_running() {
     let first = RunningVmm::start(&["--cmdline", "tg.mode=hold"]);
     let kernel = test_guest().to_str().unwrap();
-    let (status, _, err) = run_vmm(&["run", "--kernel", kernel, "--api-socket", first.api.to_str().unwrap()]);
+    let (status, _, err) = run_vmm(&[
+        "run",
+        "--kernel",
+        kernel,
+        "--api-socket",
+        first.api.to_str().unwrap(),
+    ]);
     assert!(!status.success());
     assert!(err.contains("in use"), "{err}");
     let (ok, out, _) = first.ctl(&["info"]);

@@ -6,10 +6,21 @@ use common::*;
 fn boot(vcpus: &str, mem: &str, cmdline: &str) -> (i32, String) {
     let kernel = test_guest().to_str().unwrap();
     let (status, out, err) = run_vmm(&[
-        "run", "--kernel", kernel, "--vcpus", vcpus, "--memory-mib", mem, "--cmdline", cmdline,
+        "run",
+        "--kernel",
+        kernel,
+        "--vcpus",
+        vcpus,
+        "--memory-mib",
+        mem,
+        "--cmdline",
+        cmdline,
     ]);
     assert!(err.is_empty() || !err.contains("panicked"), "{err}");
-    (status.code().unwrap_or(-1), format!("{out}\n--- stderr ---\n{err}"))
+    (
+        status.code().unwrap_or(-1),
+        format!("{out}\n--- stderr ---\n{err}"),
+    )
 }
 
 fn line<'a>(out: &'a str, prefix: &str) -> &'a str {
@@ -25,7 +36,10 @@ fn one_vcpu_boots_reports_and_powers_off() {
     let ready = line(&out, "tg: ready");
     assert_eq!(field(ready, "cpus"), Some(1), "{ready}");
     assert_eq!(field(ready, "mem_mib"), Some(128), "{ready}");
-    assert!(out.contains("tg: boot cmdline=\"tg.mode=poweroff\""), "{out}");
+    assert!(
+        out.contains("tg: boot cmdline=\"tg.mode=poweroff\""),
+        "{out}"
+    );
     assert!(out.contains("tg: poweroff"), "{out}");
 }
 
@@ -54,20 +68,39 @@ fn four_vcpus_all_run() {
 fn acpi_walk_finds_exactly_the_configured_devices() {
     let (code, out) = boot("3", "128", "tg.mode=poweroff");
     assert_eq!(code, 0, "{out}");
-    let devices: Vec<&str> = out.lines().filter(|l| l.starts_with("tg: device ")).collect();
+    let devices: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("tg: device "))
+        .collect();
     // COM1, power button, GED, the processor container and one processor device per vCPU.
     assert_eq!(devices.len(), 4 + 3, "{out}");
-    assert!(devices.contains(&"tg: device hid=PNP0501 io=0x3f8 irq=4"), "{out}");
+    assert!(
+        devices.contains(&"tg: device hid=PNP0501 io=0x3f8 irq=4"),
+        "{out}"
+    );
     assert!(devices.contains(&"tg: device hid=ACPI0013 irq=5"), "{out}");
     assert!(devices.contains(&"tg: device hid=PNP0C0C irq=0"), "{out}");
-    assert_eq!(devices.iter().filter(|d| d.contains("hid=ACPI0007")).count(), 3, "{out}");
+    assert_eq!(
+        devices
+            .iter()
+            .filter(|d| d.contains("hid=ACPI0007"))
+            .count(),
+        3,
+        "{out}"
+    );
     let acpi = line(&out, "tg: acpi");
     assert_eq!(field(acpi, "cpus"), Some(3));
     assert_eq!(field(acpi, "virtio"), Some(0));
     assert_eq!(field(acpi, "s5"), Some(5));
     assert_eq!(field(acpi, "hw_reduced"), Some(1));
-    let apics: Vec<&str> = out.lines().filter(|l| l.starts_with("tg: cpu apic=")).collect();
-    assert_eq!(apics, ["tg: cpu apic=0", "tg: cpu apic=1", "tg: cpu apic=2"]);
+    let apics: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("tg: cpu apic="))
+        .collect();
+    assert_eq!(
+        apics,
+        ["tg: cpu apic=0", "tg: cpu apic=1", "tg: cpu apic=2"]
+    );
 }
 
 #[test]
@@ -75,7 +108,11 @@ fn large_memory_spans_the_mmio_hole() {
     // 4 GiB: RAM continues above 4 GiB; the guest counts both blocks.
     let (code, out) = boot("1", "4096", "tg.mode=poweroff");
     assert_eq!(code, 0, "{out}");
-    assert_eq!(field(line(&out, "tg: ready"), "mem_mib"), Some(4096), "{out}");
+    assert_eq!(
+        field(line(&out, "tg: ready"), "mem_mib"),
+        Some(4096),
+        "{out}"
+    );
 }
 
 #[test]
@@ -87,7 +124,12 @@ fn debug_exit_status_becomes_the_exit_code() {
 
 #[test]
 fn heartbeats_and_dirtying_run() {
-    let vmm = RunningVmm::start(&["--memory-mib", "96", "--cmdline", "tg.mode=dirty tg.dirty_mib=32 tg.rate_mib=64 tg.hb_ms=100"]);
+    let vmm = RunningVmm::start(&[
+        "--memory-mib",
+        "96",
+        "--cmdline",
+        "tg.mode=dirty tg.dirty_mib=32 tg.rate_mib=64 tg.hb_ms=100",
+    ]);
     let hb = vmm.wait_for_console("tg: hb n=3 ", TIMEOUT);
     assert!(field(&hb, "dirtied_mib").unwrap() >= 12, "{hb}");
 }

@@ -12,7 +12,11 @@ use vmm::boot::{self, BootParams};
 
 fn image(name: &str) -> std::path::PathBuf {
     let p = common::repo_root().join("images/out").join(name);
-    assert!(p.exists(), "{} is missing: run images/build.sh (scripts/test.sh does)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run images/build.sh (scripts/test.sh does)",
+        p.display()
+    );
     p
 }
 
@@ -29,7 +33,11 @@ fn debian_bzimage_fills_boot_params() {
     let entry = boot::load(&mem, &kernel, Some(&initrd), cmdline, ACPI_START).unwrap();
     assert_eq!(entry.mode, EntryMode::Linux64);
     assert_eq!(entry.boot_info, ZERO_PAGE_START);
-    assert_eq!(entry.entry, HIMEM_START + 0x200, "64-bit entry is startup_64 at load + 0x200");
+    assert_eq!(
+        entry.entry,
+        HIMEM_START + 0x200,
+        "64-bit entry is startup_64 at load + 0x200"
+    );
 
     let p: BootParams = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
     let hdr: setup_header = p.0.hdr;
@@ -43,14 +51,18 @@ fn debian_bzimage_fills_boot_params() {
     let version = u16::from_le_bytes([file[0x206], file[0x207]]);
     let hv = hdr.version;
     assert_eq!(hv, version);
-    assert!(version >= 0x020c, "boot protocol {version:#x} too old for 64-bit entry");
+    assert!(
+        version >= 0x020c,
+        "boot protocol {version:#x} too old for 64-bit entry"
+    );
 
     // Command line: pointer, size, and the bytes in guest memory.
     let (ptr, size) = (hdr.cmd_line_ptr, hdr.cmdline_size);
     assert_eq!(u64::from(ptr), CMDLINE_START);
     assert_eq!(size as usize, cmdline.len() + 1);
     let mut buf = vec![0u8; cmdline.len() + 1];
-    mem.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
+    mem.read_slice(&mut buf, GuestAddress(CMDLINE_START))
+        .unwrap();
     assert_eq!(&buf[..cmdline.len()], cmdline.as_bytes());
     assert_eq!(buf[cmdline.len()], 0);
 
@@ -59,12 +71,16 @@ fn debian_bzimage_fills_boot_params() {
     assert_eq!(rd_size as usize, initrd_bytes.len());
     assert_eq!(rd % 4096, 0);
     let init_size = hdr.init_size;
-    assert!(u64::from(rd) >= HIMEM_START + u64::from(init_size), "initrd overlaps the kernel");
+    assert!(
+        u64::from(rd) >= HIMEM_START + u64::from(init_size),
+        "initrd overlaps the kernel"
+    );
     let max = hdr.initrd_addr_max;
     assert!(u64::from(rd) + u64::from(rd_size) <= u64::from(max) + 1);
     assert!(u64::from(rd) + u64::from(rd_size) <= mem_size);
     let mut got = vec![0u8; initrd_bytes.len()];
-    mem.read_slice(&mut got, GuestAddress(u64::from(rd))).unwrap();
+    mem.read_slice(&mut got, GuestAddress(u64::from(rd)))
+        .unwrap();
     assert!(got == initrd_bytes, "initrd bytes differ in guest memory");
 
     // e820: low RAM, the reserved ACPI area, RAM from 1 MiB to the end.
@@ -74,14 +90,18 @@ fn debian_bzimage_fills_boot_params() {
         .map(|e| (e.addr, e.size, e.r#type))
         .collect();
     assert_eq!(table, boot::memory_map(mem_size));
-    assert_eq!(table.iter().filter(|e| e.2 == 1).map(|e| e.1).sum::<u64>(), mem_size - (HIMEM_START - 0x9fc00));
+    assert_eq!(
+        table.iter().filter(|e| e.2 == 1).map(|e| e.1).sum::<u64>(),
+        mem_size - (HIMEM_START - 0x9fc00)
+    );
     let rsdp = p.0.acpi_rsdp_addr;
     assert_eq!(rsdp, ACPI_START);
 
     // The protected-mode kernel sits at 1 MiB, copied from after the setup sectors.
     let pm_offset = (usize::from(setup_sects) + 1) * 512;
     let mut code = vec![0u8; 4096];
-    mem.read_slice(&mut code, GuestAddress(HIMEM_START)).unwrap();
+    mem.read_slice(&mut code, GuestAddress(HIMEM_START))
+        .unwrap();
     assert!(code[..] == file[pm_offset..pm_offset + 4096]);
 }
 
@@ -91,5 +111,9 @@ fn vmlinux_elf_uses_its_pvh_note() {
     let (mem, _f) = vmm::memory::create_guest_memory(256 << 20).unwrap();
     let entry = boot::load(&mem, &kernel, None, "console=ttyS0", ACPI_START).unwrap();
     assert_eq!(entry.mode, EntryMode::Pvh);
-    assert!(entry.entry > HIMEM_START && entry.entry < 1 << 32, "{:#x}", entry.entry);
+    assert!(
+        entry.entry > HIMEM_START && entry.entry < 1 << 32,
+        "{:#x}",
+        entry.entry
+    );
 }

@@ -16,7 +16,9 @@ pub enum Request {
     Pause,
     Resume,
     /// ACPI power button, then a forced stop after `timeout_ms`.
-    Shutdown { timeout_ms: u64 },
+    Shutdown {
+        timeout_ms: u64,
+    },
 }
 
 /// Default grace period between the power button and a forced stop.
@@ -107,8 +109,12 @@ mod tests {
         assert!(parse_request("nope").unwrap_err().contains("invalid JSON"));
         assert!(parse_request("[1]").unwrap_err().contains("object"));
         assert!(parse_request("{}").unwrap_err().contains("command"));
-        assert!(parse_request(r#"{"command":"fly"}"#).unwrap_err().contains("unknown command \"fly\""));
-        assert!(parse_request(r#"{"command":"pause","x":1}"#).unwrap_err().contains("unknown field"));
+        assert!(parse_request(r#"{"command":"fly"}"#)
+            .unwrap_err()
+            .contains("unknown command \"fly\""));
+        assert!(parse_request(r#"{"command":"pause","x":1}"#)
+            .unwrap_err()
+            .contains("unknown field"));
         assert!(parse_request(r#"{"command":"shutdown","timeout_ms":-1}"#).is_err());
     }
 }

@@ -41,27 +41,31 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
 
 /// Serves connections until the process ends.
 pub fn spawn(listener: UnixListener, events: Sender<VmmEvent>) -> std::io::Result<()> {
-    std::thread::Builder::new().name("api".into()).spawn(move || {
-        for conn in listener.incoming() {
-            match conn {
-                Ok(stream) => {
-                    let events = events.clone();
-                    let spawned = std::thread::Builder::new()
-                        .name("api-conn".into())
-                        .spawn(move || serve(stream, &events));
-                    if let Err(e) = spawned {
-                        tracing::warn!(error = %e, "cannot serve API connection");
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(stream) => {
+                        let events = events.clone();
+                        let spawned = std::thread::Builder::new()
+                            .name("api-conn".into())
+                            .spawn(move || serve(stream, &events));
+                        if let Err(e) = spawned {
+                            tracing::warn!(error = %e, "cannot serve API connection");
+                        }
                     }
+                    Err(e) => tracing::warn!(error = %e, "API accept failed"),
                 }
-                Err(e) => tracing::warn!(error = %e, "API accept failed"),
             }
-        }
-    })?;
+        })?;
     Ok(())
 }
 
 fn serve(stream: UnixStream, events: &Sender<VmmEvent>) {
-    let Ok(mut writer) = stream.try_clone() else { return };
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
     let mut reader = BufReader::new(stream);
     loop {
         let mut line = Vec::new();
@@ -85,7 +89,8 @@ fn serve(stream: UnixStream, events: &Sender<VmmEvent>) {
                         if events.send(VmmEvent::Api(req, tx)).is_err() {
                             return;
                         }
-                        rx.recv().unwrap_or_else(|_| Response::err("the VMM is exiting"))
+                        rx.recv()
+                            .unwrap_or_else(|_| Response::err("the VMM is exiting"))
                     }
                     Err(msg) => Response::err(msg),
                 },
@@ -99,4 +104,3 @@ fn serve(stream: UnixStream, events: &Sender<VmmEvent>) {
         }
     }
 }
-

@@ -2,7 +2,7 @@
 //!
 //! The topology is one socket with one core per vCPU and one thread per core; APIC id == vCPU index.
 
-use kvm_bindings::{CpuId, kvm_cpuid_entry2};
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE: u32 = 0x4;
@@ -56,7 +56,11 @@ fn configure_entry(e: &mut kvm_cpuid_entry2, apic_id: u32, count: u32, core_bits
             // EAX[31:26]: cores per package - 1; [25:14]: threads sharing this cache - 1.
             let cores = (count - 1).min(63);
             e.eax = (e.eax & 0x3fff) | (cores << 26);
-            let shared = if (e.eax >> 5) & 0x7 >= 3 { count - 1 } else { 0 };
+            let shared = if (e.eax >> 5) & 0x7 >= 3 {
+                count - 1
+            } else {
+                0
+            };
             e.eax = (e.eax & !(0xfff << 14)) | ((shared & 0xfff) << 14);
         }
         LEAF_EXT_FEATURES if e.index == 0 => {

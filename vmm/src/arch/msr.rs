@@ -1,7 +1,7 @@
 //! Boot-time MSR values. A host may refuse some MSRs (nested PVM refuses a few); each refusal is
 //! logged and skipped, never fatal, because the guest can run without them.
 
-use kvm_bindings::{Msrs, kvm_msr_entry};
+use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuFd;
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;

@@ -5,7 +5,7 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
-use super::layout::{BOOT_GDT_START, PD_START, PDPT_START, PML4_START};
+use super::layout::{BOOT_GDT_START, PDPT_START, PD_START, PML4_START};
 use crate::memory::GuestMemory;
 
 /// Selectors in the boot GDT. The Linux 64-bit boot protocol wants __BOOT_CS = 0x10 and
@@ -42,12 +42,16 @@ pub enum EntryMode {
 /// Decodes a GDT descriptor into KVM's segment form.
 fn segment(sel: u16) -> kvm_segment {
     let d = GDT[usize::from(sel >> 3)];
-    let base = (((d >> 16) & 0xff_ffff) | (((d >> 56) & 0xff) << 24)) as u64;
+    let base = ((d >> 16) & 0xff_ffff) | (((d >> 56) & 0xff) << 24);
     let limit_raw = ((d & 0xffff) | (((d >> 48) & 0xf) << 16)) as u32;
     let g = ((d >> 55) & 1) as u8;
     kvm_segment {
         base,
-        limit: if g == 1 { (limit_raw << 12) | 0xfff } else { limit_raw },
+        limit: if g == 1 {
+            (limit_raw << 12) | 0xfff
+        } else {
+            limit_raw
+        },
         selector: sel,
         type_: ((d >> 40) & 0xf) as u8,
         present: ((d >> 47) & 1) as u8,
@@ -84,7 +88,11 @@ pub fn write_boot_tables(mem: &GuestMemory, mode: EntryMode) -> Result<(), Guest
 
 /// Special registers for `mode`, starting from what KVM reports.
 pub fn boot_sregs(mut sregs: kvm_sregs, mode: EntryMode) -> kvm_sregs {
-    let code = segment(if mode == EntryMode::Pvh { CODE32_SEL } else { CODE64_SEL });
+    let code = segment(if mode == EntryMode::Pvh {
+        CODE32_SEL
+    } else {
+        CODE64_SEL
+    });
     let data = segment(DATA_SEL);
     sregs.cs = code;
     sregs.ds = data;
@@ -128,7 +136,12 @@ pub fn boot_regs(entry: u64, boot_info: u64, mode: EntryMode) -> kvm_regs {
 }
 
 /// Sets the boot-time register state on a vCPU.
-pub fn setup_vcpu(vcpu: &VcpuFd, entry: u64, boot_info: u64, mode: EntryMode) -> Result<(), kvm_ioctls::Error> {
+pub fn setup_vcpu(
+    vcpu: &VcpuFd,
+    entry: u64,
+    boot_info: u64,
+    mode: EntryMode,
+) -> Result<(), kvm_ioctls::Error> {
     let sregs = boot_sregs(vcpu.get_sregs()?, mode);
     vcpu.set_sregs(&sregs)?;
     vcpu.set_regs(&boot_regs(entry, boot_info, mode))?;
@@ -183,7 +196,9 @@ mod tests {
     fn identity_map_covers_4g() {
         let (mem, _f) = crate::memory::create_guest_memory(1 << 20).unwrap();
         write_boot_tables(&mem, EntryMode::Linux64).unwrap();
-        let pde: u64 = mem.read_obj(GuestAddress(PD_START + 3 * 0x1000 + 511 * 8)).unwrap();
+        let pde: u64 = mem
+            .read_obj(GuestAddress(PD_START + 3 * 0x1000 + 511 * 8))
+            .unwrap();
         assert_eq!(pde, (3 << 30) | (511 << 21) | 0x83);
     }
 }

@@ -27,7 +27,11 @@ impl Ged {
 
 impl BusDevice for Ged {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let v = if offset == 0 { std::mem::take(&mut self.pending) } else { 0 };
+        let v = if offset == 0 {
+            std::mem::take(&mut self.pending)
+        } else {
+            0
+        };
         let bytes = v.to_le_bytes();
         for (i, b) in data.iter_mut().enumerate() {
             *b = bytes.get(i).copied().unwrap_or(0);

@@ -44,7 +44,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::Empty(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         let overlaps = self
             .devices
             .range(..end)
@@ -71,7 +73,11 @@ impl Bus {
             }
             None => {
                 data.fill(0xff);
-                tracing::debug!(addr = format_args!("{addr:#x}"), len = data.len(), "read from no device");
+                tracing::debug!(
+                    addr = format_args!("{addr:#x}"),
+                    len = data.len(),
+                    "read from no device"
+                );
                 false
             }
         }
@@ -85,7 +91,11 @@ impl Bus {
                 true
             }
             None => {
-                tracing::debug!(addr = format_args!("{addr:#x}"), ?data, "write to no device");
+                tracing::debug!(
+                    addr = format_args!("{addr:#x}"),
+                    ?data,
+                    "write to no device"
+                );
                 false
             }
         }
@@ -134,6 +144,9 @@ mod tests {
         assert!(bus.insert(0x13, 2, Arc::new(Mutex::new(Reg(0)))).is_err());
         assert!(bus.insert(0x0e, 3, Arc::new(Mutex::new(Reg(0)))).is_err());
         assert!(bus.insert(0x14, 1, Arc::new(Mutex::new(Reg(0)))).is_ok());
-        assert_eq!(bus.insert(0x40, 0, Arc::new(Mutex::new(Reg(0)))), Err(BusError::Empty(0x40)));
+        assert_eq!(
+            bus.insert(0x40, 0, Arc::new(Mutex::new(Reg(0)))),
+            Err(BusError::Empty(0x40))
+        );
     }
 }

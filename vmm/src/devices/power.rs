@@ -110,7 +110,9 @@ impl BusDevice for DebugExit {
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
         if let Some(&v) = data.first() {
-            let _ = self.events.send(VmmEvent::GuestExit(ExitReason::DebugExit(v)));
+            let _ = self
+                .events
+                .send(VmmEvent::GuestExit(ExitReason::DebugExit(v)));
         }
     }
 }

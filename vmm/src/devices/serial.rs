@@ -72,24 +72,26 @@ impl BusDevice for SerialDevice {
 
 /// Feeds stdin to the UART until stdin closes. Waits while the guest's FIFO is full.
 pub fn spawn_stdin_reader(dev: Arc<Mutex<SerialDevice>>) -> std::io::Result<()> {
-    std::thread::Builder::new().name("serial-in".into()).spawn(move || {
-        let mut stdin = std::io::stdin();
-        let mut buf = [0u8; 64];
-        loop {
-            let n = match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            let mut rest = &buf[..n];
-            while !rest.is_empty() {
-                let taken = lock(&dev).enqueue(rest);
-                rest = &rest[taken..];
-                if !rest.is_empty() {
-                    std::thread::sleep(Duration::from_millis(5));
+    std::thread::Builder::new()
+        .name("serial-in".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 64];
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    let taken = lock(&dev).enqueue(rest);
+                    rest = &rest[taken..];
+                    if !rest.is_empty() {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
                 }
             }
-        }
-    })?;
+        })?;
     Ok(())
 }
 
@@ -151,14 +153,22 @@ impl Snapshottable for SerialDevice {
             Box::new(std::io::sink()) as Output,
         );
         let old = std::mem::replace(&mut self.uart, placeholder);
-        let irq = IrqTrigger(old.interrupt_evt().0.try_clone().map_err(|e| MigrationError::Restore {
-            id: "serial0".into(),
-            reason: e.to_string(),
-        })?);
+        let irq =
+            IrqTrigger(
+                old.interrupt_evt()
+                    .0
+                    .try_clone()
+                    .map_err(|e| MigrationError::Restore {
+                        id: "serial0".into(),
+                        reason: e.to_string(),
+                    })?,
+            );
         let out = old.into_writer();
-        self.uart = Serial::from_state(&state, irq, NoEvents, out).map_err(|e| MigrationError::Restore {
-            id: "serial0".into(),
-            reason: format!("{e:?}"),
+        self.uart = Serial::from_state(&state, irq, NoEvents, out).map_err(|e| {
+            MigrationError::Restore {
+                id: "serial0".into(),
+                reason: format!("{e:?}"),
+            }
         })?;
         Ok(())
     }
@@ -209,6 +219,9 @@ mod tests {
         assert_eq!(&*cap.0.lock().unwrap(), b"x");
         let mut bad = snap.clone();
         bad.version = 99;
-        assert!(matches!(t.restore_snapshot(&bad), Err(MigrationError::Version { found: 99, .. })));
+        assert!(matches!(
+            t.restore_snapshot(&bad),
+            Err(MigrationError::Version { found: 99, .. })
+        ));
     }
 }

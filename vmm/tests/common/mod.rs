@@ -14,14 +14,18 @@ pub fn vmm_bin() -> &'static str {
 }
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The test guest, built once per test binary from images/testguest.
 pub fn test_guest() -> &'static Path {
     static GUEST: OnceLock<PathBuf> = OnceLock::new();
     GUEST.get_or_init(|| {
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("testguest-{}", std::process::id()));
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("testguest-{}", std::process::id()));
         let status = Command::new(repo_root().join("images/testguest/build.sh"))
             .arg(&out)
             .status()
@@ -43,8 +47,18 @@ pub fn run_vmm(args: &[&str]) -> (ExitStatus, String, String) {
     let status = wait_bounded(&mut child, TIMEOUT);
     let mut out = String::new();
     let mut err = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     (status, out, err)
 }
 
@@ -58,7 +72,10 @@ pub fn wait_bounded(child: &mut Child, timeout: Duration) -> ExitStatus {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("vmm (pid {}) did not exit within {timeout:?}; killed", child.id());
+            panic!(
+                "vmm (pid {}) did not exit within {timeout:?}; killed",
+                child.id()
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -95,7 +112,12 @@ impl RunningVmm {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn vmm");
-        let vmm = RunningVmm { child, dir, console, api };
+        let vmm = RunningVmm {
+            child,
+            dir,
+            console,
+            api,
+        };
         vmm.wait_for_console("tg: ready", TIMEOUT);
         vmm
     }
@@ -111,7 +133,11 @@ impl RunningVmm {
             if let Some(l) = self.console_text().lines().find(|l| l.contains(needle)) {
                 return l.to_string();
             }
-            assert!(Instant::now() < deadline, "no console line with {needle:?} within {timeout:?}:\n{}", self.console_text());
+            assert!(
+                Instant::now() < deadline,
+                "no console line with {needle:?} within {timeout:?}:\n{}",
+                self.console_text()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
