@@ -515,6 +515,35 @@ static void run(u32 ram_top) {
     }
 }
 
+/* Misbehaves the way a buggy guest might: absent ports and MMIO, nonsense UART programming. */
+static void probe(void) {
+    static const u16 ports[] = {0x80, 0x1234, 0xcf8, 0x3c4, 0x60, 0x70, 0xffff};
+    for (u32 i = 0; i < sizeof(ports) / sizeof(ports[0]); i++) {
+        u8 v;
+        __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(ports[i]));
+        outb(ports[i], (u8)(v ^ 0x5a));
+    }
+    u32 x = mmio_read32(0xd0000000u) ^ mmio_read32(0xc0000000u) ^ mmio_read32(0xfeb00ffcu);
+    mmio_write32(0xd0000000u, x);
+    mmio_write32(0xfeb00004u, 0xffffffffu); /* past the GED register */
+    outb(COM1 + 3, 0x80); /* DLAB */
+    outb(COM1 + 0, 0x00);
+    outb(COM1 + 1, 0x00); /* divisor 0 */
+    outb(COM1 + 3, 0xff);
+    outb(COM1 + 1, 0xff); /* every interrupt */
+    outb(COM1 + 2, 0xff);
+    outb(COM1 + 4, 0xff); /* loopback and all */
+    outb(COM1 + 7, 0x42);
+    /* Back to 8N1, no interrupts, no loopback, so the report below is readable. */
+    outb(COM1 + 3, 0x80);
+    outb(COM1 + 0, 0x01);
+    outb(COM1 + 1, 0x00);
+    outb(COM1 + 3, 0x03);
+    outb(COM1 + 1, 0x00);
+    outb(COM1 + 4, 0x00);
+    say("probe done");
+}
+
 void bsp_main(const struct start_info *si) {
     if (si->magic != 0x336ec578) {
         say("error bad-start-info-magic");
@@ -611,6 +640,19 @@ void bsp_main(const struct start_info *si) {
     if (arg_is("tg.mode", "smp")) {
         start_aps();
         if (arg_is("tg.then", "hold")) run((u32)ram_top);
+        acpi_poweroff();
+    }
+    if (arg_is("tg.mode", "crash")) {
+        /* No IDT: the #UD becomes a double, then a triple fault; the VMM must report it. */
+        say("crash");
+        struct {
+            u16 limit;
+            u32 base;
+        } __attribute__((packed)) none = {0, 0};
+        __asm__ volatile("lidt %0; ud2" ::"m"(none));
+    }
+    if (arg_is("tg.mode", "probe")) {
+        probe();
         acpi_poweroff();
     }
     if (arg_is("tg.mode", "exit")) {

@@ -133,3 +133,24 @@ fn heartbeats_and_dirtying_run() {
     let hb = vmm.wait_for_console("tg: hb n=3 ", TIMEOUT);
     assert!(field(&hb, "dirtied_mib").unwrap() >= 12, "{hb}");
 }
+
+#[test]
+fn guest_misbehaviour_is_ignored() {
+    let (code, out) = boot("1", "64", "tg.mode=probe");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("tg: probe done"), "{out}");
+    assert!(out.contains("tg: poweroff"), "{out}");
+}
+
+#[test]
+fn a_crashing_guest_ends_the_vmm_with_its_registers() {
+    let (code, out) = boot("1", "64", "tg.mode=crash");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("tg: crash"), "{out}");
+    let err = out.split("--- stderr ---").nth(1).unwrap();
+    assert!(err.contains("vCPU 0:") && err.contains("rip=0x"), "{err}");
+    assert!(
+        err.contains("triple fault") || err.contains("internal error"),
+        "{err}"
+    );
+}

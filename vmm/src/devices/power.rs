@@ -6,6 +6,7 @@ use std::sync::mpsc::Sender;
 
 use super::BusDevice;
 use crate::arch::layout::{ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE};
+use crate::migration::{MigrationError, Pausable, Snapshottable};
 use crate::vmm::VmmEvent;
 
 /// Why the guest stopped.
@@ -116,6 +117,29 @@ impl BusDevice for DebugExit {
         }
     }
 }
+
+// Stateless devices: nothing to save beyond their presence, but they take part in pause/snapshot
+// like every other device so that the machine-wide walk needs no exceptions.
+macro_rules! stateless_snapshot {
+    ($($t:ty => $id:literal),* $(,)?) => {$(
+        impl Pausable for $t {}
+        impl Snapshottable for $t {
+            type State = ();
+            const STATE_VERSION: u32 = 1;
+            fn id(&self) -> String {
+                $id.into()
+            }
+            fn save(&mut self) -> Result<(), MigrationError> {
+                Ok(())
+            }
+            fn restore(&mut self, _: ()) -> Result<(), MigrationError> {
+                Ok(())
+            }
+        }
+    )*};
+}
+
+stateless_snapshot!(AcpiPm => "acpi-pm", I8042 => "i8042", DebugExit => "debug-exit");
 
 #[cfg(test)]
 mod tests {
