@@ -42,7 +42,7 @@ l2_boot() {
     fi
 }
 
-# The value of key=... on the "guest: ready" line of the L2 console.
+# The value of key=... on the "guest: ready" line of the L2 console (which ends lines with CRLF).
 ready_field() { # key
-    sed -n 's/.*guest: ready .*\b'"$1"'=\([^ ]*\).*/\1/p' "$L2_LOG" | head -n 1
+    tr -d '\r' < "$L2_LOG" | sed -n 's/.*guest: ready .*\b'"$1"'=\([^ ]*\).*/\1/p' | head -n 1
 }

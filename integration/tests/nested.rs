@@ -98,3 +98,18 @@ fn expect_all_pass(name: &str, timeout_s: u32, expected: &[&str]) {
 fn debian_guest_boots_with_one_and_two_vcpus_and_powers_off() {
     expect_all_pass("boot", 400, &["boot-1vcpu", "boot-2vcpu"]);
 }
+
+#[test]
+fn virtio_devices_work_with_the_real_linux_drivers() {
+    expect_all_pass(
+        "devices",
+        500,
+        &[
+            "devices-boot",
+            "blk-size",
+            "blk-readonly",
+            "rng",
+            "blk-persist",
+        ],
+    );
+}

@@ -30,6 +30,36 @@ pub enum ConfigError {
     CmdlineTooLong(usize),
     #[error("invalid --serial '{0}': expected 'stdio' or 'file:PATH'")]
     Serial(String),
+    #[error("invalid --disk '{0}': expected PATH or PATH,ro")]
+    Disk(String),
+    #[error("disk image {0}: {1}")]
+    DiskImage(PathBuf, std::io::Error),
+}
+
+/// A virtio-blk disk: `--disk PATH[,ro]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (path, read_only) = match s.rsplit_once(',') {
+            Some((p, "ro")) => (p, true),
+            Some((p, "rw")) => (p, false),
+            Some(_) => return Err(ConfigError::Disk(s.to_string())),
+            None => (s, false),
+        };
+        if path.is_empty() {
+            return Err(ConfigError::Disk(s.to_string()));
+        }
+        Ok(DiskConfig {
+            path: PathBuf::from(path),
+            read_only,
+        })
+    }
 }
 
 /// Where the guest's COM1 goes.
@@ -65,6 +95,15 @@ pub struct VmConfig {
     pub memory_mib: u64,
     pub serial: SerialOutput,
     pub api_socket: Option<PathBuf>,
+    /// virtio devices.
+    pub devices: DeviceConfig,
+}
+
+/// The virtio devices a VM gets, in the order they appear to the guest.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeviceConfig {
+    pub disks: Vec<DiskConfig>,
+    pub rng: bool,
 }
 
 impl VmConfig {
@@ -78,6 +117,7 @@ impl VmConfig {
         memory_mib: u64,
         serial: SerialOutput,
         api_socket: Option<PathBuf>,
+        devices: DeviceConfig,
         max_vcpus: u32,
     ) -> Result<Self, ConfigError> {
         if vcpus == 0 {
@@ -104,6 +144,9 @@ impl VmConfig {
         if let Some(initrd) = &initrd {
             std::fs::metadata(initrd).map_err(|e| ConfigError::Initrd(initrd.clone(), e))?;
         }
+        for d in &devices.disks {
+            std::fs::metadata(&d.path).map_err(|e| ConfigError::DiskImage(d.path.clone(), e))?;
+        }
         Ok(VmConfig {
             kernel,
             initrd,
@@ -112,6 +155,7 @@ impl VmConfig {
             memory_mib,
             serial,
             api_socket,
+            devices,
         })
     }
 
@@ -133,6 +177,7 @@ mod tests {
             mem,
             SerialOutput::Stdio,
             None,
+            DeviceConfig::default(),
             8,
         )
     }
@@ -166,6 +211,16 @@ mod tests {
     }
 
     #[test]
+    fn parses_disks() {
+        let d: DiskConfig = "/a/b.img,ro".parse().unwrap();
+        assert_eq!((d.path.to_str().unwrap(), d.read_only), ("/a/b.img", true));
+        let d: DiskConfig = "/a/b.img".parse().unwrap();
+        assert!(!d.read_only);
+        assert!("/a/b.img,rx".parse::<DiskConfig>().is_err());
+        assert!(",ro".parse::<DiskConfig>().is_err());
+    }
+
+    #[test]
     fn missing_kernel_is_named() {
         let e = VmConfig::new(
             "/nonexistent/k".into(),
@@ -175,6 +230,7 @@ mod tests {
             128,
             SerialOutput::Stdio,
             None,
+            DeviceConfig::default(),
             8,
         )
         .unwrap_err();

@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
-use vmm::config::{SerialOutput, VmConfig};
+use vmm::config::{DeviceConfig, DiskConfig, SerialOutput, VmConfig};
 use vmm::{api, vm, vmm::Machine};
 
 #[derive(Parser)]
@@ -44,6 +44,12 @@ struct RunArgs {
     /// Console: `stdio` or `file:PATH`.
     #[arg(long, default_value = "stdio")]
     serial: String,
+    /// A raw disk image (virtio-blk), `PATH[,ro]`; repeatable, the first is /dev/vda.
+    #[arg(long = "disk")]
+    disks: Vec<String>,
+    /// A virtio-rng device fed by the host's getrandom.
+    #[arg(long)]
+    rng: bool,
 }
 
 #[derive(Args)]
@@ -69,6 +75,14 @@ enum CtlCommand {
 
 fn run(args: RunArgs) -> Result<i32> {
     let serial: SerialOutput = args.serial.parse()?;
+    let devices = DeviceConfig {
+        disks: args
+            .disks
+            .iter()
+            .map(|d| d.parse::<DiskConfig>())
+            .collect::<Result<_, _>>()?,
+        rng: args.rng,
+    };
     let kvm = vm::open_kvm()?;
     let max_vcpus = kvm.get_max_vcpus() as u32;
     let config = VmConfig::new(
@@ -79,6 +93,7 @@ fn run(args: RunArgs) -> Result<i32> {
         args.memory_mib,
         serial,
         args.api_socket,
+        devices,
         max_vcpus,
     )?;
     let machine = Machine::build(config, kvm)?;

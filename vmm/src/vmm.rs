@@ -18,8 +18,11 @@ use crate::arch::regs;
 use crate::boot;
 use crate::config::{SerialOutput, VmConfig};
 use crate::devices::ged::{Ged, POWER_BUTTON_BIT};
+use crate::devices::manager::VirtioDevices;
 use crate::devices::power::{AcpiPm, DebugExit, ExitReason, I8042};
 use crate::devices::serial::{self, SerialDevice};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::rng::Rng;
 use crate::devices::{lock, Bus};
 use crate::vcpu::{Vcpu, VcpuSet};
 use crate::vm::Vm;
@@ -59,6 +62,7 @@ pub struct Machine {
     state: RunState,
     started: Instant,
     boot_mode: regs::EntryMode,
+    _virtio: VirtioDevices,
     _vm: Vm,
 }
 
@@ -129,11 +133,21 @@ impl Machine {
         let ged = Arc::new(Mutex::new(Ged::new(ged_irq)));
         mmio_bus.insert(GED_START, GED_SIZE, ged.clone())?;
 
+        // virtio devices, in the order the guest sees them.
+        let mut virtio = VirtioDevices::default();
+        for d in &config.devices.disks {
+            let disk = Block::open(&d.path, d.read_only)?;
+            virtio.attach(&vm.fd, &vm.memory, &mut mmio_bus, Box::new(disk))?;
+        }
+        if config.devices.rng {
+            virtio.attach(&vm.fd, &vm.memory, &mut mmio_bus, Box::new(Rng::default()))?;
+        }
+
         // Tables, kernel, boot structures.
         let tables = acpi::build(&AcpiConfig {
             vcpus: config.vcpus,
             max_vcpus: config.vcpus,
-            virtio: Vec::new(),
+            virtio: virtio.info.clone(),
         });
         tables
             .write(&vm.memory)
@@ -169,6 +183,7 @@ impl Machine {
             state: RunState::Running,
             started: Instant::now(),
             boot_mode: entry.mode,
+            _virtio: virtio,
             _vm: vm,
         })
     }

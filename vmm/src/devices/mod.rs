@@ -5,8 +5,10 @@
 //! real hardware: a guest probing for absent devices is not an error.
 
 pub mod ged;
+pub mod manager;
 pub mod power;
 pub mod serial;
+pub mod virtio;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,94 @@
+//! Places devices in the guest: a virtio-mmio window, a GSI wired through an irqfd and one
+//! ioeventfd per queue for each virtio device, and the ACPI description of each.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::virtio::mmio::{reg, MmioTransport};
+use super::virtio::{Interrupt, VirtioDevice};
+use super::{Bus, BusError};
+use crate::acpi::MmioDeviceInfo;
+use crate::arch::layout::{IOAPIC_PINS, VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use crate::memory::GuestMemory;
+
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    #[error("too many virtio devices (at most {0})")]
+    TooMany(u32),
+    #[error("cannot wire {what} for {device}: {err}")]
+    Kvm {
+        device: &'static str,
+        what: &'static str,
+        err: kvm_ioctls::Error,
+    },
+    #[error("eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// The virtio devices of one VM.
+#[derive(Default)]
+pub struct VirtioDevices {
+    pub info: Vec<MmioDeviceInfo>,
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+impl VirtioDevices {
+    /// Attaches `device` at the next window and GSI.
+    pub fn attach(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemory,
+        mmio_bus: &mut Bus,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<Arc<Mutex<MmioTransport>>, DeviceError> {
+        let index = self.info.len() as u32;
+        let max = IOAPIC_PINS - VIRTIO_IRQ_START;
+        if index >= max {
+            return Err(DeviceError::TooMany(max));
+        }
+        let name = device.name();
+        let base = VIRTIO_MMIO_START + u64::from(index) * VIRTIO_MMIO_SIZE;
+        let irq = VIRTIO_IRQ_START + index;
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+        vm.register_irqfd(&irqfd, irq)
+            .map_err(|err| DeviceError::Kvm {
+                device: name,
+                what: "the interrupt",
+                err,
+            })?;
+        let mut queue_evts = Vec::new();
+        for q in 0..device.queue_max_sizes().len() {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+            vm.register_ioevent(
+                &evt,
+                &IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY),
+                q as u32,
+            )
+            .map_err(|err| DeviceError::Kvm {
+                device: name,
+                what: "a queue notification",
+                err,
+            })?;
+            queue_evts.push(evt);
+        }
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            mem.clone(),
+            Arc::new(Interrupt::new(irqfd)),
+            queue_evts,
+        )));
+        mmio_bus.insert(base, VIRTIO_MMIO_SIZE, transport.clone())?;
+        self.info.push(MmioDeviceInfo {
+            base,
+            size: VIRTIO_MMIO_SIZE,
+            irq,
+        });
+        self.transports.push(transport.clone());
+        Ok(transport)
+    }
+}

@@ -1,0 +1,300 @@
+//! virtio-blk over a raw image file, usually on shared storage.
+//!
+//! Opening the image takes an OFD byte-range lock over the whole file — exclusive for read-write,
+//! shared for read-only (the convention QEMU and Cloud Hypervisor use; OFD locks hold across NFSv4)
+//! — so two VMMs never write one disk. The lock goes with the file descriptor: it is released when
+//! the VMM exits or hands the disk over during migration.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use thiserror::Error;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+
+use super::worker::{QueueHandler, Worker};
+use super::{
+    read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_USED_RING,
+    TYPE_BLOCK,
+};
+use crate::memory::GuestMemory;
+
+const SECTOR: u64 = 512;
+const QUEUE_SIZE: u16 = 256;
+/// Longest request accepted; Linux stays far below with the seg_max offered.
+const MAX_REQUEST: usize = 32 << 20;
+
+const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+#[derive(Debug, Error)]
+pub enum BlockError {
+    #[error("cannot open disk image {0}: {1}")]
+    Open(PathBuf, std::io::Error),
+    #[error("disk image {0} is in use by another VMM (it holds the image's lock)")]
+    Locked(PathBuf),
+    #[error("cannot lock disk image {0}: {1}")]
+    Lock(PathBuf, std::io::Error),
+    #[error("disk image {0} is {1} bytes, not a whole number of 512-byte sectors")]
+    Size(PathBuf, u64),
+}
+
+/// Takes (or with `exclusive == false`, shares) the OFD lock over the whole file.
+pub fn lock_image(file: &File, path: &Path, exclusive: bool) -> Result<(), BlockError> {
+    let fl = libc::flock {
+        l_type: if exclusive {
+            libc::F_WRLCK
+        } else {
+            libc::F_RDLCK
+        } as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_SETLK with a valid flock structure on an open descriptor.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Err(BlockError::Locked(path.into())),
+        _ => Err(BlockError::Lock(path.into(), e)),
+    }
+}
+
+pub struct Block {
+    path: PathBuf,
+    file: Arc<File>,
+    read_only: bool,
+    capacity: u64,
+    worker: Option<Worker<BlockQueue>>,
+}
+
+impl Block {
+    pub fn open(path: &Path, read_only: bool) -> Result<Block, BlockError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| BlockError::Open(path.into(), e))?;
+        lock_image(&file, path, !read_only)?;
+        let len = file
+            .metadata()
+            .map_err(|e| BlockError::Open(path.into(), e))?
+            .len();
+        if len % SECTOR != 0 {
+            return Err(BlockError::Size(path.into(), len));
+        }
+        Ok(Block {
+            path: path.into(),
+            file: Arc::new(file),
+            read_only,
+            capacity: len / SECTOR,
+            worker: None,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn config(&self) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[..8].copy_from_slice(&self.capacity.to_le_bytes());
+        // size_max (unused, 0) then seg_max.
+        c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+        c
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+    fn features(&self) -> u64 {
+        let ro = if self.read_only { VIRTIO_BLK_F_RO } else { 0 };
+        VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX | ro
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config(), offset, data);
+    }
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        let queue = ctx.queues.remove(0);
+        let handler = BlockQueue {
+            mem: ctx.mem,
+            queue,
+            interrupt: ctx.interrupt,
+            file: self.file.clone(),
+            read_only: self.read_only,
+            capacity: self.capacity,
+            id: id_bytes(&self.path),
+        };
+        self.worker = Some(
+            Worker::spawn("virtio-blk", ctx.queue_evts, handler).map_err(ActivateError::Worker)?,
+        );
+        Ok(())
+    }
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+    }
+    fn name(&self) -> &'static str {
+        "virtio-blk"
+    }
+}
+
+/// The 20-byte serial the guest reads with GET_ID: the image's file name.
+fn id_bytes(path: &Path) -> [u8; 20] {
+    let mut id = [0u8; 20];
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let n = name.len().min(20);
+    id[..n].copy_from_slice(&name.as_bytes()[..n]);
+    id
+}
+
+pub struct BlockQueue {
+    mem: GuestMemory,
+    queue: Queue,
+    interrupt: Arc<Interrupt>,
+    file: Arc<File>,
+    read_only: bool,
+    capacity: u64,
+    id: [u8; 20],
+}
+
+impl BlockQueue {
+    /// Executes one request; returns the bytes written into the chain (the used length).
+    fn execute(&self, chain: DescriptorChain<&GuestMemory>) -> u32 {
+        let mem = &self.mem;
+        let (mut reader, mut writer) = match (chain.clone().reader(mem), chain.writer(mem)) {
+            (Ok(r), Ok(w)) => (r, w),
+            _ => {
+                tracing::debug!("virtio-blk: descriptor chain outside guest memory");
+                return 0;
+            }
+        };
+        let status_at = match writer.available_bytes().checked_sub(1) {
+            Some(n) => n,
+            None => {
+                tracing::debug!("virtio-blk: request without a status byte");
+                return 0;
+            }
+        };
+        let mut status_writer = match writer.split_at(status_at) {
+            Ok(s) => s,
+            Err(_) => return 0,
+        };
+        let status = self.request(&mut reader, &mut writer);
+        let _ = status_writer.write_all(&[status]);
+        (writer.bytes_written() + status_writer.bytes_written()) as u32
+    }
+
+    fn request(
+        &self,
+        reader: &mut virtio_queue::Reader<'_>,
+        data: &mut virtio_queue::Writer<'_>,
+    ) -> u8 {
+        let mut hdr = [0u8; 16];
+        if reader.read_exact(&mut hdr).is_err() {
+            tracing::debug!("virtio-blk: short request header");
+            return S_IOERR;
+        }
+        let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or([0; 8]));
+        let check_range = |len: usize| -> Option<u64> {
+            if len % SECTOR as usize != 0 || len > MAX_REQUEST {
+                return None;
+            }
+            let end = sector.checked_add(len as u64 / SECTOR)?;
+            (end <= self.capacity).then_some(sector * SECTOR)
+        };
+        match kind {
+            T_IN => {
+                let len = data.available_bytes();
+                let Some(offset) = check_range(len) else {
+                    tracing::debug!(sector, len, "virtio-blk: read out of range or malformed");
+                    return S_IOERR;
+                };
+                let mut buf = vec![0u8; len];
+                if self.file.read_exact_at(&mut buf, offset).is_err()
+                    || data.write_all(&buf).is_err()
+                {
+                    return S_IOERR;
+                }
+                S_OK
+            }
+            T_OUT => {
+                if self.read_only {
+                    return S_IOERR;
+                }
+                let len = reader.available_bytes();
+                let Some(offset) = check_range(len) else {
+                    tracing::debug!(sector, len, "virtio-blk: write out of range or malformed");
+                    return S_IOERR;
+                };
+                let mut buf = vec![0u8; len];
+                if reader.read_exact(&mut buf).is_err()
+                    || self.file.write_all_at(&buf, offset).is_err()
+                {
+                    return S_IOERR;
+                }
+                S_OK
+            }
+            T_FLUSH => match self.file.sync_all() {
+                Ok(()) => S_OK,
+                Err(e) => {
+                    tracing::warn!(error = %e, "virtio-blk: fsync failed");
+                    S_IOERR
+                }
+            },
+            T_GET_ID => {
+                let n = data.available_bytes().min(self.id.len());
+                match data.write_all(&self.id[..n]) {
+                    Ok(()) => S_OK,
+                    Err(_) => S_IOERR,
+                }
+            }
+            _ => S_UNSUPP,
+        }
+    }
+}
+
+impl QueueHandler for BlockQueue {
+    fn queue_event(&mut self, _index: usize) {
+        let mem = self.mem.clone();
+        let mut used = false;
+        while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
+            let head = chain.head_index();
+            let len = self.execute(chain);
+            if let Err(e) = self.queue.add_used(&mem, head, len) {
+                tracing::warn!(error = ?e, "virtio-blk: cannot return a used buffer");
+            }
+            used = true;
+        }
+        if used {
+            self.interrupt.signal(INT_USED_RING);
+        }
+    }
+}
