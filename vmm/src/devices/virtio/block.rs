@@ -224,7 +224,7 @@ impl BlockQueue {
         let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
         let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or([0; 8]));
         let check_range = |len: usize| -> Option<u64> {
-            if len % SECTOR as usize != 0 || len > MAX_REQUEST {
+            if !len.is_multiple_of(SECTOR as usize) || len > MAX_REQUEST {
                 return None;
             }
             let end = sector.checked_add(len as u64 / SECTOR)?;
