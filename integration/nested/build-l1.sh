@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the nested lane's L1 base image: an uncompressed initramfs for Debian's cloud kernel running
 # under QEMU TCG (-cpu max gives it SVM + NPT, so kvm_amd provides a real /dev/kvm), holding
-#   - busybox, irqbypass.ko, kvm.ko, kvm-amd.ko (that order, from modules.dep),
+#   - busybox, irqbypass.ko, kvm.ko, kvm-amd.ko (that order, from modules.dep), and tun.ko,
 #   - our vmm with the shared libraries ldd lists and the dynamic loader,
 #   - the L2 guest: images/out/vmlinuz + initramfs.cpio.gz,
 #   - /lib/l1.sh: the helpers scenarios use, and a base /init that only reports "no scenario".
@@ -28,9 +28,13 @@ for a in $("$root/bin/busybox" --list); do
     [ "$a" = busybox ] || ln -sf busybox "$root/bin/$a"
 done
 
-for dep in $(modprobe -d "$images/modules" -S "$kver" --show-depends kvm-amd | awk '/^insmod/{print $2}'); do
-    cp "$dep" "$root/modules/"
-    basename "$dep" >> "$root/modules/order"
+# kvm-amd for /dev/kvm; tun for the taps our vmm creates.
+for mod in kvm-amd tun; do
+    for dep in $(modprobe -d "$images/modules" -S "$kver" --show-depends "$mod" | awk '/^insmod/{print $2}'); do
+        [ -e "$root/modules/$(basename "$dep")" ] && continue
+        cp "$dep" "$root/modules/"
+        basename "$dep" >> "$root/modules/order"
+    done
 done
 
 install -m 0755 "$vmm" "$root/bin/vmm"

@@ -113,3 +113,19 @@ fn virtio_devices_work_with_the_real_linux_drivers() {
         ],
     );
 }
+
+#[test]
+fn virtio_net_reaches_a_tap_both_ways() {
+    expect_all_pass(
+        "net",
+        400,
+        &[
+            "net-mac",
+            "net-ping-guest-to-host",
+            "net-ping-host-to-guest",
+            "net-transfer-guest-to-host",
+            "net-transfer-host-to-guest",
+            "net-poweroff",
+        ],
+    );
+}

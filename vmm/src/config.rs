@@ -34,6 +34,36 @@ pub enum ConfigError {
     Disk(String),
     #[error("disk image {0}: {1}")]
     DiskImage(PathBuf, std::io::Error),
+    #[error("invalid --net '{0}': expected tap=NAME[,mac=aa:bb:cc:dd:ee:ff]")]
+    Net(String),
+}
+
+/// A virtio-net device on a tap: `--net tap=NAME[,mac=MAC]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: Option<String>,
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::Net(s.to_string());
+        let (mut tap, mut mac) = (None, None);
+        for kv in s.split(',') {
+            match kv.split_once('=') {
+                Some(("tap", v)) if !v.is_empty() && v.len() <= 15 => tap = Some(v.to_string()),
+                Some(("mac", v)) if crate::devices::virtio::net::parse_mac(v).is_some() => {
+                    mac = Some(v.to_string())
+                }
+                _ => return Err(bad()),
+            }
+        }
+        Ok(NetConfig {
+            tap: tap.ok_or_else(bad)?,
+            mac,
+        })
+    }
 }
 
 /// A virtio-blk disk: `--disk PATH[,ro]`.
@@ -103,6 +133,7 @@ pub struct VmConfig {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DeviceConfig {
     pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
     pub rng: bool,
 }
 
@@ -218,6 +249,17 @@ mod tests {
         assert!(!d.read_only);
         assert!("/a/b.img,rx".parse::<DiskConfig>().is_err());
         assert!(",ro".parse::<DiskConfig>().is_err());
+    }
+
+    #[test]
+    fn parses_nets() {
+        let n: NetConfig = "tap=tap0,mac=52:54:00:00:00:01".parse().unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac.as_deref(), Some("52:54:00:00:00:01"));
+        assert!("tap=".parse::<NetConfig>().is_err());
+        assert!("mac=52:54:00:00:00:01".parse::<NetConfig>().is_err());
+        assert!("tap=t,mac=zz".parse::<NetConfig>().is_err());
+        assert!("tap=averyveryverylongname".parse::<NetConfig>().is_err());
     }
 
     #[test]

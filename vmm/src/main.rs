@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
-use vmm::config::{DeviceConfig, DiskConfig, SerialOutput, VmConfig};
+use vmm::config::{DeviceConfig, DiskConfig, NetConfig, SerialOutput, VmConfig};
 use vmm::{api, vm, vmm::Machine};
 
 #[derive(Parser)]
@@ -47,6 +47,9 @@ struct RunArgs {
     /// A raw disk image (virtio-blk), `PATH[,ro]`; repeatable, the first is /dev/vda.
     #[arg(long = "disk")]
     disks: Vec<String>,
+    /// A virtio-net device on a tap, `tap=NAME[,mac=MAC]`; the tap is created if missing.
+    #[arg(long = "net")]
+    nets: Vec<String>,
     /// A virtio-rng device fed by the host's getrandom.
     #[arg(long)]
     rng: bool,
@@ -80,6 +83,11 @@ fn run(args: RunArgs) -> Result<i32> {
             .disks
             .iter()
             .map(|d| d.parse::<DiskConfig>())
+            .collect::<Result<_, _>>()?,
+        nets: args
+            .nets
+            .iter()
+            .map(|n| n.parse::<NetConfig>())
             .collect::<Result<_, _>>()?,
         rng: args.rng,
     };

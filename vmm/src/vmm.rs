@@ -22,7 +22,9 @@ use crate::devices::manager::VirtioDevices;
 use crate::devices::power::{AcpiPm, DebugExit, ExitReason, I8042};
 use crate::devices::serial::{self, SerialDevice};
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::net::{self, Net};
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::tap::Tap;
 use crate::devices::{lock, Bus};
 use crate::vcpu::{Vcpu, VcpuSet};
 use crate::vm::Vm;
@@ -138,6 +140,15 @@ impl Machine {
         for d in &config.devices.disks {
             let disk = Block::open(&d.path, d.read_only)?;
             virtio.attach(&vm.fd, &vm.memory, &mut mmio_bus, Box::new(disk))?;
+        }
+        for n in &config.devices.nets {
+            let mac = n
+                .mac
+                .as_deref()
+                .and_then(net::parse_mac)
+                .unwrap_or_else(net::random_mac);
+            let dev = Net::new(Tap::open(&n.tap)?, mac);
+            virtio.attach(&vm.fd, &vm.memory, &mut mmio_bus, Box::new(dev))?;
         }
         if config.devices.rng {
             virtio.attach(&vm.fd, &vm.memory, &mut mmio_bus, Box::new(Rng::default()))?;

@@ -7,7 +7,9 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod rng;
+pub mod tap;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
