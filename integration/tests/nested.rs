@@ -129,3 +129,18 @@ fn virtio_net_reaches_a_tap_both_ways() {
         ],
     );
 }
+
+#[test]
+fn virtio_balloon_returns_memory_to_the_host() {
+    expect_all_pass(
+        "balloon",
+        400,
+        &[
+            "balloon-guest-avail",
+            "balloon-host-rss",
+            "balloon-stats",
+            "balloon-deflate",
+            "balloon-limit",
+        ],
+    );
+}

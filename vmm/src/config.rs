@@ -135,6 +135,13 @@ pub struct DeviceConfig {
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
     pub rng: bool,
+    pub balloon: Option<BalloonConfig>,
+}
+
+/// `--balloon [deflate-on-oom]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BalloonConfig {
+    pub deflate_on_oom: bool,
 }
 
 impl VmConfig {

@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
-use vmm::config::{DeviceConfig, DiskConfig, NetConfig, SerialOutput, VmConfig};
+use vmm::config::{BalloonConfig, DeviceConfig, DiskConfig, NetConfig, SerialOutput, VmConfig};
 use vmm::{api, vm, vmm::Machine};
 
 #[derive(Parser)]
@@ -53,6 +53,9 @@ struct RunArgs {
     /// A virtio-rng device fed by the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// A virtio-balloon device; `--balloon deflate-on-oom` lets the guest deflate under pressure.
+    #[arg(long, num_args = 0..=1, default_missing_value = "on", value_parser = ["on", "deflate-on-oom"])]
+    balloon: Option<String>,
 }
 
 #[derive(Args)]
@@ -74,6 +77,12 @@ enum CtlCommand {
         #[arg(long = "timeout-ms", default_value_t = api::DEFAULT_SHUTDOWN_TIMEOUT_MS)]
         timeout_ms: u64,
     },
+    /// Set the balloon's target size: how much memory the guest gives back.
+    BalloonSet {
+        mib: u64,
+    },
+    /// The balloon's size and the guest's latest memory statistics.
+    BalloonStats,
 }
 
 fn run(args: RunArgs) -> Result<i32> {
@@ -90,6 +99,9 @@ fn run(args: RunArgs) -> Result<i32> {
             .map(|n| n.parse::<NetConfig>())
             .collect::<Result<_, _>>()?,
         rng: args.rng,
+        balloon: args.balloon.map(|b| BalloonConfig {
+            deflate_on_oom: b == "deflate-on-oom",
+        }),
     };
     let kvm = vm::open_kvm()?;
     let max_vcpus = kvm.get_max_vcpus() as u32;
@@ -123,6 +135,11 @@ fn ctl(args: CtlArgs) -> Result<i32> {
             json!({"command": "shutdown", "timeout_ms": timeout_ms}),
             Duration::from_millis(timeout_ms) + Duration::from_secs(10),
         ),
+        CtlCommand::BalloonSet { mib } => (
+            json!({"command": "balloon-set", "mib": mib}),
+            Duration::from_secs(10),
+        ),
+        CtlCommand::BalloonStats => (json!({"command": "balloon-stats"}), Duration::from_secs(10)),
     };
     let result = api::client::call(&args.api_socket, &request, timeout)?;
     println!("{}", serde_json::to_string_pretty(&result)?);

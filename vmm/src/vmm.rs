@@ -21,7 +21,9 @@ use crate::devices::ged::{Ged, POWER_BUTTON_BIT};
 use crate::devices::manager::VirtioDevices;
 use crate::devices::power::{AcpiPm, DebugExit, ExitReason, I8042};
 use crate::devices::serial::{self, SerialDevice};
+use crate::devices::virtio::balloon::{Balloon, BalloonControl, BALLOON_PAGE};
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{self, Net};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::tap::Tap;
@@ -64,6 +66,7 @@ pub struct Machine {
     state: RunState,
     started: Instant,
     boot_mode: regs::EntryMode,
+    balloon: Option<(Arc<Mutex<MmioTransport>>, Arc<BalloonControl>)>,
     _virtio: VirtioDevices,
     _vm: Vm,
 }
@@ -153,6 +156,14 @@ impl Machine {
         if config.devices.rng {
             virtio.attach(&vm.fd, &vm.memory, &mut mmio_bus, Box::new(Rng::default()))?;
         }
+        let balloon = match config.devices.balloon {
+            Some(b) => {
+                let (dev, control) = Balloon::new(b.deflate_on_oom);
+                let transport = virtio.attach(&vm.fd, &vm.memory, &mut mmio_bus, Box::new(dev))?;
+                Some((transport, control))
+            }
+            None => None,
+        };
 
         // Tables, kernel, boot structures.
         let tables = acpi::build(&AcpiConfig {
@@ -194,6 +205,7 @@ impl Machine {
             state: RunState::Running,
             started: Instant::now(),
             boot_mode: entry.mode,
+            balloon,
             _virtio: virtio,
             _vm: vm,
         })
@@ -268,6 +280,7 @@ impl Machine {
                     }
                     shutdown = Some((Instant::now() + Duration::from_millis(timeout_ms), reply));
                 }
+                VmmEvent::Api(Request::BalloonStats, reply) => self.balloon_stats(reply),
                 VmmEvent::Api(req, reply) => {
                     let _ = reply.send(self.handle(req));
                 }
@@ -301,7 +314,49 @@ impl Machine {
                 self.state = RunState::Running;
                 Response::ok(json!({"state": "running"}))
             }
-            Request::Shutdown { .. } => Response::err("shutdown is handled by the main loop"),
+            Request::BalloonSet { mib } => {
+                let Some((transport, control)) = &self.balloon else {
+                    return Response::err("this VM has no balloon (start it with --balloon)");
+                };
+                if mib > self.config.memory_mib {
+                    return Response::err(format!(
+                        "balloon target {mib} MiB is larger than the VM's memory ({} MiB)",
+                        self.config.memory_mib
+                    ));
+                }
+                control.set_target_pages((mib << 20).div_ceil(BALLOON_PAGE) as u32);
+                lock(transport).config_changed();
+                Response::ok(json!({"target_mib": mib}))
+            }
+            Request::Shutdown { .. } | Request::BalloonStats => {
+                Response::err("handled by the main loop")
+            }
+        }
+    }
+
+    /// Stats need a round trip through the guest: answered from a thread of its own, so the main
+    /// loop never waits on the guest.
+    fn balloon_stats(&self, reply: Sender<Response>) {
+        let Some((_, control)) = &self.balloon else {
+            let _ = reply.send(Response::err(
+                "this VM has no balloon (start it with --balloon)",
+            ));
+            return;
+        };
+        let control = control.clone();
+        let spawned = std::thread::Builder::new()
+            .name("balloon-stats".into())
+            .spawn(move || {
+                let stats = control.refresh_stats(Duration::from_secs(2));
+                let to_mib = |pages: u32| u64::from(pages) * BALLOON_PAGE >> 20;
+                let _ = reply.send(Response::ok(json!({
+                    "target_mib": to_mib(control.target_pages()),
+                    "actual_mib": to_mib(control.actual_pages()),
+                    "stats": stats,
+                })));
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the balloon stats thread");
         }
     }
 

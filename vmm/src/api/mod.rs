@@ -19,6 +19,11 @@ pub enum Request {
     Shutdown {
         timeout_ms: u64,
     },
+    /// Balloon target size in MiB.
+    BalloonSet {
+        mib: u64,
+    },
+    BalloonStats,
 }
 
 /// Default grace period between the power button and a forced stop.
@@ -61,6 +66,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         .ok_or("missing \"command\" (a string)")?;
     let allowed: &[&str] = match cmd {
         "shutdown" => &["command", "timeout_ms"],
+        "balloon-set" => &["command", "mib"],
         _ => &["command"],
     };
     if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
@@ -79,8 +85,16 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
             };
             Ok(Request::Shutdown { timeout_ms })
         }
+        "balloon-set" => {
+            let mib = obj
+                .get("mib")
+                .and_then(Value::as_u64)
+                .ok_or("\"mib\" (a non-negative integer) is required")?;
+            Ok(Request::BalloonSet { mib })
+        }
+        "balloon-stats" => Ok(Request::BalloonStats),
         other => Err(format!(
-            "unknown command \"{other}\" (known: info, pause, resume, shutdown)"
+            "unknown command \"{other}\" (known: info, pause, resume, shutdown, balloon-set, balloon-stats)"
         )),
     }
 }
@@ -116,5 +130,12 @@ mod tests {
             .unwrap_err()
             .contains("unknown field"));
         assert!(parse_request(r#"{"command":"shutdown","timeout_ms":-1}"#).is_err());
+        assert!(parse_request(r#"{"command":"balloon-set"}"#)
+            .unwrap_err()
+            .contains("mib"));
+        assert_eq!(
+            parse_request(r#"{"command":"balloon-set","mib":64}"#),
+            Ok(Request::BalloonSet { mib: 64 })
+        );
     }
 }

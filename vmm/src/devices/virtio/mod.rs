@@ -5,6 +5,7 @@
 //! queue (KVM ioeventfds on QueueNotify, so a kick never exits to userspace) and the interrupt, and
 //! processes them on a worker thread of its own ([`worker`]), off the vCPU threads.
 
+pub mod balloon;
 pub mod block;
 pub mod mmio;
 pub mod net;

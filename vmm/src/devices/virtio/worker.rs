@@ -100,6 +100,14 @@ impl<H: QueueHandler> Worker<H> {
         let _ = self.control.write(1);
     }
 
+    /// A function that pokes the worker, for whoever needs to from another thread.
+    pub fn poker(&self) -> std::io::Result<impl Fn() + Send + 'static> {
+        let control = self.control.try_clone()?;
+        Ok(move || {
+            let _ = control.write(1);
+        })
+    }
+
     /// Stops the thread and returns the handler.
     pub fn stop(mut self) -> Option<H> {
         let _ = self.stop.write(1);

@@ -1,0 +1,313 @@
+//! virtio-balloon: the VMM sets a target size, the guest gives pages back (inflate) or takes them
+//! again (deflate), and reports memory statistics on the stats queue.
+//!
+//! Inflated pages are returned to the host with `MADV_REMOVE`: guest RAM is a shared memfd mapping,
+//! where `MADV_DONTNEED` would only drop the mapping and keep the file's pages, so the VMM's RSS
+//! would not fall.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use super::worker::{QueueHandler, Worker};
+use super::{
+    read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_USED_RING,
+    TYPE_BALLOON,
+};
+use crate::devices::lock;
+use crate::memory::GuestMemory;
+
+const VIRTIO_BALLOON_F_STATS_VQ: u64 = 1 << 1;
+const VIRTIO_BALLOON_F_DEFLATE_ON_OOM: u64 = 1 << 2;
+const QUEUE_SIZE: u16 = 128;
+const INFLATE: usize = 0;
+const DEFLATE: usize = 1;
+const STATS: usize = 2;
+/// Balloon pages are always 4 KiB, whatever the guest's page size.
+pub const BALLOON_PAGE: u64 = 4096;
+
+const STAT_NAMES: [&str; 10] = [
+    "swap_in",
+    "swap_out",
+    "major_faults",
+    "minor_faults",
+    "free_memory",
+    "total_memory",
+    "available_memory",
+    "disk_caches",
+    "hugetlb_allocations",
+    "hugetlb_failures",
+];
+
+/// The guest's last statistics report.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BalloonStats {
+    /// Reports received so far.
+    pub reports: u64,
+    pub values: BTreeMap<String, u64>,
+    #[serde(skip)]
+    pub received: Option<Instant>,
+}
+
+/// Shared between the device, its worker and the VMM's API.
+#[derive(Default)]
+pub struct BalloonControl {
+    /// Target size of the balloon in 4 KiB pages (config `num_pages`).
+    target: AtomicU32,
+    /// What the driver says it holds (config `actual`).
+    actual: AtomicU32,
+    stats: Mutex<BalloonStats>,
+    stats_changed: Condvar,
+    /// Asks the worker to return the held stats buffer, so the driver sends a fresh report.
+    poke: Mutex<Option<Box<dyn Fn() + Send>>>,
+}
+
+impl BalloonControl {
+    pub fn set_target_pages(&self, pages: u32) {
+        self.target.store(pages, Ordering::SeqCst);
+    }
+    pub fn target_pages(&self) -> u32 {
+        self.target.load(Ordering::SeqCst)
+    }
+    pub fn actual_pages(&self) -> u32 {
+        self.actual.load(Ordering::SeqCst)
+    }
+
+    /// Requests a fresh report and waits up to `timeout` for it; returns the newest stats.
+    pub fn refresh_stats(&self, timeout: Duration) -> BalloonStats {
+        let before = lock(&self.stats).reports;
+        if let Some(poke) = lock(&self.poke).as_ref() {
+            poke();
+        }
+        let deadline = Instant::now() + timeout;
+        let mut s = lock(&self.stats);
+        while s.reports == before {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            s = self
+                .stats_changed
+                .wait_timeout(s, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        s.clone()
+    }
+}
+
+pub struct Balloon {
+    control: Arc<BalloonControl>,
+    deflate_on_oom: bool,
+    worker: Option<Worker<BalloonQueues>>,
+}
+
+impl Balloon {
+    pub fn new(deflate_on_oom: bool) -> (Balloon, Arc<BalloonControl>) {
+        let control = Arc::new(BalloonControl::default());
+        (
+            Balloon {
+                control: control.clone(),
+                deflate_on_oom,
+                worker: None,
+            },
+            control,
+        )
+    }
+}
+
+impl VirtioDevice for Balloon {
+    fn device_type(&self) -> u32 {
+        TYPE_BALLOON
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]
+    }
+    fn features(&self) -> u64 {
+        let oom = if self.deflate_on_oom {
+            VIRTIO_BALLOON_F_DEFLATE_ON_OOM
+        } else {
+            0
+        };
+        VIRTIO_BALLOON_F_STATS_VQ | oom
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut c = [0u8; 8];
+        c[..4].copy_from_slice(&self.control.target_pages().to_le_bytes());
+        c[4..].copy_from_slice(&self.control.actual_pages().to_le_bytes());
+        read_config_bytes(&c, offset, data);
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only `actual` (offset 4) is the driver's to write.
+        if offset == 4 && data.len() == 4 {
+            let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            self.control.actual.store(v, Ordering::SeqCst);
+        } else {
+            tracing::debug!(offset, ?data, "virtio-balloon: ignored config write");
+        }
+    }
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        let stats_on = ctx.acked_features & VIRTIO_BALLOON_F_STATS_VQ != 0;
+        let stats = ctx.queues.pop().filter(|_| stats_on);
+        let deflate = ctx.queues.remove(DEFLATE);
+        let inflate = ctx.queues.remove(INFLATE);
+        let handler = BalloonQueues {
+            mem: ctx.mem,
+            inflate,
+            deflate,
+            stats,
+            held_stats: None,
+            interrupt: ctx.interrupt,
+            control: self.control.clone(),
+        };
+        let worker = Worker::spawn("virtio-balloon", ctx.queue_evts, handler)
+            .map_err(ActivateError::Worker)?;
+        let poker = worker.poker().map_err(ActivateError::Worker)?;
+        *lock(&self.control.poke) = Some(Box::new(poker));
+        self.worker = Some(worker);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        *lock(&self.control.poke) = None;
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+        self.control.actual.store(0, Ordering::SeqCst);
+    }
+    fn name(&self) -> &'static str {
+        "virtio-balloon"
+    }
+}
+
+pub struct BalloonQueues {
+    mem: GuestMemory,
+    inflate: Queue,
+    deflate: Queue,
+    stats: Option<Queue>,
+    /// The stats buffer the driver last filled; returned to ask for the next report.
+    held_stats: Option<u16>,
+    interrupt: Arc<Interrupt>,
+    control: Arc<BalloonControl>,
+}
+
+impl BalloonQueues {
+    /// Reads the PFNs in `chain` and gives those pages back to the host (inflate) or just accepts
+    /// them (deflate: the pages return on the guest's next touch).
+    fn pages(&self, chain: DescriptorChain<&GuestMemory>, give_back: bool) {
+        let Ok(mut r) = chain.reader(&self.mem) else {
+            tracing::debug!("virtio-balloon: chain outside guest memory");
+            return;
+        };
+        let mut pfn = [0u8; 4];
+        while r.read_exact(&mut pfn).is_ok() {
+            if !give_back {
+                continue;
+            }
+            let addr = GuestAddress(u64::from(u32::from_le_bytes(pfn)) * BALLOON_PAGE);
+            match self.mem.get_host_address(addr) {
+                Ok(host) => {
+                    // SAFETY: `host` is the start of a 4 KiB page inside a guest memory mapping
+                    // (get_host_address checked the address; pages never straddle regions, which
+                    // are page aligned). MADV_REMOVE only discards the page's contents.
+                    let r = unsafe {
+                        libc::madvise(host.cast(), BALLOON_PAGE as usize, libc::MADV_REMOVE)
+                    };
+                    if r != 0 {
+                        tracing::debug!(error = %std::io::Error::last_os_error(), "virtio-balloon: madvise failed");
+                    }
+                }
+                Err(_) => tracing::debug!(
+                    pfn = u32::from_le_bytes(pfn),
+                    "virtio-balloon: PFN outside guest memory"
+                ),
+            }
+        }
+    }
+
+    fn drain(&mut self, index: usize) {
+        let mem = self.mem.clone();
+        let give_back = index == INFLATE;
+        let mut used = false;
+        loop {
+            let q = if give_back {
+                &mut self.inflate
+            } else {
+                &mut self.deflate
+            };
+            let Some(chain) = q.pop_descriptor_chain(&mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            self.pages(chain, give_back);
+            let q = if give_back {
+                &mut self.inflate
+            } else {
+                &mut self.deflate
+            };
+            if let Err(e) = q.add_used(&mem, head, 0) {
+                tracing::warn!(error = ?e, "virtio-balloon: cannot return a buffer");
+            }
+            used = true;
+        }
+        if used {
+            self.interrupt.signal(INT_USED_RING);
+        }
+    }
+
+    fn take_stats(&mut self) {
+        let mem = self.mem.clone();
+        let Some(q) = self.stats.as_mut() else { return };
+        while let Some(chain) = q.pop_descriptor_chain(&mem) {
+            let head = chain.head_index();
+            let mut values = BTreeMap::new();
+            if let Ok(mut r) = chain.reader(&mem) {
+                let mut entry = [0u8; 10];
+                while r.read_exact(&mut entry).is_ok() {
+                    let tag = u16::from_le_bytes([entry[0], entry[1]]) as usize;
+                    let val = u64::from_le_bytes(entry[2..10].try_into().unwrap_or([0; 8]));
+                    if let Some(name) = STAT_NAMES.get(tag) {
+                        values.insert((*name).to_string(), val);
+                    }
+                }
+            }
+            // A previous buffer still held would be a driver bug; give it back first.
+            if let Some(old) = self.held_stats.replace(head) {
+                let _ = q.add_used(&mem, old, 0);
+            }
+            let mut s = lock(&self.control.stats);
+            s.reports += 1;
+            s.values = values;
+            s.received = Some(Instant::now());
+            self.control.stats_changed.notify_all();
+        }
+    }
+
+    /// Returns the held stats buffer: the driver answers with a new report.
+    fn request_stats(&mut self) {
+        let mem = self.mem.clone();
+        if let (Some(q), Some(head)) = (self.stats.as_mut(), self.held_stats.take()) {
+            if q.add_used(&mem, head, 0).is_ok() {
+                self.interrupt.signal(INT_USED_RING);
+            }
+        }
+    }
+}
+
+impl QueueHandler for BalloonQueues {
+    fn queue_event(&mut self, index: usize) {
+        match index {
+            INFLATE | DEFLATE => self.drain(index),
+            STATS => self.take_stats(),
+            _ => {}
+        }
+    }
+    fn control_event(&mut self) {
+        self.request_stats();
+    }
+}
