@@ -348,7 +348,7 @@ impl Machine {
             .name("balloon-stats".into())
             .spawn(move || {
                 let stats = control.refresh_stats(Duration::from_secs(2));
-                let to_mib = |pages: u32| u64::from(pages) * BALLOON_PAGE >> 20;
+                let to_mib = |pages: u32| (u64::from(pages) * BALLOON_PAGE) >> 20;
                 let _ = reply.send(Response::ok(json!({
                     "target_mib": to_mib(control.target_pages()),
                     "actual_mib": to_mib(control.actual_pages()),
