@@ -4,7 +4,8 @@
 #   testguest.elf       the fast-lane test guest (PVH ELF, see docs/test-guest.md)
 #   vmlinuz             Debian's linux-image-cloud-amd64 bzImage (the real-host guest kernel)
 #   vmlinux             the same kernel decompressed: an ELF with a PVH note
-#   initramfs.cpio.gz   busybox + the virtio modules (from modules.dep) + images/guest/init
+#   guest-agent         the static guest agent (images/guest-agent)
+#   initramfs.cpio.gz   busybox + the virtio modules (from modules.dep) + guest-agent + images/guest/init
 #   modules/            the unpacked module tree (the nested lane's L1 reuses it for kvm.ko)
 #
 # Needs: gcc, binutils, cpio, lz4, kmod (depmod), busybox-static and apt-get (scripts/setup.sh).
@@ -19,6 +20,18 @@ log() { echo "images: $*" >&2; }
 "$here/testguest/build.sh" "$out/testguest.build" >/dev/null
 cp "$out/testguest.build/testguest.elf" "$out/testguest.elf"
 log "testguest.elf built"
+
+# --- the guest agent: a static binary (the guest has no libc of ours)
+repo=$(cd "$here/.." && pwd)
+(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --quiet --release -p guest-agent --target x86_64-unknown-linux-gnu)
+cp "$repo/target/x86_64-unknown-linux-gnu/release/guest-agent" "$out/guest-agent.tmp"
+if ! cmp -s "$out/guest-agent.tmp" "$out/guest-agent" 2>/dev/null; then
+    mv "$out/guest-agent.tmp" "$out/guest-agent"
+else
+    rm -f "$out/guest-agent.tmp"
+fi
+log "guest-agent built"
 
 # --- Debian's cloud kernel and its modules
 pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
@@ -69,7 +82,7 @@ fi
 kver=$(cat "$out/kernel-version")
 moddir="$out/modules/lib/modules/$kver"
 initramfs="$out/initramfs.cpio.gz"
-inputs=("$here/guest/init" "$here/build.sh" /bin/busybox "$stamp")
+inputs=("$here/guest/init" "$here/build.sh" /bin/busybox "$stamp" "$out/guest-agent")
 if [ ! -s "$initramfs" ] || [ -n "$(find "${inputs[@]}" -newer "$initramfs" 2>/dev/null)" ]; then
     root="$out/initramfs.root"
     rm -rf "$root" && mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,run,mnt,lib/modules}
@@ -90,6 +103,7 @@ if [ ! -s "$initramfs" ] || [ -n "$(find "${inputs[@]}" -newer "$initramfs" 2>/d
             fi
         done
     done
+    cp "$out/guest-agent" "$root/bin/guest-agent"
     cp "$here/guest/init" "$root/init"
     chmod +x "$root/init"
     (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$initramfs.tmp"

@@ -14,7 +14,7 @@ repo=$(cd "$here/../.." && pwd)
 vmm=${1:?usage: build-l1.sh VMM_BINARY OUT_DIR}
 out=${2:?usage: build-l1.sh VMM_BINARY OUT_DIR}
 images="$repo/images/out"
-for f in vmlinuz initramfs.cpio.gz kernel-version; do
+for f in vmlinuz initramfs.cpio.gz kernel-version guest-agent; do
     [ -e "$images/$f" ] || { echo "build-l1: $images/$f missing: run images/build.sh" >&2; exit 1; }
 done
 kver=$(cat "$images/kernel-version")
@@ -44,6 +44,8 @@ for lib in $(ldd "$vmm" | awk '$3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
 done
 
 cp "$images/vmlinuz" "$images/initramfs.cpio.gz" "$root/l2/"
+# The guest agent binary doubles as the host-side vsock client and echo server.
+install -m 0755 "$images/guest-agent" "$root/bin/guest-agent"
 cp "$here/l1.sh" "$root/lib/l1.sh"
 cat > "$root/init" <<'INIT'
 #!/bin/sh

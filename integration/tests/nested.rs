@@ -144,3 +144,18 @@ fn virtio_balloon_returns_memory_to_the_host() {
         ],
     );
 }
+
+#[test]
+fn virtio_vsock_round_trips_through_the_guest_agent() {
+    expect_all_pass(
+        "vsock",
+        400,
+        &[
+            "vsock-host-to-guest",
+            "vsock-agent-mem",
+            "vsock-agent-cpu",
+            "vsock-guest-to-host",
+            "vsock-refused-port",
+        ],
+    );
+}

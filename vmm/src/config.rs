@@ -36,6 +36,36 @@ pub enum ConfigError {
     DiskImage(PathBuf, std::io::Error),
     #[error("invalid --net '{0}': expected tap=NAME[,mac=aa:bb:cc:dd:ee:ff]")]
     Net(String),
+    #[error("invalid --vsock '{0}': expected cid=N,socket=PATH with N >= 3")]
+    Vsock(String),
+}
+
+/// `--vsock cid=N,socket=PATH`: the guest's CID and the host-side Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VsockConfig {
+    pub cid: u64,
+    pub socket: PathBuf,
+}
+
+impl std::str::FromStr for VsockConfig {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::Vsock(s.to_string());
+        let (mut cid, mut socket) = (None, None);
+        for kv in s.split(',') {
+            match kv.split_once('=') {
+                Some(("cid", v)) => cid = Some(v.parse::<u64>().map_err(|_| bad())?),
+                Some(("socket", v)) if !v.is_empty() => socket = Some(PathBuf::from(v)),
+                _ => return Err(bad()),
+            }
+        }
+        match (cid, socket) {
+            (Some(cid), Some(socket)) if (3..=u64::from(u32::MAX)).contains(&cid) => {
+                Ok(VsockConfig { cid, socket })
+            }
+            _ => Err(bad()),
+        }
+    }
 }
 
 /// A virtio-net device on a tap: `--net tap=NAME[,mac=MAC]`.
@@ -136,6 +166,7 @@ pub struct DeviceConfig {
     pub nets: Vec<NetConfig>,
     pub rng: bool,
     pub balloon: Option<BalloonConfig>,
+    pub vsock: Option<VsockConfig>,
 }
 
 /// `--balloon [deflate-on-oom]`.
@@ -267,6 +298,15 @@ mod tests {
         assert!("mac=52:54:00:00:00:01".parse::<NetConfig>().is_err());
         assert!("tap=t,mac=zz".parse::<NetConfig>().is_err());
         assert!("tap=averyveryverylongname".parse::<NetConfig>().is_err());
+    }
+
+    #[test]
+    fn parses_vsock() {
+        let v: VsockConfig = "cid=3,socket=/tmp/v.sock".parse().unwrap();
+        assert_eq!((v.cid, v.socket.to_str().unwrap()), (3, "/tmp/v.sock"));
+        assert!("cid=2,socket=/tmp/v".parse::<VsockConfig>().is_err());
+        assert!("cid=3".parse::<VsockConfig>().is_err());
+        assert!("cid=x,socket=/a".parse::<VsockConfig>().is_err());
     }
 
     #[test]

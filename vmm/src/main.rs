@@ -7,7 +7,9 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
-use vmm::config::{BalloonConfig, DeviceConfig, DiskConfig, NetConfig, SerialOutput, VmConfig};
+use vmm::config::{
+    BalloonConfig, DeviceConfig, DiskConfig, NetConfig, SerialOutput, VmConfig, VsockConfig,
+};
 use vmm::{api, vm, vmm::Machine};
 
 #[derive(Parser)]
@@ -56,6 +58,9 @@ struct RunArgs {
     /// A virtio-balloon device; `--balloon deflate-on-oom` lets the guest deflate under pressure.
     #[arg(long, num_args = 0..=1, default_missing_value = "on", value_parser = ["on", "deflate-on-oom"])]
     balloon: Option<String>,
+    /// A virtio-vsock device, `cid=N,socket=PATH` (host side: see docs/vsock.md).
+    #[arg(long)]
+    vsock: Option<String>,
 }
 
 #[derive(Args)]
@@ -102,6 +107,7 @@ fn run(args: RunArgs) -> Result<i32> {
         balloon: args.balloon.map(|b| BalloonConfig {
             deflate_on_oom: b == "deflate-on-oom",
         }),
+        vsock: args.vsock.map(|v| v.parse::<VsockConfig>()).transpose()?,
     };
     let kvm = vm::open_kvm()?;
     let max_vcpus = kvm.get_max_vcpus() as u32;

@@ -27,6 +27,7 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{self, Net};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::tap::Tap;
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::{lock, Bus};
 use crate::vcpu::{Vcpu, VcpuSet};
 use crate::vm::Vm;
@@ -155,6 +156,10 @@ impl Machine {
         }
         if config.devices.rng {
             virtio.attach(&vm.fd, &vm.memory, &mut mmio_bus, Box::new(Rng::default()))?;
+        }
+        if let Some(v) = &config.devices.vsock {
+            let dev = Vsock::new(v.cid, &v.socket)?;
+            virtio.attach(&vm.fd, &vm.memory, &mut mmio_bus, Box::new(dev))?;
         }
         let balloon = match config.devices.balloon {
             Some(b) => {
