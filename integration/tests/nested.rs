@@ -155,6 +155,7 @@ fn virtio_vsock_round_trips_through_the_guest_agent() {
             "vsock-agent-mem",
             "vsock-agent-cpu",
             "vsock-guest-to-host",
+            "vsock-agent-cpu-offline",
             "vsock-refused-port",
         ],
     );

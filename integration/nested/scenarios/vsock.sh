@@ -26,6 +26,11 @@ r=$(call cpu)
 echo "$r" | grep -q '"cpu":1' && result vsock-agent-cpu pass "$r" || result vsock-agent-cpu fail "$r"
 r=$(call selftest host-echo 1234)
 echo "$r" | grep -q '"passed":true' && result vsock-guest-to-host pass "$r" || result vsock-guest-to-host fail "$r"
+r=$(call cpu-online 1 0)
+r2=$(call cpu)
+r3=$(call cpu-online 1 1)
+echo "$r" | grep -q '"online":false' && ! echo "$r2" | grep -q '"cpu":1' && echo "$r3" | grep -q '"online":true' \
+    && result vsock-agent-cpu-offline pass "$r2" || result vsock-agent-cpu-offline fail "$r / $r2 / $r3"
 r=$(guest-agent call $V 999 ping 2>&1)
 echo "$r" | grep -q "refused" && result vsock-refused-port pass "$r" || result vsock-refused-port fail "$r"
 vmm ctl --api-socket /tmp/api.sock shutdown --timeout-ms 1000 >/dev/null
