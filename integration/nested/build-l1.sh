@@ -46,6 +46,24 @@ done
 cp "$images/vmlinuz" "$images/initramfs.cpio.gz" "$root/l2/"
 # The guest agent binary doubles as the host-side vsock client and echo server.
 install -m 0755 "$images/guest-agent" "$root/bin/guest-agent"
+# With L1_WITH_QEMU=1 (benchmarks): Debian's QEMU as a second L2 VMM, with its libraries, its TCG
+# accelerator module (QEMU loads it even with KVM) and the firmware microvm needs.
+if [ "${L1_WITH_QEMU:-0}" = 1 ]; then
+    qemu=/usr/bin/qemu-system-x86_64
+    install -D -m 0755 "$qemu" "$root/usr/bin/qemu-system-x86_64"
+    mod=/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so
+    install -D -m 0644 "$mod" "$root$mod"
+    for lib in $( (ldd "$qemu"; ldd "$mod") | awk '$3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u); do
+        [ -e "$root$lib" ] && continue
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done
+    mkdir -p "$root/usr/share/qemu"
+    for f in bios-microvm.bin pvh.bin linuxboot_dma.bin kvmvapic.bin; do
+        cp -L "/usr/share/qemu/$f" "$root/usr/share/qemu/"
+    done
+fi
+
 cp "$here/l1.sh" "$root/lib/l1.sh"
 cat > "$root/init" <<'INIT'
 #!/bin/sh

@@ -1,6 +1,6 @@
 # Helpers for nested-lane scenarios, sourced by each scenario's /init inside the L1 VM.
 # Result lines on the L1 console: "RESULT <name> pass|fail <detail>", then "SCENARIO-DONE".
-export PATH=/bin:/sbin
+export PATH=/bin:/sbin:/usr/bin
 
 l1_setup() {
     mount -t proc proc /proc

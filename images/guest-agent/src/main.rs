@@ -5,8 +5,12 @@
 //! guest-agent [--port 52]                      serve inside the guest
 //! guest-agent call SOCKET PORT REQUEST         host: hybrid-vsock CONNECT, send REQUEST, print the answer
 //! guest-agent echo-server SOCKET_PATH          host: a Unix echo server (for guest → host tests)
+//! guest-agent bench-disk DEV MODE MIB          seq-read|seq-write|rand-read|rand-write, O_DIRECT
+//! guest-agent bench-net send ADDR:PORT MIB     TCP throughput, sender
+//! guest-agent bench-net recv PORT              TCP throughput, receiver
 //! ```
 
+mod bench;
 mod proc;
 mod vsock;
 
@@ -181,6 +185,22 @@ fn main() {
             Err(_) => Err(format!("bad port '{port}'")),
         },
         ["echo-server", path] => echo_server(path).map_err(|e| e.to_string()),
+        ["bench-disk", dev, mode @ ("seq-read" | "seq-write" | "rand-read" | "rand-write"), mib] => {
+            mib.parse()
+                .map_err(|_| format!("bad size '{mib}'"))
+                .and_then(|m| bench::disk(dev, mode, m))
+                .map(|v| println!("{v}"))
+        }
+        ["bench-net", "send", addr, mib] => mib
+            .parse()
+            .map_err(|_| format!("bad size '{mib}'"))
+            .and_then(|m| bench::net_send(addr, m))
+            .map(|v| println!("{v}")),
+        ["bench-net", "recv", port] => port
+            .parse()
+            .map_err(|_| format!("bad port '{port}'"))
+            .and_then(bench::net_recv)
+            .map(|v| println!("{v}")),
         _ => Err(
             "usage: guest-agent [--port N] | call SOCKET PORT REQUEST... | echo-server PATH".into(),
         ),

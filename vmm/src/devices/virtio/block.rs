@@ -6,9 +6,8 @@
 //! the VMM exits or hands the disk over during migration.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,8 +16,8 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 
 use super::worker::{QueueHandler, Worker};
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_USED_RING,
-    TYPE_BLOCK,
+    read_config_bytes, write_status, ActivateContext, ActivateError, GuestIovecs, Interrupt,
+    VirtioDevice, INT_USED_RING, TYPE_BLOCK,
 };
 use crate::memory::GuestMemory;
 
@@ -185,42 +184,45 @@ pub struct BlockQueue {
 }
 
 impl BlockQueue {
-    /// Executes one request; returns the bytes written into the chain (the used length).
+    /// Executes one request; returns the bytes written into the chain (the used length). Data moves
+    /// straight between the image and guest memory (preadv/pwritev on the chain's buffers).
     fn execute(&self, chain: DescriptorChain<&GuestMemory>) -> u32 {
         let mem = &self.mem;
-        let (mut reader, mut writer) = match (chain.clone().reader(mem), chain.writer(mem)) {
-            (Ok(r), Ok(w)) => (r, w),
-            _ => {
-                tracing::debug!("virtio-blk: descriptor chain outside guest memory");
-                return 0;
-            }
+        let mut hdr = [0u8; 16];
+        let header_ok = chain
+            .clone()
+            .reader(mem)
+            .is_ok_and(|mut r| r.read_exact(&mut hdr).is_ok());
+        let (Some(mut out), Some(mut data)) = (
+            GuestIovecs::from_chain(mem, chain.clone(), false),
+            GuestIovecs::from_chain(mem, chain, true),
+        ) else {
+            tracing::debug!("virtio-blk: descriptor chain outside guest memory");
+            return 0;
         };
-        let status_at = match writer.available_bytes().checked_sub(1) {
-            Some(n) => n,
-            None => {
-                tracing::debug!("virtio-blk: request without a status byte");
-                return 0;
-            }
+        if data.len == 0 {
+            tracing::debug!("virtio-blk: request without a status byte");
+            return 0;
+        }
+        let status_iov = data.split_tail(1);
+        let (status, written) = if header_ok {
+            out.skip(16);
+            self.request(&hdr, &mut out, &mut data)
+        } else {
+            tracing::debug!("virtio-blk: short request header");
+            (S_IOERR, 0)
         };
-        let mut status_writer = match writer.split_at(status_at) {
-            Ok(s) => s,
-            Err(_) => return 0,
-        };
-        let status = self.request(&mut reader, &mut writer);
-        let _ = status_writer.write_all(&[status]);
-        (writer.bytes_written() + status_writer.bytes_written()) as u32
+        write_status(&status_iov, status);
+        (written + 1) as u32
     }
 
+    /// Returns the status and the data bytes written into the guest's buffers.
     fn request(
         &self,
-        reader: &mut virtio_queue::Reader<'_>,
-        data: &mut virtio_queue::Writer<'_>,
-    ) -> u8 {
-        let mut hdr = [0u8; 16];
-        if reader.read_exact(&mut hdr).is_err() {
-            tracing::debug!("virtio-blk: short request header");
-            return S_IOERR;
-        }
+        hdr: &[u8; 16],
+        out: &mut GuestIovecs,
+        data: &mut GuestIovecs,
+    ) -> (u8, usize) {
         let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
         let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or([0; 8]));
         let check_range = |len: usize| -> Option<u64> {
@@ -230,53 +232,48 @@ impl BlockQueue {
             let end = sector.checked_add(len as u64 / SECTOR)?;
             (end <= self.capacity).then_some(sector * SECTOR)
         };
+        let fd = self.file.as_raw_fd();
         match kind {
             T_IN => {
-                let len = data.available_bytes();
+                let len = data.len;
                 let Some(offset) = check_range(len) else {
                     tracing::debug!(sector, len, "virtio-blk: read out of range or malformed");
-                    return S_IOERR;
+                    return (S_IOERR, 0);
                 };
-                let mut buf = vec![0u8; len];
-                if self.file.read_exact_at(&mut buf, offset).is_err()
-                    || data.write_all(&buf).is_err()
-                {
-                    return S_IOERR;
+                match data.read_from(fd, offset) {
+                    Ok(()) => (S_OK, len),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "virtio-blk: read failed");
+                        (S_IOERR, 0)
+                    }
                 }
-                S_OK
             }
             T_OUT => {
                 if self.read_only {
-                    return S_IOERR;
+                    return (S_IOERR, 0);
                 }
-                let len = reader.available_bytes();
+                let len = out.len;
                 let Some(offset) = check_range(len) else {
                     tracing::debug!(sector, len, "virtio-blk: write out of range or malformed");
-                    return S_IOERR;
+                    return (S_IOERR, 0);
                 };
-                let mut buf = vec![0u8; len];
-                if reader.read_exact(&mut buf).is_err()
-                    || self.file.write_all_at(&buf, offset).is_err()
-                {
-                    return S_IOERR;
+                match out.write_to(fd, offset) {
+                    Ok(()) => (S_OK, 0),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "virtio-blk: write failed");
+                        (S_IOERR, 0)
+                    }
                 }
-                S_OK
             }
-            T_FLUSH => match self.file.sync_all() {
-                Ok(()) => S_OK,
+            T_FLUSH => match self.file.sync_data() {
+                Ok(()) => (S_OK, 0),
                 Err(e) => {
-                    tracing::warn!(error = %e, "virtio-blk: fsync failed");
-                    S_IOERR
+                    tracing::warn!(error = %e, "virtio-blk: fdatasync failed");
+                    (S_IOERR, 0)
                 }
             },
-            T_GET_ID => {
-                let n = data.available_bytes().min(self.id.len());
-                match data.write_all(&self.id[..n]) {
-                    Ok(()) => S_OK,
-                    Err(_) => S_IOERR,
-                }
-            }
-            _ => S_UNSUPP,
+            T_GET_ID => (S_OK, data.copy_in(&self.id)),
+            _ => (S_UNSUPP, 0),
         }
     }
 }

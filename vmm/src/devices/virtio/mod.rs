@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use thiserror::Error;
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMemory;
@@ -112,5 +113,175 @@ pub fn read_config_bytes(bytes: &[u8], offset: u64, data: &mut [u8]) {
             .and_then(|o| bytes.get(o + i))
             .copied()
             .unwrap_or(0);
+    }
+}
+
+/// The guest buffers of one direction of a descriptor chain as iovecs, for vectored I/O straight
+/// between a backend and guest memory (no bounce buffer). `None` when a buffer lies outside guest
+/// memory or straddles two regions; such a chain is malformed.
+pub struct GuestIovecs {
+    pub iovecs: Vec<libc::iovec>,
+    pub len: usize,
+}
+
+impl GuestIovecs {
+    pub fn from_chain(
+        mem: &GuestMemory,
+        chain: DescriptorChain<&GuestMemory>,
+        writable: bool,
+    ) -> Option<GuestIovecs> {
+        let mut iovecs = Vec::new();
+        let mut len = 0usize;
+        for d in chain {
+            if d.is_write_only() != writable || d.len() == 0 {
+                continue;
+            }
+            let start = mem.get_host_address(d.addr()).ok()?;
+            let last = d.addr().0.checked_add(u64::from(d.len()) - 1)?;
+            let end = mem.get_host_address(GuestAddress(last)).ok()?;
+            // Both ends in one contiguous mapping: the buffer does not straddle regions.
+            if end as usize != start as usize + d.len() as usize - 1 {
+                return None;
+            }
+            iovecs.push(libc::iovec {
+                iov_base: start.cast(),
+                iov_len: d.len() as usize,
+            });
+            len += d.len() as usize;
+        }
+        Some(GuestIovecs { iovecs, len })
+    }
+
+    /// Drops the first `n` bytes (a request header already read another way).
+    pub fn skip(&mut self, mut n: usize) {
+        n = n.min(self.len);
+        self.len -= n;
+        while n > 0 {
+            let first = &mut self.iovecs[0];
+            if first.iov_len <= n {
+                n -= first.iov_len;
+                self.iovecs.remove(0);
+            } else {
+                // SAFETY: stays inside the same buffer, which is longer than n.
+                first.iov_base = unsafe { first.iov_base.cast::<u8>().add(n) }.cast();
+                first.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+
+    /// Splits off the last `n` bytes (a trailing status byte) as their own iovecs.
+    pub fn split_tail(&mut self, n: usize) -> GuestIovecs {
+        let n = n.min(self.len);
+        let mut keep = self.len - n;
+        let mut head = Vec::new();
+        let mut tail = Vec::new();
+        for iov in self.iovecs.drain(..) {
+            if keep >= iov.iov_len {
+                keep -= iov.iov_len;
+                head.push(iov);
+            } else if keep > 0 {
+                head.push(libc::iovec {
+                    iov_base: iov.iov_base,
+                    iov_len: keep,
+                });
+                // SAFETY: stays inside the same buffer, which is longer than `keep`.
+                let rest = unsafe { iov.iov_base.cast::<u8>().add(keep) }.cast();
+                tail.push(libc::iovec {
+                    iov_base: rest,
+                    iov_len: iov.iov_len - keep,
+                });
+                keep = 0;
+            } else {
+                tail.push(iov);
+            }
+        }
+        self.iovecs = head;
+        self.len -= n;
+        GuestIovecs {
+            iovecs: tail,
+            len: n,
+        }
+    }
+
+    /// Fills the buffers from `fd` at `offset` (preadv), retrying short reads.
+    pub fn read_from(&mut self, fd: std::os::fd::RawFd, offset: u64) -> std::io::Result<()> {
+        self.vectored(fd, offset, false)
+    }
+
+    /// Writes the buffers to `fd` at `offset` (pwritev), retrying short writes.
+    pub fn write_to(&mut self, fd: std::os::fd::RawFd, offset: u64) -> std::io::Result<()> {
+        self.vectored(fd, offset, true)
+    }
+
+    fn vectored(
+        &mut self,
+        fd: std::os::fd::RawFd,
+        mut offset: u64,
+        write: bool,
+    ) -> std::io::Result<()> {
+        let total = self.len;
+        let mut done = 0;
+        while done < total {
+            let iovs = &self.iovecs;
+            let cnt = iovs.len().min(1024) as libc::c_int;
+            // SAFETY: every iovec points into mapped guest memory that outlives this call (`mem`
+            // holds the mapping); the kernel copies to or from it.
+            let n = unsafe {
+                if write {
+                    libc::pwritev(fd, iovs.as_ptr(), cnt, offset as libc::off_t)
+                } else {
+                    libc::preadv(fd, iovs.as_ptr(), cnt, offset as libc::off_t)
+                }
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "short transfer",
+                ));
+            }
+            done += n as usize;
+            offset += n as u64;
+            self.skip(n as usize);
+            self.len = total - done;
+        }
+        Ok(())
+    }
+}
+
+impl GuestIovecs {
+    /// Copies `bytes` into the buffers; returns how many fitted.
+    pub fn copy_in(&self, bytes: &[u8]) -> usize {
+        let mut done = 0;
+        for iov in &self.iovecs {
+            for i in 0..iov.iov_len {
+                let Some(&b) = bytes.get(done) else {
+                    return done;
+                };
+                // SAFETY: i < iov_len: inside a mapped guest buffer. Volatile, as the guest may look.
+                unsafe { std::ptr::write_volatile(iov.iov_base.cast::<u8>().add(i), b) };
+                done += 1;
+            }
+        }
+        done
+    }
+}
+
+/// Writes `byte` at the start of `iovs` (a request's status byte).
+pub fn write_status(iovs: &GuestIovecs, byte: u8) -> bool {
+    match iovs.iovecs.first() {
+        Some(iov) if iov.iov_len >= 1 => {
+            // SAFETY: the iovec points into mapped guest memory at least one byte long.
+            unsafe { std::ptr::write_volatile(iov.iov_base.cast::<u8>(), byte) };
+            true
+        }
+        _ => false,
     }
 }

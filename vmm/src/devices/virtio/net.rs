@@ -1,29 +1,33 @@
 //! virtio-net over a tap device: queue 0 receives (tap → guest), queue 1 transmits (guest → tap).
-//! No offloads are offered, so every frame is a plain Ethernet frame behind a zero virtio-net
-//! header, which the tap adds and strips itself.
+//! Frames move with one readv/writev between the tap and the guest's buffers, virtio-net header
+//! included: the tap speaks the same header, so checksum and TSO offloads pass through both ways.
 
-use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
-use super::tap::{Tap, VNET_HDR_LEN};
+use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 use super::worker::{QueueHandler, Worker};
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_USED_RING,
-    TYPE_NET,
+    read_config_bytes, ActivateContext, ActivateError, GuestIovecs, Interrupt, VirtioDevice,
+    INT_USED_RING, TYPE_NET,
 };
 use crate::memory::GuestMemory;
 
+const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
-/// Header plus the largest frame a guest without offloads sends (1514, with VLAN tag 1518), with
-/// room to spare for jumbo-frame MTUs up to 64 KiB.
-const MAX_FRAME: usize = VNET_HDR_LEN + 65536;
+/// Header plus the largest frame: a TSO super-frame of up to 64 KiB.
+const MAX_FRAME: usize = VNET_HDR_LEN + 65550;
 
 pub struct Net {
     tap: Tap,
@@ -50,6 +54,12 @@ impl VirtioDevice for Net {
     }
     fn features(&self) -> u64 {
         VIRTIO_NET_F_MAC
+            | VIRTIO_NET_F_CSUM
+            | VIRTIO_NET_F_HOST_TSO4
+            | VIRTIO_NET_F_HOST_TSO6
+            | VIRTIO_NET_F_GUEST_CSUM
+            | VIRTIO_NET_F_GUEST_TSO4
+            | VIRTIO_NET_F_GUEST_TSO6
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.mac, offset, data);
@@ -58,14 +68,27 @@ impl VirtioDevice for Net {
         let tx = ctx.queues.remove(TX);
         let rx = ctx.queues.remove(RX);
         let tap = self.tap.try_clone().map_err(ActivateError::Worker)?;
+        // What the tap may send the guest follows what the driver accepted.
+        let acked = ctx.acked_features;
+        let mut offload = 0;
+        if acked & VIRTIO_NET_F_GUEST_CSUM != 0 {
+            offload |= TUN_F_CSUM;
+            if acked & VIRTIO_NET_F_GUEST_TSO4 != 0 {
+                offload |= TUN_F_TSO4;
+            }
+            if acked & VIRTIO_NET_F_GUEST_TSO6 != 0 {
+                offload |= TUN_F_TSO6;
+            }
+        }
+        tap.set_offload(offload).map_err(|e| {
+            ActivateError::Device(format!("tap {}: cannot set offloads: {e}", tap.name()))
+        })?;
         let q = NetQueues {
             mem: ctx.mem,
             rx,
             tx,
             tap,
             interrupt: ctx.interrupt,
-            pending: None,
-            buf: vec![0u8; MAX_FRAME],
         };
         self.worker =
             Some(Worker::spawn("virtio-net", ctx.queue_evts, q).map_err(ActivateError::Worker)?);
@@ -87,9 +110,6 @@ pub struct NetQueues {
     tx: Queue,
     tap: Tap,
     interrupt: Arc<Interrupt>,
-    /// A frame read from the tap that found no guest buffer yet.
-    pending: Option<usize>,
-    buf: Vec<u8>,
 }
 
 impl NetQueues {
@@ -97,44 +117,26 @@ impl NetQueues {
     fn receive(&mut self) {
         let mem = self.mem.clone();
         let mut used = false;
-        loop {
-            let len = match self.pending {
-                Some(len) => len,
-                None => match self.tap.read_frame(&mut self.buf) {
-                    Ok(len) => len,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+        while let Some(chain) = self.rx.pop_descriptor_chain(&mem) {
+            let head = chain.head_index();
+            let len = match GuestIovecs::from_chain(&mem, chain, true) {
+                Some(iovs) if iovs.len >= VNET_HDR_LEN => match self.tap.readv(&iovs.iovecs) {
+                    Ok(n) => n as u32,
                     Err(e) => {
-                        tracing::warn!(error = %e, "virtio-net: tap read failed");
+                        // No frame waiting (or a tap error): keep the buffer for the next one.
+                        if e.kind() != std::io::ErrorKind::WouldBlock {
+                            tracing::warn!(error = %e, "virtio-net: tap read failed");
+                        }
+                        self.rx.go_to_previous_position();
                         break;
                     }
                 },
-            };
-            let Some(chain) = self.rx.pop_descriptor_chain(&mem) else {
-                // No buffer: keep the frame; the driver's next rx kick resumes.
-                self.pending = Some(len);
-                break;
-            };
-            self.pending = None;
-            let head = chain.head_index();
-            let written = match chain.writer(&mem) {
-                Ok(mut w) if w.available_bytes() >= len => match w.write_all(&self.buf[..len]) {
-                    Ok(()) => len as u32,
-                    Err(_) => 0,
-                },
-                Ok(w) => {
-                    tracing::debug!(
-                        frame = len,
-                        buffer = w.available_bytes(),
-                        "virtio-net: rx buffer too small; frame dropped"
-                    );
-                    0
-                }
-                Err(_) => {
-                    tracing::debug!("virtio-net: rx chain outside guest memory");
+                _ => {
+                    tracing::debug!("virtio-net: unusable rx buffer");
                     0
                 }
             };
-            if let Err(e) = self.rx.add_used(&mem, head, written) {
+            if let Err(e) = self.rx.add_used(&mem, head, len) {
                 tracing::warn!(error = ?e, "virtio-net: cannot return an rx buffer");
             }
             used = true;
@@ -150,19 +152,18 @@ impl NetQueues {
         let mut used = false;
         while let Some(chain) = self.tx.pop_descriptor_chain(&mem) {
             let head = chain.head_index();
-            match chain.reader(&mem) {
-                Ok(mut r) => {
-                    let len = r.available_bytes();
-                    if !(VNET_HDR_LEN..=MAX_FRAME).contains(&len) {
-                        tracing::debug!(len, "virtio-net: tx frame of impossible size dropped");
-                    } else if r.read_exact(&mut self.buf[..len]).is_ok() {
-                        if let Err(e) = self.tap.write_frame(&self.buf[..len]) {
-                            // A full tap queue drops the frame, as a NIC would.
-                            tracing::debug!(error = %e, "virtio-net: tap write failed; frame dropped");
-                        }
+            match GuestIovecs::from_chain(&mem, chain, false) {
+                Some(iovs) if (VNET_HDR_LEN..=MAX_FRAME).contains(&iovs.len) => {
+                    if let Err(e) = self.tap.writev(&iovs.iovecs) {
+                        // A full tap queue drops the frame, as a NIC would.
+                        tracing::debug!(error = %e, "virtio-net: tap write failed; frame dropped");
                     }
                 }
-                Err(_) => tracing::debug!("virtio-net: tx chain outside guest memory"),
+                Some(iovs) => tracing::debug!(
+                    len = iovs.len,
+                    "virtio-net: tx frame of impossible size dropped"
+                ),
+                None => tracing::debug!("virtio-net: tx chain outside guest memory"),
             }
             if let Err(e) = self.tx.add_used(&mem, head, 0) {
                 tracing::warn!(error = ?e, "virtio-net: cannot return a tx buffer");

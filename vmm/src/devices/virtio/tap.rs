@@ -1,9 +1,8 @@
 //! A Linux tap device: opened by name (created if it does not exist, which needs CAP_NET_ADMIN),
-//! non-blocking, with a 12-byte virtio-net header on every frame so frames pass between the tap and
-//! the guest's queues unchanged.
+//! non-blocking, with a 12-byte virtio-net header on every frame so frames — including checksum
+//! and segmentation offload requests — pass between the tap and the guest's queues unchanged.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
@@ -14,6 +13,10 @@ const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+pub const TUN_F_CSUM: u32 = 0x01;
+pub const TUN_F_TSO4: u32 = 0x02;
+pub const TUN_F_TSO6: u32 = 0x04;
 
 /// The virtio-net header of VIRTIO_F_VERSION_1 devices (with num_buffers).
 pub const VNET_HDR_LEN: usize = 12;
@@ -91,14 +94,52 @@ impl Tap {
         })
     }
 
-    /// One frame (with its virtio-net header); `WouldBlock` when none is waiting.
-    pub fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.file.read(buf)
+    /// Which offloads the tap may hand the guest (frames with partial checksums or GSO).
+    pub fn set_offload(&self, flags: u32) -> std::io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes the flags by value.
+        if unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                TUNSETOFFLOAD,
+                libc::c_ulong::from(flags),
+            )
+        } < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
-    /// One frame (with its virtio-net header).
-    pub fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<usize> {
-        self.file.write(frame)
+    /// Reads one frame (with its virtio-net header) into `iovs`; `WouldBlock` when none waits.
+    pub fn readv(&self, iovs: &[libc::iovec]) -> std::io::Result<usize> {
+        // SAFETY: the iovecs describe writable buffers that outlive the call.
+        let n = unsafe {
+            libc::readv(
+                self.file.as_raw_fd(),
+                iovs.as_ptr(),
+                iovs.len() as libc::c_int,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// Writes one frame (with its virtio-net header) gathered from `iovs`.
+    pub fn writev(&self, iovs: &[libc::iovec]) -> std::io::Result<usize> {
+        // SAFETY: the iovecs describe readable buffers that outlive the call.
+        let n = unsafe {
+            libc::writev(
+                self.file.as_raw_fd(),
+                iovs.as_ptr(),
+                iovs.len() as libc::c_int,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
     }
 }
 
