@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Largest number of vCPUs this VMM describes to a guest: xAPIC ids in the MADT are 8-bit and 0xff is
@@ -41,7 +41,7 @@ pub enum ConfigError {
 }
 
 /// `--vsock cid=N,socket=PATH`: the guest's CID and the host-side Unix socket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockConfig {
     pub cid: u64,
     pub socket: PathBuf,
@@ -69,7 +69,7 @@ impl std::str::FromStr for VsockConfig {
 }
 
 /// A virtio-net device on a tap: `--net tap=NAME[,mac=MAC]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
     pub tap: String,
     pub mac: Option<String>,
@@ -97,7 +97,7 @@ impl std::str::FromStr for NetConfig {
 }
 
 /// A virtio-blk disk: `--disk PATH[,ro]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
@@ -123,7 +123,7 @@ impl std::str::FromStr for DiskConfig {
 }
 
 /// Where the guest's COM1 goes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SerialOutput {
     /// Console on the VMM's stdout, input from its stdin.
@@ -146,7 +146,7 @@ impl std::str::FromStr for SerialOutput {
 }
 
 /// A validated VM configuration.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
@@ -160,7 +160,7 @@ pub struct VmConfig {
 }
 
 /// The virtio devices a VM gets, in the order they appear to the guest.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DeviceConfig {
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
@@ -170,7 +170,7 @@ pub struct DeviceConfig {
 }
 
 /// `--balloon [deflate-on-oom]`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BalloonConfig {
     pub deflate_on_oom: bool,
 }

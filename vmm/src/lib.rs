@@ -20,6 +20,7 @@ pub mod config;
 pub mod devices;
 pub mod memory;
 pub mod migration;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

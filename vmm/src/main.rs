@@ -23,8 +23,23 @@ struct Cli {
 enum Command {
     /// Boot a VM and run it until it powers off.
     Run(RunArgs),
+    /// Start a VM from a snapshot directory (memory is mapped, not copied).
+    Restore(RestoreArgs),
     /// Send a command to a running VMM.
     Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    #[arg(long)]
+    snapshot: PathBuf,
+    #[arg(long = "api-socket")]
+    api_socket: Option<PathBuf>,
+    #[arg(long, default_value = "stdio")]
+    serial: String,
+    /// Stay paused until `vmm ctl resume`.
+    #[arg(long)]
+    paused: bool,
 }
 
 #[derive(Args)]
@@ -88,6 +103,11 @@ enum CtlCommand {
     },
     /// The balloon's size and the guest's latest memory statistics.
     BalloonStats,
+    /// Save the paused VM's complete state and memory to DIR.
+    Snapshot {
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 fn run(args: RunArgs) -> Result<i32> {
@@ -132,6 +152,17 @@ fn run(args: RunArgs) -> Result<i32> {
     Ok(outcome.exit_code)
 }
 
+fn restore(args: RestoreArgs) -> Result<i32> {
+    let serial: SerialOutput = args.serial.parse()?;
+    let kvm = vm::open_kvm()?;
+    let machine = Machine::restore(&args.snapshot, serial, args.api_socket, args.paused, kvm)?;
+    let outcome = machine.run();
+    if outcome.exit_code != 0 {
+        eprintln!("vmm: {}", outcome.reason);
+    }
+    Ok(outcome.exit_code)
+}
+
 fn ctl(args: CtlArgs) -> Result<i32> {
     let (request, timeout) = match args.command {
         CtlCommand::Info => (json!({"command": "info"}), Duration::from_secs(10)),
@@ -146,6 +177,13 @@ fn ctl(args: CtlArgs) -> Result<i32> {
             Duration::from_secs(10),
         ),
         CtlCommand::BalloonStats => (json!({"command": "balloon-stats"}), Duration::from_secs(10)),
+        CtlCommand::Snapshot { dir } => {
+            let dir = std::path::absolute(&dir)?;
+            (
+                json!({"command": "snapshot", "dir": dir}),
+                Duration::from_secs(600),
+            )
+        }
     };
     let result = api::client::call(&args.api_socket, &request, timeout)?;
     println!("{}", serde_json::to_string_pretty(&result)?);
@@ -166,6 +204,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(a),
+        Command::Restore(a) => restore(a),
         Command::Ctl(a) => ctl(a),
     };
     match result {

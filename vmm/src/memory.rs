@@ -11,6 +11,14 @@ use crate::arch::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 
 pub type GuestMemory = GuestMemoryMmap<()>;
 
+/// What guest RAM is a mapping of.
+pub enum Backing {
+    /// A fresh VM: a shared memfd.
+    Memfd(File),
+    /// A restored VM: a private mapping of the snapshot's memory file.
+    Snapshot(File),
+}
+
 #[derive(Debug, Error)]
 pub enum MemoryError {
     #[error("cannot create the guest memory file: {0}")]
@@ -75,6 +83,37 @@ pub fn create_guest_memory(size: u64) -> Result<(GuestMemory, File), MemoryError
         err: e.to_string(),
     })?;
     Ok((mem, file))
+}
+
+/// Maps a snapshot's memory file privately: pages load lazily on first touch and the guest's
+/// writes stay in this process, so restore cost does not grow with memory size and the snapshot is
+/// never modified.
+pub fn map_snapshot_memory(file: &File, size: u64) -> Result<GuestMemory, MemoryError> {
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::GuestRegionMmap;
+    let mut offset = 0u64;
+    let mut regions = Vec::new();
+    for (addr, len) in ram_ranges(size) {
+        let fo = FileOffset::new(file.try_clone().map_err(MemoryError::Memfd)?, offset);
+        let map_err = |e: String| MemoryError::Map {
+            size: size >> 20,
+            err: e,
+        };
+        let region = MmapRegionBuilder::new(len)
+            .with_file_offset(fo)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| map_err(e.to_string()))?;
+        regions.push(
+            GuestRegionMmap::new(region, addr).ok_or_else(|| map_err("region overflows".into()))?,
+        );
+        offset += len as u64;
+    }
+    GuestMemory::from_regions(regions).map_err(|e| MemoryError::Map {
+        size: size >> 20,
+        err: e.to_string(),
+    })
 }
 
 /// Total guest RAM in bytes.

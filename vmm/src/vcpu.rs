@@ -9,6 +9,8 @@
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
+
+use crate::migration::ComponentState;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -155,35 +157,61 @@ impl VcpuControl {
 pub struct VcpuSet {
     control: Arc<VcpuControl>,
     threads: Vec<JoinHandle<()>>,
+    /// Each vCPU, locked by its thread only around one `KVM_RUN` and its exit, so a paused vCPU
+    /// can be saved from another thread.
+    vcpus: Vec<Arc<Mutex<Vcpu>>>,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 impl VcpuSet {
-    /// Starts one thread per vCPU.
+    /// Starts one thread per vCPU; with `paused`, they wait for `resume` before the first run.
     pub fn start(
         vcpus: Vec<Vcpu>,
         io_bus: Bus,
         mmio_bus: Bus,
         events: Sender<VmmEvent>,
+        paused: bool,
     ) -> Result<VcpuSet, VcpuError> {
         register_signal_handler(SIGRTMIN(), kick_handler).map_err(VcpuError::Signal)?;
         let control = Arc::new(VcpuControl::new());
+        if paused {
+            control.lock().requested = Requested::Pause;
+        }
+        let vcpus: Vec<_> = vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
         let mut threads = Vec::new();
-        for vcpu in vcpus {
-            let (control, io, mmio, events) = (
+        for vcpu in &vcpus {
+            let (vcpu, control, io, mmio, events) = (
+                vcpu.clone(),
                 control.clone(),
                 io_bus.clone(),
                 mmio_bus.clone(),
                 events.clone(),
             );
+            let index = crate::devices::lock(&vcpu).index;
             let t = std::thread::Builder::new()
-                .name(format!("vcpu{}", vcpu.index))
-                .spawn(move || run_loop(vcpu, &control, &io, &mmio, &events))
+                .name(format!("vcpu{index}"))
+                .spawn(move || run_loop(&vcpu, &control, &io, &mmio, &events))
                 .map_err(VcpuError::Spawn)?;
             threads.push(t);
         }
-        Ok(VcpuSet { control, threads })
+        let set = VcpuSet {
+            control,
+            threads,
+            vcpus,
+        };
+        if paused {
+            set.pause(Duration::from_secs(5))?;
+        }
+        Ok(set)
+    }
+
+    /// Saves every vCPU; the vCPUs must be paused.
+    pub fn save(&self) -> Result<Vec<ComponentState>, MigrationError> {
+        self.vcpus
+            .iter()
+            .map(|v| crate::devices::lock(v).snapshot())
+            .collect()
     }
 
     pub fn count(&self) -> usize {
@@ -228,7 +256,7 @@ impl VcpuSet {
 }
 
 fn run_loop(
-    mut vcpu: Vcpu,
+    vcpu: &Mutex<Vcpu>,
     control: &VcpuControl,
     io: &Bus,
     mmio: &Bus,
@@ -236,6 +264,8 @@ fn run_loop(
 ) {
     loop {
         control.checkpoint();
+        let mut vcpu = crate::devices::lock(vcpu);
+        let index = vcpu.index;
         let fatal = match vcpu.fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 io.write(u64::from(port), data);
@@ -276,7 +306,7 @@ fn run_loop(
             }
             Ok(VcpuExit::Intr) => None,
             Ok(other) => {
-                tracing::debug!(vcpu = vcpu.index, exit = ?other, "unhandled vCPU exit ignored");
+                tracing::debug!(vcpu = index, exit = ?other, "unhandled vCPU exit ignored");
                 None
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {

@@ -1,8 +1,6 @@
 //! The KVM VM: the /dev/kvm handle, the VM file descriptor, guest memory registered as memory slots,
 //! and the in-kernel interrupt controllers (PIC, IOAPIC, LAPICs) and PIT.
 
-use std::fs::File;
-
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
@@ -13,7 +11,7 @@ use thiserror::Error;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::layout::KVM_TSS_START;
-use crate::memory::{create_guest_memory, GuestMemory, MemoryError};
+use crate::memory::{Backing, GuestMemory, MemoryError};
 use crate::migration::{MigrationError, Pausable, Snapshottable};
 
 #[derive(Debug, Error)]
@@ -40,7 +38,7 @@ pub struct Vm {
     pub fd: VmFd,
     pub memory: GuestMemory,
     /// The file behind guest memory, kept for snapshot and migration.
-    pub memory_file: File,
+    pub backing: Backing,
 }
 
 /// Opens /dev/kvm and checks its API version.
@@ -54,9 +52,15 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 }
 
 impl Vm {
+    /// A VM with fresh, memfd-backed memory of `mem_size` bytes.
     pub fn new(kvm: Kvm, mem_size: u64) -> Result<Vm, VmError> {
+        let (memory, file) = crate::memory::create_guest_memory(mem_size)?;
+        Vm::with_memory(kvm, memory, Backing::Memfd(file))
+    }
+
+    /// A VM around existing guest memory (a restored snapshot's).
+    pub fn with_memory(kvm: Kvm, memory: GuestMemory, backing: Backing) -> Result<Vm, VmError> {
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        let (memory, memory_file) = create_guest_memory(mem_size)?;
         for (slot, region) in memory.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -83,7 +87,7 @@ impl Vm {
             kvm,
             fd,
             memory,
-            memory_file,
+            backing,
         })
     }
 }

@@ -29,6 +29,9 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::tap::Tap;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::{lock, Bus};
+use crate::memory::Backing;
+use crate::migration::Snapshottable;
+use crate::snapshot::{self, SnapshotState};
 use crate::vcpu::{Vcpu, VcpuSet};
 use crate::vm::Vm;
 
@@ -66,10 +69,19 @@ pub struct Machine {
     events: Receiver<VmmEvent>,
     state: RunState,
     started: Instant,
-    boot_mode: regs::EntryMode,
+    /// How the guest was started: a boot protocol, or `None` when restored from a snapshot.
+    boot_mode: Option<regs::EntryMode>,
     balloon: Option<(Arc<Mutex<MmioTransport>>, Arc<BalloonControl>)>,
-    _virtio: VirtioDevices,
-    _vm: Vm,
+    virtio: VirtioDevices,
+    vm: Vm,
+}
+
+/// Where a machine's state comes from.
+enum Start {
+    /// Boot the configured kernel.
+    Boot,
+    /// Continue a snapshot: its state and its memory file.
+    Restore(Box<SnapshotState>, std::fs::File),
 }
 
 /// How the VM ended: the process exit status and a description.
@@ -95,6 +107,45 @@ fn serial_output(cfg: &SerialOutput) -> Result<serial::Output> {
 impl Machine {
     /// Creates the VM, its devices and vCPUs, loads the kernel and starts the vCPUs.
     pub fn build(config: VmConfig, kvm: kvm_ioctls::Kvm) -> Result<Machine> {
+        Self::assemble(config, kvm, Start::Boot, false)
+    }
+
+    /// Starts a new VM from the snapshot in `dir`: memory is mapped from the snapshot's file, not
+    /// copied. The console and API socket are this process's, not the snapshot's. Everything is
+    /// checked before anything starts.
+    pub fn restore(
+        dir: &std::path::Path,
+        serial: SerialOutput,
+        api_socket: Option<std::path::PathBuf>,
+        paused: bool,
+        kvm: kvm_ioctls::Kvm,
+    ) -> Result<Machine> {
+        let state = snapshot::read_state(dir)?;
+        snapshot::check_external(&state)?;
+        let memory = snapshot::open_memory(dir, state.config.memory_bytes())?;
+        if state.vcpus.len() != usize::from(state.config.vcpus) {
+            return Err(snapshot::SnapshotError::Decode(
+                dir.join(snapshot::STATE_FILE),
+                format!(
+                    "{} vCPU states for {} vCPUs",
+                    state.vcpus.len(),
+                    state.config.vcpus
+                ),
+            )
+            .into());
+        }
+        let mut config = state.config.clone();
+        config.serial = serial;
+        config.api_socket = api_socket;
+        Self::assemble(config, kvm, Start::Restore(Box::new(state), memory), paused)
+    }
+
+    fn assemble(
+        config: VmConfig,
+        kvm: kvm_ioctls::Kvm,
+        start: Start,
+        paused: bool,
+    ) -> Result<Machine> {
         let listener = match &config.api_socket {
             Some(p) => Some(api::server::bind(p)?),
             None => None,
@@ -103,7 +154,13 @@ impl Machine {
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .context("cannot read the CPUID KVM supports")?;
-        let vm = Vm::new(kvm, config.memory_bytes())?;
+        let mut vm = match &start {
+            Start::Boot => Vm::new(kvm, config.memory_bytes())?,
+            Start::Restore(_, file) => {
+                let mem = crate::memory::map_snapshot_memory(file, config.memory_bytes())?;
+                Vm::with_memory(kvm, mem, Backing::Snapshot(file.try_clone()?))?
+            }
+        };
 
         // Devices.
         let mut io_bus = Bus::new();
@@ -170,28 +227,64 @@ impl Machine {
             None => None,
         };
 
-        // Tables, kernel, boot structures.
-        let tables = acpi::build(&AcpiConfig {
-            vcpus: config.vcpus,
-            max_vcpus: config.vcpus,
-            virtio: virtio.info.clone(),
-        });
-        tables
-            .write(&vm.memory)
-            .context("cannot write the ACPI tables")?;
-        let entry = boot::load(
-            &vm.memory,
-            &config.kernel,
-            config.initrd.as_deref(),
-            &config.cmdline,
-            tables.rsdp_addr,
-        )?;
-        regs::write_boot_tables(&vm.memory, entry.mode).context("cannot write boot page tables")?;
-
-        let vcpus = (0..config.vcpus)
-            .map(|i| Vcpu::new(&vm.fd, &supported_cpuid, i, config.vcpus, &entry))
-            .collect::<Result<Vec<_>, _>>()?;
-        let vcpus = VcpuSet::start(vcpus, io_bus, mmio_bus, tx.clone())?;
+        let (vcpus, boot_mode) = match start {
+            Start::Boot => {
+                // Tables, kernel, boot structures.
+                let tables = acpi::build(&AcpiConfig {
+                    vcpus: config.vcpus,
+                    max_vcpus: config.vcpus,
+                    virtio: virtio.info.clone(),
+                });
+                tables
+                    .write(&vm.memory)
+                    .context("cannot write the ACPI tables")?;
+                let entry = boot::load(
+                    &vm.memory,
+                    &config.kernel,
+                    config.initrd.as_deref(),
+                    &config.cmdline,
+                    tables.rsdp_addr,
+                )?;
+                regs::write_boot_tables(&vm.memory, entry.mode)
+                    .context("cannot write boot page tables")?;
+                let vcpus = (0..config.vcpus)
+                    .map(|i| Vcpu::new(&vm.fd, &supported_cpuid, i, config.vcpus, &entry))
+                    .collect::<Result<Vec<_>, _>>()?;
+                (vcpus, Some(entry.mode))
+            }
+            Start::Restore(state, _) => {
+                // VM-wide state (interrupt controllers, PIT, clock) before the vCPUs' LAPICs.
+                vm.restore_snapshot(&state.vm)?;
+                let placeholder = boot::BootEntry {
+                    entry: 0,
+                    boot_info: 0,
+                    mode: regs::EntryMode::Pvh,
+                };
+                let mut vcpus = Vec::new();
+                for (i, s) in state.vcpus.iter().enumerate() {
+                    let mut v = Vcpu::new(
+                        &vm.fd,
+                        &supported_cpuid,
+                        i as u8,
+                        config.vcpus,
+                        &placeholder,
+                    )?;
+                    v.restore_snapshot(s)?;
+                    vcpus.push(v);
+                }
+                for d in &state.devices {
+                    match d.id.as_str() {
+                        "serial0" => lock(&serial).restore_snapshot(d)?,
+                        "ged" => lock(&ged).restore_snapshot(d)?,
+                        other => {
+                            anyhow::bail!("the snapshot has state for an unknown device '{other}'")
+                        }
+                    }
+                }
+                (vcpus, None)
+            }
+        };
+        let vcpus = VcpuSet::start(vcpus, io_bus, mmio_bus, tx.clone(), paused)?;
 
         if config.serial == SerialOutput::Stdio {
             serial::spawn_stdin_reader(serial.clone())
@@ -200,19 +293,23 @@ impl Machine {
         if let Some(l) = listener {
             api::server::spawn(l, tx).context("cannot start the API thread")?;
         }
-        tracing::info!(vcpus = config.vcpus, memory_mib = config.memory_mib, mode = ?entry.mode, "VM started");
+        tracing::info!(vcpus = config.vcpus, memory_mib = config.memory_mib, mode = ?boot_mode, "VM started");
         Ok(Machine {
             config,
             vcpus,
             serial,
             ged,
             events: rx,
-            state: RunState::Running,
+            state: if paused {
+                RunState::Paused
+            } else {
+                RunState::Running
+            },
             started: Instant::now(),
-            boot_mode: entry.mode,
+            boot_mode,
             balloon,
-            _virtio: virtio,
-            _vm: vm,
+            virtio,
+            vm,
         })
     }
 
@@ -224,8 +321,9 @@ impl Machine {
             "vcpus": self.vcpus.count(),
             "memory_mib": self.config.memory_mib,
             "boot_protocol": match self.boot_mode {
-                regs::EntryMode::Pvh => "pvh",
-                regs::EntryMode::Linux64 => "linux64",
+                Some(regs::EntryMode::Pvh) => "pvh",
+                Some(regs::EntryMode::Linux64) => "linux64",
+                None => "restored",
             },
             "config": self.config,
         })
@@ -333,10 +431,40 @@ impl Machine {
                 lock(transport).config_changed();
                 Response::ok(json!({"target_mib": mib}))
             }
+            Request::Snapshot { dir } => match self.snapshot(&dir) {
+                Ok(v) => Response::ok(v),
+                Err(e) => Response::err(format!("{e:#}")),
+            },
             Request::Shutdown { .. } | Request::BalloonStats => {
                 Response::err("handled by the main loop")
             }
         }
+    }
+
+    /// Writes the paused VM's complete state and memory to `dir` (docs/snapshot.md). The state
+    /// file is written last, so a directory without one holds no usable snapshot.
+    fn snapshot(&mut self, dir: &std::path::Path) -> Result<serde_json::Value> {
+        if self.state != RunState::Paused {
+            anyhow::bail!("pause the VM before taking a snapshot");
+        }
+        if !self.virtio.info.is_empty() {
+            anyhow::bail!("snapshots of VMs with virtio devices are not supported yet");
+        }
+        let t0 = Instant::now();
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let state = SnapshotState {
+            config: self.config.clone(),
+            vm: self.vm.snapshot()?,
+            vcpus: self.vcpus.save()?,
+            devices: vec![lock(&self.serial).snapshot()?, lock(&self.ged).snapshot()?],
+        };
+        snapshot::write_memory(dir, &self.vm.memory, &self.vm.backing)?;
+        snapshot::write_state(dir, &state)?;
+        Ok(json!({
+            "dir": dir,
+            "memory_bytes": self.config.memory_bytes(),
+            "ms": t0.elapsed().as_secs_f64() * 1000.0,
+        }))
     }
 
     /// Stats need a round trip through the guest: answered from a thread of its own, so the main

@@ -24,6 +24,10 @@ pub enum Request {
         mib: u64,
     },
     BalloonStats,
+    /// Save the paused VM to a directory.
+    Snapshot {
+        dir: std::path::PathBuf,
+    },
 }
 
 /// Default grace period between the power button and a forced stop.
@@ -67,6 +71,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     let allowed: &[&str] = match cmd {
         "shutdown" => &["command", "timeout_ms"],
         "balloon-set" => &["command", "mib"],
+        "snapshot" => &["command", "dir"],
         _ => &["command"],
     };
     if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
@@ -93,8 +98,16 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
             Ok(Request::BalloonSet { mib })
         }
         "balloon-stats" => Ok(Request::BalloonStats),
+        "snapshot" => {
+            let dir = obj
+                .get("dir")
+                .and_then(Value::as_str)
+                .filter(|d| !d.is_empty())
+                .ok_or("\"dir\" (a path) is required")?;
+            Ok(Request::Snapshot { dir: dir.into() })
+        }
         other => Err(format!(
-            "unknown command \"{other}\" (known: info, pause, resume, shutdown, balloon-set, balloon-stats)"
+            "unknown command \"{other}\" (known: info, pause, resume, shutdown, balloon-set, balloon-stats, snapshot)"
         )),
     }
 }

@@ -1,0 +1,224 @@
+//! The snapshot format: a directory with `state.bin` (every component's state) and `memory.bin`
+//! (guest RAM, region after region, as in the memfd). See docs/snapshot.md.
+//!
+//! `state.bin` = header (magic, format version major.minor.patch, body length, CRC-32 of the body)
+//! + body (JSON of [`SnapshotState`]). A build reads every snapshot with its own major version and a
+//! minor version up to its own; anything else is refused with both versions in the message.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::config::VmConfig;
+use crate::memory::{Backing, GuestMemory};
+use crate::migration::ComponentState;
+
+pub const MAGIC: [u8; 8] = *b"FLEETSNP";
+/// major, minor, patch.
+pub const VERSION: [u16; 3] = [1, 0, 0];
+const HEADER_LEN: usize = 8 + 6 + 8 + 4;
+/// A state file is small (registers and device state); refuse anything absurd before allocating.
+const MAX_BODY: u64 = 64 << 20;
+
+pub const STATE_FILE: &str = "state.bin";
+pub const MEMORY_FILE: &str = "memory.bin";
+
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("{0} is not a snapshot state file (bad magic)")]
+    Magic(PathBuf),
+    #[error("snapshot format version {found} is not readable by this build (reads {major}.0 to {major}.{minor})", major = VERSION[0], minor = VERSION[1])]
+    Version { found: String },
+    #[error("{0} is truncated: {1}")]
+    Truncated(PathBuf, String),
+    #[error("{path} is corrupt: CRC-32 {found:#010x}, expected {expected:#010x}")]
+    Crc {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("{0} is corrupt: {1}")]
+    Decode(PathBuf, String),
+    #[error("memory file {path} is {found} bytes; the VM has {expected}")]
+    MemorySize {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+    #[error("the snapshot's disk {0} is missing: {1}")]
+    DiskMissing(PathBuf, std::io::Error),
+}
+
+/// Everything but guest memory.
+#[derive(Serialize, Deserialize)]
+pub struct SnapshotState {
+    pub config: VmConfig,
+    pub vm: ComponentState,
+    pub vcpus: Vec<ComponentState>,
+    pub devices: Vec<ComponentState>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+    move |e| SnapshotError::Io(path.into(), e)
+}
+
+/// Writes `state.bin` durably (temporary file, fsync, rename).
+pub fn write_state(dir: &Path, state: &SnapshotState) -> Result<(), SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let body = serde_json::to_vec(state)
+        .map_err(|e| SnapshotError::Decode(path.clone(), e.to_string()))?;
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.extend_from_slice(&MAGIC);
+    for v in VERSION {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
+    let mut f = File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(&out).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
+    Ok(())
+}
+
+/// Reads and checks `state.bin`.
+pub fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let mut f = File::open(&path).map_err(io(&path))?;
+    let mut header = [0u8; HEADER_LEN];
+    f.read_exact(&mut header)
+        .map_err(|_| SnapshotError::Truncated(path.clone(), "shorter than its header".into()))?;
+    if header[..8] != MAGIC {
+        return Err(SnapshotError::Magic(path));
+    }
+    let v = |i: usize| u16::from_le_bytes([header[8 + 2 * i], header[9 + 2 * i]]);
+    let (major, minor, patch) = (v(0), v(1), v(2));
+    if major != VERSION[0] || minor > VERSION[1] {
+        return Err(SnapshotError::Version {
+            found: format!("{major}.{minor}.{patch}"),
+        });
+    }
+    let len = u64::from_le_bytes(header[14..22].try_into().unwrap_or([0; 8]));
+    let crc = u32::from_le_bytes(header[22..26].try_into().unwrap_or([0; 4]));
+    if len > MAX_BODY {
+        return Err(SnapshotError::Decode(
+            path,
+            format!("body length {len} is implausible"),
+        ));
+    }
+    let mut body = Vec::with_capacity(len as usize);
+    f.take(len).read_to_end(&mut body).map_err(io(&path))?;
+    if (body.len() as u64) < len {
+        return Err(SnapshotError::Truncated(
+            path,
+            format!("body has {} of {len} bytes", body.len()),
+        ));
+    }
+    let found = crc32fast::hash(&body);
+    if found != crc {
+        return Err(SnapshotError::Crc {
+            path,
+            found,
+            expected: crc,
+        });
+    }
+    serde_json::from_slice(&body).map_err(|e| SnapshotError::Decode(path, e.to_string()))
+}
+
+/// Writes guest RAM to `memory.bin` durably. From a memfd only the data extents are copied (pages
+/// never touched stay holes); from a restored VM's private mapping, all-zero pages are skipped.
+pub fn write_memory(dir: &Path, mem: &GuestMemory, backing: &Backing) -> Result<(), SnapshotError> {
+    let path = dir.join(MEMORY_FILE);
+    let tmp = dir.join(format!(".{MEMORY_FILE}.tmp"));
+    let out = File::create(&tmp).map_err(io(&tmp))?;
+    let size = crate::memory::size(mem);
+    out.set_len(size).map_err(io(&tmp))?;
+    let copied = match backing {
+        Backing::Memfd(memfd) => copy_extents(memfd, &out, size),
+        Backing::Snapshot(_) => copy_nonzero_pages(mem, &out),
+    }
+    .and_then(|_| out.sync_all());
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(SnapshotError::Io(tmp, e));
+    }
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    Ok(())
+}
+
+fn copy_extents(src: &File, out: &File, size: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos: i64 = 0;
+    while (pos as u64) < size {
+        // SAFETY: lseek on a descriptor we own.
+        let data = unsafe { libc::lseek(src.as_raw_fd(), pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: only holes remain
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) }.min(size as i64);
+        let mut off = data as u64;
+        while off < hole as u64 {
+            let n = buf.len().min((hole as u64 - off) as usize);
+            src.read_exact_at(&mut buf[..n], off)?;
+            out.write_all_at(&buf[..n], off)?;
+            off += n as u64;
+        }
+        pos = hole;
+    }
+    Ok(())
+}
+
+fn copy_nonzero_pages(mem: &GuestMemory, out: &File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+    let mut page = [0u8; 4096];
+    let mut file_off = 0u64;
+    for region in mem.iter() {
+        let base = region.start_addr().0;
+        for off in (0..region.len()).step_by(page.len()) {
+            mem.read_slice(&mut page, GuestAddress(base + off))
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            if page.iter().any(|&b| b != 0) {
+                out.write_all_at(&page, file_off + off)?;
+            }
+        }
+        file_off += region.len();
+    }
+    Ok(())
+}
+
+/// Opens `memory.bin` and checks it holds `size` bytes.
+pub fn open_memory(dir: &Path, size: u64) -> Result<File, SnapshotError> {
+    let path = dir.join(MEMORY_FILE);
+    let f = File::open(&path).map_err(io(&path))?;
+    let found = f.metadata().map_err(io(&path))?.len();
+    if found != size {
+        return Err(SnapshotError::MemorySize {
+            path,
+            found,
+            expected: size,
+        });
+    }
+    Ok(f)
+}
+
+/// Checks what the snapshot needs from outside it: its disks (on shared storage, not in it).
+pub fn check_external(state: &SnapshotState) -> Result<(), SnapshotError> {
+    for d in &state.config.devices.disks {
+        std::fs::metadata(&d.path).map_err(|e| SnapshotError::DiskMissing(d.path.clone(), e))?;
+    }
+    Ok(())
+}

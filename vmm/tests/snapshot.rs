@@ -1,0 +1,254 @@
+//! Snapshot and restore of the test guest on this machine's KVM (fast lane).
+
+mod common;
+use common::*;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn last_heartbeat(console: &str) -> u64 {
+    console
+        .lines()
+        .filter(|l| l.starts_with("tg: hb "))
+        .filter_map(|l| field(l, "n"))
+        .max()
+        .unwrap_or(0)
+}
+
+/// A paused VM's snapshot in `dir`; returns the last heartbeat printed before the pause.
+fn take_snapshot(vmm: &RunningVmm, dir: &Path) -> u64 {
+    let (ok, _, err) = vmm.ctl(&["pause"]);
+    assert!(ok, "{err}");
+    let last = last_heartbeat(&vmm.console_text());
+    let (ok, out, err) = vmm.ctl(&["snapshot", "--dir", dir.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("memory_bytes"), "{out}");
+    last
+}
+
+struct Restored {
+    vmm: RunningVmm,
+}
+
+fn restore(snap: &Path, extra: &[&str]) -> Restored {
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console.log");
+    let api = dir.path().join("api.sock");
+    let serial = format!("file:{}", console.display());
+    let child = Command::new(vmm_bin())
+        .args([
+            "restore",
+            "--snapshot",
+            snap.to_str().unwrap(),
+            "--serial",
+            &serial,
+            "--api-socket",
+        ])
+        .arg(&api)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let vmm = RunningVmm {
+        child,
+        dir,
+        console,
+        api,
+    };
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !vmm.api.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "restored VMM never opened its API socket"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Restored { vmm }
+}
+
+#[test]
+fn restored_guest_continues_counting_and_shuts_down_cleanly() {
+    let snap = tempfile::tempdir().unwrap();
+    let mut first = RunningVmm::start(&[
+        "--vcpus",
+        "2",
+        "--memory-mib",
+        "128",
+        "--cmdline",
+        "tg.mode=dirty tg.dirty_mib=32 tg.rate_mib=32 tg.hb_ms=50",
+    ]);
+    first.wait_for_console("tg: hb n=4 ", TIMEOUT);
+    let last = take_snapshot(&first, snap.path());
+    let (ok, _, _) = first.ctl(&["shutdown", "--timeout-ms", "200"]);
+    assert!(ok);
+    first.wait(TIMEOUT);
+
+    let mut r = restore(snap.path(), &[]);
+    // The counter lives in guest memory: the first heartbeat after restore is the next number.
+    let next = r.vmm.wait_for_console("tg: hb ", TIMEOUT);
+    assert_eq!(field(&next, "n"), Some(last + 1), "{next}");
+    r.vmm
+        .wait_for_console(&format!("tg: hb n={} ", last + 3), TIMEOUT);
+    let (ok, out, _) = r.vmm.ctl(&["info"]);
+    assert!(
+        ok && out.contains("\"restored\"") && out.contains("\"running\""),
+        "{out}"
+    );
+    // Interrupt routing was restored too: the power button reaches the guest.
+    let (ok, out, err) = r.vmm.ctl(&["shutdown", "--timeout-ms", "10000"]);
+    assert!(ok && out.contains("graceful"), "{out}{err}");
+    assert!(r.vmm.wait(TIMEOUT).success());
+}
+
+#[test]
+fn snapshot_needs_a_paused_vm() {
+    let vmm = RunningVmm::start(&["--cmdline", "tg.mode=hold"]);
+    let snap = tempfile::tempdir().unwrap();
+    let (ok, _, err) = vmm.ctl(&["snapshot", "--dir", snap.path().to_str().unwrap()]);
+    assert!(!ok && err.contains("pause"), "{err}");
+    assert!(!snap.path().join("state.bin").exists());
+}
+
+/// The LAPIC timer's current count (TMCCT, offset 0x390) is computed when read: it must differ.
+fn normalise_vcpu(v: &mut serde_json::Value) {
+    if let Some(regs) = v.pointer_mut("/state/lapic").and_then(|l| l.as_array_mut()) {
+        for b in regs.iter_mut().skip(0x390).take(4) {
+            *b = 0.into();
+        }
+    }
+}
+
+#[test]
+fn snapshot_of_a_restored_paused_vm_equals_the_original() {
+    let snap1 = tempfile::tempdir().unwrap();
+    let snap2 = tempfile::tempdir().unwrap();
+    let first = RunningVmm::start(&[
+        "--vcpus",
+        "2",
+        "--memory-mib",
+        "64",
+        "--cmdline",
+        "tg.mode=hold tg.hb_ms=50",
+    ]);
+    first.wait_for_console("tg: hb n=2 ", TIMEOUT);
+    take_snapshot(&first, snap1.path());
+    drop(first);
+
+    let r = restore(snap1.path(), &["--paused"]);
+    let (ok, out, _) = r.vmm.ctl(&["info"]);
+    assert!(ok && out.contains("\"paused\""), "{out}");
+    let (ok, _, err) = r
+        .vmm
+        .ctl(&["snapshot", "--dir", snap2.path().to_str().unwrap()]);
+    assert!(ok, "{err}");
+
+    let a = vmm::snapshot::read_state(snap1.path()).unwrap();
+    let b = vmm::snapshot::read_state(snap2.path()).unwrap();
+    assert_eq!(a.vcpus.len(), b.vcpus.len());
+    for (x, y) in a.vcpus.iter().zip(&b.vcpus) {
+        let (mut x, mut y) = (
+            serde_json::to_value(x).unwrap(),
+            serde_json::to_value(y).unwrap(),
+        );
+        normalise_vcpu(&mut x);
+        normalise_vcpu(&mut y);
+        assert!(x == y, "vCPU state changed across restore");
+    }
+    assert_eq!(a.devices, b.devices);
+    // Interrupt controllers equal; the PIT and kvmclock are allowed to have moved.
+    for chip in ["pic_master", "pic_slave", "ioapic"] {
+        assert_eq!(a.vm.state[chip], b.vm.state[chip], "{chip}");
+    }
+    // Guest memory, byte for byte (holes read as zeros).
+    let m1 = std::fs::read(snap1.path().join("memory.bin")).unwrap();
+    let m2 = std::fs::read(snap2.path().join("memory.bin")).unwrap();
+    assert!(m1 == m2, "guest memory differs");
+}
+
+fn copy_dir(from: &Path) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    for f in ["state.bin", "memory.bin"] {
+        std::fs::copy(from.join(f), d.path().join(f)).unwrap();
+    }
+    d
+}
+
+fn refused(snap: &Path, expect: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let api: PathBuf = tmp.path().join("api.sock");
+    let (status, out, err) = run_vmm(&[
+        "restore",
+        "--snapshot",
+        snap.to_str().unwrap(),
+        "--api-socket",
+        api.to_str().unwrap(),
+        "--serial",
+        "file:/dev/null",
+    ]);
+    assert_eq!(status.code(), Some(1), "{out}{err}");
+    assert!(err.contains(expect), "expected {expect:?} in: {err}");
+    assert!(!api.exists(), "a refused restore must not start anything");
+}
+
+#[test]
+fn corrupt_snapshots_are_refused() {
+    let good = tempfile::tempdir().unwrap();
+    let vmm = RunningVmm::start(&["--memory-mib", "32", "--cmdline", "tg.mode=hold"]);
+    take_snapshot(&vmm, good.path());
+    drop(vmm);
+    let state = std::fs::read(good.path().join("state.bin")).unwrap();
+
+    let d = copy_dir(good.path());
+    let mut s = state.clone();
+    s[0] = b'X';
+    std::fs::write(d.path().join("state.bin"), &s).unwrap();
+    refused(d.path(), "bad magic");
+
+    let d = copy_dir(good.path());
+    let mut s = state.clone();
+    s[8] = 2; // major version 2
+    std::fs::write(d.path().join("state.bin"), &s).unwrap();
+    refused(d.path(), "version 2.0.0 is not readable by this build");
+
+    let d = copy_dir(good.path());
+    let mut s = state.clone();
+    let last = s.len() - 10;
+    s[last] ^= 0x01;
+    std::fs::write(d.path().join("state.bin"), &s).unwrap();
+    refused(d.path(), "CRC-32");
+
+    let d = copy_dir(good.path());
+    std::fs::write(d.path().join("state.bin"), &state[..state.len() / 2]).unwrap();
+    refused(d.path(), "truncated");
+    std::fs::write(d.path().join("state.bin"), &state[..10]).unwrap();
+    refused(d.path(), "truncated");
+
+    let d = copy_dir(good.path());
+    let m = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.path().join("memory.bin"))
+        .unwrap();
+    m.set_len(16 << 20).unwrap();
+    refused(d.path(), "memory file");
+
+    let d = copy_dir(good.path());
+    std::fs::remove_file(d.path().join("memory.bin")).unwrap();
+    refused(d.path(), "memory.bin");
+
+    let d = copy_dir(good.path());
+    std::fs::remove_file(d.path().join("state.bin")).unwrap();
+    refused(d.path(), "state.bin");
+
+    // A snapshot whose disk (on shared storage, not in the snapshot) has gone.
+    let d = copy_dir(good.path());
+    let mut st = vmm::snapshot::read_state(d.path()).unwrap();
+    st.config
+        .devices
+        .disks
+        .push("/nonexistent/shared/disk.img".parse().unwrap());
+    vmm::snapshot::write_state(d.path(), &st).unwrap();
+    refused(d.path(), "disk /nonexistent/shared/disk.img is missing");
+}
