@@ -1,9 +1,10 @@
 //! The snapshot format: a directory with `state.bin` (every component's state) and `memory.bin`
 //! (guest RAM, region after region, as in the memfd). See docs/snapshot.md.
 //!
-//! `state.bin` = header (magic, format version major.minor.patch, body length, CRC-32 of the body)
-//! + body (JSON of [`SnapshotState`]). A build reads every snapshot with its own major version and a
-//! minor version up to its own; anything else is refused with both versions in the message.
+//! `state.bin` is a header (magic, format version major.minor.patch, body length, CRC-32 of the
+//! body) followed by the body (JSON of [`SnapshotState`]). A build reads every snapshot with its own
+//! major version and a minor version up to its own; anything else is refused with both versions in
+//! the message.
 
 use std::fs::File;
 use std::io::{Read, Write};
