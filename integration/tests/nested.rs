@@ -118,7 +118,7 @@ fn virtio_devices_work_with_the_real_linux_drivers() {
 fn virtio_net_reaches_a_tap_both_ways() {
     expect_all_pass(
         "net",
-        400,
+        700,
         &[
             "net-mac",
             "net-ping-guest-to-host",

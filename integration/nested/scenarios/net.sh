@@ -44,8 +44,12 @@ else
 fi
 touch /tmp/www/done
 i=0
-while kill -0 $vmm_pid 2>/dev/null && [ $i -lt 120 ]; do sleep 1; i=$((i + 1)); done
-kill -9 $vmm_pid 2>/dev/null
+while kill -0 $vmm_pid 2>/dev/null && [ $i -lt 300 ]; do sleep 1; i=$((i + 1)); done
+if kill -0 $vmm_pid 2>/dev/null; then
+    echo "L1: the guest did not power off; console tail:"
+    tail -n 15 "$L2_LOG" | sed 's/^/L1:   /'
+    kill -9 $vmm_pid 2>/dev/null
+fi
 wait $vmm_pid
 st=$?
 [ "$st" = 0 ] && result net-poweroff pass "" || result net-poweroff fail "vmm_exit=$st"
