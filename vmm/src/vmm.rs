@@ -2,7 +2,7 @@
 //! exits, vCPU failures and API requests on one channel and answers them.
 
 use std::io::LineWriter;
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use serde_json::json;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiConfig};
-use crate::api::{self, Request, Response};
+use crate::api::{self, Reply, Request, Response};
 use crate::arch::layout::*;
 use crate::arch::regs;
 use crate::boot;
@@ -39,7 +39,7 @@ use crate::vm::Vm;
 pub enum VmmEvent {
     GuestExit(ExitReason),
     VcpuFailed(String),
-    Api(Request, Sender<Response>),
+    Api(Request, Reply),
 }
 
 /// How long a pause may take before it is reported as failed.
@@ -332,7 +332,7 @@ impl Machine {
     /// Runs until the guest stops or is stopped.
     pub fn run(mut self) -> Outcome {
         // A pending shutdown: when to force it, and who waits for the answer.
-        let mut shutdown: Option<(Instant, Sender<Response>)> = None;
+        let mut shutdown: Option<(Instant, Reply)> = None;
         loop {
             let event = match &shutdown {
                 Some((deadline, _)) => {
@@ -341,7 +341,7 @@ impl Machine {
                         Ok(e) => e,
                         Err(RecvTimeoutError::Timeout) => {
                             if let Some((_, reply)) = shutdown.take() {
-                                let _ = reply.send(Response::ok(json!({"stopped": "forced"})));
+                                reply.send_and_flush(Response::ok(json!({"stopped": "forced"})));
                             }
                             return self.finish(0, "forced stop after the shutdown timeout".into());
                         }
@@ -358,19 +358,19 @@ impl Machine {
             match event {
                 VmmEvent::GuestExit(reason) => {
                     if let Some((_, reply)) = shutdown.take() {
-                        let _ = reply.send(Response::ok(json!({"stopped": "graceful"})));
+                        reply.send_and_flush(Response::ok(json!({"stopped": "graceful"})));
                     }
                     return self.finish(reason.exit_code(), format!("guest exit: {reason:?}"));
                 }
                 VmmEvent::VcpuFailed(msg) => {
                     if let Some((_, reply)) = shutdown.take() {
-                        let _ = reply.send(Response::err(msg.clone()));
+                        reply.send_and_flush(Response::err(msg.clone()));
                     }
                     return self.finish(1, msg);
                 }
                 VmmEvent::Api(Request::Shutdown { timeout_ms }, reply) => {
                     if shutdown.is_some() {
-                        let _ = reply.send(Response::err("a shutdown is already in progress"));
+                        reply.send(Response::err("a shutdown is already in progress"));
                         continue;
                     }
                     if self.state == RunState::Paused {
@@ -385,7 +385,7 @@ impl Machine {
                 }
                 VmmEvent::Api(Request::BalloonStats, reply) => self.balloon_stats(reply),
                 VmmEvent::Api(req, reply) => {
-                    let _ = reply.send(self.handle(req));
+                    reply.send(self.handle(req));
                 }
             }
         }
@@ -469,9 +469,9 @@ impl Machine {
 
     /// Stats need a round trip through the guest: answered from a thread of its own, so the main
     /// loop never waits on the guest.
-    fn balloon_stats(&self, reply: Sender<Response>) {
+    fn balloon_stats(&self, reply: Reply) {
         let Some((_, control)) = &self.balloon else {
-            let _ = reply.send(Response::err(
+            reply.send(Response::err(
                 "this VM has no balloon (start it with --balloon)",
             ));
             return;
@@ -482,7 +482,7 @@ impl Machine {
             .spawn(move || {
                 let stats = control.refresh_stats(Duration::from_secs(2));
                 let to_mib = |pages: u32| (u64::from(pages) * BALLOON_PAGE) >> 20;
-                let _ = reply.send(Response::ok(json!({
+                reply.send(Response::ok(json!({
                     "target_mib": to_mib(control.target_pages()),
                     "actual_mib": to_mib(control.actual_pages()),
                     "stats": stats,

@@ -7,15 +7,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-fn heartbeats(console: &str) -> u64 {
-    console
-        .lines()
-        .filter(|l| l.starts_with("tg: hb "))
-        .filter_map(|l| field(l, "n"))
-        .max()
-        .unwrap_or(0)
-}
-
 #[test]
 fn info_pause_resume_and_graceful_shutdown() {
     let mut vmm = RunningVmm::start(&[
@@ -40,10 +31,10 @@ fn info_pause_resume_and_graceful_shutdown() {
     assert!(ok, "{err}");
     let (_, out, _) = vmm.ctl(&["info"]);
     assert!(out.contains("\"paused\""), "{out}");
-    let frozen = heartbeats(&vmm.console_text());
+    let frozen = last_heartbeat(&vmm.console_text());
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(
-        heartbeats(&vmm.console_text()),
+        last_heartbeat(&vmm.console_text()),
         frozen,
         "the guest ran while paused"
     );

@@ -7,15 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn last_heartbeat(console: &str) -> u64 {
-    console
-        .lines()
-        .filter(|l| l.starts_with("tg: hb "))
-        .filter_map(|l| field(l, "n"))
-        .max()
-        .unwrap_or(0)
-}
-
 /// A paused VM's snapshot in `dir`; returns the last heartbeat printed before the pause.
 fn take_snapshot(vmm: &RunningVmm, dir: &Path) -> u64 {
     let (ok, _, err) = vmm.ctl(&["pause"]);

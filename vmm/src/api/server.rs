@@ -5,11 +5,11 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::Sender;
 
 use thiserror::Error;
 
-use super::{parse_request, Response};
+use super::{parse_request, Reply, Response};
 use crate::vmm::VmmEvent;
 
 /// Longest request line accepted; anything longer is refused and the connection closed.
@@ -68,6 +68,7 @@ fn serve(stream: UnixStream, events: &Sender<VmmEvent>) {
     };
     let mut reader = BufReader::new(stream);
     loop {
+        let mut written = None;
         let mut line = Vec::new();
         match (&mut reader)
             .take(MAX_REQUEST_LINE as u64 + 1)
@@ -85,12 +86,15 @@ fn serve(stream: UnixStream, events: &Sender<VmmEvent>) {
                 Ok(text) => match parse_request(text.trim()) {
                     Ok(req) => {
                         tracing::debug!(?req, "API request");
-                        let (tx, rx) = channel();
-                        if events.send(VmmEvent::Api(req, tx)).is_err() {
+                        let (reply, rx, ack) = Reply::new();
+                        if events.send(VmmEvent::Api(req, reply)).is_err() {
                             return;
                         }
-                        rx.recv()
-                            .unwrap_or_else(|_| Response::err("the VMM is exiting"))
+                        let r = rx
+                            .recv()
+                            .unwrap_or_else(|_| Response::err("the VMM is exiting"));
+                        written = Some(ack);
+                        r
                     }
                     Err(msg) => Response::err(msg),
                 },
@@ -99,7 +103,11 @@ fn serve(stream: UnixStream, events: &Sender<VmmEvent>) {
         };
         let mut out = serde_json::to_vec(&response).unwrap_or_default();
         out.push(b'\n');
-        if writer.write_all(&out).is_err() || too_long {
+        let ok = writer.write_all(&out).and_then(|_| writer.flush()).is_ok();
+        if let Some(ack) = written.take() {
+            let _ = ack.send(());
+        }
+        if !ok || too_long {
             return;
         }
     }

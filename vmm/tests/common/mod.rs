@@ -174,3 +174,13 @@ pub fn field(line: &str, key: &str) -> Option<u64> {
         .find_map(|w| w.strip_prefix(&format!("{key}=")))
         .and_then(|v| v.parse().ok())
 }
+
+/// The highest heartbeat counter the test guest printed.
+pub fn last_heartbeat(console: &str) -> u64 {
+    console
+        .lines()
+        .filter(|l| l.starts_with("tg: hb "))
+        .filter_map(|l| field(l, "n"))
+        .max()
+        .unwrap_or(0)
+}
