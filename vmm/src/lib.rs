@@ -19,6 +19,7 @@ pub mod boot;
 pub mod config;
 pub mod devices;
 pub mod memory;
+pub mod migrate;
 pub mod migration;
 pub mod snapshot;
 pub mod vcpu;

@@ -45,8 +45,12 @@ struct RestoreArgs {
 #[derive(Args)]
 struct RunArgs {
     /// Kernel: an ELF (PVH entry if it has the note) or a bzImage.
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "incoming")]
+    kernel: Option<PathBuf>,
+    /// Be the target of a live migration through DIR on shared storage: wait for the source's
+    /// state there (the VM's configuration comes from the source).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "disks", "nets", "vsock", "balloon", "rng"])]
+    incoming: Option<PathBuf>,
     #[arg(long)]
     initrd: Option<PathBuf>,
     #[arg(long, default_value = "")]
@@ -108,10 +112,33 @@ enum CtlCommand {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Live-migrate to the `vmm run --incoming DIR` waiting on the same shared directory. Prints
+    /// the outcome as one JSON line.
+    Migrate {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Pause no longer than this for the last copy (an estimate from measured bandwidth).
+        #[arg(long = "downtime-ms", default_value_t = vmm::migrate::DEFAULT_DOWNTIME_MS)]
+        downtime_ms: u64,
+        /// Pre-copy rounds before pausing regardless.
+        #[arg(long = "max-rounds", default_value_t = vmm::migrate::DEFAULT_MAX_ROUNDS)]
+        max_rounds: u32,
+        /// How long the target has to take over before the source resumes the guest itself.
+        #[arg(long = "timeout-ms", default_value_t = vmm::migrate::DEFAULT_HANDOVER_TIMEOUT_MS)]
+        timeout_ms: u64,
+    },
+    /// Stop a running migration; the guest keeps running here.
+    MigrateCancel,
 }
 
 fn run(args: RunArgs) -> Result<i32> {
     let serial: SerialOutput = args.serial.parse()?;
+    if let Some(dir) = &args.incoming {
+        return incoming(dir, serial, args.api_socket);
+    }
+    let Some(kernel) = args.kernel else {
+        anyhow::bail!("--kernel is required");
+    };
     let devices = DeviceConfig {
         disks: args
             .disks
@@ -132,7 +159,7 @@ fn run(args: RunArgs) -> Result<i32> {
     let kvm = vm::open_kvm()?;
     let max_vcpus = kvm.get_max_vcpus() as u32;
     let config = VmConfig::new(
-        args.kernel,
+        kernel,
         args.initrd,
         args.cmdline,
         args.vcpus,
@@ -147,6 +174,25 @@ fn run(args: RunArgs) -> Result<i32> {
     if outcome.exit_code == 0 {
         tracing::info!(reason = %outcome.reason, "VM stopped");
     } else {
+        eprintln!("vmm: {}", outcome.reason);
+    }
+    Ok(outcome.exit_code)
+}
+
+/// The target side of a live migration.
+fn incoming(
+    dir: &std::path::Path,
+    serial: SerialOutput,
+    api_socket: Option<PathBuf>,
+) -> Result<i32> {
+    let kvm = vm::open_kvm()?;
+    if !vmm::migrate::await_handover(dir)? {
+        anyhow::bail!("the source took the VM back before this target claimed it");
+    }
+    let machine = Machine::restore(dir, serial, api_socket, false, kvm)?;
+    vmm::migrate::report_resumed(dir)?;
+    let outcome = machine.run();
+    if outcome.exit_code != 0 {
         eprintln!("vmm: {}", outcome.reason);
     }
     Ok(outcome.exit_code)
@@ -177,6 +223,28 @@ fn ctl(args: CtlArgs) -> Result<i32> {
             Duration::from_secs(10),
         ),
         CtlCommand::BalloonStats => (json!({"command": "balloon-stats"}), Duration::from_secs(10)),
+        CtlCommand::Migrate {
+            dir,
+            downtime_ms,
+            max_rounds,
+            timeout_ms,
+        } => {
+            let dir = std::path::absolute(&dir)?;
+            let req = json!({"command": "migrate", "dir": dir, "downtime_ms": downtime_ms,
+                "max_rounds": max_rounds, "timeout_ms": timeout_ms});
+            let result = api::client::call(&args.api_socket, &req, Duration::from_secs(24 * 3600))?;
+            // One JSON line, last: scripts read it.
+            println!("{}", serde_json::to_string(&result)?);
+            return Ok(if result["status"] == "completed" {
+                0
+            } else {
+                1
+            });
+        }
+        CtlCommand::MigrateCancel => (
+            json!({"command": "migrate-cancel"}),
+            Duration::from_secs(10),
+        ),
         CtlCommand::Snapshot { dir } => {
             let dir = std::path::absolute(&dir)?;
             (

@@ -39,6 +39,23 @@ pub struct ComponentState {
     pub state: serde_json::Value,
 }
 
+/// Tags a saved state with its component id and version.
+pub fn tag<S: Serialize>(
+    id: &str,
+    version: u32,
+    state: S,
+) -> Result<ComponentState, MigrationError> {
+    let state = serde_json::to_value(state).map_err(|e| MigrationError::Save {
+        id: id.into(),
+        reason: e.to_string(),
+    })?;
+    Ok(ComponentState {
+        id: id.into(),
+        version,
+        state,
+    })
+}
+
 /// A component whose state can be saved while paused and restored into a fresh instance.
 pub trait Snapshottable: Pausable {
     /// The saved form of this component.
@@ -53,15 +70,7 @@ pub trait Snapshottable: Pausable {
     /// Saves into the tagged, versioned form.
     fn snapshot(&mut self) -> Result<ComponentState, MigrationError> {
         let state = self.save()?;
-        let state = serde_json::to_value(state).map_err(|e| MigrationError::Save {
-            id: self.id(),
-            reason: e.to_string(),
-        })?;
-        Ok(ComponentState {
-            id: self.id(),
-            version: Self::STATE_VERSION,
-            state,
-        })
+        tag(&self.id(), Self::STATE_VERSION, state)
     }
 
     /// Restores from the tagged form, refusing other versions.

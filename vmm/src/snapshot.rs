@@ -145,11 +145,7 @@ pub fn write_memory(dir: &Path, mem: &GuestMemory, backing: &Backing) -> Result<
     let out = File::create(&tmp).map_err(io(&tmp))?;
     let size = crate::memory::size(mem);
     out.set_len(size).map_err(io(&tmp))?;
-    let copied = match backing {
-        Backing::Memfd(memfd) => copy_extents(memfd, &out, size),
-        Backing::Snapshot(_) => copy_nonzero_pages(mem, &out),
-    }
-    .and_then(|_| out.sync_all());
+    let copied = copy_memory(mem, backing, &out).and_then(|_| out.sync_all());
     if let Err(e) = copied {
         let _ = std::fs::remove_file(&tmp);
         return Err(SnapshotError::Io(tmp, e));
@@ -158,9 +154,20 @@ pub fn write_memory(dir: &Path, mem: &GuestMemory, backing: &Backing) -> Result<
     Ok(())
 }
 
-fn copy_extents(src: &File, out: &File, size: u64) -> std::io::Result<()> {
+/// Copies guest RAM into `out` at the same offsets: from a memfd only its data extents, from a
+/// private mapping the non-zero pages. `out` must already have the full size. Returns the bytes
+/// written.
+pub fn copy_memory(mem: &GuestMemory, backing: &Backing, out: &File) -> std::io::Result<u64> {
+    match backing {
+        Backing::Memfd(memfd) => copy_extents(memfd, out, crate::memory::size(mem)),
+        Backing::Snapshot(_) => copy_nonzero_pages(mem, out),
+    }
+}
+
+fn copy_extents(src: &File, out: &File, size: u64) -> std::io::Result<u64> {
     use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; 1 << 20];
+    let mut written = 0;
     let mut pos: i64 = 0;
     while (pos as u64) < size {
         // SAFETY: lseek on a descriptor we own.
@@ -176,17 +183,19 @@ fn copy_extents(src: &File, out: &File, size: u64) -> std::io::Result<()> {
             src.read_exact_at(&mut buf[..n], off)?;
             out.write_all_at(&buf[..n], off)?;
             off += n as u64;
+            written += n as u64;
         }
         pos = hole;
     }
-    Ok(())
+    Ok(written)
 }
 
-fn copy_nonzero_pages(mem: &GuestMemory, out: &File) -> std::io::Result<()> {
+fn copy_nonzero_pages(mem: &GuestMemory, out: &File) -> std::io::Result<u64> {
     use std::os::unix::fs::FileExt;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
     let mut page = [0u8; 4096];
     let mut file_off = 0u64;
+    let mut written = 0;
     for region in mem.iter() {
         let base = region.start_addr().0;
         for off in (0..region.len()).step_by(page.len()) {
@@ -194,11 +203,12 @@ fn copy_nonzero_pages(mem: &GuestMemory, out: &File) -> std::io::Result<()> {
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             if page.iter().any(|&b| b != 0) {
                 out.write_all_at(&page, file_off + off)?;
+                written += page.len() as u64;
             }
         }
         file_off += region.len();
     }
-    Ok(())
+    Ok(written)
 }
 
 /// Opens `memory.bin` and checks it holds `size` bytes.

@@ -3,7 +3,8 @@
 
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
@@ -41,6 +42,23 @@ pub struct Vm {
     pub backing: Backing,
 }
 
+/// Registers every guest RAM region as a KVM memory slot (slot = region index) with `flags`.
+fn set_slots(fd: &VmFd, memory: &GuestMemory, flags: u32) -> Result<(), kvm_ioctls::Error> {
+    for (slot, region) in memory.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `memory`, which the Vm keeps for as long as
+        // the VM fd exists.
+        unsafe { fd.set_user_memory_region(r) }?;
+    }
+    Ok(())
+}
+
 /// Opens /dev/kvm and checks its API version.
 pub fn open_kvm() -> Result<Kvm, VmError> {
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
@@ -61,18 +79,7 @@ impl Vm {
     /// A VM around existing guest memory (a restored snapshot's).
     pub fn with_memory(kvm: Kvm, memory: GuestMemory, backing: Backing) -> Result<Vm, VmError> {
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        for (slot, region) in memory.iter().enumerate() {
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-            };
-            // SAFETY: the region is a live mapping owned by `memory`, which the Vm keeps for as long
-            // as the VM fd exists.
-            unsafe { fd.set_user_memory_region(r) }.map_err(VmError::MemorySlot)?;
-        }
+        set_slots(&fd, &memory, 0).map_err(VmError::MemorySlot)?;
         let setup = |what| move |err| VmError::Setup { what, err };
         fd.set_tss_address(KVM_TSS_START as usize)
             .map_err(setup("the TSS address"))?;
@@ -88,6 +95,56 @@ impl Vm {
             fd,
             memory,
             backing,
+        })
+    }
+}
+
+impl Vm {
+    /// Turns KVM's dirty-page logging on or off for all of guest RAM.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), kvm_ioctls::Error> {
+        set_slots(
+            &self.fd,
+            &self.memory,
+            if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+        )
+    }
+
+    /// For each RAM region: its guest address, file offset, and the bitmap of 4 KiB pages dirtied
+    /// since the last call (reading clears it).
+    pub fn dirty_bitmaps(&self) -> Result<Vec<(u64, u64, Vec<u64>)>, kvm_ioctls::Error> {
+        let mut offset = 0;
+        let mut out = Vec::new();
+        for (slot, region) in self.memory.iter().enumerate() {
+            let bitmap = self.fd.get_dirty_log(slot as u32, region.len() as usize)?;
+            out.push((region.start_addr().raw_value(), offset, bitmap));
+            offset += region.len();
+        }
+        Ok(out)
+    }
+
+    /// Saves the VM-wide state (shared by `Snapshottable::save` and live migration, which only holds
+    /// the VM by `Arc`).
+    pub fn save_state(&self) -> Result<VmState, MigrationError> {
+        let err = |what: &str, e: kvm_ioctls::Error| MigrationError::Save {
+            id: "vm".into(),
+            reason: format!("{what}: {e}"),
+        };
+        let chip = |id| {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd.get_irqchip(&mut c).map(|_| c)
+        };
+        let mut clock = self.fd.get_clock().map_err(|e| err("clock", e))?;
+        // Only the value travels; flags describe the source host's clock.
+        clock.flags = 0;
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER).map_err(|e| err("PIC master", e))?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE).map_err(|e| err("PIC slave", e))?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC).map_err(|e| err("IOAPIC", e))?,
+            pit: self.fd.get_pit2().map_err(|e| err("PIT", e))?,
+            clock,
         })
     }
 }
@@ -113,27 +170,7 @@ impl Snapshottable for Vm {
     }
 
     fn save(&mut self) -> Result<VmState, MigrationError> {
-        let err = |what: &str, e: kvm_ioctls::Error| MigrationError::Save {
-            id: "vm".into(),
-            reason: format!("{what}: {e}"),
-        };
-        let chip = |id| {
-            let mut c = kvm_irqchip {
-                chip_id: id,
-                ..Default::default()
-            };
-            self.fd.get_irqchip(&mut c).map(|_| c)
-        };
-        let mut clock = self.fd.get_clock().map_err(|e| err("clock", e))?;
-        // Only the value travels; flags describe the source host's clock.
-        clock.flags = 0;
-        Ok(VmState {
-            pic_master: chip(KVM_IRQCHIP_PIC_MASTER).map_err(|e| err("PIC master", e))?,
-            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE).map_err(|e| err("PIC slave", e))?,
-            ioapic: chip(KVM_IRQCHIP_IOAPIC).map_err(|e| err("IOAPIC", e))?,
-            pit: self.fd.get_pit2().map_err(|e| err("PIT", e))?,
-            clock,
-        })
+        self.save_state()
     }
 
     fn restore(&mut self, s: VmState) -> Result<(), MigrationError> {

@@ -2,7 +2,7 @@
 //! exits, vCPU failures and API requests on one channel and answers them.
 
 use std::io::LineWriter;
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,8 @@ pub enum VmmEvent {
     GuestExit(ExitReason),
     VcpuFailed(String),
     Api(Request, Reply),
+    /// The migration thread finished.
+    MigrationDone(crate::migrate::Outcome),
 }
 
 /// How long a pause may take before it is reported as failed.
@@ -63,7 +65,7 @@ impl RunState {
 /// A built, running VM.
 pub struct Machine {
     config: VmConfig,
-    vcpus: VcpuSet,
+    vcpus: Arc<VcpuSet>,
     serial: Arc<Mutex<SerialDevice>>,
     ged: Arc<Mutex<Ged>>,
     events: Receiver<VmmEvent>,
@@ -73,7 +75,16 @@ pub struct Machine {
     boot_mode: Option<regs::EntryMode>,
     balloon: Option<(Arc<Mutex<MmioTransport>>, Arc<BalloonControl>)>,
     virtio: VirtioDevices,
-    vm: Vm,
+    vm: Arc<Vm>,
+    migration: Option<Migration>,
+    events_tx: Sender<VmmEvent>,
+}
+
+/// A live migration under way: who waits for the outcome, and what the API can see or stop.
+struct Migration {
+    reply: Reply,
+    progress: Arc<Mutex<crate::migrate::Progress>>,
+    cancel: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Where a machine's state comes from.
@@ -284,14 +295,14 @@ impl Machine {
                 (vcpus, None)
             }
         };
-        let vcpus = VcpuSet::start(vcpus, io_bus, mmio_bus, tx.clone(), paused)?;
+        let vcpus = Arc::new(VcpuSet::start(vcpus, io_bus, mmio_bus, tx.clone(), paused)?);
 
         if config.serial == SerialOutput::Stdio {
             serial::spawn_stdin_reader(serial.clone())
                 .context("cannot start the serial input thread")?;
         }
         if let Some(l) = listener {
-            api::server::spawn(l, tx).context("cannot start the API thread")?;
+            api::server::spawn(l, tx.clone()).context("cannot start the API thread")?;
         }
         tracing::info!(vcpus = config.vcpus, memory_mib = config.memory_mib, mode = ?boot_mode, "VM started");
         Ok(Machine {
@@ -309,7 +320,9 @@ impl Machine {
             boot_mode,
             balloon,
             virtio,
-            vm,
+            vm: Arc::new(vm),
+            migration: None,
+            events_tx: tx,
         })
     }
 
@@ -326,6 +339,7 @@ impl Machine {
                 None => "restored",
             },
             "config": self.config,
+            "migration": self.migration.as_ref().map(|m| crate::migrate::progress_json(&lock(&m.progress))),
         })
     }
 
@@ -368,6 +382,11 @@ impl Machine {
                     }
                     return self.finish(1, msg);
                 }
+                VmmEvent::Api(Request::Shutdown { .. }, reply) if self.migration.is_some() => {
+                    reply.send(Response::err(
+                        "a migration is in progress (cancel it first)",
+                    ));
+                }
                 VmmEvent::Api(Request::Shutdown { timeout_ms }, reply) => {
                     if shutdown.is_some() {
                         reply.send(Response::err("a shutdown is already in progress"));
@@ -382,6 +401,41 @@ impl Machine {
                         tracing::warn!(error = %e, "cannot signal the power button");
                     }
                     shutdown = Some((Instant::now() + Duration::from_millis(timeout_ms), reply));
+                }
+                VmmEvent::MigrationDone(outcome) => {
+                    let Some(m) = self.migration.take() else {
+                        continue;
+                    };
+                    let completed = outcome.status == "completed";
+                    let answer = Response::ok(json!(outcome));
+                    if completed {
+                        m.reply.send_and_flush(answer);
+                        return self.finish(0, "migrated: the guest runs on the target".into());
+                    }
+                    tracing::warn!(status = outcome.status, error = ?outcome.error, "migration did not complete");
+                    m.reply.send(answer);
+                }
+                VmmEvent::Api(Request::MigrateCancel, reply) => match &self.migration {
+                    Some(m) => {
+                        m.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+                        reply.send(Response::ok(json!({"cancelling": true})));
+                    }
+                    None => reply.send(Response::err("no migration is in progress")),
+                },
+                VmmEvent::Api(Request::Info, reply) => reply.send(self.handle(Request::Info)),
+                VmmEvent::Api(_, reply) if self.migration.is_some() => {
+                    reply.send(Response::err("a migration is in progress"));
+                }
+                VmmEvent::Api(
+                    Request::Migrate {
+                        dir,
+                        downtime_ms,
+                        max_rounds,
+                        timeout_ms,
+                    },
+                    reply,
+                ) => {
+                    self.start_migration(dir, downtime_ms, max_rounds, timeout_ms, reply);
                 }
                 VmmEvent::Api(Request::BalloonStats, reply) => self.balloon_stats(reply),
                 VmmEvent::Api(req, reply) => {
@@ -431,6 +485,9 @@ impl Machine {
                 lock(transport).config_changed();
                 Response::ok(json!({"target_mib": mib}))
             }
+            Request::Migrate { .. } | Request::MigrateCancel => {
+                Response::err("handled by the main loop")
+            }
             Request::Snapshot { dir } => match self.snapshot(&dir) {
                 Ok(v) => Response::ok(v),
                 Err(e) => Response::err(format!("{e:#}")),
@@ -454,7 +511,7 @@ impl Machine {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let state = SnapshotState {
             config: self.config.clone(),
-            vm: self.vm.snapshot()?,
+            vm: crate::migration::tag("vm", Vm::STATE_VERSION, self.vm.save_state()?)?,
             vcpus: self.vcpus.save()?,
             devices: vec![lock(&self.serial).snapshot()?, lock(&self.ged).snapshot()?],
         };
@@ -465,6 +522,66 @@ impl Machine {
             "memory_bytes": self.config.memory_bytes(),
             "ms": t0.elapsed().as_secs_f64() * 1000.0,
         }))
+    }
+
+    /// Starts the source side of a live migration on a thread of its own; the answer goes out when
+    /// it ends (`VmmEvent::MigrationDone`).
+    fn start_migration(
+        &mut self,
+        dir: std::path::PathBuf,
+        downtime_ms: u64,
+        max_rounds: u32,
+        timeout_ms: u64,
+        reply: Reply,
+    ) {
+        if self.state != RunState::Running {
+            return reply.send(Response::err(
+                "the VM must be running to migrate (resume it first)",
+            ));
+        }
+        if !self.virtio.info.is_empty() {
+            return reply.send(Response::err(
+                "migration of VMs with virtio devices is not supported yet",
+            ));
+        }
+        let progress = Arc::new(Mutex::new(crate::migrate::Progress::default()));
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (serial, ged) = (self.serial.clone(), self.ged.clone());
+        let source = crate::migrate::Source {
+            vm: self.vm.clone(),
+            vcpus: self.vcpus.clone(),
+            config: self.config.clone(),
+            save_devices: Box::new(move || {
+                Ok(vec![lock(&serial).snapshot()?, lock(&ged).snapshot()?])
+            }),
+            progress: progress.clone(),
+            cancel: cancel.clone(),
+        };
+        let params = crate::migrate::Params {
+            dir,
+            downtime: Duration::from_millis(downtime_ms),
+            max_rounds: max_rounds.max(1),
+            handover_timeout: Duration::from_millis(timeout_ms),
+        };
+        let events = self.events_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(move || {
+                let outcome = source.run(&params);
+                let _ = events.send(VmmEvent::MigrationDone(outcome));
+            });
+        match spawned {
+            Ok(_) => {
+                self.migration = Some(Migration {
+                    reply,
+                    progress,
+                    cancel,
+                })
+            }
+            Err(e) => reply.send(Response::err(format!(
+                "cannot start the migration thread: {e}"
+            ))),
+        }
     }
 
     /// Stats need a round trip through the guest: answered from a thread of its own, so the main

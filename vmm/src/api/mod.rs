@@ -28,6 +28,14 @@ pub enum Request {
     Snapshot {
         dir: std::path::PathBuf,
     },
+    /// Live-migrate through a directory on shared storage.
+    Migrate {
+        dir: std::path::PathBuf,
+        downtime_ms: u64,
+        max_rounds: u32,
+        timeout_ms: u64,
+    },
+    MigrateCancel,
 }
 
 /// Where the answer to one request goes: the connection thread waits on the other end, writes the
@@ -110,6 +118,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         "shutdown" => &["command", "timeout_ms"],
         "balloon-set" => &["command", "mib"],
         "snapshot" => &["command", "dir"],
+        "migrate" => &["command", "dir", "downtime_ms", "max_rounds", "timeout_ms"],
         _ => &["command"],
     };
     if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
@@ -136,6 +145,26 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
             Ok(Request::BalloonSet { mib })
         }
         "balloon-stats" => Ok(Request::BalloonStats),
+        "migrate" => {
+            let dir = obj
+                .get("dir")
+                .and_then(Value::as_str)
+                .filter(|d| !d.is_empty())
+                .ok_or("\"dir\" (a path) is required")?;
+            let num = |k: &str, d: u64| -> Result<u64, String> {
+                match obj.get(k) {
+                    None => Ok(d),
+                    Some(v) => v.as_u64().ok_or(format!("\"{k}\" must be a non-negative integer")),
+                }
+            };
+            Ok(Request::Migrate {
+                dir: dir.into(),
+                downtime_ms: num("downtime_ms", crate::migrate::DEFAULT_DOWNTIME_MS)?,
+                max_rounds: num("max_rounds", u64::from(crate::migrate::DEFAULT_MAX_ROUNDS))?.min(u64::from(u32::MAX)) as u32,
+                timeout_ms: num("timeout_ms", crate::migrate::DEFAULT_HANDOVER_TIMEOUT_MS)?,
+            })
+        }
+        "migrate-cancel" => Ok(Request::MigrateCancel),
         "snapshot" => {
             let dir = obj
                 .get("dir")
@@ -145,7 +174,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
             Ok(Request::Snapshot { dir: dir.into() })
         }
         other => Err(format!(
-            "unknown command \"{other}\" (known: info, pause, resume, shutdown, balloon-set, balloon-stats, snapshot)"
+            "unknown command \"{other}\" (known: info, pause, resume, shutdown, balloon-set, balloon-stats, snapshot, migrate, migrate-cancel)"
         )),
     }
 }

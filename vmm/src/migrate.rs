@@ -1,0 +1,396 @@
+//! Live migration over shared storage (docs/migration.md).
+//!
+//! Source: dirty-page logging on, all of guest RAM copied into `DIR/memory.bin`, then rounds that
+//! copy only the pages dirtied since the last round, while the guest runs. When the rest fits in the
+//! downtime limit (or the round limit is hit) the vCPUs pause, the last pages and the complete state
+//! are written, and `DIR/state.bin` appears (atomic rename): that is the handover.
+//!
+//! Target (`vmm run --incoming DIR`): waits for `state.bin`, claims the VM by creating `DIR/claimed`
+//! exclusively, restores (memory mapped lazily from `memory.bin`) and writes `DIR/resumed` with the
+//! time it resumed. If the target has not claimed within the handover timeout, the source claims
+//! instead and resumes the guest itself: whoever creates `claimed` first runs the guest, so it never
+//! runs in two places.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::config::VmConfig;
+use crate::migration::{tag, ComponentState, MigrationError, Snapshottable};
+use crate::snapshot::{self, SnapshotState};
+use crate::vcpu::VcpuSet;
+use crate::vm::Vm;
+
+pub const CLAIM_FILE: &str = "claimed";
+pub const RESUMED_FILE: &str = "resumed";
+const PAGE: u64 = 4096;
+
+/// What `migrate` was asked for.
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub dir: PathBuf,
+    pub downtime: Duration,
+    pub max_rounds: u32,
+    pub handover_timeout: Duration,
+}
+
+pub const DEFAULT_DOWNTIME_MS: u64 = 300;
+pub const DEFAULT_MAX_ROUNDS: u32 = 30;
+pub const DEFAULT_HANDOVER_TIMEOUT_MS: u64 = 10_000;
+
+/// Progress while it runs, readable over the API.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Progress {
+    pub phase: &'static str,
+    pub round: u32,
+    pub remaining_bytes: u64,
+    pub dirty_rate_mib_s: f64,
+    pub bytes_written: u64,
+}
+
+/// The outcome; `vmm ctl migrate` prints it as its last line.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub status: &'static str,
+    pub downtime_ms: Option<f64>,
+    pub total_ms: f64,
+    pub rounds: u32,
+    pub bytes_written: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What the source side works with; the main loop keeps answering the API meanwhile.
+pub struct Source {
+    pub vm: Arc<Vm>,
+    pub vcpus: Arc<VcpuSet>,
+    pub config: VmConfig,
+    /// Saves the devices' state (the vCPUs are paused when it is called).
+    pub save_devices: Box<dyn Fn() -> Result<Vec<ComponentState>, MigrationError> + Send>,
+    pub progress: Arc<Mutex<Progress>>,
+    pub cancel: Arc<AtomicBool>,
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// Creates `DIR/claimed` if nobody has; true if we got it.
+pub fn claim(dir: &Path, who: &str) -> std::io::Result<bool> {
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dir.join(CLAIM_FILE))
+    {
+        Ok(mut f) => {
+            writeln!(f, "{who} {}", std::process::id())?;
+            f.sync_all()?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes the pages set in `bitmaps` from guest memory into `out`; returns the bytes written.
+fn write_dirty(vm: &Vm, bitmaps: &[(u64, u64, Vec<u64>)], out: &File) -> std::io::Result<u64> {
+    use vm_memory::{Bytes, GuestAddress};
+    let mut page = vec![0u8; PAGE as usize];
+    let mut written = 0;
+    for (gpa, file_off, bitmap) in bitmaps {
+        for (word_i, word) in bitmap.iter().enumerate() {
+            let mut w = *word;
+            while w != 0 {
+                let bit = w.trailing_zeros() as u64;
+                w &= w - 1;
+                let page_i = word_i as u64 * 64 + bit;
+                vm.memory
+                    .read_slice(&mut page, GuestAddress(gpa + page_i * PAGE))
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                out.write_all_at(&page, file_off + page_i * PAGE)?;
+                written += PAGE;
+            }
+        }
+    }
+    Ok(written)
+}
+
+fn dirty_bytes(bitmaps: &[(u64, u64, Vec<u64>)]) -> u64 {
+    bitmaps
+        .iter()
+        .flat_map(|(_, _, b)| b.iter())
+        .map(|w| u64::from(w.count_ones()) * PAGE)
+        .sum()
+}
+
+impl Source {
+    fn set(&self, f: impl FnOnce(&mut Progress)) {
+        f(&mut crate::devices::lock(&self.progress));
+    }
+
+    /// Runs the whole migration. On anything but success the guest keeps (or goes back to)
+    /// running here, with dirty logging off.
+    pub fn run(self, p: &Params) -> Outcome {
+        let t0 = Instant::now();
+        let mut rounds = 0;
+        let mut written = 0;
+        let result = self.migrate(p, &mut rounds, &mut written);
+        let _ = self.vm.set_dirty_logging(false);
+        let total_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        match result {
+            Ok(Some(downtime_ms)) => Outcome {
+                status: "completed",
+                downtime_ms: Some(downtime_ms),
+                total_ms,
+                rounds,
+                bytes_written: written,
+                error: None,
+            },
+            Ok(None) => {
+                self.vcpus.resume();
+                Outcome {
+                    status: "cancelled",
+                    downtime_ms: None,
+                    total_ms,
+                    rounds,
+                    bytes_written: written,
+                    error: None,
+                }
+            }
+            Err(e) => {
+                if e.resume {
+                    self.vcpus.resume();
+                }
+                Outcome {
+                    status: "failed",
+                    downtime_ms: None,
+                    total_ms,
+                    rounds,
+                    bytes_written: written,
+                    error: Some(e.message),
+                }
+            }
+        }
+    }
+
+    /// `Ok(Some(downtime))` when the target runs the guest, `Ok(None)` when cancelled.
+    fn migrate(
+        &self,
+        p: &Params,
+        rounds: &mut u32,
+        written: &mut u64,
+    ) -> Result<Option<f64>, Failure> {
+        let dir = &p.dir;
+        std::fs::create_dir_all(dir)
+            .map_err(Failure::io("cannot create the migration directory"))?;
+        for stale in [snapshot::STATE_FILE, CLAIM_FILE, RESUMED_FILE] {
+            let _ = std::fs::remove_file(dir.join(stale));
+        }
+        let mem_path = dir.join(snapshot::MEMORY_FILE);
+        let out = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&mem_path)
+            .map_err(Failure::io("cannot create memory.bin"))?;
+        out.set_len(self.config.memory_bytes())
+            .map_err(Failure::io("cannot size memory.bin"))?;
+
+        // Round 0: everything, with logging already on so nothing written meanwhile is missed.
+        self.vm
+            .set_dirty_logging(true)
+            .map_err(|e| Failure::new(format!("cannot enable dirty logging: {e}")))?;
+        self.set(|pr| pr.phase = "copying memory");
+        *written += snapshot::copy_memory(&self.vm.memory, &self.vm.backing, &out)
+            .map_err(Failure::io("cannot copy memory"))?;
+        let mut last = Instant::now();
+        let mut bandwidth: f64 = 0.0;
+        loop {
+            if self.cancel.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
+            let bitmaps = self
+                .vm
+                .dirty_bitmaps()
+                .map_err(|e| Failure::new(format!("dirty log: {e}")))?;
+            let remaining = dirty_bytes(&bitmaps);
+            let rate = remaining as f64 / last.elapsed().as_secs_f64().max(1e-6);
+            last = Instant::now();
+            *rounds += 1;
+            self.set(|pr| {
+                pr.phase = "pre-copy";
+                pr.round = *rounds;
+                pr.remaining_bytes = remaining;
+                pr.dirty_rate_mib_s = rate / f64::from(1 << 20);
+                pr.bytes_written = *written;
+            });
+            let fits =
+                bandwidth > 0.0 && (remaining as f64 / bandwidth) <= p.downtime.as_secs_f64();
+            if fits || *rounds >= p.max_rounds {
+                // Make what is already written durable now, so the pause only waits for the rest.
+                out.sync_data()
+                    .map_err(Failure::io("cannot flush memory.bin"))?;
+                return self.handover(p, &out, &bitmaps, written).map(Some);
+            }
+            let t = Instant::now();
+            *written += write_dirty(&self.vm, &bitmaps, &out)
+                .map_err(Failure::io("cannot write dirty pages"))?;
+            if remaining > 0 {
+                bandwidth = remaining as f64 / t.elapsed().as_secs_f64().max(1e-6);
+            } else if bandwidth == 0.0 {
+                bandwidth = f64::MAX;
+            }
+        }
+    }
+
+    /// Pauses, writes the rest and the state, and waits for the target to take over.
+    fn handover(
+        &self,
+        p: &Params,
+        out: &File,
+        pending: &[(u64, u64, Vec<u64>)],
+        written: &mut u64,
+    ) -> Result<f64, Failure> {
+        let paused_ns = now_ns();
+        self.vcpus
+            .pause(Duration::from_secs(5))
+            .map_err(|e| Failure::resuming(format!("cannot pause: {e}")))?;
+        self.set(|pr| pr.phase = "handover");
+        let last = self
+            .vm
+            .dirty_bitmaps()
+            .map_err(|e| Failure::resuming(format!("dirty log: {e}")))?;
+        *written += write_dirty(&self.vm, pending, out)
+            .map_err(Failure::io_resuming("cannot write dirty pages"))?;
+        *written += write_dirty(&self.vm, &last, out)
+            .map_err(Failure::io_resuming("cannot write dirty pages"))?;
+        out.sync_data()
+            .map_err(Failure::io_resuming("cannot flush memory.bin"))?;
+        let state = self.state().map_err(|e| Failure::resuming(e.to_string()))?;
+        snapshot::write_state(&p.dir, &state).map_err(|e| Failure::resuming(e.to_string()))?;
+
+        // The target claims and resumes; if it does not claim in time, we claim and resume here.
+        let deadline = Instant::now() + p.handover_timeout;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(p.dir.join(RESUMED_FILE)) {
+                let resumed: u128 = text.trim().parse().unwrap_or(paused_ns);
+                return Ok(resumed.saturating_sub(paused_ns) as f64 / 1e6);
+            }
+            if Instant::now() >= deadline {
+                return match claim(&p.dir, "source") {
+                    Ok(true) => {
+                        let _ = std::fs::rename(
+                            p.dir.join(snapshot::STATE_FILE),
+                            p.dir.join("state.bin.aborted"),
+                        );
+                        Err(Failure::resuming(format!(
+                            "the target did not take over within {:?}; the guest runs here again",
+                            p.handover_timeout
+                        )))
+                    }
+                    // The target claimed but has not resumed: it owns the guest now, so this side
+                    // must not run it. Wait for it a while longer, then report and stay paused.
+                    Ok(false) => self.wait_resumed(&p.dir, paused_ns, p.handover_timeout),
+                    Err(e) => Err(Failure::paused(format!(
+                        "cannot claim the VM back: {e}; staying paused"
+                    ))),
+                };
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    fn wait_resumed(&self, dir: &Path, paused_ns: u128, timeout: Duration) -> Result<f64, Failure> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(text) = std::fs::read_to_string(dir.join(RESUMED_FILE)) {
+                let resumed: u128 = text.trim().parse().unwrap_or(paused_ns);
+                return Ok(resumed.saturating_sub(paused_ns) as f64 / 1e6);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Err(Failure::paused(
+            "the target claimed the VM but never resumed it; the guest stays paused here (it must not run twice)".into(),
+        ))
+    }
+
+    fn state(&self) -> Result<SnapshotState, MigrationError> {
+        Ok(SnapshotState {
+            config: self.config.clone(),
+            vm: tag("vm", Vm::STATE_VERSION, self.vm.save_state()?)?,
+            vcpus: self.vcpus.save()?,
+            devices: (self.save_devices)()?,
+        })
+    }
+}
+
+/// Why a migration failed, and whether the guest should run here again.
+struct Failure {
+    message: String,
+    resume: bool,
+}
+
+impl Failure {
+    fn new(message: String) -> Failure {
+        Failure {
+            message,
+            resume: true,
+        }
+    }
+    fn resuming(message: String) -> Failure {
+        Failure {
+            message,
+            resume: true,
+        }
+    }
+    /// The target owns the guest (or may): this side must not run it.
+    fn paused(message: String) -> Failure {
+        Failure {
+            message,
+            resume: false,
+        }
+    }
+    fn io(what: &'static str) -> impl Fn(std::io::Error) -> Failure {
+        move |e| Failure::new(format!("{what}: {e}"))
+    }
+    fn io_resuming(what: &'static str) -> impl Fn(std::io::Error) -> Failure {
+        move |e| Failure::resuming(format!("{what}: {e}"))
+    }
+}
+
+/// Target side: waits for the handover in `dir`, then claims the VM. Returns false if the source
+/// took it back first.
+pub fn await_handover(dir: &Path) -> std::io::Result<bool> {
+    std::fs::create_dir_all(dir)?;
+    // Whatever a previous migration left here is not ours to start from.
+    for stale in [snapshot::STATE_FILE, CLAIM_FILE, RESUMED_FILE] {
+        let _ = std::fs::remove_file(dir.join(stale));
+    }
+    while !dir.join(snapshot::STATE_FILE).exists() {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    claim(dir, "target")
+}
+
+/// Target side: tells the source the guest runs here.
+pub fn report_resumed(dir: &Path) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{RESUMED_FILE}.tmp"));
+    std::fs::write(&tmp, now_ns().to_string())?;
+    std::fs::rename(tmp, dir.join(RESUMED_FILE))
+}
+
+/// JSON for `info` while a migration runs.
+pub fn progress_json(p: &Progress) -> serde_json::Value {
+    json!(p)
+}
