@@ -241,7 +241,7 @@ impl Source {
                 // Make what is already written durable now, so the pause only waits for the rest.
                 out.sync_data()
                     .map_err(Failure::io("cannot flush memory.bin"))?;
-                return self.handover(p, &out, &bitmaps, written).map(Some);
+                return self.handover(p, &out, &bitmaps, written);
             }
             let t = Instant::now();
             *written += write_dirty(&self.vm, &bitmaps, &out)
@@ -255,13 +255,14 @@ impl Source {
     }
 
     /// Pauses, writes the rest and the state, and waits for the target to take over.
+    /// `Ok(None)`: cancelled before the target claimed the VM, which then runs here again.
     fn handover(
         &self,
         p: &Params,
         out: &File,
         pending: &[(u64, u64, Vec<u64>)],
         written: &mut u64,
-    ) -> Result<f64, Failure> {
+    ) -> Result<Option<f64>, Failure> {
         let paused_ns = now_ns();
         self.vcpus
             .pause(Duration::from_secs(5))
@@ -285,7 +286,15 @@ impl Source {
         loop {
             if let Ok(text) = std::fs::read_to_string(p.dir.join(RESUMED_FILE)) {
                 let resumed: u128 = text.trim().parse().unwrap_or(paused_ns);
-                return Ok(resumed.saturating_sub(paused_ns) as f64 / 1e6);
+                return Ok(Some(resumed.saturating_sub(paused_ns) as f64 / 1e6));
+            }
+            let cancelled = self.cancel.load(Ordering::SeqCst);
+            if cancelled && claim(&p.dir, "source").unwrap_or(false) {
+                let _ = std::fs::rename(
+                    p.dir.join(snapshot::STATE_FILE),
+                    p.dir.join("state.bin.aborted"),
+                );
+                return Ok(None);
             }
             if Instant::now() >= deadline {
                 return match claim(&p.dir, "source") {
@@ -301,7 +310,9 @@ impl Source {
                     }
                     // The target claimed but has not resumed: it owns the guest now, so this side
                     // must not run it. Wait for it a while longer, then report and stay paused.
-                    Ok(false) => self.wait_resumed(&p.dir, paused_ns, p.handover_timeout),
+                    Ok(false) => self
+                        .wait_resumed(&p.dir, paused_ns, p.handover_timeout)
+                        .map(Some),
                     Err(e) => Err(Failure::paused(format!(
                         "cannot claim the VM back: {e}; staying paused"
                     ))),

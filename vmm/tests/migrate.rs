@@ -1,0 +1,243 @@
+//! Live migration between two vmm processes on this machine through a shared directory (fast
+//! lane, test guest dirtying memory).
+
+mod common;
+use common::*;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// `vmm run --incoming DIR` with its console in `console`.
+fn target(dir: &Path, console: &Path, api: &Path) -> Child {
+    Command::new(vmm_bin())
+        .args(["run", "--incoming", dir.to_str().unwrap(), "--serial"])
+        .arg(format!("file:{}", console.display()))
+        .arg("--api-socket")
+        .arg(api)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Runs `vmm ctl migrate`; returns its exit success and the parsed last line.
+fn migrate(source: &RunningVmm, dir: &Path, extra: &[&str]) -> (bool, serde_json::Value, String) {
+    let out = Command::new(vmm_bin())
+        .args([
+            "ctl",
+            "--api-socket",
+            source.api.to_str().unwrap(),
+            "migrate",
+            "--dir",
+            dir.to_str().unwrap(),
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let last = stdout.lines().last().unwrap_or("").to_string();
+    let v = serde_json::from_str(&last).unwrap_or_else(|e| {
+        panic!(
+            "last line {last:?} is not JSON ({e}); stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (
+        out.status.success(),
+        v,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn console_of(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+fn first_heartbeat(console: &str) -> Option<u64> {
+    console
+        .lines()
+        .find(|l| l.starts_with("tg: hb "))
+        .and_then(|l| field(l, "n"))
+}
+
+#[test]
+fn a_dirtying_two_vcpu_guest_moves_and_keeps_counting() {
+    let shared = tempfile::tempdir().unwrap();
+    let tdir = tempfile::tempdir().unwrap();
+    let (tconsole, tapi) = (
+        tdir.path().join("console.log"),
+        tdir.path().join("api.sock"),
+    );
+    let mut t = target(shared.path(), &tconsole, &tapi);
+    let mut source = RunningVmm::start(&[
+        "--vcpus",
+        "2",
+        "--memory-mib",
+        "512",
+        "--cmdline",
+        "tg.mode=dirty tg.dirty_mib=128 tg.rate_mib=64 tg.hb_ms=20",
+    ]);
+    source.wait_for_console("tg: hb n=5 ", TIMEOUT);
+
+    let (ok, result, err) = migrate(&source, shared.path(), &["--downtime-ms", "20"]);
+    assert!(ok, "{result} {err}");
+    assert_eq!(result["status"], "completed", "{result}");
+    assert!(result["downtime_ms"].as_f64().unwrap() > 0.0, "{result}");
+    assert!(
+        result["total_ms"].as_f64().unwrap() >= result["downtime_ms"].as_f64().unwrap(),
+        "{result}"
+    );
+    assert!(result["rounds"].as_u64().unwrap() >= 1, "{result}");
+    assert!(result["bytes_written"].as_u64().unwrap() > 0, "{result}");
+
+    // The source is done; the guest continues on the target with the next heartbeat number.
+    assert!(
+        source.wait(TIMEOUT).success(),
+        "the source must exit 0 after handing over"
+    );
+    let last_on_source = last_heartbeat(&source.console_text());
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while first_heartbeat(&console_of(&tconsole)).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no heartbeat on the target"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        first_heartbeat(&console_of(&tconsole)),
+        Some(last_on_source + 1)
+    );
+
+    let ctl = |args: &[&str]| {
+        Command::new(vmm_bin())
+            .args(["ctl", "--api-socket", tapi.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let info = String::from_utf8_lossy(&ctl(&["info"]).stdout).into_owned();
+    assert!(
+        info.contains("\"running\"") && info.contains("\"vcpus\": 2"),
+        "{info}"
+    );
+    let out = ctl(&["shutdown", "--timeout-ms", "10000"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("graceful"));
+    assert!(wait_bounded(&mut t, TIMEOUT).success());
+}
+
+#[test]
+fn a_dead_target_leaves_the_guest_running_on_the_source() {
+    let shared = tempfile::tempdir().unwrap();
+    let tdir = tempfile::tempdir().unwrap();
+    let mut t = target(
+        shared.path(),
+        &tdir.path().join("c.log"),
+        &tdir.path().join("a.sock"),
+    );
+    let source = RunningVmm::start(&[
+        "--memory-mib",
+        "128",
+        "--cmdline",
+        "tg.mode=dirty tg.dirty_mib=32 tg.rate_mib=32 tg.hb_ms=20",
+    ]);
+    t.kill().unwrap();
+    t.wait().unwrap();
+
+    let (ok, result, _) = migrate(&source, shared.path(), &["--timeout-ms", "300"]);
+    assert!(!ok);
+    assert_eq!(result["status"], "failed", "{result}");
+    assert!(
+        result["error"]
+            .as_str()
+            .unwrap()
+            .contains("did not take over"),
+        "{result}"
+    );
+    let n = last_heartbeat(&source.console_text());
+    source.wait_for_console(&format!("tg: hb n={} ", n + 3), TIMEOUT);
+    let (ok, out, _) = source.ctl(&["info"]);
+    assert!(
+        ok && out.contains("\"running\"") && out.contains("\"migration\": null"),
+        "{out}"
+    );
+}
+
+#[test]
+fn cancel_keeps_the_guest_on_the_source() {
+    let shared = tempfile::tempdir().unwrap();
+    let source = RunningVmm::start(&[
+        "--memory-mib",
+        "128",
+        "--cmdline",
+        "tg.mode=dirty tg.dirty_mib=32 tg.rate_mib=64 tg.hb_ms=20",
+    ]);
+    // No target: the migration runs pre-copy, then waits at the handover (10 s) until cancelled.
+    let api = source.api.clone();
+    let dir = shared.path().to_path_buf();
+    let runner = std::thread::spawn(move || {
+        let out = Command::new(vmm_bin())
+            .args([
+                "ctl",
+                "--api-socket",
+                api.to_str().unwrap(),
+                "migrate",
+                "--dir",
+                dir.to_str().unwrap(),
+            ])
+            .args(["--downtime-ms", "0", "--timeout-ms", "20000"])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    });
+    // Wait until it is under way, check that conflicting requests are refused, then cancel.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let (_, info, _) = source.ctl(&["info"]);
+        if info.contains("pre-copy") || info.contains("handover") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "migration never started: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (ok, _, err) = source.ctl(&["pause"]);
+    assert!(!ok && err.contains("migration is in progress"), "{err}");
+    let (ok, _, err) = source.ctl(&["migrate-cancel"]);
+    assert!(ok, "{err}");
+    let (ok, out) = runner.join().unwrap();
+    assert!(!ok);
+    assert!(
+        out.trim_end()
+            .lines()
+            .last()
+            .unwrap()
+            .contains("\"status\":\"cancelled\""),
+        "{out}"
+    );
+    let n = last_heartbeat(&source.console_text());
+    source.wait_for_console(&format!("tg: hb n={} ", n + 3), TIMEOUT);
+    assert!(
+        !shared.path().join("state.bin").exists(),
+        "a cancelled migration must not hand over"
+    );
+}
+
+#[test]
+fn migration_requests_that_cannot_work_are_refused() {
+    let shared = tempfile::tempdir().unwrap();
+    let vmm = RunningVmm::start(&["--cmdline", "tg.mode=hold"]);
+    let (ok, _, _) = vmm.ctl(&["pause"]);
+    assert!(ok);
+    let (ok, _, err) = vmm.ctl(&["migrate", "--dir", shared.path().to_str().unwrap()]);
+    assert!(!ok && err.contains("must be running"), "{err}");
+    let (ok, _, err) = vmm.ctl(&["migrate-cancel"]);
+    assert!(!ok && err.contains("no migration"), "{err}");
+}
