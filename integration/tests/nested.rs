@@ -160,3 +160,8 @@ fn virtio_vsock_round_trips_through_the_guest_agent() {
         ],
     );
 }
+
+#[test]
+fn debian_guest_survives_snapshot_restore_and_live_migration() {
+    expect_all_pass("migrate", 600, &["snapshot-restore-linux", "migrate-linux"]);
+}

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
-    kvm_xsave, CpuId, Msrs,
+    kvm_xsave, CpuId,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
@@ -352,11 +352,8 @@ impl Snapshottable for Vcpu {
             id: format!("vcpu{}", self.index),
             reason: format!("{what}: {e}"),
         };
-        let mut msrs = Msrs::from_entries(&msr::boot_msrs()).map_err(|e| MigrationError::Save {
-            id: self.id(),
-            reason: format!("MSR list: {e:?}"),
-        })?;
-        let n = self.fd.get_msrs(&mut msrs).map_err(|e| err("MSRs", e))?;
+        let msrs = msr::get_msrs_tolerant(&self.fd, &msr::state_msr_indices())
+            .map_err(|e| err("MSRs", e))?;
         Ok(VcpuState {
             regs: self.fd.get_regs().map_err(|e| err("regs", e))?,
             sregs: self.fd.get_sregs().map_err(|e| err("sregs", e))?,
@@ -366,10 +363,7 @@ impl Snapshottable for Vcpu {
             events: self.fd.get_vcpu_events().map_err(|e| err("events", e))?,
             xcrs: self.fd.get_xcrs().map_err(|e| err("XCRs", e))?,
             debugregs: self.fd.get_debug_regs().map_err(|e| err("debug regs", e))?,
-            msrs: msrs.as_slice()[..n]
-                .iter()
-                .map(|e| (e.index, e.data))
-                .collect(),
+            msrs,
         })
     }
 

@@ -44,6 +44,56 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
     .collect()
 }
 
+/// MSRs a running guest depends on beyond the boot set: saved and restored with the vCPU. The TSC
+/// comes before the TSC deadline, which is relative to it.
+pub fn state_msr_indices() -> Vec<u32> {
+    let mut v: Vec<u32> = boot_msrs().iter().map(|e| e.index).collect();
+    v.extend([
+        0x10,        // IA32_TSC
+        0x6e0,       // IA32_TSC_DEADLINE
+        0x277,       // IA32_PAT
+        0xc000_0103, // TSC_AUX
+        0x4b56_4d00, // kvmclock wall clock
+        0x4b56_4d01, // kvmclock system time
+        0x4b56_4d02, // async page fault
+        0x4b56_4d03, // steal time
+        0x4b56_4d04, // PV EOI
+        0x4b56_4d05, // poll control
+    ]);
+    v
+}
+
+/// Reads `indices`, skipping any the host refuses.
+pub fn get_msrs_tolerant(
+    vcpu: &VcpuFd,
+    indices: &[u32],
+) -> Result<Vec<(u32, u64)>, kvm_ioctls::Error> {
+    let mut out = Vec::new();
+    let mut rest = indices;
+    while !rest.is_empty() {
+        let entries: Vec<kvm_msr_entry> = rest
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
+        let n = vcpu.get_msrs(&mut msrs)?;
+        out.extend(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)));
+        if n >= rest.len() {
+            break;
+        }
+        tracing::debug!(
+            msr = format_args!("{:#x}", rest[n]),
+            "host refused to read MSR; not saved"
+        );
+        rest = &rest[n + 1..];
+    }
+    Ok(out)
+}
+
 /// Sets `entries`; if KVM stops early, the refused MSR is logged and the rest are set after it.
 /// Returns the indices of refused MSRs.
 pub fn set_msrs_tolerant(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Vec<u32> {
