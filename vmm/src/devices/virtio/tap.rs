@@ -112,29 +112,24 @@ impl Tap {
 
     /// Reads one frame (with its virtio-net header) into `iovs`; `WouldBlock` when none waits.
     pub fn readv(&self, iovs: &[libc::iovec]) -> std::io::Result<usize> {
-        // SAFETY: the iovecs describe writable buffers that outlive the call.
-        let n = unsafe {
-            libc::readv(
-                self.file.as_raw_fd(),
-                iovs.as_ptr(),
-                iovs.len() as libc::c_int,
-            )
-        };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(n as usize)
+        self.vectored(iovs, false)
     }
 
     /// Writes one frame (with its virtio-net header) gathered from `iovs`.
     pub fn writev(&self, iovs: &[libc::iovec]) -> std::io::Result<usize> {
-        // SAFETY: the iovecs describe readable buffers that outlive the call.
+        self.vectored(iovs, true)
+    }
+
+    fn vectored(&self, iovs: &[libc::iovec], write: bool) -> std::io::Result<usize> {
+        let (fd, cnt) = (self.file.as_raw_fd(), iovs.len() as libc::c_int);
+        // SAFETY: the iovecs describe guest buffers that outlive the call; the kernel copies one
+        // frame to or from them.
         let n = unsafe {
-            libc::writev(
-                self.file.as_raw_fd(),
-                iovs.as_ptr(),
-                iovs.len() as libc::c_int,
-            )
+            if write {
+                libc::writev(fd, iovs.as_ptr(), cnt)
+            } else {
+                libc::readv(fd, iovs.as_ptr(), cnt)
+            }
         };
         if n < 0 {
             return Err(std::io::Error::last_os_error());
