@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use serde_json::json;
 
 use crate::config::VmConfig;
 use crate::migration::{tag, ComponentState, MigrationError, Snapshottable};
@@ -100,6 +99,13 @@ pub fn claim(dir: &Path, who: &str) -> std::io::Result<bool> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Milliseconds from `paused_ns` to the time the target wrote in `DIR/resumed`, once it has.
+fn downtime_if_resumed(dir: &Path, paused_ns: u128) -> Option<f64> {
+    let text = std::fs::read_to_string(dir.join(RESUMED_FILE)).ok()?;
+    let resumed: u128 = text.trim().parse().unwrap_or(paused_ns);
+    Some(resumed.saturating_sub(paused_ns) as f64 / 1e6)
 }
 
 /// Writes the pages set in `bitmaps` from guest memory into `out`; returns the bytes written.
@@ -266,27 +272,26 @@ impl Source {
         let paused_ns = now_ns();
         self.vcpus
             .pause(Duration::from_secs(5))
-            .map_err(|e| Failure::resuming(format!("cannot pause: {e}")))?;
+            .map_err(|e| Failure::new(format!("cannot pause: {e}")))?;
         self.set(|pr| pr.phase = "handover");
         let last = self
             .vm
             .dirty_bitmaps()
-            .map_err(|e| Failure::resuming(format!("dirty log: {e}")))?;
-        *written += write_dirty(&self.vm, pending, out)
-            .map_err(Failure::io_resuming("cannot write dirty pages"))?;
-        *written += write_dirty(&self.vm, &last, out)
-            .map_err(Failure::io_resuming("cannot write dirty pages"))?;
+            .map_err(|e| Failure::new(format!("dirty log: {e}")))?;
+        *written +=
+            write_dirty(&self.vm, pending, out).map_err(Failure::io("cannot write dirty pages"))?;
+        *written +=
+            write_dirty(&self.vm, &last, out).map_err(Failure::io("cannot write dirty pages"))?;
         out.sync_data()
-            .map_err(Failure::io_resuming("cannot flush memory.bin"))?;
-        let state = self.state().map_err(|e| Failure::resuming(e.to_string()))?;
-        snapshot::write_state(&p.dir, &state).map_err(|e| Failure::resuming(e.to_string()))?;
+            .map_err(Failure::io("cannot flush memory.bin"))?;
+        let state = self.state().map_err(|e| Failure::new(e.to_string()))?;
+        snapshot::write_state(&p.dir, &state).map_err(|e| Failure::new(e.to_string()))?;
 
         // The target claims and resumes; if it does not claim in time, we claim and resume here.
         let deadline = Instant::now() + p.handover_timeout;
         loop {
-            if let Ok(text) = std::fs::read_to_string(p.dir.join(RESUMED_FILE)) {
-                let resumed: u128 = text.trim().parse().unwrap_or(paused_ns);
-                return Ok(Some(resumed.saturating_sub(paused_ns) as f64 / 1e6));
+            if let Some(downtime) = downtime_if_resumed(&p.dir, paused_ns) {
+                return Ok(Some(downtime));
             }
             let cancelled = self.cancel.load(Ordering::SeqCst);
             if cancelled && claim(&p.dir, "source").unwrap_or(false) {
@@ -303,7 +308,7 @@ impl Source {
                             p.dir.join(snapshot::STATE_FILE),
                             p.dir.join("state.bin.aborted"),
                         );
-                        Err(Failure::resuming(format!(
+                        Err(Failure::new(format!(
                             "the target did not take over within {:?}; the guest runs here again",
                             p.handover_timeout
                         )))
@@ -325,9 +330,8 @@ impl Source {
     fn wait_resumed(&self, dir: &Path, paused_ns: u128, timeout: Duration) -> Result<f64, Failure> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if let Ok(text) = std::fs::read_to_string(dir.join(RESUMED_FILE)) {
-                let resumed: u128 = text.trim().parse().unwrap_or(paused_ns);
-                return Ok(resumed.saturating_sub(paused_ns) as f64 / 1e6);
+            if let Some(downtime) = downtime_if_resumed(dir, paused_ns) {
+                return Ok(downtime);
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -353,13 +357,8 @@ struct Failure {
 }
 
 impl Failure {
+    /// The guest runs here again.
     fn new(message: String) -> Failure {
-        Failure {
-            message,
-            resume: true,
-        }
-    }
-    fn resuming(message: String) -> Failure {
         Failure {
             message,
             resume: true,
@@ -374,9 +373,6 @@ impl Failure {
     }
     fn io(what: &'static str) -> impl Fn(std::io::Error) -> Failure {
         move |e| Failure::new(format!("{what}: {e}"))
-    }
-    fn io_resuming(what: &'static str) -> impl Fn(std::io::Error) -> Failure {
-        move |e| Failure::resuming(format!("{what}: {e}"))
     }
 }
 
@@ -399,9 +395,4 @@ pub fn report_resumed(dir: &Path) -> std::io::Result<()> {
     let tmp = dir.join(format!(".{RESUMED_FILE}.tmp"));
     std::fs::write(&tmp, now_ns().to_string())?;
     std::fs::rename(tmp, dir.join(RESUMED_FILE))
-}
-
-/// JSON for `info` while a migration runs.
-pub fn progress_json(p: &Progress) -> serde_json::Value {
-    json!(p)
 }

@@ -339,7 +339,7 @@ impl Machine {
                 None => "restored",
             },
             "config": self.config,
-            "migration": self.migration.as_ref().map(|m| crate::migrate::progress_json(&lock(&m.progress))),
+            "migration": self.migration.as_ref().map(|m| json!(*lock(&m.progress))),
         })
     }
 

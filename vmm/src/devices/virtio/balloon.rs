@@ -175,9 +175,8 @@ impl VirtioDevice for Balloon {
     }
     fn reset(&mut self) {
         *lock(&self.control.poke) = None;
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        // Dropping the worker stops and joins its thread.
+        self.worker = None;
         self.control.actual.store(0, Ordering::SeqCst);
     }
     fn name(&self) -> &'static str {

@@ -42,9 +42,8 @@ impl VirtioDevice for Rng {
         Ok(())
     }
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        // Dropping the worker stops and joins its thread.
+        self.worker = None;
     }
     fn name(&self) -> &'static str {
         "virtio-rng"

@@ -95,11 +95,6 @@ impl<H: QueueHandler> Worker<H> {
         })
     }
 
-    /// Asks the worker to run `control_event`.
-    pub fn poke(&self) {
-        let _ = self.control.write(1);
-    }
-
     /// A function that pokes the worker, for whoever needs to from another thread.
     pub fn poker(&self) -> std::io::Result<impl Fn() + Send + 'static> {
         let control = self.control.try_clone()?;
@@ -108,7 +103,8 @@ impl<H: QueueHandler> Worker<H> {
         })
     }
 
-    /// Stops the thread and returns the handler.
+    /// Stops the thread and returns the handler, with its queues (what a device snapshot will
+    /// read; a plain reset just drops the worker).
     pub fn stop(mut self) -> Option<H> {
         let _ = self.stop.write(1);
         self.thread.take().and_then(|t| t.join().ok())
