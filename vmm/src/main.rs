@@ -189,7 +189,16 @@ fn incoming(
     if !vmm::migrate::await_handover(dir)? {
         anyhow::bail!("the source took the VM back before this target claimed it");
     }
-    let machine = Machine::restore(dir, serial, api_socket, false, kvm)?;
+    let machine = match Machine::restore(dir, serial, api_socket, false, kvm) {
+        Ok(m) => m,
+        Err(e) => {
+            let why = format!("{e:#}");
+            if let Err(g) = vmm::migrate::give_back(dir, &why) {
+                tracing::error!(error = %g, "cannot give the VM back to the source");
+            }
+            anyhow::bail!("cannot start the migrated VM: {why}");
+        }
+    };
     vmm::migrate::report_resumed(dir)?;
     let outcome = machine.run();
     if outcome.exit_code != 0 {

@@ -5,11 +5,32 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 
 use thiserror::Error;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::arch::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// Guest RAM with a dirty bitmap per region: every write the VMM makes through vm-memory (used
+/// rings, descriptor-chain writers) sets it, and [`mark_dirty`] covers the raw writes (vectored I/O
+/// straight into guest buffers, balloon discards). KVM's dirty log only sees the vCPUs' writes;
+/// live migration needs both.
+pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
+
+/// Records that the VMM wrote `len` bytes of guest memory at `addr` (outside vm-memory's accessors).
+pub fn mark_dirty(mem: &GuestMemory, addr: GuestAddress, len: usize) {
+    if let Some((region, offset)) = mem.to_region_addr(addr) {
+        region.bitmap().mark_dirty(offset.0 as usize, len);
+    }
+}
+
+/// Per region, the pages the VMM wrote since the last call (reading clears them), in the same
+/// layout as KVM's dirty log: bit `i` of word `i / 64` is page `i` of the region.
+pub fn take_vmm_dirty(mem: &GuestMemory) -> Vec<Vec<u64>> {
+    // The region's own bitmap (through MmapRegion), not the slice view GuestMemoryRegion gives.
+    mem.iter()
+        .map(|r| std::ops::Deref::deref(r).bitmap().get_and_reset())
+        .collect()
+}
 
 /// What guest RAM is a mapping of.
 pub enum Backing {
@@ -99,7 +120,7 @@ pub fn map_snapshot_memory(file: &File, size: u64) -> Result<GuestMemory, Memory
             size: size >> 20,
             err: e,
         };
-        let region = MmapRegionBuilder::new(len)
+        let region = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
             .with_file_offset(fo)
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)

@@ -9,7 +9,11 @@
 //! exclusively, restores (memory mapped lazily from `memory.bin`) and writes `DIR/resumed` with the
 //! time it resumed. If the target has not claimed within the handover timeout, the source claims
 //! instead and resumes the guest itself: whoever creates `claimed` first runs the guest, so it never
-//! runs in two places.
+//! runs in two places. A target that claimed but cannot start the VM (a disk it cannot lock, a tap
+//! it cannot open) writes why to `DIR/failed` and gives up its claim, and the source takes over.
+//!
+//! Devices pause with the vCPUs and let go of their host resources (disk locks, taps, vsock
+//! sockets) before `state.bin` appears; the source takes them back if the guest returns to it.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -22,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::config::VmConfig;
+use crate::devices::manager::VirtioDevices;
 use crate::migration::{tag, ComponentState, MigrationError, Snapshottable};
 use crate::snapshot::{self, SnapshotState};
 use crate::vcpu::VcpuSet;
@@ -29,6 +34,9 @@ use crate::vm::Vm;
 
 pub const CLAIM_FILE: &str = "claimed";
 pub const RESUMED_FILE: &str = "resumed";
+pub const FAILED_FILE: &str = "failed";
+/// What a previous migration through the same directory may have left.
+const STALE: [&str; 4] = [snapshot::STATE_FILE, CLAIM_FILE, RESUMED_FILE, FAILED_FILE];
 const PAGE: u64 = 4096;
 
 /// What `migrate` was asked for.
@@ -71,8 +79,10 @@ pub struct Source {
     pub vm: Arc<Vm>,
     pub vcpus: Arc<VcpuSet>,
     pub config: VmConfig,
-    /// Saves the devices' state (the vCPUs are paused when it is called).
+    /// Saves the devices' state (the vCPUs and virtio devices are paused when it is called).
     pub save_devices: Box<dyn Fn() -> Result<Vec<ComponentState>, MigrationError> + Send>,
+    /// Paused with the vCPUs, released at the handover, taken back on failure.
+    pub virtio: VirtioDevices,
     pub progress: Arc<Mutex<Progress>>,
     pub cancel: Arc<AtomicBool>,
 }
@@ -163,6 +173,7 @@ impl Source {
                 error: None,
             },
             Ok(None) => {
+                self.resume_devices();
                 self.vcpus.resume();
                 Outcome {
                     status: "cancelled",
@@ -175,6 +186,7 @@ impl Source {
             }
             Err(e) => {
                 if e.resume {
+                    self.resume_devices();
                     self.vcpus.resume();
                 }
                 Outcome {
@@ -199,7 +211,7 @@ impl Source {
         let dir = &p.dir;
         std::fs::create_dir_all(dir)
             .map_err(Failure::io("cannot create the migration directory"))?;
-        for stale in [snapshot::STATE_FILE, CLAIM_FILE, RESUMED_FILE] {
+        for stale in STALE {
             let _ = std::fs::remove_file(dir.join(stale));
         }
         let mem_path = dir.join(snapshot::MEMORY_FILE);
@@ -260,6 +272,12 @@ impl Source {
         }
     }
 
+    fn resume_devices(&self) {
+        if let Err(e) = self.virtio.resume() {
+            tracing::error!(error = %e, "a device did not resume after the migration stopped");
+        }
+    }
+
     /// Pauses, writes the rest and the state, and waits for the target to take over.
     /// `Ok(None)`: cancelled before the target claimed the VM, which then runs here again.
     fn handover(
@@ -273,6 +291,11 @@ impl Source {
         self.vcpus
             .pause(Duration::from_secs(5))
             .map_err(|e| Failure::new(format!("cannot pause: {e}")))?;
+        // Devices stop after the vCPUs (no new requests), before the last dirty log is read (what
+        // they wrote is in it).
+        self.virtio
+            .pause()
+            .map_err(|e| Failure::new(format!("cannot pause the devices: {e}")))?;
         self.set(|pr| pr.phase = "handover");
         let last = self
             .vm
@@ -285,7 +308,11 @@ impl Source {
         out.sync_data()
             .map_err(Failure::io("cannot flush memory.bin"))?;
         let state = self.state().map_err(|e| Failure::new(e.to_string()))?;
-        snapshot::write_state(&p.dir, &state).map_err(|e| Failure::new(e.to_string()))?;
+        // From here the target may open the disks, taps and sockets.
+        self.virtio.release();
+        if let Err(e) = snapshot::write_state(&p.dir, &state) {
+            return Err(self.take_back(&p.dir, &state, e.to_string()));
+        }
 
         // The target claims and resumes; if it does not claim in time, we claim and resume here.
         let deadline = Instant::now() + p.handover_timeout;
@@ -295,24 +322,35 @@ impl Source {
             }
             let cancelled = self.cancel.load(Ordering::SeqCst);
             if cancelled && claim(&p.dir, "source").unwrap_or(false) {
-                let _ = std::fs::rename(
-                    p.dir.join(snapshot::STATE_FILE),
-                    p.dir.join("state.bin.aborted"),
-                );
-                return Ok(None);
+                let failure = self.take_back(&p.dir, &state, String::new());
+                if failure.message.is_empty() {
+                    return Ok(None);
+                }
+                return Err(failure);
+            }
+            if let Ok(why) = std::fs::read_to_string(p.dir.join(FAILED_FILE)) {
+                // The target gave up its claim; whoever claims now runs the guest.
+                if claim(&p.dir, "source").unwrap_or(false) {
+                    return Err(self.take_back(
+                        &p.dir,
+                        &state,
+                        format!(
+                            "the target could not start the VM ({}); the guest runs here again",
+                            why.trim()
+                        ),
+                    ));
+                }
             }
             if Instant::now() >= deadline {
                 return match claim(&p.dir, "source") {
-                    Ok(true) => {
-                        let _ = std::fs::rename(
-                            p.dir.join(snapshot::STATE_FILE),
-                            p.dir.join("state.bin.aborted"),
-                        );
-                        Err(Failure::new(format!(
+                    Ok(true) => Err(self.take_back(
+                        &p.dir,
+                        &state,
+                        format!(
                             "the target did not take over within {:?}; the guest runs here again",
                             p.handover_timeout
-                        )))
-                    }
+                        ),
+                    )),
                     // The target claimed but has not resumed: it owns the guest now, so this side
                     // must not run it. Wait for it a while longer, then report and stay paused.
                     Ok(false) => self
@@ -325,6 +363,31 @@ impl Source {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+    }
+
+    /// The guest runs here again (we hold the claim): the handover state is retired and the
+    /// devices take their resources back. Returns the failure to report, with any device that could
+    /// not be taken back named (an empty message for a clean cancel).
+    fn take_back(&self, dir: &Path, state: &SnapshotState, why: String) -> Failure {
+        let _ = std::fs::rename(dir.join(snapshot::STATE_FILE), dir.join("state.bin.aborted"));
+        let virtio: Vec<_> = state
+            .devices
+            .iter()
+            .filter(|d| d.id.starts_with("virtio"))
+            .cloned()
+            .collect();
+        let errors = self.virtio.reacquire(&virtio);
+        let mut message = why;
+        if !errors.is_empty() {
+            if !message.is_empty() {
+                message.push_str("; ");
+            }
+            message.push_str(&format!(
+                "devices not taken back (they need a reset): {}",
+                errors.join(", ")
+            ));
+        }
+        Failure::new(message)
     }
 
     fn wait_resumed(&self, dir: &Path, paused_ns: u128, timeout: Duration) -> Result<f64, Failure> {
@@ -381,13 +444,22 @@ impl Failure {
 pub fn await_handover(dir: &Path) -> std::io::Result<bool> {
     std::fs::create_dir_all(dir)?;
     // Whatever a previous migration left here is not ours to start from.
-    for stale in [snapshot::STATE_FILE, CLAIM_FILE, RESUMED_FILE] {
+    for stale in STALE {
         let _ = std::fs::remove_file(dir.join(stale));
     }
     while !dir.join(snapshot::STATE_FILE).exists() {
         std::thread::sleep(Duration::from_micros(200));
     }
     claim(dir, "target")
+}
+
+/// Target side, after claiming: the VM cannot start here. Says why and gives the claim up, so the
+/// source takes the guest back at once instead of waiting for its timeout.
+pub fn give_back(dir: &Path, why: &str) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{FAILED_FILE}.tmp"));
+    std::fs::write(&tmp, why)?;
+    std::fs::rename(tmp, dir.join(FAILED_FILE))?;
+    std::fs::remove_file(dir.join(CLAIM_FILE))
 }
 
 /// Target side: tells the source the guest runs here.

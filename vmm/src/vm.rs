@@ -110,12 +110,16 @@ impl Vm {
     }
 
     /// For each RAM region: its guest address, file offset, and the bitmap of 4 KiB pages dirtied
-    /// since the last call (reading clears it).
+    /// since the last call (reading clears it), by the vCPUs (KVM's log) or by the VMM's devices.
     pub fn dirty_bitmaps(&self) -> Result<Vec<(u64, u64, Vec<u64>)>, kvm_ioctls::Error> {
         let mut offset = 0;
         let mut out = Vec::new();
+        let vmm_dirty = crate::memory::take_vmm_dirty(&self.memory);
         for (slot, region) in self.memory.iter().enumerate() {
-            let bitmap = self.fd.get_dirty_log(slot as u32, region.len() as usize)?;
+            let mut bitmap = self.fd.get_dirty_log(slot as u32, region.len() as usize)?;
+            if let Some(vmm) = vmm_dirty.get(slot) {
+                bitmap.iter_mut().zip(vmm).for_each(|(k, v)| *k |= v);
+            }
             out.push((region.start_addr().raw_value(), offset, bitmap));
             offset += region.len();
         }

@@ -30,7 +30,7 @@ use crate::devices::virtio::tap::Tap;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::{lock, Bus};
 use crate::memory::Backing;
-use crate::migration::Snapshottable;
+use crate::migration::{MigrationError, Snapshottable};
 use crate::snapshot::{self, SnapshotState};
 use crate::vcpu::{Vcpu, VcpuSet};
 use crate::vm::Vm;
@@ -101,6 +101,17 @@ pub struct Outcome {
     pub reason: String,
 }
 
+/// Every device's state, in a fixed order (docs/snapshot.md).
+fn save_devices(
+    serial: &Mutex<SerialDevice>,
+    ged: &Mutex<Ged>,
+    virtio: &VirtioDevices,
+) -> Result<Vec<crate::migration::ComponentState>, MigrationError> {
+    let mut devices = vec![lock(serial).snapshot()?, lock(ged).snapshot()?];
+    devices.extend(virtio.save()?);
+    Ok(devices)
+}
+
 fn serial_output(cfg: &SerialOutput) -> Result<serial::Output> {
     Ok(match cfg {
         SerialOutput::Stdio => Box::new(LineWriter::new(std::io::stdout())),
@@ -152,7 +163,7 @@ impl Machine {
     }
 
     fn assemble(
-        config: VmConfig,
+        mut config: VmConfig,
         kvm: kvm_ioctls::Kvm,
         start: Start,
         paused: bool,
@@ -213,12 +224,14 @@ impl Machine {
             let disk = Block::open(&d.path, d.read_only)?;
             virtio.attach(&vm.fd, &vm.memory, &mut mmio_bus, Box::new(disk))?;
         }
-        for n in &config.devices.nets {
+        for n in &mut config.devices.nets {
             let mac = n
                 .mac
                 .as_deref()
                 .and_then(net::parse_mac)
                 .unwrap_or_else(net::random_mac);
+            // The MAC the guest saw travels with snapshots and migrations.
+            n.mac = Some(net::format_mac(&mac));
             let dev = Net::new(Tap::open(&n.tap)?, mac);
             virtio.attach(&vm.fd, &vm.memory, &mut mmio_bus, Box::new(dev))?;
         }
@@ -283,14 +296,25 @@ impl Machine {
                     v.restore_snapshot(s)?;
                     vcpus.push(v);
                 }
+                let mut restored_virtio = 0;
                 for d in &state.devices {
                     match d.id.as_str() {
                         "serial0" => lock(&serial).restore_snapshot(d)?,
                         "ged" => lock(&ged).restore_snapshot(d)?,
+                        _ if virtio.restore(d)? => restored_virtio += 1,
                         other => {
                             anyhow::bail!("the snapshot has state for an unknown device '{other}'")
                         }
                     }
+                }
+                if restored_virtio != virtio.transports.len() {
+                    anyhow::bail!(
+                        "the snapshot has state for {restored_virtio} of the VM's {} virtio devices",
+                        virtio.transports.len()
+                    );
+                }
+                if !paused {
+                    virtio.resume()?;
                 }
                 (vcpus, None)
             }
@@ -324,6 +348,14 @@ impl Machine {
             migration: None,
             events_tx: tx,
         })
+    }
+
+    /// Devices before vCPUs, so the guest finds them working.
+    fn resume_all(&self) {
+        if let Err(e) = self.virtio.resume() {
+            tracing::error!(error = %e, "a device did not resume");
+        }
+        self.vcpus.resume();
     }
 
     fn info(&self) -> serde_json::Value {
@@ -394,7 +426,7 @@ impl Machine {
                     }
                     if self.state == RunState::Paused {
                         // A paused guest cannot react to the button.
-                        self.vcpus.resume();
+                        self.resume_all();
                         self.state = RunState::Running;
                     }
                     if let Err(e) = lock(&self.ged).notify(POWER_BUTTON_BIT) {
@@ -452,14 +484,20 @@ impl Machine {
                 if self.state == RunState::Paused {
                     return Response::err("the VM is already paused");
                 }
-                match self.vcpus.pause(PAUSE_TIMEOUT) {
+                // vCPUs first (no new requests), then the devices finish what they hold.
+                let paused = self
+                    .vcpus
+                    .pause(PAUSE_TIMEOUT)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| self.virtio.pause().map_err(|e| e.to_string()));
+                match paused {
                     Ok(()) => {
                         self.state = RunState::Paused;
                         Response::ok(json!({"state": "paused"}))
                     }
                     Err(e) => {
-                        self.vcpus.resume();
-                        Response::err(e.to_string())
+                        self.resume_all();
+                        Response::err(e)
                     }
                 }
             }
@@ -467,7 +505,7 @@ impl Machine {
                 if self.state == RunState::Running {
                     return Response::err("the VM is not paused");
                 }
-                self.vcpus.resume();
+                self.resume_all();
                 self.state = RunState::Running;
                 Response::ok(json!({"state": "running"}))
             }
@@ -498,14 +536,15 @@ impl Machine {
         }
     }
 
+    fn save_devices(&self) -> Result<Vec<crate::migration::ComponentState>, MigrationError> {
+        save_devices(&self.serial, &self.ged, &self.virtio)
+    }
+
     /// Writes the paused VM's complete state and memory to `dir` (docs/snapshot.md). The state
     /// file is written last, so a directory without one holds no usable snapshot.
     fn snapshot(&mut self, dir: &std::path::Path) -> Result<serde_json::Value> {
         if self.state != RunState::Paused {
             anyhow::bail!("pause the VM before taking a snapshot");
-        }
-        if !self.virtio.info.is_empty() {
-            anyhow::bail!("snapshots of VMs with virtio devices are not supported yet");
         }
         let t0 = Instant::now();
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -513,7 +552,7 @@ impl Machine {
             config: self.config.clone(),
             vm: crate::migration::tag("vm", Vm::STATE_VERSION, self.vm.save_state()?)?,
             vcpus: self.vcpus.save()?,
-            devices: vec![lock(&self.serial).snapshot()?, lock(&self.ged).snapshot()?],
+            devices: self.save_devices()?,
         };
         snapshot::write_memory(dir, &self.vm.memory, &self.vm.backing)?;
         snapshot::write_state(dir, &state)?;
@@ -539,21 +578,15 @@ impl Machine {
                 "the VM must be running to migrate (resume it first)",
             ));
         }
-        if !self.virtio.info.is_empty() {
-            return reply.send(Response::err(
-                "migration of VMs with virtio devices is not supported yet",
-            ));
-        }
         let progress = Arc::new(Mutex::new(crate::migrate::Progress::default()));
         let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (serial, ged) = (self.serial.clone(), self.ged.clone());
+        let (serial, ged, virtio) = (self.serial.clone(), self.ged.clone(), self.virtio.clone());
         let source = crate::migrate::Source {
             vm: self.vm.clone(),
             vcpus: self.vcpus.clone(),
             config: self.config.clone(),
-            save_devices: Box::new(move || {
-                Ok(vec![lock(&serial).snapshot()?, lock(&ged).snapshot()?])
-            }),
+            save_devices: Box::new(move || save_devices(&serial, &ged, &virtio)),
+            virtio: self.virtio.clone(),
             progress: progress.clone(),
             cancel: cancel.clone(),
         };

@@ -9,7 +9,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::virtio::mmio::{reg, MmioTransport};
 use super::virtio::{Interrupt, VirtioDevice};
-use super::{Bus, BusError};
+use super::{lock, Bus, BusError};
+use crate::migration::{ComponentState, MigrationError, Pausable, Snapshottable};
 use crate::acpi::MmioDeviceInfo;
 use crate::arch::layout::{IOAPIC_PINS, VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::memory::GuestMemory;
@@ -31,7 +32,7 @@ pub enum DeviceError {
 }
 
 /// The virtio devices of one VM.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct VirtioDevices {
     pub info: Vec<MmioDeviceInfo>,
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
@@ -77,6 +78,7 @@ impl VirtioDevices {
             queue_evts.push(evt);
         }
         let transport = Arc::new(Mutex::new(MmioTransport::new(
+            format!("virtio{index}"),
             device,
             mem.clone(),
             Arc::new(Interrupt::new(irqfd)),
@@ -90,5 +92,57 @@ impl VirtioDevices {
         });
         self.transports.push(transport.clone());
         Ok(transport)
+    }
+}
+
+impl VirtioDevices {
+    /// Stops every device's worker (after the vCPUs, so nothing new arrives).
+    pub fn pause(&self) -> Result<(), MigrationError> {
+        self.transports.iter().try_for_each(|t| lock(t).pause())
+    }
+
+    pub fn resume(&self) -> Result<(), MigrationError> {
+        self.transports.iter().try_for_each(|t| lock(t).resume())
+    }
+
+    /// Every device's state, in attach order (ids `virtio0`, `virtio1`, …). Call while paused.
+    pub fn save(&self) -> Result<Vec<ComponentState>, MigrationError> {
+        self.transports.iter().map(|t| lock(t).snapshot()).collect()
+    }
+
+    /// Restores the device whose id is `state.id`; false if there is none.
+    pub fn restore(&self, state: &ComponentState) -> Result<bool, MigrationError> {
+        for t in &self.transports {
+            let mut t = lock(t);
+            if t.id() == state.id {
+                t.restore_snapshot(state)?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Migration handover: every device lets go of its host resources.
+    pub fn release(&self) {
+        self.transports.iter().for_each(|t| lock(t).release());
+    }
+
+    /// The migration failed: every device takes its resources back and continues from `saved`.
+    /// Returns what could not be taken back (those devices need a reset from the driver).
+    pub fn reacquire(&self, saved: &[ComponentState]) -> Vec<String> {
+        let mut errors = Vec::new();
+        for t in &self.transports {
+            let mut t = lock(t);
+            let id = t.id();
+            let r = match saved.iter().find(|s| s.id == id) {
+                Some(s) => t.reacquire(s),
+                None => Err("no saved state".into()),
+            };
+            if let Err(e) = r {
+                tracing::error!(device = id, error = %e, "cannot take the device back after a failed migration");
+                errors.push(format!("{id}: {e}"));
+            }
+        }
+        errors
     }
 }

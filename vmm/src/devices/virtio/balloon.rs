@@ -15,7 +15,7 @@ use serde::Serialize;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use super::worker::{QueueHandler, Worker};
+use super::worker::{QueueHandler, Worker, WorkerControl};
 use super::{
     read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_USED_RING,
     TYPE_BALLOON,
@@ -182,6 +182,32 @@ impl VirtioDevice for Balloon {
     fn name(&self) -> &'static str {
         "virtio-balloon"
     }
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::json!({
+            "target_pages": self.control.target_pages(),
+            "actual_pages": self.control.actual_pages(),
+        })
+    }
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let field = |k: &str| {
+            state
+                .get(k)
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|v| u32::try_from(v).ok())
+                .ok_or_else(|| format!("balloon state lacks {k}"))
+        };
+        self.control.set_target_pages(field("target_pages")?);
+        self.control
+            .actual
+            .store(field("actual_pages")?, Ordering::SeqCst);
+        Ok(())
+    }
+    fn worker(&self) -> Option<&dyn WorkerControl> {
+        self.worker.as_ref().map(|w| w as &dyn WorkerControl)
+    }
+    fn worker_mut(&mut self) -> Option<&mut dyn WorkerControl> {
+        self.worker.as_mut().map(|w| w as &mut dyn WorkerControl)
+    }
 }
 
 pub struct BalloonQueues {
@@ -220,6 +246,8 @@ impl BalloonQueues {
                     if r != 0 {
                         tracing::debug!(error = %std::io::Error::last_os_error(), "virtio-balloon: madvise failed");
                     }
+                    // The page now reads as zeros: a migration must carry that over.
+                    crate::memory::mark_dirty(&self.mem, addr, BALLOON_PAGE as usize);
                 }
                 Err(_) => tracing::debug!(
                     pfn = u32::from_le_bytes(pfn),
@@ -299,6 +327,16 @@ impl BalloonQueues {
 }
 
 impl QueueHandler for BalloonQueues {
+    fn queues(&self) -> Vec<(usize, &Queue)> {
+        let mut q = vec![(INFLATE, &self.inflate), (DEFLATE, &self.deflate)];
+        q.extend(self.stats.as_ref().map(|s| (STATS, s)));
+        q
+    }
+    fn pausing(&mut self) {
+        // The held stats buffer goes back now, so no buffer is owned outside the rings; the driver
+        // refills it when the guest runs again.
+        self.request_stats();
+    }
     fn queue_event(&mut self, index: usize) {
         match index {
             INFLATE | DEFLATE => self.drain(index),

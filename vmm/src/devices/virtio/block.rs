@@ -14,7 +14,7 @@ use std::sync::Arc;
 use thiserror::Error;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 
-use super::worker::{QueueHandler, Worker};
+use super::worker::{QueueHandler, Worker, WorkerControl};
 use super::{
     read_config_bytes, write_status, ActivateContext, ActivateError, GuestIovecs, Interrupt,
     VirtioDevice, INT_USED_RING, TYPE_BLOCK,
@@ -73,6 +73,23 @@ pub fn lock_image(file: &File, path: &Path, exclusive: bool) -> Result<(), Block
     match e.raw_os_error() {
         Some(libc::EAGAIN) | Some(libc::EACCES) => Err(BlockError::Locked(path.into())),
         _ => Err(BlockError::Lock(path.into(), e)),
+    }
+}
+
+/// Releases the OFD lock taken by [`lock_image`].
+pub fn unlock_image(file: &File) -> std::io::Result<()> {
+    let fl = libc::flock {
+        l_type: libc::F_UNLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_SETLK with a valid flock structure on an open descriptor.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -157,6 +174,24 @@ impl VirtioDevice for Block {
     }
     fn name(&self) -> &'static str {
         "virtio-blk"
+    }
+    fn release_backend(&mut self) {
+        // Everything written is on the shared storage before the target opens the image.
+        if let Err(e) = self.file.sync_data() {
+            tracing::warn!(path = %self.path.display(), error = %e, "virtio-blk: flush before handover failed");
+        }
+        if let Err(e) = unlock_image(&self.file) {
+            tracing::warn!(path = %self.path.display(), error = %e, "virtio-blk: cannot release the image lock");
+        }
+    }
+    fn reacquire_backend(&mut self) -> Result<(), String> {
+        lock_image(&self.file, &self.path, !self.read_only).map_err(|e| e.to_string())
+    }
+    fn worker(&self) -> Option<&dyn WorkerControl> {
+        self.worker.as_ref().map(|w| w as &dyn WorkerControl)
+    }
+    fn worker_mut(&mut self) -> Option<&mut dyn WorkerControl> {
+        self.worker.as_mut().map(|w| w as &mut dyn WorkerControl)
     }
 }
 
@@ -278,6 +313,9 @@ impl BlockQueue {
 }
 
 impl QueueHandler for BlockQueue {
+    fn queues(&self) -> Vec<(usize, &Queue)> {
+        vec![(0, &self.queue)]
+    }
     fn queue_event(&mut self, _index: usize) {
         let mem = self.mem.clone();
         let mut used = false;

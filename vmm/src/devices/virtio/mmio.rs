@@ -8,12 +8,14 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateContext, Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1};
 use crate::devices::BusDevice;
 use crate::memory::GuestMemory;
+use crate::migration::{MigrationError, Pausable, Snapshottable};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -55,6 +57,8 @@ pub mod reg {
 }
 
 pub struct MmioTransport {
+    /// `virtio<N>`: the device's place, which is also its id in snapshots.
+    id: String,
     device: Box<dyn VirtioDevice>,
     mem: GuestMemory,
     interrupt: Arc<Interrupt>,
@@ -66,12 +70,45 @@ pub struct MmioTransport {
     queue_sel: u32,
     status: u32,
     config_generation: u32,
+    /// Restored with DRIVER_OK but not running yet: activated on resume, so a VM restored paused
+    /// has devices that hold still too.
+    activate_on_resume: bool,
+}
+
+/// One queue as the driver set it up, and how far the device got with it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueSave {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx: bool,
+}
+
+/// The transport's registers, its queues and the device's own state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub status: u32,
+    pub driver_features: u64,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub queue_sel: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub queues: Vec<QueueSave>,
+    pub device: serde_json::Value,
 }
 
 impl MmioTransport {
     /// `queue_evts` must be registered as ioeventfds on this device's QueueNotify register, one per
     /// queue with the queue index as datamatch.
     pub fn new(
+        id: String,
         device: Box<dyn VirtioDevice>,
         mem: GuestMemory,
         interrupt: Arc<Interrupt>,
@@ -83,6 +120,7 @@ impl MmioTransport {
             .map(|&max| Queue::new(max).expect("device queue sizes are powers of two"))
             .collect();
         MmioTransport {
+            id,
             device,
             mem,
             interrupt,
@@ -94,7 +132,67 @@ impl MmioTransport {
             queue_sel: 0,
             status: 0,
             config_generation: 0,
+            activate_on_resume: false,
         }
+    }
+
+    /// Whether the driver has the device running (DRIVER_OK, no reset needed).
+    fn live(&self) -> bool {
+        self.status & STATUS_DRIVER_OK != 0
+            && self.status & (STATUS_NEEDS_RESET | STATUS_FAILED) == 0
+    }
+
+    /// Hands the device's queues to it and starts its worker.
+    fn activate(&mut self) -> Result<(), String> {
+        if let Some(i) = self
+            .queues
+            .iter()
+            .position(|q| q.ready() && !q.is_valid(&self.mem))
+        {
+            return Err(format!("queue {i} is invalid"));
+        }
+        let queues = self
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(q.state()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("queue state: {e:?}"))?;
+        let queue_evts = self
+            .queue_evts
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("cannot clone queue eventfds: {e}"))?;
+        self.device
+            .activate(ActivateContext {
+                mem: self.mem.clone(),
+                queues,
+                queue_evts,
+                interrupt: self.interrupt.clone(),
+                acked_features: self.driver_features,
+            })
+            .map_err(|e| e.to_string())
+    }
+
+    /// Migration handover: stops the device and lets go of its host resources (disk lock, tap,
+    /// socket), keeping `state` to take them back with [`MmioTransport::reacquire`].
+    pub fn release(&mut self) {
+        self.device.reset();
+        self.device.release_backend();
+    }
+
+    /// The migration failed: takes the host resources back and continues from `state` (saved at
+    /// the handover). A device that cannot is left needing a reset, and the error is returned.
+    pub fn reacquire(&mut self, state: &crate::migration::ComponentState) -> Result<(), String> {
+        let r = self
+            .device
+            .reacquire_backend()
+            .and_then(|()| self.restore_snapshot(state).map_err(|e| e.to_string()))
+            .and_then(|()| self.resume().map_err(|e| e.to_string()));
+        if let Err(e) = &r {
+            self.needs_reset(e);
+        }
+        r
     }
 
     pub fn device_type(&self) -> u32 {
@@ -129,6 +227,7 @@ impl MmioTransport {
         self.driver_features_sel = 0;
         self.queue_sel = 0;
         self.status = 0;
+        self.activate_on_resume = false;
         self.interrupt.ack(u32::MAX);
     }
 
@@ -169,45 +268,9 @@ impl MmioTransport {
                 self.needs_reset("DRIVER_OK without FEATURES_OK");
                 return;
             }
-            if let Some(i) = self
-                .queues
-                .iter()
-                .position(|q| q.ready() && !q.is_valid(&self.mem))
-            {
+            if let Err(e) = self.activate() {
                 self.status = v;
-                self.needs_reset(&format!("queue {i} is invalid"));
-                return;
-            }
-            let queues = match self
-                .queues
-                .iter()
-                .map(|q| Queue::try_from(q.state()))
-                .collect()
-            {
-                Ok(q) => q,
-                Err(e) => {
-                    self.status = v;
-                    self.needs_reset(&format!("queue state: {e:?}"));
-                    return;
-                }
-            };
-            let ctx = ActivateContext {
-                mem: self.mem.clone(),
-                queues,
-                queue_evts: match self.queue_evts.iter().map(EventFd::try_clone).collect() {
-                    Ok(e) => e,
-                    Err(e) => {
-                        self.status = v;
-                        self.needs_reset(&format!("cannot clone queue eventfds: {e}"));
-                        return;
-                    }
-                },
-                interrupt: self.interrupt.clone(),
-                acked_features: self.driver_features,
-            };
-            if let Err(e) = self.device.activate(ctx) {
-                self.status = v;
-                self.needs_reset(&e.to_string());
+                self.needs_reset(&e);
                 return;
             }
         }
@@ -376,5 +439,146 @@ impl BusDevice for MmioTransport {
                 "misaligned virtio-mmio register write"
             );
         }
+    }
+}
+
+impl Pausable for MmioTransport {
+    fn pause(&mut self) -> Result<(), MigrationError> {
+        if let Some(w) = self.device.worker_mut() {
+            w.pause();
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), MigrationError> {
+        if std::mem::take(&mut self.activate_on_resume) {
+            return self.activate().map_err(|reason| MigrationError::Restore {
+                id: self.id.clone(),
+                reason,
+            });
+        }
+        if let Some(w) = self.device.worker_mut() {
+            w.resume().map_err(|e| MigrationError::Restore {
+                id: self.id.clone(),
+                reason: format!("cannot restart the worker: {e}"),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Snapshottable for MmioTransport {
+    type State = TransportState;
+    const STATE_VERSION: u32 = 1;
+
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+
+    /// Exact only while paused: a running worker moves its queues on.
+    fn save(&mut self) -> Result<TransportState, MigrationError> {
+        let positions = self
+            .device
+            .worker()
+            .map(|w| w.positions())
+            .unwrap_or_default();
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let (next_avail, next_used) = positions
+                    .iter()
+                    .find(|p| p.index == i)
+                    .map_or((q.next_avail(), q.next_used()), |p| {
+                        (p.next_avail, p.next_used)
+                    });
+                let s = q.state();
+                QueueSave {
+                    max_size: s.max_size,
+                    size: s.size,
+                    ready: s.ready,
+                    desc_table: s.desc_table,
+                    avail_ring: s.avail_ring,
+                    used_ring: s.used_ring,
+                    next_avail,
+                    next_used,
+                    event_idx: s.event_idx_enabled,
+                }
+            })
+            .collect();
+        Ok(TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            queues,
+            device: self.device.save_state(),
+        })
+    }
+
+    /// Loads the registers and queues; a live device starts on [`Pausable::resume`].
+    fn restore(&mut self, s: TransportState) -> Result<(), MigrationError> {
+        let err = |reason: String| MigrationError::Restore {
+            id: self.id.clone(),
+            reason,
+        };
+        if s.device_type != self.device.device_type() {
+            return Err(err(format!(
+                "saved device type {} but this VM has type {} here",
+                s.device_type,
+                self.device.device_type()
+            )));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(err(format!(
+                "{} saved queues for a device with {}",
+                s.queues.len(),
+                self.queues.len()
+            )));
+        }
+        let mut queues = Vec::new();
+        for (i, (saved, q)) in s.queues.iter().zip(&self.queues).enumerate() {
+            if saved.max_size != q.max_size() {
+                return Err(err(format!(
+                    "queue {i}: saved maximum size {} but the device has {}",
+                    saved.max_size,
+                    q.max_size()
+                )));
+            }
+            let mut nq = Queue::new(saved.max_size).map_err(|e| err(format!("queue {i}: {e:?}")))?;
+            if nq.try_set_size(saved.size).is_err() {
+                nq.set_size(0);
+            }
+            let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+            let (lo, hi) = split(saved.desc_table);
+            nq.set_desc_table_address(lo, hi);
+            let (lo, hi) = split(saved.avail_ring);
+            nq.set_avail_ring_address(lo, hi);
+            let (lo, hi) = split(saved.used_ring);
+            nq.set_used_ring_address(lo, hi);
+            nq.set_next_avail(saved.next_avail);
+            nq.set_next_used(saved.next_used);
+            nq.set_event_idx(saved.event_idx);
+            nq.set_ready(saved.ready);
+            queues.push(nq);
+        }
+        self.device.reset();
+        self.device.restore_state(&s.device).map_err(err)?;
+        self.queues = queues;
+        self.status = s.status;
+        self.driver_features = s.driver_features;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.queue_sel = s.queue_sel;
+        self.config_generation = s.config_generation;
+        self.interrupt.ack(u32::MAX);
+        self.interrupt.set(s.interrupt_status);
+        self.activate_on_resume = self.live();
+        Ok(())
     }
 }

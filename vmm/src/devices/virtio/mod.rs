@@ -23,6 +23,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMemory;
+use worker::WorkerControl;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
@@ -72,6 +73,12 @@ impl Interrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Sets bits without raising the interrupt (restoring a snapshot: the interrupt controllers
+    /// already hold whatever was pending).
+    pub fn set(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+    }
+
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
@@ -103,6 +110,24 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// A short name for logs and snapshots.
     fn name(&self) -> &'static str;
+    /// The worker, once activated: pause/resume and the queues' positions.
+    fn worker(&self) -> Option<&dyn WorkerControl>;
+    fn worker_mut(&mut self) -> Option<&mut dyn WorkerControl>;
+    /// Device state beyond the transport registers and queues (e.g. the balloon's target).
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Takes back what [`VirtioDevice::save_state`] gave, before the device is re-activated.
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
+    /// Lets go of the host resources the migration target takes over (disk lock, tap, socket).
+    /// The device is reset (worker gone) when this is called.
+    fn release_backend(&mut self) {}
+    /// Takes them back: the migration failed and the guest runs here again.
+    fn reacquire_backend(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Copies `bytes[offset..]` into `data` (config space reads), zero-filling past the end.
@@ -122,6 +147,19 @@ pub fn read_config_bytes(bytes: &[u8], offset: u64, data: &mut [u8]) {
 pub struct GuestIovecs {
     pub iovecs: Vec<libc::iovec>,
     pub len: usize,
+    /// Writable buffers: guest memory and the ranges to mark dirty once the writes are done (on
+    /// drop), so live migration copies what the device wrote.
+    written: Option<(GuestMemory, Vec<(GuestAddress, usize)>)>,
+}
+
+impl Drop for GuestIovecs {
+    fn drop(&mut self) {
+        if let Some((mem, ranges)) = &self.written {
+            for &(addr, len) in ranges {
+                crate::memory::mark_dirty(mem, addr, len);
+            }
+        }
+    }
 }
 
 impl GuestIovecs {
@@ -131,6 +169,7 @@ impl GuestIovecs {
         writable: bool,
     ) -> Option<GuestIovecs> {
         let mut iovecs = Vec::new();
+        let mut ranges = Vec::new();
         let mut len = 0usize;
         for d in chain {
             if d.is_write_only() != writable || d.len() == 0 {
@@ -148,8 +187,15 @@ impl GuestIovecs {
                 iov_len: d.len() as usize,
             });
             len += d.len() as usize;
+            if writable {
+                ranges.push((d.addr(), d.len() as usize));
+            }
         }
-        Some(GuestIovecs { iovecs, len })
+        Some(GuestIovecs {
+            iovecs,
+            len,
+            written: writable.then(|| (mem.clone(), ranges)),
+        })
     }
 
     /// Drops the first `n` bytes (a request header already read another way).
@@ -198,9 +244,11 @@ impl GuestIovecs {
         }
         self.iovecs = head;
         self.len -= n;
+        // The ranges to mark stay with `self`, which outlives the tail's writes.
         GuestIovecs {
             iovecs: tail,
             len: n,
+            written: None,
         }
     }
 

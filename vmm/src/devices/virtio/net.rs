@@ -9,7 +9,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
 use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
-use super::worker::{QueueHandler, Worker};
+use super::worker::{QueueHandler, Worker, WorkerControl};
 use super::{
     read_config_bytes, ActivateContext, ActivateError, GuestIovecs, Interrupt, VirtioDevice,
     INT_USED_RING, TYPE_NET,
@@ -30,7 +30,9 @@ const TX: usize = 1;
 const MAX_FRAME: usize = VNET_HDR_LEN + 65550;
 
 pub struct Net {
-    tap: Tap,
+    /// `None` while handed over to a migration target.
+    tap: Option<Tap>,
+    tap_name: String,
     mac: [u8; 6],
     worker: Option<Worker<NetQueues>>,
 }
@@ -38,7 +40,8 @@ pub struct Net {
 impl Net {
     pub fn new(tap: Tap, mac: [u8; 6]) -> Net {
         Net {
-            tap,
+            tap_name: tap.name().to_string(),
+            tap: Some(tap),
             mac,
             worker: None,
         }
@@ -67,7 +70,12 @@ impl VirtioDevice for Net {
     fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
         let tx = ctx.queues.remove(TX);
         let rx = ctx.queues.remove(RX);
-        let tap = self.tap.try_clone().map_err(ActivateError::Worker)?;
+        let tap = self
+            .tap
+            .as_ref()
+            .ok_or_else(|| ActivateError::Device(format!("tap {} is released", self.tap_name)))?
+            .try_clone()
+            .map_err(ActivateError::Worker)?;
         // What the tap may send the guest follows what the driver accepted.
         let acked = ctx.acked_features;
         let mut offload = 0;
@@ -100,6 +108,23 @@ impl VirtioDevice for Net {
     }
     fn name(&self) -> &'static str {
         "virtio-net"
+    }
+    fn release_backend(&mut self) {
+        // The worker (and its clone of the tap) is gone: this closes the last descriptor, so the
+        // target can attach to the tap.
+        self.tap = None;
+    }
+    fn reacquire_backend(&mut self) -> Result<(), String> {
+        if self.tap.is_none() {
+            self.tap = Some(Tap::open(&self.tap_name).map_err(|e| e.to_string())?);
+        }
+        Ok(())
+    }
+    fn worker(&self) -> Option<&dyn WorkerControl> {
+        self.worker.as_ref().map(|w| w as &dyn WorkerControl)
+    }
+    fn worker_mut(&mut self) -> Option<&mut dyn WorkerControl> {
+        self.worker.as_mut().map(|w| w as &mut dyn WorkerControl)
     }
 }
 
@@ -176,6 +201,9 @@ impl NetQueues {
 }
 
 impl QueueHandler for NetQueues {
+    fn queues(&self) -> Vec<(usize, &Queue)> {
+        vec![(RX, &self.rx), (TX, &self.tx)]
+    }
     fn backend_fds(&self) -> Vec<(std::os::fd::RawFd, EventSet)> {
         vec![(
             self.tap.as_raw_fd(),
@@ -208,6 +236,14 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
         *m = u8::from_str_radix(p, 16).ok()?;
     }
     Some(mac)
+}
+
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// A random, locally administered unicast MAC.

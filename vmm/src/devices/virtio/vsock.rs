@@ -20,7 +20,7 @@ use thiserror::Error;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::worker::{QueueHandler, Worker};
+use super::worker::{QueueHandler, Worker, WorkerControl};
 use super::{
     read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_USED_RING,
     TYPE_VSOCK,
@@ -45,6 +45,9 @@ const MAX_PAYLOAD: usize = 64 * 1024;
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
+const EVENT: usize = 2;
+/// The event telling the driver every connection is gone (after a restore or migration).
+const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 /// Host ports we allocate for host-initiated connections start here.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 const LISTENER_TOKEN: u64 = 0;
@@ -110,8 +113,23 @@ impl Header {
 pub struct Vsock {
     cid: u64,
     path: PathBuf,
-    listener: UnixListener,
+    /// `None` while handed over to a migration target.
+    listener: Option<UnixListener>,
     worker: Option<Worker<VsockQueues>>,
+    /// Restored from a snapshot: the host ends of the guest's connections are gone, which the
+    /// driver is told once the device runs.
+    reset_pending: bool,
+}
+
+fn bind(path: &Path) -> Result<UnixListener, VsockError> {
+    if std::fs::symlink_metadata(path).is_ok() && UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path); // stale socket of a dead VMM
+    }
+    let listener = UnixListener::bind(path).map_err(|e| VsockError::Bind(path.into(), e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| VsockError::Bind(path.into(), e))?;
+    Ok(listener)
 }
 
 impl Vsock {
@@ -120,18 +138,12 @@ impl Vsock {
         if cid < 3 || cid > u64::from(u32::MAX) {
             return Err(VsockError::Cid(cid));
         }
-        if std::fs::symlink_metadata(path).is_ok() && UnixStream::connect(path).is_err() {
-            let _ = std::fs::remove_file(path); // stale socket of a dead VMM
-        }
-        let listener = UnixListener::bind(path).map_err(|e| VsockError::Bind(path.into(), e))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| VsockError::Bind(path.into(), e))?;
         Ok(Vsock {
             cid,
             path: path.into(),
-            listener,
+            listener: Some(bind(path)?),
             worker: None,
+            reset_pending: false,
         })
     }
 }
@@ -156,10 +168,15 @@ impl VirtioDevice for Vsock {
         read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
     fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
-        let _event = ctx.queues.pop();
+        let event = ctx.queues.remove(EVENT);
         let tx = ctx.queues.remove(TX);
         let rx = ctx.queues.remove(RX);
-        let listener = self.listener.try_clone().map_err(ActivateError::Worker)?;
+        let listener = self
+            .listener
+            .as_ref()
+            .ok_or_else(|| ActivateError::Device("the vsock socket is released".into()))?
+            .try_clone()
+            .map_err(ActivateError::Worker)?;
         let inner = Epoll::new().map_err(ActivateError::Worker)?;
         inner
             .ctl(
@@ -172,6 +189,8 @@ impl VirtioDevice for Vsock {
             mem: ctx.mem,
             rx,
             tx,
+            event,
+            reset_pending: std::mem::take(&mut self.reset_pending),
             interrupt: ctx.interrupt,
             cid: self.cid,
             path: self.path.clone(),
@@ -195,6 +214,27 @@ impl VirtioDevice for Vsock {
     }
     fn name(&self) -> &'static str {
         "virtio-vsock"
+    }
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        self.reset_pending = true;
+        Ok(())
+    }
+    fn release_backend(&mut self) {
+        // The target binds the same path (on the same host in tests).
+        self.listener = None;
+        let _ = std::fs::remove_file(&self.path);
+    }
+    fn reacquire_backend(&mut self) -> Result<(), String> {
+        if self.listener.is_none() {
+            self.listener = Some(bind(&self.path).map_err(|e| e.to_string())?);
+        }
+        Ok(())
+    }
+    fn worker(&self) -> Option<&dyn WorkerControl> {
+        self.worker.as_ref().map(|w| w as &dyn WorkerControl)
+    }
+    fn worker_mut(&mut self) -> Option<&mut dyn WorkerControl> {
+        self.worker.as_mut().map(|w| w as &mut dyn WorkerControl)
     }
 }
 
@@ -275,6 +315,8 @@ pub struct VsockQueues {
     mem: GuestMemory,
     rx: Queue,
     tx: Queue,
+    event: Queue,
+    reset_pending: bool,
     interrupt: Arc<Interrupt>,
     cid: u64,
     path: PathBuf,
@@ -289,6 +331,26 @@ pub struct VsockQueues {
 }
 
 impl VsockQueues {
+    /// Tells the driver to drop its connections (their host ends did not survive a restore).
+    /// Waits for an event buffer if the driver has not posted one yet.
+    fn send_transport_reset(&mut self) {
+        let mem = self.mem.clone();
+        let Some(chain) = self.event.pop_descriptor_chain(&mem) else {
+            return;
+        };
+        let head = chain.head_index();
+        let len = match chain.writer(&mem) {
+            Ok(mut w) => match w.write_all(&VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes()) {
+                Ok(()) => 4,
+                Err(_) => 0,
+            },
+            Err(_) => 0,
+        };
+        if self.event.add_used(&mem, head, len).is_ok() {
+            self.reset_pending = false;
+            self.interrupt.signal(INT_USED_RING);
+        }
+    }
     fn header(&self, key: Key, op: u16) -> Header {
         let (fwd_cnt, flags) = self.conns.get(&key).map_or((0, 0), |c| (c.fwd_cnt, 0));
         Header {
@@ -702,10 +764,16 @@ impl VsockQueues {
 }
 
 impl QueueHandler for VsockQueues {
+    fn queues(&self) -> Vec<(usize, &Queue)> {
+        vec![(RX, &self.rx), (TX, &self.tx), (EVENT, &self.event)]
+    }
     fn backend_fds(&self) -> Vec<(RawFd, EventSet)> {
         vec![(self.inner.as_raw_fd(), EventSet::IN)]
     }
     fn queue_event(&mut self, index: usize) {
+        if index == EVENT && self.reset_pending {
+            self.send_transport_reset();
+        }
         if index == TX {
             self.transmit();
         }
