@@ -163,5 +163,17 @@ fn virtio_vsock_round_trips_through_the_guest_agent() {
 
 #[test]
 fn debian_guest_survives_snapshot_restore_and_live_migration() {
-    expect_all_pass("migrate", 600, &["snapshot-restore-linux", "migrate-linux"]);
+    let mut names = vec![
+        "snapshot-restore-snapshot-equal".to_string(),
+        "migrate-dead-target".into(),
+        "migrate-devices".into(),
+        "migrate-balloon".into(),
+    ];
+    for moved in ["restore", "takeback", "migrate"] {
+        for check in ["counter", "disk-intact", "disk-writes", "net"] {
+            names.push(format!("{moved}-{check}"));
+        }
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    expect_all_pass("migrate", 900, &names);
 }

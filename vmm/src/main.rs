@@ -27,6 +27,17 @@ enum Command {
     Restore(RestoreArgs),
     /// Send a command to a running VMM.
     Ctl(CtlArgs),
+    /// Print a snapshot's state (checked like a restore would) as JSON, whole or one part.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[arg(long)]
+    snapshot: PathBuf,
+    /// Only this part, on one line.
+    #[arg(long, value_parser = ["config", "vm", "vcpus", "devices"])]
+    part: Option<String>,
 }
 
 #[derive(Args)]
@@ -267,6 +278,16 @@ fn ctl(args: CtlArgs) -> Result<i32> {
     Ok(0)
 }
 
+fn inspect(args: InspectArgs) -> Result<i32> {
+    let state = vmm::snapshot::read_state(&args.snapshot)?;
+    let v = serde_json::to_value(&state)?;
+    match args.part {
+        Some(p) => println!("{}", serde_json::to_string(&v[p.as_str()])?),
+        None => println!("{}", serde_json::to_string_pretty(&v)?),
+    }
+    Ok(0)
+}
+
 fn main() {
     // VMM_LOG=error|warn|info|debug|trace (default warn). A plain level, not a filter expression:
     // an env-filter would pull a regex engine into every VMM process.
@@ -283,6 +304,7 @@ fn main() {
         Command::Run(a) => run(a),
         Command::Restore(a) => restore(a),
         Command::Ctl(a) => ctl(a),
+        Command::Inspect(a) => inspect(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

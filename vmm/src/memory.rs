@@ -183,4 +183,22 @@ mod tests {
         );
         assert_eq!(mem.num_regions(), 1);
     }
+
+    #[test]
+    fn vmm_writes_are_tracked_dirty() {
+        let (mem, _f) = create_guest_memory(1 << 20).unwrap();
+        assert!(take_vmm_dirty(&mem)[0].iter().all(|w| *w == 0));
+        // Through vm-memory (as virtio-queue writes used rings) and by hand (raw vectored I/O).
+        mem.write_obj(1u8, GuestAddress(0x5000)).unwrap();
+        mark_dirty(&mem, GuestAddress(0x9ff0), 0x20);
+        let bits = take_vmm_dirty(&mem);
+        let pages: Vec<usize> = (0..256)
+            .filter(|p| bits[0][p / 64] & (1 << (p % 64)) != 0)
+            .collect();
+        assert_eq!(pages, vec![5, 9, 10]);
+        assert!(
+            take_vmm_dirty(&mem)[0].iter().all(|w| *w == 0),
+            "reading did not clear"
+        );
+    }
 }

@@ -1,7 +1,11 @@
-//! Random descriptor tables, rings and queue programming fed to every virtio device through its real
-//! transport and worker thread. A buggy or malicious driver must never crash or hang the VMM: after
-//! every round the device must still answer a well-formed request. Bounded: a fixed number of
-//! rounds per device from a fixed seed (override with VIRTIO_FUZZ_ROUNDS / VIRTIO_FUZZ_SEED).
+//! Virtio devices driven through their real transport and worker thread, as a driver would.
+//!
+//! Fuzzing: random descriptor tables, rings and queue programming fed to every device. A buggy or
+//! malicious driver must never crash or hang the VMM: after every round the device must still
+//! answer a well-formed request. Bounded: a fixed number of rounds per device from a fixed seed
+//! (override with VIRTIO_FUZZ_ROUNDS / VIRTIO_FUZZ_SEED).
+//!
+//! State: a paused device's saved state restored into a fresh device continues where it stopped.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +23,7 @@ use vmm::devices::virtio::vsock::Vsock;
 use vmm::devices::virtio::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use vmm::devices::BusDevice;
 use vmm::memory::{create_guest_memory, GuestMemory};
+use vmm::migration::{Pausable, Snapshottable};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM: u64 = 1 << 20;
@@ -67,13 +72,18 @@ struct Harness {
 impl Harness {
     fn new(dev: Box<dyn VirtioDevice>) -> Harness {
         let (mem, _f) = create_guest_memory(MEM).unwrap();
+        Harness::with_memory(dev, mem)
+    }
+
+    /// A second device on the same guest memory: what a restored VM's device sees.
+    fn with_memory(dev: Box<dyn VirtioDevice>, mem: GuestMemory) -> Harness {
         let queues = dev.queue_max_sizes().len();
         let evts = (0..queues)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
             .collect();
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         Harness {
-            t: MmioTransport::new(dev, mem.clone(), irq, evts),
+            t: MmioTransport::new("virtio0".into(), dev, mem.clone(), irq, evts),
             mem,
             queues,
         }
@@ -139,6 +149,26 @@ impl Harness {
 
     fn used_idx(&self) -> u16 {
         self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+    }
+
+    /// Posts `head` as avail entry `n` (0-based) of the queue at the shared rings and kicks `q`;
+    /// waits up to 5 s for used idx to reach `n + 1`. False if it did not.
+    fn post(&mut self, q: usize, n: u16, head: u16) -> bool {
+        self.mem
+            .write_obj(head, GuestAddress(AVAIL + 4 + 2 * u64::from(n % 256)))
+            .unwrap();
+        self.mem
+            .write_obj(n.wrapping_add(1), GuestAddress(AVAIL + 2))
+            .unwrap();
+        self.w(reg::QUEUE_NOTIFY, q as u32);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.used_idx() != n.wrapping_add(1) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
     }
 
     /// Writes `n` random descriptors and an avail ring naming random heads; kicks queue `q`.
@@ -340,4 +370,125 @@ fn net_survives_random_descriptors() {
         0
     };
     fuzz("net", Box::new(dev), (1, &req));
+}
+
+/// rng: used ring positions survive save → restore into a fresh device, the restored device is
+/// quiet until resumed, saving it again gives the same state, and it then continues counting.
+#[test]
+fn rng_state_restores_into_a_fresh_device() {
+    let mut rng = Rand(1);
+    let mut h = Harness::new(Box::new(Rng::default()));
+    h.setup(&mut rng, 0, false);
+    desc(&h.mem, 0, DATA, 64, WRITE, 0);
+    assert!(h.post(0, 0, 0), "first request not answered");
+    assert!(h.post(0, 1, 0), "second request not answered");
+    h.t.pause().unwrap();
+    let saved = h.t.snapshot().unwrap();
+    let state = h.t.save().unwrap();
+    assert_eq!(state.queues[0].next_avail, 2);
+    assert_eq!(state.queues[0].next_used, 2);
+    assert_ne!(state.status & STATUS_DRIVER_OK, 0);
+
+    // A request posted while the old device is paused is not served by it.
+    h.mem.write_obj(0u16, GuestAddress(AVAIL + 4 + 4)).unwrap();
+    h.mem.write_obj(3u16, GuestAddress(AVAIL + 2)).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(h.used_idx(), 2, "a paused device processed a request");
+
+    let mut r = Harness::with_memory(Box::new(Rng::default()), h.mem.clone());
+    drop(h);
+    r.t.restore_snapshot(&saved).unwrap();
+    assert_eq!(r.r(reg::STATUS), state.status);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(r.used_idx(), 2, "restored device ran before resume");
+    assert_eq!(r.t.save().unwrap(), state, "state changed across restore");
+    r.t.resume().unwrap();
+    // The pending request is picked up on resume, then new ones follow.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while r.used_idx() != 3 {
+        assert!(Instant::now() < deadline, "pending request not served after resume");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(r.post(0, 3, 0), "request after restore not answered");
+}
+
+#[test]
+fn restore_refuses_another_device_type() {
+    let mut rng = Rand(2);
+    let mut h = Harness::new(Box::new(Rng::default()));
+    h.setup(&mut rng, 0, false);
+    h.t.pause().unwrap();
+    let saved = h.t.snapshot().unwrap();
+    let (balloon, _c) = Balloon::new(false);
+    let mut other = Harness::with_memory(Box::new(balloon), h.mem.clone());
+    let err = other.t.restore_snapshot(&saved).unwrap_err().to_string();
+    assert!(err.contains("device type"), "{err}");
+    assert_eq!(other.r(reg::STATUS), 0, "a refused restore changed the device");
+}
+
+/// blk: releasing lets another VMM lock the image; taking it back fails (and flags NEEDS_RESET)
+/// while that one holds it, and works once it is gone; the device then serves requests again.
+#[test]
+fn block_releases_and_reacquires_its_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
+    let mut rng = Rand(3);
+    let mut h = Harness::new(Box::new(Block::open(&img, false).unwrap()));
+    h.setup(&mut rng, 0, false);
+    // GET_ID.
+    h.mem.write_obj(8u32, GuestAddress(DATA)).unwrap();
+    h.mem.write_obj(0u64, GuestAddress(DATA + 8)).unwrap();
+    desc(&h.mem, 0, DATA, 16, NEXT, 1);
+    desc(&h.mem, 1, DATA + 0x100, 20, NEXT | WRITE, 2);
+    desc(&h.mem, 2, DATA + 0x200, 1, WRITE, 0);
+    vmm::memory::take_vmm_dirty(&h.mem);
+    assert!(h.post(0, 0, 0));
+    // The id and status were written straight into guest memory; migration must see that page.
+    let page = (DATA / 4096) as usize;
+    assert_ne!(
+        vmm::memory::take_vmm_dirty(&h.mem)[0][page / 64] & (1 << (page % 64)),
+        0,
+        "device write not tracked dirty"
+    );
+    assert!(
+        Block::open(&img, false).is_err(),
+        "a second VMM could open a locked disk"
+    );
+    h.t.pause().unwrap();
+    let saved = h.t.snapshot().unwrap();
+    h.t.release();
+    let target = Block::open(&img, false).expect("the released lock is still held");
+    let err = h.t.reacquire(&saved).unwrap_err();
+    assert!(err.contains("in use"), "{err}");
+    assert_ne!(h.r(reg::STATUS) & STATUS_NEEDS_RESET, 0);
+    drop(target);
+    // Once the other VMM is gone, taking it back works and the device continues.
+    h.t.reacquire(&saved).unwrap();
+    assert!(h.post(0, 1, 0), "device idle after taking its disk back");
+    assert!(Block::open(&img, false).is_err(), "lock not taken back");
+}
+
+/// vsock: a restored device tells the driver its connections are gone (TRANSPORT_RESET on the
+/// event queue) as soon as the driver offers an event buffer.
+#[test]
+fn vsock_sends_transport_reset_after_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("v.sock");
+    let mut rng = Rand(4);
+    let mut h = Harness::new(Box::new(Vsock::new(3, &sock).unwrap()));
+    h.setup(&mut rng, 2, false);
+    h.t.pause().unwrap();
+    let saved = h.t.snapshot().unwrap();
+    h.t.release();
+    assert!(!sock.exists(), "released vsock socket still there");
+    let mut r = Harness::with_memory(Box::new(Vsock::new(3, &sock).unwrap()), h.mem.clone());
+    drop(h);
+    r.t.restore_snapshot(&saved).unwrap();
+    r.t.resume().unwrap();
+    r.mem.write_obj(0xffff_ffffu32, GuestAddress(DATA)).unwrap();
+    desc(&r.mem, 0, DATA, 8, WRITE, 0);
+    assert!(r.post(2, 0, 0), "no event delivered");
+    let event: u32 = r.mem.read_obj(GuestAddress(DATA)).unwrap();
+    assert_eq!(event, 0, "not VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
 }

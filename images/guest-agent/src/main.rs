@@ -73,6 +73,17 @@ pub fn answer(line: &str) -> Value {
             }
             Err(_) => err(format!("bad CPU number '{cpu}'")),
         },
+        ["checksum", path, bytes] => match bytes.parse::<u64>() {
+            Ok(n) => {
+                // Drop the page cache first, so the data really comes from the device.
+                let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
+                match checksum(path, n) {
+                    Ok(sum) => ok(json!({"path": path, "bytes": n, "fnv64": sum})),
+                    Err(e) => err(format!("{path}: {e}")),
+                }
+            }
+            Err(_) => err(format!("bad byte count '{bytes}'")),
+        },
         ["selftest", "echo"] => ok(json!({"selftest": "echo", "passed": true})),
         ["selftest", "host-echo", port] => match port.parse::<u32>() {
             Ok(p) => host_echo(p),
@@ -83,9 +94,36 @@ pub fn answer(line: &str) -> Value {
         )),
         [] => err("empty request"),
         _ => err(format!(
-            "unknown request '{line}' (known: ping, cpu, mem, cpu-online N 0|1, selftest NAME)"
+            "unknown request '{line}' (known: ping, cpu, mem, cpu-online N 0|1, checksum PATH BYTES, selftest NAME)"
         )),
     }
+}
+
+/// FNV-1a (64-bit, hex) of the first `bytes` bytes of `path`: the guest and the host compare disk
+/// contents with it (`checksum` request / `guest-agent checksum FILE BYTES`).
+pub fn checksum(path: &str, bytes: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?.take(bytes);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        for &b in &buf[..n] {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+        total += n as u64;
+    }
+    if total != bytes {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("only {total} of {bytes} bytes"),
+        ));
+    }
+    Ok(format!("{h:016x}"))
 }
 
 /// Guest → host round trip: connect to the host on `port`, send a line, expect it back.
@@ -185,6 +223,11 @@ fn main() {
             Err(_) => Err(format!("bad port '{port}'")),
         },
         ["echo-server", path] => echo_server(path).map_err(|e| e.to_string()),
+        ["checksum", path, bytes] => bytes
+            .parse()
+            .map_err(|_| format!("bad byte count '{bytes}'"))
+            .and_then(|n| checksum(path, n).map_err(|e| format!("{path}: {e}")))
+            .map(|s| println!("{s}")),
         ["bench-disk", dev, mode @ ("seq-read" | "seq-write" | "rand-read" | "rand-write"), mib] => {
             mib.parse()
                 .map_err(|_| format!("bad size '{mib}'"))
@@ -227,6 +270,19 @@ mod tests {
         assert_eq!(answer("cpu-online x 1")["ok"], false);
         assert_eq!(answer("selftest nope")["ok"], false);
         assert_eq!(answer("")["ok"], false);
+    }
+
+    #[test]
+    fn checksums() {
+        let dir = std::env::temp_dir().join(format!("ga-sum-{}", std::process::id()));
+        std::fs::write(&dir, b"abc").unwrap();
+        let p = dir.to_str().unwrap();
+        // FNV-1a 64 of "a" and of "abc" (published test vectors).
+        assert_eq!(checksum(p, 1).unwrap(), "af63dc4c8601ec8c");
+        assert_eq!(checksum(p, 3).unwrap(), "e71fa2190541574b");
+        assert!(checksum(p, 4).is_err(), "short file accepted");
+        assert_eq!(answer(&format!("checksum {p} x"))["ok"], false);
+        std::fs::remove_file(&dir).unwrap();
     }
 
     #[test]

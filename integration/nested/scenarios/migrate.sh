@@ -1,10 +1,17 @@
 #!/bin/sh
-# Issue 4 (without virtio devices so far): the Debian guest is snapshotted and restored, then
-# live-migrated between two vmm processes in L1 through a shared directory; its counter continues.
+# Issue 4 with the real Debian guest and every device: a disk on the shared directory, a tap, vsock
+# (the guest agent), rng and a balloon.
+#   1. snapshot -> restore --paused -> snapshot again: device state and memory equal; resume;
+#   2. live migration to a target that died: the source takes the guest and its devices back;
+#   3. live migration of the restored VM to a second vmm process.
+# After each move: the counter continues with no gap, the 4 MiB written before is intact as the
+# guest reads it, new disk writes arrive, L1 pings the guest and the vsock agent answers.
 . /lib/l1.sh
 l1_setup
 count() { tr -d '\r' < "$1" | sed -n 's/.*guest: count \([0-9]*\).*/\1/p' | tail -n 1; }
-first_count() { tr -d '\r' < "$1" | sed -n 's/.*guest: count \([0-9]*\).*/\1/p' | head -n 1; }
+first_after() { # file n: the first count above n (a restored guest repeats nothing before it)
+    tr -d '\r' < "$1" | sed -n 's/.*guest: count \([0-9]*\).*/\1/p' | awk -v n="$2" '$1 > n {print; exit}'
+}
 wait_count() { # file minimum seconds
     i=0
     while [ $i -lt "$3" ]; do
@@ -13,42 +20,96 @@ wait_count() { # file minimum seconds
     done
     return 1
 }
-args="--kernel /l2/vmlinuz --initrd /l2/initramfs.cpio.gz --vcpus 2 --memory-mib 512"
+S=/tmp/shared
+mkdir -p $S
+dd if=/dev/zero of=$S/disk.img bs=1M count=16 2>/dev/null
+# A persistent tap: it outlives the VMM that closes it at a handover.
+tunctl -t tap0 >/dev/null
+ip addr add 10.99.0.1/24 dev tap0
+ip link set tap0 up
+V=/tmp/v.sock
+args="--kernel /l2/vmlinuz --initrd /l2/initramfs.cpio.gz --vcpus 2 --memory-mib 512 \
+  --disk $S/disk.img --net tap=tap0,mac=52:54:00:00:00:02 --vsock cid=3,socket=$V --rng --balloon"
 cmd="console=ttyS0 panic=-1 guest.scenario=counter"
 
-# Snapshot -> restore in a new process.
+# The guest after a move: NAME LOG LAST (the last count before the move).
+check_moved() {
+    name=$1; log=$2; last=$3
+    if wait_count "$log" $((last + 5)) 60 && [ "$(first_after "$log" "$last")" = $((last + 1)) ]; then
+        result $name-counter pass "last=$last next=$(first_after "$log" "$last")"
+    else
+        result $name-counter fail "last=$last next=$(first_after "$log" "$last") now=$(count "$log")"
+    fi
+    r=$(guest-agent call $V 52 checksum /dev/vda 4194304 2>&1)
+    echo "$r" | grep -q "\"fnv64\":\"$pattern\"" && result $name-disk-intact pass "$r" \
+        || result $name-disk-intact fail "want $pattern: $r"
+    sleep 2
+    on_disk=$(dd if=$S/disk.img bs=512 skip=16384 count=1 2>/dev/null | tr -d '\000' | sed -n 's/count \([0-9]*\).*/\1/p')
+    [ -n "$on_disk" ] && [ "$on_disk" -gt "$last" ] && result $name-disk-writes pass "on disk: $on_disk > $last" \
+        || result $name-disk-writes fail "on disk: '$on_disk', last before the move $last"
+    r=$(ping -c 2 -W 5 10.99.0.2 2>&1)
+    [ $? = 0 ] && result $name-net pass "$(echo "$r" | tail -n 1)" || result $name-net fail "$r"
+}
+
+# 1. Snapshot, restore paused, snapshot again, resume.
 vmm run $args --cmdline "$cmd" --serial file:/tmp/a.log --api-socket /tmp/a.sock 2>/tmp/a.err &
 a=$!
-wait_count /tmp/a.log 5 150 || echo "L1: guest A never counted"
+i=0
+while ! grep -q "guest: pattern-written" /tmp/a.log && [ $i -lt 150 ]; do sleep 1; i=$((i + 1)); done
+wait_count /tmp/a.log 5 60 || echo "L1: guest A never counted"
+pattern=$(guest-agent checksum $S/disk.img 4194304)
+r=$(guest-agent call $V 52 ping 2>&1)
+echo "L1: before the snapshot: pattern $pattern, agent $r"
 vmm ctl --api-socket /tmp/a.sock pause >/dev/null
 last=$(count /tmp/a.log)
-vmm ctl --api-socket /tmp/a.sock snapshot --dir /tmp/snap >/dev/null
+vmm ctl --api-socket /tmp/a.sock snapshot --dir /tmp/snap1 >/dev/null || result snapshot-devices fail "$(cat /tmp/a.err)"
 kill -9 $a; wait $a 2>/dev/null
-vmm restore --snapshot /tmp/snap --serial file:/tmp/r.log --api-socket /tmp/r.sock 2>/tmp/r.err &
+vmm restore --snapshot /tmp/snap1 --paused --serial file:/tmp/r.log --api-socket /tmp/r.sock 2>/tmp/r.err &
 r=$!
-if wait_count /tmp/r.log $((last + 5)) 60 && [ "$(first_count /tmp/r.log)" = $((last + 1)) ]; then
-    result snapshot-restore-linux pass "last=$last first_after=$(first_count /tmp/r.log)"
+i=0
+while [ ! -S /tmp/r.sock ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+vmm ctl --api-socket /tmp/r.sock snapshot --dir /tmp/snap2 >/dev/null
+d1=$(vmm inspect --snapshot /tmp/snap1 --part devices)
+d2=$(vmm inspect --snapshot /tmp/snap2 --part devices)
+if [ -n "$d1" ] && [ "$d1" = "$d2" ] && cmp -s /tmp/snap1/memory.bin /tmp/snap2/memory.bin \
+    && echo "$d1" | grep -q '"device_type":2' && echo "$d1" | grep -q '"next_used":[1-9]'; then
+    result snapshot-restore-snapshot-equal pass "devices and memory equal"
 else
-    result snapshot-restore-linux fail "last=$last first_after=$(first_count /tmp/r.log) $(cat /tmp/r.err)"
+    result snapshot-restore-snapshot-equal fail "devices1=$d1 devices2=$d2 $(cat /tmp/r.err)"
 fi
-kill -9 $r; wait $r 2>/dev/null
+vmm ctl --api-socket /tmp/r.sock resume >/dev/null
+check_moved restore /tmp/r.log "$last"
 
-# Live migration with the guest running.
-mkdir -p /tmp/shared
-vmm run --incoming /tmp/shared --serial file:/tmp/t.log --api-socket /tmp/t.sock 2>/tmp/t.err &
-t=$!
-vmm run $args --cmdline "$cmd" --serial file:/tmp/s.log --api-socket /tmp/s.sock 2>/tmp/s.err &
-s=$!
-wait_count /tmp/s.log 5 150 || echo "L1: guest S never counted"
-out=$(vmm ctl --api-socket /tmp/s.sock migrate --dir /tmp/shared 2>&1 | tail -n 1)
-wait $s
-st=$?
-last=$(count /tmp/s.log)
-if echo "$out" | grep -q '"status":"completed"' && [ "$st" = 0 ] && wait_count /tmp/t.log $((last + 5)) 60 \
-    && [ "$(first_count /tmp/t.log)" = $((last + 1)) ]; then
-    result migrate-linux pass "$out last_on_source=$last first_on_target=$(first_count /tmp/t.log)"
+# 2. Migration to a dead target: the source takes everything back.
+mkdir -p $S/dead
+out=$(vmm ctl --api-socket /tmp/r.sock migrate --dir $S/dead --timeout-ms 2000 2>&1 | tail -n 1)
+last=$(count /tmp/r.log)
+if echo "$out" | grep -q '"status":"failed"' && kill -0 $r 2>/dev/null; then
+    result migrate-dead-target pass "$out"
 else
-    result migrate-linux fail "$out source_exit=$st last=$last first=$(first_count /tmp/t.log) $(cat /tmp/t.err)"
+    result migrate-dead-target fail "$out $(cat /tmp/r.err)"
 fi
+check_moved takeback /tmp/r.log "$last"
+
+# 3. Live migration of the restored VM.
+vmm run --incoming $S/mig --serial file:/tmp/t.log --api-socket /tmp/t.sock 2>/tmp/t.err &
+t=$!
+out=$(vmm ctl --api-socket /tmp/r.sock migrate --dir $S/mig 2>&1 | tail -n 1)
+wait $r
+st=$?
+last=$(count /tmp/r.log)
+if echo "$out" | grep -q '"status":"completed"' && [ "$st" = 0 ]; then
+    result migrate-devices pass "$out"
+else
+    result migrate-devices fail "$out source_exit=$st $(cat /tmp/t.err)"
+fi
+check_moved migrate /tmp/t.log "$last"
+vmm ctl --api-socket /tmp/t.sock balloon-set 64 >/dev/null
+i=0
+until vmm ctl --api-socket /tmp/t.sock balloon-stats 2>&1 | grep -q '"actual_mib": *6[4-9]' || [ $i -ge 30 ]; do
+    sleep 1; i=$((i + 1))
+done
+b=$(vmm ctl --api-socket /tmp/t.sock balloon-stats 2>&1 | tr -d '\n ')
+echo "$b" | grep -q '"actual_mib":6[4-9]' && result migrate-balloon pass "$b" || result migrate-balloon fail "$b"
 kill -9 $t; wait $t 2>/dev/null
 l1_poweroff
