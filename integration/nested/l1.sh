@@ -16,9 +16,8 @@ l1_setup() {
     fi
 }
 
-result() { # name pass|fail detail...
-    name=$1; status=$2; shift 2
-    echo "RESULT $name $status $*"
+result() { # name pass|fail detail...  (no variables: sh has no locals to keep callers' safe)
+    echo "RESULT $1 $2 $(shift 2; echo "$*")"
 }
 
 l1_poweroff() {

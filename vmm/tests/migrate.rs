@@ -241,3 +241,89 @@ fn migration_requests_that_cannot_work_are_refused() {
     let (ok, _, err) = vmm.ctl(&["migrate-cancel"]);
     assert!(!ok && err.contains("no migration"), "{err}");
 }
+
+/// A guest with devices whose target died: the source takes back its disk lock and vsock socket
+/// (another VMM cannot open the disk again) and keeps running.
+#[test]
+fn a_dead_target_gives_the_devices_back_to_the_source() {
+    let shared = tempfile::tempdir().unwrap();
+    let disk = shared.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let sock = shared.path().join("v.sock");
+    let mut t = target(
+        &shared.path().join("mig"),
+        &shared.path().join("c.log"),
+        &shared.path().join("a.sock"),
+    );
+    let source = RunningVmm::start(&[
+        "--memory-mib",
+        "64",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--vsock",
+        &format!("cid=3,socket={}", sock.display()),
+        "--rng",
+        "--cmdline",
+        "tg.mode=hold tg.hb_ms=20",
+    ]);
+    t.kill().unwrap();
+    t.wait().unwrap();
+    let (ok, result, _) = migrate(&source, &shared.path().join("mig"), &["--timeout-ms", "300"]);
+    assert!(!ok);
+    assert_eq!(result["status"], "failed", "{result}");
+    let n = last_heartbeat(&source.console_text());
+    source.wait_for_console(&format!("tg: hb n={} ", n + 3), TIMEOUT);
+    assert!(sock.exists(), "vsock socket not taken back");
+    let second = Command::new(vmm_bin())
+        .args(["run", "--kernel"])
+        .arg(test_guest())
+        .args(["--disk", disk.to_str().unwrap(), "--serial", "file:/dev/null"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success() && err.contains("in use"),
+        "disk lock not taken back: {err}"
+    );
+}
+
+/// A target that claims the VM but cannot start it (its disk is missing on the shared storage)
+/// gives it back at once; the source says why and keeps running.
+#[test]
+fn a_target_that_cannot_start_gives_the_guest_back() {
+    let shared = tempfile::tempdir().unwrap();
+    let disk = shared.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mig = shared.path().join("mig");
+    let (tconsole, tapi) = (shared.path().join("c.log"), shared.path().join("a.sock"));
+    let mut t = target(&mig, &tconsole, &tapi);
+    let source = RunningVmm::start(&[
+        "--memory-mib",
+        "64",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--cmdline",
+        "tg.mode=hold tg.hb_ms=20",
+    ]);
+    source.wait_for_console("tg: hb n=2 ", TIMEOUT);
+    // The source keeps its open descriptor; the target finds no file.
+    std::fs::remove_file(&disk).unwrap();
+    let (ok, result, _) = migrate(&source, &mig, &["--timeout-ms", "20000"]);
+    assert!(!ok);
+    assert_eq!(result["status"], "failed", "{result}");
+    let error = result["error"].as_str().unwrap();
+    // Not the handover timeout ("did not take over"): the target's own reason.
+    assert!(
+        error.contains("could not start") && error.contains("disk.img"),
+        "{result}"
+    );
+    assert!(!wait_bounded(&mut t, TIMEOUT).success(), "target exit 0");
+    let n = last_heartbeat(&source.console_text());
+    source.wait_for_console(&format!("tg: hb n={} ", n + 3), TIMEOUT);
+}
