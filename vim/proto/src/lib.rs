@@ -1,0 +1,246 @@
+//! The wire protocol between the VIM (`vimd`) and the host agents (`vim-agent`): protobuf messages
+//! (prost) and the NATS subjects and JetStream streams they travel on. `docs/protocol.md` describes
+//! the same in prose. Every message carries [`PROTOCOL_VERSION`]; a receiver refuses other majors.
+
+/// Bumped on incompatible changes; receivers refuse messages of another version.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// NATS subjects and JetStream names.
+pub mod subjects {
+    /// Stream of commands for all hosts (work queue; one durable consumer per host, filtered to
+    /// that host's subject).
+    pub const COMMAND_STREAM: &str = "VIM_COMMANDS";
+    /// Commands for one host.
+    pub fn host_commands(host_id: &str) -> String {
+        format!("vim.host.{host_id}.cmd")
+    }
+    /// Every host's command subject (the stream's filter).
+    pub const ALL_HOST_COMMANDS: &str = "vim.host.*.cmd";
+    /// Stream of API jobs for vimd workers (work queue, one shared durable consumer).
+    pub const JOB_STREAM: &str = "VIM_JOBS";
+    pub const JOBS: &str = "vim.jobs";
+    /// Agents publish heartbeats (with their VM reports) here; core NATS, not stored: the next one
+    /// replaces a lost one.
+    pub fn heartbeat(host_id: &str) -> String {
+        format!("vim.hb.{host_id}")
+    }
+    pub const ALL_HEARTBEATS: &str = "vim.hb.*";
+    /// Agents report command results and VM events here (stream, so vimd never misses one).
+    pub const EVENT_STREAM: &str = "VIM_EVENTS";
+    pub fn host_events(host_id: &str) -> String {
+        format!("vim.ev.{host_id}")
+    }
+    pub const ALL_HOST_EVENTS: &str = "vim.ev.*";
+    /// Where messages that cannot be decoded are moved, with the reason in a header.
+    pub const DEAD_LETTER: &str = "vim.dead";
+    pub const DEAD_LETTER_STREAM: &str = "VIM_DEAD";
+    /// The durable consumer names.
+    pub const JOB_CONSUMER: &str = "vimd-workers";
+    pub fn host_consumer(host_id: &str) -> String {
+        format!("agent-{host_id}")
+    }
+    pub const EVENT_CONSUMER: &str = "vimd-events";
+}
+
+/// What a VM is built from, as the agent needs it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VmSpec {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    #[prost(uint32, tag = "2")]
+    pub vcpus: u32,
+    #[prost(uint64, tag = "3")]
+    pub memory_mib: u64,
+    /// Paths on shared storage.
+    #[prost(string, tag = "4")]
+    pub kernel: String,
+    #[prost(string, tag = "5")]
+    pub initrd: String,
+    #[prost(string, tag = "6")]
+    pub cmdline: String,
+    #[prost(string, tag = "7")]
+    pub disk: String,
+}
+
+/// A command for one host's agent.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HostCommand {
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    /// The job this command belongs to: the agent's idempotency key.
+    #[prost(string, tag = "2")]
+    pub job_id: String,
+    #[prost(oneof = "host_command::Action", tags = "10, 11, 12, 13, 14")]
+    pub action: Option<host_command::Action>,
+}
+
+pub mod host_command {
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Action {
+        /// Create and start.
+        #[prost(message, tag = "10")]
+        Create(super::VmSpec),
+        #[prost(string, tag = "11")]
+        Start(String),
+        /// Graceful power-off (ACPI button), forced after the timeout.
+        #[prost(message, tag = "12")]
+        Stop(super::StopVm),
+        #[prost(string, tag = "13")]
+        Delete(String),
+        #[prost(string, tag = "14")]
+        Info(String),
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StopVm {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    #[prost(uint64, tag = "2")]
+    pub timeout_ms: u64,
+}
+
+/// One VM as the agent sees it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VmReport {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    /// "running", "stopped", "failed".
+    #[prost(string, tag = "2")]
+    pub state: String,
+    #[prost(uint32, tag = "3")]
+    pub pid: u32,
+    /// CPU time of the VMM's threads since the last report, in percent of one core.
+    #[prost(double, tag = "4")]
+    pub cpu_pct: f64,
+    /// Resident memory of the VMM process.
+    #[prost(uint64, tag = "5")]
+    pub rss_kib: u64,
+}
+
+/// What an agent says about its host, every heartbeat interval.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Heartbeat {
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    #[prost(string, tag = "2")]
+    pub host_id: String,
+    #[prost(uint64, tag = "3")]
+    pub seq: u64,
+    #[prost(string, tag = "4")]
+    pub hostname: String,
+    #[prost(uint32, tag = "5")]
+    pub cpu_cores: u32,
+    #[prost(uint64, tag = "6")]
+    pub memory_mib: u64,
+    #[prost(string, tag = "7")]
+    pub agent_version: String,
+    #[prost(message, repeated, tag = "8")]
+    pub vms: Vec<VmReport>,
+}
+
+/// An agent's answer to a command, or an event it noticed (a VMM that exited).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HostEvent {
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    #[prost(string, tag = "2")]
+    pub host_id: String,
+    /// Set when this answers a command.
+    #[prost(string, tag = "3")]
+    pub job_id: String,
+    #[prost(bool, tag = "4")]
+    pub ok: bool,
+    #[prost(string, tag = "5")]
+    pub error: String,
+    /// "VM_Created", "VM_Started", "VM_Stopped", "VM_Deleted", "VM_Failure", "VM_Info".
+    #[prost(string, tag = "6")]
+    pub kind: String,
+    #[prost(message, optional, tag = "7")]
+    pub vm: Option<VmReport>,
+}
+
+/// A job for the vimd workers: the API wrote it to the database, then published its id.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Job {
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    #[prost(string, tag = "2")]
+    pub job_id: String,
+}
+
+/// Decoding with the version check every receiver needs.
+pub trait Versioned: prost::Message + Default + Sized {
+    fn version(&self) -> u32;
+
+    fn decode_checked(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let m = Self::decode(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        if m.version() != PROTOCOL_VERSION {
+            return Err(DecodeError::Version(m.version()));
+        }
+        Ok(m)
+    }
+}
+
+macro_rules! versioned {
+    ($($t:ty),*) => {$(
+        impl Versioned for $t {
+            fn version(&self) -> u32 {
+                self.version
+            }
+        }
+    )*};
+}
+versioned!(HostCommand, Heartbeat, HostEvent, Job);
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DecodeError {
+    Malformed(String),
+    Version(u32),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Malformed(e) => write!(f, "malformed protobuf: {e}"),
+            DecodeError::Version(v) => write!(
+                f,
+                "protocol version {v}, this build speaks {PROTOCOL_VERSION}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn round_trip_and_refusals() {
+        let c = HostCommand {
+            version: PROTOCOL_VERSION,
+            job_id: "j1".into(),
+            action: Some(host_command::Action::Stop(StopVm {
+                vm_id: "vm1".into(),
+                timeout_ms: 5,
+            })),
+        };
+        let bytes = c.encode_to_vec();
+        assert_eq!(HostCommand::decode_checked(&bytes).unwrap(), c);
+        assert!(matches!(
+            HostCommand::decode_checked(&[0xff, 0xff, 0xff]),
+            Err(DecodeError::Malformed(_))
+        ));
+        let old = HostCommand {
+            version: 9,
+            ..c.clone()
+        };
+        assert_eq!(
+            HostCommand::decode_checked(&old.encode_to_vec()),
+            Err(DecodeError::Version(9))
+        );
+    }
+}
