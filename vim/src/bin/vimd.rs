@@ -1,1 +1,163 @@
-fn main() {}
+//! vimd: the VIM daemon.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use vim::server::{Monitoring, Vimd};
+use vim::{api, auth, db, placement, queue, server};
+
+#[derive(Parser)]
+#[command(name = "vimd", version, about = "The Virtual Infrastructure Manager")]
+struct Args {
+    /// Database, embedded NATS data, host credentials and the admin token live here.
+    #[arg(long = "state-dir", env = "VIMD_STATE_DIR")]
+    state_dir: PathBuf,
+    #[arg(long, env = "VIMD_LISTEN", default_value = "127.0.0.1:8640")]
+    listen: String,
+    /// An external NATS server or cluster; without it vimd runs its own nats-server.
+    #[arg(long = "nats-url", env = "VIMD_NATS_URL")]
+    nats_url: Option<String>,
+    /// Where the embedded nats-server listens (agents connect here).
+    #[arg(long = "nats-listen", env = "VIMD_NATS_LISTEN", default_value = "127.0.0.1:4222")]
+    nats_listen: String,
+    /// Credentials for an external NATS (JSON {"user","password"}).
+    #[arg(long = "nats-credentials", env = "VIMD_NATS_CREDENTIALS")]
+    nats_credentials: Option<PathBuf>,
+    /// JetStream replicas: 1 for one server, 3 for a cluster.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// `sqlite:PATH` or `postgres://…`; default: SQLite in the state dir.
+    #[arg(long = "database-url", env = "VIMD_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Shared storage (images, VM disks and consoles); default: STATE_DIR/shared.
+    #[arg(long = "shared-dir", env = "VIMD_SHARED_DIR")]
+    shared_dir: Option<PathBuf>,
+    #[arg(long = "cpu-overcommit", default_value_t = 4.0)]
+    cpu_overcommit: f64,
+    #[arg(long = "memory-overcommit", default_value_t = 1.0)]
+    memory_overcommit: f64,
+    #[arg(long = "reserved-memory-mib", default_value_t = 512)]
+    reserved_memory_mib: i64,
+    /// Expected heartbeat interval (the brief's polls are 20 s; tests use less).
+    #[arg(long = "heartbeat-ms", default_value_t = 20_000)]
+    heartbeat_ms: u64,
+    /// Missed heartbeats in a row before a host is unreachable.
+    #[arg(long = "misses", default_value_t = 3)]
+    misses: i64,
+    /// Job worker tasks in this process (more vimd processes can share the same queue).
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VIM_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Args::parse()).await {
+        eprintln!("vimd: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(a: Args) -> Result<()> {
+    std::fs::create_dir_all(&a.state_dir)
+        .with_context(|| format!("cannot create {}", a.state_dir.display()))?;
+    let shared_dir = a.shared_dir.unwrap_or(a.state_dir.join("shared"));
+    std::fs::create_dir_all(&shared_dir)?;
+    let url = a
+        .database_url
+        .unwrap_or(format!("sqlite:{}", a.state_dir.join("vim.db").display()));
+    let db = db::Db::open(&url)
+        .await
+        .with_context(|| format!("cannot open the database {url}"))?;
+    if db.count_tokens().await? == 0 {
+        let t = auth::random_secret();
+        db.add_token(&auth::hash_token(&t), "admin", "admin").await?;
+        let p = a.state_dir.join("admin.token");
+        std::fs::write(&p, format!("{t}\n"))?;
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        tracing::info!(path = %p.display(), "wrote the admin API token");
+    }
+    let (embedded, nats, nats_url) = match a.nats_url {
+        Some(u) => {
+            let opts = match &a.nats_credentials {
+                Some(p) => {
+                    let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p)?)?;
+                    async_nats::ConnectOptions::with_user_and_password(
+                        c["user"].as_str().unwrap_or_default().into(),
+                        c["password"].as_str().unwrap_or_default().into(),
+                    )
+                }
+                None => async_nats::ConnectOptions::new(),
+            };
+            let c = opts
+                .connect(&u)
+                .await
+                .with_context(|| format!("cannot connect to NATS at {u}"))?;
+            (None, c, u)
+        }
+        None => {
+            let n = queue::EmbeddedNats::start(&a.state_dir, &a.nats_listen, &db.hosts().await?)
+                .await?;
+            let c = n.connect().await?;
+            let u = n.url();
+            (Some(n), c, u)
+        }
+    };
+    let js = async_nats::jetstream::new(nats.clone());
+    queue::declare_streams(&js, a.replicas).await?;
+    for h in db.hosts().await? {
+        queue::declare_host_consumer(&js, &h.id).await?;
+    }
+    let (events, _) = tokio::sync::broadcast::channel(1024);
+    let v = Arc::new(Vimd {
+        db,
+        js,
+        nats,
+        nats_url,
+        embedded,
+        state_dir: a.state_dir,
+        shared_dir,
+        policy: placement::Policy {
+            cpu_ratio: a.cpu_overcommit,
+            memory_ratio: a.memory_overcommit,
+            reserved_memory_mib: a.reserved_memory_mib,
+        },
+        monitoring: Monitoring {
+            interval: Duration::from_millis(a.heartbeat_ms.max(10)),
+            misses_for_unreachable: a.misses.max(1),
+        },
+        events,
+    });
+    server::run_job_workers(v.clone(), a.workers.max(1)).await?;
+    server::run_event_consumer(v.clone()).await?;
+    server::run_monitor(v.clone()).await?;
+    server::run_reconciler(v.clone()).await;
+    let listener = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.listen))?;
+    tracing::info!(listen = a.listen, nats = v.nats_url, "vimd ready");
+    let app = api::router(v.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        })
+        .await?;
+    // The embedded nats-server stops with `v` (its Drop).
+    drop(v);
+    Ok(())
+}

@@ -1,0 +1,717 @@
+//! The VIM's state, the source of truth: hosts, images, VMs, jobs, events, the audit log and API
+//! tokens. One schema and one set of queries for SQLite (the embedded default, a file in the state
+//! directory) and PostgreSQL (by URL), through sqlx's `Any` driver: only types and SQL both share
+//! (TEXT, BIGINT, `$n` placeholders).
+
+use serde::Serialize;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum DbError {
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// The schema, applied in order; each statement is idempotent.
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS hosts (
+        id TEXT PRIMARY KEY, hostname TEXT NOT NULL DEFAULT '', address TEXT NOT NULL DEFAULT '',
+        cpu_cores BIGINT NOT NULL DEFAULT 0, memory_mib BIGINT NOT NULL DEFAULT 0,
+        agent_version TEXT NOT NULL DEFAULT '', state TEXT NOT NULL,
+        last_heartbeat BIGINT NOT NULL DEFAULT 0, missed BIGINT NOT NULL DEFAULT 0,
+        nats_user TEXT NOT NULL, nats_password TEXT NOT NULL, created_at BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS images (
+        name TEXT PRIMARY KEY, kernel TEXT NOT NULL, initrd TEXT NOT NULL, cmdline TEXT NOT NULL,
+        disk TEXT NOT NULL, created_at BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS vms (
+        id TEXT PRIMARY KEY, name TEXT NOT NULL, owner TEXT NOT NULL, image TEXT NOT NULL,
+        vcpus BIGINT NOT NULL, memory_mib BIGINT NOT NULL, host_id TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL, disk_path TEXT NOT NULL DEFAULT '', pid BIGINT NOT NULL DEFAULT 0,
+        cpu_pct DOUBLE PRECISION NOT NULL DEFAULT 0, rss_kib BIGINT NOT NULL DEFAULT 0,
+        created_at BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS jobs (
+        id TEXT PRIMARY KEY, kind TEXT NOT NULL, owner TEXT NOT NULL, vm_id TEXT NOT NULL,
+        state TEXT NOT NULL, published BIGINT NOT NULL DEFAULT 0, attempts BIGINT NOT NULL DEFAULT 0,
+        error TEXT NOT NULL DEFAULT '', created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS events (
+        id TEXT PRIMARY KEY, ts BIGINT NOT NULL, kind TEXT NOT NULL, host_id TEXT NOT NULL,
+        vm_id TEXT NOT NULL, job_id TEXT NOT NULL, detail TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS audit (
+        id TEXT PRIMARY KEY, ts BIGINT NOT NULL, who TEXT NOT NULL, action TEXT NOT NULL,
+        target TEXT NOT NULL, outcome TEXT NOT NULL, detail TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS tokens (
+        token_hash TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL, created_at BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS events_ts ON events (ts)",
+    "CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts)",
+    "CREATE INDEX IF NOT EXISTS jobs_unpublished ON jobs (published, state)",
+];
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Host {
+    pub id: String,
+    pub hostname: String,
+    pub cpu_cores: i64,
+    pub memory_mib: i64,
+    pub agent_version: String,
+    pub state: String,
+    pub last_heartbeat: i64,
+    pub missed: i64,
+    #[serde(skip)]
+    pub nats_user: String,
+    #[serde(skip)]
+    pub nats_password: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Image {
+    pub name: String,
+    pub kernel: String,
+    pub initrd: String,
+    pub cmdline: String,
+    pub disk: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Vm {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub image: String,
+    pub vcpus: i64,
+    pub memory_mib: i64,
+    pub host_id: String,
+    pub state: String,
+    pub disk_path: String,
+    pub pid: i64,
+    pub cpu_pct: f64,
+    pub rss_kib: i64,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Job {
+    pub id: String,
+    pub kind: String,
+    pub owner: String,
+    pub vm_id: String,
+    pub state: String,
+    pub published: bool,
+    pub attempts: i64,
+    pub error: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Event {
+    pub id: String,
+    pub ts: i64,
+    pub kind: String,
+    pub host_id: String,
+    pub vm_id: String,
+    pub job_id: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AuditEntry {
+    pub ts: i64,
+    pub who: String,
+    pub action: String,
+    pub target: String,
+    pub outcome: String,
+    pub detail: String,
+}
+
+fn host(r: &AnyRow) -> Result<Host, sqlx::Error> {
+    Ok(Host {
+        id: r.try_get("id")?,
+        hostname: r.try_get("hostname")?,
+        cpu_cores: r.try_get("cpu_cores")?,
+        memory_mib: r.try_get("memory_mib")?,
+        agent_version: r.try_get("agent_version")?,
+        state: r.try_get("state")?,
+        last_heartbeat: r.try_get("last_heartbeat")?,
+        missed: r.try_get("missed")?,
+        nats_user: r.try_get("nats_user")?,
+        nats_password: r.try_get("nats_password")?,
+    })
+}
+
+fn vm(r: &AnyRow) -> Result<Vm, sqlx::Error> {
+    Ok(Vm {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        owner: r.try_get("owner")?,
+        image: r.try_get("image")?,
+        vcpus: r.try_get("vcpus")?,
+        memory_mib: r.try_get("memory_mib")?,
+        host_id: r.try_get("host_id")?,
+        state: r.try_get("state")?,
+        disk_path: r.try_get("disk_path")?,
+        pid: r.try_get("pid")?,
+        cpu_pct: r.try_get("cpu_pct")?,
+        rss_kib: r.try_get("rss_kib")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn job(r: &AnyRow) -> Result<Job, sqlx::Error> {
+    Ok(Job {
+        id: r.try_get("id")?,
+        kind: r.try_get("kind")?,
+        owner: r.try_get("owner")?,
+        vm_id: r.try_get("vm_id")?,
+        state: r.try_get("state")?,
+        published: r.try_get::<i64, _>("published")? != 0,
+        attempts: r.try_get("attempts")?,
+        error: r.try_get("error")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+fn event(r: &AnyRow) -> Result<Event, sqlx::Error> {
+    Ok(Event {
+        id: r.try_get("id")?,
+        ts: r.try_get("ts")?,
+        kind: r.try_get("kind")?,
+        host_id: r.try_get("host_id")?,
+        vm_id: r.try_get("vm_id")?,
+        job_id: r.try_get("job_id")?,
+        detail: r.try_get("detail")?,
+    })
+}
+
+/// The database handle.
+#[derive(Clone)]
+pub struct Db {
+    pool: AnyPool,
+}
+
+impl Db {
+    /// Opens (creating a SQLite file if needed) and applies the schema.
+    pub async fn open(url: &str) -> Result<Db, DbError> {
+        sqlx::any::install_default_drivers();
+        let url = if url.starts_with("sqlite:") && !url.contains("mode=") {
+            format!("{url}?mode=rwc")
+        } else {
+            url.to_string()
+        };
+        // SQLite allows one writer: a small pool avoids lock contention; WAL lets readers in.
+        let max = if url.starts_with("sqlite:") { 4 } else { 16 };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max)
+            .connect(&url)
+            .await?;
+        if url.starts_with("sqlite:") {
+            sqlx::query("PRAGMA journal_mode=WAL")
+                .execute(&pool)
+                .await?;
+            sqlx::query("PRAGMA busy_timeout=5000")
+                .execute(&pool)
+                .await?;
+        }
+        for s in SCHEMA {
+            sqlx::query(s).execute(&pool).await?;
+        }
+        Ok(Db { pool })
+    }
+
+    // Tokens.
+
+    pub async fn add_token(&self, hash: &str, name: &str, role: &str) -> Result<(), DbError> {
+        sqlx::query("INSERT INTO tokens (token_hash, name, role, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(hash)
+            .bind(name)
+            .bind(role)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The (name, role) a token hash belongs to.
+    pub async fn token(&self, hash: &str) -> Result<Option<(String, String)>, DbError> {
+        let r = sqlx::query("SELECT name, role FROM tokens WHERE token_hash = $1")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match r {
+            Some(r) => Some((r.try_get("name")?, r.try_get("role")?)),
+            None => None,
+        })
+    }
+
+    pub async fn count_tokens(&self) -> Result<i64, DbError> {
+        let r = sqlx::query("SELECT COUNT(*) AS n FROM tokens")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(r.try_get("n")?)
+    }
+
+    // Hosts.
+
+    pub async fn add_host(&self, id: &str, user: &str, password: &str) -> Result<(), DbError> {
+        let r = sqlx::query(
+            "INSERT INTO hosts (id, state, nats_user, nats_password, created_at)
+             VALUES ($1, 'registered', $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(user)
+        .bind(password)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(DbError::Conflict(format!("host {id} already exists")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn hosts(&self) -> Result<Vec<Host>, DbError> {
+        let rows = sqlx::query("SELECT * FROM hosts ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(host).collect::<Result<_, _>>()?)
+    }
+
+    pub async fn host(&self, id: &str) -> Result<Option<Host>, DbError> {
+        let r = sqlx::query("SELECT * FROM hosts WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(r.as_ref().map(host).transpose()?)
+    }
+
+    /// Records a heartbeat; returns the host's state before it (None: unknown host).
+    pub async fn heartbeat(
+        &self,
+        hb: &vim_proto::Heartbeat,
+        at: i64,
+    ) -> Result<Option<String>, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let before: Option<String> = sqlx::query("SELECT state FROM hosts WHERE id = $1")
+            .bind(&hb.host_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.try_get("state"))
+            .transpose()?;
+        if before.is_none() {
+            return Ok(None);
+        }
+        sqlx::query(
+            "UPDATE hosts SET hostname = $1, cpu_cores = $2, memory_mib = $3, agent_version = $4,
+             state = 'reachable', last_heartbeat = $5, missed = 0 WHERE id = $6",
+        )
+        .bind(&hb.hostname)
+        .bind(i64::from(hb.cpu_cores))
+        .bind(hb.memory_mib as i64)
+        .bind(&hb.agent_version)
+        .bind(at)
+        .bind(&hb.host_id)
+        .execute(&mut *tx)
+        .await?;
+        for v in &hb.vms {
+            sqlx::query(
+                "UPDATE vms SET state = $1, pid = $2, cpu_pct = $3, rss_kib = $4
+                 WHERE id = $5 AND host_id = $6 AND state NOT IN ('deleted', 'pending')",
+            )
+            .bind(&v.state)
+            .bind(i64::from(v.pid))
+            .bind(v.cpu_pct)
+            .bind(v.rss_kib as i64)
+            .bind(&v.vm_id)
+            .bind(&hb.host_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(before)
+    }
+
+    /// Counts a missed heartbeat; returns the new count.
+    pub async fn miss(&self, id: &str) -> Result<i64, DbError> {
+        sqlx::query("UPDATE hosts SET missed = missed + 1 WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        let r = sqlx::query("SELECT missed FROM hosts WHERE id = $1")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(r.try_get("missed")?)
+    }
+
+    pub async fn set_host_state(&self, id: &str, state: &str) -> Result<(), DbError> {
+        sqlx::query("UPDATE hosts SET state = $1 WHERE id = $2")
+            .bind(state)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        if state == "unreachable" {
+            sqlx::query(
+                "UPDATE vms SET state = 'unknown' WHERE host_id = $1 AND state NOT IN ('deleted')",
+            )
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    // Images.
+
+    pub async fn add_image(&self, i: &Image) -> Result<(), DbError> {
+        let r = sqlx::query(
+            "INSERT INTO images (name, kernel, initrd, cmdline, disk, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&i.name)
+        .bind(&i.kernel)
+        .bind(&i.initrd)
+        .bind(&i.cmdline)
+        .bind(&i.disk)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(DbError::Conflict(format!("image {} already exists", i.name)))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn image(&self, name: &str) -> Result<Option<Image>, DbError> {
+        let r = sqlx::query("SELECT * FROM images WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match r {
+            Some(r) => Some(Image {
+                name: r.try_get("name")?,
+                kernel: r.try_get("kernel")?,
+                initrd: r.try_get("initrd")?,
+                cmdline: r.try_get("cmdline")?,
+                disk: r.try_get("disk")?,
+            }),
+            None => None,
+        })
+    }
+
+    // VMs and jobs.
+
+    /// Writes a VM (when `vm` is given) and the job that acts on it in one transaction: the job
+    /// exists before anything is published (outbox).
+    pub async fn add_job(&self, job: &Job, new_vm: Option<&Vm>) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(v) = new_vm {
+            sqlx::query(
+                "INSERT INTO vms (id, name, owner, image, vcpus, memory_mib, state, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(&v.id)
+            .bind(&v.name)
+            .bind(&v.owner)
+            .bind(&v.image)
+            .bind(v.vcpus)
+            .bind(v.memory_mib)
+            .bind(&v.state)
+            .bind(v.created_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, owner, vm_id, state, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, 'pending', $5, $5)",
+        )
+        .bind(&job.id)
+        .bind(&job.kind)
+        .bind(&job.owner)
+        .bind(&job.vm_id)
+        .bind(job.created_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn mark_published(&self, job_id: &str) -> Result<(), DbError> {
+        sqlx::query("UPDATE jobs SET published = 1 WHERE id = $1")
+            .bind(job_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Jobs written but not confirmed published, older than `age_ms`.
+    pub async fn unpublished_jobs(&self, age_ms: i64) -> Result<Vec<Job>, DbError> {
+        let rows = sqlx::query(
+            "SELECT * FROM jobs WHERE published = 0 AND state = 'pending' AND created_at < $1",
+        )
+        .bind(now_ms() - age_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(job).collect::<Result<_, _>>()?)
+    }
+
+    pub async fn job(&self, id: &str) -> Result<Option<Job>, DbError> {
+        let r = sqlx::query("SELECT * FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(r.as_ref().map(job).transpose()?)
+    }
+
+    pub async fn jobs(&self, owner: Option<&str>, limit: i64) -> Result<Vec<Job>, DbError> {
+        let rows = match owner {
+            Some(o) => {
+                sqlx::query("SELECT * FROM jobs WHERE owner = $1 ORDER BY created_at DESC LIMIT $2")
+                    .bind(o)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query("SELECT * FROM jobs ORDER BY created_at DESC LIMIT $1")
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        Ok(rows.iter().map(job).collect::<Result<_, _>>()?)
+    }
+
+    /// Moves a job on; `from` guards against doing it twice (false: it was not in `from`).
+    pub async fn transition_job(
+        &self,
+        id: &str,
+        from: &[&str],
+        to: &str,
+        error: &str,
+    ) -> Result<bool, DbError> {
+        let placeholders: Vec<String> = (0..from.len()).map(|i| format!("${}", i + 4)).collect();
+        let sql = format!(
+            "UPDATE jobs SET state = $1, error = $2, updated_at = $3, attempts = attempts + 1
+             WHERE id = ${} AND state IN ({})",
+            from.len() + 4,
+            placeholders.join(", ")
+        );
+        let mut q = sqlx::query(&sql).bind(to).bind(error).bind(now_ms());
+        for f in from {
+            q = q.bind(*f);
+        }
+        let r = q.bind(id).execute(&self.pool).await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    pub async fn vm(&self, id: &str) -> Result<Option<Vm>, DbError> {
+        let r = sqlx::query("SELECT * FROM vms WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(r.as_ref().map(vm).transpose()?)
+    }
+
+    pub async fn vms(&self, owner: Option<&str>) -> Result<Vec<Vm>, DbError> {
+        let rows = match owner {
+            Some(o) => {
+                sqlx::query(
+                    "SELECT * FROM vms WHERE owner = $1 AND state <> 'deleted' ORDER BY created_at",
+                )
+                .bind(o)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query("SELECT * FROM vms WHERE state <> 'deleted' ORDER BY created_at")
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        Ok(rows.iter().map(vm).collect::<Result<_, _>>()?)
+    }
+
+    pub async fn place_vm(&self, id: &str, host_id: &str, disk: &str) -> Result<(), DbError> {
+        sqlx::query("UPDATE vms SET host_id = $1, disk_path = $2 WHERE id = $3")
+            .bind(host_id)
+            .bind(disk)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_vm_state(&self, id: &str, state: &str, pid: i64) -> Result<(), DbError> {
+        sqlx::query("UPDATE vms SET state = $1, pid = $2 WHERE id = $3")
+            .bind(state)
+            .bind(pid)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    // Events and audit.
+
+    pub async fn add_event(&self, e: &Event) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO events (id, ts, kind, host_id, vm_id, job_id, detail)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&e.id)
+        .bind(e.ts)
+        .bind(&e.kind)
+        .bind(&e.host_id)
+        .bind(&e.vm_id)
+        .bind(&e.job_id)
+        .bind(&e.detail)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn events(&self, since: i64, limit: i64) -> Result<Vec<Event>, DbError> {
+        let rows = sqlx::query("SELECT * FROM events WHERE ts >= $1 ORDER BY ts, id LIMIT $2")
+            .bind(since)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(event).collect::<Result<_, _>>()?)
+    }
+
+    pub async fn audit(&self, a: &AuditEntry) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO audit (id, ts, who, action, target, outcome, detail)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(new_id())
+        .bind(a.ts)
+        .bind(&a.who)
+        .bind(&a.action)
+        .bind(&a.target)
+        .bind(&a.outcome)
+        .bind(&a.detail)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>, DbError> {
+        let rows = sqlx::query("SELECT * FROM audit ORDER BY ts DESC, id LIMIT $1")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    ts: r.try_get("ts")?,
+                    who: r.try_get("who")?,
+                    action: r.try_get("action")?,
+                    target: r.try_get("target")?,
+                    outcome: r.try_get("outcome")?,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(DbError::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The database tests run on SQLite here, and on PostgreSQL too when VIM_TEST_POSTGRES_URL
+    /// names one (scripts/test.sh starts one).
+    pub async fn databases() -> Vec<(Db, Option<tempfile::TempDir>)> {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("vim.db").display());
+        let mut out = vec![(Db::open(&url).await.unwrap(), Some(dir))];
+        if let Ok(pg) = std::env::var("VIM_TEST_POSTGRES_URL") {
+            let db = Db::open(&pg).await.unwrap();
+            for t in ["hosts", "images", "vms", "jobs", "events", "audit", "tokens"] {
+                sqlx::query(&format!("DELETE FROM {t}"))
+                    .execute(&db.pool)
+                    .await
+                    .unwrap();
+            }
+            out.push((db, None));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn jobs_move_once() {
+        for (db, _dir) in databases().await {
+            let vm = Vm {
+                id: new_id(),
+                name: "a".into(),
+                owner: "alice".into(),
+                image: "img".into(),
+                vcpus: 1,
+                memory_mib: 64,
+                host_id: String::new(),
+                state: "pending".into(),
+                disk_path: String::new(),
+                pid: 0,
+                cpu_pct: 0.0,
+                rss_kib: 0,
+                created_at: now_ms(),
+            };
+            let job = Job {
+                id: new_id(),
+                kind: "create".into(),
+                owner: "alice".into(),
+                vm_id: vm.id.clone(),
+                state: "pending".into(),
+                published: false,
+                attempts: 0,
+                error: String::new(),
+                created_at: now_ms() - 10_000,
+                updated_at: 0,
+            };
+            db.add_job(&job, Some(&vm)).await.unwrap();
+            assert_eq!(db.unpublished_jobs(1000).await.unwrap().len(), 1);
+            db.mark_published(&job.id).await.unwrap();
+            assert!(db.unpublished_jobs(1000).await.unwrap().is_empty());
+            assert!(db
+                .transition_job(&job.id, &["pending"], "running", "")
+                .await
+                .unwrap());
+            assert!(
+                !db.transition_job(&job.id, &["pending"], "running", "")
+                    .await
+                    .unwrap(),
+                "a job moved twice"
+            );
+            assert_eq!(db.vms(Some("bob")).await.unwrap().len(), 0);
+            assert_eq!(db.vms(Some("alice")).await.unwrap().len(), 1);
+            db.add_host("h1", "u", "p").await.unwrap();
+            assert!(matches!(
+                db.add_host("h1", "u", "p").await,
+                Err(DbError::Conflict(_))
+            ));
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! The OpenAPI 3 document served at `/openapi.json`.
+
+use serde_json::{json, Value};
+
+fn op(summary: &str, status: &str) -> Value {
+    json!({"summary": summary, "security": [{"token": []}],
+           "responses": {status: {"description": "success"}, "400": {"description": "bad request"},
+                         "401": {"description": "no or unknown token"}, "403": {"description": "not allowed"},
+                         "404": {"description": "not found"}}})
+}
+
+fn with_body(mut o: Value, schema: Value) -> Value {
+    o["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema}}});
+    o
+}
+
+pub fn document() -> Value {
+    let id = json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);
+    let with_id = |mut o: Value| {
+        o["parameters"] = id.clone();
+        o
+    };
+    json!({
+        "openapi": "3.0.3",
+        "info": {"title": "vimd", "version": env!("CARGO_PKG_VERSION"),
+                 "description": "The Virtual Infrastructure Manager's API. Long operations answer 202 with a job id."},
+        "components": {"securitySchemes": {"token": {"type": "http", "scheme": "bearer"}}},
+        "paths": {
+            "/hosts": {
+                "get": op("List hosts", "200"),
+                "post": with_body(op("Register a host and mint its NATS credentials (admin)", "200"),
+                    json!({"type": "object", "required": ["id"], "additionalProperties": false,
+                           "properties": {"id": {"type": "string"}}})),
+            },
+            "/images": {"post": with_body(op("Add an image; its files are copied to shared storage (admin)", "200"),
+                json!({"type": "object", "required": ["name", "kernel"], "additionalProperties": false,
+                       "properties": {"name": {"type": "string"}, "kernel": {"type": "string"},
+                                      "initrd": {"type": "string"}, "cmdline": {"type": "string"},
+                                      "disk": {"type": "string"}}}))},
+            "/tokens": {"post": with_body(op("Create an API token (admin)", "200"),
+                json!({"type": "object", "required": ["name", "role"], "additionalProperties": false,
+                       "properties": {"name": {"type": "string"}, "role": {"enum": ["admin", "consumer"]}}}))},
+            "/vms": {
+                "get": op("List VMs (a consumer sees its own)", "200"),
+                "post": with_body(op("Create a VM", "202"),
+                    json!({"type": "object", "required": ["name", "image", "vcpus", "memory_mib"],
+                           "additionalProperties": false,
+                           "properties": {"name": {"type": "string"}, "image": {"type": "string"},
+                                          "vcpus": {"type": "integer", "minimum": 1, "maximum": 254},
+                                          "memory_mib": {"type": "integer", "minimum": 16}}})),
+            },
+            "/vms/{id}": {"get": with_id(op("Show a VM", "200")), "delete": with_id(op("Delete a VM", "202"))},
+            "/vms/{id}/start": {"post": with_id(op("Start a VM", "202"))},
+            "/vms/{id}/stop": {"post": with_id(op("Stop a VM (ACPI power button, forced after a timeout)", "202"))},
+            "/vms/{id}/console": {"get": with_id(op("The guest's serial log", "200"))},
+            "/jobs": {"get": op("List jobs", "200")},
+            "/jobs/{id}": {"get": with_id(op("Show a job", "200"))},
+            "/events": {"get": op("List events since a time (admin)", "200")},
+            "/events/stream": {"get": op("Server-sent events: jobs, hosts, VMs (admin)", "200")},
+            "/audit": {"get": op("The audit log (admin)", "200")},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
+        }
+    })
+}

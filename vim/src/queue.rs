@@ -1,0 +1,261 @@
+//! The message queue: NATS JetStream. `vimd` either starts its own `nats-server` child (the embedded
+//! default, configured here) or uses a server or cluster by URL. Streams and consumers are declared
+//! here; subjects are in `vim_proto::subjects` (docs/protocol.md).
+//!
+//! Durability: every stream is file-backed. nats-server 2.9 (Debian 12) has no per-message fsync
+//! setting, so the database stays the source of truth: a job is committed there before it is
+//! published, and the reconciler republishes jobs not confirmed published or not progressing; every
+//! handler is idempotent by job id, so a second copy does nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use async_nats::jetstream::{self, consumer, stream};
+use vim_proto::subjects as s;
+
+use crate::db::Host;
+
+/// How long JetStream remembers message ids to drop duplicates (a re-sent job within this window
+/// is stored once).
+pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
+
+/// A `nats-server` child of vimd.
+pub struct EmbeddedNats {
+    child: Child,
+    conf: PathBuf,
+    dir: PathBuf,
+    listen: String,
+    vimd_password: String,
+}
+
+impl EmbeddedNats {
+    /// Starts nats-server with JetStream on file storage under `state_dir/nats`, listening on
+    /// `listen` (host:port). Hosts get users restricted to their own subjects.
+    pub async fn start(state_dir: &Path, listen: &str, hosts: &[Host]) -> Result<EmbeddedNats> {
+        let dir = state_dir.join("nats");
+        std::fs::create_dir_all(dir.join("jetstream"))?;
+        let pw_file = dir.join("vimd.password");
+        let vimd_password = match std::fs::read_to_string(&pw_file) {
+            Ok(p) => p.trim().to_string(),
+            Err(_) => {
+                let p = crate::auth::random_secret();
+                std::fs::write(&pw_file, &p)?;
+                p
+            }
+        };
+        let mut n = EmbeddedNats {
+            child: Command::new("true").spawn()?,
+            conf: dir.join("nats.conf"),
+            dir: dir.clone(),
+            listen: listen.to_string(),
+            vimd_password,
+        };
+        n.write_config(hosts)?;
+        let log = std::fs::File::create(dir.join("nats.log"))?;
+        n.child = Command::new("nats-server")
+            .arg("-c")
+            .arg(&n.conf)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start nats-server (is it installed? scripts/setup.sh installs it)")?;
+        // Ready when it accepts connections.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(c) = n.connect().await {
+                drop(c);
+                break;
+            }
+            if let Ok(Some(st)) = n.child.try_wait() {
+                anyhow::bail!(
+                    "nats-server exited ({st}); see {}",
+                    dir.join("nats.log").display()
+                );
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("nats-server did not start within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(n)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://{}", self.listen)
+    }
+
+    /// vimd's own connection.
+    pub async fn connect(&self) -> Result<async_nats::Client> {
+        Ok(async_nats::ConnectOptions::with_user_and_password(
+            "vimd".into(),
+            self.vimd_password.clone(),
+        )
+        .connect(self.url())
+        .await?)
+    }
+
+    fn write_config(&self, hosts: &[Host]) -> Result<()> {
+        let mut users = vec![format!(
+            "      {{ user: \"vimd\", password: \"{}\" }}",
+            self.vimd_password
+        )];
+        for h in hosts {
+            users.push(host_user(h));
+        }
+        let conf = format!(
+            "# Written by vimd; rewritten when hosts are added.\n\
+             listen: \"{listen}\"\n\
+             max_payload: 1MB\n\
+             jetstream {{ store_dir: \"{store}\" }}\n\
+             accounts {{\n  VIM {{\n    jetstream: enabled\n    users: [\n{users}\n    ]\n  }}\n}}\n",
+            listen = self.listen,
+            store = self.dir.join("jetstream").display(),
+            users = users.join("\n"),
+        );
+        let tmp = self.conf.with_extension("tmp");
+        std::fs::write(&tmp, conf)?;
+        std::fs::rename(tmp, &self.conf)?;
+        Ok(())
+    }
+
+    /// Rewrites the users and tells the server to reload them.
+    pub fn reload(&self, hosts: &[Host]) -> Result<()> {
+        self.write_config(hosts)?;
+        // SAFETY: kill(2) with our own child's pid and SIGHUP (nats-server reloads its config).
+        let r = unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
+        anyhow::ensure!(r == 0, "cannot signal nats-server to reload");
+        Ok(())
+    }
+}
+
+impl Drop for EmbeddedNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A host's NATS user: it may publish its heartbeats and events, pull from its own command
+/// consumer and ack those messages, and receive replies only on its own inbox prefix.
+fn host_user(h: &Host) -> String {
+    let id = &h.id;
+    let consumer = s::host_consumer(id);
+    let publish = [
+        s::heartbeat(id),
+        s::host_events(id),
+        s::DEAD_LETTER.to_string(),
+        format!("$JS.API.CONSUMER.MSG.NEXT.{}.{consumer}", s::COMMAND_STREAM),
+        format!("$JS.API.CONSUMER.INFO.{}.{consumer}", s::COMMAND_STREAM),
+        format!("$JS.API.STREAM.INFO.{}", s::COMMAND_STREAM),
+        format!("$JS.ACK.{}.{consumer}.>", s::COMMAND_STREAM),
+        "$JS.API.INFO".to_string(),
+    ];
+    let quoted = |v: &[String]| {
+        v.iter()
+            .map(|x| format!("\"{x}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "      {{ user: \"{}\", password: \"{}\", permissions: {{ publish: {{ allow: [{}] }}, subscribe: {{ allow: [\"{}.>\"] }} }} }}",
+        h.nats_user,
+        h.nats_password,
+        quoted(&publish),
+        inbox_prefix(id),
+    )
+}
+
+/// The inbox prefix a host's connection must use (its replies arrive there only).
+pub fn inbox_prefix(host_id: &str) -> String {
+    format!("_INBOX_{host_id}")
+}
+
+/// Declares the streams (idempotent). `replicas` is 1 for one server, 3 for a cluster.
+pub async fn declare_streams(js: &jetstream::Context, replicas: usize) -> Result<()> {
+    let work = |name: &str, subjects: Vec<String>| stream::Config {
+        name: name.into(),
+        subjects,
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        duplicate_window: DEDUP_WINDOW,
+        ..Default::default()
+    };
+    js.get_or_create_stream(work(s::JOB_STREAM, vec![s::JOBS.into()]))
+        .await
+        .map_err(|e| anyhow::anyhow!("stream {}: {e}", s::JOB_STREAM))?;
+    js.get_or_create_stream(work(
+        s::COMMAND_STREAM,
+        vec![s::ALL_HOST_COMMANDS.into()],
+    ))
+    .await
+    .map_err(|e| anyhow::anyhow!("stream {}: {e}", s::COMMAND_STREAM))?;
+    js.get_or_create_stream(work(s::EVENT_STREAM, vec![s::ALL_HOST_EVENTS.into()]))
+        .await
+        .map_err(|e| anyhow::anyhow!("stream {}: {e}", s::EVENT_STREAM))?;
+    js.get_or_create_stream(stream::Config {
+        name: s::DEAD_LETTER_STREAM.into(),
+        subjects: vec![s::DEAD_LETTER.into()],
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("stream {}: {e}", s::DEAD_LETTER_STREAM))?;
+    Ok(())
+}
+
+/// A durable pull consumer with explicit acks: a message is redelivered if its handler dies
+/// before acking, after `ack_wait`.
+pub fn pull_config(name: &str, filter: &str, ack_wait: Duration) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(name.into()),
+        filter_subject: filter.into(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait,
+        ..Default::default()
+    }
+}
+
+/// Creates the command consumer of a host (vimd does it, so the host's user needs no right to).
+pub async fn declare_host_consumer(js: &jetstream::Context, host_id: &str) -> Result<()> {
+    let stream = js
+        .get_stream(s::COMMAND_STREAM)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    stream
+        .get_or_create_consumer(
+            &s::host_consumer(host_id),
+            pull_config(
+                &s::host_consumer(host_id),
+                &s::host_commands(host_id),
+                Duration::from_secs(30),
+            ),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("consumer for host {host_id}: {e}"))?;
+    Ok(())
+}
+
+/// Moves an undecodable message aside, with why, so it is kept and logged but never retried.
+pub async fn dead_letter(js: &jetstream::Context, subject: &str, payload: &[u8], why: &str) {
+    tracing::warn!(subject, why, "dead-lettering a message");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Vim-Original-Subject", subject);
+    headers.insert("Vim-Reason", why.replace(['\r', '\n'], " ").as_str());
+    match js
+        .publish_with_headers(s::DEAD_LETTER, headers, payload.to_vec().into())
+        .await
+    {
+        Ok(ack) => {
+            if let Err(e) = ack.await {
+                tracing::error!(error = %e, "dead letter not stored");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "dead letter not published"),
+    }
+}

@@ -1,0 +1,443 @@
+//! vimd's moving parts besides the HTTP API: the job workers (consume `VIM_JOBS`, place VMs, send
+//! host commands), the event consumer (agents' answers and VM events), heartbeat monitoring and the
+//! outbox reconciler. All state changes go to the database first.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use prost::Message;
+use tokio::sync::broadcast;
+use vim_proto::{host_command::Action, subjects as s, Versioned, PROTOCOL_VERSION};
+
+use crate::db::{self, Db, Event};
+use crate::placement::{self, Candidate, Policy};
+use crate::queue;
+
+/// Heartbeat monitoring: how often agents beat, and how many misses make a host unreachable.
+#[derive(Debug, Clone, Copy)]
+pub struct Monitoring {
+    pub interval: Duration,
+    pub misses_for_unreachable: i64,
+}
+
+/// What every part of vimd shares.
+pub struct Vimd {
+    pub db: Db,
+    pub js: jetstream::Context,
+    pub nats: async_nats::Client,
+    /// The URL agents are told to use.
+    pub nats_url: String,
+    pub embedded: Option<queue::EmbeddedNats>,
+    pub state_dir: PathBuf,
+    pub shared_dir: PathBuf,
+    pub policy: Policy,
+    pub monitoring: Monitoring,
+    pub events: broadcast::Sender<Event>,
+}
+
+impl Vimd {
+    /// Records an event and tells the SSE listeners.
+    pub async fn event(&self, kind: &str, host_id: &str, vm_id: &str, job_id: &str, detail: &str) {
+        let e = Event {
+            id: db::new_id(),
+            ts: db::now_ms(),
+            kind: kind.into(),
+            host_id: host_id.into(),
+            vm_id: vm_id.into(),
+            job_id: job_id.into(),
+            detail: detail.into(),
+        };
+        tracing::info!(kind, host_id, vm_id, job_id, detail, "event");
+        if let Err(err) = self.db.add_event(&e).await {
+            tracing::error!(error = %err, "cannot store an event");
+        }
+        let _ = self.events.send(e);
+    }
+
+    /// Publishes a job id for the workers; marks it published once JetStream has stored it. The
+    /// message id is the job id, so a republish inside the dedup window is dropped by the server.
+    pub async fn publish_job(&self, job_id: &str) -> Result<()> {
+        let msg = vim_proto::Job {
+            version: PROTOCOL_VERSION,
+            job_id: job_id.into(),
+        };
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", job_id);
+        self.js
+            .publish_with_headers(s::JOBS, h, msg.encode_to_vec().into())
+            .await?
+            .await?;
+        self.db.mark_published(job_id).await?;
+        Ok(())
+    }
+
+    async fn send_to_host(&self, host_id: &str, job_id: &str, action: Action) -> Result<()> {
+        let cmd = vim_proto::HostCommand {
+            version: PROTOCOL_VERSION,
+            job_id: job_id.into(),
+            action: Some(action),
+        };
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", job_id);
+        self.js
+            .publish_with_headers(s::host_commands(host_id), h, cmd.encode_to_vec().into())
+            .await?
+            .await?;
+        Ok(())
+    }
+
+    async fn fail_job(&self, job: &db::Job, why: &str) {
+        if let Ok(true) = self
+            .db
+            .transition_job(&job.id, &["pending", "running"], "failed", why)
+            .await
+        {
+            if job.kind == "create" {
+                let _ = self.db.set_vm_state(&job.vm_id, "failed", 0).await;
+            }
+            self.event("Job_Failed", "", &job.vm_id, &job.id, why).await;
+        }
+    }
+
+    /// One job, idempotently: a job already past `pending` is not done again (its host command,
+    /// if any, was sent with the job id as message id and the agent dedups by job id too).
+    async fn handle_job(&self, job_id: &str) -> Result<()> {
+        let Some(job) = self.db.job(job_id).await? else {
+            tracing::warn!(job_id, "job not in the database; dropped");
+            return Ok(());
+        };
+        if job.state != "pending" {
+            return Ok(());
+        }
+        let Some(vm) = self.db.vm(&job.vm_id).await? else {
+            self.fail_job(&job, "the VM does not exist").await;
+            return Ok(());
+        };
+        let host_id = if job.kind == "create" && vm.host_id.is_empty() {
+            let hosts = self.db.hosts().await?;
+            let vms = self.db.vms(None).await?;
+            let candidates: Vec<Candidate> = hosts
+                .iter()
+                .map(|h| Candidate {
+                    id: h.id.clone(),
+                    reachable: h.state == "reachable",
+                    cpu_cores: h.cpu_cores,
+                    memory_mib: h.memory_mib,
+                    used_vcpus: vms.iter().filter(|v| v.host_id == h.id).map(|v| v.vcpus).sum(),
+                    used_memory_mib: vms
+                        .iter()
+                        .filter(|v| v.host_id == h.id)
+                        .map(|v| v.memory_mib)
+                        .sum(),
+                })
+                .collect();
+            match placement::choose(&self.policy, &candidates, vm.vcpus, vm.memory_mib) {
+                Ok(h) => h,
+                Err(why) => {
+                    self.fail_job(&job, &why).await;
+                    return Ok(());
+                }
+            }
+        } else {
+            vm.host_id.clone()
+        };
+        let action = match job.kind.as_str() {
+            "create" => {
+                let Some(image) = self.db.image(&vm.image).await? else {
+                    self.fail_job(&job, &format!("image {} does not exist", vm.image))
+                        .await;
+                    return Ok(());
+                };
+                // The VM's own copy of the image's disk, on shared storage.
+                let disk = if image.disk.is_empty() {
+                    String::new()
+                } else {
+                    let dir = self.shared_dir.join("vms").join(&vm.id);
+                    std::fs::create_dir_all(&dir)?;
+                    let d = dir.join("disk.img");
+                    if !d.exists() {
+                        let tmp = dir.join("disk.img.tmp");
+                        std::fs::copy(&image.disk, &tmp)?;
+                        std::fs::rename(&tmp, &d)?;
+                    }
+                    d.display().to_string()
+                };
+                self.db.place_vm(&vm.id, &host_id, &disk).await?;
+                Action::Create(vim_proto::VmSpec {
+                    vm_id: vm.id.clone(),
+                    vcpus: vm.vcpus as u32,
+                    memory_mib: vm.memory_mib as u64,
+                    kernel: image.kernel,
+                    initrd: image.initrd,
+                    cmdline: image.cmdline,
+                    disk,
+                })
+            }
+            "start" => Action::Start(vm.id.clone()),
+            "stop" => Action::Stop(vim_proto::StopVm {
+                vm_id: vm.id.clone(),
+                timeout_ms: 10_000,
+            }),
+            "delete" => Action::Delete(vm.id.clone()),
+            other => {
+                self.fail_job(&job, &format!("unknown job kind {other}")).await;
+                return Ok(());
+            }
+        };
+        if host_id.is_empty() {
+            // A VM never placed (its create failed): deleting it needs no host.
+            if job.kind == "delete" {
+                self.db.set_vm_state(&vm.id, "deleted", 0).await?;
+                self.db
+                    .transition_job(&job.id, &["pending"], "done", "")
+                    .await?;
+                return Ok(());
+            }
+            self.fail_job(&job, "the VM is on no host").await;
+            return Ok(());
+        }
+        self.send_to_host(&host_id, &job.id, action).await?;
+        self.db
+            .transition_job(&job.id, &["pending"], "running", "")
+            .await?;
+        self.event("Job_Sent", &host_id, &vm.id, &job.id, &job.kind)
+            .await;
+        Ok(())
+    }
+
+    /// An agent's answer or report.
+    async fn handle_host_event(&self, ev: vim_proto::HostEvent) -> Result<()> {
+        let vm_id = ev.vm.as_ref().map(|v| v.vm_id.clone()).unwrap_or_default();
+        if let Some(v) = &ev.vm {
+            self.db
+                .set_vm_state(&v.vm_id, &v.state, i64::from(v.pid))
+                .await?;
+        }
+        if !ev.job_id.is_empty() {
+            let (to, err) = if ev.ok {
+                ("done", String::new())
+            } else {
+                ("failed", ev.error.clone())
+            };
+            let moved = self
+                .db
+                .transition_job(&ev.job_id, &["running", "pending"], to, &err)
+                .await?;
+            if !moved {
+                return Ok(()); // a redelivered answer
+            }
+        }
+        let detail = if ev.ok { String::new() } else { ev.error };
+        self.event(&ev.kind, &ev.host_id, &vm_id, &ev.job_id, &detail)
+            .await;
+        Ok(())
+    }
+}
+
+/// Job workers: `n` tasks on the shared durable consumer. A job is acked after it is handled;
+/// while a long one runs, in-progress acks keep it from being redelivered.
+pub async fn run_job_workers(v: Arc<Vimd>, n: usize) -> Result<()> {
+    let stream = v
+        .js
+        .get_stream(s::JOB_STREAM)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let consumer = stream
+        .get_or_create_consumer(
+            s::JOB_CONSUMER,
+            queue::pull_config(s::JOB_CONSUMER, s::JOBS, Duration::from_secs(30)),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for _ in 0..n {
+        let v = v.clone();
+        let consumer = consumer.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut msgs = match consumer.messages().await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::error!(error = %e, "job consumer");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                while let Some(m) = msgs.next().await {
+                    let Ok(m) = m else { break };
+                    let job = match vim_proto::Job::decode_checked(&m.payload) {
+                        Ok(j) => j,
+                        Err(e) => {
+                            queue::dead_letter(&v.js, &m.subject, &m.payload, &e.to_string())
+                                .await;
+                            let _ = m.ack_with(AckKind::Term).await;
+                            continue;
+                        }
+                    };
+                    let _ = m.ack_with(AckKind::Progress).await;
+                    match v.handle_job(&job.job_id).await {
+                        Ok(()) => {
+                            let _ = m.ack().await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(job = job.job_id, error = %e, "job failed; redelivered later");
+                            let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Agents' answers and events.
+pub async fn run_event_consumer(v: Arc<Vimd>) -> Result<()> {
+    let stream = v
+        .js
+        .get_stream(s::EVENT_STREAM)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let consumer = stream
+        .get_or_create_consumer(
+            s::EVENT_CONSUMER,
+            queue::pull_config(s::EVENT_CONSUMER, s::ALL_HOST_EVENTS, Duration::from_secs(30)),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut msgs) = consumer.messages().await else {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            };
+            while let Some(Ok(m)) = msgs.next().await {
+                match vim_proto::HostEvent::decode_checked(&m.payload) {
+                    Ok(ev) => match v.handle_host_event(ev).await {
+                        Ok(()) => {
+                            let _ = m.ack().await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "host event not handled; redelivered");
+                            let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                        }
+                    },
+                    Err(e) => {
+                        queue::dead_letter(&v.js, &m.subject, &m.payload, &e.to_string()).await;
+                        let _ = m.ack_with(AckKind::Term).await;
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Heartbeats in, and the clock that notices missing ones: `PS_Timeout` for each missed interval,
+/// `PS_Unreachable` at the configured count (the host and its VMs are marked), `PS_Reachable`
+/// when it beats again.
+pub async fn run_monitor(v: Arc<Vimd>) -> Result<()> {
+    let mut sub = v.nats.subscribe(s::ALL_HEARTBEATS).await?;
+    let v2 = v.clone();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let hb = match vim_proto::Heartbeat::decode_checked(&m.payload) {
+                Ok(hb) => hb,
+                Err(e) => {
+                    queue::dead_letter(&v2.js, &m.subject, &m.payload, &e.to_string()).await;
+                    continue;
+                }
+            };
+            // The subject names the sender (its permissions allow only its own).
+            if m.subject.as_str() != s::heartbeat(&hb.host_id) {
+                queue::dead_letter(&v2.js, &m.subject, &m.payload, "host id does not match subject")
+                    .await;
+                continue;
+            }
+            match v2.db.heartbeat(&hb, db::now_ms()).await {
+                Ok(Some(before)) if before == "unreachable" => {
+                    v2.event("PS_Reachable", &hb.host_id, "", "", "heartbeats again")
+                        .await
+                }
+                Ok(Some(before)) if before == "registered" => {
+                    v2.event("Host_Registered", &hb.host_id, "", "", &hb.hostname)
+                        .await
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "cannot record a heartbeat"),
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let every = v.monitoring.interval;
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let Ok(hosts) = v.db.hosts().await else {
+                continue;
+            };
+            let now = db::now_ms();
+            for h in hosts {
+                if h.state == "registered" || h.last_heartbeat == 0 {
+                    continue;
+                }
+                let silent = now - h.last_heartbeat;
+                let due = every.as_millis() as i64 * (h.missed + 1) + every.as_millis() as i64 / 2;
+                if silent < due {
+                    continue;
+                }
+                let Ok(missed) = v.db.miss(&h.id).await else {
+                    continue;
+                };
+                if h.state == "unreachable" {
+                    continue;
+                }
+                v.event(
+                    "PS_Timeout",
+                    &h.id,
+                    "",
+                    "",
+                    &format!("no heartbeat for {silent} ms ({missed} missed)"),
+                )
+                .await;
+                if missed >= v.monitoring.misses_for_unreachable {
+                    let _ = v.db.set_host_state(&h.id, "unreachable").await;
+                    v.event(
+                        "PS_Unreachable",
+                        &h.id,
+                        "",
+                        "",
+                        &format!("{missed} heartbeats missed in a row"),
+                    )
+                    .await;
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The outbox reconciler: jobs committed but not confirmed published (vimd died between the two,
+/// or NATS was down) are published again.
+pub async fn run_reconciler(v: Arc<Vimd>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            match v.db.unpublished_jobs(2000).await {
+                Ok(jobs) => {
+                    for j in jobs {
+                        tracing::info!(job = j.id, "republishing an unconfirmed job");
+                        if let Err(e) = v.publish_job(&j.id).await {
+                            tracing::warn!(job = j.id, error = %e, "republish failed");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "reconciler"),
+            }
+        }
+    });
+}
