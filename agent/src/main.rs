@@ -1,1 +1,331 @@
-fn main() {}
+//! vim-agent: runs beside the VMM on every host. It heartbeats its host to the VIM, consumes its
+//! host's command stream (create, start, stop, delete, info), runs each VM as a `vmm` child and
+//! reports what happens to them (docs/protocol.md).
+
+mod vms;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use async_nats::jetstream::{self, AckKind};
+use clap::Parser;
+use futures::StreamExt;
+use prost::Message;
+use serde::Deserialize;
+use vim_proto::{host_command::Action, subjects as s, HostEvent, Versioned, PROTOCOL_VERSION};
+
+use vms::Vms;
+
+#[derive(Parser, Debug)]
+#[command(name = "vim-agent", version, about = "The host agent of the VIM")]
+struct Args {
+    /// A TOML file with the settings below (flags win over it).
+    #[arg(long, env = "VIM_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long = "host-id", env = "VIM_AGENT_HOST_ID")]
+    host_id: Option<String>,
+    #[arg(long = "nats-url", env = "VIM_AGENT_NATS_URL")]
+    nats_url: Option<String>,
+    /// The credentials file `vimctl host add` printed (JSON {"user", "password"}).
+    #[arg(long, env = "VIM_AGENT_CREDENTIALS")]
+    credentials: Option<PathBuf>,
+    #[arg(long = "state-dir", env = "VIM_AGENT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    #[arg(long = "shared-dir", env = "VIM_AGENT_SHARED_DIR")]
+    shared_dir: Option<PathBuf>,
+    /// The vmm binary (default: `vmm` beside this binary, else on PATH).
+    #[arg(long, env = "VIM_AGENT_VMM")]
+    vmm: Option<PathBuf>,
+    #[arg(long = "heartbeat-ms", env = "VIM_AGENT_HEARTBEAT_MS")]
+    heartbeat_ms: Option<u64>,
+}
+
+/// The configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    host_id: Option<String>,
+    nats_url: Option<String>,
+    credentials: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    shared_dir: Option<PathBuf>,
+    vmm: Option<PathBuf>,
+    heartbeat_ms: Option<u64>,
+}
+
+struct Config {
+    host_id: String,
+    nats_url: String,
+    credentials: PathBuf,
+    state_dir: PathBuf,
+    shared_dir: PathBuf,
+    vmm: PathBuf,
+    heartbeat: Duration,
+}
+
+fn config(a: Args) -> Result<Config> {
+    let f: FileConfig = match &a.config {
+        Some(p) => toml::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        )
+        .with_context(|| format!("{}", p.display()))?,
+        None => FileConfig::default(),
+    };
+    let need = |v: Option<String>, name: &str| {
+        v.ok_or_else(|| anyhow::anyhow!("--{name} is required (flag or config file)"))
+    };
+    let needp = |v: Option<PathBuf>, name: &str| {
+        v.ok_or_else(|| anyhow::anyhow!("--{name} is required (flag or config file)"))
+    };
+    let vmm = a.vmm.or(f.vmm).unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("vmm")))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| "vmm".into())
+    });
+    Ok(Config {
+        host_id: need(a.host_id.or(f.host_id), "host-id")?,
+        nats_url: need(a.nats_url.or(f.nats_url), "nats-url")?,
+        credentials: needp(a.credentials.or(f.credentials), "credentials")?,
+        state_dir: needp(a.state_dir.or(f.state_dir), "state-dir")?,
+        shared_dir: needp(a.shared_dir.or(f.shared_dir), "shared-dir")?,
+        vmm,
+        heartbeat: Duration::from_millis(a.heartbeat_ms.or(f.heartbeat_ms).unwrap_or(1000).max(10)),
+    })
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VIM_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let r = match config(Args::parse()) {
+        Ok(c) => run(c).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = r {
+        eprintln!("vim-agent: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(0)
+}
+
+struct Agent {
+    cfg: Config,
+    js: jetstream::Context,
+    vms: Mutex<Vms>,
+}
+
+impl Agent {
+    fn event(&self, job_id: &str, kind: &str, result: Result<(), String>, vm_id: &str) -> HostEvent {
+        let vm = if vm_id.is_empty() {
+            None
+        } else {
+            Some(crate::lock(&self.vms).report(vm_id))
+        };
+        HostEvent {
+            version: PROTOCOL_VERSION,
+            host_id: self.cfg.host_id.clone(),
+            job_id: job_id.into(),
+            ok: result.is_ok(),
+            error: result.err().unwrap_or_default(),
+            kind: kind.into(),
+            vm,
+        }
+    }
+
+    async fn publish_event(&self, ev: &HostEvent) -> Result<()> {
+        self.js
+            .publish(s::host_events(&self.cfg.host_id), ev.encode_to_vec().into())
+            .await?
+            .await?;
+        Ok(())
+    }
+
+    /// Runs one command on a blocking thread (process management waits).
+    async fn execute(self: &Arc<Self>, cmd: vim_proto::HostCommand) -> HostEvent {
+        let job = cmd.job_id.clone();
+        let me = self.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let mut vms = lock(&me.vms);
+            let err = |e: anyhow::Error| format!("{e:#}");
+            match cmd.action {
+                Some(Action::Create(spec)) => {
+                    ("VM_Created", spec.vm_id.clone(), vms.create(&spec).map_err(err))
+                }
+                Some(Action::Start(id)) => ("VM_Started", id.clone(), vms.start(&id).map_err(err)),
+                Some(Action::Stop(s)) => (
+                    "VM_Stopped",
+                    s.vm_id.clone(),
+                    vms.stop(&s.vm_id, Duration::from_millis(s.timeout_ms))
+                        .map_err(err),
+                ),
+                Some(Action::Delete(id)) => ("VM_Deleted", id.clone(), vms.delete(&id).map_err(err)),
+                Some(Action::Info(id)) => ("VM_Info", id, Ok(())),
+                None => ("Command_Refused", String::new(), Err("no action".to_string())),
+            }
+        })
+        .await;
+        match r {
+            Ok((kind, vm, result)) => self.event(&job, kind, result, &vm),
+            Err(e) => self.event(&job, "Command_Failed", Err(e.to_string()), ""),
+        }
+    }
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn run(cfg: Config) -> Result<()> {
+    let creds: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&cfg.credentials)
+            .with_context(|| format!("cannot read {}", cfg.credentials.display()))?,
+    )
+    .context("credentials file")?;
+    let vms = Vms::load(&cfg.state_dir, &cfg.shared_dir, &cfg.vmm)?;
+    let client = async_nats::ConnectOptions::with_user_and_password(
+        creds["user"].as_str().unwrap_or_default().into(),
+        creds["password"].as_str().unwrap_or_default().into(),
+    )
+    .custom_inbox_prefix(format!("_INBOX_{}", cfg.host_id))
+    .retry_on_initial_connect()
+    .connect(&cfg.nats_url)
+    .await
+    .with_context(|| format!("cannot connect to NATS at {}", cfg.nats_url))?;
+    let js = jetstream::new(client.clone());
+    let agent = Arc::new(Agent {
+        cfg,
+        js,
+        vms: Mutex::new(vms),
+    });
+    tracing::info!(host = agent.cfg.host_id, "agent started");
+
+    // Heartbeats, with the VMs' reports; and VMMs that exited on their own.
+    let a = agent.clone();
+    let hb_client = client.clone();
+    tokio::spawn(async move {
+        let mut seq = 0u64;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        let mut tick = tokio::time::interval(a.cfg.heartbeat);
+        loop {
+            tick.tick().await;
+            seq += 1;
+            let exited = lock(&a.vms).exited();
+            for (vm, why) in exited {
+                tracing::warn!(vm, why, "VMM exited");
+                let ev = a.event("", "VM_Failure", Err(why), &vm);
+                if let Err(e) = a.publish_event(&ev).await {
+                    tracing::warn!(error = %e, "cannot report a VMM exit");
+                }
+            }
+            let hb = vim_proto::Heartbeat {
+                version: PROTOCOL_VERSION,
+                host_id: a.cfg.host_id.clone(),
+                seq,
+                hostname: hostname(),
+                cpu_cores: cores,
+                memory_mib: memory_mib(),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+                vms: lock(&a.vms).reports(),
+            };
+            if let Err(e) = hb_client
+                .publish(s::heartbeat(&a.cfg.host_id), hb.encode_to_vec().into())
+                .await
+            {
+                tracing::warn!(error = %e, "heartbeat not sent");
+            }
+        }
+    });
+
+    // The host's commands: acked after the work and its answer are stored.
+    loop {
+        let consumer: jetstream::consumer::PullConsumer = match async {
+            agent
+                .js
+                .get_stream(s::COMMAND_STREAM)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .get_consumer(&s::host_consumer(&agent.cfg.host_id))
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))
+        }
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "command consumer not available yet");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut msgs = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot pull commands");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(Ok(m)) = msgs.next().await {
+            let cmd = match vim_proto::HostCommand::decode_checked(&m.payload) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, subject = %m.subject, "undecodable command dead-lettered");
+                    let mut h = async_nats::HeaderMap::new();
+                    h.insert("Vim-Reason", e.to_string().as_str());
+                    h.insert("Vim-Original-Subject", m.subject.as_str());
+                    let _ = agent
+                        .js
+                        .publish_with_headers(s::DEAD_LETTER, h, m.payload.clone())
+                        .await;
+                    let _ = m.ack_with(AckKind::Term).await;
+                    continue;
+                }
+            };
+            let stored = lock(&agent.vms).job_result(&cmd.job_id);
+            let ev = match stored {
+                // Done before (a redelivery): answer again, do nothing.
+                Some(ev) => ev,
+                None => {
+                    let _ = m.ack_with(AckKind::Progress).await;
+                    let ev = agent.execute(cmd.clone()).await;
+                    if let Err(e) = lock(&agent.vms).save_job_result(&cmd.job_id, &ev) {
+                        tracing::error!(error = %e, "cannot store a job result");
+                    }
+                    ev
+                }
+            };
+            match agent.publish_event(&ev).await {
+                Ok(()) => {
+                    let _ = m.ack().await;
+                }
+                Err(e) => tracing::warn!(error = %e, "answer not published; the command comes again"),
+            }
+        }
+    }
+}

@@ -1,1 +1,438 @@
-fn main() {}
+//! vimctl: the VIM's command line. Human tables by default, one JSON document with `--json`.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(name = "vimctl", version, about = "Command line of the Virtual Infrastructure Manager")]
+struct Cli {
+    #[arg(long, env = "VIM_API", default_value = "http://127.0.0.1:8640")]
+    api: String,
+    #[arg(long = "token-file", env = "VIM_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Print one JSON document.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Images (kernel, initrd, command line, disk) on shared storage.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+    /// List hosts.
+    Hosts,
+    /// Register a host.
+    Host {
+        #[command(subcommand)]
+        cmd: HostCmd,
+    },
+    Vm {
+        #[command(subcommand)]
+        cmd: VmCmd,
+    },
+    /// Recent jobs.
+    Jobs,
+    Job {
+        #[command(subcommand)]
+        cmd: JobCmd,
+    },
+    /// Events; `--follow` streams them.
+    Events {
+        #[arg(long)]
+        follow: bool,
+    },
+    /// The audit log.
+    Audit,
+    /// API tokens.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    Add {
+        name: String,
+        #[arg(long)]
+        kernel: PathBuf,
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        #[arg(long)]
+        disk: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum HostCmd {
+    Add { id: String },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    Add {
+        name: String,
+        #[arg(long, default_value = "consumer")]
+        role: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobCmd {
+    Show { id: String },
+}
+
+#[derive(clap::Args)]
+struct Wait {
+    /// Return at once with the job id instead of waiting for the job.
+    #[arg(long = "no-wait")]
+    no_wait: bool,
+    #[arg(long = "timeout-s", default_value_t = 300)]
+    timeout_s: u64,
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        #[arg(long = "memory-mib", default_value_t = 256)]
+        memory_mib: u64,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    List,
+    Show {
+        id: String,
+    },
+    Start {
+        id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    Stop {
+        id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    Delete {
+        id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// The guest's serial log.
+    Console {
+        id: String,
+    },
+}
+
+struct Api {
+    base: String,
+    token: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Api {
+    fn req(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
+        let mut r = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().with_context(|| format!("cannot reach vimd at {}", self.base))?;
+        let status = resp.status();
+        let text = resp.text()?;
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if !status.is_success() {
+            let msg = v["error"].as_str().map(str::to_string).unwrap_or(v.to_string());
+            anyhow::bail!("{status}: {msg}");
+        }
+        Ok(v)
+    }
+    fn get(&self, path: &str) -> Result<Value> {
+        self.req(reqwest::Method::GET, path, None)
+    }
+    fn post(&self, path: &str, body: Value) -> Result<Value> {
+        self.req(reqwest::Method::POST, path, Some(body))
+    }
+
+    /// Waits for a job to end, with a progress line on stderr.
+    fn wait(&self, job_id: &str, w: &Wait, quiet: bool) -> Result<Value> {
+        let deadline = Instant::now() + Duration::from_secs(w.timeout_s);
+        let start = Instant::now();
+        loop {
+            let j = self.get(&format!("/jobs/{job_id}"))?;
+            let state = j["state"].as_str().unwrap_or("");
+            if !quiet {
+                eprint!(
+                    "\rjob {job_id}: {state} ({:.0} s)   ",
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            if state == "done" || state == "failed" {
+                if !quiet {
+                    eprintln!();
+                }
+                return Ok(j);
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("job {job_id} still {state} after {} s", w.timeout_s);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn table(rows: &[Value], cols: &[&str]) {
+    let cell = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        v => v.to_string(),
+    };
+    let mut widths: Vec<usize> = cols.iter().map(|c| c.len()).collect();
+    for r in rows {
+        for (i, c) in cols.iter().enumerate() {
+            widths[i] = widths[i].max(cell(&r[*c]).len());
+        }
+    }
+    let line = |vals: Vec<String>| {
+        vals.iter()
+            .enumerate()
+            .map(|(i, v)| format!("{v:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    println!("{}", line(cols.iter().map(|c| c.to_uppercase()).collect()));
+    for r in rows {
+        println!("{}", line(cols.iter().map(|c| cell(&r[*c])).collect()));
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("vimctl: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let token = match &cli.token_file {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read the token file {}", p.display()))?
+            .trim()
+            .to_string(),
+        None => std::env::var("VIM_TOKEN").unwrap_or_default(),
+    };
+    let api = Api {
+        base: cli.api.trim_end_matches('/').to_string(),
+        token,
+        http: reqwest::blocking::Client::builder()
+            .timeout(None)
+            .build()?,
+    };
+    let json_out = cli.json;
+    let print = |v: &Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    let job_cmd = |path: String, body: Value, w: &Wait| -> Result<()> {
+        let r = api.post(&path, body)?;
+        let job_id = r["job_id"].as_str().unwrap_or_default().to_string();
+        if w.no_wait {
+            if json_out {
+                print(&r);
+            } else {
+                println!("{}", r["vm_id"].as_str().unwrap_or(&job_id));
+            }
+            return Ok(());
+        }
+        let j = api.wait(&job_id, w, json_out)?;
+        let failed = j["state"] == "failed";
+        if json_out {
+            print(&json!({"job": j, "vm_id": r["vm_id"]}));
+        } else if failed {
+            eprintln!("job failed: {}", j["error"].as_str().unwrap_or(""));
+        } else {
+            println!("{}", r["vm_id"].as_str().unwrap_or(&job_id));
+        }
+        anyhow::ensure!(!failed, "job {job_id} failed");
+        Ok(())
+    };
+    let abs = |p: &PathBuf| -> Result<String> {
+        Ok(std::path::absolute(p)?.display().to_string())
+    };
+    match cli.cmd {
+        Cmd::Image {
+            cmd:
+                ImageCmd::Add {
+                    name,
+                    kernel,
+                    initrd,
+                    cmdline,
+                    disk,
+                },
+        } => {
+            let r = api.post(
+                "/images",
+                json!({"name": name, "kernel": abs(&kernel)?,
+                       "initrd": initrd.as_ref().map(abs).transpose()?.unwrap_or_default(),
+                       "cmdline": cmdline,
+                       "disk": disk.as_ref().map(abs).transpose()?.unwrap_or_default()}),
+            )?;
+            if json_out {
+                print(&r);
+            } else {
+                println!("{}", r["name"].as_str().unwrap_or_default());
+            }
+        }
+        Cmd::Hosts => {
+            let r = api.get("/hosts")?;
+            if json_out {
+                print(&r);
+            } else {
+                table(
+                    r.as_array().map_or(&[][..], |v| v),
+                    &["id", "hostname", "state", "cpu_cores", "memory_mib", "last_heartbeat"],
+                );
+            }
+        }
+        Cmd::Host {
+            cmd: HostCmd::Add { id },
+        } => {
+            let r = api.post("/hosts", json!({"id": id}))?;
+            if json_out {
+                print(&r);
+            } else {
+                println!(
+                    "host {} registered; agent: --nats-url {} --credentials {}",
+                    r["host_id"].as_str().unwrap_or_default(),
+                    r["nats_url"].as_str().unwrap_or_default(),
+                    r["credentials_file"].as_str().unwrap_or_default()
+                );
+            }
+        }
+        Cmd::Token {
+            cmd: TokenCmd::Add { name, role },
+        } => {
+            let r = api.post("/tokens", json!({"name": name, "role": role}))?;
+            if json_out {
+                print(&r);
+            } else {
+                println!("{}", r["token"].as_str().unwrap_or_default());
+            }
+        }
+        Cmd::Vm { cmd } => match cmd {
+            VmCmd::Create {
+                name,
+                image,
+                vcpus,
+                memory_mib,
+                wait,
+            } => job_cmd(
+                "/vms".into(),
+                json!({"name": name, "image": image, "vcpus": vcpus, "memory_mib": memory_mib}),
+                &wait,
+            )?,
+            VmCmd::List => {
+                let r = api.get("/vms")?;
+                if json_out {
+                    print(&r);
+                } else {
+                    table(
+                        r.as_array().map_or(&[][..], |v| v),
+                        &["id", "name", "owner", "state", "host_id", "vcpus", "memory_mib"],
+                    );
+                }
+            }
+            VmCmd::Show { id } => print(&api.get(&format!("/vms/{id}"))?),
+            VmCmd::Start { id, wait } => job_cmd(format!("/vms/{id}/start"), json!({}), &wait)?,
+            VmCmd::Stop { id, wait } => job_cmd(format!("/vms/{id}/stop"), json!({}), &wait)?,
+            VmCmd::Delete { id, wait } => {
+                let r = api.req(reqwest::Method::DELETE, &format!("/vms/{id}"), None)?;
+                let job_id = r["job_id"].as_str().unwrap_or_default().to_string();
+                if wait.no_wait {
+                    print(&r);
+                } else {
+                    let j = api.wait(&job_id, &wait, json_out)?;
+                    if json_out {
+                        print(&j);
+                    }
+                    anyhow::ensure!(j["state"] == "done", "job {job_id} failed: {}", j["error"]);
+                }
+            }
+            VmCmd::Console { id } => {
+                let r = api.get(&format!("/vms/{id}/console"))?;
+                match r {
+                    Value::String(s) if !json_out => print!("{s}"),
+                    v => print(&json!({"console": v})),
+                }
+            }
+        },
+        Cmd::Jobs => {
+            let r = api.get("/jobs")?;
+            if json_out {
+                print(&r);
+            } else {
+                table(
+                    r.as_array().map_or(&[][..], |v| v),
+                    &["id", "kind", "state", "vm_id", "owner", "error"],
+                );
+            }
+        }
+        Cmd::Job {
+            cmd: JobCmd::Show { id },
+        } => print(&api.get(&format!("/jobs/{id}"))?),
+        Cmd::Events { follow: false } => {
+            let r = api.get("/events")?;
+            if json_out {
+                print(&r);
+            } else {
+                table(
+                    r.as_array().map_or(&[][..], |v| v),
+                    &["ts", "kind", "host_id", "vm_id", "job_id", "detail"],
+                );
+            }
+        }
+        Cmd::Events { follow: true } => {
+            let resp = api
+                .http
+                .get(format!("{}/events/stream", api.base))
+                .bearer_auth(&api.token)
+                .send()?;
+            anyhow::ensure!(resp.status().is_success(), "{}", resp.status());
+            for line in BufReader::new(resp).lines() {
+                if let Some(d) = line?.strip_prefix("data:") {
+                    println!("{}", d.trim());
+                }
+            }
+        }
+        Cmd::Audit => {
+            let r = api.get("/audit")?;
+            if json_out {
+                print(&r);
+            } else {
+                table(
+                    r.as_array().map_or(&[][..], |v| v),
+                    &["ts", "who", "action", "target", "outcome", "detail"],
+                );
+            }
+        }
+    }
+    Ok(())
+}

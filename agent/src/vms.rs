@@ -1,0 +1,376 @@
+//! The VMs of this host: each a `vmm` child process with an API socket. Their records live in the
+//! state directory (`vms/ID.json`), so an agent that restarts re-adopts the VMMs still running
+//! instead of losing them. Results of handled jobs are kept too (`jobs/ID.json`): a redelivered
+//! command is answered from there, never done twice.
+
+use std::collections::HashMap;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vim_proto::{VmReport, VmSpec};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub spec: SpecRecord,
+    pub pid: u32,
+    /// "running", "stopped", "failed".
+    pub state: String,
+    pub api_socket: PathBuf,
+    pub console: PathBuf,
+}
+
+/// The serialisable copy of a `VmSpec`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpecRecord {
+    pub vm_id: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: String,
+    pub initrd: String,
+    pub cmdline: String,
+    pub disk: String,
+}
+
+impl From<&VmSpec> for SpecRecord {
+    fn from(s: &VmSpec) -> Self {
+        SpecRecord {
+            vm_id: s.vm_id.clone(),
+            vcpus: s.vcpus,
+            memory_mib: s.memory_mib,
+            kernel: s.kernel.clone(),
+            initrd: s.initrd.clone(),
+            cmdline: s.cmdline.clone(),
+            disk: s.disk.clone(),
+        }
+    }
+}
+
+/// CPU accounting between reports.
+#[derive(Default)]
+struct CpuSample {
+    ticks: u64,
+    at: Option<Instant>,
+}
+
+pub struct Vms {
+    state_dir: PathBuf,
+    shared_dir: PathBuf,
+    vmm: PathBuf,
+    pub records: HashMap<String, VmRecord>,
+    children: HashMap<String, Child>,
+    cpu: HashMap<String, CpuSample>,
+}
+
+fn alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    pid != 0 && unsafe { libc::kill(pid as i32, 0) } == 0
+}
+
+/// Whether `pid` is a vmm process (a recycled pid is not adopted).
+fn is_vmm(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            c.split(|b| *b == 0)
+                .next()
+                .is_some_and(|a| a.ends_with(b"vmm"))
+        })
+        .unwrap_or(false)
+}
+
+impl Vms {
+    /// Loads the records and re-adopts the VMMs that still run.
+    pub fn load(state_dir: &Path, shared_dir: &Path, vmm: &Path) -> anyhow::Result<Vms> {
+        std::fs::create_dir_all(state_dir.join("vms"))?;
+        std::fs::create_dir_all(state_dir.join("jobs"))?;
+        let mut records = HashMap::new();
+        for e in std::fs::read_dir(state_dir.join("vms"))? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "json") {
+                let r: VmRecord = serde_json::from_str(&std::fs::read_to_string(&p)?)?;
+                records.insert(r.spec.vm_id.clone(), r);
+            }
+        }
+        let mut vms = Vms {
+            state_dir: state_dir.into(),
+            shared_dir: shared_dir.into(),
+            vmm: vmm.into(),
+            records,
+            children: HashMap::new(),
+            cpu: HashMap::new(),
+        };
+        let ids: Vec<String> = vms.records.keys().cloned().collect();
+        for id in ids {
+            let Some(r) = vms.records.get_mut(&id) else {
+                continue;
+            };
+            if r.state == "running" {
+                if alive(r.pid) && is_vmm(r.pid) {
+                    tracing::info!(vm = id, pid = r.pid, "re-adopted a running VMM");
+                } else {
+                    tracing::warn!(vm = id, pid = r.pid, "VMM gone while the agent was down");
+                    r.state = "failed".into();
+                    r.pid = 0;
+                    vms.save(&id)?;
+                }
+            }
+        }
+        Ok(vms)
+    }
+
+    fn save(&self, id: &str) -> anyhow::Result<()> {
+        let Some(r) = self.records.get(id) else {
+            return Ok(());
+        };
+        let p = self.state_dir.join("vms").join(format!("{id}.json"));
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_string(r)?)?;
+        std::fs::rename(tmp, p)?;
+        Ok(())
+    }
+
+    pub fn report(&mut self, id: &str) -> VmReport {
+        let Some(r) = self.records.get(id) else {
+            return VmReport {
+                vm_id: id.into(),
+                state: "deleted".into(),
+                ..Default::default()
+            };
+        };
+        let (cpu_pct, rss_kib) = usage(r.pid, self.cpu.entry(id.into()).or_default());
+        VmReport {
+            vm_id: id.into(),
+            state: r.state.clone(),
+            pid: r.pid,
+            cpu_pct,
+            rss_kib,
+        }
+    }
+
+    pub fn reports(&mut self) -> Vec<VmReport> {
+        let ids: Vec<String> = self.records.keys().cloned().collect();
+        ids.iter().map(|id| self.report(id)).collect()
+    }
+
+    /// Creates (if new) and starts a VM.
+    pub fn create(&mut self, spec: &VmSpec) -> anyhow::Result<()> {
+        if !self.records.contains_key(&spec.vm_id) {
+            let dir = self.shared_dir.join("vms").join(&spec.vm_id);
+            std::fs::create_dir_all(&dir)?;
+            self.records.insert(
+                spec.vm_id.clone(),
+                VmRecord {
+                    spec: spec.into(),
+                    pid: 0,
+                    state: "stopped".into(),
+                    api_socket: self
+                        .state_dir
+                        .join("vms")
+                        .join(format!("{}.sock", spec.vm_id)),
+                    console: dir.join("console.log"),
+                },
+            );
+            self.save(&spec.vm_id)?;
+        }
+        self.start(&spec.vm_id)
+    }
+
+    pub fn start(&mut self, id: &str) -> anyhow::Result<()> {
+        let Some(r) = self.records.get(id) else {
+            anyhow::bail!("no VM {id} on this host");
+        };
+        if r.state == "running" && alive(r.pid) {
+            return Ok(());
+        }
+        let s = &r.spec;
+        let mut cmd = Command::new(&self.vmm);
+        cmd.arg("run")
+            .args(["--kernel", &s.kernel])
+            .args(["--vcpus", &s.vcpus.to_string()])
+            .args(["--memory-mib", &s.memory_mib.to_string()])
+            .args(["--cmdline", &s.cmdline])
+            .arg("--serial")
+            .arg(format!("file:{}", r.console.display()))
+            .arg("--api-socket")
+            .arg(&r.api_socket);
+        if !s.initrd.is_empty() {
+            cmd.args(["--initrd", &s.initrd]);
+        }
+        if !s.disk.is_empty() {
+            cmd.args(["--disk", &s.disk]);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state_dir.join("vms").join(format!("{id}.vmm.log")))?;
+        // Its own process group: the VMM outlives an agent restart.
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", self.vmm.display()))?;
+        let pid = child.id();
+        // A VMM that refuses its configuration exits at once: say so now.
+        std::thread::sleep(Duration::from_millis(50));
+        self.children.insert(id.into(), child);
+        if let Some(st) = self.children.get_mut(id).and_then(|c| c.try_wait().ok().flatten()) {
+            self.children.remove(id);
+            let err = std::fs::read_to_string(self.state_dir.join("vms").join(format!("{id}.vmm.log")))
+                .unwrap_or_default();
+            anyhow::bail!(
+                "vmm exited at once ({st}): {}",
+                err.lines().last().unwrap_or("")
+            );
+        }
+        if let Some(r) = self.records.get_mut(id) {
+            r.pid = pid;
+            r.state = "running".into();
+        }
+        self.save(id)?;
+        Ok(())
+    }
+
+    /// Graceful power-off through the VMM's API (the VMM forces it after `timeout`), then SIGKILL
+    /// if the process is still there.
+    pub fn stop(&mut self, id: &str, timeout: Duration) -> anyhow::Result<()> {
+        let Some(r) = self.records.get(id).cloned() else {
+            anyhow::bail!("no VM {id} on this host");
+        };
+        if r.state == "running" && alive(r.pid) {
+            let _ = Command::new(&self.vmm)
+                .arg("ctl")
+                .arg("--api-socket")
+                .arg(&r.api_socket)
+                .args(["shutdown", "--timeout-ms", &timeout.as_millis().to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            let deadline = Instant::now() + timeout + Duration::from_secs(5);
+            while alive(r.pid) && Instant::now() < deadline {
+                self.reap(id);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if alive(r.pid) {
+                // SAFETY: kill(2) on the VMM's pid, which we started and checked is alive.
+                unsafe { libc::kill(r.pid as i32, libc::SIGKILL) };
+            }
+            self.reap(id);
+        }
+        if let Some(r) = self.records.get_mut(id) {
+            r.state = "stopped".into();
+            r.pid = 0;
+        }
+        self.save(id)
+    }
+
+    pub fn delete(&mut self, id: &str) -> anyhow::Result<()> {
+        if self.records.contains_key(id) {
+            self.stop(id, Duration::from_secs(5))?;
+            self.records.remove(id);
+            let _ = std::fs::remove_file(self.state_dir.join("vms").join(format!("{id}.json")));
+        }
+        Ok(())
+    }
+
+    fn reap(&mut self, id: &str) {
+        if let Some(c) = self.children.get_mut(id) {
+            if let Ok(Some(_)) = c.try_wait() {
+                self.children.remove(id);
+            }
+        }
+    }
+
+    /// VMMs that exited on their own since the last call (crash, or the guest powered off).
+    pub fn exited(&mut self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let ids: Vec<String> = self.records.keys().cloned().collect();
+        for id in ids {
+            let status = self
+                .children
+                .get_mut(&id)
+                .and_then(|c| c.try_wait().ok().flatten());
+            let Some(r) = self.records.get(&id) else {
+                continue;
+            };
+            if r.state != "running" {
+                continue;
+            }
+            let gone = status.is_some() || !alive(r.pid);
+            if !gone {
+                continue;
+            }
+            self.children.remove(&id);
+            let (state, why) = match status {
+                Some(st) if st.success() => ("stopped", "the guest powered off".to_string()),
+                Some(st) => ("failed", format!("the VMM exited: {st}")),
+                None => ("failed", "the VMM process disappeared".to_string()),
+            };
+            if let Some(r) = self.records.get_mut(&id) {
+                r.state = state.into();
+                r.pid = 0;
+            }
+            let _ = self.save(&id);
+            out.push((id, why));
+        }
+        out
+    }
+
+    // Handled jobs.
+
+    pub fn job_result(&self, job_id: &str) -> Option<vim_proto::HostEvent> {
+        let p = self.state_dir.join("jobs").join(format!("{job_id}.pb"));
+        let bytes = std::fs::read(p).ok()?;
+        prost::Message::decode(bytes.as_slice()).ok()
+    }
+
+    pub fn save_job_result(&self, job_id: &str, ev: &vim_proto::HostEvent) -> anyhow::Result<()> {
+        let p = self.state_dir.join("jobs").join(format!("{job_id}.pb"));
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, prost::Message::encode_to_vec(ev))?;
+        std::fs::rename(tmp, p)?;
+        Ok(())
+    }
+}
+
+/// CPU (% of one core since the last sample) and RSS of a process.
+fn usage(pid: u32, last: &mut CpuSample) -> (f64, u64) {
+    if pid == 0 {
+        return (0.0, 0);
+    }
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0);
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the ")" closing the command name; utime and stime are 14 and 15.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    let now = Instant::now();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let pct = match last.at {
+        Some(at) if ticks >= last.ticks => {
+            let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+            (ticks - last.ticks) as f64 / hz / secs * 100.0
+        }
+        _ => 0.0,
+    };
+    *last = CpuSample {
+        ticks,
+        at: Some(now),
+    };
+    (pct, rss)
+}
