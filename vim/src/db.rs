@@ -215,15 +215,24 @@ impl Db {
         };
         // SQLite allows one writer: a small pool avoids lock contention; WAL lets readers in.
         let max = if url.starts_with("sqlite:") { 4 } else { 16 };
+        let sqlite = url.starts_with("sqlite:");
         let pool = AnyPoolOptions::new()
             .max_connections(max)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    // Per connection: wait for the writer instead of failing at once.
+                    if sqlite {
+                        sqlx::query("PRAGMA busy_timeout=5000")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(&url)
             .await?;
-        if url.starts_with("sqlite:") {
+        if sqlite {
             sqlx::query("PRAGMA journal_mode=WAL")
-                .execute(&pool)
-                .await?;
-            sqlx::query("PRAGMA busy_timeout=5000")
                 .execute(&pool)
                 .await?;
         }
@@ -308,10 +317,12 @@ impl Db {
         hb: &vim_proto::Heartbeat,
         at: i64,
     ) -> Result<Option<String>, DbError> {
-        let mut tx = self.pool.begin().await?;
+        // No transaction: a read that later writes would have to upgrade its SQLite lock, which
+        // fails under concurrent writers; each statement stands alone and a race only delays a
+        // state by one heartbeat.
         let before: Option<String> = sqlx::query("SELECT state FROM hosts WHERE id = $1")
             .bind(&hb.host_id)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&self.pool)
             .await?
             .map(|r| r.try_get("state"))
             .transpose()?;
@@ -328,7 +339,7 @@ impl Db {
         .bind(&hb.agent_version)
         .bind(at)
         .bind(&hb.host_id)
-        .execute(&mut *tx)
+        .execute(&self.pool)
         .await?;
         for v in &hb.vms {
             sqlx::query(
@@ -341,10 +352,9 @@ impl Db {
             .bind(v.rss_kib as i64)
             .bind(&v.vm_id)
             .bind(&hb.host_id)
-            .execute(&mut *tx)
+            .execute(&self.pool)
             .await?;
         }
-        tx.commit().await?;
         Ok(before)
     }
 

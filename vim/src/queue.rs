@@ -23,7 +23,7 @@ pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
 
 /// A `nats-server` child of vimd.
 pub struct EmbeddedNats {
-    child: Child,
+    child: std::sync::Mutex<Child>,
     conf: PathBuf,
     dir: PathBuf,
     listen: String,
@@ -45,23 +45,15 @@ impl EmbeddedNats {
                 p
             }
         };
-        let mut n = EmbeddedNats {
-            child: Command::new("true").spawn()?,
+        let n = EmbeddedNats {
+            child: std::sync::Mutex::new(Command::new("true").spawn()?),
             conf: dir.join("nats.conf"),
             dir: dir.clone(),
             listen: listen.to_string(),
             vimd_password,
         };
         n.write_config(hosts)?;
-        let log = std::fs::File::create(dir.join("nats.log"))?;
-        n.child = Command::new("nats-server")
-            .arg("-c")
-            .arg(&n.conf)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("cannot start nats-server (is it installed? scripts/setup.sh installs it)")?;
+        *n.lock() = n.spawn()?;
         // Ready when it accepts connections.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
@@ -69,7 +61,7 @@ impl EmbeddedNats {
                 drop(c);
                 break;
             }
-            if let Ok(Some(st)) = n.child.try_wait() {
+            if let Ok(Some(st)) = n.lock().try_wait() {
                 anyhow::bail!(
                     "nats-server exited ({st}); see {}",
                     dir.join("nats.log").display()
@@ -81,6 +73,48 @@ impl EmbeddedNats {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(n)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Child> {
+        self.child.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn spawn(&self) -> Result<Child> {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("nats.log"))?;
+        let mut cmd = Command::new("nats-server");
+        cmd.arg("-c")
+            .arg(&self.conf)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // SAFETY: prctl in the forked child before exec, async-signal-safe: the server goes when
+        // vimd goes, even on SIGKILL, so a restarted vimd finds its port free.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.spawn()
+            .context("cannot start nats-server (is it installed? scripts/setup.sh installs it)")
+    }
+
+    /// Restarts the server if it died (it keeps its data: JetStream recovers from its store).
+    pub fn supervise(&self) {
+        let mut c = self.lock();
+        if let Ok(Some(st)) = c.try_wait() {
+            tracing::error!(status = %st, "nats-server exited; restarting it");
+            match self.spawn() {
+                Ok(n) => *c = n,
+                Err(e) => tracing::error!(error = %e, "cannot restart nats-server"),
+            }
+        }
     }
 
     pub fn url(&self) -> String {
@@ -125,7 +159,7 @@ impl EmbeddedNats {
     pub fn reload(&self, hosts: &[Host]) -> Result<()> {
         self.write_config(hosts)?;
         // SAFETY: kill(2) with our own child's pid and SIGHUP (nats-server reloads its config).
-        let r = unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
+        let r = unsafe { libc::kill(self.lock().id() as i32, libc::SIGHUP) };
         anyhow::ensure!(r == 0, "cannot signal nats-server to reload");
         Ok(())
     }
@@ -133,8 +167,9 @@ impl EmbeddedNats {
 
 impl Drop for EmbeddedNats {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let mut c = self.lock();
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }
 

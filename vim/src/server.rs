@@ -427,6 +427,9 @@ pub async fn run_reconciler(v: Arc<Vimd>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
+            if let Some(n) = &v.embedded {
+                n.supervise();
+            }
             match v.db.unpublished_jobs(2000).await {
                 Ok(jobs) => {
                     for j in jobs {

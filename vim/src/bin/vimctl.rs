@@ -227,6 +227,9 @@ fn table(rows: &[Value], cols: &[&str]) {
 }
 
 fn main() {
+    // Output piped into `head` ends quietly, as for any Unix tool.
+    // SAFETY: restoring the default SIGPIPE disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("vimctl: error: {e:#}");
