@@ -141,7 +141,13 @@ struct Agent {
 }
 
 impl Agent {
-    fn event(&self, job_id: &str, kind: &str, result: Result<(), String>, vm_id: &str) -> HostEvent {
+    fn event(
+        &self,
+        job_id: &str,
+        kind: &str,
+        result: Result<(), String>,
+        vm_id: &str,
+    ) -> HostEvent {
         let vm = if vm_id.is_empty() {
             None
         } else {
@@ -174,9 +180,11 @@ impl Agent {
             let mut vms = lock(&me.vms);
             let err = |e: anyhow::Error| format!("{e:#}");
             match cmd.action {
-                Some(Action::Create(spec)) => {
-                    ("VM_Created", spec.vm_id.clone(), vms.create(&spec).map_err(err))
-                }
+                Some(Action::Create(spec)) => (
+                    "VM_Created",
+                    spec.vm_id.clone(),
+                    vms.create(&spec).map_err(err),
+                ),
                 Some(Action::Start(id)) => ("VM_Started", id.clone(), vms.start(&id).map_err(err)),
                 Some(Action::Stop(s)) => (
                     "VM_Stopped",
@@ -184,9 +192,15 @@ impl Agent {
                     vms.stop(&s.vm_id, Duration::from_millis(s.timeout_ms))
                         .map_err(err),
                 ),
-                Some(Action::Delete(id)) => ("VM_Deleted", id.clone(), vms.delete(&id).map_err(err)),
+                Some(Action::Delete(id)) => {
+                    ("VM_Deleted", id.clone(), vms.delete(&id).map_err(err))
+                }
                 Some(Action::Info(id)) => ("VM_Info", id, Ok(())),
-                None => ("Command_Refused", String::new(), Err("no action".to_string())),
+                None => (
+                    "Command_Refused",
+                    String::new(),
+                    Err("no action".to_string()),
+                ),
             }
         })
         .await;
@@ -324,7 +338,9 @@ async fn run(cfg: Config) -> Result<()> {
                 Ok(()) => {
                     let _ = m.ack().await;
                 }
-                Err(e) => tracing::warn!(error = %e, "answer not published; the command comes again"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "answer not published; the command comes again")
+                }
             }
         }
     }

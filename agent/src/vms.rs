@@ -217,10 +217,15 @@ impl Vms {
         // A VMM that refuses its configuration exits at once: say so now.
         std::thread::sleep(Duration::from_millis(50));
         self.children.insert(id.into(), child);
-        if let Some(st) = self.children.get_mut(id).and_then(|c| c.try_wait().ok().flatten()) {
+        if let Some(st) = self
+            .children
+            .get_mut(id)
+            .and_then(|c| c.try_wait().ok().flatten())
+        {
             self.children.remove(id);
-            let err = std::fs::read_to_string(self.state_dir.join("vms").join(format!("{id}.vmm.log")))
-                .unwrap_or_default();
+            let err =
+                std::fs::read_to_string(self.state_dir.join("vms").join(format!("{id}.vmm.log")))
+                    .unwrap_or_default();
             anyhow::bail!(
                 "vmm exited at once ({st}): {}",
                 err.lines().last().unwrap_or("")

@@ -54,9 +54,11 @@ fn not_found(what: &str) -> ApiError {
     ApiError(StatusCode::NOT_FOUND, format!("{what} not found"))
 }
 
-/// A JSON body, with parse errors as 400 and a message.
+/// A JSON body; a rejection keeps axum's status (400 syntax, 413 too large, 415 not JSON, 422
+/// wrong shape) with its message.
 fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    b.map(|Json(v)| v).map_err(|e| bad(e.body_text()))
+    b.map(|Json(v)| v)
+        .map_err(|e| ApiError(e.status(), e.body_text()))
 }
 
 type St = State<Arc<Vimd>>;
@@ -85,9 +87,20 @@ where
         None => None,
     };
     let Some(who) = who else {
-        audit(v, "?", "login", action, "denied", "missing or unknown token").await;
-        return ApiError(StatusCode::UNAUTHORIZED, "missing or unknown API token".into())
-            .into_response();
+        audit(
+            v,
+            "?",
+            "login",
+            action,
+            "denied",
+            "missing or unknown token",
+        )
+        .await;
+        return ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or unknown API token".into(),
+        )
+        .into_response();
     };
     let name = who.name.clone();
     let r = f(v.clone(), who).await;
@@ -123,7 +136,10 @@ fn admin(who: &Identity) -> Result<(), ApiError> {
 
 pub fn router(v: Arc<Vimd>) -> Router {
     Router::new()
-        .route("/openapi.json", get(|| async { Json(crate::openapi::document()) }))
+        .route(
+            "/openapi.json",
+            get(|| async { Json(crate::openapi::document()) }),
+        )
         .route("/hosts", get(list_hosts).post(add_host))
         .route("/images", post(add_image))
         .route("/tokens", post(add_token))
@@ -165,7 +181,8 @@ struct AddHost {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 async fn add_host(State(v): St, h: HeaderMap, b: Result<Json<AddHost>, JsonRejection>) -> Response {
@@ -181,7 +198,15 @@ async fn add_host(State(v): St, h: HeaderMap, b: Result<Json<AddHost>, JsonRejec
         if let Some(n) = &v.embedded {
             n.reload(&v.db.hosts().await?)?;
         }
-        crate::queue::declare_host_consumer(&v.js, &req.id).await?;
+        // Right after a reload the account's JetStream may briefly answer "not found".
+        let mut tries = 0;
+        while let Err(e) = crate::queue::declare_host_consumer(&v.js, &req.id).await {
+            tries += 1;
+            if tries >= 50 {
+                return Err(e.into());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         let creds_dir = v.state_dir.join("hosts");
         std::fs::create_dir_all(&creds_dir).map_err(anyhow::Error::from)?;
         let creds = creds_dir.join(format!("{}.creds", req.id));
@@ -223,7 +248,11 @@ struct AddImage {
 }
 
 /// Copies an image's files to shared storage (`SHARED/images/NAME/`).
-async fn add_image(State(v): St, h: HeaderMap, b: Result<Json<AddImage>, JsonRejection>) -> Response {
+async fn add_image(
+    State(v): St,
+    h: HeaderMap,
+    b: Result<Json<AddImage>, JsonRejection>,
+) -> Response {
     call(&v, &h, "images.add", "", |v, who| async move {
         admin(&who)?;
         let req = body(b)?;
@@ -263,7 +292,11 @@ struct AddToken {
     role: Role,
 }
 
-async fn add_token(State(v): St, h: HeaderMap, b: Result<Json<AddToken>, JsonRejection>) -> Response {
+async fn add_token(
+    State(v): St,
+    h: HeaderMap,
+    b: Result<Json<AddToken>, JsonRejection>,
+) -> Response {
     call(&v, &h, "tokens.add", "", |v, who| async move {
         admin(&who)?;
         let req = body(b)?;
@@ -294,7 +327,11 @@ struct CreateVm {
     memory_mib: u64,
 }
 
-async fn create_vm(State(v): St, h: HeaderMap, b: Result<Json<CreateVm>, JsonRejection>) -> Response {
+async fn create_vm(
+    State(v): St,
+    h: HeaderMap,
+    b: Result<Json<CreateVm>, JsonRejection>,
+) -> Response {
     call(&v, &h, "vms.create", "", |v, who| async move {
         let req = body(b)?;
         if !valid_name(&req.name) {
@@ -371,13 +408,19 @@ async fn show_vm(State(v): St, h: HeaderMap, Path(id): Path<String>) -> Response
 }
 
 async fn vm_job(v: Arc<Vimd>, h: HeaderMap, id: String, kind: &'static str) -> Response {
-    call(&v, &h, &format!("vms.{kind}"), &id.clone(), |v, who| async move {
-        let vm = owned_vm(&v, &who, &id).await?;
-        let job = new_job(kind, &who, &vm.id);
-        v.db.add_job(&job, None).await?;
-        publish(&v, &job.id).await;
-        accepted(json!({"job_id": job.id, "vm_id": vm.id}))
-    })
+    call(
+        &v,
+        &h,
+        &format!("vms.{kind}"),
+        &id.clone(),
+        |v, who| async move {
+            let vm = owned_vm(&v, &who, &id).await?;
+            let job = new_job(kind, &who, &vm.id);
+            v.db.add_job(&job, None).await?;
+            publish(&v, &job.id).await;
+            accepted(json!({"job_id": job.id, "vm_id": vm.id}))
+        },
+    )
     .await
 }
 

@@ -245,13 +245,15 @@ impl Db {
     // Tokens.
 
     pub async fn add_token(&self, hash: &str, name: &str, role: &str) -> Result<(), DbError> {
-        sqlx::query("INSERT INTO tokens (token_hash, name, role, created_at) VALUES ($1, $2, $3, $4)")
-            .bind(hash)
-            .bind(name)
-            .bind(role)
-            .bind(now_ms())
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO tokens (token_hash, name, role, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(hash)
+        .bind(name)
+        .bind(role)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -405,9 +407,9 @@ impl Db {
         .await;
         match r {
             Ok(_) => Ok(()),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                Err(DbError::Conflict(format!("image {} already exists", i.name)))
-            }
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(DbError::Conflict(
+                format!("image {} already exists", i.name),
+            )),
             Err(e) => Err(e.into()),
         }
     }
@@ -544,21 +546,20 @@ impl Db {
     }
 
     pub async fn vms(&self, owner: Option<&str>) -> Result<Vec<Vm>, DbError> {
-        let rows = match owner {
-            Some(o) => {
-                sqlx::query(
+        let rows =
+            match owner {
+                Some(o) => sqlx::query(
                     "SELECT * FROM vms WHERE owner = $1 AND state <> 'deleted' ORDER BY created_at",
                 )
                 .bind(o)
                 .fetch_all(&self.pool)
-                .await?
-            }
-            None => {
-                sqlx::query("SELECT * FROM vms WHERE state <> 'deleted' ORDER BY created_at")
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-        };
+                .await?,
+                None => {
+                    sqlx::query("SELECT * FROM vms WHERE state <> 'deleted' ORDER BY created_at")
+                        .fetch_all(&self.pool)
+                        .await?
+                }
+            };
         Ok(rows.iter().map(vm).collect::<Result<_, _>>()?)
     }
 
@@ -660,7 +661,9 @@ mod tests {
         let mut out = vec![(Db::open(&url).await.unwrap(), Some(dir))];
         if let Ok(pg) = std::env::var("VIM_TEST_POSTGRES_URL") {
             let db = Db::open(&pg).await.unwrap();
-            for t in ["hosts", "images", "vms", "jobs", "events", "audit", "tokens"] {
+            for t in [
+                "hosts", "images", "vms", "jobs", "events", "audit", "tokens",
+            ] {
                 sqlx::query(&format!("DELETE FROM {t}"))
                     .execute(&db.pool)
                     .await

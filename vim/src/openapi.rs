@@ -10,7 +10,8 @@ fn op(summary: &str, status: &str) -> Value {
 }
 
 fn with_body(mut o: Value, schema: Value) -> Value {
-    o["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema}}});
+    o["requestBody"] =
+        json!({"required": true, "content": {"application/json": {"schema": schema}}});
     o
 }
 

@@ -45,10 +45,9 @@ pub fn choose(
         let mem_cap =
             (h.memory_mib - policy.reserved_memory_mib).max(0) as f64 * policy.memory_ratio;
         let free_mem = mem_cap - h.used_memory_mib as f64;
-        if (h.used_vcpus + vcpus) as f64 <= cpu_cap && memory_mib as f64 <= free_mem {
-            if best.is_none_or(|(_, f)| free_mem > f) {
-                best = Some((h, free_mem));
-            }
+        let fits = (h.used_vcpus + vcpus) as f64 <= cpu_cap && memory_mib as f64 <= free_mem;
+        if fits && best.is_none_or(|(_, f)| free_mem > f) {
+            best = Some((h, free_mem));
         }
     }
     best.map(|(h, _)| h.id.clone()).ok_or_else(|| {
@@ -79,7 +78,11 @@ mod tests {
     #[test]
     fn picks_the_roomiest_reachable_host_and_refuses_clearly() {
         let p = Policy::default();
-        let hosts = [host("a", true, 1000), host("b", true, 0), host("c", false, 0)];
+        let hosts = [
+            host("a", true, 1000),
+            host("b", true, 0),
+            host("c", false, 0),
+        ];
         assert_eq!(choose(&p, &hosts, 1, 512).unwrap(), "b");
         // 8 vCPUs fit 2 cores at 4.0, 9 do not.
         assert!(choose(&p, &hosts, 8, 64).is_ok());

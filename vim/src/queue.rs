@@ -222,12 +222,9 @@ pub async fn declare_streams(js: &jetstream::Context, replicas: usize) -> Result
     js.get_or_create_stream(work(s::JOB_STREAM, vec![s::JOBS.into()]))
         .await
         .map_err(|e| anyhow::anyhow!("stream {}: {e}", s::JOB_STREAM))?;
-    js.get_or_create_stream(work(
-        s::COMMAND_STREAM,
-        vec![s::ALL_HOST_COMMANDS.into()],
-    ))
-    .await
-    .map_err(|e| anyhow::anyhow!("stream {}: {e}", s::COMMAND_STREAM))?;
+    js.get_or_create_stream(work(s::COMMAND_STREAM, vec![s::ALL_HOST_COMMANDS.into()]))
+        .await
+        .map_err(|e| anyhow::anyhow!("stream {}: {e}", s::COMMAND_STREAM))?;
     js.get_or_create_stream(work(s::EVENT_STREAM, vec![s::ALL_HOST_EVENTS.into()]))
         .await
         .map_err(|e| anyhow::anyhow!("stream {}: {e}", s::EVENT_STREAM))?;

@@ -127,7 +127,11 @@ impl Vimd {
                     reachable: h.state == "reachable",
                     cpu_cores: h.cpu_cores,
                     memory_mib: h.memory_mib,
-                    used_vcpus: vms.iter().filter(|v| v.host_id == h.id).map(|v| v.vcpus).sum(),
+                    used_vcpus: vms
+                        .iter()
+                        .filter(|v| v.host_id == h.id)
+                        .map(|v| v.vcpus)
+                        .sum(),
                     used_memory_mib: vms
                         .iter()
                         .filter(|v| v.host_id == h.id)
@@ -184,7 +188,8 @@ impl Vimd {
             }),
             "delete" => Action::Delete(vm.id.clone()),
             other => {
-                self.fail_job(&job, &format!("unknown job kind {other}")).await;
+                self.fail_job(&job, &format!("unknown job kind {other}"))
+                    .await;
                 return Ok(());
             }
         };
@@ -241,11 +246,10 @@ impl Vimd {
 /// Job workers: `n` tasks on the shared durable consumer. A job is acked after it is handled;
 /// while a long one runs, in-progress acks keep it from being redelivered.
 pub async fn run_job_workers(v: Arc<Vimd>, n: usize) -> Result<()> {
-    let stream = v
-        .js
-        .get_stream(s::JOB_STREAM)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let stream =
+        v.js.get_stream(s::JOB_STREAM)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     let consumer = stream
         .get_or_create_consumer(
             s::JOB_CONSUMER,
@@ -271,8 +275,7 @@ pub async fn run_job_workers(v: Arc<Vimd>, n: usize) -> Result<()> {
                     let job = match vim_proto::Job::decode_checked(&m.payload) {
                         Ok(j) => j,
                         Err(e) => {
-                            queue::dead_letter(&v.js, &m.subject, &m.payload, &e.to_string())
-                                .await;
+                            queue::dead_letter(&v.js, &m.subject, &m.payload, &e.to_string()).await;
                             let _ = m.ack_with(AckKind::Term).await;
                             continue;
                         }
@@ -296,15 +299,18 @@ pub async fn run_job_workers(v: Arc<Vimd>, n: usize) -> Result<()> {
 
 /// Agents' answers and events.
 pub async fn run_event_consumer(v: Arc<Vimd>) -> Result<()> {
-    let stream = v
-        .js
-        .get_stream(s::EVENT_STREAM)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let stream =
+        v.js.get_stream(s::EVENT_STREAM)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     let consumer = stream
         .get_or_create_consumer(
             s::EVENT_CONSUMER,
-            queue::pull_config(s::EVENT_CONSUMER, s::ALL_HOST_EVENTS, Duration::from_secs(30)),
+            queue::pull_config(
+                s::EVENT_CONSUMER,
+                s::ALL_HOST_EVENTS,
+                Duration::from_secs(30),
+            ),
         )
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -353,8 +359,13 @@ pub async fn run_monitor(v: Arc<Vimd>) -> Result<()> {
             };
             // The subject names the sender (its permissions allow only its own).
             if m.subject.as_str() != s::heartbeat(&hb.host_id) {
-                queue::dead_letter(&v2.js, &m.subject, &m.payload, "host id does not match subject")
-                    .await;
+                queue::dead_letter(
+                    &v2.js,
+                    &m.subject,
+                    &m.payload,
+                    "host id does not match subject",
+                )
+                .await;
                 continue;
             }
             match v2.db.heartbeat(&hb, db::now_ms()).await {

@@ -369,7 +369,10 @@ impl Source {
     /// devices take their resources back. Returns the failure to report, with any device that could
     /// not be taken back named (an empty message for a clean cancel).
     fn take_back(&self, dir: &Path, state: &SnapshotState, why: String) -> Failure {
-        let _ = std::fs::rename(dir.join(snapshot::STATE_FILE), dir.join("state.bin.aborted"));
+        let _ = std::fs::rename(
+            dir.join(snapshot::STATE_FILE),
+            dir.join("state.bin.aborted"),
+        );
         let virtio: Vec<_> = state
             .devices
             .iter()

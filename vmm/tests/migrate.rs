@@ -271,7 +271,11 @@ fn a_dead_target_gives_the_devices_back_to_the_source() {
     ]);
     t.kill().unwrap();
     t.wait().unwrap();
-    let (ok, result, _) = migrate(&source, &shared.path().join("mig"), &["--timeout-ms", "300"]);
+    let (ok, result, _) = migrate(
+        &source,
+        &shared.path().join("mig"),
+        &["--timeout-ms", "300"],
+    );
     assert!(!ok);
     assert_eq!(result["status"], "failed", "{result}");
     let n = last_heartbeat(&source.console_text());
@@ -280,7 +284,12 @@ fn a_dead_target_gives_the_devices_back_to_the_source() {
     let second = Command::new(vmm_bin())
         .args(["run", "--kernel"])
         .arg(test_guest())
-        .args(["--disk", disk.to_str().unwrap(), "--serial", "file:/dev/null"])
+        .args([
+            "--disk",
+            disk.to_str().unwrap(),
+            "--serial",
+            "file:/dev/null",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&second.stderr);

@@ -406,7 +406,10 @@ fn rng_state_restores_into_a_fresh_device() {
     // The pending request is picked up on resume, then new ones follow.
     let deadline = Instant::now() + Duration::from_secs(5);
     while r.used_idx() != 3 {
-        assert!(Instant::now() < deadline, "pending request not served after resume");
+        assert!(
+            Instant::now() < deadline,
+            "pending request not served after resume"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     assert!(r.post(0, 3, 0), "request after restore not answered");
@@ -423,7 +426,11 @@ fn restore_refuses_another_device_type() {
     let mut other = Harness::with_memory(Box::new(balloon), h.mem.clone());
     let err = other.t.restore_snapshot(&saved).unwrap_err().to_string();
     assert!(err.contains("device type"), "{err}");
-    assert_eq!(other.r(reg::STATUS), 0, "a refused restore changed the device");
+    assert_eq!(
+        other.r(reg::STATUS),
+        0,
+        "a refused restore changed the device"
+    );
 }
 
 /// blk: releasing lets another VMM lock the image; taking it back fails (and flags NEEDS_RESET)
@@ -432,7 +439,10 @@ fn restore_refuses_another_device_type() {
 fn block_releases_and_reacquires_its_lock() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
-    std::fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
     let mut rng = Rand(3);
     let mut h = Harness::new(Box::new(Block::open(&img, false).unwrap()));
     h.setup(&mut rng, 0, false);

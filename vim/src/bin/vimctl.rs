@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
-#[command(name = "vimctl", version, about = "Command line of the Virtual Infrastructure Manager")]
+#[command(
+    name = "vimctl",
+    version,
+    about = "Command line of the Virtual Infrastructure Manager"
+)]
 struct Cli {
     #[arg(long, env = "VIM_API", default_value = "http://127.0.0.1:8640")]
     api: String,
@@ -157,12 +161,17 @@ impl Api {
         if let Some(b) = body {
             r = r.json(&b);
         }
-        let resp = r.send().with_context(|| format!("cannot reach vimd at {}", self.base))?;
+        let resp = r
+            .send()
+            .with_context(|| format!("cannot reach vimd at {}", self.base))?;
         let status = resp.status();
         let text = resp.text()?;
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if !status.is_success() {
-            let msg = v["error"].as_str().map(str::to_string).unwrap_or(v.to_string());
+            let msg = v["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or(v.to_string());
             anyhow::bail!("{status}: {msg}");
         }
         Ok(v)
@@ -248,9 +257,7 @@ fn run(cli: Cli) -> Result<()> {
     let api = Api {
         base: cli.api.trim_end_matches('/').to_string(),
         token,
-        http: reqwest::blocking::Client::builder()
-            .timeout(None)
-            .build()?,
+        http: reqwest::blocking::Client::builder().timeout(None).build()?,
     };
     let json_out = cli.json;
     let print = |v: &Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
@@ -277,9 +284,7 @@ fn run(cli: Cli) -> Result<()> {
         anyhow::ensure!(!failed, "job {job_id} failed");
         Ok(())
     };
-    let abs = |p: &PathBuf| -> Result<String> {
-        Ok(std::path::absolute(p)?.display().to_string())
-    };
+    let abs = |p: &PathBuf| -> Result<String> { Ok(std::path::absolute(p)?.display().to_string()) };
     match cli.cmd {
         Cmd::Image {
             cmd:
@@ -311,7 +316,14 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 table(
                     r.as_array().map_or(&[][..], |v| v),
-                    &["id", "hostname", "state", "cpu_cores", "memory_mib", "last_heartbeat"],
+                    &[
+                        "id",
+                        "hostname",
+                        "state",
+                        "cpu_cores",
+                        "memory_mib",
+                        "last_heartbeat",
+                    ],
                 );
             }
         }
@@ -359,7 +371,15 @@ fn run(cli: Cli) -> Result<()> {
                 } else {
                     table(
                         r.as_array().map_or(&[][..], |v| v),
-                        &["id", "name", "owner", "state", "host_id", "vcpus", "memory_mib"],
+                        &[
+                            "id",
+                            "name",
+                            "owner",
+                            "state",
+                            "host_id",
+                            "vcpus",
+                            "memory_mib",
+                        ],
                     );
                 }
             }

@@ -21,7 +21,11 @@ struct Args {
     #[arg(long = "nats-url", env = "VIMD_NATS_URL")]
     nats_url: Option<String>,
     /// Where the embedded nats-server listens (agents connect here).
-    #[arg(long = "nats-listen", env = "VIMD_NATS_LISTEN", default_value = "127.0.0.1:4222")]
+    #[arg(
+        long = "nats-listen",
+        env = "VIMD_NATS_LISTEN",
+        default_value = "127.0.0.1:4222"
+    )]
     nats_listen: String,
     /// Credentials for an external NATS (JSON {"user","password"}).
     #[arg(long = "nats-credentials", env = "VIMD_NATS_CREDENTIALS")]
@@ -80,7 +84,8 @@ async fn run(a: Args) -> Result<()> {
         .with_context(|| format!("cannot open the database {url}"))?;
     if db.count_tokens().await? == 0 {
         let t = auth::random_secret();
-        db.add_token(&auth::hash_token(&t), "admin", "admin").await?;
+        db.add_token(&auth::hash_token(&t), "admin", "admin")
+            .await?;
         let p = a.state_dir.join("admin.token");
         std::fs::write(&p, format!("{t}\n"))?;
         std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;

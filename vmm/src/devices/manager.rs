@@ -10,10 +10,10 @@ use vmm_sys_util::eventfd::EventFd;
 use super::virtio::mmio::{reg, MmioTransport};
 use super::virtio::{Interrupt, VirtioDevice};
 use super::{lock, Bus, BusError};
-use crate::migration::{ComponentState, MigrationError, Pausable, Snapshottable};
 use crate::acpi::MmioDeviceInfo;
 use crate::arch::layout::{IOAPIC_PINS, VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::memory::GuestMemory;
+use crate::migration::{ComponentState, MigrationError, Pausable, Snapshottable};
 
 #[derive(Debug, Error)]
 pub enum DeviceError {

@@ -550,7 +550,8 @@ impl Snapshottable for MmioTransport {
                     q.max_size()
                 )));
             }
-            let mut nq = Queue::new(saved.max_size).map_err(|e| err(format!("queue {i}: {e:?}")))?;
+            let mut nq =
+                Queue::new(saved.max_size).map_err(|e| err(format!("queue {i}: {e:?}")))?;
             if nq.try_set_size(saved.size).is_err() {
                 nq.set_size(0);
             }

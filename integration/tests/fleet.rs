@@ -1,0 +1,704 @@
+//! The whole fleet on one machine: `vimd` with its embedded NATS JetStream and a real database
+//! (SQLite, and PostgreSQL when VIM_TEST_DATABASE_URL names one), two `vim-agent`s as two hosts
+//! sharing a directory as shared storage, and real `vmm` processes running the test guest on KVM.
+//! Everything listens on loopback; every process started is killed by pid at the end.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Builds vimd, vimctl, vim-agent and vmm once; returns the directory they are in.
+fn bins() -> &'static Path {
+    static BINS: OnceLock<PathBuf> = OnceLock::new();
+    BINS.get_or_init(|| {
+        let st = Command::new(env!("CARGO"))
+            .current_dir(repo())
+            .args(["build", "-p", "vim", "-p", "vim-agent", "-p", "vmm"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "cargo build failed");
+        let st = Command::new(repo().join("images/testguest/build.sh"))
+            .arg(tmp().join("guest"))
+            .status()
+            .unwrap();
+        assert!(st.success(), "test guest build failed");
+        std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or(repo().join("target"))
+            .join("debug")
+    })
+}
+
+fn tmp() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("fleet-{}", std::process::id()))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A child killed (by pid) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Fleet {
+    dir: tempfile::TempDir,
+    api: String,
+    nats_port: u16,
+    database_url: Option<String>,
+    vimd: Option<Proc>,
+    agents: Vec<(String, Option<Proc>)>,
+}
+
+impl Fleet {
+    fn start(database_url: Option<String>, hosts: &[&str]) -> Fleet {
+        let bins = bins();
+        let _ = bins;
+        std::fs::create_dir_all(tmp()).unwrap();
+        let dir = tempfile::tempdir_in(tmp()).unwrap();
+        let mut f = Fleet {
+            api: format!("http://127.0.0.1:{}", free_port()),
+            nats_port: free_port(),
+            dir,
+            database_url,
+            vimd: None,
+            agents: Vec::new(),
+        };
+        f.start_vimd();
+        for h in hosts {
+            let out = f.ctl_ok(&["host", "add", h, "--json"]);
+            assert!(
+                out["nats_url"].as_str().unwrap().starts_with("nats://"),
+                "{out}"
+            );
+            assert!(Path::new(out["credentials_file"].as_str().unwrap()).exists());
+            f.agents.push((h.to_string(), None));
+            f.start_agent(h);
+        }
+        let n = hosts.len();
+        wait_until("hosts reachable", || {
+            let h = f.ctl_ok(&["hosts", "--json"]);
+            h.as_array()
+                .unwrap()
+                .iter()
+                .filter(|h| h["state"] == "reachable")
+                .count()
+                == n
+        });
+        f
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("vim")
+    }
+
+    fn start_vimd(&mut self) {
+        let mut c = Command::new(bins().join("vimd"));
+        c.arg("--state-dir")
+            .arg(self.state())
+            .args(["--listen", self.api.trim_start_matches("http://")])
+            .args(["--nats-listen", &format!("127.0.0.1:{}", self.nats_port)])
+            .args(["--heartbeat-ms", "300"])
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.path().join("vimd.log"))
+                    .unwrap(),
+            );
+        if let Some(u) = &self.database_url {
+            c.args(["--database-url", u]);
+        }
+        self.vimd = Some(Proc(c.spawn().unwrap()));
+        wait_until("vimd to answer", || {
+            self.state().join("admin.token").exists() && self.ctl(&["hosts", "--json"]).0
+        });
+    }
+
+    fn kill_vimd(&mut self) {
+        if let Some(mut p) = self.vimd.take() {
+            // SIGKILL: no chance to tidy up.
+            p.0.kill().unwrap();
+            p.0.wait().unwrap();
+        }
+    }
+
+    fn start_agent(&mut self, host: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("agent-{host}.log")))
+            .unwrap();
+        let p = Command::new(bins().join("vim-agent"))
+            .args(["--host-id", host])
+            .args([
+                "--nats-url",
+                &format!("nats://127.0.0.1:{}", self.nats_port),
+            ])
+            .arg("--credentials")
+            .arg(self.state().join("hosts").join(format!("{host}.creds")))
+            .arg("--state-dir")
+            .arg(self.dir.path().join(format!("agent-{host}")))
+            .arg("--shared-dir")
+            .arg(self.state().join("shared"))
+            .arg("--vmm")
+            .arg(bins().join("vmm"))
+            .args(["--heartbeat-ms", "300"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let slot = self.agents.iter_mut().find(|(h, _)| h == host).unwrap();
+        slot.1 = Some(Proc(p));
+    }
+
+    fn kill_agent(&mut self, host: &str) {
+        let slot = self.agents.iter_mut().find(|(h, _)| h == host).unwrap();
+        if let Some(mut p) = slot.1.take() {
+            p.0.kill().unwrap();
+            p.0.wait().unwrap();
+        }
+    }
+
+    /// Runs vimctl as the admin (or with `token_file`); returns success, stdout, stderr.
+    fn ctl_as(&self, token_file: &Path, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(bins().join("vimctl"))
+            .args(["--api", &self.api, "--token-file"])
+            .arg(token_file)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ctl(&self, args: &[&str]) -> (bool, String, String) {
+        self.ctl_as(&self.state().join("admin.token"), args)
+    }
+
+    fn ctl_ok(&self, args: &[&str]) -> Value {
+        let (ok, out, err) = self.ctl(args);
+        assert!(ok, "vimctl {args:?} failed: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("vimctl {args:?}: {e}: {out}"))
+    }
+
+    fn token(&self, name: &str) -> PathBuf {
+        let t = self.ctl_ok(&["token", "add", name, "--role", "consumer", "--json"]);
+        let p = self.dir.path().join(format!("{name}.token"));
+        std::fs::write(&p, t["token"].as_str().unwrap()).unwrap();
+        p
+    }
+
+    fn add_test_image(&self) {
+        let guest = tmp().join("guest/testguest.elf");
+        self.ctl_ok(&[
+            "image",
+            "add",
+            "tg",
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--cmdline",
+            "tg.mode=hold tg.hb_ms=200",
+            "--json",
+        ]);
+    }
+
+    fn events(&self) -> Vec<Value> {
+        self.ctl_ok(&["events", "--json"])
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    fn has_event(&self, kind: &str, host: &str) -> bool {
+        self.events()
+            .iter()
+            .any(|e| e["kind"] == kind && e["host_id"] == host)
+    }
+
+    /// Raw HTTP for malformed requests.
+    fn http(&self, method: &str, path: &str, body: &str, token: Option<&str>) -> (u16, String) {
+        let mut c = Command::new("curl");
+        c.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+            .args([
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                "@-",
+            ])
+            .arg(format!("{}{path}", self.api))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        if let Some(t) = token {
+            c.args(["-H", &format!("authorization: Bearer {t}")]);
+        }
+        let mut child = c.spawn().unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.trim().parse().unwrap(), body.to_string())
+    }
+
+    fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.state().join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    fn vmm_pids(&self, vm_id: &str) -> Vec<u32> {
+        let mut pids = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.contains(&format!("{vm_id}.sock")) && cmd.contains("vmm") {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let mut vm_pids = Vec::new();
+        if let Ok(d) = std::fs::read_dir(self.dir.path()) {
+            for a in d
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("agent-"))
+            {
+                if let Ok(vms) = std::fs::read_dir(a.path().join("vms")) {
+                    for v in vms.flatten() {
+                        let t = std::fs::read_to_string(v.path()).unwrap_or_default();
+                        if let Ok(r) = serde_json::from_str::<Value>(&t) {
+                            if let Some(p) = r["pid"].as_u64().filter(|p| *p > 0) {
+                                vm_pids.push(p as i32);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.agents.clear();
+        self.vimd = None;
+        for p in vm_pids {
+            // The VMMs the agents started for this test (own process groups, by pid).
+            let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
+        }
+    }
+}
+
+fn databases() -> Vec<Option<String>> {
+    let mut d = vec![None];
+    if let Ok(u) = std::env::var("VIM_TEST_DATABASE_URL") {
+        d.push(Some(u));
+    }
+    d
+}
+
+/// Clears a shared PostgreSQL database between runs (SQLite starts fresh in a temp dir).
+fn reset_database(url: &Option<String>) {
+    if let Some(u) = url {
+        let st = Command::new("psql")
+            .arg(u)
+            .args([
+                "-q",
+                "-c",
+                "DROP SCHEMA public CASCADE; CREATE SCHEMA public;",
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success(), "cannot reset {u}");
+    }
+}
+
+#[test]
+fn vms_are_created_stopped_started_and_deleted_and_owners_are_kept_apart() {
+    for db in databases() {
+        reset_database(&db);
+        let f = Fleet::start(db.clone(), &["h1", "h2"]);
+        f.add_test_image();
+        let alice = f.token("alice");
+        let bob = f.token("bob");
+
+        let (ok, out, err) = f.ctl_as(
+            &alice,
+            &[
+                "vm",
+                "create",
+                "--name",
+                "a1",
+                "--image",
+                "tg",
+                "--vcpus",
+                "1",
+                "--memory-mib",
+                "64",
+            ],
+        );
+        assert!(ok, "create failed: {err}");
+        let id = out.trim().to_string();
+        wait_until("the guest's readiness line", || {
+            f.ctl_as(&alice, &["vm", "console", &id])
+                .1
+                .contains("tg: ready cpus=1")
+        });
+        let (_, show, _) = f.ctl_as(&alice, &["vm", "show", &id]);
+        let vm: Value = serde_json::from_str(&show).unwrap();
+        assert_eq!(vm["state"], "running", "{vm}");
+        assert!(
+            ["h1", "h2"].contains(&vm["host_id"].as_str().unwrap()),
+            "{vm}"
+        );
+        assert_eq!(f.vmm_pids(&id).len(), 1, "one VMM for the VM");
+
+        // Another consumer sees nothing of it.
+        let (ok, list, _) = f.ctl_as(&bob, &["vm", "list", "--json"]);
+        assert!(ok);
+        assert_eq!(serde_json::from_str::<Value>(&list).unwrap(), json!([]));
+        let (ok, _, err) = f.ctl_as(&bob, &["vm", "stop", &id]);
+        assert!(!ok && err.contains("404"), "{err}");
+        let (_, list, _) = f.ctl_as(&alice, &["vm", "list", "--json"]);
+        assert_eq!(
+            serde_json::from_str::<Value>(&list)
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+
+        let (ok, _, err) = f.ctl_as(&alice, &["vm", "stop", &id]);
+        assert!(ok, "{err}");
+        assert!(f.vmm_pids(&id).is_empty(), "VMM still running after stop");
+        let (ok, _, err) = f.ctl_as(&alice, &["vm", "start", &id]);
+        assert!(ok, "{err}");
+        wait_until("the VMM again", || f.vmm_pids(&id).len() == 1);
+        let (ok, _, err) = f.ctl_as(&alice, &["vm", "delete", &id]);
+        assert!(ok, "{err}");
+        assert!(f.vmm_pids(&id).is_empty(), "VMM still running after delete");
+        let (_, list, _) = f.ctl_as(&alice, &["vm", "list", "--json"]);
+        assert_eq!(serde_json::from_str::<Value>(&list).unwrap(), json!([]));
+
+        // The audit log has the calls, and the denied one.
+        let audit = f.ctl_ok(&["audit", "--json"]);
+        let a = audit.as_array().unwrap();
+        assert!(a
+            .iter()
+            .any(|e| e["who"] == "alice" && e["action"] == "vms.create" && e["outcome"] == "202"));
+        assert!(a
+            .iter()
+            .any(|e| e["who"] == "bob" && e["action"] == "vms.stop" && e["outcome"] == "404"));
+    }
+}
+
+#[test]
+fn malformed_requests_get_4xx_and_change_nothing() {
+    let f = Fleet::start(None, &["h1"]);
+    f.add_test_image();
+    let t = f.admin_token();
+    let cases: &[(&str, &str, &str, Option<&str>, u16)] = &[
+        ("POST", "/vms", "{not json", Some(&t), 400),
+        (
+            "POST",
+            "/vms",
+            r#"{"name":"x","image":"tg","vcpus":1,"memory_mib":64,"extra":1}"#,
+            Some(&t),
+            422,
+        ),
+        (
+            "POST",
+            "/vms",
+            r#"{"name":"x","image":"tg","vcpus":-1,"memory_mib":64}"#,
+            Some(&t),
+            422,
+        ),
+        (
+            "POST",
+            "/vms",
+            r#"{"name":"x","image":"tg","vcpus":1,"memory_mib":0}"#,
+            Some(&t),
+            400,
+        ),
+        (
+            "POST",
+            "/vms",
+            r#"{"name":"x","image":"nope","vcpus":1,"memory_mib":64}"#,
+            Some(&t),
+            400,
+        ),
+        (
+            "POST",
+            "/vms",
+            r#"{"name":"../x","image":"tg","vcpus":1,"memory_mib":64}"#,
+            Some(&t),
+            400,
+        ),
+        (
+            "POST",
+            "/vms",
+            r#"{"name":"x","image":"tg","vcpus":1,"memory_mib":64}"#,
+            Some("wrong"),
+            401,
+        ),
+        (
+            "POST",
+            "/vms",
+            r#"{"name":"x","image":"tg","vcpus":1,"memory_mib":64}"#,
+            None,
+            401,
+        ),
+    ];
+    for (m, p, body, tok, want) in cases {
+        let (code, text) = f.http(m, p, body, *tok);
+        // axum reports JSON that parses but does not fit as 422; both are the client's error.
+        assert!(
+            code == *want || (*want == 422 && code == 400),
+            "{m} {p} {body}: got {code} {text}"
+        );
+        assert!(text.contains("error"), "{m} {p} {body}: no message: {text}");
+    }
+    let big = format!(
+        r#"{{"name":"{}","image":"tg","vcpus":1,"memory_mib":64}}"#,
+        "x".repeat(100_000)
+    );
+    let (code, _) = f.http("POST", "/vms", &big, Some(&t));
+    assert_eq!(code, 413, "oversized body");
+    assert_eq!(
+        f.ctl_ok(&["vm", "list", "--json"]),
+        json!([]),
+        "a bad request created a VM"
+    );
+    assert_eq!(
+        f.ctl_ok(&["jobs", "--json"]),
+        json!([]),
+        "a bad request created a job"
+    );
+    let audit = f.ctl_ok(&["audit", "--json"]);
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "login" && e["outcome"] == "denied"),
+        "failed logins are not audited"
+    );
+    let openapi = f.http("GET", "/openapi.json", "", None);
+    assert_eq!(openapi.0, 200);
+    assert!(openapi.1.contains("\"/vms\""));
+}
+
+#[test]
+fn a_job_in_flight_when_vimd_is_killed_completes_exactly_once() {
+    let mut f = Fleet::start(None, &["h1"]);
+    f.add_test_image();
+    let (ok, out, err) = f.ctl(&[
+        "vm",
+        "create",
+        "--name",
+        "k",
+        "--image",
+        "tg",
+        "--memory-mib",
+        "64",
+        "--no-wait",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let r: Value = serde_json::from_str(&out).unwrap();
+    let (job, id) = (
+        r["job_id"].as_str().unwrap().to_string(),
+        r["vm_id"].as_str().unwrap().to_string(),
+    );
+    f.kill_vimd();
+    f.start_vimd();
+    wait_until("the job to finish", || {
+        let j = f.ctl_ok(&["job", "show", &job]);
+        j["state"] == "done" || j["state"] == "failed"
+    });
+    assert_eq!(f.ctl_ok(&["job", "show", &job])["state"], "done");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        f.vmm_pids(&id).len(),
+        1,
+        "the VM was started more than once"
+    );
+    let created = f
+        .events()
+        .iter()
+        .filter(|e| e["kind"] == "VM_Created" && e["job_id"] == job.as_str())
+        .count();
+    assert_eq!(
+        created, 1,
+        "the create job's result was applied {created} times"
+    );
+}
+
+#[test]
+fn a_killed_agent_is_reported_unreachable_and_readopts_its_vm() {
+    let mut f = Fleet::start(None, &["h1"]);
+    f.add_test_image();
+    let (ok, out, err) = f.ctl(&[
+        "vm",
+        "create",
+        "--name",
+        "r",
+        "--image",
+        "tg",
+        "--memory-mib",
+        "64",
+    ]);
+    assert!(ok, "{err}");
+    let id = out.trim().to_string();
+    let pid = f.vmm_pids(&id);
+    assert_eq!(pid.len(), 1);
+    f.kill_agent("h1");
+    wait_until("PS_Unreachable", || f.has_event("PS_Unreachable", "h1"));
+    assert!(f.has_event("PS_Timeout", "h1"));
+    let hosts = f.ctl_ok(&["hosts", "--json"]);
+    assert_eq!(hosts[0]["state"], "unreachable");
+    assert_eq!(f.ctl_ok(&["vm", "show", &id])["state"], "unknown");
+    f.start_agent("h1");
+    wait_until("PS_Reachable", || f.has_event("PS_Reachable", "h1"));
+    wait_until("the VM reported running", || {
+        f.ctl_ok(&["vm", "show", &id])["state"] == "running"
+    });
+    assert_eq!(
+        f.vmm_pids(&id),
+        pid,
+        "the VMM was not re-adopted (pid changed)"
+    );
+    // And it is still managed: stop works through the new agent.
+    let (ok, _, err) = f.ctl(&["vm", "stop", &id]);
+    assert!(ok, "{err}");
+    assert!(f.vmm_pids(&id).is_empty());
+}
+
+#[test]
+fn host_credentials_reach_only_their_own_commands_and_garbage_is_dead_lettered() {
+    let f = Fleet::start(None, &["h1", "h2"]);
+    let creds: Value =
+        serde_json::from_str(&std::fs::read_to_string(f.state().join("hosts/h1.creds")).unwrap())
+            .unwrap();
+    let url = format!("nats://127.0.0.1:{}", f.nats_port);
+    let vimd_pw = std::fs::read_to_string(f.state().join("nats/vimd.password")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = async_nats::ConnectOptions::with_user_and_password(
+            creds["user"].as_str().unwrap().into(),
+            creds["password"].as_str().unwrap().into(),
+        )
+        .custom_inbox_prefix("_INBOX_h1")
+        .connect(&url)
+        .await
+        .unwrap();
+        let js = async_nats::jetstream::new(c.clone());
+        let stream = js.get_stream("VIM_COMMANDS").await.unwrap();
+        // Its own consumer: allowed.
+        let own: Result<async_nats::jetstream::consumer::PullConsumer, _> =
+            stream.get_consumer("agent-h1").await;
+        assert!(own.is_ok(), "h1 cannot read its own consumer");
+        // Another host's: refused (the request is not even delivered).
+        // Another host's: refused (permission violation, or no answer at all).
+        let other = tokio::time::timeout(
+            Duration::from_secs(5),
+            stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("agent-h2"),
+        )
+        .await;
+        let other_ok = matches!(other, Ok(Ok(_)));
+        assert!(!other_ok, "h1 read h2's command consumer");
+        // Nor can it subscribe to another host's subject, or publish as another host.
+        let mut sub = c.subscribe("vim.host.h2.cmd").await.unwrap();
+        let got = tokio::time::timeout(
+            Duration::from_millis(500),
+            futures::StreamExt::next(&mut sub),
+        )
+        .await;
+        assert!(
+            got.is_err() || got.unwrap().is_none(),
+            "h1 received h2's commands"
+        );
+
+        // Garbage on the job subject (as vimd itself, the only one allowed to publish there).
+        let admin = async_nats::ConnectOptions::with_user_and_password(
+            "vimd".into(),
+            vimd_pw.trim().into(),
+        )
+        .connect(&url)
+        .await
+        .unwrap();
+        let ajs = async_nats::jetstream::new(admin);
+        ajs.publish("vim.jobs", vec![0xff, 0x13, 0x37].into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let dead = ajs.get_stream("VIM_DEAD").await.unwrap();
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let mut d = dead.clone();
+            if d.info().await.unwrap().state.messages >= 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "garbage was not dead-lettered");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    // vimd is still alive and working.
+    f.add_test_image();
+    let (ok, _, err) = f.ctl(&[
+        "vm",
+        "create",
+        "--name",
+        "after",
+        "--image",
+        "tg",
+        "--memory-mib",
+        "64",
+    ]);
+    assert!(ok, "vimd broken after garbage: {err}");
+}
