@@ -8,4 +8,10 @@ cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 images/build.sh
 cargo build --release -p vmm
+# PostgreSQL for the VIM's tests (they run on SQLite and on this): Debian's cluster, a test role
+# and database on the local socket.
+if [ -z "${VIM_TEST_DATABASE_URL:-}" ]; then
+    scripts/postgres-test-db.sh
+    export VIM_TEST_DATABASE_URL="postgres://vimtest:vimtest@127.0.0.1:5432/vimtest"
+fi
 cargo test --workspace

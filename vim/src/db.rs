@@ -653,13 +653,13 @@ impl Db {
 mod tests {
     use super::*;
 
-    /// The database tests run on SQLite here, and on PostgreSQL too when VIM_TEST_POSTGRES_URL
+    /// The database tests run on SQLite here, and on PostgreSQL too when VIM_TEST_DATABASE_URL
     /// names one (scripts/test.sh starts one).
     pub async fn databases() -> Vec<(Db, Option<tempfile::TempDir>)> {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite:{}", dir.path().join("vim.db").display());
         let mut out = vec![(Db::open(&url).await.unwrap(), Some(dir))];
-        if let Ok(pg) = std::env::var("VIM_TEST_POSTGRES_URL") {
+        if let Ok(pg) = std::env::var("VIM_TEST_DATABASE_URL") {
             let db = Db::open(&pg).await.unwrap();
             for t in [
                 "hosts", "images", "vms", "jobs", "events", "audit", "tokens",
