@@ -1,12 +1,43 @@
 #!/usr/bin/env bash
-# The main job, for now: build the VMM and the guest images, then boot a 2-vCPU test guest on this
-# machine's KVM and show its console: it walks our ACPI tables, starts its second CPU, prints six
-# heartbeats and powers itself off through ACPI, which ends the VMM with status 0.
+# The main job: a local fleet on embedded defaults. vimd starts its own nats-server (JetStream) and
+# SQLite database under a state directory; one vim-agent registers this machine as host "local";
+# vimctl adds the test guest as an image and creates a VM, which the agent boots as a real KVM
+# guest under our vmm; its console is shown, then the VM is stopped and deleted and everything this
+# script started is stopped (by pid).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release -p vmm
+cargo build --release -p vmm -p vim -p vim-agent
 images/build.sh
-echo "--- booting the test guest: 2 vCPUs, 256 MiB ---"
-exec target/release/vmm run --kernel images/out/testguest.elf --vcpus 2 --memory-mib 256 \
-    --cmdline "tg.mode=smp tg.then=hold tg.hb_ms=500 tg.stop_after=6"
+B=$PWD/target/release
+state=$(mktemp -d /tmp/fleet-demo.XXXXXX)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+export VIM_API=http://127.0.0.1:18640 VIM_TOKEN_FILE=$state/vim/admin.token
+echo "--- vimd (state in $state/vim, NATS on 127.0.0.1:14222) ---"
+$B/vimd --state-dir "$state/vim" --listen 127.0.0.1:18640 --nats-listen 127.0.0.1:14222 \
+    --heartbeat-ms 1000 2>"$state/vimd.log" &
+pids+=($!)
+for _ in $(seq 100); do [ -s "$state/vim/admin.token" ] && $B/vimctl hosts >/dev/null 2>&1 && break; sleep 0.1; done
+creds=$($B/vimctl host add local --json | sed -n 's/.*"credentials_file": *"\([^"]*\)".*/\1/p')
+$B/vim-agent --host-id local --nats-url nats://127.0.0.1:14222 --credentials "$creds" \
+    --state-dir "$state/agent" --shared-dir "$state/vim/shared" --vmm $B/vmm --heartbeat-ms 1000 \
+    2>"$state/agent.log" &
+pids+=($!)
+for _ in $(seq 100); do $B/vimctl hosts | grep -q reachable && break; sleep 0.1; done
+$B/vimctl hosts
+$B/vimctl image add testguest --kernel images/out/testguest.elf --cmdline "tg.mode=smp tg.then=hold tg.hb_ms=500"
+echo "--- vimctl vm create ---"
+id=$($B/vimctl vm create --name demo --image testguest --vcpus 2 --memory-mib 256)
+$B/vimctl vm list
+sleep 2
+echo "--- vimctl vm console $id ---"
+$B/vimctl vm console "$id"
+echo "--- stop, delete ---"
+$B/vimctl vm stop "$id" >/dev/null
+$B/vimctl vm delete "$id"
+$B/vimctl events
