@@ -40,6 +40,9 @@ struct Args {
     vmm: Option<PathBuf>,
     #[arg(long = "heartbeat-ms", env = "VIM_AGENT_HEARTBEAT_MS")]
     heartbeat_ms: Option<u64>,
+    /// Check the configuration, print it and exit.
+    #[arg(long)]
+    check: bool,
 }
 
 /// The configuration file.
@@ -55,6 +58,7 @@ struct FileConfig {
     heartbeat_ms: Option<u64>,
 }
 
+#[derive(Debug)]
 struct Config {
     host_id: String,
     nats_url: String,
@@ -106,7 +110,13 @@ async fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let r = match config(Args::parse()) {
+    let args = Args::parse();
+    let check = args.check;
+    let r = match config(args) {
+        Ok(c) if check => {
+            println!("{c:#?}");
+            Ok(())
+        }
         Ok(c) => run(c).await,
         Err(e) => Err(e),
     };
