@@ -487,6 +487,27 @@ impl Db {
         Ok(rows.iter().map(job).collect::<Result<_, _>>()?)
     }
 
+    /// Jobs published but still `pending` after `age_ms` (NATS lost the message, or no worker took
+    /// it); each is touched so it comes back only once per `age_ms`.
+    pub async fn stale_jobs(&self, age_ms: i64) -> Result<Vec<Job>, DbError> {
+        let cutoff = now_ms() - age_ms;
+        let rows = sqlx::query(
+            "SELECT * FROM jobs WHERE published = 1 AND state = 'pending' AND updated_at < $1",
+        )
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?;
+        let jobs: Vec<Job> = rows.iter().map(job).collect::<Result<_, _>>()?;
+        for j in &jobs {
+            sqlx::query("UPDATE jobs SET updated_at = $1 WHERE id = $2 AND state = 'pending'")
+                .bind(now_ms())
+                .bind(&j.id)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(jobs)
+    }
+
     pub async fn job(&self, id: &str) -> Result<Option<Job>, DbError> {
         let r = sqlx::query("SELECT * FROM jobs WHERE id = $1")
             .bind(id)
@@ -708,6 +729,9 @@ mod tests {
             assert_eq!(db.unpublished_jobs(1000).await.unwrap().len(), 1);
             db.mark_published(&job.id).await.unwrap();
             assert!(db.unpublished_jobs(1000).await.unwrap().is_empty());
+            // Published 10 s ago and never taken: stale once, then not again until it ages.
+            assert_eq!(db.stale_jobs(1000).await.unwrap().len(), 1);
+            assert!(db.stale_jobs(1000).await.unwrap().is_empty());
             assert!(db
                 .transition_job(&job.id, &["pending"], "running", "")
                 .await

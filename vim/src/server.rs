@@ -61,12 +61,17 @@ impl Vimd {
     /// Publishes a job id for the workers; marks it published once JetStream has stored it. The
     /// message id is the job id, so a republish inside the dedup window is dropped by the server.
     pub async fn publish_job(&self, job_id: &str) -> Result<()> {
+        self.publish_job_as(job_id, job_id).await
+    }
+
+    /// Publishes with an explicit message id (a stale job's republish must not be deduplicated).
+    async fn publish_job_as(&self, job_id: &str, msg_id: &str) -> Result<()> {
         let msg = vim_proto::Job {
             version: PROTOCOL_VERSION,
             job_id: job_id.into(),
         };
         let mut h = async_nats::HeaderMap::new();
-        h.insert("Nats-Msg-Id", job_id);
+        h.insert("Nats-Msg-Id", msg_id);
         self.js
             .publish_with_headers(s::JOBS, h, msg.encode_to_vec().into())
             .await?
@@ -432,7 +437,9 @@ pub async fn run_monitor(v: Arc<Vimd>) -> Result<()> {
 }
 
 /// The outbox reconciler: jobs committed but not confirmed published (vimd died between the two,
-/// or NATS was down) are published again.
+/// or NATS was down) are published again; so are jobs published but not taken within
+/// `STALE_JOB` (a message NATS lost), under a fresh message id. Handlers are idempotent, so a
+/// second copy costs nothing.
 pub async fn run_reconciler(v: Arc<Vimd>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -452,6 +459,18 @@ pub async fn run_reconciler(v: Arc<Vimd>) {
                 }
                 Err(e) => tracing::warn!(error = %e, "reconciler"),
             }
+            if let Ok(jobs) = v.db.stale_jobs(STALE_JOB.as_millis() as i64).await {
+                for j in jobs {
+                    tracing::warn!(job = j.id, "job published but not taken; publishing again");
+                    let msg_id = format!("{}-{}", j.id, db::now_ms());
+                    if let Err(e) = v.publish_job_as(&j.id, &msg_id).await {
+                        tracing::warn!(job = j.id, error = %e, "republish failed");
+                    }
+                }
+            }
         }
     });
 }
+
+/// How long a published job may wait for a worker before it is published again.
+const STALE_JOB: Duration = Duration::from_secs(30);
