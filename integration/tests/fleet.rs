@@ -1,7 +1,8 @@
 //! The whole fleet on one machine: `vimd` with its embedded NATS JetStream and a real database
-//! (SQLite, and PostgreSQL when VIM_TEST_DATABASE_URL names one), two `vim-agent`s as two hosts
-//! sharing a directory as shared storage, and real `vmm` processes running the test guest on KVM.
-//! Everything listens on loopback; every process started is killed by pid at the end.
+//! (SQLite, and PostgreSQL when VIM_TEST_DATABASE_URL names one), `vim-agent`s as hosts, each in a
+//! network namespace of its own reaching NATS over a veth pair, a directory as shared storage, and
+//! real `vmm` processes running the test guest on KVM. The API is on loopback; NATS traffic stays on
+//! the veths the test made. Every process started is killed by pid, every namespace removed.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -61,6 +62,60 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A host's network: a namespace and a veth pair, `10.231.K.1` (root side) to `10.231.K.2`.
+struct HostNet {
+    ns: String,
+    root_ip: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl HostNet {
+    fn new() -> HostNet {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let tag = format!("{}{k}", std::process::id() % 100_000);
+        let k = 1 + (std::process::id() * 7 + k) % 250;
+        let (ns, veth, peer) = (
+            format!("flt{tag}"),
+            format!("vfr{tag}"),
+            format!("vfh{tag}"),
+        );
+        let root_ip = format!("10.231.{k}.1");
+        ip(&["netns", "add", &ns]);
+        ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer]);
+        ip(&["link", "set", &peer, "netns", &ns]);
+        ip(&["addr", "add", &format!("{root_ip}/30"), "dev", &veth]);
+        ip(&["link", "set", &veth, "up"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("10.231.{k}.2/30"),
+            "dev",
+            &peer,
+        ]);
+        ip(&["-n", &ns, "link", "set", &peer, "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        HostNet { ns, root_ip }
+    }
+}
+
+impl Drop for HostNet {
+    fn drop(&mut self) {
+        // Removing the namespace destroys the veth inside it, and with it the root-side peer.
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
 /// A child killed (by pid) when dropped.
 struct Proc(Child);
 
@@ -78,6 +133,7 @@ struct Fleet {
     database_url: Option<String>,
     vimd: Option<Proc>,
     agents: Vec<(String, Option<Proc>)>,
+    nets: Vec<(String, HostNet)>,
 }
 
 impl Fleet {
@@ -93,6 +149,7 @@ impl Fleet {
             database_url,
             vimd: None,
             agents: Vec::new(),
+            nets: Vec::new(),
         };
         f.start_vimd();
         for h in hosts {
@@ -103,6 +160,7 @@ impl Fleet {
             );
             assert!(Path::new(out["credentials_file"].as_str().unwrap()).exists());
             f.agents.push((h.to_string(), None));
+            f.nets.push((h.to_string(), HostNet::new()));
             f.start_agent(h);
         }
         let n = hosts.len();
@@ -127,7 +185,8 @@ impl Fleet {
         c.arg("--state-dir")
             .arg(self.state())
             .args(["--listen", self.api.trim_start_matches("http://")])
-            .args(["--nats-listen", &format!("127.0.0.1:{}", self.nats_port)])
+            // On every address, so the hosts reach it over their veths.
+            .args(["--nats-listen", &format!("0.0.0.0:{}", self.nats_port)])
             .args(["--heartbeat-ms", "300"])
             .stdout(Stdio::null())
             .stderr(
@@ -160,11 +219,15 @@ impl Fleet {
             .append(true)
             .open(self.dir.path().join(format!("agent-{host}.log")))
             .unwrap();
-        let p = Command::new(bins().join("vim-agent"))
+        let net = &self.nets.iter().find(|(h, _)| h == host).unwrap().1;
+        // `ip netns exec` execs the agent: the child's pid is the agent's.
+        let p = Command::new("ip")
+            .args(["netns", "exec", &net.ns])
+            .arg(bins().join("vim-agent"))
             .args(["--host-id", host])
             .args([
                 "--nats-url",
-                &format!("nats://127.0.0.1:{}", self.nats_port),
+                &format!("nats://{}:{}", net.root_ip, self.nats_port),
             ])
             .arg("--credentials")
             .arg(self.state().join("hosts").join(format!("{host}.creds")))
@@ -325,6 +388,7 @@ impl Drop for Fleet {
         }
         self.agents.clear();
         self.vimd = None;
+        self.nets.clear();
         for p in vm_pids {
             // The VMMs the agents started for this test (own process groups, by pid).
             let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
