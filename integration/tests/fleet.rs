@@ -154,9 +154,10 @@ impl Fleet {
         f.start_vimd();
         for h in hosts {
             let out = f.ctl_ok(&["host", "add", h, "--json"]);
-            assert!(
-                out["nats_url"].as_str().unwrap().starts_with("nats://"),
-                "{out}"
+            assert_eq!(
+                out["nats_url"],
+                format!("nats://10.231.0.1:{}", f.nats_port),
+                "not the advertised URL"
             );
             assert!(Path::new(out["credentials_file"].as_str().unwrap()).exists());
             f.agents.push((h.to_string(), None));
@@ -187,6 +188,10 @@ impl Fleet {
             .args(["--listen", self.api.trim_start_matches("http://")])
             // On every address, so the hosts reach it over their veths.
             .args(["--nats-listen", &format!("0.0.0.0:{}", self.nats_port)])
+            .args([
+                "--nats-advertise",
+                &format!("nats://10.231.0.1:{}", self.nats_port),
+            ])
             .args(["--heartbeat-ms", "300"])
             .stdout(Stdio::null())
             .stderr(

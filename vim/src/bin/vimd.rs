@@ -27,6 +27,10 @@ struct Args {
         default_value = "127.0.0.1:4222"
     )]
     nats_listen: String,
+    /// The NATS URL agents are told to use (`vimctl host add`), if not the one vimd connects to
+    /// (e.g. the embedded server listens on 0.0.0.0 and hosts dial the manager's address).
+    #[arg(long = "nats-advertise", env = "VIMD_NATS_ADVERTISE")]
+    nats_advertise: Option<String>,
     /// Credentials for an external NATS (JSON {"user","password"}).
     #[arg(long = "nats-credentials", env = "VIMD_NATS_CREDENTIALS")]
     nats_credentials: Option<PathBuf>,
@@ -117,6 +121,7 @@ async fn run(a: Args) -> Result<()> {
             (Some(n), c, u)
         }
     };
+    let nats_url = a.nats_advertise.unwrap_or(nats_url);
     let js = async_nats::jetstream::new(nats.clone());
     queue::declare_streams(&js, a.replicas).await?;
     for h in db.hosts().await? {
