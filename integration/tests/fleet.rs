@@ -54,8 +54,12 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
+fn wait_until(what: &str, f: impl FnMut() -> bool) {
+    wait_until_for(what, TIMEOUT, f)
+}
+
+fn wait_until_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
@@ -770,4 +774,72 @@ fn host_credentials_reach_only_their_own_commands_and_garbage_is_dead_lettered()
         "64",
     ]);
     assert!(ok, "vimd broken after garbage: {err}");
+}
+
+#[test]
+fn a_job_survives_nats_server_being_killed() {
+    let f = Fleet::start(None, &["h1"]);
+    f.add_test_image();
+    let conf = f.state().join("nats/nats.conf");
+    let nats_pid = || -> Option<u32> {
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (cmd.starts_with("nats-server") && cmd.contains(conf.to_str()?)).then_some(pid)
+        })
+    };
+    let first = nats_pid().expect("vimd's nats-server not found");
+    let (ok, out, err) = f.ctl(&[
+        "vm",
+        "create",
+        "--name",
+        "n",
+        "--image",
+        "tg",
+        "--memory-mib",
+        "64",
+        "--no-wait",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let r: Value = serde_json::from_str(&out).unwrap();
+    let (job, id) = (
+        r["job_id"].as_str().unwrap().to_string(),
+        r["vm_id"].as_str().unwrap().to_string(),
+    );
+    let st = Command::new("kill")
+        .args(["-9", &first.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // vimd restarts its server; the clients reconnect; the job completes once.
+    wait_until("a new nats-server", || {
+        nats_pid().is_some_and(|p| p != first)
+    });
+    wait_until("the job to finish", || {
+        let (ok, out, _) = f.ctl(&["job", "show", &job]);
+        ok && serde_json::from_str::<Value>(&out)
+            .is_ok_and(|j| j["state"] == "done" || j["state"] == "failed")
+    });
+    assert_eq!(f.ctl_ok(&["job", "show", &job])["state"], "done");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        f.vmm_pids(&id).len(),
+        1,
+        "the VM runs {} times",
+        f.vmm_pids(&id).len()
+    );
+    // And the fleet keeps working after the restart.
+    let (ok, _, err) = f.ctl(&[
+        "vm",
+        "create",
+        "--name",
+        "after",
+        "--image",
+        "tg",
+        "--memory-mib",
+        "64",
+    ]);
+    assert!(ok, "{err}");
 }
