@@ -813,11 +813,12 @@ fn a_job_survives_nats_server_being_killed() {
         .status()
         .unwrap();
     assert!(st.success());
-    // vimd restarts its server; the clients reconnect; the job completes once.
+    // vimd restarts its server; the clients reconnect; the job completes once — through a
+    // redelivery (30 s ack wait) or the stale-job republish (30 s) if the server lost the message.
     wait_until("a new nats-server", || {
         nats_pid().is_some_and(|p| p != first)
     });
-    wait_until("the job to finish", || {
+    wait_until_for("the job to finish", Duration::from_secs(120), || {
         let (ok, out, _) = f.ctl(&["job", "show", &job]);
         ok && serde_json::from_str::<Value>(&out)
             .is_ok_and(|j| j["state"] == "done" || j["state"] == "failed")
