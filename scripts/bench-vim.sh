@@ -53,3 +53,8 @@ print(f"vimd: SQLite, embedded NATS, 2xx only (each request audited)")
 run("GET /vms", "GET", "/vms", None)
 run("POST /vms", "POST", "/vms", {"image": "img", "vcpus": 1, "memory_mib": 64})
 PY
+# Heartbeat ingestion: simulated hosts beating at 1 Hz (a test-only fake, no agents or VMs).
+cargo build --release -p vim --example hb_load >/dev/null 2>&1
+for n in ${BENCH_HOSTS:-1000 3000 10000}; do
+    target/release/examples/hb_load "$state" "nats://127.0.0.1:$nport" "$n" 15
+done
