@@ -313,51 +313,61 @@ impl Db {
         Ok(r.as_ref().map(host).transpose()?)
     }
 
-    /// Records a heartbeat; returns the host's state before it (None: unknown host).
-    pub async fn heartbeat(
+    /// Records a batch of heartbeats (the newest per host) in one transaction: one commit for
+    /// thousands of hosts. Returns the hosts that were not `reachable` before (id, old state), for
+    /// the events their return deserves; unknown hosts are ignored.
+    pub async fn heartbeats(
         &self,
-        hb: &vim_proto::Heartbeat,
+        beats: &[vim_proto::Heartbeat],
         at: i64,
-    ) -> Result<Option<String>, DbError> {
-        // No transaction: a read that later writes would have to upgrade its SQLite lock, which
-        // fails under concurrent writers; each statement stands alone and a race only delays a
-        // state by one heartbeat.
-        let before: Option<String> = sqlx::query("SELECT state FROM hosts WHERE id = $1")
-            .bind(&hb.host_id)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|r| r.try_get("state"))
-            .transpose()?;
-        if before.is_none() {
-            return Ok(None);
+    ) -> Result<Vec<(String, String)>, DbError> {
+        if beats.is_empty() {
+            return Ok(Vec::new());
         }
-        sqlx::query(
-            "UPDATE hosts SET hostname = $1, cpu_cores = $2, memory_mib = $3, agent_version = $4,
-             state = 'reachable', last_heartbeat = $5, missed = 0 WHERE id = $6",
-        )
-        .bind(&hb.hostname)
-        .bind(i64::from(hb.cpu_cores))
-        .bind(hb.memory_mib as i64)
-        .bind(&hb.agent_version)
-        .bind(at)
-        .bind(&hb.host_id)
-        .execute(&self.pool)
-        .await?;
-        for v in &hb.vms {
-            sqlx::query(
-                "UPDATE vms SET state = $1, pid = $2, cpu_pct = $3, rss_kib = $4
-                 WHERE id = $5 AND host_id = $6 AND state NOT IN ('deleted', 'pending')",
-            )
-            .bind(&v.state)
-            .bind(i64::from(v.pid))
-            .bind(v.cpu_pct)
-            .bind(v.rss_kib as i64)
-            .bind(&v.vm_id)
-            .bind(&hb.host_id)
-            .execute(&self.pool)
+        // Read outside the transaction (a read that then writes would have to upgrade its SQLite
+        // lock); a race only delays an event by one batch.
+        let rows = sqlx::query("SELECT id, state FROM hosts WHERE state <> 'reachable'")
+            .fetch_all(&self.pool)
             .await?;
+        let mut changed = Vec::new();
+        for r in &rows {
+            let id: String = r.try_get("id")?;
+            if beats.iter().any(|b| b.host_id == id) {
+                changed.push((id, r.try_get("state")?));
+            }
         }
-        Ok(before)
+        let mut tx = self.pool.begin().await?;
+        for hb in beats {
+            sqlx::query(
+                "UPDATE hosts SET hostname = $1, cpu_cores = $2, memory_mib = $3,
+                 agent_version = $4, state = 'reachable', last_heartbeat = $5, missed = 0
+                 WHERE id = $6",
+            )
+            .bind(&hb.hostname)
+            .bind(i64::from(hb.cpu_cores))
+            .bind(hb.memory_mib as i64)
+            .bind(&hb.agent_version)
+            .bind(at)
+            .bind(&hb.host_id)
+            .execute(&mut *tx)
+            .await?;
+            for v in &hb.vms {
+                sqlx::query(
+                    "UPDATE vms SET state = $1, pid = $2, cpu_pct = $3, rss_kib = $4
+                     WHERE id = $5 AND host_id = $6 AND state NOT IN ('deleted', 'pending')",
+                )
+                .bind(&v.state)
+                .bind(i64::from(v.pid))
+                .bind(v.cpu_pct)
+                .bind(v.rss_kib as i64)
+                .bind(&v.vm_id)
+                .bind(&hb.host_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(changed)
     }
 
     /// Counts a missed heartbeat; returns the new count.

@@ -353,37 +353,58 @@ pub async fn run_event_consumer(v: Arc<Vimd>) -> Result<()> {
 pub async fn run_monitor(v: Arc<Vimd>) -> Result<()> {
     let mut sub = v.nats.subscribe(s::ALL_HEARTBEATS).await?;
     let v2 = v.clone();
+    // Heartbeats are batched: the newest per host, written in one transaction every
+    // `HEARTBEAT_BATCH` (thousands of hosts cost one commit, not thousands).
     tokio::spawn(async move {
-        while let Some(m) = sub.next().await {
-            let hb = match vim_proto::Heartbeat::decode_checked(&m.payload) {
-                Ok(hb) => hb,
-                Err(e) => {
-                    queue::dead_letter(&v2.js, &m.subject, &m.payload, &e.to_string()).await;
-                    continue;
+        let mut pending: std::collections::HashMap<String, vim_proto::Heartbeat> =
+            std::collections::HashMap::new();
+        let mut tick = tokio::time::interval(HEARTBEAT_BATCH);
+        loop {
+            tokio::select! {
+                m = sub.next() => {
+                    let Some(m) = m else { break };
+                    let hb = match vim_proto::Heartbeat::decode_checked(&m.payload) {
+                        Ok(hb) => hb,
+                        Err(e) => {
+                            queue::dead_letter(&v2.js, &m.subject, &m.payload, &e.to_string()).await;
+                            continue;
+                        }
+                    };
+                    // The subject names the sender (its permissions allow only its own).
+                    if m.subject.as_str() != s::heartbeat(&hb.host_id) {
+                        queue::dead_letter(&v2.js, &m.subject, &m.payload, "host id does not match subject")
+                            .await;
+                        continue;
+                    }
+                    pending.insert(hb.host_id.clone(), hb);
                 }
-            };
-            // The subject names the sender (its permissions allow only its own).
-            if m.subject.as_str() != s::heartbeat(&hb.host_id) {
-                queue::dead_letter(
-                    &v2.js,
-                    &m.subject,
-                    &m.payload,
-                    "host id does not match subject",
-                )
-                .await;
-                continue;
-            }
-            match v2.db.heartbeat(&hb, db::now_ms()).await {
-                Ok(Some(before)) if before == "unreachable" => {
-                    v2.event("PS_Reachable", &hb.host_id, "", "", "heartbeats again")
-                        .await
+                _ = tick.tick() => {
+                    if pending.is_empty() {
+                        continue;
+                    }
+                    let batch: Vec<_> = pending.drain().map(|(_, hb)| hb).collect();
+                    match v2.db.heartbeats(&batch, db::now_ms()).await {
+                        Ok(changed) => {
+                            for (host, before) in changed {
+                                let hostname = batch
+                                    .iter()
+                                    .find(|b| b.host_id == host)
+                                    .map(|b| b.hostname.clone())
+                                    .unwrap_or_default();
+                                match before.as_str() {
+                                    "unreachable" => {
+                                        v2.event("PS_Reachable", &host, "", "", "heartbeats again").await
+                                    }
+                                    "registered" => {
+                                        v2.event("Host_Registered", &host, "", "", &hostname).await
+                                    }
+                                    _ => {}
+                                }
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, hosts = batch.len(), "cannot record heartbeats"),
+                    }
                 }
-                Ok(Some(before)) if before == "registered" => {
-                    v2.event("Host_Registered", &hb.host_id, "", "", &hb.hostname)
-                        .await
-                }
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "cannot record a heartbeat"),
             }
         }
     });
@@ -435,6 +456,9 @@ pub async fn run_monitor(v: Arc<Vimd>) -> Result<()> {
     });
     Ok(())
 }
+
+/// How often received heartbeats are written (one transaction each time).
+const HEARTBEAT_BATCH: Duration = Duration::from_millis(100);
 
 /// The outbox reconciler: jobs committed but not confirmed published (vimd died between the two,
 /// or NATS was down) are published again; so are jobs published but not taken within
