@@ -19,7 +19,7 @@ trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$state"' EXIT
 for _ in $(seq 100); do [ -s "$state/admin.token" ] && break; sleep 0.1; done
 sleep 1
 : > "$state/kernel"
-python3 - "$port" "$state" "$threads" "$per" <<'PY'
+cat > "$state/api.py" <<'PY'
 import json, sys, threading, time, urllib.request, statistics
 port, state, threads, per = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 token = open(f"{state}/admin.token").read().strip()
@@ -32,9 +32,11 @@ def call(method, path, body=None):
     with urllib.request.urlopen(req) as r:
         r.read()
     return time.perf_counter() - t
-call("POST", "/images", {"name": "img", "kernel": f"{state}/kernel"})
-for i in range(200):
-    call("POST", "/vms", {"name": f"seed{i}", "image": "img", "vcpus": 1, "memory_mib": 64})
+only_get = len(sys.argv) > 5
+if not only_get:
+    call("POST", "/images", {"name": "img", "kernel": f"{state}/kernel"})
+    for i in range(200):
+        call("POST", "/vms", {"name": f"seed{i}", "image": "img", "vcpus": 1, "memory_mib": 64})
 def run(name, method, path, body):
     lat = []
     def worker(k):
@@ -49,12 +51,24 @@ def run(name, method, path, body):
     lat.sort()
     p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000
     print(f"{name:14} {len(lat):6d} requests, {threads} threads: {len(lat)/el:8.0f} req/s  p50 {p(0.5):6.2f} ms  p99 {p(0.99):6.2f} ms")
+if only_get:
+    run("GET /vms", "GET", "/vms", None)
+    run("POST /vms", "POST", "/vms", {"image": "img", "vcpus": 1, "memory_mib": 64})
+    sys.exit(0)
 print(f"vimd: SQLite, embedded NATS, 2xx only (each request audited)")
 run("GET /vms", "GET", "/vms", None)
 run("POST /vms", "POST", "/vms", {"image": "img", "vcpus": 1, "memory_mib": 64})
 PY
+python3 "$state/api.py" "$port" "$state" "$threads" "$per"
 # Heartbeat ingestion: simulated hosts beating at 1 Hz (a test-only fake, no agents or VMs).
 cargo build --release -p vim --example hb_load >/dev/null 2>&1
 for n in ${BENCH_HOSTS:-1000 3000 10000}; do
     target/release/examples/hb_load "$state" "nats://127.0.0.1:$nport" "$n" 15
 done
+# The API while 10,000 hosts heartbeat.
+echo "API while 10000 simulated hosts heartbeat at 1 Hz:"
+target/release/examples/hb_load "$state" "nats://127.0.0.1:$nport" 10000 25 &
+load=$!
+sleep 3
+python3 "$state/api.py" "$port" "$state" "$threads" "$per" under-load
+wait $load
