@@ -284,6 +284,16 @@ fn run(cli: Cli) -> Result<()> {
         anyhow::ensure!(!failed, "job {job_id} failed");
         Ok(())
     };
+    // A list: a table of `cols`, or the JSON document.
+    let listing = |path: &str, cols: &[&str]| -> Result<()> {
+        let r = api.get(path)?;
+        if json_out {
+            print(&r);
+        } else {
+            table(r.as_array().map_or(&[][..], |v| v), cols);
+        }
+        Ok(())
+    };
     let abs = |p: &PathBuf| -> Result<String> { Ok(std::path::absolute(p)?.display().to_string()) };
     match cli.cmd {
         Cmd::Image {
@@ -310,22 +320,17 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Hosts => {
-            let r = api.get("/hosts")?;
-            if json_out {
-                print(&r);
-            } else {
-                table(
-                    r.as_array().map_or(&[][..], |v| v),
-                    &[
-                        "id",
-                        "hostname",
-                        "state",
-                        "cpu_cores",
-                        "memory_mib",
-                        "last_heartbeat",
-                    ],
-                );
-            }
+            listing(
+                "/hosts",
+                &[
+                    "id",
+                    "hostname",
+                    "state",
+                    "cpu_cores",
+                    "memory_mib",
+                    "last_heartbeat",
+                ],
+            )?;
         }
         Cmd::Host {
             cmd: HostCmd::Add { id },
@@ -365,23 +370,18 @@ fn run(cli: Cli) -> Result<()> {
                 &wait,
             )?,
             VmCmd::List => {
-                let r = api.get("/vms")?;
-                if json_out {
-                    print(&r);
-                } else {
-                    table(
-                        r.as_array().map_or(&[][..], |v| v),
-                        &[
-                            "id",
-                            "name",
-                            "owner",
-                            "state",
-                            "host_id",
-                            "vcpus",
-                            "memory_mib",
-                        ],
-                    );
-                }
+                listing(
+                    "/vms",
+                    &[
+                        "id",
+                        "name",
+                        "owner",
+                        "state",
+                        "host_id",
+                        "vcpus",
+                        "memory_mib",
+                    ],
+                )?;
             }
             VmCmd::Show { id } => print(&api.get(&format!("/vms/{id}"))?),
             VmCmd::Start { id, wait } => job_cmd(format!("/vms/{id}/start"), json!({}), &wait)?,
@@ -408,29 +408,16 @@ fn run(cli: Cli) -> Result<()> {
             }
         },
         Cmd::Jobs => {
-            let r = api.get("/jobs")?;
-            if json_out {
-                print(&r);
-            } else {
-                table(
-                    r.as_array().map_or(&[][..], |v| v),
-                    &["id", "kind", "state", "vm_id", "owner", "error"],
-                );
-            }
+            listing("/jobs", &["id", "kind", "state", "vm_id", "owner", "error"])?;
         }
         Cmd::Job {
             cmd: JobCmd::Show { id },
         } => print(&api.get(&format!("/jobs/{id}"))?),
         Cmd::Events { follow: false } => {
-            let r = api.get("/events")?;
-            if json_out {
-                print(&r);
-            } else {
-                table(
-                    r.as_array().map_or(&[][..], |v| v),
-                    &["ts", "kind", "host_id", "vm_id", "job_id", "detail"],
-                );
-            }
+            listing(
+                "/events",
+                &["ts", "kind", "host_id", "vm_id", "job_id", "detail"],
+            )?;
         }
         Cmd::Events { follow: true } => {
             let resp = api
@@ -446,15 +433,10 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Audit => {
-            let r = api.get("/audit")?;
-            if json_out {
-                print(&r);
-            } else {
-                table(
-                    r.as_array().map_or(&[][..], |v| v),
-                    &["ts", "who", "action", "target", "outcome", "detail"],
-                );
-            }
+            listing(
+                "/audit",
+                &["ts", "who", "action", "target", "outcome", "detail"],
+            )?;
         }
     }
     Ok(())
