@@ -195,6 +195,7 @@ async fn add_host(State(v): St, h: HeaderMap, b: Result<Json<AddHost>, JsonRejec
         let password = auth::random_secret();
         let user = format!("host-{}", req.id);
         v.db.add_host(&req.id, &user, &password).await?;
+        v.liveness.register(&req.id);
         if let Some(n) = &v.embedded {
             n.reload(&v.db.hosts().await?)?;
         }

@@ -313,41 +313,26 @@ impl Db {
         Ok(r.as_ref().map(host).transpose()?)
     }
 
-    /// Records a batch of heartbeats (the newest per host) in one transaction: one commit for
-    /// thousands of hosts. Returns the hosts that were not `reachable` before (id, old state), for
-    /// the events their return deserves; unknown hosts are ignored.
-    pub async fn heartbeats(
+    /// Writes heartbeat reports (host facts, time, VM usage) in one transaction. Host states are
+    /// not touched here: they change only through [`Db::set_host_state`].
+    pub async fn record_heartbeats(
         &self,
-        beats: &[vim_proto::Heartbeat],
-        at: i64,
-    ) -> Result<Vec<(String, String)>, DbError> {
+        beats: &[(vim_proto::Heartbeat, i64)],
+    ) -> Result<(), DbError> {
         if beats.is_empty() {
-            return Ok(Vec::new());
-        }
-        // Read outside the transaction (a read that then writes would have to upgrade its SQLite
-        // lock); a race only delays an event by one batch.
-        let rows = sqlx::query("SELECT id, state FROM hosts WHERE state <> 'reachable'")
-            .fetch_all(&self.pool)
-            .await?;
-        let mut changed = Vec::new();
-        for r in &rows {
-            let id: String = r.try_get("id")?;
-            if beats.iter().any(|b| b.host_id == id) {
-                changed.push((id, r.try_get("state")?));
-            }
+            return Ok(());
         }
         let mut tx = self.pool.begin().await?;
-        for hb in beats {
+        for (hb, at) in beats {
             sqlx::query(
                 "UPDATE hosts SET hostname = $1, cpu_cores = $2, memory_mib = $3,
-                 agent_version = $4, state = 'reachable', last_heartbeat = $5, missed = 0
-                 WHERE id = $6",
+                 agent_version = $4, last_heartbeat = $5 WHERE id = $6",
             )
             .bind(&hb.hostname)
             .bind(i64::from(hb.cpu_cores))
             .bind(hb.memory_mib as i64)
             .bind(&hb.agent_version)
-            .bind(at)
+            .bind(*at)
             .bind(&hb.host_id)
             .execute(&mut *tx)
             .await?;
@@ -367,7 +352,7 @@ impl Db {
             }
         }
         tx.commit().await?;
-        Ok(changed)
+        Ok(())
     }
 
     /// Counts a missed heartbeat; returns the new count.
@@ -384,7 +369,12 @@ impl Db {
     }
 
     pub async fn set_host_state(&self, id: &str, state: &str) -> Result<(), DbError> {
-        sqlx::query("UPDATE hosts SET state = $1 WHERE id = $2")
+        let reset = if state == "reachable" {
+            ", missed = 0"
+        } else {
+            ""
+        };
+        sqlx::query(&format!("UPDATE hosts SET state = $1{reset} WHERE id = $2"))
             .bind(state)
             .bind(id)
             .execute(&self.pool)

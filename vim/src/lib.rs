@@ -5,6 +5,7 @@
 pub mod api;
 pub mod auth;
 pub mod db;
+pub mod monitor;
 pub mod openapi;
 pub mod placement;
 pub mod queue;

@@ -53,6 +53,15 @@ impl EmbeddedNats {
             vimd_password,
         };
         n.write_config(hosts)?;
+        // A previous vimd's server may still be shutting down (it gets SIGTERM when its vimd
+        // dies): wait for the port, or the new server fails to bind and we would talk to the old.
+        let free_by = std::time::Instant::now() + Duration::from_secs(15);
+        while std::net::TcpListener::bind(listen).is_err() {
+            if std::time::Instant::now() > free_by {
+                anyhow::bail!("{listen} stays in use (another nats-server?)");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         *n.lock() = n.spawn()?;
         // Ready when it accepts connections.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);

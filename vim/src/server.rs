@@ -14,6 +14,7 @@ use tokio::sync::broadcast;
 use vim_proto::{host_command::Action, subjects as s, Versioned, PROTOCOL_VERSION};
 
 use crate::db::{self, Db, Event};
+use crate::monitor::{Beat, Liveness};
 use crate::placement::{self, Candidate, Policy};
 use crate::queue;
 
@@ -36,6 +37,7 @@ pub struct Vimd {
     pub shared_dir: PathBuf,
     pub policy: Policy,
     pub monitoring: Monitoring,
+    pub liveness: Liveness,
     pub events: broadcast::Sender<Event>,
 }
 
@@ -349,16 +351,14 @@ pub async fn run_event_consumer(v: Arc<Vimd>) -> Result<()> {
 
 /// Heartbeats in, and the clock that notices missing ones: `PS_Timeout` for each missed interval,
 /// `PS_Unreachable` at the configured count (the host and its VMs are marked), `PS_Reachable`
-/// when it beats again.
+/// when it beats again. Liveness lives in memory (`monitor.rs`); reports reach the database in
+/// batches.
 pub async fn run_monitor(v: Arc<Vimd>) -> Result<()> {
+    v.liveness.load(&v.db.hosts().await?);
     let mut sub = v.nats.subscribe(s::ALL_HEARTBEATS).await?;
     let v2 = v.clone();
-    // Heartbeats are batched: the newest per host, written in one transaction every
-    // `HEARTBEAT_BATCH` (thousands of hosts cost one commit, not thousands).
     tokio::spawn(async move {
-        let mut pending: std::collections::HashMap<String, vim_proto::Heartbeat> =
-            std::collections::HashMap::new();
-        let mut tick = tokio::time::interval(HEARTBEAT_BATCH);
+        let mut flush = tokio::time::interval(HEARTBEAT_BATCH);
         loop {
             tokio::select! {
                 m = sub.next() => {
@@ -376,33 +376,36 @@ pub async fn run_monitor(v: Arc<Vimd>) -> Result<()> {
                             .await;
                         continue;
                     }
-                    pending.insert(hb.host_id.clone(), hb);
-                }
-                _ = tick.tick() => {
-                    if pending.is_empty() {
-                        continue;
-                    }
-                    let batch: Vec<_> = pending.drain().map(|(_, hb)| hb).collect();
-                    match v2.db.heartbeats(&batch, db::now_ms()).await {
-                        Ok(changed) => {
-                            for (host, before) in changed {
-                                let hostname = batch
-                                    .iter()
-                                    .find(|b| b.host_id == host)
-                                    .map(|b| b.hostname.clone())
-                                    .unwrap_or_default();
-                                match before.as_str() {
-                                    "unreachable" => {
-                                        v2.event("PS_Reachable", &host, "", "", "heartbeats again").await
-                                    }
-                                    "registered" => {
-                                        v2.event("Host_Registered", &host, "", "", &hostname).await
-                                    }
-                                    _ => {}
-                                }
-                            }
+                    let (host, hostname) = (hb.host_id.clone(), hb.hostname.clone());
+                    let now = db::now_ms();
+                    let mut beat = v2.liveness.beat(hb.clone(), now);
+                    if beat == Beat::Unknown {
+                        // Registered since this vimd started (perhaps by another vimd process).
+                        if let Ok(Some(h)) = v2.db.host(&host).await {
+                            v2.liveness.load(&[h]);
+                            beat = v2.liveness.beat(hb.clone(), now);
                         }
-                        Err(e) => tracing::error!(error = %e, hosts = batch.len(), "cannot record heartbeats"),
+                    }
+                    if let Beat::Returned(before) = beat {
+                        // Its facts (cores, memory: what placement needs) before it counts as
+                        // reachable.
+                        if let Err(e) = v2.db.record_heartbeats(&[(hb, now)]).await {
+                            tracing::error!(error = %e, host, "cannot record a heartbeat");
+                        }
+                        if let Err(e) = v2.db.set_host_state(&host, "reachable").await {
+                            tracing::error!(error = %e, host, "cannot mark a host reachable");
+                        }
+                        if before == "unreachable" {
+                            v2.event("PS_Reachable", &host, "", "", "heartbeats again").await;
+                        } else {
+                            v2.event("Host_Registered", &host, "", "", &hostname).await;
+                        }
+                    }
+                }
+                _ = flush.tick() => {
+                    let batch = v2.liveness.to_flush(db::now_ms());
+                    if let Err(e) = v2.db.record_heartbeats(&batch).await {
+                        tracing::error!(error = %e, hosts = batch.len(), "cannot record heartbeats");
                     }
                 }
             }
@@ -413,41 +416,30 @@ pub async fn run_monitor(v: Arc<Vimd>) -> Result<()> {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            let Ok(hosts) = v.db.hosts().await else {
-                continue;
-            };
-            let now = db::now_ms();
-            for h in hosts {
-                if h.state == "registered" || h.last_heartbeat == 0 {
-                    continue;
-                }
-                let silent = now - h.last_heartbeat;
-                let due = every.as_millis() as i64 * (h.missed + 1) + every.as_millis() as i64 / 2;
-                if silent < due {
-                    continue;
-                }
-                let Ok(missed) = v.db.miss(&h.id).await else {
-                    continue;
-                };
-                if h.state == "unreachable" {
-                    continue;
-                }
+            for miss in v
+                .liveness
+                .tick(db::now_ms(), every, v.monitoring.misses_for_unreachable)
+            {
+                let _ = v.db.miss(&miss.host).await;
                 v.event(
                     "PS_Timeout",
-                    &h.id,
+                    &miss.host,
                     "",
                     "",
-                    &format!("no heartbeat for {silent} ms ({missed} missed)"),
+                    &format!(
+                        "no heartbeat for {} ms ({} missed)",
+                        miss.silent_ms, miss.missed
+                    ),
                 )
                 .await;
-                if missed >= v.monitoring.misses_for_unreachable {
-                    let _ = v.db.set_host_state(&h.id, "unreachable").await;
+                if miss.unreachable_now {
+                    let _ = v.db.set_host_state(&miss.host, "unreachable").await;
                     v.event(
                         "PS_Unreachable",
-                        &h.id,
+                        &miss.host,
                         "",
                         "",
-                        &format!("{missed} heartbeats missed in a row"),
+                        &format!("{} heartbeats missed in a row", miss.missed),
                     )
                     .await;
                 }
@@ -457,8 +449,8 @@ pub async fn run_monitor(v: Arc<Vimd>) -> Result<()> {
     Ok(())
 }
 
-/// How often received heartbeats are written (one transaction each time).
-const HEARTBEAT_BATCH: Duration = Duration::from_millis(100);
+/// How often heartbeat reports are written (one transaction each time).
+const HEARTBEAT_BATCH: Duration = Duration::from_secs(1);
 
 /// The outbox reconciler: jobs committed but not confirmed published (vimd died between the two,
 /// or NATS was down) are published again; so are jobs published but not taken within

@@ -145,6 +145,7 @@ async fn run(a: Args) -> Result<()> {
             interval: Duration::from_millis(a.heartbeat_ms.max(10)),
             misses_for_unreachable: a.misses.max(1),
         },
+        liveness: Default::default(),
         events,
     });
     server::run_job_workers(v.clone(), a.workers.max(1)).await?;

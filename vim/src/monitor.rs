@@ -1,0 +1,213 @@
+//! Host liveness, kept in memory: heartbeats only touch a map; the database hears about state
+//! changes (`PS_*`) at once and about heartbeat details in batches — changed hosts every second,
+//! the others' `last_heartbeat` at most every `REFRESH` — so 10,000 hosts beating at 1 Hz cost
+//! a few thousand row updates a second in a handful of transactions, and the monitor's clock never
+//! reads the hosts table.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use vim_proto::Heartbeat;
+
+use crate::db::Host;
+
+/// How stale a healthy host's `last_heartbeat` in the database may get.
+pub const REFRESH: Duration = Duration::from_secs(5);
+
+struct Live {
+    last: i64,
+    missed: i64,
+    state: String,
+    latest: Option<(Heartbeat, i64)>,
+    flushed: Option<Heartbeat>,
+    flushed_at: i64,
+}
+
+/// What a heartbeat meant.
+#[derive(Debug, PartialEq)]
+pub enum Beat {
+    /// Not a registered host.
+    Unknown,
+    Steady,
+    /// The host was in this state (`registered` or `unreachable`) and is reachable now.
+    Returned(String),
+}
+
+/// A host that missed a heartbeat at a tick.
+#[derive(Debug, PartialEq)]
+pub struct Miss {
+    pub host: String,
+    pub silent_ms: i64,
+    pub missed: i64,
+    pub unreachable_now: bool,
+}
+
+#[derive(Default)]
+pub struct Liveness {
+    hosts: Mutex<HashMap<String, Live>>,
+}
+
+impl Liveness {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+        self.hosts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The hosts the database knows, at start.
+    pub fn load(&self, hosts: &[Host]) {
+        let mut m = self.lock();
+        for h in hosts {
+            m.insert(
+                h.id.clone(),
+                Live {
+                    last: h.last_heartbeat,
+                    missed: h.missed,
+                    state: h.state.clone(),
+                    latest: None,
+                    flushed: None,
+                    flushed_at: h.last_heartbeat,
+                },
+            );
+        }
+    }
+
+    /// A host just registered.
+    pub fn register(&self, id: &str) {
+        self.lock().entry(id.into()).or_insert(Live {
+            last: 0,
+            missed: 0,
+            state: "registered".into(),
+            latest: None,
+            flushed: None,
+            flushed_at: 0,
+        });
+    }
+
+    pub fn beat(&self, hb: Heartbeat, now: i64) -> Beat {
+        let mut m = self.lock();
+        let Some(l) = m.get_mut(&hb.host_id) else {
+            return Beat::Unknown;
+        };
+        l.last = now;
+        l.missed = 0;
+        let r = if l.state == "reachable" {
+            Beat::Steady
+        } else {
+            // Force the next flush to write everything (the database marked its VMs unknown).
+            l.flushed = None;
+            Beat::Returned(std::mem::replace(&mut l.state, "reachable".into()))
+        };
+        l.latest = Some((hb, now));
+        r
+    }
+
+    /// Heartbeats to write now: hosts whose report changed since the last write, and the others
+    /// every `REFRESH`.
+    pub fn to_flush(&self, now: i64) -> Vec<(Heartbeat, i64)> {
+        let mut out = Vec::new();
+        for l in self.lock().values_mut() {
+            let Some((hb, at)) = &l.latest else { continue };
+            let changed = l.flushed.as_ref().is_none_or(|f| {
+                let mut f = f.clone();
+                f.seq = hb.seq;
+                &f != hb
+            });
+            if changed || now - l.flushed_at >= REFRESH.as_millis() as i64 {
+                out.push((hb.clone(), *at));
+                l.flushed = Some(hb.clone());
+                l.flushed_at = now;
+                l.latest = None;
+            }
+        }
+        out
+    }
+
+    /// One tick of the clock: every host silent for longer than its next due time has missed one
+    /// more heartbeat; at `misses` in a row it becomes unreachable. Unreachable hosts are not
+    /// reported again.
+    pub fn tick(&self, now: i64, every: Duration, misses: i64) -> Vec<Miss> {
+        let every = every.as_millis() as i64;
+        let mut out = Vec::new();
+        for (id, l) in self.lock().iter_mut() {
+            if l.state == "registered" || l.last == 0 || l.state == "unreachable" {
+                continue;
+            }
+            let silent = now - l.last;
+            if silent < every * (l.missed + 1) + every / 2 {
+                continue;
+            }
+            l.missed += 1;
+            let unreachable_now = l.missed >= misses;
+            if unreachable_now {
+                l.state = "unreachable".into();
+            }
+            out.push(Miss {
+                host: id.clone(),
+                silent_ms: silent,
+                missed: l.missed,
+                unreachable_now,
+            });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hb(id: &str, seq: u64, cores: u32) -> Heartbeat {
+        Heartbeat {
+            version: vim_proto::PROTOCOL_VERSION,
+            host_id: id.into(),
+            seq,
+            cpu_cores: cores,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn timeouts_unreachable_and_return() {
+        let l = Liveness::default();
+        l.register("h");
+        assert_eq!(l.beat(hb("x", 1, 1), 0), Beat::Unknown);
+        assert_eq!(
+            l.beat(hb("h", 1, 2), 1000),
+            Beat::Returned("registered".into())
+        );
+        assert_eq!(l.beat(hb("h", 2, 2), 2000), Beat::Steady);
+        let every = Duration::from_millis(1000);
+        assert!(l.tick(2400, every, 3).is_empty());
+        let m = l.tick(3600, every, 3);
+        assert_eq!((m[0].missed, m[0].unreachable_now), (1, false));
+        assert!(l.tick(4000, every, 3).is_empty(), "a miss counted twice");
+        assert_eq!(l.tick(4600, every, 3)[0].missed, 2);
+        let m = l.tick(5600, every, 3);
+        assert_eq!((m[0].missed, m[0].unreachable_now), (3, true));
+        assert!(
+            l.tick(9000, every, 3).is_empty(),
+            "an unreachable host reported again"
+        );
+        assert_eq!(
+            l.beat(hb("h", 3, 2), 9500),
+            Beat::Returned("unreachable".into())
+        );
+    }
+
+    #[test]
+    fn flushes_changes_at_once_and_the_rest_now_and_then() {
+        let l = Liveness::default();
+        l.register("h");
+        l.beat(hb("h", 1, 2), 1000);
+        assert_eq!(l.to_flush(1000).len(), 1, "first report not written");
+        l.beat(hb("h", 2, 2), 2000);
+        assert!(
+            l.to_flush(2000).is_empty(),
+            "an unchanged report written at once"
+        );
+        l.beat(hb("h", 3, 4), 3000);
+        assert_eq!(l.to_flush(3000).len(), 1, "a changed report not written");
+        l.beat(hb("h", 4, 4), 8100);
+        assert_eq!(l.to_flush(8100).len(), 1, "last_heartbeat never refreshed");
+    }
+}
