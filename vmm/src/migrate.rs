@@ -373,13 +373,8 @@ impl Source {
             dir.join(snapshot::STATE_FILE),
             dir.join("state.bin.aborted"),
         );
-        let virtio: Vec<_> = state
-            .devices
-            .iter()
-            .filter(|d| d.id.starts_with("virtio"))
-            .cloned()
-            .collect();
-        let errors = self.virtio.reacquire(&virtio);
+        // Each device finds its own state by id among all of them.
+        let errors = self.virtio.reacquire(&state.devices);
         let mut message = why;
         if !errors.is_empty() {
             if !message.is_empty() {

@@ -248,10 +248,7 @@ fn migration_requests_that_cannot_work_are_refused() {
 fn a_dead_target_gives_the_devices_back_to_the_source() {
     let shared = tempfile::tempdir().unwrap();
     let disk = shared.path().join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    blank_disk(&disk);
     let sock = shared.path().join("v.sock");
     let mut t = target(
         &shared.path().join("mig"),
@@ -305,10 +302,7 @@ fn a_dead_target_gives_the_devices_back_to_the_source() {
 fn a_target_that_cannot_start_gives_the_guest_back() {
     let shared = tempfile::tempdir().unwrap();
     let disk = shared.path().join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    blank_disk(&disk);
     let mig = shared.path().join("mig");
     let (tconsole, tapi) = (shared.path().join("c.log"), shared.path().join("a.sock"));
     let mut t = target(&mig, &tconsole, &tapi);

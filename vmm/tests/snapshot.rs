@@ -123,10 +123,7 @@ fn snapshot_of_a_restored_paused_vm_equals_the_original() {
     // Devices too (the test guest has no virtio drivers, so they are unconfigured; the Debian
     // guest's live queues are compared in the nested lane).
     let disk = snap1.path().join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    blank_disk(&disk);
     let first = RunningVmm::start(&[
         "--vcpus",
         "2",

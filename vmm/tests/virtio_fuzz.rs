@@ -7,6 +7,9 @@
 //!
 //! State: a paused device's saved state restored into a fresh device continues where it stopped.
 
+mod common;
+use common::blank_disk;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -296,10 +299,7 @@ fn fuzz(name: &str, dev: Box<dyn VirtioDevice>, valid: (usize, &dyn Fn(&GuestMem
 fn block_survives_random_descriptors() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("fuzz.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    blank_disk(&img);
     let dev = Block::open(&img, false).unwrap();
     // A GET_ID request: header, 20-byte id buffer, status byte.
     let req = |mem: &GuestMemory| {
@@ -439,10 +439,7 @@ fn restore_refuses_another_device_type() {
 fn block_releases_and_reacquires_its_lock() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    blank_disk(&img);
     let mut rng = Rand(3);
     let mut h = Harness::new(Box::new(Block::open(&img, false).unwrap()));
     h.setup(&mut rng, 0, false);

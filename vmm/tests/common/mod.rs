@@ -184,3 +184,11 @@ pub fn last_heartbeat(console: &str) -> u64 {
         .max()
         .unwrap_or(0)
 }
+
+/// A 1 MiB raw disk image at `path`, zero-filled (sparse).
+pub fn blank_disk(path: &Path) {
+    std::fs::File::create(path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+}

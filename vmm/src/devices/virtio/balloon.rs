@@ -15,7 +15,7 @@ use serde::Serialize;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use super::worker::{QueueHandler, Worker, WorkerControl};
+use super::worker::{QueueHandler, Worker};
 use super::{
     read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_USED_RING,
     TYPE_BALLOON,
@@ -202,12 +202,7 @@ impl VirtioDevice for Balloon {
             .store(field("actual_pages")?, Ordering::SeqCst);
         Ok(())
     }
-    fn worker(&self) -> Option<&dyn WorkerControl> {
-        self.worker.as_ref().map(|w| w as &dyn WorkerControl)
-    }
-    fn worker_mut(&mut self) -> Option<&mut dyn WorkerControl> {
-        self.worker.as_mut().map(|w| w as &mut dyn WorkerControl)
-    }
+    worker_access!();
 }
 
 pub struct BalloonQueues {

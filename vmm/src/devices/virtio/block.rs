@@ -14,7 +14,7 @@ use std::sync::Arc;
 use thiserror::Error;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 
-use super::worker::{QueueHandler, Worker, WorkerControl};
+use super::worker::{QueueHandler, Worker};
 use super::{
     read_config_bytes, write_status, ActivateContext, ActivateError, GuestIovecs, Interrupt,
     VirtioDevice, INT_USED_RING, TYPE_BLOCK,
@@ -187,12 +187,7 @@ impl VirtioDevice for Block {
     fn reacquire_backend(&mut self) -> Result<(), String> {
         lock_image(&self.file, &self.path, !self.read_only).map_err(|e| e.to_string())
     }
-    fn worker(&self) -> Option<&dyn WorkerControl> {
-        self.worker.as_ref().map(|w| w as &dyn WorkerControl)
-    }
-    fn worker_mut(&mut self) -> Option<&mut dyn WorkerControl> {
-        self.worker.as_mut().map(|w| w as &mut dyn WorkerControl)
-    }
+    worker_access!();
 }
 
 /// The 20-byte serial the guest reads with GET_ID: the image's file name.

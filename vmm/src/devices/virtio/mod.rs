@@ -5,6 +5,23 @@
 //! queue (KVM ioeventfds on QueueNotify, so a kick never exits to userspace) and the interrupt, and
 //! processes them on a worker thread of its own ([`worker`]), off the vCPU threads.
 
+/// The two [`VirtioDevice`] methods that hand out a device's `worker: Option<Worker<_>>` field,
+/// the same in every device.
+macro_rules! worker_access {
+    () => {
+        fn worker(&self) -> Option<&dyn super::worker::WorkerControl> {
+            self.worker
+                .as_ref()
+                .map(|w| w as &dyn super::worker::WorkerControl)
+        }
+        fn worker_mut(&mut self) -> Option<&mut dyn super::worker::WorkerControl> {
+            self.worker
+                .as_mut()
+                .map(|w| w as &mut dyn super::worker::WorkerControl)
+        }
+    };
+}
+
 pub mod balloon;
 pub mod block;
 pub mod mmio;
@@ -144,15 +161,15 @@ pub fn read_config_bytes(bytes: &[u8], offset: u64, data: &mut [u8]) {
 /// The guest buffers of one direction of a descriptor chain as iovecs, for vectored I/O straight
 /// between a backend and guest memory (no bounce buffer). `None` when a buffer lies outside guest
 /// memory or straddles two regions; such a chain is malformed.
-pub struct GuestIovecs {
+pub struct GuestIovecs<'a> {
     pub iovecs: Vec<libc::iovec>,
     pub len: usize,
     /// Writable buffers: guest memory and the ranges to mark dirty once the writes are done (on
     /// drop), so live migration copies what the device wrote.
-    written: Option<(GuestMemory, Vec<(GuestAddress, usize)>)>,
+    written: Option<(&'a GuestMemory, Vec<(GuestAddress, usize)>)>,
 }
 
-impl Drop for GuestIovecs {
+impl Drop for GuestIovecs<'_> {
     fn drop(&mut self) {
         if let Some((mem, ranges)) = &self.written {
             for &(addr, len) in ranges {
@@ -162,12 +179,12 @@ impl Drop for GuestIovecs {
     }
 }
 
-impl GuestIovecs {
+impl<'a> GuestIovecs<'a> {
     pub fn from_chain(
-        mem: &GuestMemory,
+        mem: &'a GuestMemory,
         chain: DescriptorChain<&GuestMemory>,
         writable: bool,
-    ) -> Option<GuestIovecs> {
+    ) -> Option<GuestIovecs<'a>> {
         let mut iovecs = Vec::new();
         let mut ranges = Vec::new();
         let mut len = 0usize;
@@ -194,7 +211,7 @@ impl GuestIovecs {
         Some(GuestIovecs {
             iovecs,
             len,
-            written: writable.then(|| (mem.clone(), ranges)),
+            written: writable.then_some((mem, ranges)),
         })
     }
 
@@ -217,7 +234,7 @@ impl GuestIovecs {
     }
 
     /// Splits off the last `n` bytes (a trailing status byte) as their own iovecs.
-    pub fn split_tail(&mut self, n: usize) -> GuestIovecs {
+    pub fn split_tail(&mut self, n: usize) -> GuestIovecs<'a> {
         let n = n.min(self.len);
         let mut keep = self.len - n;
         let mut head = Vec::new();
@@ -304,7 +321,7 @@ impl GuestIovecs {
     }
 }
 
-impl GuestIovecs {
+impl GuestIovecs<'_> {
     /// Copies `bytes` into the buffers; returns how many fitted.
     pub fn copy_in(&self, bytes: &[u8]) -> usize {
         let mut done = 0;

@@ -9,7 +9,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
 use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
-use super::worker::{QueueHandler, Worker, WorkerControl};
+use super::worker::{QueueHandler, Worker};
 use super::{
     read_config_bytes, ActivateContext, ActivateError, GuestIovecs, Interrupt, VirtioDevice,
     INT_USED_RING, TYPE_NET,
@@ -120,12 +120,7 @@ impl VirtioDevice for Net {
         }
         Ok(())
     }
-    fn worker(&self) -> Option<&dyn WorkerControl> {
-        self.worker.as_ref().map(|w| w as &dyn WorkerControl)
-    }
-    fn worker_mut(&mut self) -> Option<&mut dyn WorkerControl> {
-        self.worker.as_mut().map(|w| w as &mut dyn WorkerControl)
-    }
+    worker_access!();
 }
 
 pub struct NetQueues {

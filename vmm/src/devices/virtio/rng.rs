@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 
-use super::worker::{QueueHandler, Worker, WorkerControl};
+use super::worker::{QueueHandler, Worker};
 use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_USED_RING, TYPE_RNG};
 use crate::memory::GuestMemory;
 
@@ -48,12 +48,7 @@ impl VirtioDevice for Rng {
     fn name(&self) -> &'static str {
         "virtio-rng"
     }
-    fn worker(&self) -> Option<&dyn WorkerControl> {
-        self.worker.as_ref().map(|w| w as &dyn WorkerControl)
-    }
-    fn worker_mut(&mut self) -> Option<&mut dyn WorkerControl> {
-        self.worker.as_mut().map(|w| w as &mut dyn WorkerControl)
-    }
+    worker_access!();
 }
 
 /// Fills `buf` from getrandom(2).

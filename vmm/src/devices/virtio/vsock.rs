@@ -20,7 +20,7 @@ use thiserror::Error;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::worker::{QueueHandler, Worker, WorkerControl};
+use super::worker::{QueueHandler, Worker};
 use super::{
     read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_USED_RING,
     TYPE_VSOCK,
@@ -230,12 +230,7 @@ impl VirtioDevice for Vsock {
         }
         Ok(())
     }
-    fn worker(&self) -> Option<&dyn WorkerControl> {
-        self.worker.as_ref().map(|w| w as &dyn WorkerControl)
-    }
-    fn worker_mut(&mut self) -> Option<&mut dyn WorkerControl> {
-        self.worker.as_mut().map(|w| w as &mut dyn WorkerControl)
-    }
+    worker_access!();
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
