@@ -236,7 +236,7 @@ async fn run(cfg: Config) -> Result<()> {
         creds["user"].as_str().unwrap_or_default().into(),
         creds["password"].as_str().unwrap_or_default().into(),
     )
-    .custom_inbox_prefix(format!("_INBOX_{}", cfg.host_id))
+    .custom_inbox_prefix(s::inbox_prefix(&cfg.host_id))
     .retry_on_initial_connect()
     .connect(&cfg.nats_url)
     .await

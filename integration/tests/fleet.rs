@@ -288,6 +288,35 @@ impl Fleet {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("vimctl {args:?}: {e}: {out}"))
     }
 
+    /// `vm create --no-wait` of a 64 MiB test-guest VM; returns (job id, VM id).
+    fn create_no_wait(&self, name: &str) -> (String, String) {
+        let r = self.ctl_ok(&[
+            "vm",
+            "create",
+            "--name",
+            name,
+            "--image",
+            "tg",
+            "--memory-mib",
+            "64",
+            "--no-wait",
+            "--json",
+        ]);
+        let field = |k: &str| r[k].as_str().unwrap().to_string();
+        (field("job_id"), field("vm_id"))
+    }
+
+    /// Waits until a job has ended (done or failed); a redelivery may take the 30 s ack wait, or
+    /// the stale-job republish, so the bound is longer than for the rest. vimd may be restarting
+    /// meanwhile: failed calls just mean "not yet".
+    fn wait_job(&self, job: &str) {
+        wait_until_for("the job to finish", Duration::from_secs(120), || {
+            let (ok, out, _) = self.ctl(&["job", "show", job]);
+            ok && serde_json::from_str::<Value>(&out)
+                .is_ok_and(|j| j["state"] == "done" || j["state"] == "failed")
+        });
+    }
+
     fn token(&self, name: &str) -> PathBuf {
         let t = self.ctl_ok(&["token", "add", name, "--role", "consumer", "--json"]);
         let p = self.dir.path().join(format!("{name}.token"));
@@ -609,31 +638,11 @@ fn malformed_requests_get_4xx_and_change_nothing() {
 fn a_job_in_flight_when_vimd_is_killed_completes_exactly_once() {
     let mut f = Fleet::start(None, &["h1"]);
     f.add_test_image();
-    let (ok, out, err) = f.ctl(&[
-        "vm",
-        "create",
-        "--name",
-        "k",
-        "--image",
-        "tg",
-        "--memory-mib",
-        "64",
-        "--no-wait",
-        "--json",
-    ]);
-    assert!(ok, "{err}");
-    let r: Value = serde_json::from_str(&out).unwrap();
-    let (job, id) = (
-        r["job_id"].as_str().unwrap().to_string(),
-        r["vm_id"].as_str().unwrap().to_string(),
-    );
+    let (job, id) = f.create_no_wait("k");
     f.kill_vimd();
     f.start_vimd();
     // A worker of the killed vimd may have held the job: it comes back after the 30 s ack wait.
-    wait_until_for("the job to finish", Duration::from_secs(120), || {
-        let j = f.ctl_ok(&["job", "show", &job]);
-        j["state"] == "done" || j["state"] == "failed"
-    });
+    f.wait_job(&job);
     assert_eq!(f.ctl_ok(&["job", "show", &job])["state"], "done");
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
@@ -791,24 +800,7 @@ fn a_job_survives_nats_server_being_killed() {
         })
     };
     let first = nats_pid().expect("vimd's nats-server not found");
-    let (ok, out, err) = f.ctl(&[
-        "vm",
-        "create",
-        "--name",
-        "n",
-        "--image",
-        "tg",
-        "--memory-mib",
-        "64",
-        "--no-wait",
-        "--json",
-    ]);
-    assert!(ok, "{err}");
-    let r: Value = serde_json::from_str(&out).unwrap();
-    let (job, id) = (
-        r["job_id"].as_str().unwrap().to_string(),
-        r["vm_id"].as_str().unwrap().to_string(),
-    );
+    let (job, id) = f.create_no_wait("n");
     let st = Command::new("kill")
         .args(["-9", &first.to_string()])
         .status()
@@ -819,11 +811,7 @@ fn a_job_survives_nats_server_being_killed() {
     wait_until("a new nats-server", || {
         nats_pid().is_some_and(|p| p != first)
     });
-    wait_until_for("the job to finish", Duration::from_secs(120), || {
-        let (ok, out, _) = f.ctl(&["job", "show", &job]);
-        ok && serde_json::from_str::<Value>(&out)
-            .is_ok_and(|j| j["state"] == "done" || j["state"] == "failed")
-    });
+    f.wait_job(&job);
     assert_eq!(f.ctl_ok(&["job", "show", &job])["state"], "done");
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(

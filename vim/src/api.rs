@@ -178,20 +178,24 @@ struct AddHost {
     id: String,
 }
 
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
+/// Names and ids go into paths and NATS subjects: 1-63 letters, digits, '-' or '_'.
+fn check_name(what: &str, s: &str) -> Result<(), ApiError> {
+    let ok = !s.is_empty()
         && s.len() <= 63
         && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(format!("{what}: 1-63 letters, digits, '-' or '_'")))
+    }
 }
 
 async fn add_host(State(v): St, h: HeaderMap, b: Result<Json<AddHost>, JsonRejection>) -> Response {
     call(&v, &h, "hosts.add", "", |v, who| async move {
         admin(&who)?;
         let req = body(b)?;
-        if !valid_name(&req.id) {
-            return Err(bad("host id: 1-63 letters, digits, '-' or '_'"));
-        }
+        check_name("host id", &req.id)?;
         let password = auth::random_secret();
         let user = format!("host-{}", req.id);
         v.db.add_host(&req.id, &user, &password).await?;
@@ -257,9 +261,7 @@ async fn add_image(
     call(&v, &h, "images.add", "", |v, who| async move {
         admin(&who)?;
         let req = body(b)?;
-        if !valid_name(&req.name) {
-            return Err(bad("image name: 1-63 letters, digits, '-' or '_'"));
-        }
+        check_name("image name", &req.name)?;
         let dir = v.shared_dir.join("images").join(&req.name);
         let copy = |src: &str, name: &str| -> Result<String, ApiError> {
             if src.is_empty() {
@@ -301,9 +303,7 @@ async fn add_token(
     call(&v, &h, "tokens.add", "", |v, who| async move {
         admin(&who)?;
         let req = body(b)?;
-        if !valid_name(&req.name) {
-            return Err(bad("token name: 1-63 letters, digits, '-' or '_'"));
-        }
+        check_name("token name", &req.name)?;
         let t = auth::random_secret();
         v.db.add_token(&auth::hash_token(&t), &req.name, req.role.as_str())
             .await?;
@@ -335,9 +335,7 @@ async fn create_vm(
 ) -> Response {
     call(&v, &h, "vms.create", "", |v, who| async move {
         let req = body(b)?;
-        if !valid_name(&req.name) {
-            return Err(bad("VM name: 1-63 letters, digits, '-' or '_'"));
-        }
+        check_name("VM name", &req.name)?;
         if req.vcpus == 0 || req.vcpus > 254 {
             return Err(bad("vcpus must be 1 to 254"));
         }
@@ -363,28 +361,12 @@ async fn create_vm(
             rss_kib: 0,
             created_at: now,
         };
-        let job = new_job("create", &who, &vm.id);
+        let job = db::Job::new("create", &who.name, &vm.id);
         v.db.add_job(&job, Some(&vm)).await?;
         publish(&v, &job.id).await;
         accepted(json!({"job_id": job.id, "vm_id": vm.id}))
     })
     .await
-}
-
-fn new_job(kind: &str, who: &Identity, vm_id: &str) -> db::Job {
-    let now = db::now_ms();
-    db::Job {
-        id: db::new_id(),
-        kind: kind.into(),
-        owner: who.name.clone(),
-        vm_id: vm_id.into(),
-        state: "pending".into(),
-        published: false,
-        attempts: 0,
-        error: String::new(),
-        created_at: now,
-        updated_at: now,
-    }
 }
 
 /// Publishing after the commit; if it fails, the reconciler publishes later (the job is safe).
@@ -416,7 +398,7 @@ async fn vm_job(v: Arc<Vimd>, h: HeaderMap, id: String, kind: &'static str) -> R
         &id.clone(),
         |v, who| async move {
             let vm = owned_vm(&v, &who, &id).await?;
-            let job = new_job(kind, &who, &vm.id);
+            let job = db::Job::new(kind, &who.name, &vm.id);
             v.db.add_job(&job, None).await?;
             publish(&v, &job.id).await;
             accepted(json!({"job_id": job.id, "vm_id": vm.id}))

@@ -138,6 +138,25 @@ pub struct AuditEntry {
     pub detail: String,
 }
 
+impl Job {
+    /// A new pending job, not yet published.
+    pub fn new(kind: &str, owner: &str, vm_id: &str) -> Job {
+        let now = now_ms();
+        Job {
+            id: new_id(),
+            kind: kind.into(),
+            owner: owner.into(),
+            vm_id: vm_id.into(),
+            state: "pending".into(),
+            published: false,
+            attempts: 0,
+            error: String::new(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
 fn host(r: &AnyRow) -> Result<Host, sqlx::Error> {
     Ok(Host {
         id: r.try_get("id")?,
@@ -714,16 +733,8 @@ mod tests {
                 created_at: now_ms(),
             };
             let job = Job {
-                id: new_id(),
-                kind: "create".into(),
-                owner: "alice".into(),
-                vm_id: vm.id.clone(),
-                state: "pending".into(),
-                published: false,
-                attempts: 0,
-                error: String::new(),
                 created_at: now_ms() - 10_000,
-                updated_at: 0,
+                ..Job::new("create", "alice", &vm.id)
             };
             db.add_job(&job, Some(&vm)).await.unwrap();
             assert_eq!(db.unpublished_jobs(1000).await.unwrap().len(), 1);

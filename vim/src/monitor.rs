@@ -27,11 +27,24 @@ struct Live {
 /// What a heartbeat meant.
 #[derive(Debug, PartialEq)]
 pub enum Beat {
-    /// Not a registered host.
-    Unknown,
+    /// Not a host this map knows (it is handed back).
+    Unknown(Heartbeat),
     Steady,
-    /// The host was in this state (`registered` or `unreachable`) and is reachable now.
-    Returned(String),
+    /// The host was `before` (`registered` or `unreachable`) and is reachable now; its report.
+    Returned {
+        before: String,
+        hb: Heartbeat,
+    },
+}
+
+/// The same report apart from the sequence number.
+fn same_report(a: &Heartbeat, b: &Heartbeat) -> bool {
+    a.host_id == b.host_id
+        && a.hostname == b.hostname
+        && a.cpu_cores == b.cpu_cores
+        && a.memory_mib == b.memory_mib
+        && a.agent_version == b.agent_version
+        && a.vms == b.vms
 }
 
 /// A host that missed a heartbeat at a tick.
@@ -86,7 +99,7 @@ impl Liveness {
     pub fn beat(&self, hb: Heartbeat, now: i64) -> Beat {
         let mut m = self.lock();
         let Some(l) = m.get_mut(&hb.host_id) else {
-            return Beat::Unknown;
+            return Beat::Unknown(hb);
         };
         l.last = now;
         l.missed = 0;
@@ -95,7 +108,10 @@ impl Liveness {
         } else {
             // Force the next flush to write everything (the database marked its VMs unknown).
             l.flushed = None;
-            Beat::Returned(std::mem::replace(&mut l.state, "reachable".into()))
+            Beat::Returned {
+                before: std::mem::replace(&mut l.state, "reachable".into()),
+                hb: hb.clone(),
+            }
         };
         l.latest = Some((hb, now));
         r
@@ -106,17 +122,16 @@ impl Liveness {
     pub fn to_flush(&self, now: i64) -> Vec<(Heartbeat, i64)> {
         let mut out = Vec::new();
         for l in self.lock().values_mut() {
-            let Some((hb, at)) = &l.latest else { continue };
-            let changed = l.flushed.as_ref().is_none_or(|f| {
-                let mut f = f.clone();
-                f.seq = hb.seq;
-                &f != hb
-            });
+            let Some((hb, at)) = l.latest.take() else {
+                continue;
+            };
+            let changed = l.flushed.as_ref().is_none_or(|f| !same_report(f, &hb));
             if changed || now - l.flushed_at >= REFRESH.as_millis() as i64 {
-                out.push((hb.clone(), *at));
-                l.flushed = Some(hb.clone());
+                out.push((hb.clone(), at));
+                l.flushed = Some(hb);
                 l.flushed_at = now;
-                l.latest = None;
+            } else {
+                l.latest = Some((hb, at));
             }
         }
         out
@@ -170,11 +185,11 @@ mod tests {
     fn timeouts_unreachable_and_return() {
         let l = Liveness::default();
         l.register("h");
-        assert_eq!(l.beat(hb("x", 1, 1), 0), Beat::Unknown);
-        assert_eq!(
+        assert_eq!(l.beat(hb("x", 1, 1), 0), Beat::Unknown(hb("x", 1, 1)));
+        assert!(matches!(
             l.beat(hb("h", 1, 2), 1000),
-            Beat::Returned("registered".into())
-        );
+            Beat::Returned { before, .. } if before == "registered"
+        ));
         assert_eq!(l.beat(hb("h", 2, 2), 2000), Beat::Steady);
         let every = Duration::from_millis(1000);
         assert!(l.tick(2400, every, 3).is_empty());
@@ -188,10 +203,10 @@ mod tests {
             l.tick(9000, every, 3).is_empty(),
             "an unreachable host reported again"
         );
-        assert_eq!(
+        assert!(matches!(
             l.beat(hb("h", 3, 2), 9500),
-            Beat::Returned("unreachable".into())
-        );
+            Beat::Returned { before, .. } if before == "unreachable"
+        ));
     }
 
     #[test]

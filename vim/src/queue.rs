@@ -23,7 +23,12 @@ pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
 
 /// A `nats-server` child of vimd.
 pub struct EmbeddedNats {
+    server: Server,
     child: std::sync::Mutex<Child>,
+}
+
+/// Where the embedded server lives and how vimd reaches it.
+struct Server {
     conf: PathBuf,
     dir: PathBuf,
     listen: String,
@@ -45,14 +50,13 @@ impl EmbeddedNats {
                 p
             }
         };
-        let n = EmbeddedNats {
-            child: std::sync::Mutex::new(Command::new("true").spawn()?),
+        let server = Server {
             conf: dir.join("nats.conf"),
             dir: dir.clone(),
             listen: listen.to_string(),
             vimd_password,
         };
-        n.write_config(hosts)?;
+        server.write_config(hosts)?;
         // A previous vimd's server may still be shutting down (it gets SIGTERM when its vimd
         // dies): wait for the port, or the new server fails to bind and we would talk to the old.
         let free_by = std::time::Instant::now() + Duration::from_secs(15);
@@ -62,7 +66,10 @@ impl EmbeddedNats {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        *n.lock() = n.spawn()?;
+        let n = EmbeddedNats {
+            child: std::sync::Mutex::new(server.spawn()?),
+            server,
+        };
         // Ready when it accepts connections.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
@@ -88,6 +95,38 @@ impl EmbeddedNats {
         self.child.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Restarts the server if it died (it keeps its data: JetStream recovers from its store).
+    pub fn supervise(&self) {
+        let mut c = self.lock();
+        if let Ok(Some(st)) = c.try_wait() {
+            tracing::error!(status = %st, "nats-server exited; restarting it");
+            match self.server.spawn() {
+                Ok(n) => *c = n,
+                Err(e) => tracing::error!(error = %e, "cannot restart nats-server"),
+            }
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    /// vimd's own connection.
+    pub async fn connect(&self) -> Result<async_nats::Client> {
+        self.server.connect().await
+    }
+
+    /// Rewrites the users and tells the server to reload them.
+    pub fn reload(&self, hosts: &[Host]) -> Result<()> {
+        self.server.write_config(hosts)?;
+        // SAFETY: kill(2) with our own child's pid and SIGHUP (nats-server reloads its config).
+        let r = unsafe { libc::kill(self.lock().id() as i32, libc::SIGHUP) };
+        anyhow::ensure!(r == 0, "cannot signal nats-server to reload");
+        Ok(())
+    }
+}
+
+impl Server {
     fn spawn(&self) -> Result<Child> {
         use std::os::unix::process::CommandExt;
         let log = std::fs::OpenOptions::new()
@@ -114,24 +153,11 @@ impl EmbeddedNats {
             .context("cannot start nats-server (is it installed? scripts/setup.sh installs it)")
     }
 
-    /// Restarts the server if it died (it keeps its data: JetStream recovers from its store).
-    pub fn supervise(&self) {
-        let mut c = self.lock();
-        if let Ok(Some(st)) = c.try_wait() {
-            tracing::error!(status = %st, "nats-server exited; restarting it");
-            match self.spawn() {
-                Ok(n) => *c = n,
-                Err(e) => tracing::error!(error = %e, "cannot restart nats-server"),
-            }
-        }
-    }
-
-    pub fn url(&self) -> String {
+    fn url(&self) -> String {
         format!("nats://{}", self.listen)
     }
 
-    /// vimd's own connection.
-    pub async fn connect(&self) -> Result<async_nats::Client> {
+    async fn connect(&self) -> Result<async_nats::Client> {
         Ok(async_nats::ConnectOptions::with_user_and_password(
             "vimd".into(),
             self.vimd_password.clone(),
@@ -161,15 +187,6 @@ impl EmbeddedNats {
         let tmp = self.conf.with_extension("tmp");
         std::fs::write(&tmp, conf)?;
         std::fs::rename(tmp, &self.conf)?;
-        Ok(())
-    }
-
-    /// Rewrites the users and tells the server to reload them.
-    pub fn reload(&self, hosts: &[Host]) -> Result<()> {
-        self.write_config(hosts)?;
-        // SAFETY: kill(2) with our own child's pid and SIGHUP (nats-server reloads its config).
-        let r = unsafe { libc::kill(self.lock().id() as i32, libc::SIGHUP) };
-        anyhow::ensure!(r == 0, "cannot signal nats-server to reload");
         Ok(())
     }
 }
@@ -208,13 +225,8 @@ fn host_user(h: &Host) -> String {
         h.nats_user,
         h.nats_password,
         quoted(&publish),
-        inbox_prefix(id),
+        s::inbox_prefix(id),
     )
-}
-
-/// The inbox prefix a host's connection must use (its replies arrive there only).
-pub fn inbox_prefix(host_id: &str) -> String {
-    format!("_INBOX_{host_id}")
 }
 
 /// Declares the streams (idempotent). `replicas` is 1 for one server, 3 for a cluster.

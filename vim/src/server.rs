@@ -376,17 +376,20 @@ pub async fn run_monitor(v: Arc<Vimd>) -> Result<()> {
                             .await;
                         continue;
                     }
-                    let (host, hostname) = (hb.host_id.clone(), hb.hostname.clone());
                     let now = db::now_ms();
-                    let mut beat = v2.liveness.beat(hb.clone(), now);
-                    if beat == Beat::Unknown {
+                    let mut beat = v2.liveness.beat(hb, now);
+                    if let Beat::Unknown(hb) = beat {
                         // Registered since this vimd started (perhaps by another vimd process).
-                        if let Ok(Some(h)) = v2.db.host(&host).await {
-                            v2.liveness.load(&[h]);
-                            beat = v2.liveness.beat(hb.clone(), now);
-                        }
+                        beat = match v2.db.host(&hb.host_id).await {
+                            Ok(Some(h)) => {
+                                v2.liveness.load(&[h]);
+                                v2.liveness.beat(hb, now)
+                            }
+                            _ => Beat::Unknown(hb),
+                        };
                     }
-                    if let Beat::Returned(before) = beat {
+                    if let Beat::Returned { before, hb } = beat {
+                        let (host, hostname) = (hb.host_id.clone(), hb.hostname.clone());
                         // Its facts (cores, memory: what placement needs) before it counts as
                         // reachable.
                         if let Err(e) = v2.db.record_heartbeats(&[(hb, now)]).await {

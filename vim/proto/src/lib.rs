@@ -40,6 +40,11 @@ pub mod subjects {
         format!("agent-{host_id}")
     }
     pub const EVENT_CONSUMER: &str = "vimd-events";
+    /// The inbox prefix a host's connection must use: its replies arrive there, and only there
+    /// may it subscribe.
+    pub fn inbox_prefix(host_id: &str) -> String {
+        format!("_INBOX_{host_id}")
+    }
 }
 
 /// What a VM is built from, as the agent needs it.
