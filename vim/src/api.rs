@@ -121,7 +121,7 @@ async fn audit(v: &Vimd, who: &str, action: &str, target: &str, outcome: &str, d
         outcome: outcome.into(),
         detail: detail.into(),
     };
-    if let Err(err) = v.db.audit(&e).await {
+    if let Err(err) = v.audit.record(e).await {
         tracing::error!(error = %err, "cannot write the audit log");
     }
 }

@@ -14,6 +14,8 @@ pub enum DbError {
     Sql(#[from] sqlx::Error),
     #[error("{0}")]
     Conflict(String),
+    #[error("audit log: {0}")]
+    Audit(String),
 }
 
 /// The schema, applied in order; each statement is idempotent.
@@ -48,6 +50,8 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS events_ts ON events (ts)",
     "CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts)",
     "CREATE INDEX IF NOT EXISTS jobs_unpublished ON jobs (published, state)",
+    "CREATE INDEX IF NOT EXISTS vms_owner ON vms (owner)",
+    "CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, created_at)",
 ];
 
 pub fn now_ms() -> i64 {
@@ -61,7 +65,7 @@ pub fn new_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Host {
     pub id: String,
     pub hostname: String,
@@ -86,7 +90,7 @@ pub struct Image {
     pub disk: String,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Vm {
     pub id: String,
     pub name: String,
@@ -136,6 +140,28 @@ pub struct AuditEntry {
     pub target: String,
     pub outcome: String,
     pub detail: String,
+}
+
+/// A host's state and missed-heartbeat count, as the monitor sees them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostState {
+    pub host: String,
+    pub state: String,
+    pub missed: i64,
+}
+
+impl Event {
+    pub fn new(kind: &str, host_id: &str, vm_id: &str, job_id: &str, detail: &str) -> Event {
+        Event {
+            id: new_id(),
+            ts: now_ms(),
+            kind: kind.into(),
+            host_id: host_id.into(),
+            vm_id: vm_id.into(),
+            job_id: job_id.into(),
+            detail: detail.into(),
+        }
+    }
 }
 
 impl Job {
@@ -217,48 +243,62 @@ fn event(r: &AnyRow) -> Result<Event, sqlx::Error> {
     })
 }
 
-/// The database handle.
+/// The database handle. Reads share a pool; writes go through `writer`, which for SQLite is one
+/// connection: SQLite allows one writer at a time, and waiting for the pool is a fair async queue
+/// while waiting on SQLite's lock is a sleep-and-retry loop (tens of ms of jitter under load).
+/// PostgreSQL uses one pool for both.
 #[derive(Clone)]
 pub struct Db {
     pool: AnyPool,
+    writer: AnyPool,
 }
+
+/// How many heartbeat rows one transaction writes: a batch of 10,000 is split so other writers
+/// (an API call's audit row) wait for one chunk, not for the whole batch.
+const HEARTBEAT_CHUNK: usize = 250;
 
 impl Db {
     /// Opens (creating a SQLite file if needed) and applies the schema.
     pub async fn open(url: &str) -> Result<Db, DbError> {
         sqlx::any::install_default_drivers();
-        let url = if url.starts_with("sqlite:") && !url.contains("mode=") {
+        let sqlite = url.starts_with("sqlite:");
+        let url = if sqlite && !url.contains("mode=") {
             format!("{url}?mode=rwc")
         } else {
             url.to_string()
         };
-        // SQLite allows one writer: a small pool avoids lock contention; WAL lets readers in.
-        let max = if url.starts_with("sqlite:") { 4 } else { 16 };
-        let sqlite = url.starts_with("sqlite:");
-        let pool = AnyPoolOptions::new()
-            .max_connections(max)
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    // Per connection: wait for the writer instead of failing at once.
-                    if sqlite {
-                        sqlx::query("PRAGMA busy_timeout=5000")
-                            .execute(&mut *conn)
-                            .await?;
-                    }
-                    Ok(())
+        let connect = |max: u32| {
+            AnyPoolOptions::new()
+                .max_connections(max)
+                .after_connect(move |conn, _| {
+                    Box::pin(async move {
+                        if sqlite {
+                            // Wait for another process's writer rather than fail at once; in
+                            // WAL mode `synchronous=FULL` makes every commit durable on disk.
+                            for p in ["PRAGMA busy_timeout=5000", "PRAGMA synchronous=FULL"] {
+                                sqlx::query(p).execute(&mut *conn).await?;
+                            }
+                        }
+                        Ok(())
+                    })
                 })
-            })
-            .connect(&url)
-            .await?;
+                .connect(&url)
+        };
+        let writer = connect(if sqlite { 1 } else { 16 }).await?;
         if sqlite {
             sqlx::query("PRAGMA journal_mode=WAL")
-                .execute(&pool)
+                .execute(&writer)
                 .await?;
         }
         for s in SCHEMA {
-            sqlx::query(s).execute(&pool).await?;
+            sqlx::query(s).execute(&writer).await?;
         }
-        Ok(Db { pool })
+        let pool = if sqlite {
+            connect(4).await?
+        } else {
+            writer.clone()
+        };
+        Ok(Db { pool, writer })
     }
 
     // Tokens.
@@ -271,7 +311,7 @@ impl Db {
         .bind(name)
         .bind(role)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -306,7 +346,7 @@ impl Db {
         .bind(user)
         .bind(password)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await;
         match r {
             Ok(_) => Ok(()),
@@ -324,24 +364,40 @@ impl Db {
         Ok(rows.iter().map(host).collect::<Result<_, _>>()?)
     }
 
-    pub async fn host(&self, id: &str) -> Result<Option<Host>, DbError> {
-        let r = sqlx::query("SELECT * FROM hosts WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(r.as_ref().map(host).transpose()?)
+    /// The hosts among `ids` that exist (one query per few hundred ids).
+    pub async fn hosts_among(&self, ids: &[String]) -> Result<Vec<Host>, DbError> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(HEARTBEAT_CHUNK) {
+            let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!("SELECT * FROM hosts WHERE id IN ({})", marks.join(", "));
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            for r in q.fetch_all(&self.pool).await? {
+                out.push(host(&r)?);
+            }
+        }
+        Ok(out)
     }
 
     /// Writes heartbeat reports (host facts, time, VM usage) in one transaction. Host states are
-    /// not touched here: they change only through [`Db::set_host_state`].
+    /// not touched here: they change only through [`Db::set_host_states`].
     pub async fn record_heartbeats(
         &self,
         beats: &[(vim_proto::Heartbeat, i64)],
     ) -> Result<(), DbError> {
-        if beats.is_empty() {
-            return Ok(());
+        for chunk in beats.chunks(HEARTBEAT_CHUNK) {
+            self.record_heartbeat_chunk(chunk).await?;
         }
-        let mut tx = self.pool.begin().await?;
+        Ok(())
+    }
+
+    async fn record_heartbeat_chunk(
+        &self,
+        beats: &[(vim_proto::Heartbeat, i64)],
+    ) -> Result<(), DbError> {
+        let mut tx = self.writer.begin().await?;
         for (hb, at) in beats {
             sqlx::query(
                 "UPDATE hosts SET hostname = $1, cpu_cores = $2, memory_mib = $3,
@@ -374,37 +430,28 @@ impl Db {
         Ok(())
     }
 
-    /// Counts a missed heartbeat; returns the new count.
-    pub async fn miss(&self, id: &str) -> Result<i64, DbError> {
-        sqlx::query("UPDATE hosts SET missed = missed + 1 WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        let r = sqlx::query("SELECT missed FROM hosts WHERE id = $1")
-            .bind(id)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(r.try_get("missed")?)
-    }
-
-    pub async fn set_host_state(&self, id: &str, state: &str) -> Result<(), DbError> {
-        let reset = if state == "reachable" {
-            ", missed = 0"
-        } else {
-            ""
-        };
-        sqlx::query(&format!("UPDATE hosts SET state = $1{reset} WHERE id = $2"))
-            .bind(state)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        if state == "unreachable" {
-            sqlx::query(
-                "UPDATE vms SET state = 'unknown' WHERE host_id = $1 AND state NOT IN ('deleted')",
-            )
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+    /// Host state changes seen by the monitor, with the missed-heartbeat count each host has now;
+    /// an unreachable host's VMs become `unknown`. Chunked like heartbeats.
+    pub async fn set_host_states(&self, changes: &[HostState]) -> Result<(), DbError> {
+        for chunk in changes.chunks(HEARTBEAT_CHUNK) {
+            let mut tx = self.writer.begin().await?;
+            for c in chunk {
+                sqlx::query("UPDATE hosts SET state = $1, missed = $2 WHERE id = $3")
+                    .bind(&c.state)
+                    .bind(c.missed)
+                    .bind(&c.host)
+                    .execute(&mut *tx)
+                    .await?;
+                if c.state == "unreachable" {
+                    sqlx::query(
+                        "UPDATE vms SET state = 'unknown' WHERE host_id = $1 AND state <> 'deleted'",
+                    )
+                    .bind(&c.host)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            tx.commit().await?;
         }
         Ok(())
     }
@@ -422,7 +469,7 @@ impl Db {
         .bind(&i.cmdline)
         .bind(&i.disk)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await;
         match r {
             Ok(_) => Ok(()),
@@ -455,7 +502,7 @@ impl Db {
     /// Writes a VM (when `vm` is given) and the job that acts on it in one transaction: the job
     /// exists before anything is published (outbox).
     pub async fn add_job(&self, job: &Job, new_vm: Option<&Vm>) -> Result<(), DbError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         if let Some(v) = new_vm {
             sqlx::query(
                 "INSERT INTO vms (id, name, owner, image, vcpus, memory_mib, state, created_at)
@@ -490,7 +537,7 @@ impl Db {
     pub async fn mark_published(&self, job_id: &str) -> Result<(), DbError> {
         sqlx::query("UPDATE jobs SET published = 1 WHERE id = $1")
             .bind(job_id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
@@ -521,7 +568,7 @@ impl Db {
             sqlx::query("UPDATE jobs SET updated_at = $1 WHERE id = $2 AND state = 'pending'")
                 .bind(now_ms())
                 .bind(&j.id)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
         }
         Ok(jobs)
@@ -573,7 +620,7 @@ impl Db {
         for f in from {
             q = q.bind(*f);
         }
-        let r = q.bind(id).execute(&self.pool).await?;
+        let r = q.bind(id).execute(&self.writer).await?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -603,12 +650,54 @@ impl Db {
         Ok(rows.iter().map(vm).collect::<Result<_, _>>()?)
     }
 
+    /// The reachable host with the most free memory that has room for `vcpus` and `memory_mib`
+    /// under `p` (overcommit ratios, memory reserved for the host), counting the VMs placed on it
+    /// that are not deleted.
+    pub async fn roomiest_host(
+        &self,
+        p: &crate::placement::Policy,
+        vcpus: i64,
+        memory_mib: i64,
+    ) -> Result<Option<String>, DbError> {
+        let r = sqlx::query(
+            "SELECT h.id,
+                    (h.memory_mib - $1) * $2 - COALESCE(u.memory_mib, 0) AS free_mib
+             FROM hosts h LEFT JOIN (
+                 SELECT host_id, SUM(vcpus) AS vcpus, SUM(memory_mib) AS memory_mib FROM vms
+                 WHERE host_id <> '' AND state <> 'deleted' GROUP BY host_id
+             ) u ON u.host_id = h.id
+             WHERE h.state = 'reachable'
+               AND COALESCE(u.vcpus, 0) + $3 <= h.cpu_cores * $4
+               AND $5 <= (h.memory_mib - $1) * $2 - COALESCE(u.memory_mib, 0)
+             ORDER BY free_mib DESC, h.id LIMIT 1",
+        )
+        .bind(p.reserved_memory_mib)
+        .bind(p.memory_ratio)
+        .bind(vcpus)
+        .bind(p.cpu_ratio)
+        .bind(memory_mib)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match r {
+            Some(r) => Some(r.try_get("id")?),
+            None => None,
+        })
+    }
+
+    pub async fn count_hosts(&self, state: &str) -> Result<i64, DbError> {
+        let r = sqlx::query("SELECT COUNT(*) AS n FROM hosts WHERE state = $1")
+            .bind(state)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(r.try_get("n")?)
+    }
+
     pub async fn place_vm(&self, id: &str, host_id: &str, disk: &str) -> Result<(), DbError> {
         sqlx::query("UPDATE vms SET host_id = $1, disk_path = $2 WHERE id = $3")
             .bind(host_id)
             .bind(disk)
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
@@ -618,27 +707,34 @@ impl Db {
             .bind(state)
             .bind(pid)
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
 
     // Events and audit.
 
-    pub async fn add_event(&self, e: &Event) -> Result<(), DbError> {
-        sqlx::query(
-            "INSERT INTO events (id, ts, kind, host_id, vm_id, job_id, detail)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&e.id)
-        .bind(e.ts)
-        .bind(&e.kind)
-        .bind(&e.host_id)
-        .bind(&e.vm_id)
-        .bind(&e.job_id)
-        .bind(&e.detail)
-        .execute(&self.pool)
-        .await?;
+    /// Stores events, a few hundred to a transaction.
+    pub async fn add_events(&self, events: &[Event]) -> Result<(), DbError> {
+        for chunk in events.chunks(HEARTBEAT_CHUNK) {
+            let mut tx = self.writer.begin().await?;
+            for e in chunk {
+                sqlx::query(
+                    "INSERT INTO events (id, ts, kind, host_id, vm_id, job_id, detail)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(&e.id)
+                .bind(e.ts)
+                .bind(&e.kind)
+                .bind(&e.host_id)
+                .bind(&e.vm_id)
+                .bind(&e.job_id)
+                .bind(&e.detail)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+        }
         Ok(())
     }
 
@@ -651,20 +747,25 @@ impl Db {
         Ok(rows.iter().map(event).collect::<Result<_, _>>()?)
     }
 
-    pub async fn audit(&self, a: &AuditEntry) -> Result<(), DbError> {
-        sqlx::query(
-            "INSERT INTO audit (id, ts, who, action, target, outcome, detail)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(new_id())
-        .bind(a.ts)
-        .bind(&a.who)
-        .bind(&a.action)
-        .bind(&a.target)
-        .bind(&a.outcome)
-        .bind(&a.detail)
-        .execute(&self.pool)
-        .await?;
+    /// Stores audit entries in one transaction (see `audit.rs` for why together).
+    pub async fn add_audit(&self, entries: &[AuditEntry]) -> Result<(), DbError> {
+        let mut tx = self.writer.begin().await?;
+        for a in entries {
+            sqlx::query(
+                "INSERT INTO audit (id, ts, who, action, target, outcome, detail)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(new_id())
+            .bind(a.ts)
+            .bind(&a.who)
+            .bind(&a.action)
+            .bind(&a.target)
+            .bind(&a.outcome)
+            .bind(&a.detail)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -690,16 +791,27 @@ impl Db {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    /// What a test database needs kept alive: SQLite's directory, or the lock that keeps tests
+    /// running in parallel off the one PostgreSQL database.
+    #[allow(dead_code)]
+    pub enum Keep {
+        Dir(tempfile::TempDir),
+        Lock(tokio::sync::MutexGuard<'static, ()>),
+    }
+
+    static POSTGRES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     /// The database tests run on SQLite here, and on PostgreSQL too when VIM_TEST_DATABASE_URL
-    /// names one (scripts/test.sh starts one).
-    pub async fn databases() -> Vec<(Db, Option<tempfile::TempDir>)> {
+    /// names one (scripts/test.sh starts one), emptied first.
+    pub async fn databases() -> Vec<(Db, Keep)> {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite:{}", dir.path().join("vim.db").display());
-        let mut out = vec![(Db::open(&url).await.unwrap(), Some(dir))];
+        let mut out = vec![(Db::open(&url).await.unwrap(), Keep::Dir(dir))];
         if let Ok(pg) = std::env::var("VIM_TEST_DATABASE_URL") {
+            let lock = POSTGRES.lock().await;
             let db = Db::open(&pg).await.unwrap();
             for t in [
                 "hosts", "images", "vms", "jobs", "events", "audit", "tokens",
@@ -709,7 +821,7 @@ mod tests {
                     .await
                     .unwrap();
             }
-            out.push((db, None));
+            out.push((db, Keep::Lock(lock)));
         }
         out
     }
@@ -760,6 +872,54 @@ mod tests {
                 db.add_host("h1", "u", "p").await,
                 Err(DbError::Conflict(_))
             ));
+        }
+    }
+
+    /// The monitor's batched writes: more hosts than one chunk, looked up, marked and unmarked.
+    #[tokio::test]
+    async fn host_batches() {
+        for (db, _dir) in databases().await {
+            let n = HEARTBEAT_CHUNK * 2 + 7;
+            let ids: Vec<String> = (0..n).map(|i| format!("b{i}")).collect();
+            for id in &ids {
+                db.add_host(id, "u", "p").await.unwrap();
+            }
+            let mut asked = ids.clone();
+            asked.push("nobody".into());
+            assert_eq!(db.hosts_among(&asked).await.unwrap().len(), n);
+            let beats: Vec<(vim_proto::Heartbeat, i64)> = ids
+                .iter()
+                .map(|id| {
+                    let hb = vim_proto::Heartbeat {
+                        host_id: id.clone(),
+                        cpu_cores: 8,
+                        ..Default::default()
+                    };
+                    (hb, 42)
+                })
+                .collect();
+            db.record_heartbeats(&beats).await.unwrap();
+            let states: Vec<HostState> = ids
+                .iter()
+                .map(|id| HostState {
+                    host: id.clone(),
+                    state: "unreachable".into(),
+                    missed: 3,
+                })
+                .collect();
+            db.set_host_states(&states).await.unwrap();
+            let events: Vec<Event> = ids
+                .iter()
+                .map(|id| Event::new("PS_Unreachable", id, "", "", ""))
+                .collect();
+            db.add_events(&events).await.unwrap();
+            let hosts = db.hosts().await.unwrap();
+            assert_eq!(hosts.len(), n);
+            assert!(hosts.iter().all(|h| h.state == "unreachable"
+                && h.missed == 3
+                && h.cpu_cores == 8
+                && h.last_heartbeat == 42));
+            assert_eq!(db.events(0, 10_000).await.unwrap().len(), n);
         }
     }
 }

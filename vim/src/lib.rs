@@ -3,6 +3,7 @@
 //! workers and on to the host agents (docs/protocol.md).
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod db;
 pub mod monitor;

@@ -27,8 +27,8 @@ struct Live {
 /// What a heartbeat meant.
 #[derive(Debug, PartialEq)]
 pub enum Beat {
-    /// Not a host this map knows (it is handed back).
-    Unknown(Heartbeat),
+    /// Not a host this map knows: the beat is kept until [`Liveness::adopt`] looks it up.
+    Unknown,
     Steady,
     /// The host was `before` (`registered` or `unreachable`) and is reachable now; its report.
     Returned {
@@ -47,6 +47,14 @@ fn same_report(a: &Heartbeat, b: &Heartbeat) -> bool {
         && a.vms == b.vms
 }
 
+/// A fixed point within `REFRESH` for a host.
+fn stagger(id: &str) -> i64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    (h.finish() % REFRESH.as_millis() as u64) as i64
+}
+
 /// A host that missed a heartbeat at a tick.
 #[derive(Debug, PartialEq)]
 pub struct Miss {
@@ -59,11 +67,49 @@ pub struct Miss {
 #[derive(Default)]
 pub struct Liveness {
     hosts: Mutex<HashMap<String, Live>>,
+    /// The latest beat of each host not in `hosts` (registered since this vimd loaded them,
+    /// perhaps through another vimd; or not registered at all), waiting to be looked up.
+    pending: Mutex<HashMap<String, (Heartbeat, i64)>>,
 }
+
+/// How many unknown hosts' beats are kept for lookup at once.
+const MAX_PENDING: usize = 100_000;
 
 impl Liveness {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
         self.hosts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Heartbeat, i64)>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hosts that beat but are not known here yet.
+    pub fn pending(&self) -> Vec<String> {
+        self.lock_pending().keys().cloned().collect()
+    }
+
+    /// Takes in `found`, the hosts among `asked` (from [`Liveness::pending`]) that the database
+    /// knows, and applies their latest beats; the others' beats are dropped (they are looked up
+    /// again if they beat again). Returns the hosts that became reachable, as
+    /// [`Beat::Returned`] would.
+    pub fn adopt(&self, found: &[Host], asked: &[String]) -> Vec<(String, Heartbeat)> {
+        self.load(found);
+        let beats: Vec<(Heartbeat, i64)> = {
+            let mut p = self.lock_pending();
+            let beats = found.iter().filter_map(|h| p.remove(&h.id)).collect();
+            for id in asked {
+                p.remove(id);
+            }
+            beats
+        };
+        let mut out = Vec::new();
+        for (hb, at) in beats {
+            if let Beat::Returned { before, hb } = self.beat(hb, at) {
+                out.push((before, hb));
+            }
+        }
+        out
     }
 
     /// The hosts the database knows, at start.
@@ -99,7 +145,11 @@ impl Liveness {
     pub fn beat(&self, hb: Heartbeat, now: i64) -> Beat {
         let mut m = self.lock();
         let Some(l) = m.get_mut(&hb.host_id) else {
-            return Beat::Unknown(hb);
+            let mut p = self.lock_pending();
+            if p.len() < MAX_PENDING || p.contains_key(&hb.host_id) {
+                p.insert(hb.host_id.clone(), (hb, now));
+            }
+            return Beat::Unknown;
         };
         l.last = now;
         l.missed = 0;
@@ -127,9 +177,15 @@ impl Liveness {
             };
             let changed = l.flushed.as_ref().is_none_or(|f| !same_report(f, &hb));
             if changed || now - l.flushed_at >= REFRESH.as_millis() as i64 {
+                // A host's first write is back-dated by a share of REFRESH that depends on its id,
+                // so hosts that appeared together are refreshed spread out, not all at once.
+                l.flushed_at = if l.flushed.is_none() {
+                    now - stagger(&hb.host_id)
+                } else {
+                    now
+                };
                 out.push((hb.clone(), at));
                 l.flushed = Some(hb);
-                l.flushed_at = now;
             } else {
                 l.latest = Some((hb, at));
             }
@@ -185,7 +241,7 @@ mod tests {
     fn timeouts_unreachable_and_return() {
         let l = Liveness::default();
         l.register("h");
-        assert_eq!(l.beat(hb("x", 1, 1), 0), Beat::Unknown(hb("x", 1, 1)));
+        assert_eq!(l.beat(hb("x", 1, 1), 0), Beat::Unknown);
         assert!(matches!(
             l.beat(hb("h", 1, 2), 1000),
             Beat::Returned { before, .. } if before == "registered"
@@ -210,6 +266,32 @@ mod tests {
     }
 
     #[test]
+    fn unknown_hosts_adopted_with_their_latest_beat() {
+        let l = Liveness::default();
+        assert_eq!(l.beat(hb("new", 1, 2), 1000), Beat::Unknown);
+        assert_eq!(l.beat(hb("new", 2, 2), 2000), Beat::Unknown);
+        assert_eq!(l.beat(hb("forged", 1, 2), 2000), Beat::Unknown);
+        let asked = l.pending();
+        assert_eq!(asked.len(), 2);
+        let found = Host {
+            id: "new".into(),
+            state: "registered".into(),
+            ..Default::default()
+        };
+        let back = l.adopt(&[found], &asked);
+        assert_eq!(back.len(), 1);
+        assert_eq!((back[0].0.as_str(), back[0].1.seq), ("registered", 2));
+        assert_eq!(
+            l.pending(),
+            Vec::<String>::new(),
+            "an unknown host's beat kept after lookup"
+        );
+        // Adopted at its latest beat (2000): no miss before 3500.
+        assert!(l.tick(3400, Duration::from_millis(1000), 3).is_empty());
+        assert_eq!(l.beat(hb("new", 3, 2), 3000), Beat::Steady);
+    }
+
+    #[test]
     fn flushes_changes_at_once_and_the_rest_now_and_then() {
         let l = Liveness::default();
         l.register("h");
@@ -224,5 +306,26 @@ mod tests {
         assert_eq!(l.to_flush(3000).len(), 1, "a changed report not written");
         l.beat(hb("h", 4, 4), 8100);
         assert_eq!(l.to_flush(8100).len(), 1, "last_heartbeat never refreshed");
+    }
+
+    #[test]
+    fn refreshes_spread_out() {
+        let l = Liveness::default();
+        for i in 0..1000 {
+            let id = format!("h{i}");
+            l.register(&id);
+            l.beat(hb(&id, 1, 2), 0);
+        }
+        assert_eq!(l.to_flush(0).len(), 1000);
+        // Each second about a fifth of the hosts is due, not all of them at 5 s.
+        let mut due = Vec::new();
+        for t in 1..=5i64 {
+            for i in 0..1000 {
+                l.beat(hb(&format!("h{i}"), 1 + t as u64, 2), t * 1000);
+            }
+            due.push(l.to_flush(t * 1000).len());
+        }
+        assert_eq!(due.iter().sum::<usize>(), 1000, "{due:?}");
+        assert!(due.iter().all(|&n| n < 400), "{due:?}");
     }
 }

@@ -4,6 +4,8 @@
 
 use serde::Serialize;
 
+use crate::db::{Db, DbError};
+
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Policy {
     pub cpu_ratio: f64,
@@ -21,76 +23,95 @@ impl Default for Policy {
     }
 }
 
-/// A candidate host and what its VMs already use.
-#[derive(Debug, Clone)]
-pub struct Candidate {
-    pub id: String,
-    pub reachable: bool,
-    pub cpu_cores: i64,
-    pub memory_mib: i64,
-    pub used_vcpus: i64,
-    pub used_memory_mib: i64,
-}
-
-/// The chosen host, or why none fits.
-pub fn choose(
+/// The chosen host, or why none fits (`Ok(Err(why))`). The database does the choosing
+/// ([`Db::roomiest_host`]), so placing a VM costs one query however many hosts there are.
+pub async fn choose(
+    db: &Db,
     policy: &Policy,
-    hosts: &[Candidate],
     vcpus: i64,
     memory_mib: i64,
-) -> Result<String, String> {
-    let mut best: Option<(&Candidate, f64)> = None;
-    for h in hosts.iter().filter(|h| h.reachable) {
-        let cpu_cap = h.cpu_cores as f64 * policy.cpu_ratio;
-        let mem_cap =
-            (h.memory_mib - policy.reserved_memory_mib).max(0) as f64 * policy.memory_ratio;
-        let free_mem = mem_cap - h.used_memory_mib as f64;
-        let fits = (h.used_vcpus + vcpus) as f64 <= cpu_cap && memory_mib as f64 <= free_mem;
-        if fits && best.is_none_or(|(_, f)| free_mem > f) {
-            best = Some((h, free_mem));
-        }
+) -> Result<Result<String, String>, DbError> {
+    if let Some(h) = db.roomiest_host(policy, vcpus, memory_mib).await? {
+        return Ok(Ok(h));
     }
-    best.map(|(h, _)| h.id.clone()).ok_or_else(|| {
-        let reachable = hosts.iter().filter(|h| h.reachable).count();
-        format!(
-            "no host has room for {vcpus} vCPUs and {memory_mib} MiB ({reachable} reachable host(s); \
-             overcommit cpu {} memory {}, {} MiB reserved per host)",
-            policy.cpu_ratio, policy.memory_ratio, policy.reserved_memory_mib
-        )
-    })
+    let reachable = db.count_hosts("reachable").await?;
+    Ok(Err(format!(
+        "no host has room for {vcpus} vCPUs and {memory_mib} MiB ({reachable} reachable host(s); \
+         overcommit cpu {} memory {}, {} MiB reserved per host)",
+        policy.cpu_ratio, policy.memory_ratio, policy.reserved_memory_mib
+    )))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::tests::databases;
+    use crate::db::{HostState, Job, Vm};
 
-    fn host(id: &str, reachable: bool, used_mem: i64) -> Candidate {
-        Candidate {
-            id: id.into(),
-            reachable,
-            cpu_cores: 2,
-            memory_mib: 4096,
-            used_vcpus: 0,
-            used_memory_mib: used_mem,
+    /// Hosts a (1000 MiB used), b (empty), c (unreachable), each 2 cores and 4096 MiB.
+    async fn fleet(db: &Db) {
+        for id in ["a", "b", "c"] {
+            db.add_host(id, "u", "p").await.unwrap();
+            let hb = vim_proto::Heartbeat {
+                host_id: id.into(),
+                cpu_cores: 2,
+                memory_mib: 4096,
+                ..Default::default()
+            };
+            db.record_heartbeats(&[(hb, 1)]).await.unwrap();
+            let state = if id == "c" {
+                "unreachable"
+            } else {
+                "reachable"
+            };
+            db.set_host_states(&[HostState {
+                host: id.into(),
+                state: state.into(),
+                missed: 0,
+            }])
+            .await
+            .unwrap();
         }
+        let vm = Vm {
+            id: "v".into(),
+            vcpus: 0,
+            memory_mib: 1000,
+            state: "running".into(),
+            ..Vm::default()
+        };
+        db.add_job(&Job::new("create", "o", "v"), Some(&vm))
+            .await
+            .unwrap();
+        db.place_vm("v", "a", "").await.unwrap();
     }
 
-    #[test]
-    fn picks_the_roomiest_reachable_host_and_refuses_clearly() {
-        let p = Policy::default();
-        let hosts = [
-            host("a", true, 1000),
-            host("b", true, 0),
-            host("c", false, 0),
-        ];
-        assert_eq!(choose(&p, &hosts, 1, 512).unwrap(), "b");
-        // 8 vCPUs fit 2 cores at 4.0, 9 do not.
-        assert!(choose(&p, &hosts, 8, 64).is_ok());
-        let e = choose(&p, &hosts, 9, 64).unwrap_err();
-        assert!(e.contains("no host has room"), "{e}");
-        // Memory: 4096 - 512 reserved = 3584 at ratio 1.0.
-        assert!(choose(&p, &hosts, 1, 3584).is_ok());
-        assert!(choose(&p, &hosts, 1, 3585).is_err());
-        assert!(choose(&p, &[host("c", false, 0)], 1, 1).is_err());
+    #[tokio::test]
+    async fn picks_the_roomiest_reachable_host_and_refuses_clearly() {
+        for (db, _dir) in databases().await {
+            fleet(&db).await;
+            let p = Policy::default();
+            let pick = |c, m| {
+                let (db, p) = (db.clone(), p);
+                async move { choose(&db, &p, c, m).await.unwrap() }
+            };
+            assert_eq!(pick(1, 512).await.unwrap(), "b");
+            // 8 vCPUs fit 2 cores at 4.0, 9 do not.
+            assert!(pick(8, 64).await.is_ok());
+            let e = pick(9, 64).await.unwrap_err();
+            assert!(
+                e.contains("no host has room") && e.contains("2 reachable"),
+                "{e}"
+            );
+            // Memory: 4096 - 512 reserved = 3584 at ratio 1.0 (b is empty; a has 1000 used).
+            assert_eq!(pick(1, 3584).await.unwrap(), "b");
+            assert!(pick(1, 3585).await.is_err());
+            // Overcommit: memory ratio 2.0 lets a fit 2 * 3584 - 1000 = 6168.
+            let roomy = Policy {
+                memory_ratio: 2.0,
+                ..p
+            };
+            assert_eq!(choose(&db, &roomy, 1, 7168).await.unwrap().unwrap(), "b");
+            assert!(choose(&db, &roomy, 1, 7169).await.unwrap().is_err());
+        }
     }
 }

@@ -15,7 +15,7 @@ use vim_proto::{host_command::Action, subjects as s, Versioned, PROTOCOL_VERSION
 
 use crate::db::{self, Db, Event};
 use crate::monitor::{Beat, Liveness};
-use crate::placement::{self, Candidate, Policy};
+use crate::placement::{self, Policy};
 use crate::queue;
 
 /// Heartbeat monitoring: how often agents beat, and how many misses make a host unreachable.
@@ -28,6 +28,7 @@ pub struct Monitoring {
 /// What every part of vimd shares.
 pub struct Vimd {
     pub db: Db,
+    pub audit: crate::audit::Audit,
     pub js: jetstream::Context,
     pub nats: async_nats::Client,
     /// The URL agents are told to use.
@@ -44,20 +45,31 @@ pub struct Vimd {
 impl Vimd {
     /// Records an event and tells the SSE listeners.
     pub async fn event(&self, kind: &str, host_id: &str, vm_id: &str, job_id: &str, detail: &str) {
-        let e = Event {
-            id: db::new_id(),
-            ts: db::now_ms(),
-            kind: kind.into(),
-            host_id: host_id.into(),
-            vm_id: vm_id.into(),
-            job_id: job_id.into(),
-            detail: detail.into(),
-        };
-        tracing::info!(kind, host_id, vm_id, job_id, detail, "event");
-        if let Err(err) = self.db.add_event(&e).await {
-            tracing::error!(error = %err, "cannot store an event");
+        self.record_events(vec![Event::new(kind, host_id, vm_id, job_id, detail)])
+            .await;
+    }
+
+    /// Records events (in as few transactions as the batch allows) and tells the SSE listeners.
+    pub async fn record_events(&self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
         }
-        let _ = self.events.send(e);
+        for e in &events {
+            tracing::info!(
+                kind = e.kind,
+                host_id = e.host_id,
+                vm_id = e.vm_id,
+                job_id = e.job_id,
+                detail = e.detail,
+                "event"
+            );
+        }
+        if let Err(err) = self.db.add_events(&events).await {
+            tracing::error!(error = %err, n = events.len(), "cannot store events");
+        }
+        for e in events {
+            let _ = self.events.send(e);
+        }
     }
 
     /// Publishes a job id for the workers; marks it published once JetStream has stored it. The
@@ -125,28 +137,7 @@ impl Vimd {
             return Ok(());
         };
         let host_id = if job.kind == "create" && vm.host_id.is_empty() {
-            let hosts = self.db.hosts().await?;
-            let vms = self.db.vms(None).await?;
-            let candidates: Vec<Candidate> = hosts
-                .iter()
-                .map(|h| Candidate {
-                    id: h.id.clone(),
-                    reachable: h.state == "reachable",
-                    cpu_cores: h.cpu_cores,
-                    memory_mib: h.memory_mib,
-                    used_vcpus: vms
-                        .iter()
-                        .filter(|v| v.host_id == h.id)
-                        .map(|v| v.vcpus)
-                        .sum(),
-                    used_memory_mib: vms
-                        .iter()
-                        .filter(|v| v.host_id == h.id)
-                        .map(|v| v.memory_mib)
-                        .sum(),
-                })
-                .collect();
-            match placement::choose(&self.policy, &candidates, vm.vcpus, vm.memory_mib) {
+            match placement::choose(&self.db, &self.policy, vm.vcpus, vm.memory_mib).await? {
                 Ok(h) => h,
                 Err(why) => {
                     self.fail_job(&job, &why).await;
@@ -351,14 +342,20 @@ pub async fn run_event_consumer(v: Arc<Vimd>) -> Result<()> {
 
 /// Heartbeats in, and the clock that notices missing ones: `PS_Timeout` for each missed interval,
 /// `PS_Unreachable` at the configured count (the host and its VMs are marked), `PS_Reachable`
-/// when it beats again. Liveness lives in memory (`monitor.rs`); reports reach the database in
-/// batches.
+/// when it beats again. Liveness lives in memory (`monitor.rs`). One task takes heartbeats in and
+/// runs the clock without ever waiting for the database; a second writes what it saw, in order
+/// and in batches, so 10,000 hosts cost a few transactions a second and a slow database delays
+/// the records, not the liveness.
 pub async fn run_monitor(v: Arc<Vimd>) -> Result<()> {
     v.liveness.load(&v.db.hosts().await?);
     let mut sub = v.nats.subscribe(s::ALL_HEARTBEATS).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Seen>();
     let v2 = v.clone();
     tokio::spawn(async move {
-        let mut flush = tokio::time::interval(HEARTBEAT_BATCH);
+        let every = v2.monitoring.interval;
+        let mut flush = tokio::time::interval(HEARTBEAT_BATCH.min(every));
+        let mut clock = tokio::time::interval(every);
+        let mut seen = Seen::default();
         loop {
             tokio::select! {
                 m = sub.next() => {
@@ -376,83 +373,99 @@ pub async fn run_monitor(v: Arc<Vimd>) -> Result<()> {
                             .await;
                         continue;
                     }
-                    let now = db::now_ms();
-                    let mut beat = v2.liveness.beat(hb, now);
-                    if let Beat::Unknown(hb) = beat {
-                        // Registered since this vimd started (perhaps by another vimd process).
-                        beat = match v2.db.host(&hb.host_id).await {
-                            Ok(Some(h)) => {
-                                v2.liveness.load(&[h]);
-                                v2.liveness.beat(hb, now)
-                            }
-                            _ => Beat::Unknown(hb),
-                        };
-                    }
-                    if let Beat::Returned { before, hb } = beat {
-                        let (host, hostname) = (hb.host_id.clone(), hb.hostname.clone());
-                        // Its facts (cores, memory: what placement needs) before it counts as
-                        // reachable.
-                        if let Err(e) = v2.db.record_heartbeats(&[(hb, now)]).await {
-                            tracing::error!(error = %e, host, "cannot record a heartbeat");
-                        }
-                        if let Err(e) = v2.db.set_host_state(&host, "reachable").await {
-                            tracing::error!(error = %e, host, "cannot mark a host reachable");
-                        }
-                        if before == "unreachable" {
-                            v2.event("PS_Reachable", &host, "", "", "heartbeats again").await;
-                        } else {
-                            v2.event("Host_Registered", &host, "", "", &hostname).await;
-                        }
+                    match v2.liveness.beat(hb, db::now_ms()) {
+                        Beat::Steady => {}
+                        Beat::Unknown => {}
+                        Beat::Returned { before, hb } => seen.returned.push((before, hb)),
                     }
                 }
                 _ = flush.tick() => {
-                    let batch = v2.liveness.to_flush(db::now_ms());
-                    if let Err(e) = v2.db.record_heartbeats(&batch).await {
-                        tracing::error!(error = %e, hosts = batch.len(), "cannot record heartbeats");
+                    if tx.send(std::mem::take(&mut seen)).is_err() {
+                        break;
+                    }
+                }
+                _ = clock.tick() => {
+                    let misses = v2.liveness.tick(db::now_ms(), every, v2.monitoring.misses_for_unreachable);
+                    if !misses.is_empty() && tx.send(Seen { misses, ..Default::default() }).is_err() {
+                        break;
                     }
                 }
             }
         }
     });
     tokio::spawn(async move {
-        let every = v.monitoring.interval;
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tick.tick().await;
-            for miss in v
-                .liveness
-                .tick(db::now_ms(), every, v.monitoring.misses_for_unreachable)
-            {
-                let _ = v.db.miss(&miss.host).await;
-                v.event(
-                    "PS_Timeout",
-                    &miss.host,
-                    "",
-                    "",
-                    &format!(
-                        "no heartbeat for {} ms ({} missed)",
-                        miss.silent_ms, miss.missed
-                    ),
-                )
-                .await;
-                if miss.unreachable_now {
-                    let _ = v.db.set_host_state(&miss.host, "unreachable").await;
-                    v.event(
-                        "PS_Unreachable",
-                        &miss.host,
-                        "",
-                        "",
-                        &format!("{} heartbeats missed in a row", miss.missed),
-                    )
-                    .await;
-                }
-            }
+        while let Some(seen) = rx.recv().await {
+            v.record_seen(seen).await;
         }
     });
     Ok(())
 }
 
-/// How often heartbeat reports are written (one transaction each time).
+/// What the monitor saw since it last handed over.
+#[derive(Default)]
+struct Seen {
+    /// Hosts reachable again (or for the first time), with the state they were in.
+    returned: Vec<(String, vim_proto::Heartbeat)>,
+    misses: Vec<crate::monitor::Miss>,
+}
+
+impl Vimd {
+    /// Writes what the monitor saw: heartbeat reports (the facts placement needs) before the
+    /// states that make a host count, then the events.
+    async fn record_seen(&self, mut seen: Seen) {
+        // Hosts registered since this vimd loaded them (perhaps through another vimd), looked up
+        // together.
+        let asked = self.liveness.pending();
+        if !asked.is_empty() {
+            match self.db.hosts_among(&asked).await {
+                Ok(found) => seen.returned.extend(self.liveness.adopt(&found, &asked)),
+                Err(e) => tracing::error!(error = %e, "cannot look up hosts that heartbeat"),
+            }
+        }
+        let beats = self.liveness.to_flush(db::now_ms());
+        if let Err(e) = self.db.record_heartbeats(&beats).await {
+            tracing::error!(error = %e, hosts = beats.len(), "cannot record heartbeats");
+        }
+        let mut states = Vec::new();
+        let mut events = Vec::new();
+        for (before, hb) in seen.returned {
+            states.push(db::HostState {
+                host: hb.host_id.clone(),
+                state: "reachable".into(),
+                missed: 0,
+            });
+            events.push(if before == "unreachable" {
+                Event::new("PS_Reachable", &hb.host_id, "", "", "heartbeats again")
+            } else {
+                Event::new("Host_Registered", &hb.host_id, "", "", &hb.hostname)
+            });
+        }
+        for m in seen.misses {
+            let detail = format!("no heartbeat for {} ms ({} missed)", m.silent_ms, m.missed);
+            events.push(Event::new("PS_Timeout", &m.host, "", "", &detail));
+            if m.unreachable_now {
+                let detail = format!("{} heartbeats missed in a row", m.missed);
+                events.push(Event::new("PS_Unreachable", &m.host, "", "", &detail));
+            }
+            states.push(db::HostState {
+                state: if m.unreachable_now {
+                    "unreachable"
+                } else {
+                    "reachable"
+                }
+                .into(),
+                host: m.host,
+                missed: m.missed,
+            });
+        }
+        if let Err(e) = self.db.set_host_states(&states).await {
+            tracing::error!(error = %e, hosts = states.len(), "cannot record host states");
+        }
+        self.record_events(events).await;
+    }
+}
+
+/// How often heartbeat reports are written (one batch each time).
 const HEARTBEAT_BATCH: Duration = Duration::from_secs(1);
 
 /// The outbox reconciler: jobs committed but not confirmed published (vimd died between the two,
