@@ -256,10 +256,26 @@ async fn run(cfg: Config) -> Result<()> {
         let mut seq = 0u64;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
         let mut tick = tokio::time::interval(a.cfg.heartbeat);
+        // The last VM reports, repeated while a command holds the VMs (a graceful stop can take
+        // seconds; heartbeats must not wait for it).
+        let mut last_reports = Vec::new();
         loop {
             tick.tick().await;
             seq += 1;
-            let exited = lock(&a.vms).exited();
+            let a2 = a.clone();
+            let (exited, reports) = tokio::task::spawn_blocking(move || {
+                let mut vms = match a2.vms.try_lock() {
+                    Ok(v) => v,
+                    Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => return (Vec::new(), None),
+                };
+                (vms.exited(), Some(vms.reports()))
+            })
+            .await
+            .unwrap_or_default();
+            if let Some(r) = reports {
+                last_reports = r;
+            }
             for (vm, why) in exited {
                 tracing::warn!(vm, why, "VMM exited");
                 let ev = a.event("", "VM_Failure", Err(why), &vm);
@@ -275,7 +291,7 @@ async fn run(cfg: Config) -> Result<()> {
                 cpu_cores: cores,
                 memory_mib: memory_mib(),
                 agent_version: env!("CARGO_PKG_VERSION").into(),
-                vms: lock(&a.vms).reports(),
+                vms: last_reports.clone(),
             };
             if let Err(e) = hb_client
                 .publish(s::heartbeat(&a.cfg.host_id), hb.encode_to_vec().into())

@@ -52,6 +52,7 @@ impl From<&VmSpec> for SpecRecord {
 #[derive(Default)]
 struct CpuSample {
     ticks: u64,
+    vcpu_ticks: u64,
     at: Option<Instant>,
 }
 
@@ -139,13 +140,15 @@ impl Vms {
                 ..Default::default()
             };
         };
-        let (cpu_pct, rss_kib) = usage(r.pid, self.cpu.entry(id.into()).or_default());
+        let u = usage(r.pid, self.cpu.entry(id.into()).or_default());
         VmReport {
             vm_id: id.into(),
             state: r.state.clone(),
             pid: r.pid,
-            cpu_pct,
-            rss_kib,
+            cpu_pct: u.vcpu_pct,
+            rss_kib: u.rss_kib,
+            vmm_cpu_pct: u.vmm_pct,
+            balloon_mib: balloon_mib(&r.api_socket),
         }
     }
 
@@ -194,7 +197,9 @@ impl Vms {
             .arg("--serial")
             .arg(format!("file:{}", r.console.display()))
             .arg("--api-socket")
-            .arg(&r.api_socket);
+            .arg(&r.api_socket)
+            // Every VM gets a balloon, so memory can be taken back from a running guest.
+            .args(["--balloon", "deflate-on-oom"]);
         if !s.initrd.is_empty() {
             cmd.args(["--initrd", &s.initrd]);
         }
@@ -341,12 +346,69 @@ impl Vms {
     }
 }
 
-/// CPU (% of one core since the last sample) and RSS of a process.
-fn usage(pid: u32, last: &mut CpuSample) -> (f64, u64) {
-    if pid == 0 {
-        return (0.0, 0);
+/// What a VMM process uses: CPU of its vCPU threads and of the rest (% of one core since the
+/// last sample), and its resident memory.
+#[derive(Debug, Default, PartialEq)]
+struct Usage {
+    vcpu_pct: f64,
+    vmm_pct: f64,
+    rss_kib: u64,
+}
+
+/// How much memory the guest has given back through its balloon, from the VMM's `info`; 0 if it
+/// has none or does not answer at once (a report never waits for a busy VMM).
+fn balloon_mib(api_socket: &Path) -> u64 {
+    use std::io::{BufRead, BufReader, Write};
+    let ask = || -> std::io::Result<serde_json::Value> {
+        let mut s = std::os::unix::net::UnixStream::connect(api_socket)?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+        s.set_write_timeout(Some(Duration::from_millis(200)))?;
+        s.write_all(b"{\"command\":\"info\"}\n")?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line)?;
+        Ok(serde_json::from_str(&line)?)
+    };
+    ask()
+        .ok()
+        .and_then(|v| v["result"]["balloon"]["actual_mib"].as_u64())
+        .unwrap_or(0)
+}
+
+/// CPU ticks (utime + stime) of one thread's or process's `stat` line.
+fn stat_ticks(stat: &str) -> Option<u64> {
+    // Fields after the ")" closing the command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// CPU ticks of a process's vCPU threads (named `vcpuN` by the VMM) and of all its threads.
+fn thread_ticks(pid: u32) -> (u64, u64) {
+    let all = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| stat_ticks(&s))
+        .unwrap_or(0);
+    let mut vcpu = 0;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let is_vcpu = std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim_end().starts_with("vcpu"));
+            if is_vcpu {
+                vcpu += std::fs::read_to_string(t.path().join("stat"))
+                    .ok()
+                    .and_then(|s| stat_ticks(&s))
+                    .unwrap_or(0);
+            }
+        }
     }
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+    (vcpu, all)
+}
+
+fn usage(pid: u32, last: &mut CpuSample) -> Usage {
+    if pid == 0 {
+        return Usage::default();
+    }
+    let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -354,28 +416,83 @@ fn usage(pid: u32, last: &mut CpuSample) -> (f64, u64) {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0);
-    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // Fields after the ")" closing the command name; utime and stime are 14 and 15.
-            let rest = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0);
+    let (vcpu, all) = thread_ticks(pid);
     let now = Instant::now();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let pct = match last.at {
-        Some(at) if ticks >= last.ticks => {
+    let (vcpu_pct, vmm_pct) = match last.at {
+        // A process's ticks only grow; a smaller count is another process (the pid was reused).
+        Some(at) if vcpu >= last.vcpu_ticks && all >= last.ticks => {
             let secs = now.duration_since(at).as_secs_f64().max(1e-3);
-            (ticks - last.ticks) as f64 / hz / secs * 100.0
+            let pct = |t: u64| t as f64 / hz / secs * 100.0;
+            let dv = vcpu - last.vcpu_ticks;
+            let da = all - last.ticks;
+            (pct(dv), pct(da.saturating_sub(dv)))
         }
-        _ => 0.0,
+        _ => (0.0, 0.0),
     };
     *last = CpuSample {
-        ticks,
+        ticks: all,
+        vcpu_ticks: vcpu,
         at: Some(now),
     };
-    (pct, rss)
+    Usage {
+        vcpu_pct,
+        vmm_pct,
+        rss_kib,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// A thread with this name that burns about `ms` of CPU, then stays alive (its ticks stay
+    /// in /proc/PID/task) until the returned sender is dropped.
+    fn burner(name: &str, ms: u64) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let (burnt_tx, burnt_rx) = mpsc::channel::<()>();
+        let h = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let t = Instant::now();
+                let mut x = 0u64;
+                while t.elapsed() < Duration::from_millis(ms) {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+                let _ = burnt_tx.send(());
+                let _ = done_rx.recv();
+            })
+            .unwrap();
+        burnt_rx.recv().unwrap();
+        (done_tx, h)
+    }
+
+    /// Guest CPU is what the `vcpuN` threads used; the VMM's other threads count apart.
+    #[test]
+    fn vcpu_threads_counted_apart() {
+        let pid = std::process::id();
+        let (v0, a0) = thread_ticks(pid);
+        let (stop_vcpu, vcpu) = burner("vcpu0", 400);
+        let (v1, a1) = thread_ticks(pid);
+        let (stop_worker, worker) = burner("worker", 400);
+        let (v2, a2) = thread_ticks(pid);
+        assert!(
+            v1 - v0 >= 20,
+            "vCPU thread's 400 ms not counted: {v0} -> {v1}"
+        );
+        assert!(a1 - a0 >= v1 - v0, "process total below its vCPU part");
+        assert!(
+            a2 - a1 >= 20,
+            "worker's 400 ms not in the process total: {a1} -> {a2}"
+        );
+        assert!(
+            v2 <= v1 + 5,
+            "a non-vCPU thread counted as guest CPU: {v1} -> {v2}"
+        );
+        drop((stop_vcpu, stop_worker));
+        vcpu.join().unwrap();
+        worker.join().unwrap();
+    }
 }

@@ -526,6 +526,8 @@ fn vms_are_created_stopped_started_and_deleted_and_owners_are_kept_apart() {
         let (_, list, _) = f.ctl_as(&alice, &["vm", "list", "--json"]);
         assert_eq!(serde_json::from_str::<Value>(&list).unwrap(), json!([]));
 
+        vms_from_an_image_with_a_disk_get_their_own_copy(&f, &alice);
+
         // The audit log has the calls, and the denied one.
         let audit = f.ctl_ok(&["audit", "--json"]);
         let a = audit.as_array().unwrap();
@@ -536,6 +538,122 @@ fn vms_are_created_stopped_started_and_deleted_and_owners_are_kept_apart() {
             .iter()
             .any(|e| e["who"] == "bob" && e["action"] == "vms.stop" && e["outcome"] == "404"));
     }
+}
+
+/// An image with a disk: each VM boots with its own copy of the disk on shared storage (the
+/// VMM is given that copy), reports its usage, and the copy goes when the VM is deleted; the
+/// image's disk stays as it was, and adding the image again is refused without touching it.
+fn vms_from_an_image_with_a_disk_get_their_own_copy(f: &Fleet, owner: &Path) {
+    let base = f.dir.path().join("base.img");
+    let content: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&base, &content).unwrap();
+    let guest = tmp().join("guest/testguest.elf");
+    let guest = guest.to_str().unwrap();
+    let add = |disk: &Path| {
+        f.ctl(&[
+            "image",
+            "add",
+            "tgd",
+            "--kernel",
+            guest,
+            "--cmdline",
+            "tg.mode=hold tg.hb_ms=200",
+            "--disk",
+            disk.to_str().unwrap(),
+            "--json",
+        ])
+    };
+    let (ok, out, err) = add(&base);
+    assert!(ok, "{err}");
+    let image_disk = PathBuf::from(
+        serde_json::from_str::<Value>(&out).unwrap()["disk"]
+            .as_str()
+            .unwrap(),
+    );
+    assert_ne!(
+        image_disk, base,
+        "the image's disk was not copied to shared storage"
+    );
+    let other = f.dir.path().join("other.img");
+    std::fs::write(&other, b"not this").unwrap();
+    let (ok, _, err) = add(&other);
+    assert!(!ok && err.contains("already exists"), "{err}");
+    assert_eq!(
+        std::fs::read(&image_disk).unwrap(),
+        content,
+        "a refused image overwrote one"
+    );
+
+    let mut vms = Vec::new();
+    for name in ["d1", "d2"] {
+        let (ok, out, err) = f.ctl_as(
+            owner,
+            &[
+                "vm",
+                "create",
+                "--name",
+                name,
+                "--image",
+                "tgd",
+                "--vcpus",
+                "1",
+                "--memory-mib",
+                "64",
+            ],
+        );
+        assert!(ok, "create from a disk image failed: {err}");
+        vms.push(out.trim().to_string());
+    }
+    let mut disks = Vec::new();
+    for id in &vms {
+        wait_until("the disk VM's readiness line", || {
+            f.ctl_as(owner, &["vm", "console", id])
+                .1
+                .contains("tg: ready cpus=1")
+        });
+        let vm: Value = serde_json::from_str(&f.ctl_as(owner, &["vm", "show", id]).1).unwrap();
+        let disk = PathBuf::from(vm["disk_path"].as_str().unwrap());
+        assert!(
+            disk.starts_with(f.state().join("shared/vms").join(id)),
+            "{vm}"
+        );
+        assert_eq!(
+            std::fs::read(&disk).unwrap(),
+            content,
+            "the VM's copy differs"
+        );
+        let pids = f.vmm_pids(id);
+        assert_eq!(pids.len(), 1);
+        let cmd = std::fs::read(format!("/proc/{}/cmdline", pids[0])).unwrap();
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let at = args
+            .iter()
+            .position(|a| a == "--disk")
+            .expect("VMM without --disk");
+        assert_eq!(Path::new(&args[at + 1]), disk, "the VMM runs another disk");
+        disks.push(disk);
+        // The agent reports the VM's usage with its heartbeats.
+        wait_until("the VM's memory in its report", || {
+            let vm: Value = serde_json::from_str(&f.ctl_as(owner, &["vm", "show", id]).1).unwrap();
+            vm["rss_kib"].as_i64().unwrap_or(0) > 0 && vm.get("balloon_mib").is_some()
+        });
+    }
+    assert_ne!(disks[0], disks[1], "two VMs share a disk");
+    for id in &vms {
+        let (ok, _, err) = f.ctl_as(owner, &["vm", "delete", id]);
+        assert!(ok, "{err}");
+    }
+    for d in &disks {
+        wait_until("a deleted VM's disk removed", || !d.exists());
+    }
+    assert_eq!(
+        std::fs::read(&image_disk).unwrap(),
+        content,
+        "the image's disk changed"
+    );
 }
 
 #[test]

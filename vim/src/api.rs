@@ -262,27 +262,66 @@ async fn add_image(
         admin(&who)?;
         let req = body(b)?;
         check_name("image name", &req.name)?;
-        let dir = v.shared_dir.join("images").join(&req.name);
-        let copy = |src: &str, name: &str| -> Result<String, ApiError> {
-            if src.is_empty() {
-                return Ok(String::new());
+        if req.kernel.is_empty() {
+            return Err(bad("an image needs a kernel"));
+        }
+        if v.db.image(&req.name).await?.is_some() {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("image {} already exists", req.name),
+            ));
+        }
+        // Copied into a staging directory first: an image that fails half-way (a missing file)
+        // or loses a race for its name leaves nothing behind and touches no other image.
+        let images = v.shared_dir.join("images");
+        let dir = images.join(&req.name);
+        let staging = images.join(format!(".{}.{}", req.name, db::new_id()));
+        tokio::fs::create_dir_all(&staging)
+            .await
+            .map_err(anyhow::Error::from)?;
+        let staged = async {
+            let mut paths = Vec::new();
+            for (src, name) in [
+                (&req.kernel, "kernel"),
+                (&req.initrd, "initrd"),
+                (&req.disk, "disk.img"),
+            ] {
+                if src.is_empty() {
+                    paths.push(String::new());
+                    continue;
+                }
+                tokio::fs::copy(src, staging.join(name))
+                    .await
+                    .map_err(|e| bad(format!("{src}: {e}")))?;
+                paths.push(dir.join(name).display().to_string());
             }
-            std::fs::create_dir_all(&dir).map_err(anyhow::Error::from)?;
-            let dst = dir.join(name);
-            std::fs::copy(src, &dst).map_err(|e| bad(format!("{src}: {e}")))?;
-            Ok(dst.display().to_string())
+            tokio::fs::rename(&staging, &dir).await.map_err(|e| {
+                ApiError(
+                    StatusCode::CONFLICT,
+                    format!("image {}: {} exists ({e})", req.name, dir.display()),
+                )
+            })?;
+            Ok::<_, ApiError>(paths)
+        }
+        .await;
+        let paths = match staged {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = tokio::fs::remove_dir_all(&staging).await;
+                return Err(e);
+            }
         };
         let img = db::Image {
             name: req.name.clone(),
-            kernel: copy(&req.kernel, "kernel")?,
-            initrd: copy(&req.initrd, "initrd")?,
+            kernel: paths[0].clone(),
+            initrd: paths[1].clone(),
             cmdline: req.cmdline,
-            disk: copy(&req.disk, "disk.img")?,
+            disk: paths[2].clone(),
         };
-        if img.kernel.is_empty() {
-            return Err(bad("an image needs a kernel"));
+        if let Err(e) = v.db.add_image(&img).await {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Err(e.into());
         }
-        v.db.add_image(&img).await?;
         ok(json!(img))
     })
     .await
@@ -355,11 +394,8 @@ async fn create_vm(
             memory_mib: req.memory_mib as i64,
             host_id: String::new(),
             state: "pending".into(),
-            disk_path: String::new(),
-            pid: 0,
-            cpu_pct: 0.0,
-            rss_kib: 0,
             created_at: now,
+            ..db::Vm::default()
         };
         let job = db::Job::new("create", &who.name, &vm.id);
         v.db.add_job(&job, Some(&vm)).await?;
@@ -423,7 +459,7 @@ async fn delete_vm(State(v): St, h: HeaderMap, Path(id): Path<String>) -> Respon
 async fn console(State(v): St, h: HeaderMap, Path(id): Path<String>) -> Response {
     call(&v, &h, "vms.console", &id.clone(), |v, who| async move {
         let vm = owned_vm(&v, &who, &id).await?;
-        let path = v.shared_dir.join("vms").join(&vm.id).join("console.log");
+        let path = v.vm_dir(&vm.id).join("console.log");
         let text = std::fs::read(&path).unwrap_or_default();
         Ok(String::from_utf8_lossy(&text).into_owned().into_response())
     })

@@ -34,6 +34,7 @@ const SCHEMA: &[&str] = &[
         vcpus BIGINT NOT NULL, memory_mib BIGINT NOT NULL, host_id TEXT NOT NULL DEFAULT '',
         state TEXT NOT NULL, disk_path TEXT NOT NULL DEFAULT '', pid BIGINT NOT NULL DEFAULT 0,
         cpu_pct DOUBLE PRECISION NOT NULL DEFAULT 0, rss_kib BIGINT NOT NULL DEFAULT 0,
+        vmm_cpu_pct DOUBLE PRECISION NOT NULL DEFAULT 0, balloon_mib BIGINT NOT NULL DEFAULT 0,
         created_at BIGINT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS jobs (
         id TEXT PRIMARY KEY, kind TEXT NOT NULL, owner TEXT NOT NULL, vm_id TEXT NOT NULL,
@@ -52,6 +53,13 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS jobs_unpublished ON jobs (published, state)",
     "CREATE INDEX IF NOT EXISTS vms_owner ON vms (owner)",
     "CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, created_at)",
+];
+
+/// Columns added after a table was first released: added to databases made before (the error
+/// a database that has one already gives is ignored).
+const ADDED_COLUMNS: &[(&str, &str)] = &[
+    ("vms", "vmm_cpu_pct DOUBLE PRECISION NOT NULL DEFAULT 0"),
+    ("vms", "balloon_mib BIGINT NOT NULL DEFAULT 0"),
 ];
 
 pub fn now_ms() -> i64 {
@@ -102,8 +110,14 @@ pub struct Vm {
     pub state: String,
     pub disk_path: String,
     pub pid: i64,
+    /// The guest's CPU (its vCPU threads), % of one core.
     pub cpu_pct: f64,
+    /// The VMM process's resident memory.
     pub rss_kib: i64,
+    /// The VMM's own CPU (its other threads), % of one core.
+    pub vmm_cpu_pct: f64,
+    /// Memory the guest has handed back through its balloon.
+    pub balloon_mib: i64,
     pub created_at: i64,
 }
 
@@ -212,6 +226,8 @@ fn vm(r: &AnyRow) -> Result<Vm, sqlx::Error> {
         pid: r.try_get("pid")?,
         cpu_pct: r.try_get("cpu_pct")?,
         rss_kib: r.try_get("rss_kib")?,
+        vmm_cpu_pct: r.try_get("vmm_cpu_pct")?,
+        balloon_mib: r.try_get("balloon_mib")?,
         created_at: r.try_get("created_at")?,
     })
 }
@@ -292,6 +308,11 @@ impl Db {
         }
         for s in SCHEMA {
             sqlx::query(s).execute(&writer).await?;
+        }
+        for (table, column) in ADDED_COLUMNS {
+            let _ = sqlx::query(&format!("ALTER TABLE {table} ADD COLUMN {column}"))
+                .execute(&writer)
+                .await;
         }
         let pool = if sqlite {
             connect(4).await?
@@ -413,7 +434,8 @@ impl Db {
             .await?;
             for v in &hb.vms {
                 sqlx::query(
-                    "UPDATE vms SET state = $1, pid = $2, cpu_pct = $3, rss_kib = $4
+                    "UPDATE vms SET state = $1, pid = $2, cpu_pct = $3, rss_kib = $4,
+                     vmm_cpu_pct = $7, balloon_mib = $8
                      WHERE id = $5 AND host_id = $6 AND state NOT IN ('deleted', 'pending')",
                 )
                 .bind(&v.state)
@@ -422,6 +444,8 @@ impl Db {
                 .bind(v.rss_kib as i64)
                 .bind(&v.vm_id)
                 .bind(&hb.host_id)
+                .bind(v.vmm_cpu_pct)
+                .bind(v.balloon_mib as i64)
                 .execute(&mut *tx)
                 .await?;
             }
@@ -838,11 +862,8 @@ pub(crate) mod tests {
                 memory_mib: 64,
                 host_id: String::new(),
                 state: "pending".into(),
-                disk_path: String::new(),
-                pid: 0,
-                cpu_pct: 0.0,
-                rss_kib: 0,
                 created_at: now_ms(),
+                ..Vm::default()
             };
             let job = Job {
                 created_at: now_ms() - 10_000,

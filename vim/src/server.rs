@@ -43,6 +43,11 @@ pub struct Vimd {
 }
 
 impl Vimd {
+    /// A VM's directory on shared storage: its disk copy and console log.
+    pub fn vm_dir(&self, vm_id: &str) -> PathBuf {
+        self.shared_dir.join("vms").join(vm_id)
+    }
+
     /// Records an event and tells the SSE listeners.
     pub async fn event(&self, kind: &str, host_id: &str, vm_id: &str, job_id: &str, detail: &str) {
         self.record_events(vec![Event::new(kind, host_id, vm_id, job_id, detail)])
@@ -158,13 +163,15 @@ impl Vimd {
                 let disk = if image.disk.is_empty() {
                     String::new()
                 } else {
-                    let dir = self.shared_dir.join("vms").join(&vm.id);
-                    std::fs::create_dir_all(&dir)?;
+                    let dir = self.vm_dir(&vm.id);
+                    tokio::fs::create_dir_all(&dir).await?;
                     let d = dir.join("disk.img");
-                    if !d.exists() {
+                    // A redelivered job finds the copy made (renamed last, so it is whole).
+                    if !tokio::fs::try_exists(&d).await? {
                         let tmp = dir.join("disk.img.tmp");
-                        std::fs::copy(&image.disk, &tmp)?;
-                        std::fs::rename(&tmp, &d)?;
+                        tokio::fs::copy(&image.disk, &tmp).await?;
+                        tokio::fs::File::open(&tmp).await?.sync_all().await?;
+                        tokio::fs::rename(&tmp, &d).await?;
                     }
                     d.display().to_string()
                 };
@@ -232,6 +239,15 @@ impl Vimd {
                 .await?;
             if !moved {
                 return Ok(()); // a redelivered answer
+            }
+            if ev.ok && ev.kind == "VM_Deleted" {
+                // Its disk copy goes with it (the image's disk stays).
+                let dir = self.vm_dir(&vm_id);
+                if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(vm = vm_id, dir = %dir.display(), error = %e, "cannot remove a deleted VM's files");
+                    }
+                }
             }
         }
         let detail = if ev.ok { String::new() } else { ev.error };

@@ -371,6 +371,11 @@ impl Machine {
                 None => "restored",
             },
             "config": self.config,
+            // Memory the guest has handed back (no round trip to the guest: the driver's count).
+            "balloon": self.balloon.as_ref().map(|(_, c)| json!({
+                "target_mib": pages_to_mib(c.target_pages()),
+                "actual_mib": pages_to_mib(c.actual_pages()),
+            })),
             "migration": self.migration.as_ref().map(|m| json!(*lock(&m.progress))),
         })
     }
@@ -631,10 +636,9 @@ impl Machine {
             .name("balloon-stats".into())
             .spawn(move || {
                 let stats = control.refresh_stats(Duration::from_secs(2));
-                let to_mib = |pages: u32| (u64::from(pages) * BALLOON_PAGE) >> 20;
                 reply.send(Response::ok(json!({
-                    "target_mib": to_mib(control.target_pages()),
-                    "actual_mib": to_mib(control.actual_pages()),
+                    "target_mib": pages_to_mib(control.target_pages()),
+                    "actual_mib": pages_to_mib(control.actual_pages()),
                     "stats": stats,
                 })));
             });
@@ -650,4 +654,9 @@ impl Machine {
         }
         Outcome { exit_code, reason }
     }
+}
+
+/// Balloon pages in MiB.
+fn pages_to_mib(pages: u32) -> u64 {
+    (u64::from(pages) * BALLOON_PAGE) >> 20
 }

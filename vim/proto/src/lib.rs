@@ -115,12 +115,19 @@ pub struct VmReport {
     pub state: String,
     #[prost(uint32, tag = "3")]
     pub pid: u32,
-    /// CPU time of the VMM's threads since the last report, in percent of one core.
+    /// CPU time of the VM's vCPU threads since the last report, in percent of one core (the
+    /// guest's use: 200 is two vCPUs busy).
     #[prost(double, tag = "4")]
     pub cpu_pct: f64,
-    /// Resident memory of the VMM process.
+    /// Resident memory of the VMM process (guest memory it touched, plus its own).
     #[prost(uint64, tag = "5")]
     pub rss_kib: u64,
+    /// CPU time of the VMM's other threads (devices, API): its overhead, same unit.
+    #[prost(double, tag = "6")]
+    pub vmm_cpu_pct: f64,
+    /// Memory the guest has handed back through its balloon (0 without one).
+    #[prost(uint64, tag = "7")]
+    pub balloon_mib: u64,
 }
 
 /// What an agent says about its host, every heartbeat interval.

@@ -214,6 +214,7 @@ fn table(rows: &[Value], cols: &[&str]) {
     let cell = |v: &Value| match v {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
+        Value::Number(n) if n.is_f64() => format!("{:.1}", n.as_f64().unwrap_or_default()),
         v => v.to_string(),
     };
     let mut widths: Vec<usize> = cols.iter().map(|c| c.len()).collect();
@@ -380,6 +381,8 @@ fn run(cli: Cli) -> Result<()> {
                         "host_id",
                         "vcpus",
                         "memory_mib",
+                        "cpu_pct",
+                        "rss_kib",
                     ],
                 )?;
             }
