@@ -197,6 +197,9 @@ impl Fleet {
                 &format!("nats://10.231.0.1:{}", self.nats_port),
             ])
             .args(["--heartbeat-ms", "300"])
+            // Lost messages are sent again after 5 s (30 s by default), so every test also
+            // exercises the handlers' idempotency.
+            .args(["--job-resend-ms", "5000"])
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()
@@ -950,4 +953,51 @@ fn a_job_survives_nats_server_being_killed() {
         "64",
     ]);
     assert!(ok, "{err}");
+}
+
+/// A host command that JetStream acknowledged and then lost (here: purged while the host's agent
+/// is down) is sent again by vimd's reconciler once the job has had no answer for a while, and
+/// the job completes, once, when the agent is back.
+#[test]
+fn a_host_command_lost_by_nats_is_sent_again() {
+    let mut f = Fleet::start(None, &["h1"]);
+    f.add_test_image();
+    f.kill_agent("h1");
+    let (job, id) = f.create_no_wait("lost");
+    wait_until("the command sent to h1", || {
+        f.ctl_ok(&["job", "show", &job])["state"] == "running"
+    });
+    let vimd_pw = std::fs::read_to_string(f.state().join("nats/vimd.password")).unwrap();
+    let url = format!("nats://127.0.0.1:{}", f.nats_port);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = async_nats::ConnectOptions::with_user_and_password(
+            "vimd".into(),
+            vimd_pw.trim().into(),
+        )
+        .connect(&url)
+        .await
+        .unwrap();
+        let js = async_nats::jetstream::new(c);
+        let mut stream = js.get_stream("VIM_COMMANDS").await.unwrap();
+        let before = stream.info().await.unwrap().state.messages;
+        assert!(before >= 1, "no command waiting for h1");
+        stream.purge().filter("vim.host.h1.cmd").await.unwrap();
+        assert_eq!(stream.info().await.unwrap().state.messages, 0);
+    });
+    f.start_agent("h1");
+    f.wait_job(&job);
+    assert_eq!(f.ctl_ok(&["job", "show", &job])["state"], "done");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        f.vmm_pids(&id).len(),
+        1,
+        "the VM runs {} times",
+        f.vmm_pids(&id).len()
+    );
+    let log = std::fs::read_to_string(f.dir.path().join("vimd.log")).unwrap();
+    assert!(
+        log.contains("sending the command again"),
+        "the job completed without a resend"
+    );
 }

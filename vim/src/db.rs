@@ -577,21 +577,24 @@ impl Db {
         Ok(rows.iter().map(job).collect::<Result<_, _>>()?)
     }
 
-    /// Jobs published but still `pending` after `age_ms` (NATS lost the message, or no worker took
-    /// it); each is touched so it comes back only once per `age_ms`.
-    pub async fn stale_jobs(&self, age_ms: i64) -> Result<Vec<Job>, DbError> {
+    /// Jobs published and still in `state` (`pending`: NATS lost the message or no worker took
+    /// it; `running`: no answer from the host) after `age_ms`; each is touched so it comes back
+    /// only once per `age_ms`.
+    pub async fn stale_jobs(&self, state: &str, age_ms: i64) -> Result<Vec<Job>, DbError> {
         let cutoff = now_ms() - age_ms;
         let rows = sqlx::query(
-            "SELECT * FROM jobs WHERE published = 1 AND state = 'pending' AND updated_at < $1",
+            "SELECT * FROM jobs WHERE published = 1 AND state = $1 AND updated_at < $2",
         )
+        .bind(state)
         .bind(cutoff)
         .fetch_all(&self.pool)
         .await?;
         let jobs: Vec<Job> = rows.iter().map(job).collect::<Result<_, _>>()?;
         for j in &jobs {
-            sqlx::query("UPDATE jobs SET updated_at = $1 WHERE id = $2 AND state = 'pending'")
+            sqlx::query("UPDATE jobs SET updated_at = $1 WHERE id = $2 AND state = $3")
                 .bind(now_ms())
                 .bind(&j.id)
+                .bind(state)
                 .execute(&self.writer)
                 .await?;
         }
@@ -874,8 +877,9 @@ pub(crate) mod tests {
             db.mark_published(&job.id).await.unwrap();
             assert!(db.unpublished_jobs(1000).await.unwrap().is_empty());
             // Published 10 s ago and never taken: stale once, then not again until it ages.
-            assert_eq!(db.stale_jobs(1000).await.unwrap().len(), 1);
-            assert!(db.stale_jobs(1000).await.unwrap().is_empty());
+            assert_eq!(db.stale_jobs("pending", 1000).await.unwrap().len(), 1);
+            assert!(db.stale_jobs("pending", 1000).await.unwrap().is_empty());
+            assert!(db.stale_jobs("running", 0).await.unwrap().is_empty());
             assert!(db
                 .transition_job(&job.id, &["pending"], "running", "")
                 .await

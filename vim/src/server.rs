@@ -38,6 +38,8 @@ pub struct Vimd {
     pub shared_dir: PathBuf,
     pub policy: Policy,
     pub monitoring: Monitoring,
+    /// A job not progressing for this long has its message sent again (see `run_reconciler`).
+    pub job_resend: Duration,
     pub liveness: Liveness,
     pub events: broadcast::Sender<Event>,
 }
@@ -100,13 +102,23 @@ impl Vimd {
     }
 
     async fn send_to_host(&self, host_id: &str, job_id: &str, action: Action) -> Result<()> {
+        self.send_to_host_as(host_id, job_id, job_id, action).await
+    }
+
+    async fn send_to_host_as(
+        &self,
+        host_id: &str,
+        job_id: &str,
+        msg_id: &str,
+        action: Action,
+    ) -> Result<()> {
         let cmd = vim_proto::HostCommand {
             version: PROTOCOL_VERSION,
             job_id: job_id.into(),
             action: Some(action),
         };
         let mut h = async_nats::HeaderMap::new();
-        h.insert("Nats-Msg-Id", job_id);
+        h.insert("Nats-Msg-Id", msg_id);
         self.js
             .publish_with_headers(s::host_commands(host_id), h, cmd.encode_to_vec().into())
             .await?
@@ -152,12 +164,47 @@ impl Vimd {
         } else {
             vm.host_id.clone()
         };
+        let action = match self.host_action(&job, &vm, &host_id).await? {
+            Ok(a) => a,
+            Err(why) => {
+                self.fail_job(&job, &why).await;
+                return Ok(());
+            }
+        };
+        if host_id.is_empty() {
+            // A VM never placed (its create failed): deleting it needs no host.
+            if job.kind == "delete" {
+                self.db.set_vm_state(&vm.id, "deleted", 0).await?;
+                self.db
+                    .transition_job(&job.id, &["pending"], "done", "")
+                    .await?;
+                return Ok(());
+            }
+            self.fail_job(&job, "the VM is on no host").await;
+            return Ok(());
+        }
+        self.send_to_host(&host_id, &job.id, action).await?;
+        self.db
+            .transition_job(&job.id, &["pending"], "running", "")
+            .await?;
+        self.event("Job_Sent", &host_id, &vm.id, &job.id, &job.kind)
+            .await;
+        Ok(())
+    }
+
+    /// The host command that carries out `job` on `vm`, placed on `host_id`; `Ok(Err(why))` when
+    /// the job cannot be done. Safe to call again for the same job (a resend): the disk copy
+    /// is made once.
+    async fn host_action(
+        &self,
+        job: &db::Job,
+        vm: &db::Vm,
+        host_id: &str,
+    ) -> Result<Result<Action, String>> {
         let action = match job.kind.as_str() {
             "create" => {
                 let Some(image) = self.db.image(&vm.image).await? else {
-                    self.fail_job(&job, &format!("image {} does not exist", vm.image))
-                        .await;
-                    return Ok(());
+                    return Ok(Err(format!("image {} does not exist", vm.image)));
                 };
                 // The VM's own copy of the image's disk, on shared storage.
                 let disk = if image.disk.is_empty() {
@@ -192,31 +239,32 @@ impl Vimd {
                 timeout_ms: 10_000,
             }),
             "delete" => Action::Delete(vm.id.clone()),
-            other => {
-                self.fail_job(&job, &format!("unknown job kind {other}"))
-                    .await;
-                return Ok(());
-            }
+            other => return Ok(Err(format!("unknown job kind {other}"))),
         };
-        if host_id.is_empty() {
-            // A VM never placed (its create failed): deleting it needs no host.
-            if job.kind == "delete" {
-                self.db.set_vm_state(&vm.id, "deleted", 0).await?;
-                self.db
-                    .transition_job(&job.id, &["pending"], "done", "")
-                    .await?;
-                return Ok(());
-            }
-            self.fail_job(&job, "the VM is on no host").await;
+        Ok(Ok(action))
+    }
+
+    /// Sends a running job's host command again, under a fresh message id: the first copy may
+    /// have been lost (nats-server killed before its store reached the disk). The agent answers
+    /// a job it has done from its stored result, so a second copy never does the work twice.
+    async fn resend(&self, job: &db::Job) -> Result<()> {
+        let Some(vm) = self.db.vm(&job.vm_id).await? else {
+            return Ok(());
+        };
+        if vm.host_id.is_empty() {
             return Ok(());
         }
-        self.send_to_host(&host_id, &job.id, action).await?;
-        self.db
-            .transition_job(&job.id, &["pending"], "running", "")
-            .await?;
-        self.event("Job_Sent", &host_id, &vm.id, &job.id, &job.kind)
-            .await;
-        Ok(())
+        match self.host_action(job, &vm, &vm.host_id).await? {
+            Ok(action) => {
+                let msg_id = format!("{}-{}", job.id, db::now_ms());
+                self.send_to_host_as(&vm.host_id, &job.id, &msg_id, action)
+                    .await
+            }
+            Err(why) => {
+                self.fail_job(job, &why).await;
+                Ok(())
+            }
+        }
     }
 
     /// An agent's answer or report.
@@ -486,11 +534,13 @@ const HEARTBEAT_BATCH: Duration = Duration::from_secs(1);
 
 /// The outbox reconciler: jobs committed but not confirmed published (vimd died between the two,
 /// or NATS was down) are published again; so are jobs published but not taken within
-/// `STALE_JOB` (a message NATS lost), under a fresh message id. Handlers are idempotent, so a
-/// second copy costs nothing.
+/// `job_resend` (a message NATS lost), under a fresh message id; and a running job with no
+/// answer from its host within `job_resend` has its host command sent again. Handlers are
+/// idempotent by job id, so a second copy costs nothing.
 pub async fn run_reconciler(v: Arc<Vimd>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let age = v.job_resend.as_millis() as i64;
         loop {
             tick.tick().await;
             if let Some(n) = &v.embedded {
@@ -507,7 +557,7 @@ pub async fn run_reconciler(v: Arc<Vimd>) {
                 }
                 Err(e) => tracing::warn!(error = %e, "reconciler"),
             }
-            if let Ok(jobs) = v.db.stale_jobs(STALE_JOB.as_millis() as i64).await {
+            if let Ok(jobs) = v.db.stale_jobs("pending", age).await {
                 for j in jobs {
                     tracing::warn!(job = j.id, "job published but not taken; publishing again");
                     let msg_id = format!("{}-{}", j.id, db::now_ms());
@@ -516,9 +566,17 @@ pub async fn run_reconciler(v: Arc<Vimd>) {
                     }
                 }
             }
+            if let Ok(jobs) = v.db.stale_jobs("running", age).await {
+                for j in jobs {
+                    tracing::warn!(
+                        job = j.id,
+                        "no answer from the host; sending the command again"
+                    );
+                    if let Err(e) = v.resend(&j).await {
+                        tracing::warn!(job = j.id, error = %e, "resend failed");
+                    }
+                }
+            }
         }
     });
 }
-
-/// How long a published job may wait for a worker before it is published again.
-const STALE_JOB: Duration = Duration::from_secs(30);

@@ -55,6 +55,10 @@ struct Args {
     /// Missed heartbeats in a row before a host is unreachable.
     #[arg(long = "misses", default_value_t = 3)]
     misses: i64,
+    /// A job not taken by a worker, or not answered by its host, for this long has its message
+    /// sent again (handlers are idempotent by job id).
+    #[arg(long = "job-resend-ms", default_value_t = 30_000)]
+    job_resend_ms: u64,
     /// Job worker tasks in this process (more vimd processes can share the same queue).
     #[arg(long, default_value_t = 4)]
     workers: usize,
@@ -146,6 +150,7 @@ async fn run(a: Args) -> Result<()> {
             interval: Duration::from_millis(a.heartbeat_ms.max(10)),
             misses_for_unreachable: a.misses.max(1),
         },
+        job_resend: Duration::from_millis(a.job_resend_ms.max(100)),
         liveness: Default::default(),
         events,
     });
