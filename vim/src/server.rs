@@ -222,7 +222,7 @@ impl Vimd {
                     }
                     d.display().to_string()
                 };
-                self.db.place_vm(&vm.id, &host_id, &disk).await?;
+                self.db.place_vm(&vm.id, host_id, &disk).await?;
                 Action::Create(vim_proto::VmSpec {
                     vm_id: vm.id.clone(),
                     vcpus: vm.vcpus as u32,
