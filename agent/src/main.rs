@@ -238,7 +238,7 @@ async fn run(cfg: Config) -> Result<()> {
     )
     .custom_inbox_prefix(s::inbox_prefix(&cfg.host_id))
     .retry_on_initial_connect()
-    .connect(&cfg.nats_url)
+    .connect(vim_proto::nats_servers(&cfg.nats_url))
     .await
     .with_context(|| format!("cannot connect to NATS at {}", cfg.nats_url))?;
     let js = jetstream::new(client.clone());

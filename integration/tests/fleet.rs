@@ -138,14 +138,105 @@ struct Fleet {
     vimd: Option<Proc>,
     agents: Vec<(String, Option<Proc>)>,
     nets: Vec<(String, HostNet)>,
+    cluster: Option<Cluster>,
+}
+
+/// A 3-node NATS JetStream cluster on this machine, run the way an operator would: each node's
+/// configuration includes the accounts file vimd keeps, and the nodes are reloaded (SIGHUP) after
+/// hosts are added. Clients listen on every address (agents dial it over their veths); routes
+/// stay on loopback.
+struct Cluster {
+    dir: PathBuf,
+    ports: Vec<u16>,
+    nodes: Vec<Option<Proc>>,
+}
+
+impl Cluster {
+    fn new(dir: &Path) -> Cluster {
+        let dir = dir.join("nats-cluster");
+        std::fs::create_dir_all(&dir).unwrap();
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        for i in 0..3 {
+            let others: Vec<String> = (0..3)
+                .filter(|j| *j != i)
+                .map(|j| format!("\"nats-route://127.0.0.1:{}\"", routes[j]))
+                .collect();
+            let conf = format!(
+                "server_name: n{i}\nlisten: \"0.0.0.0:{}\"\n\
+                 jetstream {{ store_dir: \"{}\" }}\n\
+                 cluster {{ name: vimtest, listen: \"127.0.0.1:{}\", routes: [{}] }}\n\
+                 include \"accounts.conf\"\n",
+                ports[i],
+                dir.join(format!("n{i}")).display(),
+                routes[i],
+                others.join(", ")
+            );
+            std::fs::write(dir.join(format!("n{i}.conf")), conf).unwrap();
+        }
+        Cluster {
+            dir,
+            ports,
+            nodes: vec![None, None, None],
+        }
+    }
+
+    fn accounts(&self) -> PathBuf {
+        self.dir.join("accounts.conf")
+    }
+
+    /// The cluster's URL as clients take it: every node, comma-separated.
+    fn url(&self, ip: &str) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("nats://{ip}:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn start_node(&mut self, i: usize) {
+        let log = std::fs::File::create(self.dir.join(format!("n{i}.log"))).unwrap();
+        let p = Command::new("nats-server")
+            .arg("-c")
+            .arg(self.dir.join(format!("n{i}.conf")))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.nodes[i] = Some(Proc(p));
+    }
+
+    fn kill_node(&mut self, i: usize) {
+        if let Some(mut p) = self.nodes[i].take() {
+            p.0.kill().unwrap();
+            p.0.wait().unwrap();
+        }
+    }
+
+    /// What the operator's tooling does when vimd rewrites the accounts file.
+    fn reload(&self) {
+        for p in self.nodes.iter().flatten() {
+            let st = Command::new("kill")
+                .args(["-HUP", &p.0.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+    }
 }
 
 impl Fleet {
     fn start(database_url: Option<String>, hosts: &[&str]) -> Fleet {
+        Fleet::start_with(database_url, hosts, false)
+    }
+
+    /// With `cluster`, vimd uses a 3-node NATS cluster by URL (replicas 3) instead of its own.
+    fn start_with(database_url: Option<String>, hosts: &[&str], cluster: bool) -> Fleet {
         let bins = bins();
         let _ = bins;
         std::fs::create_dir_all(tmp()).unwrap();
         let dir = tempfile::tempdir_in(tmp()).unwrap();
+        let cluster = cluster.then(|| Cluster::new(dir.path()));
         let mut f = Fleet {
             api: format!("http://127.0.0.1:{}", free_port()),
             nats_port: free_port(),
@@ -154,13 +245,17 @@ impl Fleet {
             vimd: None,
             agents: Vec::new(),
             nets: Vec::new(),
+            cluster,
         };
         f.start_vimd();
         for h in hosts {
             let out = f.ctl_ok(&["host", "add", h, "--json"]);
+            if let Some(c) = &f.cluster {
+                c.reload();
+            }
             assert_eq!(
                 out["nats_url"],
-                format!("nats://10.231.0.1:{}", f.nats_port),
+                f.agent_nats_url("10.231.0.1"),
                 "not the advertised URL"
             );
             assert!(Path::new(out["credentials_file"].as_str().unwrap()).exists());
@@ -185,18 +280,41 @@ impl Fleet {
         self.dir.path().join("vim")
     }
 
+    /// The NATS URL agents use: the embedded server's, or the cluster's.
+    fn agent_nats_url(&self, ip: &str) -> String {
+        match &self.cluster {
+            Some(c) => c.url(ip),
+            None => format!("nats://{ip}:{}", self.nats_port),
+        }
+    }
+
     fn start_vimd(&mut self) {
         let mut c = Command::new(bins().join("vimd"));
         c.arg("--state-dir")
             .arg(self.state())
             .args(["--listen", self.api.trim_start_matches("http://")])
+            .args(["--nats-advertise", &self.agent_nats_url("10.231.0.1")]);
+        match &self.cluster {
+            Some(cl) => {
+                let creds = self.dir.path().join("vimd-nats.json");
+                std::fs::write(
+                    &creds,
+                    r#"{"user": "vimd", "password": "vimd-test-secret"}"#,
+                )
+                .unwrap();
+                c.args(["--nats-url", &cl.url("127.0.0.1")])
+                    .arg("--nats-credentials")
+                    .arg(&creds)
+                    .arg("--nats-accounts-file")
+                    .arg(cl.accounts())
+                    .args(["--replicas", "3"]);
+            }
             // On every address, so the hosts reach it over their veths.
-            .args(["--nats-listen", &format!("0.0.0.0:{}", self.nats_port)])
-            .args([
-                "--nats-advertise",
-                &format!("nats://10.231.0.1:{}", self.nats_port),
-            ])
-            .args(["--heartbeat-ms", "300"])
+            None => {
+                c.args(["--nats-listen", &format!("0.0.0.0:{}", self.nats_port)]);
+            }
+        }
+        c.args(["--heartbeat-ms", "300"])
             // Lost messages are sent again after 5 s (30 s by default), so every test also
             // exercises the handlers' idempotency.
             .args(["--job-resend-ms", "5000"])
@@ -212,6 +330,15 @@ impl Fleet {
             c.args(["--database-url", u]);
         }
         self.vimd = Some(Proc(c.spawn().unwrap()));
+        if let Some(cl) = &mut self.cluster {
+            // vimd writes the users file the nodes include, then waits for them.
+            wait_until("vimd's NATS accounts file", || cl.accounts().exists());
+            for i in 0..3 {
+                if cl.nodes[i].is_none() {
+                    cl.start_node(i);
+                }
+            }
+        }
         wait_until("vimd to answer", || {
             self.state().join("admin.token").exists() && self.ctl(&["hosts", "--json"]).0
         });
@@ -237,10 +364,7 @@ impl Fleet {
             .args(["netns", "exec", &net.ns])
             .arg(bins().join("vim-agent"))
             .args(["--host-id", host])
-            .args([
-                "--nats-url",
-                &format!("nats://{}:{}", net.root_ip, self.nats_port),
-            ])
+            .args(["--nats-url", &self.agent_nats_url(&net.root_ip)])
             .arg("--credentials")
             .arg(self.state().join("hosts").join(format!("{host}.creds")))
             .arg("--state-dir")
@@ -429,6 +553,7 @@ impl Drop for Fleet {
         }
         self.agents.clear();
         self.vimd = None;
+        self.cluster = None;
         self.nets.clear();
         for p in vm_pids {
             // The VMMs the agents started for this test (own process groups, by pid).
@@ -1000,4 +1125,60 @@ fn a_host_command_lost_by_nats_is_sent_again() {
         log.contains("sending the command again"),
         "the job completed without a resend"
     );
+}
+
+/// vimd on an external 3-node NATS cluster (by URL, streams with 3 replicas, the host users in
+/// the accounts file vimd keeps): VMs are created through it, and after one node is killed with
+/// SIGKILL the clients fail over and work still flows; no job is lost or done twice.
+#[test]
+fn a_fleet_on_a_three_node_nats_cluster_survives_losing_a_node() {
+    let mut f = Fleet::start_with(None, &["h1"], true);
+    f.add_test_image();
+    let create = |f: &Fleet, name: &str| -> String {
+        let (ok, out, err) = f.ctl(&[
+            "vm",
+            "create",
+            "--name",
+            name,
+            "--image",
+            "tg",
+            "--memory-mib",
+            "64",
+        ]);
+        assert!(ok, "create {name} failed: {err}");
+        out.trim().to_string()
+    };
+    let first = create(&f, "c1");
+    let accounts = std::fs::read_to_string(f.cluster.as_ref().unwrap().accounts()).unwrap();
+    assert!(
+        accounts.contains("host-h1"),
+        "h1's user is not in the accounts file"
+    );
+    // The streams are replicated on all three nodes.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = f.cluster.as_ref().unwrap().url("127.0.0.1");
+    let replicas = rt.block_on(async {
+        let c = async_nats::ConnectOptions::with_user_and_password(
+            "vimd".into(),
+            "vimd-test-secret".into(),
+        )
+        .connect(url.split(',').collect::<Vec<_>>())
+        .await
+        .unwrap();
+        let js = async_nats::jetstream::new(c);
+        let mut s = js.get_stream("VIM_JOBS").await.unwrap();
+        s.info().await.unwrap().config.num_replicas
+    });
+    assert_eq!(replicas, 3);
+    for i in 0..3 {
+        f.cluster.as_mut().unwrap().kill_node(i);
+        let id = create(&f, &format!("c2n{i}"));
+        assert_eq!(f.vmm_pids(&id).len(), 1, "VM on a cluster without n{i}");
+        f.cluster.as_mut().unwrap().start_node(i);
+    }
+    assert_eq!(f.vmm_pids(&first).len(), 1);
+    let jobs = f.ctl_ok(&["jobs", "--json"]);
+    let jobs = jobs.as_array().unwrap();
+    assert_eq!(jobs.len(), 4, "{jobs:?}");
+    assert!(jobs.iter().all(|j| j["state"] == "done"), "{jobs:?}");
 }

@@ -202,6 +202,8 @@ async fn add_host(State(v): St, h: HeaderMap, b: Result<Json<AddHost>, JsonRejec
         v.liveness.register(&req.id);
         if let Some(n) = &v.embedded {
             n.reload(&v.db.hosts().await?)?;
+        } else if let Some(f) = &v.accounts_file {
+            f.write(&v.db.hosts().await?)?;
         }
         // Right after a reload the account's JetStream may briefly answer "not found".
         let mut tries = 0;

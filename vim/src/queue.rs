@@ -167,28 +167,67 @@ impl Server {
     }
 
     fn write_config(&self, hosts: &[Host]) -> Result<()> {
-        let mut users = vec![format!(
-            "      {{ user: \"vimd\", password: \"{}\" }}",
-            self.vimd_password
-        )];
-        for h in hosts {
-            users.push(host_user(h));
-        }
         let conf = format!(
             "# Written by vimd; rewritten when hosts are added.\n\
              listen: \"{listen}\"\n\
              max_payload: 1MB\n\
-             jetstream {{ store_dir: \"{store}\" }}\n\
-             accounts {{\n  VIM {{\n    jetstream: enabled\n    users: [\n{users}\n    ]\n  }}\n}}\n",
+             jetstream {{ store_dir: \"{store}\" }}\n{accounts}",
             listen = self.listen,
             store = self.dir.join("jetstream").display(),
-            users = users.join("\n"),
+            accounts = accounts("vimd", &self.vimd_password, hosts),
         );
-        let tmp = self.conf.with_extension("tmp");
-        std::fs::write(&tmp, conf)?;
-        std::fs::rename(tmp, &self.conf)?;
-        Ok(())
+        write_atomically(&self.conf, &conf)
     }
+}
+
+/// The NATS users, in one account with JetStream: vimd (as `vimd_user`) with every right, and
+/// each host restricted to its own subjects (see [`host_user`]).
+fn accounts(vimd_user: &str, vimd_password: &str, hosts: &[Host]) -> String {
+    let mut users = vec![format!(
+        "      {{ user: \"{vimd_user}\", password: \"{vimd_password}\" }}"
+    )];
+    for h in hosts {
+        users.push(host_user(h));
+    }
+    format!(
+        "accounts {{\n  VIM {{\n    jetstream: enabled\n    users: [\n{}\n    ]\n  }}\n}}\n",
+        users.join("\n")
+    )
+}
+
+/// For an external NATS server or cluster: the `accounts` block its configuration includes
+/// (`include "accounts.conf"` on every node), rewritten when hosts are added. The operator's
+/// tooling reloads the nodes when it changes (`nats-server --signal reload`, or SIGHUP), as
+/// vimd does with its embedded server.
+pub struct AccountsFile {
+    pub path: PathBuf,
+    /// vimd's own user and password (from `--nats-credentials`).
+    pub user: String,
+    pub password: String,
+}
+
+impl AccountsFile {
+    pub fn write(&self, hosts: &[Host]) -> Result<()> {
+        let text = format!(
+            "# Written by vimd; rewritten when hosts are added. Include it in every NATS node's\n\
+             # configuration and reload the nodes when it changes.\n{}",
+            accounts(&self.user, &self.password, hosts)
+        );
+        write_atomically(&self.path, &text).with_context(|| {
+            format!(
+                "cannot write the NATS accounts file {}",
+                self.path.display()
+            )
+        })
+    }
+}
+
+/// Replaces a file whole: a server reloading at that moment reads the old or the new one.
+fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, path)?;
+    Ok(())
 }
 
 impl Drop for EmbeddedNats {

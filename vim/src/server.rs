@@ -34,6 +34,8 @@ pub struct Vimd {
     /// The URL agents are told to use.
     pub nats_url: String,
     pub embedded: Option<queue::EmbeddedNats>,
+    /// With an external NATS: the users file its nodes include, if vimd keeps it.
+    pub accounts_file: Option<queue::AccountsFile>,
     pub state_dir: PathBuf,
     pub shared_dir: PathBuf,
     pub policy: Policy,

@@ -5,6 +5,16 @@
 /// Bumped on incompatible changes; receivers refuse messages of another version.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The servers of a NATS URL as command lines take it: one (`nats://host:4222`) or a cluster's,
+/// separated by commas (`nats://a:4222,nats://b:4222`); the client fails over between them.
+pub fn nats_servers(url: &str) -> Vec<String> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
 /// NATS subjects and JetStream names.
 pub mod subjects {
     /// Stream of commands for all hosts (work queue; one durable consumer per host, filtered to

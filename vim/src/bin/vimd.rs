@@ -34,6 +34,10 @@ struct Args {
     /// Credentials for an external NATS (JSON {"user","password"}).
     #[arg(long = "nats-credentials", env = "VIMD_NATS_CREDENTIALS")]
     nats_credentials: Option<PathBuf>,
+    /// With --nats-url: keep the NATS users (vimd's and each host's) in this file, which every
+    /// node's configuration includes; reload the nodes when it changes (docs/protocol.md).
+    #[arg(long = "nats-accounts-file", env = "VIMD_NATS_ACCOUNTS_FILE", requires_all = ["nats_url", "nats_credentials"])]
+    nats_accounts_file: Option<PathBuf>,
     /// JetStream replicas: 1 for one server, 3 for a cluster.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
@@ -99,22 +103,49 @@ async fn run(a: Args) -> Result<()> {
         std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         tracing::info!(path = %p.display(), "wrote the admin API token");
     }
+    let mut accounts_file = None;
     let (embedded, nats, nats_url) = match a.nats_url {
         Some(u) => {
-            let opts = match &a.nats_credentials {
+            let (user, password) = match &a.nats_credentials {
                 Some(p) => {
-                    let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p)?)?;
-                    async_nats::ConnectOptions::with_user_and_password(
-                        c["user"].as_str().unwrap_or_default().into(),
-                        c["password"].as_str().unwrap_or_default().into(),
-                    )
+                    let text = std::fs::read_to_string(p)
+                        .with_context(|| format!("cannot read {}", p.display()))?;
+                    let c: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+                        format!("{}: not JSON {{\"user\", \"password\"}}", p.display())
+                    })?;
+                    let field = |k: &str| {
+                        c[k].as_str()
+                            .map(String::from)
+                            .with_context(|| format!("{}: no \"{k}\" string", p.display()))
+                    };
+                    (Some(field("user")?), Some(field("password")?))
                 }
-                None => async_nats::ConnectOptions::new(),
+                None => (None, None),
             };
-            let c = opts
-                .connect(&u)
-                .await
-                .with_context(|| format!("cannot connect to NATS at {u}"))?;
+            if let (Some(path), Some(user), Some(password)) =
+                (a.nats_accounts_file, user.clone(), password.clone())
+            {
+                let f = queue::AccountsFile {
+                    path,
+                    user,
+                    password,
+                };
+                // Before connecting: the nodes may be waiting for it to start.
+                f.write(&db.hosts().await?)?;
+                accounts_file = Some(f);
+            }
+            let mut opts = match (user, password) {
+                (Some(u), Some(p)) => async_nats::ConnectOptions::with_user_and_password(u, p),
+                _ => async_nats::ConnectOptions::new(),
+            };
+            opts = opts.retry_on_initial_connect();
+            let c = tokio::time::timeout(
+                Duration::from_secs(60),
+                opts.connect(vim_proto::nats_servers(&u)),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("no NATS server at {u} answered within 60 s"))?
+            .with_context(|| format!("cannot connect to NATS at {u}"))?;
             (None, c, u)
         }
         None => {
@@ -127,7 +158,14 @@ async fn run(a: Args) -> Result<()> {
     };
     let nats_url = a.nats_advertise.unwrap_or(nats_url);
     let js = async_nats::jetstream::new(nats.clone());
-    queue::declare_streams(&js, a.replicas).await?;
+    // A cluster that has just started elects its JetStream leader first: retry for a while.
+    let mut tries = 0;
+    while let Err(e) = queue::declare_streams(&js, a.replicas).await {
+        tries += 1;
+        anyhow::ensure!(tries < 60, "cannot declare the JetStream streams: {e:#}");
+        tracing::info!(error = %e, "JetStream not ready; retrying");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     for h in db.hosts().await? {
         queue::declare_host_consumer(&js, &h.id).await?;
     }
@@ -139,6 +177,7 @@ async fn run(a: Args) -> Result<()> {
         nats,
         nats_url,
         embedded,
+        accounts_file,
         state_dir: a.state_dir,
         shared_dir,
         policy: placement::Policy {
