@@ -132,6 +132,27 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
+/// This host's address as NATS sees it: the local address of a route to the first NATS server
+/// (a UDP socket "connected" there; nothing is sent). Empty when it cannot be told.
+fn address_towards(nats_url: &str) -> String {
+    use std::net::{ToSocketAddrs, UdpSocket};
+    let Some(first) = vim_proto::nats_servers(nats_url).into_iter().next() else {
+        return String::new();
+    };
+    let hostport = first.rsplit("://").next().unwrap_or(&first);
+    let hostport = hostport.rsplit('@').next().unwrap_or(hostport);
+    let local = || -> std::io::Result<String> {
+        let to = hostport
+            .to_socket_addrs()?
+            .next()
+            .ok_or(std::io::ErrorKind::NotFound)?;
+        let s = UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+        s.connect(to)?;
+        Ok(s.local_addr()?.ip().to_string())
+    };
+    local().unwrap_or_default()
+}
+
 fn memory_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -259,9 +280,16 @@ async fn run(cfg: Config) -> Result<()> {
         // The last VM reports, repeated while a command holds the VMs (a graceful stop can take
         // seconds; heartbeats must not wait for it).
         let mut last_reports = Vec::new();
+        let mut address = String::new();
         loop {
             tick.tick().await;
             seq += 1;
+            if address.is_empty() {
+                let url = a.cfg.nats_url.clone();
+                address = tokio::task::spawn_blocking(move || address_towards(&url))
+                    .await
+                    .unwrap_or_default();
+            }
             let a2 = a.clone();
             let (exited, reports) = tokio::task::spawn_blocking(move || {
                 let mut vms = match a2.vms.try_lock() {
@@ -288,6 +316,7 @@ async fn run(cfg: Config) -> Result<()> {
                 host_id: a.cfg.host_id.clone(),
                 seq,
                 hostname: hostname(),
+                address: address.clone(),
                 cpu_cores: cores,
                 memory_mib: memory_mib(),
                 agent_version: env!("CARGO_PKG_VERSION").into(),

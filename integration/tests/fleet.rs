@@ -145,6 +145,9 @@ struct Fleet {
 /// configuration includes the accounts file vimd keeps, and the nodes are reloaded (SIGHUP) after
 /// hosts are added. Clients listen on every address (agents dial it over their veths); routes
 /// stay on loopback.
+/// vimd's NATS password on the test cluster.
+const CLUSTER_VIMD_PASSWORD: &str = "vimd-test-secret";
+
 struct Cluster {
     dir: PathBuf,
     ports: Vec<u16>,
@@ -264,12 +267,26 @@ impl Fleet {
             f.start_agent(h);
         }
         let n = hosts.len();
+        // Reachable, each with the address it reaches NATS from: its namespace's end of the veth.
+        let addresses: Vec<(String, String)> = f
+            .nets
+            .iter()
+            .map(|(h, net)| {
+                let prefix = net.root_ip.strip_suffix(".1").unwrap();
+                (h.clone(), format!("{prefix}.2"))
+            })
+            .collect();
         wait_until("hosts reachable", || {
             let h = f.ctl_ok(&["hosts", "--json"]);
             h.as_array()
                 .unwrap()
                 .iter()
-                .filter(|h| h["state"] == "reachable")
+                .filter(|h| {
+                    h["state"] == "reachable"
+                        && addresses
+                            .iter()
+                            .any(|(id, a)| h["id"] == id.as_str() && h["address"] == a.as_str())
+                })
                 .count()
                 == n
         });
@@ -278,6 +295,25 @@ impl Fleet {
 
     fn state(&self) -> PathBuf {
         self.dir.path().join("vim")
+    }
+
+    /// JetStream as vimd's NATS user (what an operator would use), over loopback.
+    async fn vimd_jetstream(&self) -> async_nats::jetstream::Context {
+        let (password, url) = match &self.cluster {
+            Some(c) => (CLUSTER_VIMD_PASSWORD.to_string(), c.url("127.0.0.1")),
+            None => (
+                std::fs::read_to_string(self.state().join("nats/vimd.password"))
+                    .unwrap()
+                    .trim()
+                    .to_string(),
+                format!("nats://127.0.0.1:{}", self.nats_port),
+            ),
+        };
+        let c = async_nats::ConnectOptions::with_user_and_password("vimd".into(), password)
+            .connect(url.split(',').collect::<Vec<_>>())
+            .await
+            .unwrap();
+        async_nats::jetstream::new(c)
     }
 
     /// The NATS URL agents use: the embedded server's, or the cluster's.
@@ -299,7 +335,7 @@ impl Fleet {
                 let creds = self.dir.path().join("vimd-nats.json");
                 std::fs::write(
                     &creds,
-                    r#"{"user": "vimd", "password": "vimd-test-secret"}"#,
+                    format!(r#"{{"user": "vimd", "password": "{CLUSTER_VIMD_PASSWORD}"}}"#),
                 )
                 .unwrap();
                 c.args(["--nats-url", &cl.url("127.0.0.1")])
@@ -442,6 +478,16 @@ impl Fleet {
             ok && serde_json::from_str::<Value>(&out)
                 .is_ok_and(|j| j["state"] == "done" || j["state"] == "failed")
         });
+    }
+
+    /// A create job ended `done` and its VM runs in exactly one VMM (a second after, so a late
+    /// duplicate would show).
+    fn create_done_once(&self, job: &str, vm_id: &str) {
+        self.wait_job(job);
+        assert_eq!(self.ctl_ok(&["job", "show", job])["state"], "done");
+        std::thread::sleep(Duration::from_secs(1));
+        let n = self.vmm_pids(vm_id).len();
+        assert_eq!(n, 1, "the VM runs {n} times");
     }
 
     fn token(&self, name: &str) -> PathBuf {
@@ -888,14 +934,7 @@ fn a_job_in_flight_when_vimd_is_killed_completes_exactly_once() {
     f.kill_vimd();
     f.start_vimd();
     // A worker of the killed vimd may have held the job: it comes back after the 30 s ack wait.
-    f.wait_job(&job);
-    assert_eq!(f.ctl_ok(&["job", "show", &job])["state"], "done");
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(
-        f.vmm_pids(&id).len(),
-        1,
-        "the VM was started more than once"
-    );
+    f.create_done_once(&job, &id);
     let created = f
         .events()
         .iter()
@@ -954,7 +993,6 @@ fn host_credentials_reach_only_their_own_commands_and_garbage_is_dead_lettered()
         serde_json::from_str(&std::fs::read_to_string(f.state().join("hosts/h1.creds")).unwrap())
             .unwrap();
     let url = format!("nats://127.0.0.1:{}", f.nats_port);
-    let vimd_pw = std::fs::read_to_string(f.state().join("nats/vimd.password")).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let c = async_nats::ConnectOptions::with_user_and_password(
@@ -993,14 +1031,7 @@ fn host_credentials_reach_only_their_own_commands_and_garbage_is_dead_lettered()
         );
 
         // Garbage on the job subject (as vimd itself, the only one allowed to publish there).
-        let admin = async_nats::ConnectOptions::with_user_and_password(
-            "vimd".into(),
-            vimd_pw.trim().into(),
-        )
-        .connect(&url)
-        .await
-        .unwrap();
-        let ajs = async_nats::jetstream::new(admin);
+        let ajs = f.vimd_jetstream().await;
         ajs.publish("vim.jobs", vec![0xff, 0x13, 0x37].into())
             .await
             .unwrap()
@@ -1057,15 +1088,7 @@ fn a_job_survives_nats_server_being_killed() {
     wait_until("a new nats-server", || {
         nats_pid().is_some_and(|p| p != first)
     });
-    f.wait_job(&job);
-    assert_eq!(f.ctl_ok(&["job", "show", &job])["state"], "done");
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(
-        f.vmm_pids(&id).len(),
-        1,
-        "the VM runs {} times",
-        f.vmm_pids(&id).len()
-    );
+    f.create_done_once(&job, &id);
     // And the fleet keeps working after the restart.
     let (ok, _, err) = f.ctl(&[
         "vm",
@@ -1092,18 +1115,9 @@ fn a_host_command_lost_by_nats_is_sent_again() {
     wait_until("the command sent to h1", || {
         f.ctl_ok(&["job", "show", &job])["state"] == "running"
     });
-    let vimd_pw = std::fs::read_to_string(f.state().join("nats/vimd.password")).unwrap();
-    let url = format!("nats://127.0.0.1:{}", f.nats_port);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let c = async_nats::ConnectOptions::with_user_and_password(
-            "vimd".into(),
-            vimd_pw.trim().into(),
-        )
-        .connect(&url)
-        .await
-        .unwrap();
-        let js = async_nats::jetstream::new(c);
+        let js = f.vimd_jetstream().await;
         let mut stream = js.get_stream("VIM_COMMANDS").await.unwrap();
         let before = stream.info().await.unwrap().state.messages;
         assert!(before >= 1, "no command waiting for h1");
@@ -1111,15 +1125,7 @@ fn a_host_command_lost_by_nats_is_sent_again() {
         assert_eq!(stream.info().await.unwrap().state.messages, 0);
     });
     f.start_agent("h1");
-    f.wait_job(&job);
-    assert_eq!(f.ctl_ok(&["job", "show", &job])["state"], "done");
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(
-        f.vmm_pids(&id).len(),
-        1,
-        "the VM runs {} times",
-        f.vmm_pids(&id).len()
-    );
+    f.create_done_once(&job, &id);
     let log = std::fs::read_to_string(f.dir.path().join("vimd.log")).unwrap();
     assert!(
         log.contains("sending the command again"),
@@ -1134,21 +1140,8 @@ fn a_host_command_lost_by_nats_is_sent_again() {
 fn a_fleet_on_a_three_node_nats_cluster_survives_losing_a_node() {
     let mut f = Fleet::start_with(None, &["h1"], true);
     f.add_test_image();
-    let create = |f: &Fleet, name: &str| -> String {
-        let (ok, out, err) = f.ctl(&[
-            "vm",
-            "create",
-            "--name",
-            name,
-            "--image",
-            "tg",
-            "--memory-mib",
-            "64",
-        ]);
-        assert!(ok, "create {name} failed: {err}");
-        out.trim().to_string()
-    };
-    let first = create(&f, "c1");
+    let (job, first) = f.create_no_wait("c1");
+    f.create_done_once(&job, &first);
     let accounts = std::fs::read_to_string(f.cluster.as_ref().unwrap().accounts()).unwrap();
     assert!(
         accounts.contains("host-h1"),
@@ -1156,24 +1149,16 @@ fn a_fleet_on_a_three_node_nats_cluster_survives_losing_a_node() {
     );
     // The streams are replicated on all three nodes.
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let url = f.cluster.as_ref().unwrap().url("127.0.0.1");
     let replicas = rt.block_on(async {
-        let c = async_nats::ConnectOptions::with_user_and_password(
-            "vimd".into(),
-            "vimd-test-secret".into(),
-        )
-        .connect(url.split(',').collect::<Vec<_>>())
-        .await
-        .unwrap();
-        let js = async_nats::jetstream::new(c);
+        let js = f.vimd_jetstream().await;
         let mut s = js.get_stream("VIM_JOBS").await.unwrap();
         s.info().await.unwrap().config.num_replicas
     });
     assert_eq!(replicas, 3);
     for i in 0..3 {
         f.cluster.as_mut().unwrap().kill_node(i);
-        let id = create(&f, &format!("c2n{i}"));
-        assert_eq!(f.vmm_pids(&id).len(), 1, "VM on a cluster without n{i}");
+        let (job, id) = f.create_no_wait(&format!("c2n{i}"));
+        f.create_done_once(&job, &id);
         f.cluster.as_mut().unwrap().start_node(i);
     }
     assert_eq!(f.vmm_pids(&first).len(), 1);

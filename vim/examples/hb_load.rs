@@ -47,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
                 memory_mib: 512 * 1024,
                 agent_version: "sim".into(),
                 vms: Vec::new(),
+                address: "192.0.2.1".into(),
             };
             c.publish(
                 vim_proto::subjects::heartbeat(&id),

@@ -77,6 +77,7 @@ pub fn new_id() -> String {
 pub struct Host {
     pub id: String,
     pub hostname: String,
+    pub address: String,
     pub cpu_cores: i64,
     pub memory_mib: i64,
     pub agent_version: String,
@@ -201,6 +202,7 @@ fn host(r: &AnyRow) -> Result<Host, sqlx::Error> {
     Ok(Host {
         id: r.try_get("id")?,
         hostname: r.try_get("hostname")?,
+        address: r.try_get("address")?,
         cpu_cores: r.try_get("cpu_cores")?,
         memory_mib: r.try_get("memory_mib")?,
         agent_version: r.try_get("agent_version")?,
@@ -422,7 +424,7 @@ impl Db {
         for (hb, at) in beats {
             sqlx::query(
                 "UPDATE hosts SET hostname = $1, cpu_cores = $2, memory_mib = $3,
-                 agent_version = $4, last_heartbeat = $5 WHERE id = $6",
+                 agent_version = $4, last_heartbeat = $5, address = $7 WHERE id = $6",
             )
             .bind(&hb.hostname)
             .bind(i64::from(hb.cpu_cores))
@@ -430,6 +432,7 @@ impl Db {
             .bind(&hb.agent_version)
             .bind(*at)
             .bind(&hb.host_id)
+            .bind(&hb.address)
             .execute(&mut *tx)
             .await?;
             for v in &hb.vms {

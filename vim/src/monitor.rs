@@ -41,6 +41,7 @@ pub enum Beat {
 fn same_report(a: &Heartbeat, b: &Heartbeat) -> bool {
     a.host_id == b.host_id
         && a.hostname == b.hostname
+        && a.address == b.address
         && a.cpu_cores == b.cpu_cores
         && a.memory_mib == b.memory_mib
         && a.agent_version == b.agent_version

@@ -159,6 +159,9 @@ pub struct Heartbeat {
     pub agent_version: String,
     #[prost(message, repeated, tag = "8")]
     pub vms: Vec<VmReport>,
+    /// The host's address: the one it reaches NATS from (migration and consoles use it).
+    #[prost(string, tag = "9")]
+    pub address: String,
 }
 
 /// An agent's answer to a command, or an event it noticed (a VMM that exited).
