@@ -451,6 +451,26 @@ impl Fleet {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("vimctl {args:?}: {e}: {out}"))
     }
 
+    /// `vm create` of a 64 MiB test-guest VM, waiting for its job; returns the VM id, or
+    /// vimctl's error output.
+    fn create(&self, name: &str) -> Result<String, String> {
+        let (ok, out, err) = self.ctl(&[
+            "vm",
+            "create",
+            "--name",
+            name,
+            "--image",
+            "tg",
+            "--memory-mib",
+            "64",
+        ]);
+        if ok {
+            Ok(out.trim().to_string())
+        } else {
+            Err(err)
+        }
+    }
+
     /// `vm create --no-wait` of a 64 MiB test-guest VM; returns (job id, VM id).
     fn create_no_wait(&self, name: &str) -> (String, String) {
         let r = self.ctl_ok(&[
@@ -950,18 +970,7 @@ fn a_job_in_flight_when_vimd_is_killed_completes_exactly_once() {
 fn a_killed_agent_is_reported_unreachable_and_readopts_its_vm() {
     let mut f = Fleet::start(None, &["h1"]);
     f.add_test_image();
-    let (ok, out, err) = f.ctl(&[
-        "vm",
-        "create",
-        "--name",
-        "r",
-        "--image",
-        "tg",
-        "--memory-mib",
-        "64",
-    ]);
-    assert!(ok, "{err}");
-    let id = out.trim().to_string();
+    let id = f.create("r").unwrap_or_else(|err| panic!("{err}"));
     let pid = f.vmm_pids(&id);
     assert_eq!(pid.len(), 1);
     f.kill_agent("h1");
@@ -1050,17 +1059,9 @@ fn host_credentials_reach_only_their_own_commands_and_garbage_is_dead_lettered()
     });
     // vimd is still alive and working.
     f.add_test_image();
-    let (ok, _, err) = f.ctl(&[
-        "vm",
-        "create",
-        "--name",
-        "after",
-        "--image",
-        "tg",
-        "--memory-mib",
-        "64",
-    ]);
-    assert!(ok, "vimd broken after garbage: {err}");
+    if let Err(err) = f.create("after") {
+        panic!("vimd broken after garbage: {err}");
+    }
 }
 
 #[test]
@@ -1090,17 +1091,9 @@ fn a_job_survives_nats_server_being_killed() {
     });
     f.create_done_once(&job, &id);
     // And the fleet keeps working after the restart.
-    let (ok, _, err) = f.ctl(&[
-        "vm",
-        "create",
-        "--name",
-        "after",
-        "--image",
-        "tg",
-        "--memory-mib",
-        "64",
-    ]);
-    assert!(ok, "{err}");
+    if let Err(err) = f.create("after") {
+        panic!("{err}");
+    }
 }
 
 /// A host command that JetStream acknowledged and then lost (here: purged while the host's agent
