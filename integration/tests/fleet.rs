@@ -906,6 +906,10 @@ fn malformed_requests_get_4xx_and_change_nothing() {
             None,
             401,
         ),
+        ("GET", "/vms?limit=many", "", Some(&t), 400),
+        ("GET", "/vms?after=no-such-vm", "", Some(&t), 400),
+        ("GET", "/vms?page=2", "", Some(&t), 400),
+        ("GET", "/jobs?limit=-", "", Some(&t), 400),
     ];
     for (m, p, body, tok, want) in cases {
         let (code, text) = f.http(m, p, body, *tok);

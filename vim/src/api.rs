@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -58,6 +58,12 @@ fn not_found(what: &str) -> ApiError {
 /// wrong shape) with its message.
 fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     b.map(|Json(v)| v)
+        .map_err(|e| ApiError(e.status(), e.body_text()))
+}
+
+/// A query string, parsed strictly like bodies (unknown parameters are errors).
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(v)| v)
         .map_err(|e| ApiError(e.status(), e.body_text()))
 }
 
@@ -353,9 +359,36 @@ async fn add_token(
     .await
 }
 
-async fn list_vms(State(v): St, h: HeaderMap) -> Response {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmPage {
+    #[serde(default)]
+    limit: Option<i64>,
+    /// The last VM id of the page before.
+    #[serde(default)]
+    after: Option<String>,
+}
+
+/// VMs oldest first, a page at a time (`limit`, default 1000; `after`: the last id seen).
+async fn list_vms(
+    State(v): St,
+    h: HeaderMap,
+    q: Result<Query<VmPage>, QueryRejection>,
+) -> Response {
     call(&v, &h, "vms.list", "", |v, who| async move {
-        ok(json!(v.db.vms(who.owner_filter()).await?))
+        let q = query(q)?;
+        let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+        let after = match &q.after {
+            // A VM deleted since the page before still marks the place.
+            Some(id) => match v.db.vm(id).await? {
+                Some(vm) if who.may_touch(&vm.owner) => Some(vm),
+                _ => return Err(bad(format!("after: no VM {id} to continue from"))),
+            },
+            None => None,
+        };
+        ok(json!(
+            v.db.vms(who.owner_filter(), after.as_ref(), limit).await?
+        ))
     })
     .await
 }
@@ -401,17 +434,10 @@ async fn create_vm(
         };
         let job = db::Job::new("create", &who.name, &vm.id);
         v.db.add_job(&job, Some(&vm)).await?;
-        publish(&v, &job.id).await;
+        v.outbox.push(&job.id);
         accepted(json!({"job_id": job.id, "vm_id": vm.id}))
     })
     .await
-}
-
-/// Publishing after the commit; if it fails, the reconciler publishes later (the job is safe).
-async fn publish(v: &Vimd, job_id: &str) {
-    if let Err(e) = v.publish_job(job_id).await {
-        tracing::warn!(job_id, error = %e, "job not published yet; the reconciler retries");
-    }
 }
 
 async fn owned_vm(v: &Vimd, who: &Identity, id: &str) -> Result<db::Vm, ApiError> {
@@ -438,7 +464,7 @@ async fn vm_job(v: Arc<Vimd>, h: HeaderMap, id: String, kind: &'static str) -> R
             let vm = owned_vm(&v, &who, &id).await?;
             let job = db::Job::new(kind, &who.name, &vm.id);
             v.db.add_job(&job, None).await?;
-            publish(&v, &job.id).await;
+            v.outbox.push(&job.id);
             accepted(json!({"job_id": job.id, "vm_id": vm.id}))
         },
     )
@@ -477,8 +503,13 @@ struct ListQuery {
     since: Option<i64>,
 }
 
-async fn list_jobs(State(v): St, h: HeaderMap, Query(q): Query<ListQuery>) -> Response {
+async fn list_jobs(
+    State(v): St,
+    h: HeaderMap,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Response {
     call(&v, &h, "jobs.list", "", |v, who| async move {
+        let q = query(q)?;
         let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
         ok(json!(v.db.jobs(who.owner_filter(), limit).await?))
     })
@@ -495,9 +526,14 @@ async fn show_job(State(v): St, h: HeaderMap, Path(id): Path<String>) -> Respons
     .await
 }
 
-async fn list_events(State(v): St, h: HeaderMap, Query(q): Query<ListQuery>) -> Response {
+async fn list_events(
+    State(v): St,
+    h: HeaderMap,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Response {
     call(&v, &h, "events.list", "", |v, who| async move {
         admin(&who)?;
+        let q = query(q)?;
         let limit = q.limit.unwrap_or(1000).clamp(1, 100_000);
         ok(json!(v.db.events(q.since.unwrap_or(0), limit).await?))
     })
@@ -528,9 +564,14 @@ async fn stream_events(State(v): St, h: HeaderMap) -> Response {
     .await
 }
 
-async fn list_audit(State(v): St, h: HeaderMap, Query(q): Query<ListQuery>) -> Response {
+async fn list_audit(
+    State(v): St,
+    h: HeaderMap,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Response {
     call(&v, &h, "audit.list", "", |v, who| async move {
         admin(&who)?;
+        let q = query(q)?;
         let limit = q.limit.unwrap_or(1000).clamp(1, 100_000);
         ok(json!(v.db.audit_log(limit).await?))
     })

@@ -52,6 +52,7 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts)",
     "CREATE INDEX IF NOT EXISTS jobs_unpublished ON jobs (published, state)",
     "CREATE INDEX IF NOT EXISTS vms_owner ON vms (owner)",
+    "CREATE INDEX IF NOT EXISTS vms_by_age ON vms (owner, created_at, id)",
     "CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, created_at)",
 ];
 
@@ -561,11 +562,20 @@ impl Db {
         Ok(())
     }
 
-    pub async fn mark_published(&self, job_id: &str) -> Result<(), DbError> {
-        sqlx::query("UPDATE jobs SET published = 1 WHERE id = $1")
-            .bind(job_id)
-            .execute(&self.writer)
-            .await?;
+    /// Marks jobs published (their messages are in `VIM_JOBS`), in as few statements as possible.
+    pub async fn mark_published(&self, job_ids: &[String]) -> Result<(), DbError> {
+        for chunk in job_ids.chunks(HEARTBEAT_CHUNK) {
+            let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "UPDATE jobs SET published = 1 WHERE id IN ({})",
+                marks.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            q.execute(&self.writer).await?;
+        }
         Ok(())
     }
 
@@ -662,21 +672,36 @@ impl Db {
         Ok(r.as_ref().map(vm).transpose()?)
     }
 
-    pub async fn vms(&self, owner: Option<&str>) -> Result<Vec<Vm>, DbError> {
-        let rows =
-            match owner {
-                Some(o) => sqlx::query(
-                    "SELECT * FROM vms WHERE owner = $1 AND state <> 'deleted' ORDER BY created_at",
-                )
-                .bind(o)
-                .fetch_all(&self.pool)
-                .await?,
-                None => {
-                    sqlx::query("SELECT * FROM vms WHERE state <> 'deleted' ORDER BY created_at")
-                        .fetch_all(&self.pool)
-                        .await?
-                }
-            };
+    /// VMs not deleted, oldest first (then by id), at most `limit` of them, starting after the VM
+    /// `after` (the last one of the page before: a cursor that stays right while VMs come and go).
+    pub async fn vms(
+        &self,
+        owner: Option<&str>,
+        after: Option<&Vm>,
+        limit: i64,
+    ) -> Result<Vec<Vm>, DbError> {
+        let mut sql = String::from("SELECT * FROM vms WHERE state <> 'deleted'");
+        let mut n = 0;
+        let mut mark = || {
+            n += 1;
+            format!("${n}")
+        };
+        if owner.is_some() {
+            sql += &format!(" AND owner = {}", mark());
+        }
+        if after.is_some() {
+            let (a, b, c) = (mark(), mark(), mark());
+            sql += &format!(" AND (created_at > {a} OR (created_at = {b} AND id > {c}))");
+        }
+        sql += &format!(" ORDER BY created_at, id LIMIT {}", mark());
+        let mut q = sqlx::query(&sql);
+        if let Some(o) = owner {
+            q = q.bind(o);
+        }
+        if let Some(a) = after {
+            q = q.bind(a.created_at).bind(a.created_at).bind(&a.id);
+        }
+        let rows = q.bind(limit).fetch_all(&self.pool).await?;
         Ok(rows.iter().map(vm).collect::<Result<_, _>>()?)
     }
 
@@ -877,7 +902,9 @@ pub(crate) mod tests {
             };
             db.add_job(&job, Some(&vm)).await.unwrap();
             assert_eq!(db.unpublished_jobs(1000).await.unwrap().len(), 1);
-            db.mark_published(&job.id).await.unwrap();
+            db.mark_published(std::slice::from_ref(&job.id))
+                .await
+                .unwrap();
             assert!(db.unpublished_jobs(1000).await.unwrap().is_empty());
             // Published 10 s ago and never taken: stale once, then not again until it ages.
             assert_eq!(db.stale_jobs("pending", 1000).await.unwrap().len(), 1);
@@ -893,13 +920,67 @@ pub(crate) mod tests {
                     .unwrap(),
                 "a job moved twice"
             );
-            assert_eq!(db.vms(Some("bob")).await.unwrap().len(), 0);
-            assert_eq!(db.vms(Some("alice")).await.unwrap().len(), 1);
+            assert_eq!(db.vms(Some("bob"), None, 100).await.unwrap().len(), 0);
+            assert_eq!(db.vms(Some("alice"), None, 100).await.unwrap().len(), 1);
             db.add_host("h1", "u", "p").await.unwrap();
             assert!(matches!(
                 db.add_host("h1", "u", "p").await,
                 Err(DbError::Conflict(_))
             ));
+        }
+    }
+
+    /// Pages of a VM listing join up to the whole listing: oldest first, ties by id, nobody
+    /// else's VMs and no deleted ones, each once.
+    #[tokio::test]
+    async fn vm_pages() {
+        for (db, _dir) in databases().await {
+            let mut ids = Vec::new();
+            for i in 0..8 {
+                let (owner, state) = match i {
+                    3 => ("bob", "running"),
+                    5 => ("alice", "deleted"),
+                    _ => ("alice", "running"),
+                };
+                let vm = Vm {
+                    id: new_id(),
+                    name: format!("v{i}"),
+                    owner: owner.into(),
+                    state: state.into(),
+                    // Pairs of VMs created in the same millisecond.
+                    created_at: 1000 + i / 2,
+                    ..Vm::default()
+                };
+                db.add_job(&Job::new("create", owner, &vm.id), Some(&vm))
+                    .await
+                    .unwrap();
+                if owner == "alice" && state != "deleted" {
+                    ids.push((vm.created_at, vm.id));
+                }
+            }
+            ids.sort();
+            let want: Vec<String> = ids.into_iter().map(|(_, id)| id).collect();
+            let whole: Vec<String> = db
+                .vms(Some("alice"), None, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|v| v.id)
+                .collect();
+            assert_eq!(whole, want);
+            let mut paged: Vec<String> = Vec::new();
+            let mut after: Option<Vm> = None;
+            loop {
+                let page = db.vms(Some("alice"), after.as_ref(), 2).await.unwrap();
+                assert!(page.len() <= 2);
+                paged.extend(page.iter().map(|v| v.id.clone()));
+                match page.last() {
+                    Some(last) if page.len() == 2 => after = Some(last.clone()),
+                    _ => break,
+                }
+            }
+            assert_eq!(paged, want);
+            assert_eq!(db.vms(None, None, 100).await.unwrap().len(), want.len() + 1);
         }
     }
 

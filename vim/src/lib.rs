@@ -8,6 +8,7 @@ pub mod auth;
 pub mod db;
 pub mod monitor;
 pub mod openapi;
+pub mod outbox;
 pub mod placement;
 pub mod queue;
 pub mod server;

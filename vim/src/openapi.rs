@@ -21,6 +21,15 @@ pub fn document() -> Value {
         o["parameters"] = id.clone();
         o
     };
+    let mut list_vms = op(
+        "List VMs, oldest first, a page at a time (a consumer sees its own)",
+        "200",
+    );
+    list_vms["parameters"] = json!([
+        {"name": "limit", "in": "query",
+         "schema": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000}},
+        {"name": "after", "in": "query", "description": "the last VM id of the page before",
+         "schema": {"type": "string"}}]);
     json!({
         "openapi": "3.0.3",
         "info": {"title": "vimd", "version": env!("CARGO_PKG_VERSION"),
@@ -42,7 +51,7 @@ pub fn document() -> Value {
                 json!({"type": "object", "required": ["name", "role"], "additionalProperties": false,
                        "properties": {"name": {"type": "string"}, "role": {"enum": ["admin", "consumer"]}}}))},
             "/vms": {
-                "get": op("List VMs (a consumer sees its own)", "200"),
+                "get": list_vms,
                 "post": with_body(op("Create a VM", "202"),
                     json!({"type": "object", "required": ["name", "image", "vcpus", "memory_mib"],
                            "additionalProperties": false,

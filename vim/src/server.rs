@@ -15,6 +15,7 @@ use vim_proto::{host_command::Action, subjects as s, Versioned, PROTOCOL_VERSION
 
 use crate::db::{self, Db, Event};
 use crate::monitor::{Beat, Liveness};
+use crate::outbox;
 use crate::placement::{self, Policy};
 use crate::queue;
 
@@ -29,6 +30,8 @@ pub struct Monitoring {
 pub struct Vimd {
     pub db: Db,
     pub audit: crate::audit::Audit,
+    /// Publishes committed jobs after the API has answered.
+    pub outbox: crate::outbox::Outbox,
     pub js: jetstream::Context,
     pub nats: async_nats::Client,
     /// The URL agents are told to use.
@@ -83,26 +86,6 @@ impl Vimd {
 
     /// Publishes a job id for the workers; marks it published once JetStream has stored it. The
     /// message id is the job id, so a republish inside the dedup window is dropped by the server.
-    pub async fn publish_job(&self, job_id: &str) -> Result<()> {
-        self.publish_job_as(job_id, job_id).await
-    }
-
-    /// Publishes with an explicit message id (a stale job's republish must not be deduplicated).
-    async fn publish_job_as(&self, job_id: &str, msg_id: &str) -> Result<()> {
-        let msg = vim_proto::Job {
-            version: PROTOCOL_VERSION,
-            job_id: job_id.into(),
-        };
-        let mut h = async_nats::HeaderMap::new();
-        h.insert("Nats-Msg-Id", msg_id);
-        self.js
-            .publish_with_headers(s::JOBS, h, msg.encode_to_vec().into())
-            .await?
-            .await?;
-        self.db.mark_published(job_id).await?;
-        Ok(())
-    }
-
     async fn send_to_host(&self, host_id: &str, job_id: &str, action: Action) -> Result<()> {
         self.send_to_host_as(host_id, job_id, job_id, action).await
     }
@@ -549,22 +532,29 @@ pub async fn run_reconciler(v: Arc<Vimd>) {
                 n.supervise();
             }
             match v.db.unpublished_jobs(2000).await {
-                Ok(jobs) => {
-                    for j in jobs {
-                        tracing::info!(job = j.id, "republishing an unconfirmed job");
-                        if let Err(e) = v.publish_job(&j.id).await {
-                            tracing::warn!(job = j.id, error = %e, "republish failed");
-                        }
+                Ok(jobs) if !jobs.is_empty() => {
+                    tracing::info!(jobs = jobs.len(), "republishing unconfirmed jobs");
+                    let ids: Vec<_> = jobs.into_iter().map(|j| (j.id.clone(), j.id)).collect();
+                    if let Err(e) = outbox::publish(&v.js, &v.db, &ids).await {
+                        tracing::warn!(error = %e, "republish failed");
                     }
                 }
+                Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "reconciler"),
             }
             if let Ok(jobs) = v.db.stale_jobs("pending", age).await {
-                for j in jobs {
-                    tracing::warn!(job = j.id, "job published but not taken; publishing again");
-                    let msg_id = format!("{}-{}", j.id, db::now_ms());
-                    if let Err(e) = v.publish_job_as(&j.id, &msg_id).await {
-                        tracing::warn!(job = j.id, error = %e, "republish failed");
+                if !jobs.is_empty() {
+                    tracing::warn!(
+                        jobs = jobs.len(),
+                        "jobs published but not taken; publishing again"
+                    );
+                    let now = db::now_ms();
+                    let ids: Vec<_> = jobs
+                        .into_iter()
+                        .map(|j| (j.id.clone(), format!("{}-{now}", j.id)))
+                        .collect();
+                    if let Err(e) = outbox::publish(&v.js, &v.db, &ids).await {
+                        tracing::warn!(error = %e, "republish failed");
                     }
                 }
             }

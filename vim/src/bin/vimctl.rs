@@ -179,6 +179,26 @@ impl Api {
     fn get(&self, path: &str) -> Result<Value> {
         self.req(reqwest::Method::GET, path, None)
     }
+    /// Every VM the token may see, fetched a page at a time.
+    fn all_vms(&self) -> Result<Value> {
+        const PAGE: usize = 1000;
+        let mut all = Vec::new();
+        loop {
+            let path = match all.last().and_then(|v: &Value| v["id"].as_str()) {
+                Some(id) => format!("/vms?limit={PAGE}&after={id}"),
+                None => format!("/vms?limit={PAGE}"),
+            };
+            let page = match self.get(&path)? {
+                Value::Array(page) => page,
+                other => anyhow::bail!("vimd answered GET /vms with {other}"),
+            };
+            let full = page.len() == PAGE;
+            all.extend(page);
+            if !full {
+                return Ok(Value::Array(all));
+            }
+        }
+    }
     fn post(&self, path: &str, body: Value) -> Result<Value> {
         self.req(reqwest::Method::POST, path, Some(body))
     }
@@ -287,7 +307,11 @@ fn run(cli: Cli) -> Result<()> {
     };
     // A list: a table of `cols`, or the JSON document.
     let listing = |path: &str, cols: &[&str]| -> Result<()> {
-        let r = api.get(path)?;
+        let r = if path == "/vms" {
+            api.all_vms()?
+        } else {
+            api.get(path)?
+        };
         if json_out {
             print(&r);
         } else {

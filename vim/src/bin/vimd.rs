@@ -172,6 +172,7 @@ async fn run(a: Args) -> Result<()> {
     let (events, _) = tokio::sync::broadcast::channel(1024);
     let v = Arc::new(Vimd {
         audit: vim::audit::Audit::start(db.clone()),
+        outbox: vim::outbox::Outbox::start(js.clone(), db.clone()),
         db,
         js,
         nats,
