@@ -364,14 +364,7 @@ async fn run(cfg: Config) -> Result<()> {
             let cmd = match vim_proto::HostCommand::decode_checked(&m.payload) {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(error = %e, subject = %m.subject, "undecodable command dead-lettered");
-                    let mut h = async_nats::HeaderMap::new();
-                    h.insert("Vim-Reason", e.to_string().as_str());
-                    h.insert("Vim-Original-Subject", m.subject.as_str());
-                    let _ = agent
-                        .js
-                        .publish_with_headers(s::DEAD_LETTER, h, m.payload.clone())
-                        .await;
+                    vim_proto::dead_letter(&agent.js, &m.subject, &m.payload, &e.to_string()).await;
                     let _ = m.ack_with(AckKind::Term).await;
                     continue;
                 }

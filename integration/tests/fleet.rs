@@ -1050,16 +1050,34 @@ fn host_credentials_reach_only_their_own_commands_and_garbage_is_dead_lettered()
             .unwrap()
             .await
             .unwrap();
+        // And on a host's command subject: its agent moves it aside and goes on.
+        ajs.publish("vim.host.h1.cmd", vec![0xff, 0x00].into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
         let dead = ajs.get_stream("VIM_DEAD").await.unwrap();
         let deadline = Instant::now() + TIMEOUT;
         loop {
             let mut d = dead.clone();
-            if d.info().await.unwrap().state.messages >= 1 {
+            if d.info().await.unwrap().state.messages >= 2 {
                 break;
             }
             assert!(Instant::now() < deadline, "garbage was not dead-lettered");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let mut origins = Vec::new();
+        for seq in 1..=2 {
+            let m = dead.get_raw_message(seq).await.unwrap();
+            let header = |k: &str| m.headers.get(k).map(|v| v.as_str().to_string());
+            assert!(
+                header("Vim-Reason").is_some_and(|r| !r.is_empty()),
+                "a dead letter without its reason"
+            );
+            origins.push(header("Vim-Original-Subject").unwrap_or_default());
+        }
+        origins.sort();
+        assert_eq!(origins, ["vim.host.h1.cmd", "vim.jobs"]);
     });
     // vimd is still alive and working.
     f.add_test_image();

@@ -332,22 +332,3 @@ pub async fn declare_host_consumer(js: &jetstream::Context, host_id: &str) -> Re
         .map_err(|e| anyhow::anyhow!("consumer for host {host_id}: {e}"))?;
     Ok(())
 }
-
-/// Moves an undecodable message aside, with why, so it is kept and logged but never retried.
-pub async fn dead_letter(js: &jetstream::Context, subject: &str, payload: &[u8], why: &str) {
-    tracing::warn!(subject, why, "dead-lettering a message");
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Vim-Original-Subject", subject);
-    headers.insert("Vim-Reason", why.replace(['\r', '\n'], " ").as_str());
-    match js
-        .publish_with_headers(s::DEAD_LETTER, headers, payload.to_vec().into())
-        .await
-    {
-        Ok(ack) => {
-            if let Err(e) = ack.await {
-                tracing::error!(error = %e, "dead letter not stored");
-            }
-        }
-        Err(e) => tracing::error!(error = %e, "dead letter not published"),
-    }
-}

@@ -322,7 +322,8 @@ pub async fn run_job_workers(v: Arc<Vimd>, n: usize) -> Result<()> {
                     let job = match vim_proto::Job::decode_checked(&m.payload) {
                         Ok(j) => j,
                         Err(e) => {
-                            queue::dead_letter(&v.js, &m.subject, &m.payload, &e.to_string()).await;
+                            vim_proto::dead_letter(&v.js, &m.subject, &m.payload, &e.to_string())
+                                .await;
                             let _ = m.ack_with(AckKind::Term).await;
                             continue;
                         }
@@ -379,7 +380,7 @@ pub async fn run_event_consumer(v: Arc<Vimd>) -> Result<()> {
                         }
                     },
                     Err(e) => {
-                        queue::dead_letter(&v.js, &m.subject, &m.payload, &e.to_string()).await;
+                        vim_proto::dead_letter(&v.js, &m.subject, &m.payload, &e.to_string()).await;
                         let _ = m.ack_with(AckKind::Term).await;
                     }
                 }
@@ -412,13 +413,13 @@ pub async fn run_monitor(v: Arc<Vimd>) -> Result<()> {
                     let hb = match vim_proto::Heartbeat::decode_checked(&m.payload) {
                         Ok(hb) => hb,
                         Err(e) => {
-                            queue::dead_letter(&v2.js, &m.subject, &m.payload, &e.to_string()).await;
+                            vim_proto::dead_letter(&v2.js, &m.subject, &m.payload, &e.to_string()).await;
                             continue;
                         }
                     };
                     // The subject names the sender (its permissions allow only its own).
                     if m.subject.as_str() != s::heartbeat(&hb.host_id) {
-                        queue::dead_letter(&v2.js, &m.subject, &m.payload, "host id does not match subject")
+                        vim_proto::dead_letter(&v2.js, &m.subject, &m.payload, "host id does not match subject")
                             .await;
                         continue;
                     }

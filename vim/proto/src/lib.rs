@@ -15,6 +15,32 @@ pub fn nats_servers(url: &str) -> Vec<String> {
         .collect()
 }
 
+/// Moves an undecodable message to [`subjects::DEAD_LETTER`] with where it came from and why
+/// (headers `Vim-Original-Subject`, `Vim-Reason`), so it is kept and logged but never retried.
+#[cfg(feature = "nats")]
+pub async fn dead_letter(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    payload: &[u8],
+    why: &str,
+) {
+    tracing::warn!(subject, why, "dead-lettering a message");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Vim-Original-Subject", subject);
+    headers.insert("Vim-Reason", why.replace(['\r', '\n'], " ").as_str());
+    match js
+        .publish_with_headers(subjects::DEAD_LETTER, headers, payload.to_vec().into())
+        .await
+    {
+        Ok(ack) => {
+            if let Err(e) = ack.await {
+                tracing::error!(error = %e, "dead letter not stored");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "dead letter not published"),
+    }
+}
+
 /// NATS subjects and JetStream names.
 pub mod subjects {
     /// Stream of commands for all hosts (work queue; one durable consumer per host, filtered to
