@@ -228,6 +228,20 @@ impl Cluster {
     }
 }
 
+/// `vimctl` arguments creating a 64 MiB test-guest VM.
+fn create_args(name: &str) -> [&str; 8] {
+    [
+        "vm",
+        "create",
+        "--name",
+        name,
+        "--image",
+        "tg",
+        "--memory-mib",
+        "64",
+    ]
+}
+
 impl Fleet {
     fn start(database_url: Option<String>, hosts: &[&str]) -> Fleet {
         Fleet::start_with(database_url, hosts, false)
@@ -454,16 +468,7 @@ impl Fleet {
     /// `vm create` of a 64 MiB test-guest VM, waiting for its job; returns the VM id, or
     /// vimctl's error output.
     fn create(&self, name: &str) -> Result<String, String> {
-        let (ok, out, err) = self.ctl(&[
-            "vm",
-            "create",
-            "--name",
-            name,
-            "--image",
-            "tg",
-            "--memory-mib",
-            "64",
-        ]);
+        let (ok, out, err) = self.ctl(&create_args(name));
         if ok {
             Ok(out.trim().to_string())
         } else {
@@ -473,18 +478,9 @@ impl Fleet {
 
     /// `vm create --no-wait` of a 64 MiB test-guest VM; returns (job id, VM id).
     fn create_no_wait(&self, name: &str) -> (String, String) {
-        let r = self.ctl_ok(&[
-            "vm",
-            "create",
-            "--name",
-            name,
-            "--image",
-            "tg",
-            "--memory-mib",
-            "64",
-            "--no-wait",
-            "--json",
-        ]);
+        let mut args = create_args(name).to_vec();
+        args.extend(["--no-wait", "--json"]);
+        let r = self.ctl_ok(&args);
         let field = |k: &str| r[k].as_str().unwrap().to_string();
         (field("job_id"), field("vm_id"))
     }

@@ -278,6 +278,14 @@ pub struct Db {
 /// 33–38 ms where 250 gave 42–56 ms (`scripts/bench-vim.sh`).
 const HEARTBEAT_CHUNK: usize = 50;
 
+/// `n` bind markers from `$first` on (`$1, $2, …`), for an `IN (…)` list.
+fn marks(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl Db {
     /// Opens (creating a SQLite file if needed) and applies the schema.
     pub async fn open(url: &str) -> Result<Db, DbError> {
@@ -394,8 +402,10 @@ impl Db {
     pub async fn hosts_among(&self, ids: &[String]) -> Result<Vec<Host>, DbError> {
         let mut out = Vec::new();
         for chunk in ids.chunks(HEARTBEAT_CHUNK) {
-            let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-            let sql = format!("SELECT * FROM hosts WHERE id IN ({})", marks.join(", "));
+            let sql = format!(
+                "SELECT * FROM hosts WHERE id IN ({})",
+                marks(1, chunk.len())
+            );
             let mut q = sqlx::query(&sql);
             for id in chunk {
                 q = q.bind(id);
@@ -567,10 +577,9 @@ impl Db {
     /// Marks jobs published (their messages are in `VIM_JOBS`), in as few statements as possible.
     pub async fn mark_published(&self, job_ids: &[String]) -> Result<(), DbError> {
         for chunk in job_ids.chunks(HEARTBEAT_CHUNK) {
-            let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
                 "UPDATE jobs SET published = 1 WHERE id IN ({})",
-                marks.join(", ")
+                marks(1, chunk.len())
             );
             let mut q = sqlx::query(&sql);
             for id in chunk {
@@ -605,13 +614,17 @@ impl Db {
         .fetch_all(&self.pool)
         .await?;
         let jobs: Vec<Job> = rows.iter().map(job).collect::<Result<_, _>>()?;
-        for j in &jobs {
-            sqlx::query("UPDATE jobs SET updated_at = $1 WHERE id = $2 AND state = $3")
-                .bind(now_ms())
-                .bind(&j.id)
-                .bind(state)
-                .execute(&self.writer)
-                .await?;
+        for chunk in jobs.chunks(HEARTBEAT_CHUNK) {
+            // $1 and $2 are the time and state; the ids follow.
+            let sql = format!(
+                "UPDATE jobs SET updated_at = $1 WHERE state = $2 AND id IN ({})",
+                marks(3, chunk.len())
+            );
+            let mut q = sqlx::query(&sql).bind(now_ms()).bind(state);
+            for j in chunk {
+                q = q.bind(&j.id);
+            }
+            q.execute(&self.writer).await?;
         }
         Ok(jobs)
     }

@@ -84,8 +84,8 @@ impl Vimd {
         }
     }
 
-    /// Publishes a job id for the workers; marks it published once JetStream has stored it. The
-    /// message id is the job id, so a republish inside the dedup window is dropped by the server.
+    /// Sends a job's command to its host. The message id is the job id, so a repeat inside the
+    /// duplicate window is dropped by the server.
     async fn send_to_host(&self, host_id: &str, job_id: &str, action: Action) -> Result<()> {
         self.send_to_host_as(host_id, job_id, job_id, action).await
     }
@@ -424,8 +424,7 @@ pub async fn run_monitor(v: Arc<Vimd>) -> Result<()> {
                         continue;
                     }
                     match v2.liveness.beat(hb, db::now_ms()) {
-                        Beat::Steady => {}
-                        Beat::Unknown => {}
+                        Beat::Steady | Beat::Unknown => {}
                         Beat::Returned { before, hb } => seen.returned.push((before, hb)),
                     }
                 }
@@ -533,31 +532,17 @@ pub async fn run_reconciler(v: Arc<Vimd>) {
                 n.supervise();
             }
             match v.db.unpublished_jobs(2000).await {
-                Ok(jobs) if !jobs.is_empty() => {
-                    tracing::info!(jobs = jobs.len(), "republishing unconfirmed jobs");
-                    let ids: Vec<_> = jobs.into_iter().map(|j| (j.id.clone(), j.id)).collect();
-                    if let Err(e) = outbox::publish(&v.js, &v.db, &ids).await {
-                        tracing::warn!(error = %e, "republish failed");
-                    }
-                }
-                Ok(_) => {}
+                Ok(jobs) => republish(&v, jobs, false, "republishing unconfirmed jobs").await,
                 Err(e) => tracing::warn!(error = %e, "reconciler"),
             }
             if let Ok(jobs) = v.db.stale_jobs("pending", age).await {
-                if !jobs.is_empty() {
-                    tracing::warn!(
-                        jobs = jobs.len(),
-                        "jobs published but not taken; publishing again"
-                    );
-                    let now = db::now_ms();
-                    let ids: Vec<_> = jobs
-                        .into_iter()
-                        .map(|j| (j.id.clone(), format!("{}-{now}", j.id)))
-                        .collect();
-                    if let Err(e) = outbox::publish(&v.js, &v.db, &ids).await {
-                        tracing::warn!(error = %e, "republish failed");
-                    }
-                }
+                republish(
+                    &v,
+                    jobs,
+                    true,
+                    "jobs published but not taken; publishing again",
+                )
+                .await;
             }
             if let Ok(jobs) = v.db.stale_jobs("running", age).await {
                 for j in jobs {
@@ -572,4 +557,28 @@ pub async fn run_reconciler(v: Arc<Vimd>) {
             }
         }
     });
+}
+
+/// Publishes `jobs` again through the outbox's path. `fresh` gives each a new message id, for a
+/// message JetStream stored and then lost (the duplicate window would drop the same id).
+async fn republish(v: &Vimd, jobs: Vec<db::Job>, fresh: bool, why: &str) {
+    if jobs.is_empty() {
+        return;
+    }
+    tracing::warn!(jobs = jobs.len(), "{why}");
+    let now = db::now_ms();
+    let ids: Vec<_> = jobs
+        .into_iter()
+        .map(|j| {
+            let msg_id = if fresh {
+                format!("{}-{now}", j.id)
+            } else {
+                j.id.clone()
+            };
+            (j.id, msg_id)
+        })
+        .collect();
+    if let Err(e) = outbox::publish(&v.js, &v.db, &ids).await {
+        tracing::warn!(error = %e, "republish failed");
+    }
 }
