@@ -35,7 +35,8 @@ use crate::vm::Vm;
 pub const CLAIM_FILE: &str = "claimed";
 pub const RESUMED_FILE: &str = "resumed";
 pub const FAILED_FILE: &str = "failed";
-/// What a previous migration through the same directory may have left.
+/// What a previous migration through the same directory may have left, removed by the source in
+/// this order (`await_handover` relies on `state.bin` going first).
 const STALE: [&str; 4] = [snapshot::STATE_FILE, CLAIM_FILE, RESUMED_FILE, FAILED_FILE];
 const PAGE: u64 = 4096;
 
@@ -215,9 +216,16 @@ impl Source {
             let _ = std::fs::remove_file(dir.join(stale));
         }
         let mem_path = dir.join(snapshot::MEMORY_FILE);
+        // A fresh inode, never the old one truncated: a VM that came in through this directory
+        // still maps the old memory.bin privately, and its untouched pages are read from there.
+        match std::fs::remove_file(&mem_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Failure::io("cannot replace memory.bin")(e))
+            }
+            _ => {}
+        }
         let out = OpenOptions::new()
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .read(true)
             .write(true)
             .open(&mem_path)
@@ -439,16 +447,21 @@ impl Failure {
 
 /// Target side: waits for the handover in `dir`, then claims the VM. Returns false if the source
 /// took it back first.
+///
+/// A handover is a `state.bin` that nobody has claimed and no target gave up. The target removes
+/// nothing: a target that starts late would otherwise delete the handover it was waiting for.
+/// Files left by an earlier migration (`state.bin` with `claimed`, or `failed`) are waited out; the
+/// next source removes them in `STALE` order, `state.bin` first, so once `claimed` and `failed`
+/// are gone a `state.bin` seen afterwards is the new one.
 pub fn await_handover(dir: &Path) -> std::io::Result<bool> {
     std::fs::create_dir_all(dir)?;
-    // Whatever a previous migration left here is not ours to start from.
-    for stale in STALE {
-        let _ = std::fs::remove_file(dir.join(stale));
-    }
-    while !dir.join(snapshot::STATE_FILE).exists() {
+    loop {
+        let open = !dir.join(CLAIM_FILE).exists() && !dir.join(FAILED_FILE).exists();
+        if open && dir.join(snapshot::STATE_FILE).exists() {
+            return claim(dir, "target");
+        }
         std::thread::sleep(Duration::from_micros(200));
     }
-    claim(dir, "target")
 }
 
 /// Target side, after claiming: the VM cannot start here. Says why and gives the claim up, so the

@@ -22,13 +22,14 @@ fn target(dir: &Path, console: &Path, api: &Path) -> Child {
         .unwrap()
 }
 
-/// Runs `vmm ctl migrate`; returns its exit success and the parsed last line.
-fn migrate(source: &RunningVmm, dir: &Path, extra: &[&str]) -> (bool, serde_json::Value, String) {
+/// Runs `vmm ctl migrate` against the VMM at `api`; returns its exit success and the parsed last
+/// line.
+fn migrate(api: &Path, dir: &Path, extra: &[&str]) -> (bool, serde_json::Value, String) {
     let out = Command::new(vmm_bin())
         .args([
             "ctl",
             "--api-socket",
-            source.api.to_str().unwrap(),
+            api.to_str().unwrap(),
             "migrate",
             "--dir",
             dir.to_str().unwrap(),
@@ -81,7 +82,7 @@ fn a_dirtying_two_vcpu_guest_moves_and_keeps_counting() {
     ]);
     source.wait_for_console("tg: hb n=5 ", TIMEOUT);
 
-    let (ok, result, err) = migrate(&source, shared.path(), &["--downtime-ms", "20"]);
+    let (ok, result, err) = migrate(&source.api, shared.path(), &["--downtime-ms", "20"]);
     assert!(ok, "{result} {err}");
     assert_eq!(result["status"], "completed", "{result}");
     assert!(result["downtime_ms"].as_f64().unwrap() > 0.0, "{result}");
@@ -128,6 +129,57 @@ fn a_dirtying_two_vcpu_guest_moves_and_keeps_counting() {
     assert!(wait_bounded(&mut t, TIMEOUT).success());
 }
 
+/// A second hop through the directory the first one used, to a target that starts only after
+/// the source wrote its handover: the target must take the new handover (and not mistake it, or
+/// the first hop's files, for something stale to delete or to restore).
+#[test]
+fn a_late_target_in_a_reused_directory_takes_the_handover() {
+    let shared = tempfile::tempdir().unwrap();
+    let tdir = tempfile::tempdir().unwrap();
+    let (b_console, b_api) = (tdir.path().join("b.log"), tdir.path().join("b.sock"));
+    let (c_console, c_api) = (tdir.path().join("c.log"), tdir.path().join("c.sock"));
+    let mut b = target(shared.path(), &b_console, &b_api);
+    let mut a = RunningVmm::start(&[
+        "--memory-mib",
+        "128",
+        "--cmdline",
+        "tg.mode=dirty tg.dirty_mib=16 tg.rate_mib=16 tg.hb_ms=20",
+    ]);
+    a.wait_for_console("tg: hb n=3 ", TIMEOUT);
+    let (ok, result, err) = migrate(&a.api, shared.path(), &[]);
+    assert!(ok && result["status"] == "completed", "{result} {err}");
+    assert!(a.wait(TIMEOUT).success());
+
+    // B -> C through the same directory; C is started once B's handover is there.
+    let dir = shared.path().to_path_buf();
+    let api = b_api.clone();
+    let hop = std::thread::spawn(move || migrate(&api, &dir, &["--timeout-ms", "30000"]));
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while shared.path().join("claimed").exists() || !shared.path().join("state.bin").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never wrote its handover"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut c = target(shared.path(), &c_console, &c_api);
+    let (ok, result, err) = hop.join().unwrap();
+    assert!(ok && result["status"] == "completed", "{result} {err}");
+    assert!(wait_bounded(&mut b, TIMEOUT).success());
+    let last_on_b = last_heartbeat(&console_of(&b_console));
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while first_heartbeat(&console_of(&c_console)).is_none() {
+        assert!(std::time::Instant::now() < deadline, "no heartbeat on C");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        first_heartbeat(&console_of(&c_console)),
+        Some(last_on_b + 1)
+    );
+    c.kill().unwrap();
+    c.wait().unwrap();
+}
+
 #[test]
 fn a_dead_target_leaves_the_guest_running_on_the_source() {
     let shared = tempfile::tempdir().unwrap();
@@ -146,7 +198,7 @@ fn a_dead_target_leaves_the_guest_running_on_the_source() {
     t.kill().unwrap();
     t.wait().unwrap();
 
-    let (ok, result, _) = migrate(&source, shared.path(), &["--timeout-ms", "300"]);
+    let (ok, result, _) = migrate(&source.api, shared.path(), &["--timeout-ms", "300"]);
     assert!(!ok);
     assert_eq!(result["status"], "failed", "{result}");
     assert!(
@@ -269,7 +321,7 @@ fn a_dead_target_gives_the_devices_back_to_the_source() {
     t.kill().unwrap();
     t.wait().unwrap();
     let (ok, result, _) = migrate(
-        &source,
+        &source.api,
         &shared.path().join("mig"),
         &["--timeout-ms", "300"],
     );
@@ -317,7 +369,7 @@ fn a_target_that_cannot_start_gives_the_guest_back() {
     source.wait_for_console("tg: hb n=2 ", TIMEOUT);
     // The source keeps its open descriptor; the target finds no file.
     std::fs::remove_file(&disk).unwrap();
-    let (ok, result, _) = migrate(&source, &mig, &["--timeout-ms", "20000"]);
+    let (ok, result, _) = migrate(&source.api, &mig, &["--timeout-ms", "20000"]);
     assert!(!ok);
     assert_eq!(result["status"], "failed", "{result}");
     let error = result["error"].as_str().unwrap();

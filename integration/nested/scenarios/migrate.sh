@@ -55,7 +55,7 @@ check_moved() {
 vmm run $args --cmdline "$cmd" --serial file:/tmp/a.log --api-socket /tmp/a.sock 2>/tmp/a.err &
 a=$!
 i=0
-while ! grep -q "guest: pattern-written" /tmp/a.log && [ $i -lt 150 ]; do sleep 1; i=$((i + 1)); done
+while ! grep -qs "guest: pattern-written" /tmp/a.log && [ $i -lt 150 ]; do sleep 1; i=$((i + 1)); done
 wait_count /tmp/a.log 5 60 || echo "L1: guest A never counted"
 pattern=$(guest-agent checksum $S/disk.img 4194304)
 r=$(guest-agent call $V 52 ping 2>&1)
@@ -98,14 +98,18 @@ check_moved takeback /tmp/r.log "$last"
 # 3. Live migration of the restored VM.
 vmm run --incoming $S/mig --serial file:/tmp/t.log --api-socket /tmp/t.sock 2>/tmp/t.err &
 t=$!
-out=$(vmm ctl --api-socket /tmp/r.sock migrate --dir $S/mig 2>&1 | tail -n 1)
+out=$(timeout 300 vmm ctl --api-socket /tmp/r.sock migrate --dir $S/mig 2>&1 | tail -n 1)
+# A source that failed to hand over keeps running: bound the wait (killed after 60 s).
+( sleep 60; kill -9 $rpid 2>/dev/null ) &
+watchdog=$!
 wait $rpid
 st=$?
+kill $watchdog 2>/dev/null
 last=$(count /tmp/r.log)
 if echo "$out" | grep -q '"status":"completed"' && [ "$st" = 0 ]; then
     result migrate-devices pass "$out"
 else
-    result migrate-devices fail "$out source_exit=$st $(cat /tmp/t.err)"
+    result migrate-devices fail "$out source_exit=$st; source: $(tail -c 2000 /tmp/r.err); target: $(tail -c 2000 /tmp/t.err); $(ls $S/mig)"
 fi
 check_moved migrate /tmp/t.log "$last"
 vmm ctl --api-socket /tmp/t.sock balloon-set 64 >/dev/null
