@@ -73,6 +73,25 @@ pub struct Outcome {
     pub bytes_written: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The target claimed the VM and has not resumed it: the guest stays paused here, and this
+    /// side keeps watching (`Source::watch`) until the target resumes it or gives it back.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub waiting_for_target: bool,
+}
+
+/// A handover the target claimed but had not finished when the outcome was reported.
+pub struct Claimed {
+    dir: PathBuf,
+    state: SnapshotState,
+}
+
+/// How a [`Claimed`] handover ended.
+#[derive(Debug)]
+pub enum Late {
+    /// The target resumed the guest: this side is done.
+    Resumed,
+    /// The target gave the guest back; it runs here again (the message says what went wrong).
+    TakenBack(String),
 }
 
 /// What the source side works with; the main loop keeps answering the API meanwhile.
@@ -156,50 +175,67 @@ impl Source {
     }
 
     /// Runs the whole migration. On anything but success the guest keeps (or goes back to)
-    /// running here, with dirty logging off.
-    pub fn run(self, p: &Params) -> Outcome {
+    /// running here, with dirty logging off — except when the target claimed the VM and went
+    /// silent: then the guest stays paused and the [`Claimed`] handover is returned, to
+    /// [`Source::watch`].
+    pub fn run(&self, p: &Params) -> (Outcome, Option<Box<Claimed>>) {
         let t0 = Instant::now();
         let mut rounds = 0;
         let mut written = 0;
         let result = self.migrate(p, &mut rounds, &mut written);
         let _ = self.vm.set_dirty_logging(false);
-        let total_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let outcome = |status, downtime_ms, error| Outcome {
+            status,
+            downtime_ms,
+            total_ms: t0.elapsed().as_secs_f64() * 1000.0,
+            rounds,
+            bytes_written: written,
+            error,
+            waiting_for_target: false,
+        };
         match result {
-            Ok(Some(downtime_ms)) => Outcome {
-                status: "completed",
-                downtime_ms: Some(downtime_ms),
-                total_ms,
-                rounds,
-                bytes_written: written,
-                error: None,
-            },
+            Ok(Some(downtime_ms)) => (outcome("completed", Some(downtime_ms), None), None),
             Ok(None) => {
-                self.resume_devices();
-                self.vcpus.resume();
-                Outcome {
-                    status: "cancelled",
-                    downtime_ms: None,
-                    total_ms,
-                    rounds,
-                    bytes_written: written,
-                    error: None,
-                }
+                self.resume_here();
+                (outcome("cancelled", None, None), None)
             }
             Err(e) => {
                 if e.resume {
-                    self.resume_devices();
-                    self.vcpus.resume();
+                    self.resume_here();
                 }
-                Outcome {
-                    status: "failed",
-                    downtime_ms: None,
-                    total_ms,
-                    rounds,
-                    bytes_written: written,
-                    error: Some(e.message),
-                }
+                let mut o = outcome("failed", None, Some(e.message));
+                o.waiting_for_target = e.claimed.is_some();
+                (o, e.claimed)
             }
         }
+    }
+
+    /// After a handover the target claimed but did not finish in time: stays paused until the
+    /// target resumes the guest (a slow target, not a dead one) or gives it back. Never resumes
+    /// the guest while the claim is the target's.
+    pub fn watch(&self, claimed: Box<Claimed>) -> Late {
+        loop {
+            if claimed.dir.join(RESUMED_FILE).exists() {
+                return Late::Resumed;
+            }
+            if let Ok(why) = std::fs::read_to_string(claimed.dir.join(FAILED_FILE)) {
+                if claim(&claimed.dir, "source").unwrap_or(false) {
+                    let failure = self.take_back(
+                        &claimed.dir,
+                        &claimed.state,
+                        format!("the target could not start the VM ({})", why.trim()),
+                    );
+                    self.resume_here();
+                    return Late::TakenBack(failure.message);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn resume_here(&self) {
+        self.resume_devices();
+        self.vcpus.resume();
     }
 
     /// `Ok(Some(downtime))` when the target runs the guest, `Ok(None)` when cancelled.
@@ -362,7 +398,7 @@ impl Source {
                     // The target claimed but has not resumed: it owns the guest now, so this side
                     // must not run it. Wait for it a while longer, then report and stay paused.
                     Ok(false) => self
-                        .wait_resumed(&p.dir, paused_ns, p.handover_timeout)
+                        .wait_resumed(&p.dir, paused_ns, p.handover_timeout, state)
                         .map(Some),
                     Err(e) => Err(Failure::paused(format!(
                         "cannot claim the VM back: {e}; staying paused"
@@ -396,17 +432,31 @@ impl Source {
         Failure::new(message)
     }
 
-    fn wait_resumed(&self, dir: &Path, paused_ns: u128, timeout: Duration) -> Result<f64, Failure> {
+    fn wait_resumed(
+        &self,
+        dir: &Path,
+        paused_ns: u128,
+        timeout: Duration,
+        state: SnapshotState,
+    ) -> Result<f64, Failure> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(downtime) = downtime_if_resumed(dir, paused_ns) {
                 return Ok(downtime);
             }
+            if dir.join(FAILED_FILE).exists() {
+                break; // `watch` takes it back
+            }
             std::thread::sleep(Duration::from_millis(1));
         }
-        Err(Failure::paused(
-            "the target claimed the VM but never resumed it; the guest stays paused here (it must not run twice)".into(),
-        ))
+        Err(Failure {
+            message: "the target claimed the VM but has not resumed it; the guest stays paused here (it must not run twice) until the target resumes it or gives it back".into(),
+            resume: false,
+            claimed: Some(Box::new(Claimed {
+                dir: dir.to_path_buf(),
+                state,
+            })),
+        })
     }
 
     fn state(&self) -> Result<SnapshotState, MigrationError> {
@@ -423,6 +473,8 @@ impl Source {
 struct Failure {
     message: String,
     resume: bool,
+    /// The target holds the claim: watch for how it ends.
+    claimed: Option<Box<Claimed>>,
 }
 
 impl Failure {
@@ -431,6 +483,7 @@ impl Failure {
         Failure {
             message,
             resume: true,
+            claimed: None,
         }
     }
     /// The target owns the guest (or may): this side must not run it.
@@ -438,6 +491,7 @@ impl Failure {
         Failure {
             message,
             resume: false,
+            claimed: None,
         }
     }
     fn io(what: &'static str) -> impl Fn(std::io::Error) -> Failure {

@@ -40,8 +40,10 @@ pub enum VmmEvent {
     GuestExit(ExitReason),
     VcpuFailed(String),
     Api(Request, Reply),
-    /// The migration thread finished.
+    /// The migration's outcome, for whoever asked for it.
     MigrationDone(crate::migrate::Outcome),
+    /// A handover the target claimed but had not finished when the outcome went out has ended.
+    MigrationLate(crate::migrate::Late),
 }
 
 /// How long a pause may take before it is reported as failed.
@@ -80,9 +82,10 @@ pub struct Machine {
     events_tx: Sender<VmmEvent>,
 }
 
-/// A live migration under way: who waits for the outcome, and what the API can see or stop.
+/// A live migration under way: who waits for the outcome (nobody once it has gone out while the
+/// target still holds the claim), and what the API can see or stop.
 struct Migration {
-    reply: Reply,
+    reply: Option<Reply>,
     progress: Arc<Mutex<crate::migrate::Progress>>,
     cancel: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -440,19 +443,45 @@ impl Machine {
                     shutdown = Some((Instant::now() + Duration::from_millis(timeout_ms), reply));
                 }
                 VmmEvent::MigrationDone(outcome) => {
-                    let Some(m) = self.migration.take() else {
+                    let Some(mut m) = self.migration.take() else {
+                        continue;
+                    };
+                    let Some(reply) = m.reply.take() else {
                         continue;
                     };
                     let completed = outcome.status == "completed";
                     let answer = Response::ok(json!(outcome));
                     if completed {
-                        m.reply.send_and_flush(answer);
+                        reply.send_and_flush(answer);
                         return self.finish(0, "migrated: the guest runs on the target".into());
                     }
                     tracing::warn!(status = outcome.status, error = ?outcome.error, "migration did not complete");
-                    m.reply.send(answer);
+                    reply.send(answer);
+                    if outcome.waiting_for_target {
+                        // Still a migration: nothing may resume or change the guest meanwhile.
+                        self.state = RunState::Paused;
+                        self.migration = Some(m);
+                    }
+                }
+                VmmEvent::MigrationLate(late) => {
+                    self.migration = None;
+                    match late {
+                        crate::migrate::Late::Resumed => {
+                            return self.finish(
+                                0,
+                                "migrated: the target resumed the guest late; it runs there".into(),
+                            )
+                        }
+                        crate::migrate::Late::TakenBack(why) => {
+                            tracing::warn!(error = %why, "the target gave the guest back; it runs here again");
+                            self.state = RunState::Running;
+                        }
+                    }
                 }
                 VmmEvent::Api(Request::MigrateCancel, reply) => match &self.migration {
+                    Some(m) if m.reply.is_none() => reply.send(Response::err(
+                        "the target has claimed the VM: only the target can give it back",
+                    )),
                     Some(m) => {
                         m.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
                         reply.send(Response::ok(json!({"cancelling": true})));
@@ -605,13 +634,18 @@ impl Machine {
         let spawned = std::thread::Builder::new()
             .name("migration".into())
             .spawn(move || {
-                let outcome = source.run(&params);
+                let (outcome, claimed) = source.run(&params);
                 let _ = events.send(VmmEvent::MigrationDone(outcome));
+                if let Some(claimed) = claimed {
+                    crate::devices::lock(&source.progress).phase = "waiting for the target";
+                    let late = source.watch(claimed);
+                    let _ = events.send(VmmEvent::MigrationLate(late));
+                }
             });
         match spawned {
             Ok(_) => {
                 self.migration = Some(Migration {
-                    reply,
+                    reply: Some(reply),
                     progress,
                     cancel,
                 })

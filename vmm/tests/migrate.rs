@@ -382,3 +382,87 @@ fn a_target_that_cannot_start_gives_the_guest_back() {
     let n = last_heartbeat(&source.console_text());
     source.wait_for_console(&format!("tg: hb n={} ", n + 3), TIMEOUT);
 }
+
+/// Plays a target that claims the handover in `dir` and then goes quiet.
+fn claim_when_handed_over(dir: &Path) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !dir.join("state.bin").exists() {
+        assert!(std::time::Instant::now() < deadline, "no handover");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::fs::write(dir.join("claimed"), "target (the test)\n").unwrap();
+}
+
+/// Runs a migration to `dir` whose "target" (the test) claims and stays silent past the timeout;
+/// returns the reported outcome. The guest must then stay paused and the VM refuse to resume.
+fn migrate_to_a_silent_target(source: &RunningVmm, dir: &Path) -> serde_json::Value {
+    let (api, d) = (source.api.clone(), dir.to_path_buf());
+    let run = std::thread::spawn(move || migrate(&api, &d, &["--timeout-ms", "300"]));
+    claim_when_handed_over(dir);
+    let (ok, result, err) = run.join().unwrap();
+    assert!(!ok, "{result} {err}");
+    assert_eq!(result["status"], "failed", "{result}");
+    assert_eq!(result["waiting_for_target"], true, "{result}");
+    let n = last_heartbeat(&source.console_text());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        last_heartbeat(&source.console_text()),
+        n,
+        "the guest ran on the source while the target held the claim"
+    );
+    let (_, info, _) = source.ctl(&["info"]);
+    assert!(
+        info.contains("\"paused\"") && info.contains("waiting for the target"),
+        "{info}"
+    );
+    let (ok, _, err) = source.ctl(&["resume"]);
+    assert!(!ok && err.contains("migration is in progress"), "{err}");
+    let (ok, _, err) = source.ctl(&["migrate-cancel"]);
+    assert!(!ok && err.contains("claimed"), "{err}");
+    result
+}
+
+/// A target that claims the VM but resumes it only after the source's timeout: the source stays
+/// paused (never both), then sees the late resume and exits as after any handover.
+#[test]
+fn a_slow_target_that_resumes_late_still_gets_the_guest() {
+    let shared = tempfile::tempdir().unwrap();
+    let mut source = RunningVmm::start(&[
+        "--memory-mib",
+        "64",
+        "--cmdline",
+        "tg.mode=hold tg.hb_ms=20",
+    ]);
+    source.wait_for_console("tg: hb n=2 ", TIMEOUT);
+    migrate_to_a_silent_target(&source, shared.path());
+    std::fs::write(shared.path().join("resumed"), "0").unwrap();
+    assert!(
+        source.wait(TIMEOUT).success(),
+        "the source must exit 0 once the target resumed"
+    );
+}
+
+/// A target that claims the VM, stays silent past the timeout and then gives it back: the source
+/// takes it back then, and the guest runs on.
+#[test]
+fn a_slow_target_that_gives_up_late_leaves_the_guest_on_the_source() {
+    let shared = tempfile::tempdir().unwrap();
+    let source = RunningVmm::start(&[
+        "--memory-mib",
+        "64",
+        "--cmdline",
+        "tg.mode=hold tg.hb_ms=20",
+    ]);
+    source.wait_for_console("tg: hb n=2 ", TIMEOUT);
+    migrate_to_a_silent_target(&source, shared.path());
+    // What `give_back` does: the reason first, then the claim is released.
+    std::fs::write(shared.path().join("failed"), "no room").unwrap();
+    std::fs::remove_file(shared.path().join("claimed")).unwrap();
+    let n = last_heartbeat(&source.console_text());
+    source.wait_for_console(&format!("tg: hb n={} ", n + 3), TIMEOUT);
+    let (_, info, _) = source.ctl(&["info"]);
+    assert!(
+        info.contains("\"running\"") && info.contains("\"migration\": null"),
+        "{info}"
+    );
+}
