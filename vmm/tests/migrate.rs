@@ -63,6 +63,17 @@ fn first_heartbeat(console: &str) -> Option<u64> {
         .and_then(|l| field(l, "n"))
 }
 
+/// After a migration that did not complete: the guest counts on here, with no migration left.
+fn runs_here_again(source: &RunningVmm) {
+    let n = last_heartbeat(&source.console_text());
+    source.wait_for_console(&format!("tg: hb n={} ", n + 3), TIMEOUT);
+    let (ok, info, _) = source.ctl(&["info"]);
+    assert!(
+        ok && info.contains("\"running\"") && info.contains("\"migration\": null"),
+        "{info}"
+    );
+}
+
 #[test]
 fn a_dirtying_two_vcpu_guest_moves_and_keeps_counting() {
     let shared = tempfile::tempdir().unwrap();
@@ -208,13 +219,7 @@ fn a_dead_target_leaves_the_guest_running_on_the_source() {
             .contains("did not take over"),
         "{result}"
     );
-    let n = last_heartbeat(&source.console_text());
-    source.wait_for_console(&format!("tg: hb n={} ", n + 3), TIMEOUT);
-    let (ok, out, _) = source.ctl(&["info"]);
-    assert!(
-        ok && out.contains("\"running\"") && out.contains("\"migration\": null"),
-        "{out}"
-    );
+    runs_here_again(&source);
 }
 
 #[test]
@@ -393,9 +398,16 @@ fn claim_when_handed_over(dir: &Path) {
     std::fs::write(dir.join("claimed"), "target (the test)\n").unwrap();
 }
 
-/// Runs a migration to `dir` whose "target" (the test) claims and stays silent past the timeout;
-/// returns the reported outcome. The guest must then stay paused and the VM refuse to resume.
-fn migrate_to_a_silent_target(source: &RunningVmm, dir: &Path) -> serde_json::Value {
+/// Starts a guest and migrates it to `dir`, whose "target" (the test) claims and stays silent
+/// past the timeout. The guest must then stay paused and the VM refuse to resume or cancel.
+fn source_with_a_silent_target(dir: &Path) -> RunningVmm {
+    let source = RunningVmm::start(&[
+        "--memory-mib",
+        "64",
+        "--cmdline",
+        "tg.mode=hold tg.hb_ms=20",
+    ]);
+    source.wait_for_console("tg: hb n=2 ", TIMEOUT);
     let (api, d) = (source.api.clone(), dir.to_path_buf());
     let run = std::thread::spawn(move || migrate(&api, &d, &["--timeout-ms", "300"]));
     claim_when_handed_over(dir);
@@ -419,7 +431,7 @@ fn migrate_to_a_silent_target(source: &RunningVmm, dir: &Path) -> serde_json::Va
     assert!(!ok && err.contains("migration is in progress"), "{err}");
     let (ok, _, err) = source.ctl(&["migrate-cancel"]);
     assert!(!ok && err.contains("claimed"), "{err}");
-    result
+    source
 }
 
 /// A target that claims the VM but resumes it only after the source's timeout: the source stays
@@ -427,14 +439,7 @@ fn migrate_to_a_silent_target(source: &RunningVmm, dir: &Path) -> serde_json::Va
 #[test]
 fn a_slow_target_that_resumes_late_still_gets_the_guest() {
     let shared = tempfile::tempdir().unwrap();
-    let mut source = RunningVmm::start(&[
-        "--memory-mib",
-        "64",
-        "--cmdline",
-        "tg.mode=hold tg.hb_ms=20",
-    ]);
-    source.wait_for_console("tg: hb n=2 ", TIMEOUT);
-    migrate_to_a_silent_target(&source, shared.path());
+    let mut source = source_with_a_silent_target(shared.path());
     std::fs::write(shared.path().join("resumed"), "0").unwrap();
     assert!(
         source.wait(TIMEOUT).success(),
@@ -447,22 +452,9 @@ fn a_slow_target_that_resumes_late_still_gets_the_guest() {
 #[test]
 fn a_slow_target_that_gives_up_late_leaves_the_guest_on_the_source() {
     let shared = tempfile::tempdir().unwrap();
-    let source = RunningVmm::start(&[
-        "--memory-mib",
-        "64",
-        "--cmdline",
-        "tg.mode=hold tg.hb_ms=20",
-    ]);
-    source.wait_for_console("tg: hb n=2 ", TIMEOUT);
-    migrate_to_a_silent_target(&source, shared.path());
+    let source = source_with_a_silent_target(shared.path());
     // What `give_back` does: the reason first, then the claim is released.
     std::fs::write(shared.path().join("failed"), "no room").unwrap();
     std::fs::remove_file(shared.path().join("claimed")).unwrap();
-    let n = last_heartbeat(&source.console_text());
-    source.wait_for_console(&format!("tg: hb n={} ", n + 3), TIMEOUT);
-    let (_, info, _) = source.ctl(&["info"]);
-    assert!(
-        info.contains("\"running\"") && info.contains("\"migration\": null"),
-        "{info}"
-    );
+    runs_here_again(&source);
 }
