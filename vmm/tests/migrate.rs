@@ -5,12 +5,12 @@ mod common;
 use common::*;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// `vmm run --incoming DIR` with its console in `console`.
-fn target(dir: &Path, console: &Path, api: &Path) -> Child {
-    Command::new(vmm_bin())
+fn target(dir: &Path, console: &Path, api: &Path) -> KillOnDrop {
+    let child = Command::new(vmm_bin())
         .args(["run", "--incoming", dir.to_str().unwrap(), "--serial"])
         .arg(format!("file:{}", console.display()))
         .arg("--api-socket")
@@ -19,7 +19,8 @@ fn target(dir: &Path, console: &Path, api: &Path) -> Child {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap()
+        .unwrap();
+    KillOnDrop(child)
 }
 
 /// Runs `vmm ctl migrate` against the VMM at `api`; returns its exit success and the parsed last

@@ -81,6 +81,29 @@ pub fn wait_bounded(child: &mut Child, timeout: Duration) -> ExitStatus {
     }
 }
 
+/// A child process killed (and reaped) when dropped, so a failing test leaves no VMM behind.
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A VMM running in the background with its console in a file and an API socket; killed on drop.
 pub struct RunningVmm {
     pub child: Child,
