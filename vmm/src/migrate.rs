@@ -218,16 +218,9 @@ impl Source {
             if claimed.dir.join(RESUMED_FILE).exists() {
                 return Late::Resumed;
             }
-            if let Ok(why) = std::fs::read_to_string(claimed.dir.join(FAILED_FILE)) {
-                if claim(&claimed.dir, "source").unwrap_or(false) {
-                    let failure = self.take_back(
-                        &claimed.dir,
-                        &claimed.state,
-                        format!("the target could not start the VM ({})", why.trim()),
-                    );
-                    self.resume_here();
-                    return Late::TakenBack(failure.message);
-                }
+            if let Some(failure) = self.take_back_given_up(&claimed.dir, &claimed.state) {
+                self.resume_here();
+                return Late::TakenBack(failure.message);
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -372,18 +365,8 @@ impl Source {
                 }
                 return Err(failure);
             }
-            if let Ok(why) = std::fs::read_to_string(p.dir.join(FAILED_FILE)) {
-                // The target gave up its claim; whoever claims now runs the guest.
-                if claim(&p.dir, "source").unwrap_or(false) {
-                    return Err(self.take_back(
-                        &p.dir,
-                        &state,
-                        format!(
-                            "the target could not start the VM ({}); the guest runs here again",
-                            why.trim()
-                        ),
-                    ));
-                }
+            if let Some(failure) = self.take_back_given_up(&p.dir, &state) {
+                return Err(failure);
             }
             if Instant::now() >= deadline {
                 return match claim(&p.dir, "source") {
@@ -432,6 +415,23 @@ impl Source {
         Failure::new(message)
     }
 
+    /// If the target gave up its claim (`failed`), claims the VM and takes it back: whoever claims
+    /// after that runs the guest. The failure to report, once the guest is ours again.
+    fn take_back_given_up(&self, dir: &Path, state: &SnapshotState) -> Option<Failure> {
+        let why = std::fs::read_to_string(dir.join(FAILED_FILE)).ok()?;
+        if !claim(dir, "source").unwrap_or(false) {
+            return None;
+        }
+        Some(self.take_back(
+            dir,
+            state,
+            format!(
+                "the target could not start the VM ({}); the guest runs here again",
+                why.trim()
+            ),
+        ))
+    }
+
     fn wait_resumed(
         &self,
         dir: &Path,
@@ -444,8 +444,8 @@ impl Source {
             if let Some(downtime) = downtime_if_resumed(dir, paused_ns) {
                 return Ok(downtime);
             }
-            if dir.join(FAILED_FILE).exists() {
-                break; // `watch` takes it back
+            if let Some(failure) = self.take_back_given_up(dir, &state) {
+                return Err(failure);
             }
             std::thread::sleep(Duration::from_millis(1));
         }
