@@ -230,17 +230,34 @@ impl Api {
     }
 }
 
+/// Columns that hold milliseconds since the Unix epoch (the API's time unit).
+const TIME_COLUMNS: [&str; 2] = ["ts", "last_heartbeat"];
+
+/// A time in milliseconds since the epoch as UTC for people: `2026-12-01 19:36:21.357`.
+fn utc_ms(ms: i64) -> String {
+    const FORMAT: &[time::format_description::FormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:3]"
+    );
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(FORMAT).ok())
+        .unwrap_or_else(|| ms.to_string())
+}
+
 fn table(rows: &[Value], cols: &[&str]) {
-    let cell = |v: &Value| match v {
+    let cell = |col: &str, v: &Value| match v {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
+        Value::Number(n) if TIME_COLUMNS.contains(&col) && n.is_i64() => {
+            utc_ms(n.as_i64().unwrap_or_default())
+        }
         Value::Number(n) if n.is_f64() => format!("{:.1}", n.as_f64().unwrap_or_default()),
         v => v.to_string(),
     };
     let mut widths: Vec<usize> = cols.iter().map(|c| c.len()).collect();
     for r in rows {
         for (i, c) in cols.iter().enumerate() {
-            widths[i] = widths[i].max(cell(&r[*c]).len());
+            widths[i] = widths[i].max(cell(c, &r[*c]).len());
         }
     }
     let line = |vals: Vec<String>| {
@@ -252,7 +269,7 @@ fn table(rows: &[Value], cols: &[&str]) {
     };
     println!("{}", line(cols.iter().map(|c| c.to_uppercase()).collect()));
     for r in rows {
-        println!("{}", line(cols.iter().map(|c| cell(&r[*c])).collect()));
+        println!("{}", line(cols.iter().map(|c| cell(c, &r[*c])).collect()));
     }
 }
 
@@ -467,4 +484,17 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_in_tables_are_utc_for_people() {
+        assert_eq!(utc_ms(0), "1970-01-01 00:00:00.000");
+        assert_eq!(utc_ms(1_796_153_141_357), "2026-12-01 19:25:41.357");
+        // Out of the representable range: the number as it came.
+        assert_eq!(utc_ms(i64::MAX), i64::MAX.to_string());
+    }
 }
