@@ -96,6 +96,7 @@ fi
 check_moved takeback /tmp/r.log "$last"
 
 # 3. Live migration of the restored VM.
+echo "L1: before the migration: $(free -m | awk '/^Mem/ {print "memory used " $3 " MiB, free " $4 " MiB"}'), /tmp $(du -sm /tmp | cut -f1) MiB"
 vmm run --incoming $S/mig --serial file:/tmp/t.log --api-socket /tmp/t.sock 2>/tmp/t.err &
 t=$!
 out=$(timeout 300 vmm ctl --api-socket /tmp/r.sock migrate --dir $S/mig 2>&1 | tail -n 1)
