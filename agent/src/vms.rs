@@ -107,15 +107,23 @@ impl Vms {
             let Some(r) = vms.records.get_mut(&id) else {
                 continue;
             };
-            if r.state == "running" {
-                if alive(r.pid) && is_vmm(r.pid) {
-                    tracing::info!(vm = id, pid = r.pid, "re-adopted a running VMM");
-                } else {
-                    tracing::warn!(vm = id, pid = r.pid, "VMM gone while the agent was down");
-                    r.state = "failed".into();
-                    r.pid = 0;
-                    vms.save(&id)?;
-                }
+            if r.state == "running" && alive(r.pid) && is_vmm(r.pid) {
+                tracing::info!(vm = id, pid = r.pid, "re-adopted a running VMM");
+            } else if let Some(pid) = serving_vmm(&r.api_socket) {
+                // Started just before the agent died, too soon to be recorded.
+                tracing::info!(
+                    vm = id,
+                    pid,
+                    "adopted a VMM that was started but not recorded"
+                );
+                r.state = "running".into();
+                r.pid = pid;
+                vms.save(&id)?;
+            } else if r.state == "running" {
+                tracing::warn!(vm = id, pid = r.pid, "VMM gone while the agent was down");
+                r.state = "failed".into();
+                r.pid = 0;
+                vms.save(&id)?;
             }
         }
         Ok(vms)
@@ -187,6 +195,11 @@ impl Vms {
         if r.state == "running" && alive(r.pid) {
             return Ok(());
         }
+        if let Some(pid) = serving_vmm(&r.api_socket) {
+            tracing::info!(vm = id, pid, "adopted the VMM already serving this VM");
+            return self.record_running(id, pid);
+        }
+        let before = r.state.clone();
         let s = &r.spec;
         let mut cmd = Command::new(&self.vmm);
         cmd.arg("run")
@@ -219,15 +232,22 @@ impl Vms {
             .spawn()
             .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", self.vmm.display()))?;
         let pid = child.id();
+        self.children.insert(id.into(), child);
+        // Recorded at once: an agent that dies from here on finds it at restart.
+        self.record_running(id, pid)?;
         // A VMM that refuses its configuration exits at once: say so now.
         std::thread::sleep(Duration::from_millis(50));
-        self.children.insert(id.into(), child);
         if let Some(st) = self
             .children
             .get_mut(id)
             .and_then(|c| c.try_wait().ok().flatten())
         {
             self.children.remove(id);
+            if let Some(r) = self.records.get_mut(id) {
+                r.pid = 0;
+                r.state = before;
+            }
+            self.save(id)?;
             let err =
                 std::fs::read_to_string(self.state_dir.join("vms").join(format!("{id}.vmm.log")))
                     .unwrap_or_default();
@@ -236,12 +256,15 @@ impl Vms {
                 err.lines().last().unwrap_or("")
             );
         }
+        Ok(())
+    }
+
+    fn record_running(&mut self, id: &str, pid: u32) -> anyhow::Result<()> {
         if let Some(r) = self.records.get_mut(id) {
             r.pid = pid;
             r.state = "running".into();
         }
-        self.save(id)?;
-        Ok(())
+        self.save(id)
     }
 
     /// Graceful power-off through the VMM's API (the VMM forces it after `timeout`), then SIGKILL
@@ -355,23 +378,34 @@ struct Usage {
     rss_kib: u64,
 }
 
-/// How much memory the guest has given back through its balloon, from the VMM's `info`; 0 if it
-/// has none or does not answer at once (a report never waits for a busy VMM).
-fn balloon_mib(api_socket: &Path) -> u64 {
+/// The VMM's `info` over its API socket, if it answers within `timeout`.
+fn vmm_info(api_socket: &Path, timeout: Duration) -> Option<serde_json::Value> {
     use std::io::{BufRead, BufReader, Write};
     let ask = || -> std::io::Result<serde_json::Value> {
         let mut s = std::os::unix::net::UnixStream::connect(api_socket)?;
-        s.set_read_timeout(Some(Duration::from_millis(200)))?;
-        s.set_write_timeout(Some(Duration::from_millis(200)))?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
         s.write_all(b"{\"command\":\"info\"}\n")?;
         let mut line = String::new();
         BufReader::new(s).read_line(&mut line)?;
         Ok(serde_json::from_str(&line)?)
     };
-    ask()
-        .ok()
-        .and_then(|v| v["result"]["balloon"]["actual_mib"].as_u64())
+    ask().ok().map(|v| v["result"].clone())
+}
+
+/// How much memory the guest has given back through its balloon; 0 if it has none or the VMM
+/// does not answer at once (a report never waits for a busy VMM).
+fn balloon_mib(api_socket: &Path) -> u64 {
+    vmm_info(api_socket, Duration::from_millis(200))
+        .and_then(|v| v["balloon"]["actual_mib"].as_u64())
         .unwrap_or(0)
+}
+
+/// The pid of a VMM already serving `api_socket` (started by an agent that died before it could
+/// record it), if there is one.
+fn serving_vmm(api_socket: &Path) -> Option<u32> {
+    let pid = vmm_info(api_socket, Duration::from_secs(2))?["pid"].as_u64()? as u32;
+    (alive(pid) && is_vmm(pid)).then_some(pid)
 }
 
 /// CPU ticks (utime + stime) of one thread's or process's `stat` line.

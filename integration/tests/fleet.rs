@@ -995,6 +995,38 @@ fn a_killed_agent_is_reported_unreachable_and_readopts_its_vm() {
     assert!(f.vmm_pids(&id).is_empty());
 }
 
+/// SIGKILL of the agent the moment its VMM process appears, before it has recorded or answered
+/// the create: the restarted agent gets the command again and must adopt that VMM, not start a
+/// second one (or fail on the socket the first one holds). The job is done once.
+#[test]
+fn an_agent_killed_mid_create_adopts_the_vmm_it_started() {
+    let mut f = Fleet::start(None, &["h1"]);
+    f.add_test_image();
+    let (job, id) = f.create_no_wait("m");
+    // Polled tightly: the agent records the VMM within milliseconds of starting it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while f.vmm_pids(&id).is_empty() {
+        assert!(Instant::now() < deadline, "no VMM started for {id}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    f.kill_agent("h1");
+    let pid = f.vmm_pids(&id);
+    f.start_agent("h1");
+    f.create_done_once(&job, &id);
+    assert_eq!(f.vmm_pids(&id), pid, "not the VMM the first agent started");
+    assert_eq!(f.ctl_ok(&["vm", "show", &id])["state"], "running");
+    let created = f
+        .events()
+        .iter()
+        .filter(|e| e["kind"] == "VM_Created" && e["job_id"] == job.as_str())
+        .count();
+    assert_eq!(created, 1, "the create was applied {created} times");
+    // Still managed by the new agent.
+    let (ok, _, err) = f.ctl(&["vm", "stop", &id]);
+    assert!(ok, "{err}");
+    assert!(f.vmm_pids(&id).is_empty());
+}
+
 #[test]
 fn host_credentials_reach_only_their_own_commands_and_garbage_is_dead_lettered() {
     let f = Fleet::start(None, &["h1", "h2"]);
