@@ -86,10 +86,7 @@ where
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "));
     let who = match token {
-        Some(t) => match v.db.token(&auth::hash_token(t)).await {
-            Ok(Some((name, role))) => Role::parse(&role).map(|role| Identity { name, role }),
-            _ => None,
-        },
+        Some(t) => identify(v, &auth::hash_token(t)).await,
         None => None,
     };
     let Some(who) = who else {
@@ -116,6 +113,20 @@ where
     };
     audit(v, &name, action, target, &outcome, &detail).await;
     r.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Who holds the token with this hash: from the cache, else from the database.
+async fn identify(v: &Vimd, hash: &str) -> Option<Identity> {
+    if let Some(who) = v.tokens.get(hash) {
+        return Some(who);
+    }
+    let (name, role) = v.db.token(hash).await.ok()??;
+    let who = Identity {
+        name,
+        role: Role::parse(&role)?,
+    };
+    v.tokens.put(hash, &who);
+    Some(who)
 }
 
 async fn audit(v: &Vimd, who: &str, action: &str, target: &str, outcome: &str, detail: &str) {

@@ -46,6 +46,35 @@ impl Identity {
     }
 }
 
+/// Tokens seen lately, by hash, so an API call does not ask the database who its caller is each
+/// time (that lookup was half the database round trips of a `GET`). Only known tokens are kept,
+/// and only for `TTL`: an unknown one always asks the database (a token minted by another vimd
+/// works at once), and a token removed from the database stops working within `TTL`.
+#[derive(Default)]
+pub struct TokenCache {
+    known: std::sync::Mutex<std::collections::HashMap<String, (Identity, std::time::Instant)>>,
+}
+
+impl TokenCache {
+    pub const TTL: std::time::Duration = std::time::Duration::from_secs(30);
+    /// More than this many tokens in use at once: the cache starts over rather than grow.
+    const MAX: usize = 10_000;
+
+    pub fn get(&self, hash: &str) -> Option<Identity> {
+        let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let (who, at) = known.get(hash)?;
+        (at.elapsed() < Self::TTL).then(|| who.clone())
+    }
+
+    pub fn put(&self, hash: &str, who: &Identity) {
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() >= Self::MAX {
+            known.clear();
+        }
+        known.insert(hash.to_string(), (who.clone(), std::time::Instant::now()));
+    }
+}
+
 pub fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.trim().as_bytes()))
 }
@@ -67,6 +96,23 @@ pub fn random_secret() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_token_cache_forgets_after_its_ttl() {
+        let c = TokenCache::default();
+        let who = Identity {
+            name: "alice".into(),
+            role: Role::Consumer,
+        };
+        assert_eq!(c.get("h"), None);
+        c.put("h", &who);
+        assert_eq!(c.get("h"), Some(who.clone()));
+        let long_ago = std::time::Instant::now()
+            .checked_sub(TokenCache::TTL + std::time::Duration::from_secs(1))
+            .unwrap();
+        c.known.lock().unwrap().insert("h".into(), (who, long_ago));
+        assert_eq!(c.get("h"), None, "an entry older than the TTL was used");
+    }
 
     #[test]
     fn tokens_and_roles() {

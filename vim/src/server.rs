@@ -29,6 +29,8 @@ pub struct Monitoring {
 /// What every part of vimd shares.
 pub struct Vimd {
     pub db: Db,
+    /// Callers' tokens seen lately (`auth::TokenCache`).
+    pub tokens: crate::auth::TokenCache,
     pub audit: crate::audit::Audit,
     /// Publishes committed jobs after the API has answered.
     pub outbox: crate::outbox::Outbox,

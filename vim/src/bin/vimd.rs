@@ -176,6 +176,7 @@ async fn run(a: Args) -> Result<()> {
     }
     let (events, _) = tokio::sync::broadcast::channel(1024);
     let v = Arc::new(Vimd {
+        tokens: Default::default(),
         audit: vim::audit::Audit::start(db.clone()),
         outbox: vim::outbox::Outbox::start(js.clone(), db.clone()),
         db,
