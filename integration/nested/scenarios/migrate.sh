@@ -86,7 +86,7 @@ check_moved restore /tmp/r.log "$last"
 
 # 2. Migration to a dead target: the source takes everything back.
 mkdir -p $S/dead
-out=$(vmm ctl --api-socket /tmp/r.sock migrate --dir $S/dead --timeout-ms 2000 2>&1 | tail -n 1)
+out=$(timeout 300 vmm ctl --api-socket /tmp/r.sock migrate --dir $S/dead --timeout-ms 2000 2>&1 | tail -n 1)
 last=$(count /tmp/r.log)
 if echo "$out" | grep -q '"status":"failed"' && kill -0 $rpid 2>/dev/null; then
     result migrate-dead-target pass "$out"
