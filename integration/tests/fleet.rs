@@ -613,6 +613,20 @@ impl Drop for Fleet {
                 }
             }
         }
+        // And any VMM serving a socket in this test's directory that no record names (an agent
+        // killed before it recorded its VMM).
+        let dir = self.dir.path().to_string_lossy().into_owned();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            let is_vmm = cmd.split('\0').next().is_some_and(|a| a.ends_with("/vmm"));
+            if is_vmm && cmd.contains(&dir) && !vm_pids.contains(&pid) {
+                vm_pids.push(pid);
+            }
+        }
         self.agents.clear();
         self.vimd = None;
         self.cluster = None;
