@@ -36,8 +36,15 @@ pub const CLAIM_FILE: &str = "claimed";
 pub const RESUMED_FILE: &str = "resumed";
 pub const FAILED_FILE: &str = "failed";
 /// What a previous migration through the same directory may have left, removed by the source in
-/// this order (`await_handover` relies on `state.bin` going first).
-const STALE: [&str; 4] = [snapshot::STATE_FILE, CLAIM_FILE, RESUMED_FILE, FAILED_FILE];
+/// this order (`await_handover` relies on `state.bin` going first). `memory.bin` is unlinked, never
+/// truncated: a VM that came in through this directory still maps it privately.
+const STALE: [&str; 5] = [
+    snapshot::STATE_FILE,
+    CLAIM_FILE,
+    RESUMED_FILE,
+    FAILED_FILE,
+    snapshot::MEMORY_FILE,
+];
 const PAGE: u64 = 4096;
 
 /// What `migrate` was asked for.
@@ -245,14 +252,7 @@ impl Source {
             let _ = std::fs::remove_file(dir.join(stale));
         }
         let mem_path = dir.join(snapshot::MEMORY_FILE);
-        // A fresh inode, never the old one truncated: a VM that came in through this directory
-        // still maps the old memory.bin privately, and its untouched pages are read from there.
-        match std::fs::remove_file(&mem_path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(Failure::io("cannot replace memory.bin")(e))
-            }
-            _ => {}
-        }
+        // A new file (the old one was unlinked above): fails rather than write into an old one.
         let out = OpenOptions::new()
             .create_new(true)
             .read(true)
