@@ -110,6 +110,9 @@ async fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
+    // State files, job results, VMM logs and API sockets are the agent's alone.
+    // SAFETY: umask only sets this process's file-creation mask.
+    unsafe { libc::umask(0o077) };
     let args = Args::parse();
     let check = args.check;
     let r = match config(args) {
@@ -210,6 +213,12 @@ impl Agent {
         let r = tokio::task::spawn_blocking(move || {
             let mut vms = lock(&me.vms);
             let err = |e: anyhow::Error| format!("{e:#}");
+            if let Some(a) = &cmd.action {
+                if let Err(e) = vms.check_command(a) {
+                    tracing::warn!(job = cmd.job_id, error = %e, "command refused");
+                    return ("Command_Refused", String::new(), Err(err(e)));
+                }
+            }
             match cmd.action {
                 Some(Action::Create(spec)) => (
                     "VM_Created",
@@ -364,7 +373,7 @@ async fn run(cfg: Config) -> Result<()> {
             let cmd = match vim_proto::HostCommand::decode_checked(&m.payload) {
                 Ok(c) => c,
                 Err(e) => {
-                    vim_proto::dead_letter(&agent.js, &m.subject, &m.payload, &e.to_string()).await;
+                    vim_proto::dead_letter(&agent.js, &s::host_dead_letter(&agent.cfg.host_id), &m.subject, &m.payload, &e.to_string()).await;
                     let _ = m.ack_with(AckKind::Term).await;
                     continue;
                 }

@@ -84,8 +84,9 @@ fn is_vmm(pid: u32) -> bool {
 impl Vms {
     /// Loads the records and re-adopts the VMMs that still run.
     pub fn load(state_dir: &Path, shared_dir: &Path, vmm: &Path) -> anyhow::Result<Vms> {
-        std::fs::create_dir_all(state_dir.join("vms"))?;
-        std::fs::create_dir_all(state_dir.join("jobs"))?;
+        for d in ["vms", "jobs", "deleted"] {
+            std::fs::create_dir_all(state_dir.join(d))?;
+        }
         let mut records = HashMap::new();
         for e in std::fs::read_dir(state_dir.join("vms"))? {
             let p = e?.path();
@@ -165,8 +166,65 @@ impl Vms {
         ids.iter().map(|id| self.report(id)).collect()
     }
 
-    /// Creates (if new) and starts a VM.
+    /// Refuses a command this host must not carry out, whoever sent it: an id that is not of
+    /// the one format (it becomes a path), a size out of range, or a file outside the shared
+    /// image store (`SHARED/images/…`, or the VM's own `SHARED/vms/ID/…`) or not a regular
+    /// file (so no command can hand a guest `/etc/shadow` or a device as its disk).
+    pub fn check_command(&self, action: &vim_proto::host_command::Action) -> anyhow::Result<()> {
+        use vim_proto::host_command::Action;
+        let id = match action {
+            Action::Create(s) => &s.vm_id,
+            Action::Start(id) | Action::Delete(id) | Action::Info(id) => id,
+            Action::Stop(s) => &s.vm_id,
+        };
+        vim_proto::check_id("VM id", id)?;
+        let Action::Create(s) = action else {
+            return Ok(());
+        };
+        anyhow::ensure!((1..=254).contains(&s.vcpus), "vcpus must be 1 to 254");
+        anyhow::ensure!(
+            (16..=1 << 22).contains(&s.memory_mib),
+            "memory_mib must be 16 to 4194304"
+        );
+        anyhow::ensure!(
+            s.cmdline.len() <= 4096 && !s.cmdline.contains('\0'),
+            "the kernel command line is too long or holds a NUL"
+        );
+        anyhow::ensure!(!s.kernel.is_empty(), "no kernel");
+        let roots = [
+            self.shared_dir.join("images"),
+            self.shared_dir.join("vms").join(&s.vm_id),
+        ];
+        for (what, path) in [("kernel", &s.kernel), ("initrd", &s.initrd), ("disk", &s.disk)] {
+            if path.is_empty() {
+                continue;
+            }
+            let real = std::fs::canonicalize(path)
+                .map_err(|e| anyhow::anyhow!("{what} {path}: {e}"))?;
+            let inside = roots.iter().any(|r| {
+                std::fs::canonicalize(r).is_ok_and(|r| real.starts_with(r))
+            });
+            anyhow::ensure!(inside, "{what} {path} is not in the shared image store");
+            anyhow::ensure!(
+                std::fs::metadata(&real)?.is_file(),
+                "{what} {path} is not a regular file"
+            );
+        }
+        Ok(())
+    }
+
+    fn tombstone(&self, id: &str) -> PathBuf {
+        self.state_dir.join("deleted").join(id)
+    }
+
+    /// Creates (if new) and starts a VM. A VM deleted on this host is never created again (a
+    /// create that reaches the agent after its delete does nothing).
     pub fn create(&mut self, spec: &VmSpec) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.tombstone(&spec.vm_id).exists(),
+            "VM {} has been deleted",
+            spec.vm_id
+        );
         if !self.records.contains_key(&spec.vm_id) {
             let dir = self.shared_dir.join("vms").join(&spec.vm_id);
             std::fs::create_dir_all(&dir)?;
@@ -301,6 +359,7 @@ impl Vms {
     }
 
     pub fn delete(&mut self, id: &str) -> anyhow::Result<()> {
+        std::fs::write(self.tombstone(id), b"")?;
         if self.records.contains_key(id) {
             self.stop(id, Duration::from_secs(5))?;
             self.records.remove(id);

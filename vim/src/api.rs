@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -40,6 +40,12 @@ impl From<crate::db::DbError> for ApiError {
     }
 }
 
+impl From<vim_proto::BadId> for ApiError {
+    fn from(e: vim_proto::BadId) -> Self {
+        bad(e.to_string())
+    }
+}
+
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
         ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
@@ -69,50 +75,103 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
 
 type St = State<Arc<Vimd>>;
 
+/// What every handler needs of a request besides its body and path: the headers (the token)
+/// and the peer's address (for the failed-login limiter).
+pub struct Req {
+    headers: HeaderMap,
+    peer: Option<std::net::SocketAddr>,
+}
+
+#[axum::async_trait]
+impl<S: Send + Sync> FromRequestParts<S> for Req {
+    type Rejection = Infallible;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Req {
+            headers: parts.headers.clone(),
+            peer: crate::http::peer(parts),
+        })
+    }
+}
+
+/// The token of an `Authorization: Bearer …` header (the scheme in any case, RFC 9110).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let h = headers.get("authorization")?.to_str().ok()?;
+    let (scheme, token) = h.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
 /// Authenticates and audits: runs `f` as the caller, records who did what and how it ended.
-async fn call<F, Fut>(
-    v: &Arc<Vimd>,
-    headers: &HeaderMap,
-    action: &str,
-    target: &str,
-    f: F,
-) -> Response
+/// The call runs in a task of its own, so a client that goes away mid-request neither stops
+/// the action half-way nor loses its audit row: what was done is always recorded.
+async fn call<F, Fut>(v: &Arc<Vimd>, req: &Req, action: &str, target: &str, f: F) -> Response
 where
-    F: FnOnce(Arc<Vimd>, Identity) -> Fut,
-    Fut: std::future::Future<Output = Result<Response, ApiError>>,
+    F: FnOnce(Arc<Vimd>, Identity) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Response, ApiError>> + Send + 'static,
 {
-    let token = headers
-        .get("authorization")
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "));
-    let who = match token {
-        Some(t) => identify(v, &auth::hash_token(t)).await,
-        None => None,
-    };
-    let Some(who) = who else {
-        audit(
-            v,
-            "?",
-            "login",
-            action,
-            "denied",
-            "missing or unknown token",
-        )
-        .await;
-        return ApiError(
-            StatusCode::UNAUTHORIZED,
-            "missing or unknown API token".into(),
-        )
-        .into_response();
-    };
-    let name = who.name.clone();
-    let r = f(v.clone(), who).await;
-    let (outcome, detail) = match &r {
-        Ok(resp) => (resp.status().as_u16().to_string(), String::new()),
-        Err(ApiError(st, m)) => (st.as_u16().to_string(), m.clone()),
-    };
-    audit(v, &name, action, target, &outcome, &detail).await;
-    r.unwrap_or_else(IntoResponse::into_response)
+    let v = v.clone();
+    let token = bearer(&req.headers).map(auth::hash_token);
+    let peer = req.peer;
+    let (action, target) = (action.to_string(), target.to_string());
+    let task = tokio::spawn(async move {
+        let who = match &token {
+            Some(t) => identify(&v, t).await,
+            None => None,
+        };
+        let Some(who) = who else {
+            return denied(&v, peer, &action).await;
+        };
+        let name = who.name.clone();
+        let r = f(v.clone(), who).await;
+        let (outcome, detail) = match &r {
+            Ok(resp) => (resp.status().as_u16().to_string(), String::new()),
+            Err(ApiError(st, m)) => (st.as_u16().to_string(), m.clone()),
+        };
+        audit(&v, &name, &action, &target, &outcome, &detail).await;
+        r.unwrap_or_else(IntoResponse::into_response)
+    });
+    task.await.unwrap_or_else(|e| {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("the call failed: {e}")).into_response()
+    })
+}
+
+/// A failed login: audited (up to the limiter's bounds; past them counted, and summarised by
+/// `audit_login_summary`), answered 401, or 429 for a source that keeps failing.
+async fn denied(v: &Vimd, peer: Option<std::net::SocketAddr>, action: &str) -> Response {
+    let source = peer.map(|p| p.ip());
+    match v.logins.failed(source) {
+        auth::Failure::Audit => {
+            let from = source.map_or_else(|| "?".into(), |ip| ip.to_string());
+            let detail = format!("missing or unknown token, from {from}");
+            audit(v, "?", "login", action, "denied", &detail).await;
+        }
+        auth::Failure::Count => {}
+        auth::Failure::Refuse => {
+            return ApiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many failed logins from this address; try again in a minute".into(),
+            )
+            .into_response();
+        }
+    }
+    ApiError(
+        StatusCode::UNAUTHORIZED,
+        "missing or unknown API token".into(),
+    )
+    .into_response()
+}
+
+/// Writes one audit row per source for the failed logins counted but not audited one by one.
+pub async fn audit_login_summary(v: &Vimd) {
+    for (source, n) in v.logins.take_summary() {
+        let detail = format!("{n} more failed logins from {source}, not audited one by one");
+        audit(v, "?", "login", "", "denied", &detail).await;
+    }
 }
 
 /// Who holds the token with this hash: from the cache, else from the database.
@@ -158,6 +217,7 @@ pub fn router(v: Arc<Vimd>) -> Router {
             get(|| async { Json(crate::openapi::document()) }),
         )
         .route("/hosts", get(list_hosts).post(add_host))
+        .route("/hosts/:id/credentials", post(reissue_host_credentials))
         .route("/images", post(add_image))
         .route("/tokens", post(add_token))
         .route("/vms", get(list_vms).post(create_vm))
@@ -182,8 +242,9 @@ fn accepted(v: Value) -> Result<Response, ApiError> {
     Ok((StatusCode::ACCEPTED, Json(v)).into_response())
 }
 
-async fn list_hosts(State(v): St, h: HeaderMap) -> Response {
-    call(&v, &h, "hosts.list", "", |v, _| async move {
+async fn list_hosts(State(v): St, h: Req) -> Response {
+    call(&v, &h, "hosts.list", "", |v, who| async move {
+        admin(&who)?;
         ok(json!(v.db.hosts().await?))
     })
     .await
@@ -195,67 +256,52 @@ struct AddHost {
     id: String,
 }
 
-/// Names and ids go into paths and NATS subjects: 1-63 letters, digits, '-' or '_'.
+/// Names and ids go into paths and NATS subjects: one format (`vim_proto::check_id`).
 fn check_name(what: &str, s: &str) -> Result<(), ApiError> {
-    let ok = !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err(bad(format!("{what}: 1-63 letters, digits, '-' or '_'")))
+    vim_proto::check_id(what, s).map_err(|e| bad(e.to_string()))
+}
+
+impl From<crate::hosts::HostError> for ApiError {
+    fn from(e: crate::hosts::HostError) -> Self {
+        use crate::hosts::HostError as E;
+        match e {
+            E::Exists(_) => ApiError(StatusCode::CONFLICT, e.to_string()),
+            E::NotFound(id) => not_found(&format!("host {id}")),
+            E::Other(e) => e.into(),
+        }
     }
 }
 
-async fn add_host(State(v): St, h: HeaderMap, b: Result<Json<AddHost>, JsonRejection>) -> Response {
-    call(&v, &h, "hosts.add", "", |v, who| async move {
+fn credentials_answer(v: &Vimd, id: &str, c: crate::hosts::Credentials) -> Result<Response, ApiError> {
+    ok(json!({
+        "host_id": id,
+        "nats_url": v.nats_url,
+        "nats_user": c.user,
+        "credentials_file": c.file,
+    }))
+}
+
+async fn add_host(State(v): St, h: Req, b: Result<Json<AddHost>, JsonRejection>) -> Response {
+    let target = b.as_ref().map(|Json(r)| r.id.clone()).unwrap_or_default();
+    call(&v, &h, "hosts.add", &target, |v, who| async move {
         admin(&who)?;
         let req = body(b)?;
         check_name("host id", &req.id)?;
-        let password = auth::random_secret();
-        let user = format!("host-{}", req.id);
-        v.db.add_host(&req.id, &user, &password).await?;
-        v.liveness.register(&req.id);
-        if let Some(n) = &v.embedded {
-            n.reload(&v.db.hosts().await?)?;
-        } else if let Some(f) = &v.accounts_file {
-            f.write(&v.db.hosts().await?)?;
-        }
-        // Right after a reload the account's JetStream may briefly answer "not found".
-        let mut tries = 0;
-        while let Err(e) = crate::queue::declare_host_consumer(&v.js, &req.id).await {
-            tries += 1;
-            if tries >= 50 {
-                return Err(e.into());
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        let creds_dir = v.state_dir.join("hosts");
-        std::fs::create_dir_all(&creds_dir).map_err(anyhow::Error::from)?;
-        let creds = creds_dir.join(format!("{}.creds", req.id));
-        let text = json!({"user": user, "password": password}).to_string();
-        write_private(&creds, &text).map_err(anyhow::Error::from)?;
-        ok(json!({
-            "host_id": req.id,
-            "nats_url": v.nats_url,
-            "credentials_file": creds,
-        }))
+        let c = crate::hosts::add(&v, &req.id).await?;
+        credentials_answer(&v, &req.id, c)
     })
     .await
 }
 
-/// Writes a file only its owner can read.
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(text.as_bytes())
+/// New queue credentials for a host (the old password stops working).
+async fn reissue_host_credentials(State(v): St, h: Req, Path(id): Path<String>) -> Response {
+    call(&v, &h, "hosts.credentials", &id.clone(), |v, who| async move {
+        admin(&who)?;
+        check_name("host id", &id)?;
+        let c = crate::hosts::reissue(&v, &id).await?;
+        credentials_answer(&v, &id, c)
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -271,13 +317,12 @@ struct AddImage {
     disk: String,
 }
 
-/// Copies an image's files to shared storage (`SHARED/images/NAME/`).
-async fn add_image(
-    State(v): St,
-    h: HeaderMap,
-    b: Result<Json<AddImage>, JsonRejection>,
-) -> Response {
-    call(&v, &h, "images.add", "", |v, who| async move {
+/// Copies an image's files to shared storage (`SHARED/images/NAME/`). A source must be a
+/// regular file (no symlink, FIFO or device: a FIFO used to hang the call forever), inside the
+/// import directory when vimd has one; copies keep a disk's holes.
+async fn add_image(State(v): St, h: Req, b: Result<Json<AddImage>, JsonRejection>) -> Response {
+    let target = b.as_ref().map(|Json(r)| r.name.clone()).unwrap_or_default();
+    call(&v, &h, "images.add", &target, |v, who| async move {
         admin(&who)?;
         let req = body(b)?;
         check_name("image name", &req.name)?;
@@ -290,46 +335,16 @@ async fn add_image(
                 format!("image {} already exists", req.name),
             ));
         }
-        // Copied into a staging directory first: an image that fails half-way (a missing file)
-        // or loses a race for its name leaves nothing behind and touches no other image.
         let images = v.shared_dir.join("images");
         let dir = images.join(&req.name);
-        let staging = images.join(format!(".{}.{}", req.name, db::new_id()));
-        tokio::fs::create_dir_all(&staging)
-            .await
-            .map_err(anyhow::Error::from)?;
-        let staged = async {
-            let mut paths = Vec::new();
-            for (src, name) in [
-                (&req.kernel, "kernel"),
-                (&req.initrd, "initrd"),
-                (&req.disk, "disk.img"),
-            ] {
-                if src.is_empty() {
-                    paths.push(String::new());
-                    continue;
-                }
-                tokio::fs::copy(src, staging.join(name))
-                    .await
-                    .map_err(|e| bad(format!("{src}: {e}")))?;
-                paths.push(dir.join(name).display().to_string());
-            }
-            tokio::fs::rename(&staging, &dir).await.map_err(|e| {
-                ApiError(
-                    StatusCode::CONFLICT,
-                    format!("image {}: {} exists ({e})", req.name, dir.display()),
-                )
-            })?;
-            Ok::<_, ApiError>(paths)
-        }
-        .await;
-        let paths = match staged {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = tokio::fs::remove_dir_all(&staging).await;
-                return Err(e);
-            }
-        };
+        let (kernel, initrd, disk) = (req.kernel.clone(), req.initrd.clone(), req.disk.clone());
+        let import = v.image_import_dir.clone();
+        let d = dir.clone();
+        let paths = tokio::task::spawn_blocking(move || {
+            stage_image(&images, &d, import.as_deref(), [&kernel, &initrd, &disk])
+        })
+        .await
+        .map_err(anyhow::Error::from)??;
         let img = db::Image {
             name: req.name.clone(),
             kernel: paths[0].clone(),
@@ -346,6 +361,67 @@ async fn add_image(
     .await
 }
 
+/// Copies an image's files into a staging directory first, then renames it to `dir`: an image
+/// that fails half-way (a missing file) or loses a race for its name leaves nothing behind and
+/// touches no other image. Returns the paths of kernel, initrd and disk (empty where none).
+fn stage_image(
+    images: &std::path::Path,
+    dir: &std::path::Path,
+    import: Option<&std::path::Path>,
+    sources: [&String; 3],
+) -> Result<Vec<String>, ApiError> {
+    let staging = images.join(format!(".staging.{}", db::new_id()));
+    std::fs::create_dir_all(&staging).map_err(anyhow::Error::from)?;
+    let staged = (|| {
+        let mut paths = Vec::new();
+        for (src, name) in sources.into_iter().zip(["kernel", "initrd", "disk.img"]) {
+            if src.is_empty() {
+                paths.push(String::new());
+                continue;
+            }
+            let file = open_import(src, import).map_err(|e| bad(format!("{src}: {e}")))?;
+            crate::files::copy_sparse(&file, &staging.join(name))
+                .map_err(|e| bad(format!("{src}: {e}")))?;
+            paths.push(dir.join(name).display().to_string());
+        }
+        std::fs::rename(&staging, dir).map_err(|e| {
+            ApiError(
+                StatusCode::CONFLICT,
+                format!("{} exists ({e})", dir.display()),
+            )
+        })?;
+        Ok::<_, ApiError>(paths)
+    })();
+    if staged.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    staged
+}
+
+/// Opens an image source: an absolute path, inside `import` when there is one (symlinks in
+/// the directories above are resolved first, so none leads out of it), a regular file.
+fn open_import(src: &str, import: Option<&std::path::Path>) -> std::io::Result<std::fs::File> {
+    use std::io::{Error, ErrorKind};
+    let p = std::path::Path::new(src);
+    if !p.is_absolute() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not an absolute path"));
+    }
+    let (Some(parent), Some(name)) = (p.parent(), p.file_name()) else {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a file path"));
+    };
+    let real = std::fs::canonicalize(parent)?.join(name);
+    if let Some(root) = import {
+        let root = std::fs::canonicalize(root)?;
+        if !real.starts_with(&root) {
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                format!("outside the image import directory {}", root.display()),
+            ));
+        }
+    }
+    crate::files::open_regular(&real)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AddToken {
@@ -353,12 +429,9 @@ struct AddToken {
     role: Role,
 }
 
-async fn add_token(
-    State(v): St,
-    h: HeaderMap,
-    b: Result<Json<AddToken>, JsonRejection>,
-) -> Response {
-    call(&v, &h, "tokens.add", "", |v, who| async move {
+async fn add_token(State(v): St, h: Req, b: Result<Json<AddToken>, JsonRejection>) -> Response {
+    let target = b.as_ref().map(|Json(r)| r.name.clone()).unwrap_or_default();
+    call(&v, &h, "tokens.add", &target, |v, who| async move {
         admin(&who)?;
         let req = body(b)?;
         check_name("token name", &req.name)?;
@@ -383,7 +456,7 @@ struct VmPage {
 /// VMs oldest first, a page at a time (`limit`, default 1000; `after`: the last id seen).
 async fn list_vms(
     State(v): St,
-    h: HeaderMap,
+    h: Req,
     q: Result<Query<VmPage>, QueryRejection>,
 ) -> Response {
     call(&v, &h, "vms.list", "", |v, who| async move {
@@ -415,7 +488,7 @@ struct CreateVm {
 
 async fn create_vm(
     State(v): St,
-    h: HeaderMap,
+    h: Req,
     b: Result<Json<CreateVm>, JsonRejection>,
 ) -> Response {
     call(&v, &h, "vms.create", "", |v, who| async move {
@@ -458,20 +531,20 @@ async fn owned_vm(v: &Vimd, who: &Identity, id: &str) -> Result<db::Vm, ApiError
     }
 }
 
-async fn show_vm(State(v): St, h: HeaderMap, Path(id): Path<String>) -> Response {
+async fn show_vm(State(v): St, h: Req, Path(id): Path<String>) -> Response {
     call(&v, &h, "vms.show", &id.clone(), |v, who| async move {
         ok(json!(owned_vm(&v, &who, &id).await?))
     })
     .await
 }
 
-async fn vm_job(v: Arc<Vimd>, h: HeaderMap, id: String, kind: &'static str) -> Response {
+async fn vm_job(v: Arc<Vimd>, h: Req, id: String, kind: &'static str) -> Response {
     call(
         &v,
         &h,
         &format!("vms.{kind}"),
         &id.clone(),
-        |v, who| async move {
+        move |v, who| async move {
             let vm = owned_vm(&v, &who, &id).await?;
             let job = db::Job::new(kind, &who.name, &vm.id);
             v.db.add_job(&job, None).await?;
@@ -482,24 +555,46 @@ async fn vm_job(v: Arc<Vimd>, h: HeaderMap, id: String, kind: &'static str) -> R
     .await
 }
 
-async fn start_vm(State(v): St, h: HeaderMap, Path(id): Path<String>) -> Response {
+async fn start_vm(State(v): St, h: Req, Path(id): Path<String>) -> Response {
     vm_job(v, h, id, "start").await
 }
 
-async fn stop_vm(State(v): St, h: HeaderMap, Path(id): Path<String>) -> Response {
+async fn stop_vm(State(v): St, h: Req, Path(id): Path<String>) -> Response {
     vm_job(v, h, id, "stop").await
 }
 
-async fn delete_vm(State(v): St, h: HeaderMap, Path(id): Path<String>) -> Response {
+async fn delete_vm(State(v): St, h: Req, Path(id): Path<String>) -> Response {
     vm_job(v, h, id, "delete").await
 }
 
-/// The guest's serial log, which the agent writes on shared storage.
-async fn console(State(v): St, h: HeaderMap, Path(id): Path<String>) -> Response {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsoleQuery {
+    /// How much of the end of the log, at most (default 1 MiB, at most 16 MiB).
+    #[serde(default)]
+    bytes: Option<u64>,
+}
+
+pub const CONSOLE_TAIL: u64 = 1 << 20;
+pub const CONSOLE_TAIL_MAX: u64 = 16 << 20;
+
+/// The end of the guest's serial log, which the agent writes on shared storage. The guest
+/// decides how large it grows, so only a bounded tail is read, off the async workers.
+async fn console(
+    State(v): St,
+    h: Req,
+    Path(id): Path<String>,
+    q: Result<Query<ConsoleQuery>, QueryRejection>,
+) -> Response {
     call(&v, &h, "vms.console", &id.clone(), |v, who| async move {
+        let q = query(q)?;
+        let max = q.bytes.unwrap_or(CONSOLE_TAIL).clamp(1, CONSOLE_TAIL_MAX);
         let vm = owned_vm(&v, &who, &id).await?;
-        let path = v.vm_dir(&vm.id).join("console.log");
-        let text = std::fs::read(&path).unwrap_or_default();
+        let path = v.vm_dir(&vm.id)?.join("console.log");
+        let text = tokio::task::spawn_blocking(move || crate::files::tail(&path, max))
+            .await
+            .map_err(anyhow::Error::from)?
+            .map_err(anyhow::Error::from)?;
         Ok(String::from_utf8_lossy(&text).into_owned().into_response())
     })
     .await
@@ -516,7 +611,7 @@ struct ListQuery {
 
 async fn list_jobs(
     State(v): St,
-    h: HeaderMap,
+    h: Req,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Response {
     call(&v, &h, "jobs.list", "", |v, who| async move {
@@ -527,7 +622,7 @@ async fn list_jobs(
     .await
 }
 
-async fn show_job(State(v): St, h: HeaderMap, Path(id): Path<String>) -> Response {
+async fn show_job(State(v): St, h: Req, Path(id): Path<String>) -> Response {
     call(&v, &h, "jobs.show", &id.clone(), |v, who| async move {
         match v.db.job(&id).await? {
             Some(j) if who.may_touch(&j.owner) => ok(json!(j)),
@@ -539,19 +634,19 @@ async fn show_job(State(v): St, h: HeaderMap, Path(id): Path<String>) -> Respons
 
 async fn list_events(
     State(v): St,
-    h: HeaderMap,
+    h: Req,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Response {
     call(&v, &h, "events.list", "", |v, who| async move {
         admin(&who)?;
         let q = query(q)?;
         let limit = q.limit.unwrap_or(1000).clamp(1, 100_000);
-        ok(json!(v.db.events(q.since.unwrap_or(0), limit).await?))
+        ok(json!(v.db.events(q.since, limit).await?))
     })
     .await
 }
 
-async fn stream_events(State(v): St, h: HeaderMap) -> Response {
+async fn stream_events(State(v): St, h: Req) -> Response {
     call(&v, &h, "events.stream", "", |v2, who| async move {
         admin(&who)?;
         let rx = v2.events.subscribe();
@@ -577,7 +672,7 @@ async fn stream_events(State(v): St, h: HeaderMap) -> Response {
 
 async fn list_audit(
     State(v): St,
-    h: HeaderMap,
+    h: Req,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Response {
     call(&v, &h, "audit.list", "", |v, who| async move {

@@ -3,6 +3,21 @@
 
 use sha2::{Digest, Sha256};
 
+/// bcrypt's cost for NATS passwords: nats-server checks it once per connection (an agent
+/// connects once), and 2^10 rounds take tens of milliseconds; the passwords are 256 random bits,
+/// so the hash guards against reading, not guessing.
+const NATS_BCRYPT_COST: u32 = 10;
+
+/// The hash nats-server accepts in place of a password (`$2b$…`).
+pub fn hash_password(password: &str) -> anyhow::Result<String> {
+    Ok(bcrypt::hash(password, NATS_BCRYPT_COST)?)
+}
+
+/// Whether a stored NATS password is a hash already (an older vimd stored plaintext).
+pub fn is_password_hash(stored: &str) -> bool {
+    stored.starts_with("$2")
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -75,6 +90,84 @@ impl TokenCache {
     }
 }
 
+/// Failed logins, counted per source address and in all, a minute at a time. Each failure
+/// used to write its own audit row (20,000 rows in 3 s from one client); now a source's first
+/// `PER_SOURCE` failures in a minute are audited one by one and the rest are refused with 429
+/// unaudited, and past `IN_ALL` failures a minute from everyone together the rest are counted
+/// only. What was counted but not written becomes one summary row per source (`take_summary`).
+#[derive(Default)]
+pub struct LoginLimiter {
+    inner: std::sync::Mutex<LimiterState>,
+}
+
+#[derive(Default)]
+struct LimiterState {
+    window_start: Option<std::time::Instant>,
+    in_all: u32,
+    per_source: std::collections::HashMap<std::net::IpAddr, u32>,
+    /// Failures counted but not audited, by source ("?" when unknown).
+    unaudited: std::collections::BTreeMap<String, u64>,
+}
+
+/// What to do with one failed login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Write its audit row and answer 401.
+    Audit,
+    /// Counted; answer 401 without a row of its own.
+    Count,
+    /// Counted; this source has failed too often: answer 429.
+    Refuse,
+}
+
+impl LoginLimiter {
+    pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+    pub const PER_SOURCE: u32 = 20;
+    pub const IN_ALL: u32 = 200;
+    /// Sources remembered in one window at most (more: the window starts over).
+    const MAX_SOURCES: usize = 100_000;
+
+    pub fn failed(&self, source: Option<std::net::IpAddr>) -> Failure {
+        let mut st = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let expired = st
+            .window_start
+            .is_none_or(|t| now.duration_since(t) >= Self::WINDOW);
+        if expired || st.per_source.len() >= Self::MAX_SOURCES {
+            st.window_start = Some(now);
+            st.in_all = 0;
+            st.per_source.clear();
+        }
+        st.in_all += 1;
+        let mine = match source {
+            Some(ip) => {
+                let n = st.per_source.entry(ip).or_default();
+                *n += 1;
+                *n
+            }
+            None => 0,
+        };
+        let verdict = if mine > Self::PER_SOURCE {
+            Failure::Refuse
+        } else if st.in_all > Self::IN_ALL {
+            Failure::Count
+        } else {
+            Failure::Audit
+        };
+        if verdict != Failure::Audit {
+            let key = source.map_or_else(|| "?".to_string(), |ip| ip.to_string());
+            *st.unaudited.entry(key).or_default() += 1;
+        }
+        verdict
+    }
+
+    /// The failures counted but not audited since the last call, by source.
+    pub fn take_summary(&self) -> Vec<(String, u64)> {
+        let mut st = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut st.unaudited).into_iter().collect()
+    }
+}
+
 pub fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.trim().as_bytes()))
 }
@@ -96,6 +189,35 @@ pub fn random_secret() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_logins_are_limited_per_source_and_in_all() {
+        let l = LoginLimiter::default();
+        let a: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+        for _ in 0..LoginLimiter::PER_SOURCE {
+            assert_eq!(l.failed(Some(a)), Failure::Audit);
+        }
+        assert_eq!(l.failed(Some(a)), Failure::Refuse);
+        assert_eq!(l.failed(Some(a)), Failure::Refuse);
+        // Another source is not refused for the first one's failures, but past the overall
+        // bound (counting those two) failures are only counted.
+        let mut verdicts = Vec::new();
+        for i in 0..20u8 {
+            for _ in 0..10 {
+                verdicts.push(l.failed(Some(std::net::IpAddr::from([127, 0, 1, i]))));
+            }
+        }
+        assert!(!verdicts.contains(&Failure::Refuse));
+        let audited = verdicts.iter().filter(|v| **v == Failure::Audit).count() as u32;
+        assert_eq!(audited, LoginLimiter::IN_ALL - LoginLimiter::PER_SOURCE - 2);
+        assert_eq!(l.failed(None), Failure::Count);
+        let summary = l.take_summary();
+        let total: u64 = summary.iter().map(|(_, n)| n).sum();
+        // 2 refused, and everything past the overall bound.
+        assert_eq!(total, 2 + (LoginLimiter::PER_SOURCE as u64 + 2 + 200 + 1 - LoginLimiter::IN_ALL as u64));
+        assert!(summary.iter().any(|(s, n)| s == "127.0.0.2" && *n >= 2));
+        assert!(l.take_summary().is_empty());
+    }
 
     #[test]
     fn the_token_cache_forgets_after_its_ttl() {

@@ -61,7 +61,14 @@ const SCHEMA: &[&str] = &[
 const ADDED_COLUMNS: &[(&str, &str)] = &[
     ("vms", "vmm_cpu_pct DOUBLE PRECISION NOT NULL DEFAULT 0"),
     ("vms", "balloon_mib BIGINT NOT NULL DEFAULT 0"),
+    // The host a job's command was sent to: only that host may answer it.
+    ("jobs", "host_id TEXT NOT NULL DEFAULT ''"),
 ];
+
+/// Constraints a database made by an older vimd may not meet yet (two tokens of one name):
+/// applied where they can be, with a warning where they cannot.
+const LATE_CONSTRAINTS: &[&str] =
+    &["CREATE UNIQUE INDEX IF NOT EXISTS tokens_name ON tokens (name)"];
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -87,8 +94,9 @@ pub struct Host {
     pub missed: i64,
     #[serde(skip)]
     pub nats_user: String,
+    /// A bcrypt hash (the plaintext is only in the credentials handed to the host).
     #[serde(skip)]
-    pub nats_password: String,
+    pub nats_password_hash: String,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -131,6 +139,8 @@ pub struct Job {
     pub vm_id: String,
     pub state: String,
     pub published: bool,
+    /// The host its command went to (empty before it was sent, or for jobs needing none).
+    pub host_id: String,
     pub attempts: i64,
     pub error: String,
     pub created_at: i64,
@@ -191,6 +201,7 @@ impl Job {
             vm_id: vm_id.into(),
             state: "pending".into(),
             published: false,
+            host_id: String::new(),
             attempts: 0,
             error: String::new(),
             created_at: now,
@@ -211,7 +222,7 @@ fn host(r: &AnyRow) -> Result<Host, sqlx::Error> {
         last_heartbeat: r.try_get("last_heartbeat")?,
         missed: r.try_get("missed")?,
         nats_user: r.try_get("nats_user")?,
-        nats_password: r.try_get("nats_password")?,
+        nats_password_hash: r.try_get("nats_password")?,
     })
 }
 
@@ -243,6 +254,7 @@ fn job(r: &AnyRow) -> Result<Job, sqlx::Error> {
         vm_id: r.try_get("vm_id")?,
         state: r.try_get("state")?,
         published: r.try_get::<i64, _>("published")? != 0,
+        host_id: r.try_get("host_id")?,
         attempts: r.try_get("attempts")?,
         error: r.try_get("error")?,
         created_at: r.try_get("created_at")?,
@@ -327,6 +339,11 @@ impl Db {
                 .execute(&writer)
                 .await;
         }
+        for c in LATE_CONSTRAINTS {
+            if let Err(e) = sqlx::query(c).execute(&writer).await {
+                tracing::warn!(constraint = c, error = %e, "cannot apply a constraint to this database; fix its rows");
+            }
+        }
         let pool = if sqlite {
             connect(4).await?
         } else {
@@ -338,7 +355,7 @@ impl Db {
     // Tokens.
 
     pub async fn add_token(&self, hash: &str, name: &str, role: &str) -> Result<(), DbError> {
-        sqlx::query(
+        let r = sqlx::query(
             "INSERT INTO tokens (token_hash, name, role, created_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(hash)
@@ -346,20 +363,14 @@ impl Db {
         .bind(role)
         .bind(now_ms())
         .execute(&self.writer)
-        .await?;
-        Ok(())
-    }
-
-    /// The (name, role) a token hash belongs to.
-    pub async fn token(&self, hash: &str) -> Result<Option<(String, String)>, DbError> {
-        let r = sqlx::query("SELECT name, role FROM tokens WHERE token_hash = $1")
-            .bind(hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(match r {
-            Some(r) => Some((r.try_get("name")?, r.try_get("role")?)),
-            None => None,
-        })
+        .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(DbError::Conflict(format!("a token named {name} exists")))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub async fn count_tokens(&self) -> Result<i64, DbError> {
@@ -371,14 +382,20 @@ impl Db {
 
     // Hosts.
 
-    pub async fn add_host(&self, id: &str, user: &str, password: &str) -> Result<(), DbError> {
+    /// A new host, with its NATS user and that user's password hash.
+    pub async fn add_host(
+        &self,
+        id: &str,
+        user: &str,
+        password_hash: &str,
+    ) -> Result<(), DbError> {
         let r = sqlx::query(
             "INSERT INTO hosts (id, state, nats_user, nats_password, created_at)
              VALUES ($1, 'registered', $2, $3, $4)",
         )
         .bind(id)
         .bind(user)
-        .bind(password)
+        .bind(password_hash)
         .bind(now_ms())
         .execute(&self.writer)
         .await;
@@ -389,6 +406,17 @@ impl Db {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Replaces a host's NATS password hash (new credentials, or a plaintext password stored by
+    /// an older vimd).
+    pub async fn set_host_password_hash(&self, id: &str, hash: &str) -> Result<bool, DbError> {
+        let r = sqlx::query("UPDATE hosts SET nats_password = $1 WHERE id = $2")
+            .bind(hash)
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(r.rows_affected() == 1)
     }
 
     pub async fn hosts(&self) -> Result<Vec<Host>, DbError> {
@@ -762,20 +790,46 @@ impl Db {
         Ok(r.try_get("n")?)
     }
 
-    pub async fn place_vm(&self, id: &str, host_id: &str, disk: &str) -> Result<(), DbError> {
-        sqlx::query("UPDATE vms SET host_id = $1, disk_path = $2 WHERE id = $3")
-            .bind(host_id)
-            .bind(disk)
+    /// Places a VM on a host; false if it was deleted meanwhile (it is never placed then).
+    pub async fn place_vm(&self, id: &str, host_id: &str, disk: &str) -> Result<bool, DbError> {
+        let r = sqlx::query(
+            "UPDATE vms SET host_id = $1, disk_path = $2 WHERE id = $3 AND state <> 'deleted'",
+        )
+        .bind(host_id)
+        .bind(disk)
+        .bind(id)
+        .execute(&self.writer)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// A VM's state as its host reports it. States only move forward out of `deleted`: nothing
+    /// a host or a late answer says brings a deleted VM back.
+    pub async fn set_vm_state(&self, id: &str, state: &str, pid: i64) -> Result<bool, DbError> {
+        let r = sqlx::query("UPDATE vms SET state = $1, pid = $2 WHERE id = $3 AND state <> 'deleted'")
+            .bind(state)
+            .bind(pid)
             .bind(id)
             .execute(&self.writer)
             .await?;
-        Ok(())
+        Ok(r.rows_affected() == 1)
     }
 
-    pub async fn set_vm_state(&self, id: &str, state: &str, pid: i64) -> Result<(), DbError> {
-        sqlx::query("UPDATE vms SET state = $1, pid = $2 WHERE id = $3")
-            .bind(state)
-            .bind(pid)
+    /// Deletes a VM that was never placed, unless it has been placed meanwhile (false: send
+    /// the delete to its host instead).
+    pub async fn delete_unplaced_vm(&self, id: &str) -> Result<bool, DbError> {
+        let r = sqlx::query("UPDATE vms SET state = 'deleted', pid = 0 WHERE id = $1 AND host_id = ''")
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Records the host a job's command goes to, before it is sent (an answer may come back
+    /// before the job is marked running).
+    pub async fn assign_job_host(&self, id: &str, host_id: &str) -> Result<(), DbError> {
+        sqlx::query("UPDATE jobs SET host_id = $1 WHERE id = $2")
+            .bind(host_id)
             .bind(id)
             .execute(&self.writer)
             .await?;
@@ -808,13 +862,47 @@ impl Db {
         Ok(())
     }
 
-    pub async fn events(&self, since: i64, limit: i64) -> Result<Vec<Event>, DbError> {
-        let rows = sqlx::query("SELECT * FROM events WHERE ts >= $1 ORDER BY ts, id LIMIT $2")
-            .bind(since)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(event).collect::<Result<_, _>>()?)
+    /// Events oldest first: from `since` on, or without it the newest `limit` of them.
+    pub async fn events(&self, since: Option<i64>, limit: i64) -> Result<Vec<Event>, DbError> {
+        let rows = match since {
+            Some(since) => {
+                sqlx::query("SELECT * FROM events WHERE ts >= $1 ORDER BY ts, id LIMIT $2")
+                    .bind(since)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query("SELECT * FROM events ORDER BY ts DESC, id DESC LIMIT $1")
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        let mut out: Vec<Event> = rows.iter().map(event).collect::<Result<_, _>>()?;
+        if since.is_none() {
+            out.reverse();
+        }
+        Ok(out)
+    }
+
+    /// Drops events and audit entries older than their retention (ms since the epoch), a
+    /// bounded batch at a time so other writers wait little; returns how many went.
+    pub async fn expire(&self, events_before: i64, audit_before: i64) -> Result<u64, DbError> {
+        let mut n = 0;
+        for (table, before) in [("events", events_before), ("audit", audit_before)] {
+            loop {
+                let sql = format!(
+                    "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE ts < $1 LIMIT 5000)"
+                );
+                let r = sqlx::query(&sql).bind(before).execute(&self.writer).await?;
+                n += r.rows_affected();
+                if r.rows_affected() < 5000 {
+                    break;
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// Stores audit entries in one transaction (see `audit.rs` for why together).
@@ -1043,7 +1131,7 @@ pub(crate) mod tests {
                 && h.missed == 3
                 && h.cpu_cores == 8
                 && h.last_heartbeat == 42));
-            assert_eq!(db.events(0, 10_000).await.unwrap().len(), n);
+            assert_eq!(db.events(Some(0), 10_000).await.unwrap().len(), n);
         }
     }
 }

@@ -6,9 +6,18 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod db;
+pub mod files;
+pub mod hosts;
+pub mod http;
 pub mod monitor;
 pub mod openapi;
 pub mod outbox;
 pub mod placement;
 pub mod queue;
 pub mod server;
+
+/// Locks a mutex, going on with its data if a thread panicked while holding it (the data are
+/// plain maps and sets that a panic cannot leave half-changed).
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

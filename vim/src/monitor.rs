@@ -38,6 +38,45 @@ pub enum Beat {
 }
 
 /// The same report apart from the sequence number.
+/// The largest host a heartbeat may claim: what a host reports is what placement trusts, so an
+/// absurd figure (or one that turns negative in the database's signed columns) is cut down to
+/// this, and text fields are kept short and printable.
+pub const MAX_CORES: u32 = 4096;
+pub const MAX_MEMORY_MIB: u64 = 64 << 20; // 64 TiB
+const MAX_TEXT: usize = 253;
+/// VM reports in one heartbeat at most (more than any host runs).
+const MAX_VMS: usize = 4096;
+
+/// Bounds what a host claims about itself (see [`MAX_CORES`]).
+pub fn bound_report(hb: &mut Heartbeat) {
+    hb.cpu_cores = hb.cpu_cores.min(MAX_CORES);
+    hb.memory_mib = hb.memory_mib.min(MAX_MEMORY_MIB);
+    let text = |t: &mut String| {
+        if t.len() > MAX_TEXT || t.chars().any(char::is_control) {
+            *t = t
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(MAX_TEXT)
+                .collect();
+        }
+    };
+    text(&mut hb.hostname);
+    text(&mut hb.address);
+    text(&mut hb.agent_version);
+    hb.vms.truncate(MAX_VMS);
+    for v in &mut hb.vms {
+        v.rss_kib = v.rss_kib.min(i64::MAX as u64);
+        v.balloon_mib = v.balloon_mib.min(MAX_MEMORY_MIB);
+        for pct in [&mut v.cpu_pct, &mut v.vmm_cpu_pct] {
+            if !pct.is_finite() || *pct < 0.0 {
+                *pct = 0.0;
+            }
+            *pct = pct.min(f64::from(MAX_CORES) * 100.0);
+        }
+        text(&mut v.state);
+    }
+}
+
 fn same_report(a: &Heartbeat, b: &Heartbeat) -> bool {
     a.host_id == b.host_id
         && a.hostname == b.hostname
@@ -328,5 +367,27 @@ mod tests {
         }
         assert_eq!(due.iter().sum::<usize>(), 1000, "{due:?}");
         assert!(due.iter().all(|&n| n < 400), "{due:?}");
+    }
+
+    #[test]
+    fn what_a_host_claims_is_bounded() {
+        let mut hb = Heartbeat {
+            cpu_cores: u32::MAX,
+            memory_mib: u64::MAX,
+            hostname: format!("evil\x1b]0;owned\x07{}", "x".repeat(1000)),
+            vms: vec![vim_proto::VmReport {
+                rss_kib: u64::MAX,
+                cpu_pct: f64::NAN,
+                vmm_cpu_pct: -5.0,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        bound_report(&mut hb);
+        assert_eq!(hb.cpu_cores, MAX_CORES);
+        assert_eq!(hb.memory_mib, MAX_MEMORY_MIB);
+        assert!(hb.memory_mib as i64 > 0 && hb.vms[0].rss_kib as i64 > 0);
+        assert!(hb.hostname.len() <= MAX_TEXT && !hb.hostname.contains('\x1b'));
+        assert_eq!((hb.vms[0].cpu_pct, hb.vms[0].vmm_cpu_pct), (0.0, 0.0));
     }
 }

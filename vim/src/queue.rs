@@ -33,6 +33,8 @@ struct Server {
     dir: PathBuf,
     listen: String,
     vimd_password: String,
+    /// What the configuration holds instead of the password.
+    vimd_password_hash: String,
 }
 
 impl EmbeddedNats {
@@ -40,13 +42,13 @@ impl EmbeddedNats {
     /// `listen` (host:port). Hosts get users restricted to their own subjects.
     pub async fn start(state_dir: &Path, listen: &str, hosts: &[Host]) -> Result<EmbeddedNats> {
         let dir = state_dir.join("nats");
-        std::fs::create_dir_all(dir.join("jetstream"))?;
+        crate::files::private_dir(&dir.join("jetstream"))?;
         let pw_file = dir.join("vimd.password");
         let vimd_password = match std::fs::read_to_string(&pw_file) {
             Ok(p) => p.trim().to_string(),
             Err(_) => {
                 let p = crate::auth::random_secret();
-                std::fs::write(&pw_file, &p)?;
+                crate::files::replace_private(&pw_file, p.as_bytes())?;
                 p
             }
         };
@@ -54,6 +56,7 @@ impl EmbeddedNats {
             conf: dir.join("nats.conf"),
             dir: dir.clone(),
             listen: listen.to_string(),
+            vimd_password_hash: crate::auth::hash_password(&vimd_password)?,
             vimd_password,
         };
         server.write_config(hosts)?;
@@ -174,17 +177,18 @@ impl Server {
              jetstream {{ store_dir: \"{store}\" }}\n{accounts}",
             listen = self.listen,
             store = self.dir.join("jetstream").display(),
-            accounts = accounts("vimd", &self.vimd_password, hosts),
+            accounts = accounts("vimd", &self.vimd_password_hash, hosts),
         );
-        write_atomically(&self.conf, &conf)
+        Ok(crate::files::replace_private(&self.conf, conf.as_bytes())?)
     }
 }
 
 /// The NATS users, in one account with JetStream: vimd (as `vimd_user`) with every right, and
-/// each host restricted to its own subjects (see [`host_user`]).
-fn accounts(vimd_user: &str, vimd_password: &str, hosts: &[Host]) -> String {
+/// each host restricted to its own subjects (see [`host_user`]). Passwords appear only as bcrypt
+/// hashes (nats-server checks a password against a `$2…` hash), so the file reveals none.
+fn accounts(vimd_user: &str, vimd_password_hash: &str, hosts: &[Host]) -> String {
     let mut users = vec![format!(
-        "      {{ user: \"{vimd_user}\", password: \"{vimd_password}\" }}"
+        "      {{ user: \"{vimd_user}\", password: \"{vimd_password_hash}\" }}"
     )];
     for h in hosts {
         users.push(host_user(h));
@@ -201,33 +205,33 @@ fn accounts(vimd_user: &str, vimd_password: &str, hosts: &[Host]) -> String {
 /// vimd does with its embedded server.
 pub struct AccountsFile {
     pub path: PathBuf,
-    /// vimd's own user and password (from `--nats-credentials`).
+    /// vimd's own user (from `--nats-credentials`) and its password's hash.
     pub user: String,
-    pub password: String,
+    password_hash: String,
 }
 
 impl AccountsFile {
+    pub fn new(path: PathBuf, user: String, password: &str) -> Result<AccountsFile> {
+        Ok(AccountsFile {
+            path,
+            user,
+            password_hash: crate::auth::hash_password(password)?,
+        })
+    }
+
     pub fn write(&self, hosts: &[Host]) -> Result<()> {
         let text = format!(
             "# Written by vimd; rewritten when hosts are added. Include it in every NATS node's\n\
              # configuration and reload the nodes when it changes.\n{}",
-            accounts(&self.user, &self.password, hosts)
+            accounts(&self.user, &self.password_hash, hosts)
         );
-        write_atomically(&self.path, &text).with_context(|| {
+        crate::files::replace_private(&self.path, text.as_bytes()).with_context(|| {
             format!(
                 "cannot write the NATS accounts file {}",
                 self.path.display()
             )
         })
     }
-}
-
-/// Replaces a file whole: a server reloading at that moment reads the old or the new one.
-fn write_atomically(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(tmp, path)?;
-    Ok(())
 }
 
 impl Drop for EmbeddedNats {
@@ -246,7 +250,7 @@ fn host_user(h: &Host) -> String {
     let publish = [
         s::heartbeat(id),
         s::host_events(id),
-        s::DEAD_LETTER.to_string(),
+        s::host_dead_letter(id),
         format!("$JS.API.CONSUMER.MSG.NEXT.{}.{consumer}", s::COMMAND_STREAM),
         format!("$JS.API.CONSUMER.INFO.{}.{consumer}", s::COMMAND_STREAM),
         format!("$JS.API.STREAM.INFO.{}", s::COMMAND_STREAM),
@@ -262,14 +266,27 @@ fn host_user(h: &Host) -> String {
     format!(
         "      {{ user: \"{}\", password: \"{}\", permissions: {{ publish: {{ allow: [{}] }}, subscribe: {{ allow: [\"{}.>\"] }} }} }}",
         h.nats_user,
-        h.nats_password,
+        h.nats_password_hash,
         quoted(&publish),
         s::inbox_prefix(id),
     )
 }
 
-/// Declares the streams (idempotent). `replicas` is 1 for one server, 3 for a cluster.
-pub async fn declare_streams(js: &jetstream::Context, replicas: usize) -> Result<()> {
+/// How much each stream may hold: every stream is bounded, so nobody who may publish can fill
+/// vimd's disk. Streams that hosts write (events, dead letters) are bounded per subject too, and
+/// each host writes only its own subject, so a host that floods fills only its own share (the
+/// oldest of its own messages go first).
+pub const STREAM_MAX_BYTES: i64 = 1 << 30;
+pub const DEAD_LETTER_MAX_BYTES: i64 = 256 << 20;
+/// Per host subject: events waiting for vimd, and dead letters kept.
+pub const EVENTS_PER_HOST: i64 = 100_000;
+pub const DEAD_LETTERS_PER_SUBJECT: i64 = 1_000;
+/// A message older than this is dropped: a job or command that old has long been sent again
+/// by the reconciler, which works from the database.
+pub const STREAM_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The streams' configurations.
+pub fn stream_configs(replicas: usize) -> Vec<stream::Config> {
     let work = |name: &str, subjects: Vec<String>| stream::Config {
         name: name.into(),
         subjects,
@@ -277,27 +294,58 @@ pub async fn declare_streams(js: &jetstream::Context, replicas: usize) -> Result
         storage: stream::StorageType::File,
         num_replicas: replicas,
         duplicate_window: DEDUP_WINDOW,
+        max_bytes: STREAM_MAX_BYTES,
+        max_age: STREAM_MAX_AGE,
+        discard: stream::DiscardPolicy::Old,
         ..Default::default()
     };
-    js.get_or_create_stream(work(s::JOB_STREAM, vec![s::JOBS.into()]))
-        .await
-        .map_err(|e| anyhow::anyhow!("stream {}: {e}", s::JOB_STREAM))?;
-    js.get_or_create_stream(work(s::COMMAND_STREAM, vec![s::ALL_HOST_COMMANDS.into()]))
-        .await
-        .map_err(|e| anyhow::anyhow!("stream {}: {e}", s::COMMAND_STREAM))?;
-    js.get_or_create_stream(work(s::EVENT_STREAM, vec![s::ALL_HOST_EVENTS.into()]))
-        .await
-        .map_err(|e| anyhow::anyhow!("stream {}: {e}", s::EVENT_STREAM))?;
-    js.get_or_create_stream(stream::Config {
-        name: s::DEAD_LETTER_STREAM.into(),
-        subjects: vec![s::DEAD_LETTER.into()],
-        storage: stream::StorageType::File,
-        num_replicas: replicas,
-        max_age: Duration::from_secs(7 * 24 * 3600),
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("stream {}: {e}", s::DEAD_LETTER_STREAM))?;
+    vec![
+        work(s::JOB_STREAM, vec![s::JOBS.into()]),
+        work(s::COMMAND_STREAM, vec![s::ALL_HOST_COMMANDS.into()]),
+        stream::Config {
+            max_messages_per_subject: EVENTS_PER_HOST,
+            ..work(s::EVENT_STREAM, vec![s::ALL_HOST_EVENTS.into()])
+        },
+        stream::Config {
+            name: s::DEAD_LETTER_STREAM.into(),
+            subjects: vec![s::DEAD_LETTER.into(), s::ALL_HOST_DEAD_LETTERS.into()],
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            max_age: STREAM_MAX_AGE,
+            max_bytes: DEAD_LETTER_MAX_BYTES,
+            max_messages_per_subject: DEAD_LETTERS_PER_SUBJECT,
+            discard: stream::DiscardPolicy::Old,
+            ..Default::default()
+        },
+    ]
+}
+
+/// Declares the streams (idempotent); a stream made by an older vimd gets today's limits.
+pub async fn declare_streams(js: &jetstream::Context, replicas: usize) -> Result<()> {
+    for want in stream_configs(replicas) {
+        let name = want.name.clone();
+        let mut st = js
+            .get_or_create_stream(want.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("stream {name}: {e}"))?;
+        let have = st
+            .info()
+            .await
+            .map_err(|e| anyhow::anyhow!("stream {name}: {e}"))?
+            .config
+            .clone();
+        let same = have.subjects == want.subjects
+            && have.max_bytes == want.max_bytes
+            && have.max_age == want.max_age
+            && have.max_messages_per_subject == want.max_messages_per_subject
+            && have.discard == want.discard;
+        if !same {
+            tracing::info!(stream = name, "updating the stream's subjects and limits");
+            js.update_stream(want)
+                .await
+                .map_err(|e| anyhow::anyhow!("stream {name}: cannot update: {e}"))?;
+        }
+    }
     Ok(())
 }
 

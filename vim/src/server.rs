@@ -49,12 +49,31 @@ pub struct Vimd {
     pub job_resend: Duration,
     pub liveness: Liveness,
     pub events: broadcast::Sender<Event>,
+    /// Failed logins, for the limiter in the API.
+    pub logins: crate::auth::LoginLimiter,
+    /// One writer of the NATS users at a time (`hosts.rs`).
+    pub users_lock: tokio::sync::Mutex<()>,
+    /// Where `image add` may read files from (anywhere the caller names, without it).
+    pub image_import_dir: Option<PathBuf>,
+    /// VMs whose disk is being copied (by a task of its own, not a job worker).
+    pub copying: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// How long events and audit entries are kept.
+    pub retention: Retention,
+}
+
+/// How long the event log and the audit log keep their rows.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub events: Duration,
+    pub audit: Duration,
 }
 
 impl Vimd {
-    /// A VM's directory on shared storage: its disk copy and console log.
-    pub fn vm_dir(&self, vm_id: &str) -> PathBuf {
-        self.shared_dir.join("vms").join(vm_id)
+    /// A VM's directory on shared storage: its disk copy and console log. The id is checked
+    /// first: an id is never a path of its own (`..`, `/etc`).
+    pub fn vm_dir(&self, vm_id: &str) -> Result<PathBuf, vim_proto::BadId> {
+        vim_proto::check_id("VM id", vm_id)?;
+        Ok(self.shared_dir.join("vms").join(vm_id))
     }
 
     /// Records an event and tells the SSE listeners.
@@ -128,7 +147,7 @@ impl Vimd {
 
     /// One job, idempotently: a job already past `pending` is not done again (its host command,
     /// if any, was sent with the job id as message id and the agent dedups by job id too).
-    async fn handle_job(&self, job_id: &str) -> Result<()> {
+    async fn handle_job(self: &Arc<Self>, job_id: &str) -> Result<()> {
         let Some(job) = self.db.job(job_id).await? else {
             tracing::warn!(job_id, "job not in the database; dropped");
             return Ok(());
@@ -136,10 +155,32 @@ impl Vimd {
         if job.state != "pending" {
             return Ok(());
         }
-        let Some(vm) = self.db.vm(&job.vm_id).await? else {
+        let Some(mut vm) = self.db.vm(&job.vm_id).await? else {
             self.fail_job(&job, "the VM does not exist").await;
             return Ok(());
         };
+        // Deleted is final: a job queued behind the delete (a create racing it) does nothing.
+        if vm.state == "deleted" {
+            self.fail_job(&job, "the VM has been deleted").await;
+            return Ok(());
+        }
+        if job.kind == "delete" && vm.host_id.is_empty() {
+            // Never placed (its create failed, or has not been handled yet): no host to ask.
+            // The create, when it comes, finds the VM deleted and does nothing.
+            if self.db.delete_unplaced_vm(&vm.id).await? {
+                self.db
+                    .transition_job(&job.id, &["pending"], "done", "")
+                    .await?;
+                self.event("VM_Deleted", "", &vm.id, &job.id, "never placed")
+                    .await;
+                return Ok(());
+            }
+            // Placed meanwhile: its host deletes it.
+            let Some(placed) = self.db.vm(&job.vm_id).await? else {
+                return Ok(());
+            };
+            vm = placed;
+        }
         let host_id = if job.kind == "create" && vm.host_id.is_empty() {
             match placement::choose(&self.db, &self.policy, vm.vcpus, vm.memory_mib).await? {
                 Ok(h) => h,
@@ -151,25 +192,19 @@ impl Vimd {
         } else {
             vm.host_id.clone()
         };
+        if host_id.is_empty() {
+            self.fail_job(&job, "the VM is on no host").await;
+            return Ok(());
+        }
         let action = match self.host_action(&job, &vm, &host_id).await? {
-            Ok(a) => a,
-            Err(why) => {
+            Step::Send(a) => a,
+            Step::Later => return Ok(()),
+            Step::Refuse(why) => {
                 self.fail_job(&job, &why).await;
                 return Ok(());
             }
         };
-        if host_id.is_empty() {
-            // A VM never placed (its create failed): deleting it needs no host.
-            if job.kind == "delete" {
-                self.db.set_vm_state(&vm.id, "deleted", 0).await?;
-                self.db
-                    .transition_job(&job.id, &["pending"], "done", "")
-                    .await?;
-                return Ok(());
-            }
-            self.fail_job(&job, "the VM is on no host").await;
-            return Ok(());
-        }
+        self.db.assign_job_host(&job.id, &host_id).await?;
         self.send_to_host(&host_id, &job.id, action).await?;
         self.db
             .transition_job(&job.id, &["pending"], "running", "")
@@ -179,37 +214,25 @@ impl Vimd {
         Ok(())
     }
 
-    /// The host command that carries out `job` on `vm`, placed on `host_id`; `Ok(Err(why))` when
-    /// the job cannot be done. Safe to call again for the same job (a resend): the disk copy
-    /// is made once.
+    /// The host command that carries out `job` on `vm`, placed on `host_id`. Safe to call again
+    /// for the same job (a resend): the disk copy is made once.
     async fn host_action(
-        &self,
+        self: &Arc<Self>,
         job: &db::Job,
         vm: &db::Vm,
         host_id: &str,
-    ) -> Result<Result<Action, String>> {
+    ) -> Result<Step> {
         let action = match job.kind.as_str() {
             "create" => {
                 let Some(image) = self.db.image(&vm.image).await? else {
-                    return Ok(Err(format!("image {} does not exist", vm.image)));
+                    return Ok(Step::Refuse(format!("image {} does not exist", vm.image)));
                 };
-                // The VM's own copy of the image's disk, on shared storage.
-                let disk = if image.disk.is_empty() {
-                    String::new()
-                } else {
-                    let dir = self.vm_dir(&vm.id);
-                    tokio::fs::create_dir_all(&dir).await?;
-                    let d = dir.join("disk.img");
-                    // A redelivered job finds the copy made (renamed last, so it is whole).
-                    if !tokio::fs::try_exists(&d).await? {
-                        let tmp = dir.join("disk.img.tmp");
-                        tokio::fs::copy(&image.disk, &tmp).await?;
-                        tokio::fs::File::open(&tmp).await?.sync_all().await?;
-                        tokio::fs::rename(&tmp, &d).await?;
-                    }
-                    d.display().to_string()
+                let Some(disk) = self.vm_disk(job, vm, &image).await? else {
+                    return Ok(Step::Later);
                 };
-                self.db.place_vm(&vm.id, host_id, &disk).await?;
+                if !self.db.place_vm(&vm.id, host_id, &disk).await? {
+                    return Ok(Step::Refuse("the VM has been deleted".into()));
+                }
                 Action::Create(vim_proto::VmSpec {
                     vm_id: vm.id.clone(),
                     vcpus: vm.vcpus as u32,
@@ -226,43 +249,110 @@ impl Vimd {
                 timeout_ms: 10_000,
             }),
             "delete" => Action::Delete(vm.id.clone()),
-            other => return Ok(Err(format!("unknown job kind {other}"))),
+            other => return Ok(Step::Refuse(format!("unknown job kind {other}"))),
         };
-        Ok(Ok(action))
+        Ok(Step::Send(action))
+    }
+
+    /// The VM's own copy of its image's disk, on shared storage: `Some(path)` once it is whole
+    /// (`""` for an image without a disk). Otherwise a task of its own copies it (keeping the
+    /// image's holes), and sends the job back to the workers when done, so no worker waits for a copy
+    /// of gigabytes while other tenants' jobs queue behind it; `None` meanwhile.
+    async fn vm_disk(
+        self: &Arc<Self>,
+        job: &db::Job,
+        vm: &db::Vm,
+        image: &db::Image,
+    ) -> Result<Option<String>> {
+        if image.disk.is_empty() {
+            return Ok(Some(String::new()));
+        }
+        let dir = self.vm_dir(&vm.id)?;
+        let d = dir.join("disk.img");
+        // Renamed into place last, so one that exists is whole.
+        if tokio::fs::try_exists(&d).await? {
+            return Ok(Some(d.display().to_string()));
+        }
+        if !crate::lock(&self.copying).insert(vm.id.clone()) {
+            return Ok(None); // a copy is under way; it sends the job back when done
+        }
+        let (v, job, vm_id, src) = (self.clone(), job.clone(), vm.id.clone(), image.disk.clone());
+        tokio::spawn(async move {
+            let copied = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                std::fs::create_dir_all(&dir)?;
+                let tmp = dir.join("disk.img.tmp");
+                let src = crate::files::open_regular(std::path::Path::new(&src))?;
+                crate::files::copy_sparse(&src, &tmp)?;
+                std::fs::rename(&tmp, dir.join("disk.img"))
+            })
+            .await;
+            crate::lock(&v.copying).remove(&vm_id);
+            match copied {
+                Ok(Ok(())) => {
+                    // Back to the workers (under a new message id: the first is still in the
+                    // duplicate window). If this publish is lost, the job is still pending and
+                    // the reconciler publishes it again.
+                    let ids = [(job.id.clone(), format!("{}-disk", job.id))];
+                    if let Err(e) = outbox::publish(&v.js, &v.db, &ids).await {
+                        tracing::warn!(job = job.id, error = %e, "job after its disk copy");
+                    }
+                }
+                Ok(Err(e)) => {
+                    v.fail_job(&job, &format!("cannot copy the image's disk: {e}"))
+                        .await
+                }
+                Err(e) => v.fail_job(&job, &format!("disk copy: {e}")).await,
+            }
+        });
+        Ok(None)
     }
 
     /// Sends a running job's host command again, under a fresh message id: the first copy may
     /// have been lost (nats-server killed before its store reached the disk). The agent answers
     /// a job it has done from its stored result, so a second copy never does the work twice.
-    async fn resend(&self, job: &db::Job) -> Result<()> {
+    async fn resend(self: &Arc<Self>, job: &db::Job) -> Result<()> {
         let Some(vm) = self.db.vm(&job.vm_id).await? else {
             return Ok(());
         };
-        if vm.host_id.is_empty() {
+        let host = if job.host_id.is_empty() {
+            vm.host_id.clone()
+        } else {
+            job.host_id.clone()
+        };
+        if host.is_empty() {
             return Ok(());
         }
-        match self.host_action(job, &vm, &vm.host_id).await? {
-            Ok(action) => {
+        match self.host_action(job, &vm, &host).await? {
+            Step::Send(action) => {
                 let msg_id = format!("{}-{}", job.id, db::now_ms());
-                self.send_to_host_as(&vm.host_id, &job.id, &msg_id, action)
-                    .await
+                self.send_to_host_as(&host, &job.id, &msg_id, action).await
             }
-            Err(why) => {
+            Step::Later => Ok(()),
+            Step::Refuse(why) => {
                 self.fail_job(job, &why).await;
                 Ok(())
             }
         }
     }
 
-    /// An agent's answer or report.
-    async fn handle_host_event(&self, ev: vim_proto::HostEvent) -> Result<()> {
-        let vm_id = ev.vm.as_ref().map(|v| v.vm_id.clone()).unwrap_or_default();
+    /// An agent's answer or report, from host `sender` (the subject it came on, which NATS
+    /// permissions make the publisher's own). Nothing in it is taken on trust: the job record
+    /// says which VM, which host and which kind of answer is due, and an answer that does not
+    /// match it, or a report about a VM that is not on the sender, is refused and audited.
+    async fn handle_host_event(&self, sender: &str, ev: vim_proto::HostEvent) -> Result<()> {
+        let checked = match self.check_host_event(sender, &ev).await? {
+            Ok(c) => c,
+            Err(why) => {
+                self.refuse_host_event(sender, &ev, &why).await;
+                return Ok(());
+            }
+        };
         if let Some(v) = &ev.vm {
             self.db
-                .set_vm_state(&v.vm_id, &v.state, i64::from(v.pid))
+                .set_vm_state(&checked.vm_id, &v.state, i64::from(v.pid))
                 .await?;
         }
-        if !ev.job_id.is_empty() {
+        if let Some(job) = &checked.job {
             let (to, err) = if ev.ok {
                 ("done", String::new())
             } else {
@@ -270,26 +360,145 @@ impl Vimd {
             };
             let moved = self
                 .db
-                .transition_job(&ev.job_id, &["running", "pending"], to, &err)
+                .transition_job(&job.id, &["running", "pending"], to, &err)
                 .await?;
             if !moved {
                 return Ok(()); // a redelivered answer
             }
-            if ev.ok && ev.kind == "VM_Deleted" {
+            if !ev.ok && job.kind == "create" && ev.vm.is_none() {
+                // Refused before the agent knew the VM (a bad spec): it will not run there.
+                self.db.set_vm_state(&checked.vm_id, "failed", 0).await?;
+            }
+            if ev.ok && job.kind == "delete" {
                 // Its disk copy goes with it (the image's disk stays).
-                let dir = self.vm_dir(&vm_id);
+                let dir = self.vm_dir(&checked.vm_id)?;
                 if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
                     if e.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(vm = vm_id, dir = %dir.display(), error = %e, "cannot remove a deleted VM's files");
+                        tracing::warn!(vm = checked.vm_id, dir = %dir.display(), error = %e, "cannot remove a deleted VM's files");
                     }
                 }
             }
         }
         let detail = if ev.ok { String::new() } else { ev.error };
-        self.event(&ev.kind, &ev.host_id, &vm_id, &ev.job_id, &detail)
+        self.event(&ev.kind, sender, &checked.vm_id, &ev.job_id, &detail)
             .await;
         Ok(())
     }
+
+    /// What a host event may touch, or why it is refused.
+    async fn check_host_event(
+        &self,
+        sender: &str,
+        ev: &vim_proto::HostEvent,
+    ) -> Result<Result<CheckedEvent, String>> {
+        if ev.host_id != sender {
+            return Ok(Err(format!(
+                "the event names host {:?} but came from {sender}",
+                ev.host_id
+            )));
+        }
+        if let Some(r) = &ev.vm {
+            if !VM_REPORT_STATES.contains(&r.state.as_str()) {
+                return Ok(Err(format!("unknown VM state {:?}", r.state)));
+            }
+        }
+        if !ev.job_id.is_empty() {
+            let Some(job) = self.db.job(&ev.job_id).await? else {
+                return Ok(Err(format!("no job {}", ev.job_id)));
+            };
+            // Jobs sent by an older vimd have no host recorded: their VM's host then.
+            let sent_to = if job.host_id.is_empty() {
+                self.db
+                    .vm(&job.vm_id)
+                    .await?
+                    .map(|v| v.host_id)
+                    .unwrap_or_default()
+            } else {
+                job.host_id.clone()
+            };
+            if sent_to != sender {
+                return Ok(Err(format!("job {} was not sent to {sender}", job.id)));
+            }
+            let kind_ok = answer_kind(&job.kind) == Some(ev.kind.as_str())
+                || (!ev.ok && ["Command_Failed", "Command_Refused"].contains(&ev.kind.as_str()));
+            if !kind_ok {
+                return Ok(Err(format!(
+                    "{} does not answer a {} job",
+                    ev.kind, job.kind
+                )));
+            }
+            if ev.vm.as_ref().is_some_and(|r| r.vm_id != job.vm_id) {
+                return Ok(Err(format!("the report is not about job {}'s VM", job.id)));
+            }
+            return Ok(Ok(CheckedEvent {
+                vm_id: job.vm_id.clone(),
+                job: Some(job),
+            }));
+        }
+        // Without a job: only a report that one of the sender's own VMs failed.
+        if ev.kind != "VM_Failure" {
+            return Ok(Err(format!("{} without a job", ev.kind)));
+        }
+        let Some(r) = &ev.vm else {
+            return Ok(Err("VM_Failure without its VM".into()));
+        };
+        match self.db.vm(&r.vm_id).await? {
+            Some(vm) if vm.host_id == sender => Ok(Ok(CheckedEvent {
+                vm_id: vm.id,
+                job: None,
+            })),
+            _ => Ok(Err(format!("VM {:?} is not on {sender}", r.vm_id))),
+        }
+    }
+
+    /// A host event refused: logged, audited (who: the host), and dropped.
+    async fn refuse_host_event(&self, sender: &str, ev: &vim_proto::HostEvent, why: &str) {
+        let target = if ev.job_id.is_empty() {
+            ev.vm.as_ref().map(|v| v.vm_id.clone()).unwrap_or_default()
+        } else {
+            ev.job_id.clone()
+        };
+        tracing::warn!(host = sender, kind = ev.kind, target, why, "host event refused");
+        let e = db::AuditEntry {
+            ts: db::now_ms(),
+            who: format!("host:{sender}"),
+            action: format!("host.event.{}", ev.kind.chars().take(40).collect::<String>()),
+            target: target.chars().take(100).collect(),
+            outcome: "refused".into(),
+            detail: why.chars().take(500).collect(),
+        };
+        if let Err(err) = self.audit.record(e).await {
+            tracing::error!(error = %err, "cannot audit a refused host event");
+        }
+    }
+}
+
+/// What a checked host event applies to.
+struct CheckedEvent {
+    vm_id: String,
+    job: Option<db::Job>,
+}
+
+/// The states a host may report a VM in.
+const VM_REPORT_STATES: &[&str] = &["running", "stopped", "failed", "deleted"];
+
+/// The event kind that answers a job of `kind`.
+fn answer_kind(kind: &str) -> Option<&'static str> {
+    Some(match kind {
+        "create" => "VM_Created",
+        "start" => "VM_Started",
+        "stop" => "VM_Stopped",
+        "delete" => "VM_Deleted",
+        _ => return None,
+    })
+}
+
+/// What handling a job does next.
+enum Step {
+    Send(Action),
+    /// Not yet: work for it is under way elsewhere (a disk copy), which handles it again.
+    Later,
+    Refuse(String),
 }
 
 /// Job workers: `n` tasks on the shared durable consumer. A job is acked after it is handled;
@@ -324,7 +533,7 @@ pub async fn run_job_workers(v: Arc<Vimd>, n: usize) -> Result<()> {
                     let job = match vim_proto::Job::decode_checked(&m.payload) {
                         Ok(j) => j,
                         Err(e) => {
-                            vim_proto::dead_letter(&v.js, &m.subject, &m.payload, &e.to_string())
+                            vim_proto::dead_letter(&v.js, s::DEAD_LETTER, &m.subject, &m.payload, &e.to_string())
                                 .await;
                             let _ = m.ack_with(AckKind::Term).await;
                             continue;
@@ -371,8 +580,13 @@ pub async fn run_event_consumer(v: Arc<Vimd>) -> Result<()> {
                 continue;
             };
             while let Some(Ok(m)) = msgs.next().await {
+                // The stream takes only `vim.ev.<host>`, and each host may publish only its own.
+                let Some(sender) = s::sender(&m.subject, s::EVENTS_PREFIX) else {
+                    let _ = m.ack_with(AckKind::Term).await;
+                    continue;
+                };
                 match vim_proto::HostEvent::decode_checked(&m.payload) {
-                    Ok(ev) => match v.handle_host_event(ev).await {
+                    Ok(ev) => match v.handle_host_event(sender, ev).await {
                         Ok(()) => {
                             let _ = m.ack().await;
                         }
@@ -382,7 +596,7 @@ pub async fn run_event_consumer(v: Arc<Vimd>) -> Result<()> {
                         }
                     },
                     Err(e) => {
-                        vim_proto::dead_letter(&v.js, &m.subject, &m.payload, &e.to_string()).await;
+                        vim_proto::dead_letter(&v.js, &s::host_dead_letter(sender), &m.subject, &m.payload, &e.to_string()).await;
                         let _ = m.ack_with(AckKind::Term).await;
                     }
                 }
@@ -412,19 +626,25 @@ pub async fn run_monitor(v: Arc<Vimd>) -> Result<()> {
             tokio::select! {
                 m = sub.next() => {
                     let Some(m) = m else { break };
-                    let hb = match vim_proto::Heartbeat::decode_checked(&m.payload) {
+                    // The subject names the sender (its permissions allow only its own); what
+                    // a host sends wrong goes to its own share of the dead letters.
+                    let Some(sender) = s::sender(&m.subject, s::HEARTBEATS_PREFIX) else {
+                        continue;
+                    };
+                    let dead = s::host_dead_letter(sender);
+                    let mut hb = match vim_proto::Heartbeat::decode_checked(&m.payload) {
                         Ok(hb) => hb,
                         Err(e) => {
-                            vim_proto::dead_letter(&v2.js, &m.subject, &m.payload, &e.to_string()).await;
+                            vim_proto::dead_letter(&v2.js, &dead, &m.subject, &m.payload, &e.to_string()).await;
                             continue;
                         }
                     };
-                    // The subject names the sender (its permissions allow only its own).
-                    if m.subject.as_str() != s::heartbeat(&hb.host_id) {
-                        vim_proto::dead_letter(&v2.js, &m.subject, &m.payload, "host id does not match subject")
+                    if hb.host_id != sender {
+                        vim_proto::dead_letter(&v2.js, &dead, &m.subject, &m.payload, "host id does not match subject")
                             .await;
                         continue;
                     }
+                    crate::monitor::bound_report(&mut hb);
                     match v2.liveness.beat(hb, db::now_ms()) {
                         Beat::Steady | Beat::Unknown => {}
                         Beat::Returned { before, hb } => seen.returned.push((before, hb)),
@@ -557,6 +777,33 @@ pub async fn run_reconciler(v: Arc<Vimd>) {
                     }
                 }
             }
+        }
+    });
+}
+
+/// Housekeeping: failed logins not audited one by one become summary rows (every 10 s), and
+/// events and audit entries past their retention are dropped (hourly, and once at start).
+pub fn run_housekeeping(v: Arc<Vimd>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        let mut n = 0u64;
+        loop {
+            tick.tick().await;
+            crate::api::audit_login_summary(&v).await;
+            if n % 360 == 0 {
+                let now = db::now_ms();
+                let before = |d: Duration| now - d.as_millis() as i64;
+                match v
+                    .db
+                    .expire(before(v.retention.events), before(v.retention.audit))
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(gone) => tracing::info!(rows = gone, "expired old events and audit entries"),
+                    Err(e) => tracing::warn!(error = %e, "cannot expire old events"),
+                }
+            }
+            n += 1;
         }
     });
 }

@@ -15,11 +15,45 @@ pub fn nats_servers(url: &str) -> Vec<String> {
         .collect()
 }
 
-/// Moves an undecodable message to [`subjects::DEAD_LETTER`] with where it came from and why
-/// (headers `Vim-Original-Subject`, `Vim-Reason`), so it is kept and logged but never retried.
+/// Ids and names that become paths, NATS subjects or NATS user names: host ids, VM ids, image
+/// and token names. One format for all of them, checked by this one function in vimd and in the
+/// agent before an id touches a path: 1-63 ASCII letters, digits, '-' or '_' (so never empty,
+/// never `.`/`..`, never a `/`, and never a NATS wildcard or separator).
+pub fn check_id(what: &str, s: &str) -> Result<(), BadId> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(BadId(format!(
+            "{what} {:?}: 1-63 letters, digits, '-' or '_'",
+            s.chars().take(80).collect::<String>()
+        )))
+    }
+}
+
+/// An id or name not of [`check_id`]'s format (the message says which and why).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadId(pub String);
+
+impl std::fmt::Display for BadId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadId {}
+
+/// Moves an undecodable message to the dead-letter stream, on `subject_to` (vimd:
+/// [`subjects::DEAD_LETTER`]; a host: [`subjects::host_dead_letter`], the only one it may
+/// publish to), with where it came from and why (headers `Vim-Original-Subject`, `Vim-Reason`),
+/// so it is kept and logged but never retried.
 #[cfg(feature = "nats")]
 pub async fn dead_letter(
     js: &async_nats::jetstream::Context,
+    subject_to: &str,
     subject: &str,
     payload: &[u8],
     why: &str,
@@ -29,7 +63,7 @@ pub async fn dead_letter(
     headers.insert("Vim-Original-Subject", subject);
     headers.insert("Vim-Reason", why.replace(['\r', '\n'], " ").as_str());
     match js
-        .publish_with_headers(subjects::DEAD_LETTER, headers, payload.to_vec().into())
+        .publish_with_headers(subject_to.to_string(), headers, payload.to_vec().into())
         .await
     {
         Ok(ack) => {
@@ -67,8 +101,24 @@ pub mod subjects {
         format!("vim.ev.{host_id}")
     }
     pub const ALL_HOST_EVENTS: &str = "vim.ev.*";
-    /// Where messages that cannot be decoded are moved, with the reason in a header.
+    /// Where vimd moves messages that cannot be decoded, with the reason in a header.
     pub const DEAD_LETTER: &str = "vim.dead";
+    /// Where a host moves the commands it cannot decode: its own subject of the dead-letter
+    /// stream, which keeps a bounded number per subject, so a host can fill only its own share.
+    pub fn host_dead_letter(host_id: &str) -> String {
+        format!("vim.dead.{host_id}")
+    }
+    pub const ALL_HOST_DEAD_LETTERS: &str = "vim.dead.*";
+    /// Sender of a message on a per-host subject (`vim.ev.H`, `vim.hb.H`): the host id, which
+    /// NATS permissions guarantee is the publisher's own.
+    pub fn sender<'a>(subject: &'a str, prefix: &str) -> Option<&'a str> {
+        subject
+            .strip_prefix(prefix)?
+            .strip_prefix('.')
+            .filter(|h| !h.is_empty() && !h.contains('.'))
+    }
+    pub const EVENTS_PREFIX: &str = "vim.ev";
+    pub const HEARTBEATS_PREFIX: &str = "vim.hb";
     pub const DEAD_LETTER_STREAM: &str = "VIM_DEAD";
     /// The durable consumer names.
     pub const JOB_CONSUMER: &str = "vimd-workers";
@@ -268,6 +318,20 @@ impl std::error::Error for DecodeError {}
 mod tests {
     use super::*;
     use prost::Message;
+
+    #[test]
+    fn ids_are_one_format() {
+        for good in ["h1", "a-b_C", &"x".repeat(63)] {
+            assert!(check_id("id", good).is_ok(), "{good}");
+        }
+        for bad in ["", ".", "..", "../etc", "/abs", "a/b", "a.b", "a*", "a>", "a b", "é", &"x".repeat(64)] {
+            assert!(check_id("id", bad).is_err(), "{bad}");
+        }
+        assert_eq!(subjects::sender("vim.ev.h1", subjects::EVENTS_PREFIX), Some("h1"));
+        assert_eq!(subjects::sender("vim.ev.", subjects::EVENTS_PREFIX), None);
+        assert_eq!(subjects::sender("vim.ev.a.b", subjects::EVENTS_PREFIX), None);
+        assert_eq!(subjects::sender("vim.hb.h1", subjects::EVENTS_PREFIX), None);
+    }
 
     #[test]
     fn round_trip_and_refusals() {

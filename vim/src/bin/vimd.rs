@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use vim::server::{Monitoring, Vimd};
+use vim::server::{Monitoring, Retention, Vimd};
 use vim::{api, auth, db, placement, queue, server};
 
 // Every API call and heartbeat allocates across threads (rows, JSON, messages); glibc's malloc
@@ -71,6 +71,22 @@ struct Args {
     /// Job worker tasks in this process (more vimd processes can share the same queue).
     #[arg(long, default_value_t = 4)]
     workers: usize,
+    /// `image add` reads files only from inside this directory (default: anywhere vimd can).
+    #[arg(long = "image-import-dir", env = "VIMD_IMAGE_IMPORT_DIR")]
+    image_import_dir: Option<PathBuf>,
+    /// API connections open at once, at most (one more is closed at once).
+    #[arg(long = "max-connections", default_value_t = 2048)]
+    max_connections: usize,
+    /// A connection that has not sent a whole request head this long after connecting (or
+    /// after its last answer) is closed.
+    #[arg(long = "header-timeout-ms", default_value_t = 10_000)]
+    header_timeout_ms: u64,
+    /// Days the event log keeps its rows.
+    #[arg(long = "event-retention-days", default_value_t = 90)]
+    event_retention_days: u64,
+    /// Days the audit log keeps its rows.
+    #[arg(long = "audit-retention-days", default_value_t = 400)]
+    audit_retention_days: u64,
 }
 
 #[tokio::main]
@@ -88,8 +104,31 @@ async fn main() {
     }
 }
 
+/// What every process serving many sockets needs: as many descriptors as the hard limit allows
+/// (the soft default of 1024 ran out under a few hundred idle connections).
+fn raise_nofile_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to our own struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                tracing::warn!("cannot raise the open-file limit");
+            }
+        }
+    }
+}
+
 async fn run(a: Args) -> Result<()> {
-    std::fs::create_dir_all(&a.state_dir)
+    // Everything vimd creates (database, NATS store and configuration, credentials, tokens,
+    // copies on shared storage) is its owner's alone from the moment it exists.
+    // SAFETY: umask only sets this process's file-creation mask.
+    unsafe { libc::umask(0o077) };
+    raise_nofile_limit();
+    vim::files::private_dir(&a.state_dir)
         .with_context(|| format!("cannot create {}", a.state_dir.display()))?;
     let shared_dir = a.shared_dir.unwrap_or(a.state_dir.join("shared"));
     std::fs::create_dir_all(&shared_dir)?;
@@ -104,9 +143,16 @@ async fn run(a: Args) -> Result<()> {
         db.add_token(&auth::hash_token(&t), "admin", "admin")
             .await?;
         let p = a.state_dir.join("admin.token");
-        std::fs::write(&p, format!("{t}\n"))?;
-        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        vim::files::replace_private(&p, format!("{t}\n").as_bytes())?;
         tracing::info!(path = %p.display(), "wrote the admin API token");
+    }
+    // Host passwords stored in plaintext by an older vimd become hashes.
+    for h in db.hosts().await? {
+        if !auth::is_password_hash(&h.nats_password_hash) {
+            let hash = auth::hash_password(&h.nats_password_hash)?;
+            db.set_host_password_hash(&h.id, &hash).await?;
+            tracing::info!(host = h.id, "stored the host's NATS password as a hash");
+        }
     }
     let mut accounts_file = None;
     let (embedded, nats, nats_url) = match a.nats_url {
@@ -130,11 +176,7 @@ async fn run(a: Args) -> Result<()> {
             if let (Some(path), Some(user), Some(password)) =
                 (a.nats_accounts_file, user.clone(), password.clone())
             {
-                let f = queue::AccountsFile {
-                    path,
-                    user,
-                    password,
-                };
+                let f = queue::AccountsFile::new(path, user, &password)?;
                 // Before connecting: the nodes may be waiting for it to start.
                 f.write(&db.hosts().await?)?;
                 accounts_file = Some(f);
@@ -199,27 +241,39 @@ async fn run(a: Args) -> Result<()> {
         job_resend: Duration::from_millis(a.job_resend_ms.max(100)),
         liveness: Default::default(),
         events,
+        logins: Default::default(),
+        users_lock: Default::default(),
+        image_import_dir: a.image_import_dir,
+        copying: Default::default(),
+        retention: Retention {
+            events: Duration::from_secs(a.event_retention_days.max(1) * 86_400),
+            audit: Duration::from_secs(a.audit_retention_days.max(1) * 86_400),
+        },
     });
     server::run_job_workers(v.clone(), a.workers.max(1)).await?;
     server::run_event_consumer(v.clone()).await?;
     server::run_monitor(v.clone()).await?;
     server::run_reconciler(v.clone()).await;
+    server::run_housekeeping(v.clone());
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;
     tracing::info!(listen = a.listen, nats = v.nats_url, "vimd ready");
     let app = api::router(v.clone());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        })
-        .await?;
+    let limits = vim::http::Limits {
+        max_connections: a.max_connections,
+        header_timeout: Duration::from_millis(a.header_timeout_ms.max(100)),
+        ..Default::default()
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("SIGTERM handler")?;
+    vim::http::serve(listener, app, limits, async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    })
+    .await?;
     // The embedded nats-server stops with `v` (its Drop).
     drop(v);
     Ok(())
