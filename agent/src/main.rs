@@ -373,7 +373,14 @@ async fn run(cfg: Config) -> Result<()> {
             let cmd = match vim_proto::HostCommand::decode_checked(&m.payload) {
                 Ok(c) => c,
                 Err(e) => {
-                    vim_proto::dead_letter(&agent.js, &s::host_dead_letter(&agent.cfg.host_id), &m.subject, &m.payload, &e.to_string()).await;
+                    vim_proto::dead_letter(
+                        &agent.js,
+                        &s::host_dead_letter(&agent.cfg.host_id),
+                        &m.subject,
+                        &m.payload,
+                        &e.to_string(),
+                    )
+                    .await;
                     let _ = m.ack_with(AckKind::Term).await;
                     continue;
                 }

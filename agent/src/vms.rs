@@ -195,15 +195,19 @@ impl Vms {
             self.shared_dir.join("images"),
             self.shared_dir.join("vms").join(&s.vm_id),
         ];
-        for (what, path) in [("kernel", &s.kernel), ("initrd", &s.initrd), ("disk", &s.disk)] {
+        for (what, path) in [
+            ("kernel", &s.kernel),
+            ("initrd", &s.initrd),
+            ("disk", &s.disk),
+        ] {
             if path.is_empty() {
                 continue;
             }
-            let real = std::fs::canonicalize(path)
-                .map_err(|e| anyhow::anyhow!("{what} {path}: {e}"))?;
-            let inside = roots.iter().any(|r| {
-                std::fs::canonicalize(r).is_ok_and(|r| real.starts_with(r))
-            });
+            let real =
+                std::fs::canonicalize(path).map_err(|e| anyhow::anyhow!("{what} {path}: {e}"))?;
+            let inside = roots
+                .iter()
+                .any(|r| std::fs::canonicalize(r).is_ok_and(|r| real.starts_with(r)));
             anyhow::ensure!(inside, "{what} {path} is not in the shared image store");
             anyhow::ensure!(
                 std::fs::metadata(&real)?.is_file(),

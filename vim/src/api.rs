@@ -136,7 +136,11 @@ where
         r.unwrap_or_else(IntoResponse::into_response)
     });
     task.await.unwrap_or_else(|e| {
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("the call failed: {e}")).into_response()
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the call failed: {e}"),
+        )
+        .into_response()
     })
 }
 
@@ -272,7 +276,11 @@ impl From<crate::hosts::HostError> for ApiError {
     }
 }
 
-fn credentials_answer(v: &Vimd, id: &str, c: crate::hosts::Credentials) -> Result<Response, ApiError> {
+fn credentials_answer(
+    v: &Vimd,
+    id: &str,
+    c: crate::hosts::Credentials,
+) -> Result<Response, ApiError> {
     ok(json!({
         "host_id": id,
         "nats_url": v.nats_url,
@@ -295,12 +303,18 @@ async fn add_host(State(v): St, h: Req, b: Result<Json<AddHost>, JsonRejection>)
 
 /// New queue credentials for a host (the old password stops working).
 async fn reissue_host_credentials(State(v): St, h: Req, Path(id): Path<String>) -> Response {
-    call(&v, &h, "hosts.credentials", &id.clone(), |v, who| async move {
-        admin(&who)?;
-        check_name("host id", &id)?;
-        let c = crate::hosts::reissue(&v, &id).await?;
-        credentials_answer(&v, &id, c)
-    })
+    call(
+        &v,
+        &h,
+        "hosts.credentials",
+        &id.clone(),
+        |v, who| async move {
+            admin(&who)?;
+            check_name("host id", &id)?;
+            let c = crate::hosts::reissue(&v, &id).await?;
+            credentials_answer(&v, &id, c)
+        },
+    )
     .await
 }
 
@@ -454,11 +468,7 @@ struct VmPage {
 }
 
 /// VMs oldest first, a page at a time (`limit`, default 1000; `after`: the last id seen).
-async fn list_vms(
-    State(v): St,
-    h: Req,
-    q: Result<Query<VmPage>, QueryRejection>,
-) -> Response {
+async fn list_vms(State(v): St, h: Req, q: Result<Query<VmPage>, QueryRejection>) -> Response {
     call(&v, &h, "vms.list", "", |v, who| async move {
         let q = query(q)?;
         let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
@@ -486,11 +496,7 @@ struct CreateVm {
     memory_mib: u64,
 }
 
-async fn create_vm(
-    State(v): St,
-    h: Req,
-    b: Result<Json<CreateVm>, JsonRejection>,
-) -> Response {
+async fn create_vm(State(v): St, h: Req, b: Result<Json<CreateVm>, JsonRejection>) -> Response {
     call(&v, &h, "vms.create", "", |v, who| async move {
         let req = body(b)?;
         check_name("VM name", &req.name)?;
@@ -609,11 +615,7 @@ struct ListQuery {
     since: Option<i64>,
 }
 
-async fn list_jobs(
-    State(v): St,
-    h: Req,
-    q: Result<Query<ListQuery>, QueryRejection>,
-) -> Response {
+async fn list_jobs(State(v): St, h: Req, q: Result<Query<ListQuery>, QueryRejection>) -> Response {
     call(&v, &h, "jobs.list", "", |v, who| async move {
         let q = query(q)?;
         let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
@@ -670,11 +672,7 @@ async fn stream_events(State(v): St, h: Req) -> Response {
     .await
 }
 
-async fn list_audit(
-    State(v): St,
-    h: Req,
-    q: Result<Query<ListQuery>, QueryRejection>,
-) -> Response {
+async fn list_audit(State(v): St, h: Req, q: Result<Query<ListQuery>, QueryRejection>) -> Response {
     call(&v, &h, "audit.list", "", |v, who| async move {
         admin(&who)?;
         let q = query(q)?;

@@ -214,7 +214,10 @@ mod tests {
         let summary = l.take_summary();
         let total: u64 = summary.iter().map(|(_, n)| n).sum();
         // 2 refused, and everything past the overall bound.
-        assert_eq!(total, 2 + (LoginLimiter::PER_SOURCE as u64 + 2 + 200 + 1 - LoginLimiter::IN_ALL as u64));
+        assert_eq!(
+            total,
+            2 + (LoginLimiter::PER_SOURCE as u64 + 2 + 200 + 1 - LoginLimiter::IN_ALL as u64)
+        );
         assert!(summary.iter().any(|(s, n)| s == "127.0.0.2" && *n >= 2));
         assert!(l.take_summary().is_empty());
     }

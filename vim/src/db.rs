@@ -373,6 +373,18 @@ impl Db {
         }
     }
 
+    /// The (name, role) a token hash belongs to.
+    pub async fn token(&self, hash: &str) -> Result<Option<(String, String)>, DbError> {
+        let r = sqlx::query("SELECT name, role FROM tokens WHERE token_hash = $1")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match r {
+            Some(r) => Some((r.try_get("name")?, r.try_get("role")?)),
+            None => None,
+        })
+    }
+
     pub async fn count_tokens(&self) -> Result<i64, DbError> {
         let r = sqlx::query("SELECT COUNT(*) AS n FROM tokens")
             .fetch_one(&self.pool)
@@ -383,12 +395,7 @@ impl Db {
     // Hosts.
 
     /// A new host, with its NATS user and that user's password hash.
-    pub async fn add_host(
-        &self,
-        id: &str,
-        user: &str,
-        password_hash: &str,
-    ) -> Result<(), DbError> {
+    pub async fn add_host(&self, id: &str, user: &str, password_hash: &str) -> Result<(), DbError> {
         let r = sqlx::query(
             "INSERT INTO hosts (id, state, nats_user, nats_password, created_at)
              VALUES ($1, 'registered', $2, $3, $4)",
@@ -806,22 +813,24 @@ impl Db {
     /// A VM's state as its host reports it. States only move forward out of `deleted`: nothing
     /// a host or a late answer says brings a deleted VM back.
     pub async fn set_vm_state(&self, id: &str, state: &str, pid: i64) -> Result<bool, DbError> {
-        let r = sqlx::query("UPDATE vms SET state = $1, pid = $2 WHERE id = $3 AND state <> 'deleted'")
-            .bind(state)
-            .bind(pid)
-            .bind(id)
-            .execute(&self.writer)
-            .await?;
+        let r =
+            sqlx::query("UPDATE vms SET state = $1, pid = $2 WHERE id = $3 AND state <> 'deleted'")
+                .bind(state)
+                .bind(pid)
+                .bind(id)
+                .execute(&self.writer)
+                .await?;
         Ok(r.rows_affected() == 1)
     }
 
     /// Deletes a VM that was never placed, unless it has been placed meanwhile (false: send
     /// the delete to its host instead).
     pub async fn delete_unplaced_vm(&self, id: &str) -> Result<bool, DbError> {
-        let r = sqlx::query("UPDATE vms SET state = 'deleted', pid = 0 WHERE id = $1 AND host_id = ''")
-            .bind(id)
-            .execute(&self.writer)
-            .await?;
+        let r =
+            sqlx::query("UPDATE vms SET state = 'deleted', pid = 0 WHERE id = $1 AND host_id = ''")
+                .bind(id)
+                .execute(&self.writer)
+                .await?;
         Ok(r.rows_affected() == 1)
     }
 

@@ -220,7 +220,11 @@ mod tests {
         let m = std::fs::metadata(&dst).unwrap();
         assert_eq!(m.len(), len);
         // 12 KiB of data (the filesystem may round each extent up); far from 64 MiB.
-        assert!(m.blocks() * 512 < 4 << 20, "holes filled: {} bytes", m.blocks() * 512);
+        assert!(
+            m.blocks() * 512 < 4 << 20,
+            "holes filled: {} bytes",
+            m.blocks() * 512
+        );
         assert_eq!(m.mode() & 0o777, 0o600);
     }
 

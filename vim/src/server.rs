@@ -458,11 +458,20 @@ impl Vimd {
         } else {
             ev.job_id.clone()
         };
-        tracing::warn!(host = sender, kind = ev.kind, target, why, "host event refused");
+        tracing::warn!(
+            host = sender,
+            kind = ev.kind,
+            target,
+            why,
+            "host event refused"
+        );
         let e = db::AuditEntry {
             ts: db::now_ms(),
             who: format!("host:{sender}"),
-            action: format!("host.event.{}", ev.kind.chars().take(40).collect::<String>()),
+            action: format!(
+                "host.event.{}",
+                ev.kind.chars().take(40).collect::<String>()
+            ),
             target: target.chars().take(100).collect(),
             outcome: "refused".into(),
             detail: why.chars().take(500).collect(),
@@ -533,8 +542,14 @@ pub async fn run_job_workers(v: Arc<Vimd>, n: usize) -> Result<()> {
                     let job = match vim_proto::Job::decode_checked(&m.payload) {
                         Ok(j) => j,
                         Err(e) => {
-                            vim_proto::dead_letter(&v.js, s::DEAD_LETTER, &m.subject, &m.payload, &e.to_string())
-                                .await;
+                            vim_proto::dead_letter(
+                                &v.js,
+                                s::DEAD_LETTER,
+                                &m.subject,
+                                &m.payload,
+                                &e.to_string(),
+                            )
+                            .await;
                             let _ = m.ack_with(AckKind::Term).await;
                             continue;
                         }
@@ -596,7 +611,14 @@ pub async fn run_event_consumer(v: Arc<Vimd>) -> Result<()> {
                         }
                     },
                     Err(e) => {
-                        vim_proto::dead_letter(&v.js, &s::host_dead_letter(sender), &m.subject, &m.payload, &e.to_string()).await;
+                        vim_proto::dead_letter(
+                            &v.js,
+                            &s::host_dead_letter(sender),
+                            &m.subject,
+                            &m.payload,
+                            &e.to_string(),
+                        )
+                        .await;
                         let _ = m.ack_with(AckKind::Term).await;
                     }
                 }

@@ -324,12 +324,31 @@ mod tests {
         for good in ["h1", "a-b_C", &"x".repeat(63)] {
             assert!(check_id("id", good).is_ok(), "{good}");
         }
-        for bad in ["", ".", "..", "../etc", "/abs", "a/b", "a.b", "a*", "a>", "a b", "é", &"x".repeat(64)] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../etc",
+            "/abs",
+            "a/b",
+            "a.b",
+            "a*",
+            "a>",
+            "a b",
+            "é",
+            &"x".repeat(64),
+        ] {
             assert!(check_id("id", bad).is_err(), "{bad}");
         }
-        assert_eq!(subjects::sender("vim.ev.h1", subjects::EVENTS_PREFIX), Some("h1"));
+        assert_eq!(
+            subjects::sender("vim.ev.h1", subjects::EVENTS_PREFIX),
+            Some("h1")
+        );
         assert_eq!(subjects::sender("vim.ev.", subjects::EVENTS_PREFIX), None);
-        assert_eq!(subjects::sender("vim.ev.a.b", subjects::EVENTS_PREFIX), None);
+        assert_eq!(
+            subjects::sender("vim.ev.a.b", subjects::EVENTS_PREFIX),
+            None
+        );
         assert_eq!(subjects::sender("vim.hb.h1", subjects::EVENTS_PREFIX), None);
     }
 
