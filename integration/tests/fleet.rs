@@ -1224,3 +1224,343 @@ fn a_fleet_on_a_three_node_nats_cluster_survives_losing_a_node() {
     assert_eq!(jobs.len(), 4, "{jobs:?}");
     assert!(jobs.iter().all(|j| j["state"] == "done"), "{jobs:?}");
 }
+
+/// Security (issue 11): a host holding only its own NATS credentials cannot touch another
+/// host's VM or job, make vimd delete a directory, speak for another host, or write to the
+/// shared dead-letter subject; every refusal is audited. And vimd's secrets are its own.
+#[test]
+fn a_host_cannot_act_outside_its_remit_and_secrets_are_private() {
+    use prost::Message;
+    use std::os::unix::fs::MetadataExt;
+    let f = Fleet::start(None, &["h1", "h2"]);
+    f.add_test_image();
+    let (job, victim) = f.create_no_wait("victim");
+    f.create_done_once(&job, &victim);
+    let vm = f.ctl_ok(&["vm", "show", &victim]);
+    let owner = vm["host_id"].as_str().unwrap().to_string();
+    let attacker = if owner == "h1" { "h2" } else { "h1" };
+    // A directory vimd must never be made to delete (a VM id of `../../precious` reaches it).
+    let precious = f.state().join("precious");
+    std::fs::create_dir_all(&precious).unwrap();
+    std::fs::write(precious.join("keep"), b"x").unwrap();
+
+    let creds: Value = serde_json::from_str(
+        &std::fs::read_to_string(f.state().join(format!("hosts/{attacker}.creds"))).unwrap(),
+    )
+    .unwrap();
+    let url = format!("nats://127.0.0.1:{}", f.nats_port);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = async_nats::ConnectOptions::with_user_and_password(
+            creds["user"].as_str().unwrap().into(),
+            creds["password"].as_str().unwrap().into(),
+        )
+        .custom_inbox_prefix(format!("_INBOX_{attacker}"))
+        .connect(&url)
+        .await
+        .unwrap();
+        let js = async_nats::jetstream::new(c.clone());
+        let report = |id: &str, state: &str| vim_proto::VmReport {
+            vm_id: id.into(),
+            state: state.into(),
+            ..Default::default()
+        };
+        let forged = [
+            // The victim's own create job, answered by the wrong host as a delete.
+            vim_proto::HostEvent {
+                version: vim_proto::PROTOCOL_VERSION,
+                host_id: attacker.into(),
+                job_id: job.clone(),
+                ok: true,
+                kind: "VM_Deleted".into(),
+                vm: Some(report(&victim, "deleted")),
+                ..Default::default()
+            },
+            // A failure report about a VM on another host.
+            vim_proto::HostEvent {
+                version: vim_proto::PROTOCOL_VERSION,
+                host_id: attacker.into(),
+                kind: "VM_Failure".into(),
+                vm: Some(report(&victim, "failed")),
+                ..Default::default()
+            },
+            // Speaking as the owner, on its own subject.
+            vim_proto::HostEvent {
+                version: vim_proto::PROTOCOL_VERSION,
+                host_id: owner.clone(),
+                kind: "VM_Failure".into(),
+                vm: Some(report(&victim, "failed")),
+                ..Default::default()
+            },
+            // A path for an id.
+            vim_proto::HostEvent {
+                version: vim_proto::PROTOCOL_VERSION,
+                host_id: attacker.into(),
+                kind: "VM_Deleted".into(),
+                ok: true,
+                vm: Some(report("../../precious", "deleted")),
+                ..Default::default()
+            },
+            // A job that does not exist.
+            vim_proto::HostEvent {
+                version: vim_proto::PROTOCOL_VERSION,
+                host_id: attacker.into(),
+                job_id: "nosuchjob".into(),
+                ok: true,
+                kind: "VM_Deleted".into(),
+                vm: Some(report("../../precious", "deleted")),
+                ..Default::default()
+            },
+        ];
+        for ev in &forged {
+            js.publish(format!("vim.ev.{attacker}"), ev.encode_to_vec().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        // The shared dead-letter subject is not the host's to write; its own share is.
+        let denied = js.publish("vim.dead", vec![1, 2, 3].into()).await;
+        if let Ok(ack) = denied {
+            let r = tokio::time::timeout(Duration::from_secs(3), ack).await;
+            assert!(
+                !matches!(r, Ok(Ok(_))),
+                "a host stored a message on vim.dead"
+            );
+        }
+        js.publish(format!("vim.dead.{attacker}"), vec![1].into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let ajs = f.vimd_jetstream().await;
+        let mut dead = ajs.get_stream("VIM_DEAD").await.unwrap();
+        let cfg = dead.info().await.unwrap().config.clone();
+        assert!(
+            cfg.max_bytes > 0 && cfg.max_messages_per_subject > 0,
+            "{cfg:?}"
+        );
+        for name in ["VIM_JOBS", "VIM_COMMANDS", "VIM_EVENTS"] {
+            let mut st = ajs.get_stream(name).await.unwrap();
+            let cfg = st.info().await.unwrap().config.clone();
+            assert!(
+                cfg.max_bytes > 0 && !cfg.max_age.is_zero(),
+                "{name} unbounded: {cfg:?}"
+            );
+        }
+    });
+    wait_until("the refusals audited", || {
+        let audit = f.ctl_ok(&["audit", "--json"]);
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["who"] == format!("host:{attacker}") && e["outcome"] == "refused")
+            .count()
+            >= 5
+    });
+    let vm = f.ctl_ok(&["vm", "show", &victim]);
+    assert_eq!(
+        vm["state"], "running",
+        "a forged event changed the VM: {vm}"
+    );
+    assert_eq!(vm["host_id"], owner.as_str());
+    assert_eq!(f.ctl_ok(&["job", "show", &job])["state"], "done");
+    assert_eq!(f.vmm_pids(&victim).len(), 1, "the victim's VMM is gone");
+    assert!(
+        precious.join("keep").exists(),
+        "vimd deleted a directory on a host's word"
+    );
+    assert!(f.state().join("shared/vms").join(&victim).exists());
+    // The owner itself still answers its VM's jobs.
+    let (ok, _, err) = f.ctl(&["vm", "stop", &victim]);
+    assert!(ok, "{err}");
+
+    // Secrets: the state directory is vimd's alone, and every secret in it 0600.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+    assert_eq!(mode(&f.state()), 0o700);
+    for secret in [
+        "admin.token",
+        "vim.db",
+        "nats/vimd.password",
+        "nats/nats.conf",
+        &format!("hosts/{attacker}.creds"),
+    ] {
+        let p = f.state().join(secret);
+        assert_eq!(mode(&p) & 0o077, 0, "{secret} is readable by others");
+    }
+    // The NATS configuration holds hashes, never a password.
+    let conf = std::fs::read_to_string(f.state().join("nats/nats.conf")).unwrap();
+    let vimd_pw = std::fs::read_to_string(f.state().join("nats/vimd.password")).unwrap();
+    assert!(!conf.contains(creds["password"].as_str().unwrap()));
+    assert!(!conf.contains(vimd_pw.trim()));
+    assert!(conf.contains("$2"), "no bcrypt hashes in nats.conf");
+    // Reissued credentials work, and the old ones stop working.
+    let out = f.ctl_ok(&["host", "credentials", attacker, "--json"]);
+    assert_eq!(out["host_id"], attacker);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let old = async_nats::ConnectOptions::with_user_and_password(
+            creds["user"].as_str().unwrap().into(),
+            creds["password"].as_str().unwrap().into(),
+        )
+        .connect(&url);
+        let r = tokio::time::timeout(Duration::from_secs(5), old).await;
+        assert!(!matches!(r, Ok(Ok(_))), "the old password still works");
+    });
+    let new: Value = serde_json::from_str(
+        &std::fs::read_to_string(f.state().join(format!("hosts/{attacker}.creds"))).unwrap(),
+    )
+    .unwrap();
+    assert_ne!(new["password"], creds["password"]);
+}
+
+/// Security (issue 11): what callers send cannot exhaust or fool vimd.
+#[test]
+fn callers_cannot_exhaust_or_fool_vimd() {
+    use std::io::{Read, Write};
+    let f = Fleet::start(None, &["h1"]);
+    f.add_test_image();
+    let admin = f.admin_token();
+    let alice = f.token("alice");
+
+    // A silent connection is closed (header timeout), not kept forever.
+    let addr = f.api.trim_start_matches("http://").to_string();
+    let mut idle = std::net::TcpStream::connect(&addr).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(40)))
+        .unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = idle.read(&mut buf).unwrap_or(0);
+    assert!(n == 0 || String::from_utf8_lossy(&buf[..n]).contains("408"));
+    assert!(
+        t.elapsed() < Duration::from_secs(35),
+        "an idle connection was kept"
+    );
+
+    // The scheme is case-insensitive; consumers do not see hosts; token names are unique.
+    let (code, _) = f.http("GET", "/vms", "", None);
+    assert_eq!(code, 401);
+    let mut c = Command::new("curl");
+    c.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+        .arg(format!("authorization: bearer {admin}"))
+        .arg(format!("{}/vms", f.api));
+    assert_eq!(
+        String::from_utf8(c.output().unwrap().stdout).unwrap(),
+        "200"
+    );
+    let (ok, _, err) = f.ctl_as(&alice, &["hosts"]);
+    assert!(!ok && err.contains("403"), "a consumer listed hosts: {err}");
+    let (ok, _, err) = f.ctl(&["token", "add", "alice", "--role", "consumer"]);
+    assert!(
+        !ok && err.contains("409"),
+        "a second token named alice: {err}"
+    );
+    let (ok, _, err) = f.ctl(&["token", "add", "admin", "--role", "consumer"]);
+    assert!(!ok && err.contains("409"), "a consumer named admin: {err}");
+
+    // Image sources: regular files only (a FIFO used to hang the call), never a symlink.
+    let dir = f.dir.path();
+    let fifo = dir.join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let link = dir.join("link");
+    std::os::unix::fs::symlink("/etc/shadow", &link).unwrap();
+    for (src, why) in [(&fifo, "FIFO"), (&link, "symbolic link")] {
+        let body = json!({"name": "bad", "kernel": src}).to_string();
+        let t = Instant::now();
+        let (code, text) = f.http("POST", "/images", &body, Some(&admin));
+        assert_eq!(code, 400, "{text}");
+        assert!(text.contains(why), "{text}");
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(f.state().join("shared/images"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != "tg")
+        .collect();
+    assert!(leftovers.is_empty(), "staging left behind: {leftovers:?}");
+
+    // The console is a bounded tail, however large the guest makes its log.
+    let id = f.create("big-console").unwrap();
+    let log = f.state().join("shared/vms").join(&id).join("console.log");
+    {
+        let mut l = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        let chunk = vec![b'A'; 1 << 20];
+        for _ in 0..40 {
+            l.write_all(&chunk).unwrap();
+        }
+        l.write_all(b"\nthe end\n").unwrap();
+    }
+    let (code, text) = f.http("GET", &format!("/vms/{id}/console"), "", Some(&admin));
+    assert_eq!(code, 200);
+    assert!(text.len() <= 1 << 20, "console of {} bytes", text.len());
+    assert!(text.ends_with("the end\n"));
+    let (_, text) = f.http(
+        "GET",
+        &format!("/vms/{id}/console?bytes=100"),
+        "",
+        Some(&admin),
+    );
+    assert!(text.len() <= 100 && text.ends_with("the end\n"), "{text}");
+
+    // A delete right after a create: the VM ends deleted, and no VMM runs it.
+    let (cjob, vm) = f.create_no_wait("short-lived");
+    let (ok, out, err) = f.ctl(&["vm", "delete", &vm, "--no-wait", "--json"]);
+    assert!(ok, "{err}");
+    let djob = serde_json::from_str::<Value>(&out).unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    f.wait_job(&cjob);
+    f.wait_job(&djob);
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, _) = f.http("GET", &format!("/vms/{vm}"), "", Some(&admin));
+    assert_eq!(code, 404, "the deleted VM came back");
+    assert!(f.vmm_pids(&vm).is_empty(), "a deleted VM runs");
+
+    // Failed logins: a source that keeps failing gets 429, and not one audit row each.
+    let before = f
+        .ctl_ok(&["audit", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "login" || e["who"] == "?")
+        .count();
+    let mut codes = Vec::new();
+    for _ in 0..60 {
+        codes.push(f.http("GET", "/vms", "", Some("wrong")).0);
+    }
+    assert!(codes.contains(&429), "{codes:?}");
+    let after = f
+        .ctl_ok(&["audit", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["who"] == "?")
+        .count();
+    assert!(
+        after - before <= 25,
+        "{} audit rows for 60 failures",
+        after - before
+    );
+    wait_until_for("the failed-login summary", Duration::from_secs(30), || {
+        f.ctl_ok(&["audit", "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| {
+                e["detail"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("not audited one by one")
+            })
+    });
+    // A valid token from that source still works.
+    let (code, _) = f.http("GET", "/vms", "", Some(&admin));
+    assert_eq!(code, 200);
+}

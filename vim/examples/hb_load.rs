@@ -62,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
     let elapsed = start.elapsed().as_secs_f64();
     let now = vim::db::now_ms();
     let timeouts = db
-        .events(warm, 1_000_000)
+        .events(Some(warm), 1_000_000)
         .await?
         .iter()
         .filter(|e| e.kind == "PS_Timeout" && e.host_id.starts_with("sim") && e.ts <= now)

@@ -812,7 +812,7 @@ pub fn run_housekeeping(v: Arc<Vimd>) {
         loop {
             tick.tick().await;
             crate::api::audit_login_summary(&v).await;
-            if n % 360 == 0 {
+            if n.is_multiple_of(360) {
                 let now = db::now_ms();
                 let before = |d: Duration| now - d.as_millis() as i64;
                 match v

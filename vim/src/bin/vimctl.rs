@@ -81,7 +81,10 @@ enum ImageCmd {
 
 #[derive(Subcommand)]
 enum HostCmd {
+    /// Register a host; prints what its agent needs (NATS URL, credentials file).
     Add { id: String },
+    /// Issue a host new queue credentials (the old ones stop working).
+    Credentials { id: String },
 }
 
 #[derive(Subcommand)]
@@ -244,9 +247,23 @@ fn utc_ms(ms: i64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
+/// Text from hosts, guests and other callers, made safe for a terminal: control characters
+/// (escape sequences that could retitle, recolour or rewrite the screen) shown as `\u{..}`.
+fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                c.escape_unicode().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
 fn table(rows: &[Value], cols: &[&str]) {
     let cell = |col: &str, v: &Value| match v {
-        Value::String(s) => s.clone(),
+        Value::String(s) => printable(s).replace('\n', " "),
         Value::Null => String::new(),
         Value::Number(n) if TIME_COLUMNS.contains(&col) && n.is_i64() => {
             utc_ms(n.as_i64().unwrap_or_default())
@@ -374,10 +391,13 @@ fn run(cli: Cli) -> Result<()> {
                 ],
             )?;
         }
-        Cmd::Host {
-            cmd: HostCmd::Add { id },
-        } => {
-            let r = api.post("/hosts", json!({"id": id}))?;
+        Cmd::Host { cmd } => {
+            let r = match cmd {
+                HostCmd::Add { id } => api.post("/hosts", json!({"id": id}))?,
+                HostCmd::Credentials { id } => {
+                    api.post(&format!("/hosts/{id}/credentials"), json!({}))?
+                }
+            };
             if json_out {
                 print(&r);
             } else {
@@ -446,7 +466,7 @@ fn run(cli: Cli) -> Result<()> {
             VmCmd::Console { id } => {
                 let r = api.get(&format!("/vms/{id}/console"))?;
                 match r {
-                    Value::String(s) if !json_out => print!("{s}"),
+                    Value::String(s) if !json_out => print!("{}", printable(&s)),
                     v => print(&json!({"console": v})),
                 }
             }
@@ -472,7 +492,7 @@ fn run(cli: Cli) -> Result<()> {
             anyhow::ensure!(resp.status().is_success(), "{}", resp.status());
             for line in BufReader::new(resp).lines() {
                 if let Some(d) = line?.strip_prefix("data:") {
-                    println!("{}", d.trim());
+                    println!("{}", printable(d.trim()));
                 }
             }
         }
@@ -489,6 +509,14 @@ fn run(cli: Cli) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escape_sequences_are_not_printed_raw() {
+        assert_eq!(printable("ok\tline\n"), "ok\tline\n");
+        let p = printable("\x1b]0;owned\x07\x1b[2J");
+        assert!(!p.contains('\x1b') && !p.contains('\x07'), "{p}");
+        assert!(p.contains("\\u{1b}"), "{p}");
+    }
 
     #[test]
     fn times_in_tables_are_utc_for_people() {
