@@ -1487,6 +1487,9 @@ fn callers_cannot_exhaust_or_fool_vimd() {
 
     // The console is a bounded tail, however large the guest makes its log.
     let id = f.create("big-console").unwrap();
+    // Stopped, so the guest's own lines do not follow ours.
+    let (ok, _, err) = f.ctl(&["vm", "stop", &id]);
+    assert!(ok, "{err}");
     let log = f.state().join("shared/vms").join(&id).join("console.log");
     {
         let mut l = std::fs::OpenOptions::new().append(true).open(&log).unwrap();

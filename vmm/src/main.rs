@@ -299,7 +299,16 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_max_level(level)
         .init();
+    // What the VMM creates (snapshot and memory files, the API and vsock sockets, the console)
+    // holds guest memory or controls the VM: its owner's alone, whatever umask it was given.
+    // SAFETY: umask only sets this process's file-creation mask.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Ctl(_) | Command::Inspect(_)) {
+        // Output piped into `head` ends quietly, as for any Unix tool.
+        // SAFETY: restoring the default SIGPIPE disposition before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Restore(a) => restore(a),

@@ -118,14 +118,13 @@ fn save_devices(
 fn serial_output(cfg: &SerialOutput) -> Result<serial::Output> {
     Ok(match cfg {
         SerialOutput::Stdio => Box::new(LineWriter::new(std::io::stdout())),
-        SerialOutput::File(path) => {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("cannot open serial output file {}", path.display()))?;
-            Box::new(LineWriter::new(f))
-        }
+        SerialOutput::File(path) => Box::new(LineWriter::new(
+            crate::devices::console_log::CappedLog::open(
+                path,
+                crate::devices::console_log::CONSOLE_CAP,
+            )
+            .with_context(|| format!("cannot open serial output file {}", path.display()))?,
+        )),
     })
 }
 

@@ -107,9 +107,39 @@ impl Response {
 }
 
 /// Parses one request line. Errors are the message the caller gets back.
+/// A request object whose keys each appear once: with `{"dir":"a","dir":"b"}` a reader that
+/// checks the first and one that uses the last would disagree, so it is refused.
+struct UniqueKeys(serde_json::Map<String, Value>);
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = UniqueKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a request must be a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<UniqueKeys, A::Error> {
+                let mut out = serde_json::Map::new();
+                while let Some((k, v)) = m.next_entry::<String, Value>()? {
+                    if out.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!("duplicate field \"{k}\"")));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(UniqueKeys(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 pub fn parse_request(line: &str) -> Result<Request, String> {
-    let v: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
-    let obj = v.as_object().ok_or("a request must be a JSON object")?;
+    let obj: UniqueKeys = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    let obj = &obj.0;
     let cmd = obj
         .get("command")
         .and_then(Value::as_str)
@@ -182,6 +212,15 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn duplicate_keys_are_refused() {
+        let e = parse_request(r#"{"command":"snapshot","dir":"/a","dir":"/b"}"#).unwrap_err();
+        assert!(e.contains("duplicate field \"dir\""), "{e}");
+        let e = parse_request(r#"{"command":"info","command":"pause"}"#).unwrap_err();
+        assert!(e.contains("duplicate"), "{e}");
+        assert!(parse_request("[1]").unwrap_err().contains("JSON object"));
+    }
 
     #[test]
     fn parses_commands() {

@@ -39,19 +39,41 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     UnixListener::bind(path).map_err(|e| ApiError::Bind(path.into(), e))
 }
 
+/// API connections served at once, at most: each costs a thread, and nobody needs more.
+pub const MAX_CONNECTIONS: usize = 16;
+
 /// Serves connections until the process ends.
 pub fn spawn(listener: UnixListener, events: Sender<VmmEvent>) -> std::io::Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let open = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
             for conn in listener.incoming() {
                 match conn {
-                    Ok(stream) => {
+                    Ok(mut stream) => {
+                        if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                            open.fetch_sub(1, Ordering::SeqCst);
+                            let mut out = serde_json::to_vec(&Response::err(format!(
+                                "more than {MAX_CONNECTIONS} API connections at once"
+                            )))
+                            .unwrap_or_default();
+                            out.push(b'\n');
+                            let _ = stream.write_all(&out);
+                            continue;
+                        }
                         let events = events.clone();
-                        let spawned = std::thread::Builder::new()
-                            .name("api-conn".into())
-                            .spawn(move || serve(stream, &events));
+                        let count = open.clone();
+                        let spawned =
+                            std::thread::Builder::new()
+                                .name("api-conn".into())
+                                .spawn(move || {
+                                    serve(stream, &events);
+                                    count.fetch_sub(1, Ordering::SeqCst);
+                                });
                         if let Err(e) = spawned {
+                            open.fetch_sub(1, Ordering::SeqCst);
                             tracing::warn!(error = %e, "cannot serve API connection");
                         }
                     }

@@ -4,6 +4,7 @@
 //! Accesses that hit no device are logged at debug level and ignored (reads return all ones), as on
 //! real hardware: a guest probing for absent devices is not an error.
 
+pub mod console_log;
 pub mod ged;
 pub mod manager;
 pub mod power;

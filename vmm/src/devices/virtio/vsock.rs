@@ -121,8 +121,24 @@ pub struct Vsock {
     reset_pending: bool,
 }
 
+/// Binds the host side's socket. Only a stale socket (of a dead VMM: nobody answers on it) is
+/// replaced; a file that is not a socket, or a socket somebody serves, is refused, never
+/// unlinked (`--vsock socket=/etc/passwd` used to delete it).
 fn bind(path: &Path) -> Result<UnixListener, VsockError> {
-    if std::fs::symlink_metadata(path).is_ok() && UnixStream::connect(path).is_err() {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        let refuse = |why: &str| {
+            VsockError::Bind(
+                path.into(),
+                std::io::Error::new(std::io::ErrorKind::AlreadyExists, why.to_string()),
+            )
+        };
+        if !meta.file_type().is_socket() {
+            return Err(refuse("the path exists and is not a socket"));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(refuse("the socket is in use by another process"));
+        }
         let _ = std::fs::remove_file(path); // stale socket of a dead VMM
     }
     let listener = UnixListener::bind(path).map_err(|e| VsockError::Bind(path.into(), e))?;
@@ -784,6 +800,22 @@ impl QueueHandler for VsockQueues {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_stale_socket_is_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("precious");
+        std::fs::write(&file, b"keep").unwrap();
+        let e = bind(&file).unwrap_err().to_string();
+        assert!(e.contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+        let sock = d.path().join("v.sock");
+        let live = bind(&sock).unwrap();
+        let e = bind(&sock).unwrap_err().to_string();
+        assert!(e.contains("in use"), "{e}");
+        drop(live); // the socket file stays behind, stale
+        assert!(bind(&sock).is_ok());
+    }
 
     #[test]
     fn header_round_trip() {
