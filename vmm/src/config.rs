@@ -189,33 +189,12 @@ impl VmConfig {
         devices: DeviceConfig,
         max_vcpus: u32,
     ) -> Result<Self, ConfigError> {
-        if vcpus == 0 {
-            return Err(ConfigError::NoVcpus);
-        }
-        let max = max_vcpus.min(u32::from(MAX_VCPUS));
-        if vcpus > max {
-            return Err(ConfigError::TooManyVcpus {
-                requested: vcpus,
-                max,
-            });
-        }
-        if memory_mib == 0 {
-            return Err(ConfigError::NoMemory);
-        }
-        // 1 TiB: beyond what the 4-level identity map and e820 layout here are written for.
-        if memory_mib > 1 << 20 {
-            return Err(ConfigError::MemoryTooLarge(memory_mib));
-        }
-        if cmdline.len() + 1 > MAX_CMDLINE_LEN {
-            return Err(ConfigError::CmdlineTooLong(cmdline.len() + 1));
-        }
+        check_limits(vcpus, memory_mib, &cmdline, max_vcpus)?;
         std::fs::metadata(&kernel).map_err(|e| ConfigError::Kernel(kernel.clone(), e))?;
         if let Some(initrd) = &initrd {
             std::fs::metadata(initrd).map_err(|e| ConfigError::Initrd(initrd.clone(), e))?;
         }
-        for d in &devices.disks {
-            std::fs::metadata(&d.path).map_err(|e| ConfigError::DiskImage(d.path.clone(), e))?;
-        }
+        check_disks(&devices)?;
         Ok(VmConfig {
             kernel,
             initrd,
@@ -228,14 +207,90 @@ impl VmConfig {
         })
     }
 
+    /// The checks of [`VmConfig::new`] that do not need the boot files, for a configuration
+    /// read from a snapshot: a snapshot file is input like a command line, and an edited one
+    /// (0 or 255 vCPUs, a memory size that overflows, a missing disk) must be refused before
+    /// anything starts, exactly as `run` refuses it.
+    pub fn check(&self, max_vcpus: u32) -> Result<(), ConfigError> {
+        check_limits(
+            u32::from(self.vcpus),
+            self.memory_mib,
+            &self.cmdline,
+            max_vcpus,
+        )?;
+        check_disks(&self.devices)
+    }
+
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
     }
 }
 
+fn check_limits(
+    vcpus: u32,
+    memory_mib: u64,
+    cmdline: &str,
+    max_vcpus: u32,
+) -> Result<(), ConfigError> {
+    if vcpus == 0 {
+        return Err(ConfigError::NoVcpus);
+    }
+    let max = max_vcpus.min(u32::from(MAX_VCPUS));
+    if vcpus > max {
+        return Err(ConfigError::TooManyVcpus {
+            requested: vcpus,
+            max,
+        });
+    }
+    if memory_mib == 0 {
+        return Err(ConfigError::NoMemory);
+    }
+    // 1 TiB: beyond what the 4-level identity map and e820 layout here are written for.
+    if memory_mib > 1 << 20 {
+        return Err(ConfigError::MemoryTooLarge(memory_mib));
+    }
+    if cmdline.len() + 1 > MAX_CMDLINE_LEN {
+        return Err(ConfigError::CmdlineTooLong(cmdline.len() + 1));
+    }
+    Ok(())
+}
+
+fn check_disks(devices: &DeviceConfig) -> Result<(), ConfigError> {
+    for d in &devices.disks {
+        std::fs::metadata(&d.path).map_err(|e| ConfigError::DiskImage(d.path.clone(), e))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_config_is_checked_like_a_command_line() {
+        let mut c = VmConfig {
+            kernel: "/nonexistent-kernel".into(),
+            initrd: None,
+            cmdline: String::new(),
+            vcpus: 1,
+            memory_mib: 64,
+            serial: SerialOutput::Stdio,
+            api_socket: None,
+            devices: DeviceConfig::default(),
+        };
+        // The kernel is not needed to restore: memory holds it.
+        assert!(c.check(8).is_ok());
+        c.vcpus = 0;
+        assert!(matches!(c.check(8), Err(ConfigError::NoVcpus)));
+        c.vcpus = 255;
+        assert!(matches!(c.check(8), Err(ConfigError::TooManyVcpus { .. })));
+        c.vcpus = 1;
+        c.memory_mib = u64::MAX >> 10;
+        assert!(matches!(c.check(8), Err(ConfigError::MemoryTooLarge(_))));
+        c.memory_mib = 64;
+        c.cmdline = "x".repeat(MAX_CMDLINE_LEN);
+        assert!(matches!(c.check(8), Err(ConfigError::CmdlineTooLong(_))));
+    }
 
     fn cfg(vcpus: u32, mem: u64) -> Result<VmConfig, ConfigError> {
         VmConfig::new(

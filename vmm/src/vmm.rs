@@ -145,6 +145,10 @@ impl Machine {
         kvm: kvm_ioctls::Kvm,
     ) -> Result<Machine> {
         let state = snapshot::read_state(dir)?;
+        state
+            .config
+            .check(kvm.get_max_vcpus() as u32)
+            .with_context(|| format!("snapshot {}", dir.display()))?;
         snapshot::check_external(&state)?;
         let memory = snapshot::open_memory(dir, state.config.memory_bytes())?;
         if state.vcpus.len() != usize::from(state.config.vcpus) {
