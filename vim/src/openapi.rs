@@ -6,7 +6,17 @@ fn op(summary: &str, status: &str) -> Value {
     json!({"summary": summary, "security": [{"token": []}],
            "responses": {status: {"description": "success"}, "400": {"description": "bad request"},
                          "401": {"description": "no or unknown token"}, "403": {"description": "not allowed"},
-                         "404": {"description": "not found"}}})
+                         "404": {"description": "not found"},
+                         "409": {"description": "conflicts with what exists (a name in use)"},
+                         "413": {"description": "body larger than 64 KiB"},
+                         "415": {"description": "body not application/json"},
+                         "422": {"description": "body of the wrong shape"},
+                         "429": {"description": "too many failed logins from this address"}}})
+}
+
+/// Names and ids: one format everywhere (`vim_proto::check_id`).
+fn name() -> Value {
+    json!({"type": "string", "pattern": "^[A-Za-z0-9_-]{1,63}$", "minLength": 1, "maxLength": 63})
 }
 
 fn with_body(mut o: Value, schema: Value) -> Value {
@@ -30,6 +40,13 @@ pub fn document() -> Value {
          "schema": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000}},
         {"name": "after", "in": "query", "description": "the last VM id of the page before",
          "schema": {"type": "string"}}]);
+    let mut console = op(
+        "The end of the guest's serial log (at most `bytes`, default 1 MiB, at most 16 MiB)",
+        "200",
+    );
+    console["parameters"] = json!([id[0].clone(),
+        {"name": "bytes", "in": "query",
+         "schema": {"type": "integer", "minimum": 1, "maximum": 16_777_216, "default": 1_048_576}}]);
     json!({
         "openapi": "3.0.3",
         "info": {"title": "vimd", "version": env!("CARGO_PKG_VERSION"),
@@ -40,32 +57,33 @@ pub fn document() -> Value {
                 "get": op("List hosts", "200"),
                 "post": with_body(op("Register a host and mint its NATS credentials (admin)", "200"),
                     json!({"type": "object", "required": ["id"], "additionalProperties": false,
-                           "properties": {"id": {"type": "string"}}})),
+                           "properties": {"id": name()}})),
             },
+            "/hosts/{id}/credentials": {"post": with_id(op("Issue a host new NATS credentials; the old stop working (admin)", "200"))},
             "/images": {"post": with_body(op("Add an image; its files are copied to shared storage (admin)", "200"),
                 json!({"type": "object", "required": ["name", "kernel"], "additionalProperties": false,
-                       "properties": {"name": {"type": "string"}, "kernel": {"type": "string"},
+                       "properties": {"name": name(), "kernel": {"type": "string"},
                                       "initrd": {"type": "string"}, "cmdline": {"type": "string"},
                                       "disk": {"type": "string"}}}))},
             "/tokens": {"post": with_body(op("Create an API token (admin)", "200"),
                 json!({"type": "object", "required": ["name", "role"], "additionalProperties": false,
-                       "properties": {"name": {"type": "string"}, "role": {"enum": ["admin", "consumer"]}}}))},
+                       "properties": {"name": name(), "role": {"enum": ["admin", "consumer"]}}}))},
             "/vms": {
                 "get": list_vms,
                 "post": with_body(op("Create a VM", "202"),
                     json!({"type": "object", "required": ["name", "image", "vcpus", "memory_mib"],
                            "additionalProperties": false,
-                           "properties": {"name": {"type": "string"}, "image": {"type": "string"},
+                           "properties": {"name": name(), "image": name(),
                                           "vcpus": {"type": "integer", "minimum": 1, "maximum": 254},
-                                          "memory_mib": {"type": "integer", "minimum": 16}}})),
+                                          "memory_mib": {"type": "integer", "minimum": 16, "maximum": 4194304}}})),
             },
             "/vms/{id}": {"get": with_id(op("Show a VM", "200")), "delete": with_id(op("Delete a VM", "202"))},
             "/vms/{id}/start": {"post": with_id(op("Start a VM", "202"))},
             "/vms/{id}/stop": {"post": with_id(op("Stop a VM (ACPI power button, forced after a timeout)", "202"))},
-            "/vms/{id}/console": {"get": with_id(op("The guest's serial log", "200"))},
+            "/vms/{id}/console": {"get": console},
             "/jobs": {"get": op("List jobs", "200")},
             "/jobs/{id}": {"get": with_id(op("Show a job", "200"))},
-            "/events": {"get": op("List events since a time (admin)", "200")},
+            "/events": {"get": op("List events: from `since` (ms since the epoch) on, or the newest `limit` (admin)", "200")},
             "/events/stream": {"get": op("Server-sent events: jobs, hosts, VMs (admin)", "200")},
             "/audit": {"get": op("The audit log (admin)", "200")},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
