@@ -1239,6 +1239,15 @@ fn a_host_cannot_act_outside_its_remit_and_secrets_are_private() {
     let vm = f.ctl_ok(&["vm", "show", &victim]);
     let owner = vm["host_id"].as_str().unwrap().to_string();
     let attacker = if owner == "h1" { "h2" } else { "h1" };
+    {
+        use std::os::unix::fs::MetadataExt;
+        let sock = f
+            .dir
+            .path()
+            .join(format!("agent-{owner}/vms/{victim}.sock"));
+        let m = std::fs::metadata(&sock).unwrap().mode();
+        assert_eq!(m & 0o077, 0, "the VMM's API socket is {:o}", m & 0o777);
+    }
     // A directory vimd must never be made to delete (a VM id of `../../precious` reaches it).
     let precious = f.state().join("precious");
     std::fs::create_dir_all(&precious).unwrap();
@@ -1388,6 +1397,19 @@ fn a_host_cannot_act_outside_its_remit_and_secrets_are_private() {
     ] {
         let p = f.state().join(secret);
         assert_eq!(mode(&p) & 0o077, 0, "{secret} is readable by others");
+    }
+    // The agent's state, the VMM's API socket and the guest's console are private too (the
+    // test started the agents with its own umask; they set theirs).
+    let agent_dir = f.dir.path().join(format!("agent-{owner}/vms"));
+    for p in [
+        agent_dir.join(format!("{victim}.json")),
+        agent_dir.join(format!("{victim}.vmm.log")),
+        f.state()
+            .join("shared/vms")
+            .join(&victim)
+            .join("console.log"),
+    ] {
+        assert_eq!(mode(&p) & 0o077, 0, "{} is readable by others", p.display());
     }
     // The NATS configuration holds hashes, never a password.
     let conf = std::fs::read_to_string(f.state().join("nats/nats.conf")).unwrap();
@@ -1566,4 +1588,44 @@ fn callers_cannot_exhaust_or_fool_vimd() {
     // A valid token from that source still works.
     let (code, _) = f.http("GET", "/vms", "", Some(&admin));
     assert_eq!(code, 200);
+
+    // Clients that hang up mid-call: every VM created has its audit row.
+    let carol = f.token("carol");
+    let carol_token = std::fs::read_to_string(&carol).unwrap();
+    let mut hangups = Vec::new();
+    for i in 0..30 {
+        let body = json!({"name": format!("dc{i}"), "image": "tg", "vcpus": 1, "memory_mib": 64});
+        hangups.push(
+            Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "--max-time", "0.02", "-X", "POST"])
+                .args(["-H", "content-type: application/json", "-H"])
+                .arg(format!("authorization: Bearer {}", carol_token.trim()))
+                .args(["--data", &body.to_string()])
+                .arg(format!("{}/vms", f.api))
+                .spawn()
+                .unwrap(),
+        );
+    }
+    for mut h in hangups {
+        let _ = h.wait();
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let (ok, list, err) = f.ctl_as(&carol, &["vm", "list", "--json"]);
+    assert!(ok, "{err}");
+    let created = serde_json::from_str::<Value>(&list)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .len();
+    let audited = f
+        .ctl_ok(&["audit", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["who"] == "carol" && e["action"] == "vms.create" && e["outcome"] == "202")
+        .count();
+    assert_eq!(
+        created, audited,
+        "VMs created by callers that hung up, unaudited"
+    );
 }
