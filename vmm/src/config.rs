@@ -207,18 +207,17 @@ impl VmConfig {
         })
     }
 
-    /// The checks of [`VmConfig::new`] that do not need the boot files, for a configuration
-    /// read from a snapshot: a snapshot file is input like a command line, and an edited one
-    /// (0 or 255 vCPUs, a memory size that overflows, a missing disk) must be refused before
-    /// anything starts, exactly as `run` refuses it.
+    /// The limits [`VmConfig::new`] checks, for a configuration read from a snapshot: a
+    /// snapshot file is input like a command line, and an edited one (0 or 255 vCPUs, a memory
+    /// size that overflows) must be refused before anything starts, exactly as `run` refuses it.
+    /// (Its disks are checked by `snapshot::check_external`, which names what is missing.)
     pub fn check(&self, max_vcpus: u32) -> Result<(), ConfigError> {
         check_limits(
             u32::from(self.vcpus),
             self.memory_mib,
             &self.cmdline,
             max_vcpus,
-        )?;
-        check_disks(&self.devices)
+        )
     }
 
     pub fn memory_bytes(&self) -> u64 {
