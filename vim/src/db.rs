@@ -1032,8 +1032,13 @@ pub(crate) mod tests {
                     .unwrap(),
                 "a job moved twice"
             );
+            // Deleted is final: no report, late answer or placement brings it back.
+            assert!(db.delete_unplaced_vm(&vm.id).await.unwrap());
+            assert!(!db.set_vm_state(&vm.id, "running", 7).await.unwrap());
+            assert!(!db.place_vm(&vm.id, "h1", "").await.unwrap());
+            assert_eq!(db.vm(&vm.id).await.unwrap().unwrap().state, "deleted");
+            assert_eq!(db.vms(Some("alice"), None, 100).await.unwrap().len(), 0);
             assert_eq!(db.vms(Some("bob"), None, 100).await.unwrap().len(), 0);
-            assert_eq!(db.vms(Some("alice"), None, 100).await.unwrap().len(), 1);
             db.add_host("h1", "u", "p").await.unwrap();
             assert!(matches!(
                 db.add_host("h1", "u", "p").await,
@@ -1093,6 +1098,39 @@ pub(crate) mod tests {
             }
             assert_eq!(paged, want);
             assert_eq!(db.vms(None, None, 100).await.unwrap().len(), want.len() + 1);
+        }
+    }
+
+    /// Events and audit rows past their retention go, newer ones stay; a listing without
+    /// `since` is the newest rows, oldest first.
+    #[tokio::test]
+    async fn old_rows_expire_and_listings_show_the_newest() {
+        for (db, _dir) in databases().await {
+            let events: Vec<Event> = (0..20)
+                .map(|i| Event {
+                    ts: 1000 + i,
+                    ..Event::new("E", "h", "", "", &i.to_string())
+                })
+                .collect();
+            db.add_events(&events).await.unwrap();
+            let newest = db.events(None, 5).await.unwrap();
+            let details: Vec<&str> = newest.iter().map(|e| e.detail.as_str()).collect();
+            assert_eq!(details, ["15", "16", "17", "18", "19"]);
+            assert_eq!(db.events(Some(1018), 100).await.unwrap().len(), 2);
+            let audit: Vec<AuditEntry> = (0..10)
+                .map(|i| AuditEntry {
+                    ts: 1000 + i,
+                    who: "w".into(),
+                    action: "a".into(),
+                    target: String::new(),
+                    outcome: "200".into(),
+                    detail: String::new(),
+                })
+                .collect();
+            db.add_audit(&audit).await.unwrap();
+            assert_eq!(db.expire(1010, 1005).await.unwrap(), 10 + 5);
+            assert_eq!(db.events(Some(0), 100).await.unwrap().len(), 10);
+            assert_eq!(db.audit_log(100).await.unwrap().len(), 5);
         }
     }
 
