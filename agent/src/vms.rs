@@ -566,6 +566,49 @@ mod tests {
         (done_tx, h)
     }
 
+    /// The agent refuses what it must not run, whoever sent it, and never re-creates a VM
+    /// it deleted.
+    #[test]
+    fn commands_outside_the_store_are_refused_and_deleted_vms_stay_deleted() {
+        use vim_proto::host_command::Action;
+        let d = tempfile::tempdir().unwrap();
+        let (state, shared) = (d.path().join("state"), d.path().join("shared"));
+        std::fs::create_dir_all(shared.join("images/tg")).unwrap();
+        let kernel = shared.join("images/tg/kernel");
+        std::fs::write(&kernel, b"k").unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", shared.join("images/tg/link")).unwrap();
+        let mut vms = Vms::load(&state, &shared, Path::new("/nonexistent/vmm")).unwrap();
+        let spec = |id: &str, kernel: &str, disk: &str| VmSpec {
+            vm_id: id.into(),
+            vcpus: 1,
+            memory_mib: 64,
+            kernel: kernel.into(),
+            disk: disk.into(),
+            ..Default::default()
+        };
+        let k = kernel.to_str().unwrap();
+        assert!(vms
+            .check_command(&Action::Create(spec("v1", k, "")))
+            .is_ok());
+        let link = shared.join("images/tg/link");
+        let escape = format!("{}/images/../../../etc/hostname", shared.display());
+        for (id, kern, disk) in [
+            ("../x", k, ""),
+            ("v1", "/etc/hostname", ""),
+            ("v1", escape.as_str(), ""),
+            ("v1", k, link.to_str().unwrap()),
+            ("v1", k, "/dev/sda"),
+            ("v1", shared.join("images").to_str().unwrap(), ""),
+        ] {
+            let r = vms.check_command(&Action::Create(spec(id, kern, disk)));
+            assert!(r.is_err(), "accepted {id} {kern} {disk}");
+        }
+        assert!(vms.check_command(&Action::Delete("/etc".into())).is_err());
+        vms.delete("v2").unwrap();
+        let e = vms.create(&spec("v2", k, "")).unwrap_err().to_string();
+        assert!(e.contains("deleted"), "{e}");
+    }
+
     /// Guest CPU is what the `vcpuN` threads used; the VMM's other threads count apart.
     #[test]
     fn vcpu_threads_counted_apart() {
