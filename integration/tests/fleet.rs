@@ -570,6 +570,25 @@ impl Fleet {
         (code.trim().parse().unwrap(), body.to_string())
     }
 
+    /// The credentials `host add` wrote for `host` (JSON {"user", "password"}).
+    fn host_creds(&self, host: &str) -> Value {
+        let path = self.state().join(format!("hosts/{host}.creds"));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    /// A NATS connection with `host`'s credentials, as its agent makes it, over loopback.
+    async fn connect_as_host(&self, host: &str) -> async_nats::Client {
+        let creds = self.host_creds(host);
+        async_nats::ConnectOptions::with_user_and_password(
+            creds["user"].as_str().unwrap().into(),
+            creds["password"].as_str().unwrap().into(),
+        )
+        .custom_inbox_prefix(format!("_INBOX_{host}"))
+        .connect(format!("nats://127.0.0.1:{}", self.nats_port))
+        .await
+        .unwrap()
+    }
+
     fn admin_token(&self) -> String {
         std::fs::read_to_string(self.state().join("admin.token"))
             .unwrap()
@@ -1044,20 +1063,9 @@ fn an_agent_killed_mid_create_adopts_the_vmm_it_started() {
 #[test]
 fn host_credentials_reach_only_their_own_commands_and_garbage_is_dead_lettered() {
     let f = Fleet::start(None, &["h1", "h2"]);
-    let creds: Value =
-        serde_json::from_str(&std::fs::read_to_string(f.state().join("hosts/h1.creds")).unwrap())
-            .unwrap();
-    let url = format!("nats://127.0.0.1:{}", f.nats_port);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let c = async_nats::ConnectOptions::with_user_and_password(
-            creds["user"].as_str().unwrap().into(),
-            creds["password"].as_str().unwrap().into(),
-        )
-        .custom_inbox_prefix("_INBOX_h1")
-        .connect(&url)
-        .await
-        .unwrap();
+        let c = f.connect_as_host("h1").await;
         let js = async_nats::jetstream::new(c.clone());
         let stream = js.get_stream("VIM_COMMANDS").await.unwrap();
         // Its own consumer: allowed.
@@ -1253,21 +1261,11 @@ fn a_host_cannot_act_outside_its_remit_and_secrets_are_private() {
     std::fs::create_dir_all(&precious).unwrap();
     std::fs::write(precious.join("keep"), b"x").unwrap();
 
-    let creds: Value = serde_json::from_str(
-        &std::fs::read_to_string(f.state().join(format!("hosts/{attacker}.creds"))).unwrap(),
-    )
-    .unwrap();
+    let creds = f.host_creds(attacker);
     let url = format!("nats://127.0.0.1:{}", f.nats_port);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let c = async_nats::ConnectOptions::with_user_and_password(
-            creds["user"].as_str().unwrap().into(),
-            creds["password"].as_str().unwrap().into(),
-        )
-        .custom_inbox_prefix(format!("_INBOX_{attacker}"))
-        .connect(&url)
-        .await
-        .unwrap();
+        let c = f.connect_as_host(attacker).await;
         let js = async_nats::jetstream::new(c.clone());
         // (sender named in the event, job, kind, VM, reported state), all sent as the attacker.
         let forge =
@@ -1411,10 +1409,7 @@ fn a_host_cannot_act_outside_its_remit_and_secrets_are_private() {
         let r = tokio::time::timeout(Duration::from_secs(5), old).await;
         assert!(!matches!(r, Ok(Ok(_))), "the old password still works");
     });
-    let new: Value = serde_json::from_str(
-        &std::fs::read_to_string(f.state().join(format!("hosts/{attacker}.creds"))).unwrap(),
-    )
-    .unwrap();
+    let new = f.host_creds(attacker);
     assert_ne!(new["password"], creds["password"]);
 }
 
