@@ -2,7 +2,8 @@
 # Control-plane API benchmark: a local vimd (embedded NATS, SQLite) with no hosts; N clients
 # issue `GET /vms` (a consumer listing its 200 VMs) and `POST /vms` (job submission: commit + publish;
 # the jobs then fail placement, which is not measured), from vim/examples/api_load.rs (concurrent
-# keep-alive clients). Prints throughput and p50/p99/max latency.
+# keep-alive clients). Prints throughput and p50/p99/max latency. The API is plain HTTP on loopback
+# (--plain-http), as earlier figures were measured; NATS is TLS (the embedded server's only mode).
 # Usage: bench-vim.sh [CLIENTS] [REQUESTS_PER_CLIENT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ state=$(mktemp -d /tmp/bench-vim.XXXXXX)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 nport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 target/release/vimd --state-dir "$state" --listen 127.0.0.1:$port --nats-listen 127.0.0.1:$nport \
-    --heartbeat-ms 1000 2>"$state/vimd.log" &
+    --plain-http --heartbeat-ms 1000 2>"$state/vimd.log" &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$state"' EXIT
 for _ in $(seq 100); do [ -s "$state/admin.token" ] && break; sleep 0.1; done

@@ -17,14 +17,15 @@ cleanup() {
     wait 2>/dev/null || true
 }
 trap cleanup EXIT
-export VIM_API=http://127.0.0.1:18640 VIM_TOKEN_FILE=$state/vim/admin.token
+# HTTPS with vimd's own CA (made at its first start); NATS speaks TLS with the same CA.
+export VIM_API=https://127.0.0.1:18640 VIM_TOKEN_FILE=$state/vim/admin.token VIM_CA=$state/vim/tls/ca.pem
 echo "--- vimd (state in $state/vim, NATS on 127.0.0.1:14222) ---"
 $B/vimd --state-dir "$state/vim" --listen 127.0.0.1:18640 --nats-listen 127.0.0.1:14222 \
     --heartbeat-ms 1000 2>"$state/vimd.log" &
 pids+=($!)
 for _ in $(seq 100); do [ -s "$state/vim/admin.token" ] && $B/vimctl hosts >/dev/null 2>&1 && break; sleep 0.1; done
 creds=$($B/vimctl host add local --json | sed -n 's/.*"credentials_file": *"\([^"]*\)".*/\1/p')
-$B/vim-agent --host-id local --nats-url nats://127.0.0.1:14222 --credentials "$creds" \
+$B/vim-agent --host-id local --nats-url nats://127.0.0.1:14222 --credentials "$creds" --nats-ca "$VIM_CA" \
     --state-dir "$state/agent" --shared-dir "$state/vim/shared" --vmm $B/vmm --heartbeat-ms 1000 \
     2>"$state/agent.log" &
 pids+=($!)

@@ -31,6 +31,10 @@ struct Args {
     /// The credentials file `vimctl host add` printed (JSON {"user", "password"}).
     #[arg(long, env = "VIM_AGENT_CREDENTIALS")]
     credentials: Option<PathBuf>,
+    /// The CA (PEM) that verifies the NATS server: what `vimctl host add` gave as
+    /// `nats_ca_pem`/`nats_ca_file`. With it the agent speaks only TLS.
+    #[arg(long = "nats-ca", env = "VIM_AGENT_NATS_CA")]
+    nats_ca: Option<PathBuf>,
     #[arg(long = "state-dir", env = "VIM_AGENT_STATE_DIR")]
     state_dir: Option<PathBuf>,
     #[arg(long = "shared-dir", env = "VIM_AGENT_SHARED_DIR")]
@@ -52,6 +56,7 @@ struct FileConfig {
     host_id: Option<String>,
     nats_url: Option<String>,
     credentials: Option<PathBuf>,
+    nats_ca: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     shared_dir: Option<PathBuf>,
     vmm: Option<PathBuf>,
@@ -63,6 +68,7 @@ struct Config {
     host_id: String,
     nats_url: String,
     credentials: PathBuf,
+    nats_ca: Option<PathBuf>,
     state_dir: PathBuf,
     shared_dir: PathBuf,
     vmm: PathBuf,
@@ -94,6 +100,7 @@ fn config(a: Args) -> Result<Config> {
         host_id: need(a.host_id.or(f.host_id), "host-id")?,
         nats_url: need(a.nats_url.or(f.nats_url), "nats-url")?,
         credentials: needp(a.credentials.or(f.credentials), "credentials")?,
+        nats_ca: a.nats_ca.or(f.nats_ca),
         state_dir: needp(a.state_dir.or(f.state_dir), "state-dir")?,
         shared_dir: needp(a.shared_dir.or(f.shared_dir), "shared-dir")?,
         vmm,
@@ -262,15 +269,19 @@ async fn run(cfg: Config) -> Result<()> {
     )
     .context("credentials file")?;
     let vms = Vms::load(&cfg.state_dir, &cfg.shared_dir, &cfg.vmm)?;
-    let client = async_nats::ConnectOptions::with_user_and_password(
+    let opts = async_nats::ConnectOptions::with_user_and_password(
         creds["user"].as_str().unwrap_or_default().into(),
         creds["password"].as_str().unwrap_or_default().into(),
-    )
-    .custom_inbox_prefix(s::inbox_prefix(&cfg.host_id))
-    .retry_on_initial_connect()
-    .connect(vim_proto::nats_servers(&cfg.nats_url))
-    .await
-    .with_context(|| format!("cannot connect to NATS at {}", cfg.nats_url))?;
+    );
+    if let Some(ca) = &cfg.nats_ca {
+        std::fs::metadata(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+    }
+    let client = vim_proto::nats_tls(opts, cfg.nats_ca.as_deref())
+        .custom_inbox_prefix(s::inbox_prefix(&cfg.host_id))
+        .retry_on_initial_connect()
+        .connect(vim_proto::nats_servers(&cfg.nats_url))
+        .await
+        .with_context(|| format!("cannot connect to NATS at {}", cfg.nats_url))?;
     let js = jetstream::new(client.clone());
     let agent = Arc::new(Agent {
         cfg,

@@ -255,7 +255,7 @@ impl Fleet {
         let dir = tempfile::tempdir_in(tmp()).unwrap();
         let cluster = cluster.then(|| Cluster::new(dir.path()));
         let mut f = Fleet {
-            api: format!("http://127.0.0.1:{}", free_port()),
+            api: format!("https://127.0.0.1:{}", free_port()),
             nats_port: free_port(),
             dir,
             database_url,
@@ -264,6 +264,11 @@ impl Fleet {
             nets: Vec::new(),
             cluster,
         };
+        // Each host's network first: the certificate vimd's CA issues names the address each host
+        // dials NATS on.
+        for h in hosts {
+            f.nets.push((h.to_string(), HostNet::new()));
+        }
         f.start_vimd();
         for h in hosts {
             let out = f.ctl_ok(&["host", "add", h, "--json"]);
@@ -276,8 +281,14 @@ impl Fleet {
                 "not the advertised URL"
             );
             assert!(Path::new(out["credentials_file"].as_str().unwrap()).exists());
+            if f.cluster.is_none() {
+                // The embedded server's CA, by path and inline, for the host to trust.
+                assert_eq!(out["nats_ca_file"], f.ca().to_str().unwrap());
+                assert!(out["nats_ca_pem"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("-----BEGIN CERTIFICATE-----")));
+            }
             f.agents.push((h.to_string(), None));
-            f.nets.push((h.to_string(), HostNet::new()));
             f.start_agent(h);
         }
         let n = hosts.len();
@@ -311,6 +322,20 @@ impl Fleet {
         self.dir.path().join("vim")
     }
 
+    /// vimd's private CA, which verifies the API and the embedded NATS server.
+    fn ca(&self) -> PathBuf {
+        self.state().join("tls/ca.pem")
+    }
+
+    /// Client options as a host or an operator makes them: TLS with vimd's CA for the embedded
+    /// server (the test cluster is plaintext).
+    fn nats_options(&self, opts: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
+        match &self.cluster {
+            Some(_) => opts,
+            None => vim_proto::nats_tls(opts, Some(&self.ca())),
+        }
+    }
+
     /// JetStream as vimd's NATS user (what an operator would use), over loopback.
     async fn vimd_jetstream(&self) -> async_nats::jetstream::Context {
         let (password, url) = match &self.cluster {
@@ -323,7 +348,11 @@ impl Fleet {
                 format!("nats://127.0.0.1:{}", self.nats_port),
             ),
         };
-        let c = async_nats::ConnectOptions::with_user_and_password("vimd".into(), password)
+        let c = self
+            .nats_options(async_nats::ConnectOptions::with_user_and_password(
+                "vimd".into(),
+                password,
+            ))
             .connect(url.split(',').collect::<Vec<_>>())
             .await
             .unwrap();
@@ -342,8 +371,11 @@ impl Fleet {
         let mut c = Command::new(bins().join("vimd"));
         c.arg("--state-dir")
             .arg(self.state())
-            .args(["--listen", self.api.trim_start_matches("http://")])
+            .args(["--listen", self.api.trim_start_matches("https://")])
             .args(["--nats-advertise", &self.agent_nats_url("10.231.0.1")]);
+        for (_, net) in &self.nets {
+            c.args(["--tls-name", &net.root_ip]);
+        }
         match &self.cluster {
             Some(cl) => {
                 let creds = self.dir.path().join("vimd-nats.json");
@@ -417,6 +449,11 @@ impl Fleet {
             .args(["--nats-url", &self.agent_nats_url(&net.root_ip)])
             .arg("--credentials")
             .arg(self.state().join("hosts").join(format!("{host}.creds")))
+            .args(self.cluster.is_none().then(|| {
+                let mut a = std::ffi::OsString::from("--nats-ca=");
+                a.push(self.ca());
+                a
+            }))
             .arg("--state-dir")
             .arg(self.dir.path().join(format!("agent-{host}")))
             .arg("--shared-dir")
@@ -443,7 +480,10 @@ impl Fleet {
     /// Runs vimctl as the admin (or with `token_file`); returns success, stdout, stderr.
     fn ctl_as(&self, token_file: &Path, args: &[&str]) -> (bool, String, String) {
         let out = Command::new(bins().join("vimctl"))
-            .args(["--api", &self.api, "--token-file"])
+            .args(["--api", &self.api])
+            .arg("--ca")
+            .arg(self.ca())
+            .arg("--token-file")
             .arg(token_file)
             .args(args)
             .output()
@@ -544,6 +584,8 @@ impl Fleet {
     fn http(&self, method: &str, path: &str, body: &str, token: Option<&str>) -> (u16, String) {
         let mut c = Command::new("curl");
         c.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+            .arg("--cacert")
+            .arg(self.ca())
             .args([
                 "-H",
                 "content-type: application/json",
@@ -579,10 +621,10 @@ impl Fleet {
     /// A NATS connection with `host`'s credentials, as its agent makes it, over loopback.
     async fn connect_as_host(&self, host: &str) -> async_nats::Client {
         let creds = self.host_creds(host);
-        async_nats::ConnectOptions::with_user_and_password(
+        self.nats_options(async_nats::ConnectOptions::with_user_and_password(
             creds["user"].as_str().unwrap().into(),
             creds["password"].as_str().unwrap().into(),
-        )
+        ))
         .custom_inbox_prefix(format!("_INBOX_{host}"))
         .connect(format!("nats://127.0.0.1:{}", self.nats_port))
         .await
@@ -1372,6 +1414,8 @@ fn a_host_cannot_act_outside_its_remit_and_secrets_are_private() {
         "vim.db",
         "nats/vimd.password",
         "nats/nats.conf",
+        "tls/ca.key",
+        "tls/server.key",
         &format!("hosts/{attacker}.creds"),
     ] {
         let p = f.state().join(secret);
@@ -1401,11 +1445,12 @@ fn a_host_cannot_act_outside_its_remit_and_secrets_are_private() {
     assert_eq!(out["host_id"], attacker);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let old = async_nats::ConnectOptions::with_user_and_password(
-            creds["user"].as_str().unwrap().into(),
-            creds["password"].as_str().unwrap().into(),
-        )
-        .connect(&url);
+        let old = f
+            .nats_options(async_nats::ConnectOptions::with_user_and_password(
+                creds["user"].as_str().unwrap().into(),
+                creds["password"].as_str().unwrap().into(),
+            ))
+            .connect(&url);
         let r = tokio::time::timeout(Duration::from_secs(5), old).await;
         assert!(!matches!(r, Ok(Ok(_))), "the old password still works");
     });
@@ -1422,8 +1467,74 @@ fn callers_cannot_exhaust_or_fool_vimd() {
     let admin = f.admin_token();
     let alice = f.token("alice");
 
-    // A silent connection is closed (header timeout), not kept forever.
-    let addr = f.api.trim_start_matches("http://").to_string();
+    // TLS: the API answers only over HTTPS, verified with vimd's CA; NATS only over TLS.
+    let out = Command::new(bins().join("vimctl"))
+        .args(["--api", &f.api, "--token-file"])
+        .arg(f.state().join("admin.token"))
+        .arg("hosts")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.to_lowercase().contains("certificate"),
+        "vimctl trusted vimd's certificate without its CA: {err}"
+    );
+    let plain = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-m",
+            "10",
+            "-H",
+        ])
+        .arg(format!("authorization: Bearer {admin}"))
+        .arg(f.api.replace("https://", "http://") + "/vms")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&plain.stdout),
+        "000",
+        "plain HTTP got an answer"
+    );
+    {
+        let mut n = std::net::TcpStream::connect(("127.0.0.1", f.nats_port)).unwrap();
+        n.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut info = vec![0u8; 4096];
+        let k = n.read(&mut info).unwrap();
+        let info = String::from_utf8_lossy(&info[..k]).into_owned();
+        assert!(info.contains("\"tls_required\":true"), "{info}");
+        let pw = std::fs::read_to_string(f.state().join("nats/vimd.password")).unwrap();
+        let _ = n.write_all(
+            format!(
+                "CONNECT {{\"user\":\"vimd\",\"pass\":\"{}\",\"verbose\":false}}\r\nPING\r\n",
+                pw.trim()
+            )
+            .as_bytes(),
+        );
+        let mut rest = Vec::new();
+        let _ = n.read_to_end(&mut rest);
+        assert!(
+            !String::from_utf8_lossy(&rest).contains("PONG"),
+            "NATS answered in plaintext"
+        );
+    }
+    let refused = Command::new(bins().join("vimd"))
+        .arg("--state-dir")
+        .arg(f.dir.path().join("plain"))
+        .args(["--plain-http", "--listen", "0.0.0.0:1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("loopback"),
+        "plain HTTP off loopback: {err}"
+    );
+
+    // A silent connection is closed (header timeout, the TLS handshake's too), not kept forever.
+    let addr = f.api.trim_start_matches("https://").to_string();
     let mut idle = std::net::TcpStream::connect(&addr).unwrap();
     idle.set_read_timeout(Some(Duration::from_secs(40)))
         .unwrap();
@@ -1440,7 +1551,9 @@ fn callers_cannot_exhaust_or_fool_vimd() {
     let (code, _) = f.http("GET", "/vms", "", None);
     assert_eq!(code, 401);
     let mut c = Command::new("curl");
-    c.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+    c.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(f.ca())
+        .arg("-H")
         .arg(format!("authorization: bearer {admin}"))
         .arg(format!("{}/vms", f.api));
     assert_eq!(

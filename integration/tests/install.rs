@@ -24,6 +24,8 @@ fn install_agent_writes_a_unit_and_a_valid_config() {
     let dir = tempfile::tempdir().unwrap();
     let creds = dir.path().join("h1.creds");
     std::fs::write(&creds, r#"{"user":"host-h1","password":"x"}"#).unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
     let root = dir.path().join("root");
     let script = repo().join("scripts/install-agent.sh");
     let args = |extra: &[&str]| {
@@ -38,6 +40,8 @@ fn install_agent_writes_a_unit_and_a_valid_config() {
         ])
         .arg("--credentials")
         .arg(&creds)
+        .arg("--nats-ca")
+        .arg(&ca)
         .arg("--root")
         .arg(&root)
         .args(extra);
@@ -71,8 +75,14 @@ fn install_agent_writes_a_unit_and_a_valid_config() {
     }
     let toml = std::fs::read_to_string(root.join("etc/vim-agent/agent.toml")).unwrap();
     assert!(
-        toml.contains("host_id = \"h1\"") && toml.contains("/usr/local/bin/vmm"),
+        toml.contains("host_id = \"h1\"")
+            && toml.contains("/usr/local/bin/vmm")
+            && toml.contains("nats_ca = \"/etc/vim-agent/nats-ca.pem\""),
         "{toml}"
+    );
+    assert_eq!(
+        std::fs::read(root.join("etc/vim-agent/nats-ca.pem")).unwrap(),
+        std::fs::read(&ca).unwrap()
     );
     let mode = std::fs::metadata(root.join("etc/vim-agent/credentials.json"))
         .unwrap()

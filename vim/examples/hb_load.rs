@@ -26,9 +26,10 @@ async fn main() -> anyhow::Result<()> {
         let _ = db.add_host(&format!("sim{i}"), "-", "-").await;
     }
     let pw = std::fs::read_to_string(format!("{state}/nats/vimd.password"))?;
-    let c = async_nats::ConnectOptions::with_user_and_password("vimd".into(), pw.trim().into())
-        .connect(url)
-        .await?;
+    let opts = async_nats::ConnectOptions::with_user_and_password("vimd".into(), pw.trim().into());
+    // The embedded server speaks TLS only, with vimd's CA.
+    let ca = std::path::PathBuf::from(format!("{state}/tls/ca.pem"));
+    let c = vim_proto::nats_tls(opts, Some(&ca)).connect(url).await?;
     let start = Instant::now();
     let warm = vim::db::now_ms() + 3000;
     let mut sent = 0u64;

@@ -4,7 +4,8 @@
 //! answering. Here every connection must send its request head within `header_timeout` (also
 //! between requests on a kept-alive connection), at most `max_connections` are open at once (one
 //! more is closed at once, so it costs nothing), and every request knows its peer's address
-//! (`ConnectInfo`) for the failed-login limiter.
+//! (`ConnectInfo`) for the failed-login limiter. With a TLS configuration the TLS handshake
+//! counts against the same header timeout.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,13 +36,15 @@ impl Default for Limits {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` completes.
+/// Serves `app` on `listener` (over TLS when `tls` is given) until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     tokio::pin!(shutdown);
     loop {
@@ -65,25 +68,41 @@ pub async fn serve(
         };
         let _ = sock.set_nodelay(true);
         let app = app.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ConnectInfo(peer));
-                    app.clone().oneshot(req.map(axum::body::Body::new))
-                },
-            );
-            let r = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .max_buf_size(limits.max_header_bytes.max(8192))
-                .serve_connection(TokioIo::new(sock), svc)
-                .with_upgrades()
-                .await;
-            if let Err(e) = r {
-                tracing::debug!(%peer, error = %e, "connection ended");
+            match tls {
+                None => serve_connection(sock, peer, app, limits).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(sock)).await {
+                        Ok(Ok(s)) => serve_connection(s, peer, app, limits).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
             }
             drop(slot);
         });
+    }
+}
+
+/// One HTTP/1.1 connection, plain or TLS.
+async fn serve_connection<S>(sock: S, peer: SocketAddr, app: Router, limits: Limits)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        app.clone().oneshot(req.map(axum::body::Body::new))
+    });
+    let r = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .serve_connection(TokioIo::new(sock), svc)
+        .with_upgrades()
+        .await;
+    if let Err(e) = r {
+        tracing::debug!(%peer, error = %e, "connection ended");
     }
 }
 

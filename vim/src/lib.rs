@@ -15,6 +15,7 @@ pub mod outbox;
 pub mod placement;
 pub mod queue;
 pub mod server;
+pub mod tls;
 
 /// Locks a mutex, going on with its data if a thread panicked while holding it (the data are
 /// plain maps and sets that a panic cannot leave half-changed).

@@ -32,6 +32,8 @@ struct Server {
     conf: PathBuf,
     dir: PathBuf,
     listen: String,
+    /// vimd's CA and the certificate it issued: clients must speak TLS.
+    pki: crate::tls::Pki,
     vimd_password: String,
     /// What the configuration holds instead of the password.
     vimd_password_hash: String,
@@ -39,8 +41,14 @@ struct Server {
 
 impl EmbeddedNats {
     /// Starts nats-server with JetStream on file storage under `state_dir/nats`, listening on
-    /// `listen` (host:port). Hosts get users restricted to their own subjects.
-    pub async fn start(state_dir: &Path, listen: &str, hosts: &[Host]) -> Result<EmbeddedNats> {
+    /// `listen` (host:port), TLS only, with the certificate `pki` issued. Hosts get users
+    /// restricted to their own subjects.
+    pub async fn start(
+        state_dir: &Path,
+        listen: &str,
+        hosts: &[Host],
+        pki: &crate::tls::Pki,
+    ) -> Result<EmbeddedNats> {
         let dir = state_dir.join("nats");
         crate::files::private_dir(&dir.join("jetstream"))?;
         let pw_file = dir.join("vimd.password");
@@ -56,6 +64,7 @@ impl EmbeddedNats {
             conf: dir.join("nats.conf"),
             dir: dir.clone(),
             listen: listen.to_string(),
+            pki: pki.clone(),
             vimd_password_hash: crate::auth::hash_password(&vimd_password)?,
             vimd_password,
         };
@@ -156,17 +165,24 @@ impl Server {
             .context("cannot start nats-server (is it installed? scripts/setup.sh installs it)")
     }
 
+    /// vimd's own URL: a wildcard listen address is dialled on loopback (the certificate names
+    /// addresses, never 0.0.0.0).
     fn url(&self) -> String {
-        format!("nats://{}", self.listen)
+        let dial = match self.listen.rsplit_once(':') {
+            Some(("0.0.0.0" | "[::]" | "", port)) => format!("127.0.0.1:{port}"),
+            _ => self.listen.clone(),
+        };
+        format!("nats://{dial}")
     }
 
     async fn connect(&self) -> Result<async_nats::Client> {
-        Ok(async_nats::ConnectOptions::with_user_and_password(
+        let opts = async_nats::ConnectOptions::with_user_and_password(
             "vimd".into(),
             self.vimd_password.clone(),
-        )
-        .connect(self.url())
-        .await?)
+        );
+        Ok(vim_proto::nats_tls(opts, Some(&self.pki.ca_cert()))
+            .connect(self.url())
+            .await?)
     }
 
     fn write_config(&self, hosts: &[Host]) -> Result<()> {
@@ -174,8 +190,11 @@ impl Server {
             "# Written by vimd; rewritten when hosts are added.\n\
              listen: \"{listen}\"\n\
              max_payload: 1MB\n\
+             tls {{ cert_file: \"{cert}\", key_file: \"{key}\", timeout: 5 }}\n\
              jetstream {{ store_dir: \"{store}\" }}\n{accounts}",
             listen = self.listen,
+            cert = self.pki.server_cert().display(),
+            key = self.pki.server_key().display(),
             store = self.dir.join("jetstream").display(),
             accounts = accounts("vimd", &self.vimd_password_hash, hosts),
         );

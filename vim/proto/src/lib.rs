@@ -15,6 +15,22 @@ pub fn nats_servers(url: &str) -> Vec<String> {
         .collect()
 }
 
+/// Client options that trust `ca` (a PEM file: vimd's private CA, `STATE_DIR/tls/ca.pem`, which
+/// `host add` hands out) and insist on TLS; without a CA, the options unchanged (a plaintext
+/// server, or one whose certificate the system's roots verify).
+#[cfg(feature = "nats")]
+pub fn nats_tls(
+    opts: async_nats::ConnectOptions,
+    ca: Option<&std::path::Path>,
+) -> async_nats::ConnectOptions {
+    match ca {
+        Some(ca) => opts
+            .add_root_certificates(ca.to_path_buf())
+            .require_tls(true),
+        None => opts,
+    }
+}
+
 /// Ids and names that become paths, NATS subjects or NATS user names: host ids, VM ids, image
 /// and token names. One format for all of them, checked by this one function in vimd and in the
 /// agent before an id touches a path: 1-63 ASCII letters, digits, '-' or '_' (so never empty,

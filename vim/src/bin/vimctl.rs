@@ -15,8 +15,12 @@ use serde_json::{json, Value};
     about = "Command line of the Virtual Infrastructure Manager"
 )]
 struct Cli {
-    #[arg(long, env = "VIM_API", default_value = "http://127.0.0.1:8640")]
+    #[arg(long, env = "VIM_API", default_value = "https://127.0.0.1:8640")]
     api: String,
+    /// The CA (PEM) that verifies vimd's certificate: vimd's own is STATE_DIR/tls/ca.pem.
+    /// Without it, the system's trusted roots.
+    #[arg(long, env = "VIM_CA")]
+    ca: Option<PathBuf>,
     #[arg(long = "token-file", env = "VIM_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// Print one JSON document.
@@ -301,6 +305,34 @@ fn main() {
     }
 }
 
+/// HTTPS verified against `ca` (vimd's private CA) or, without it, the system's roots.
+fn http_client(ca: Option<&std::path::Path>) -> Result<reqwest::blocking::Client> {
+    let mut b = reqwest::blocking::Client::builder().timeout(None);
+    match ca {
+        Some(p) => {
+            let pem =
+                std::fs::read(p).with_context(|| format!("cannot read the CA {}", p.display()))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("{}: not a PEM certificate", p.display()))?;
+            b = b.tls_built_in_root_certs(false).add_root_certificate(cert);
+        }
+        None => {
+            for c in system_roots() {
+                b = b.add_root_certificate(c);
+            }
+        }
+    }
+    Ok(b.build()?)
+}
+
+/// Debian's trusted roots (ca-certificates), for a vimd whose certificate a public CA issued.
+fn system_roots() -> Vec<reqwest::Certificate> {
+    std::fs::read("/etc/ssl/certs/ca-certificates.crt")
+        .ok()
+        .and_then(|pem| reqwest::Certificate::from_pem_bundle(&pem).ok())
+        .unwrap_or_default()
+}
+
 fn run(cli: Cli) -> Result<()> {
     let token = match &cli.token_file {
         Some(p) => std::fs::read_to_string(p)
@@ -312,7 +344,7 @@ fn run(cli: Cli) -> Result<()> {
     let api = Api {
         base: cli.api.trim_end_matches('/').to_string(),
         token,
-        http: reqwest::blocking::Client::builder().timeout(None).build()?,
+        http: http_client(cli.ca.as_deref())?,
     };
     let json_out = cli.json;
     let print = |v: &Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());

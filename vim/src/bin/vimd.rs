@@ -43,6 +43,24 @@ struct Args {
     /// node's configuration includes; reload the nodes when it changes (docs/protocol.md).
     #[arg(long = "nats-accounts-file", env = "VIMD_NATS_ACCOUNTS_FILE", requires_all = ["nats_url", "nats_credentials"])]
     nats_accounts_file: Option<PathBuf>,
+    /// With --nats-url: the CA (PEM) that verifies the NATS servers' certificates; vimd insists
+    /// on TLS with it and hands it to agents in `host add`.
+    #[arg(long = "nats-ca", env = "VIMD_NATS_CA", requires = "nats_url")]
+    nats_ca: Option<PathBuf>,
+    /// The API's certificate chain (PEM); default: one issued by vimd's private CA
+    /// (STATE_DIR/tls/ca.pem, which vimctl is given with --ca).
+    #[arg(long = "tls-cert", env = "VIMD_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long = "tls-key", env = "VIMD_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A name (DNS name or IP address) hosts and callers reach vimd by, put in the certificate
+    /// vimd's CA issues for the API and the embedded NATS server (repeatable; localhost, the
+    /// loopback addresses and the --listen, --nats-listen and --nats-advertise hosts are in it).
+    #[arg(long = "tls-name", env = "VIMD_TLS_NAMES", value_delimiter = ',')]
+    tls_names: Vec<String>,
+    /// Serve the API as plain HTTP (only on a loopback address, as for the demo).
+    #[arg(long = "plain-http")]
+    plain_http: bool,
     /// JetStream replicas: 1 for one server, 3 for a cluster.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
@@ -154,7 +172,46 @@ async fn run(a: Args) -> Result<()> {
             tracing::info!(host = h.id, "stored the host's NATS password as a hash");
         }
     }
+    // vimd's CA and the certificate it issues for the names vimd is reached by.
+    let mut names = a.tls_names.clone();
+    for addr in [
+        Some(&a.listen),
+        Some(&a.nats_listen),
+        a.nats_advertise.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        names.extend(vim::tls::host_of(addr));
+    }
+    let pki = vim::tls::Pki::init(&a.state_dir, &names)?;
+    if a.plain_http {
+        let ip: std::net::SocketAddr = a
+            .listen
+            .parse()
+            .with_context(|| format!("--listen {}: not an address:port", a.listen))?;
+        anyhow::ensure!(
+            ip.ip().is_loopback(),
+            "--plain-http serves only a loopback address, not {} (tokens would cross the network in clear)",
+            a.listen
+        );
+    }
+    let api_tls = if a.plain_http {
+        None
+    } else {
+        match (&a.tls_cert, &a.tls_key) {
+            (Some(c), Some(k)) => Some(vim::tls::server_config(c, k)?),
+            _ => Some(vim::tls::server_config(
+                &pki.server_cert(),
+                &pki.server_key(),
+            )?),
+        }
+    };
     let mut accounts_file = None;
+    let nats_ca = match &a.nats_url {
+        Some(_) => a.nats_ca.clone(),
+        None => Some(pki.ca_cert()),
+    };
     let (embedded, nats, nats_url) = match a.nats_url {
         Some(u) => {
             let (user, password) = match &a.nats_credentials {
@@ -185,7 +242,7 @@ async fn run(a: Args) -> Result<()> {
                 (Some(u), Some(p)) => async_nats::ConnectOptions::with_user_and_password(u, p),
                 _ => async_nats::ConnectOptions::new(),
             };
-            opts = opts.retry_on_initial_connect();
+            opts = vim_proto::nats_tls(opts, a.nats_ca.as_deref()).retry_on_initial_connect();
             let c = tokio::time::timeout(
                 Duration::from_secs(60),
                 opts.connect(vim_proto::nats_servers(&u)),
@@ -196,8 +253,9 @@ async fn run(a: Args) -> Result<()> {
             (None, c, u)
         }
         None => {
-            let n = queue::EmbeddedNats::start(&a.state_dir, &a.nats_listen, &db.hosts().await?)
-                .await?;
+            let n =
+                queue::EmbeddedNats::start(&a.state_dir, &a.nats_listen, &db.hosts().await?, &pki)
+                    .await?;
             let c = n.connect().await?;
             let u = n.url();
             (Some(n), c, u)
@@ -225,6 +283,7 @@ async fn run(a: Args) -> Result<()> {
         js,
         nats,
         nats_url,
+        nats_ca,
         embedded,
         accounts_file,
         state_dir: a.state_dir,
@@ -258,7 +317,12 @@ async fn run(a: Args) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;
-    tracing::info!(listen = a.listen, nats = v.nats_url, "vimd ready");
+    tracing::info!(
+        listen = a.listen,
+        https = api_tls.is_some(),
+        nats = v.nats_url,
+        "vimd ready"
+    );
     let app = api::router(v.clone());
     let limits = vim::http::Limits {
         max_connections: a.max_connections,
@@ -267,7 +331,7 @@ async fn run(a: Args) -> Result<()> {
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("SIGTERM handler")?;
-    vim::http::serve(listener, app, limits, async move {
+    vim::http::serve(listener, app, limits, api_tls, async move {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
