@@ -14,10 +14,4 @@ if [ -z "${VIM_TEST_DATABASE_URL:-}" ]; then
     scripts/postgres-test-db.sh
     export VIM_TEST_DATABASE_URL="postgres://vimtest:vimtest@127.0.0.1:5432/vimtest"
 fi
-stalls=target/tmp/nested-stalls.log
-rm -f "$stalls"
 cargo test --workspace
-if [ -s "$stalls" ]; then
-    echo "nested lane: an L1 froze and its scenario was run again (integration/nested/run-l1.sh):"
-    cat "$stalls"
-fi

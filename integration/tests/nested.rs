@@ -65,23 +65,6 @@ fn scenario(name: &str, timeout_s: u32) -> (Vec<(String, bool, String)>, String)
         .arg(l1_base())
         .arg(&script)
         .arg(timeout_s.to_string()));
-    if console.contains("L1 stalled") {
-        // run-l1.sh ran the scenario again; keep the stall where scripts/test.sh reports it.
-        let report: String = console
-            .lines()
-            .filter(|l| l.starts_with("run-l1:"))
-            .map(|l| format!("{name}: {l}\n"))
-            .collect();
-        let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nested-stalls.log");
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-        {
-            use std::io::Write;
-            let _ = f.write_all(report.as_bytes());
-        }
-    }
     let results = console
         .lines()
         .filter_map(|l| l.strip_prefix("RESULT "))
