@@ -8,7 +8,7 @@ packages=(
     busybox-static           # guest and L1 userland
     acpica-tools             # iasl, to check our ACPI tables
     qemu-system-x86          # the nested lane's L1, and the peer in benchmarks
-    python3 iproute2 procps curl
+    python3 python3-venv iproute2 procps curl   # python3-venv: scripts/api-fuzz.sh (Schemathesis)
     nats-server              # the queue (vimd starts its own by default)
     postgresql               # the VIM's database on PostgreSQL (SQLite is built in)
 )

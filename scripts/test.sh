@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, unit tests, fast-lane tests on this machine's KVM, and
-# the nested lane (real Debian guests under our vmm inside a QEMU-emulated L1).
+# The whole test suite: formatting, lints, unit tests, fast-lane tests on this machine's KVM, the
+# API fuzzed against its OpenAPI document, and the nested lane (real Debian guests under our vmm inside a QEMU-emulated L1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -15,3 +15,5 @@ if [ -z "${VIM_TEST_DATABASE_URL:-}" ]; then
     export VIM_TEST_DATABASE_URL="postgres://vimtest:vimtest@127.0.0.1:5432/vimtest"
 fi
 cargo test --workspace
+# vimd's REST API against its own OpenAPI document (Schemathesis).
+scripts/api-fuzz.sh

@@ -954,7 +954,7 @@ fn malformed_requests_get_4xx_and_change_nothing() {
             "/vms",
             r#"{"name":"x","image":"nope","vcpus":1,"memory_mib":64}"#,
             Some(&t),
-            400,
+            404,
         ),
         (
             "POST",
@@ -978,7 +978,11 @@ fn malformed_requests_get_4xx_and_change_nothing() {
             401,
         ),
         ("GET", "/vms?limit=many", "", Some(&t), 400),
-        ("GET", "/vms?after=no-such-vm", "", Some(&t), 400),
+        ("GET", "/vms?after=no-such-vm", "", Some(&t), 404),
+        ("GET", "/vms?after=../x", "", Some(&t), 404),
+        ("GET", "/vms?limit=0", "", Some(&t), 400),
+        ("GET", "/vms?limit=10001", "", Some(&t), 400),
+        ("GET", "/audit?limit=0", "", Some(&t), 400),
         ("GET", "/vms?page=2", "", Some(&t), 400),
         ("GET", "/jobs?limit=-", "", Some(&t), 400),
     ];

@@ -52,6 +52,19 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
+/// A numeric parameter within its documented bounds, or 400 naming them.
+fn in_range<T: PartialOrd + std::fmt::Display>(
+    what: &str,
+    v: T,
+    lo: T,
+    hi: T,
+) -> Result<T, ApiError> {
+    if v < lo || v > hi {
+        return Err(bad(format!("{what} must be {lo} to {hi}, not {v}")));
+    }
+    Ok(v)
+}
+
 fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
@@ -484,12 +497,12 @@ struct VmPage {
 async fn list_vms(State(v): St, h: Req, q: Result<Query<VmPage>, QueryRejection>) -> Response {
     call(&v, &h, "vms.list", "", |v, who| async move {
         let q = query(q)?;
-        let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+        let limit = in_range("limit", q.limit.unwrap_or(1000), 1, 10_000)?;
         let after = match &q.after {
             // A VM deleted since the page before still marks the place.
             Some(id) => match v.db.vm(id).await? {
                 Some(vm) if who.may_touch(&vm.owner) => Some(vm),
-                _ => return Err(bad(format!("after: no VM {id} to continue from"))),
+                _ => return Err(not_found(&format!("VM {id} (after)"))),
             },
             None => None,
         };
@@ -520,7 +533,7 @@ async fn create_vm(State(v): St, h: Req, b: Result<Json<CreateVm>, JsonRejection
             return Err(bad("memory_mib must be 16 to 4194304"));
         }
         if v.db.image(&req.image).await?.is_none() {
-            return Err(bad(format!("image {} does not exist", req.image)));
+            return Err(not_found(&format!("image {}", req.image)));
         }
         let now = db::now_ms();
         let vm = db::Vm {
@@ -607,7 +620,12 @@ async fn console(
 ) -> Response {
     call(&v, &h, "vms.console", &id.clone(), |v, who| async move {
         let q = query(q)?;
-        let max = q.bytes.unwrap_or(CONSOLE_TAIL).clamp(1, CONSOLE_TAIL_MAX);
+        let max = in_range(
+            "bytes",
+            q.bytes.unwrap_or(CONSOLE_TAIL),
+            1,
+            CONSOLE_TAIL_MAX,
+        )?;
         let vm = owned_vm(&v, &who, &id).await?;
         let path = v.vm_dir(&vm.id)?.join("console.log");
         let text = tokio::task::spawn_blocking(move || crate::files::tail(&path, max))
@@ -631,7 +649,7 @@ struct ListQuery {
 async fn list_jobs(State(v): St, h: Req, q: Result<Query<ListQuery>, QueryRejection>) -> Response {
     call(&v, &h, "jobs.list", "", |v, who| async move {
         let q = query(q)?;
-        let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+        let limit = in_range("limit", q.limit.unwrap_or(100), 1, 10_000)?;
         ok(json!(v.db.jobs(who.owner_filter(), limit).await?))
     })
     .await
@@ -655,8 +673,12 @@ async fn list_events(
     call(&v, &h, "events.list", "", |v, who| async move {
         admin(&who)?;
         let q = query(q)?;
-        let limit = q.limit.unwrap_or(1000).clamp(1, 100_000);
-        ok(json!(v.db.events(q.since, limit).await?))
+        let limit = in_range("limit", q.limit.unwrap_or(1000), 1, 100_000)?;
+        let since = match q.since {
+            Some(t) => Some(in_range("since", t, 0, i64::MAX)?),
+            None => None,
+        };
+        ok(json!(v.db.events(since, limit).await?))
     })
     .await
 }
@@ -689,7 +711,7 @@ async fn list_audit(State(v): St, h: Req, q: Result<Query<ListQuery>, QueryRejec
     call(&v, &h, "audit.list", "", |v, who| async move {
         admin(&who)?;
         let q = query(q)?;
-        let limit = q.limit.unwrap_or(1000).clamp(1, 100_000);
+        let limit = in_range("limit", q.limit.unwrap_or(1000), 1, 100_000)?;
         ok(json!(v.db.audit_log(limit).await?))
     })
     .await

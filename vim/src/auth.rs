@@ -92,12 +92,18 @@ impl TokenCache {
 
 /// Failed logins, counted per source address and in all, a minute at a time. Each failure
 /// used to write its own audit row (20,000 rows in 3 s from one client); now a source's first
-/// `PER_SOURCE` failures in a minute are audited one by one and the rest are refused with 429
-/// unaudited, and past `IN_ALL` failures a minute from everyone together the rest are counted
+/// `per_source` failures in a minute (`PER_SOURCE` by default, `vimd --failed-logins-per-minute`)
+/// are audited one by one and the rest are refused with 429 unaudited, and past `IN_ALL` failures a minute from everyone together the rest are counted
 /// only. What was counted but not written becomes one summary row per source (`take_summary`).
-#[derive(Default)]
 pub struct LoginLimiter {
+    per_source: u32,
     inner: std::sync::Mutex<LimiterState>,
+}
+
+impl Default for LoginLimiter {
+    fn default() -> Self {
+        LoginLimiter::new(Self::PER_SOURCE)
+    }
 }
 
 #[derive(Default)]
@@ -127,6 +133,14 @@ impl LoginLimiter {
     /// Sources remembered in one window at most (more: the window starts over).
     const MAX_SOURCES: usize = 100_000;
 
+    /// A limiter that refuses a source past `per_source` failures a minute.
+    pub fn new(per_source: u32) -> LoginLimiter {
+        LoginLimiter {
+            per_source: per_source.max(1),
+            inner: Default::default(),
+        }
+    }
+
     pub fn failed(&self, source: Option<std::net::IpAddr>) -> Failure {
         let mut st = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
@@ -147,7 +161,7 @@ impl LoginLimiter {
             }
             None => 0,
         };
-        let verdict = if mine > Self::PER_SOURCE {
+        let verdict = if mine > self.per_source {
             Failure::Refuse
         } else if st.in_all > Self::IN_ALL {
             Failure::Count

@@ -19,14 +19,31 @@ fn name() -> Value {
     json!({"type": "string", "pattern": "^[A-Za-z0-9_-]{1,63}$", "minLength": 1, "maxLength": 63})
 }
 
+/// A file on vimd's machine: an absolute path (it must also exist and be a regular file).
+fn path() -> Value {
+    json!({"type": "string", "pattern": "^/", "minLength": 1})
+}
+
+/// An absolute path, or empty for none.
+fn optional_path() -> Value {
+    json!({"type": "string", "pattern": "^(/.*)?$"})
+}
+
 fn with_body(mut o: Value, schema: Value) -> Value {
     o["requestBody"] =
         json!({"required": true, "content": {"application/json": {"schema": schema}}});
     o
 }
 
+/// An operation with a `limit` query parameter.
+fn with_limit(mut o: Value, default: u32, max: u32) -> Value {
+    o["parameters"] = json!([{"name": "limit", "in": "query",
+        "schema": {"type": "integer", "minimum": 1, "maximum": max, "default": default}}]);
+    o
+}
+
 pub fn document() -> Value {
-    let id = json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);
+    let id = json!([{"name": "id", "in": "path", "required": true, "schema": name()}]);
     let with_id = |mut o: Value| {
         o["parameters"] = id.clone();
         o
@@ -39,7 +56,7 @@ pub fn document() -> Value {
         {"name": "limit", "in": "query",
          "schema": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000}},
         {"name": "after", "in": "query", "description": "the last VM id of the page before",
-         "schema": {"type": "string"}}]);
+         "schema": name()}]);
     let mut console = op(
         "The end of the guest's serial log (at most `bytes`, default 1 MiB, at most 16 MiB)",
         "200",
@@ -47,6 +64,18 @@ pub fn document() -> Value {
     console["parameters"] = json!([id[0].clone(),
         {"name": "bytes", "in": "query",
          "schema": {"type": "integer", "minimum": 1, "maximum": 16_777_216, "default": 1_048_576}}]);
+    let mut events = with_limit(
+        op(
+            "List events: from `since` (ms since the epoch) on, or the newest `limit` (admin)",
+            "200",
+        ),
+        1000,
+        100_000,
+    );
+    if let Some(p) = events["parameters"].as_array_mut() {
+        p.push(json!({"name": "since", "in": "query",
+            "schema": {"type": "integer", "format": "int64", "minimum": 0, "maximum": i64::MAX}}));
+    }
     json!({
         "openapi": "3.0.3",
         "info": {"title": "vimd", "version": env!("CARGO_PKG_VERSION"),
@@ -62,9 +91,9 @@ pub fn document() -> Value {
             "/hosts/{id}/credentials": {"post": with_id(op("Issue a host new NATS credentials; the old stop working (admin)", "200"))},
             "/images": {"post": with_body(op("Add an image; its files are copied to shared storage (admin)", "200"),
                 json!({"type": "object", "required": ["name", "kernel"], "additionalProperties": false,
-                       "properties": {"name": name(), "kernel": {"type": "string"},
-                                      "initrd": {"type": "string"}, "cmdline": {"type": "string"},
-                                      "disk": {"type": "string"}}}))},
+                       "properties": {"name": name(), "kernel": path(),
+                                      "initrd": optional_path(), "cmdline": {"type": "string"},
+                                      "disk": optional_path()}}))},
             "/tokens": {"post": with_body(op("Create an API token (admin)", "200"),
                 json!({"type": "object", "required": ["name", "role"], "additionalProperties": false,
                        "properties": {"name": name(), "role": {"enum": ["admin", "consumer"]}}}))},
@@ -81,11 +110,11 @@ pub fn document() -> Value {
             "/vms/{id}/start": {"post": with_id(op("Start a VM", "202"))},
             "/vms/{id}/stop": {"post": with_id(op("Stop a VM (ACPI power button, forced after a timeout)", "202"))},
             "/vms/{id}/console": {"get": console},
-            "/jobs": {"get": op("List jobs", "200")},
+            "/jobs": {"get": with_limit(op("List jobs, newest first (a consumer sees its own)", "200"), 100, 10_000)},
             "/jobs/{id}": {"get": with_id(op("Show a job", "200"))},
-            "/events": {"get": op("List events: from `since` (ms since the epoch) on, or the newest `limit` (admin)", "200")},
+            "/events": {"get": events},
             "/events/stream": {"get": op("Server-sent events: jobs, hosts, VMs (admin)", "200")},
-            "/audit": {"get": op("The audit log (admin)", "200")},
+            "/audit": {"get": with_limit(op("The audit log, newest first (admin)", "200"), 1000, 100_000)},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
         }
     })

@@ -99,6 +99,10 @@ struct Args {
     /// after its last answer) is closed.
     #[arg(long = "header-timeout-ms", default_value_t = 10_000)]
     header_timeout_ms: u64,
+    /// Failed logins from one address in a minute before it gets 429 (and its further failures
+    /// are summarised instead of audited one by one).
+    #[arg(long = "failed-logins-per-minute", default_value_t = vim::auth::LoginLimiter::PER_SOURCE)]
+    failed_logins_per_minute: u32,
     /// Days the event log keeps its rows.
     #[arg(long = "event-retention-days", default_value_t = 90)]
     event_retention_days: u64,
@@ -300,7 +304,7 @@ async fn run(a: Args) -> Result<()> {
         job_resend: Duration::from_millis(a.job_resend_ms.max(100)),
         liveness: Default::default(),
         events,
-        logins: Default::default(),
+        logins: vim::auth::LoginLimiter::new(a.failed_logins_per_minute),
         users_lock: Default::default(),
         image_import_dir: a.image_import_dir,
         copying: Default::default(),
