@@ -2,11 +2,14 @@
 //! host's command stream (create, start, stop, delete, info), runs each VM as a `vmm` child and
 //! reports what happens to them (docs/protocol.md).
 
+mod supervisor;
 mod vms;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+
 use std::time::Duration;
+use tokio::sync::{mpsc, watch};
 
 use anyhow::{Context, Result};
 use async_nats::jetstream::{self, AckKind};
@@ -14,9 +17,9 @@ use clap::Parser;
 use futures::StreamExt;
 use prost::Message;
 use serde::Deserialize;
-use vim_proto::{host_command::Action, subjects as s, HostEvent, Versioned, PROTOCOL_VERSION};
+use vim_proto::{subjects as s, HostEvent, Versioned, PROTOCOL_VERSION};
 
-use vms::Vms;
+use supervisor::Host;
 
 #[derive(Parser, Debug)]
 #[command(name = "vim-agent", version, about = "The host agent of the VIM")]
@@ -178,33 +181,10 @@ fn memory_mib() -> u64 {
 struct Agent {
     cfg: Config,
     js: jetstream::Context,
-    vms: Mutex<Vms>,
+    host: Host,
 }
 
 impl Agent {
-    fn event(
-        &self,
-        job_id: &str,
-        kind: &str,
-        result: Result<(), String>,
-        vm_id: &str,
-    ) -> HostEvent {
-        let vm = if vm_id.is_empty() {
-            None
-        } else {
-            Some(crate::lock(&self.vms).report(vm_id))
-        };
-        HostEvent {
-            version: PROTOCOL_VERSION,
-            host_id: self.cfg.host_id.clone(),
-            job_id: job_id.into(),
-            ok: result.is_ok(),
-            error: result.err().unwrap_or_default(),
-            kind: kind.into(),
-            vm,
-        }
-    }
-
     async fn publish_event(&self, ev: &HostEvent) -> Result<()> {
         self.js
             .publish(s::host_events(&self.cfg.host_id), ev.encode_to_vec().into())
@@ -213,48 +193,59 @@ impl Agent {
         Ok(())
     }
 
-    /// Runs one command on a blocking thread (process management waits).
-    async fn execute(self: &Arc<Self>, cmd: vim_proto::HostCommand) -> HostEvent {
-        let job = cmd.job_id.clone();
+    /// One command, from its message to its ack: answered from the stored result if it was done
+    /// before (a redelivery), else queued behind the earlier commands for the same VM (queued
+    /// here, in arrival order; the rest runs in a task of its own, so other VMs' commands and the
+    /// heartbeat never wait for it).
+    fn handle(self: &Arc<Self>, m: jetstream::Message, cmd: vim_proto::HostCommand) {
         let me = self.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            let mut vms = lock(&me.vms);
-            let err = |e: anyhow::Error| format!("{e:#}");
-            if let Some(a) = &cmd.action {
-                if let Err(e) = vms.check_command(a) {
-                    tracing::warn!(job = cmd.job_id, error = %e, "command refused");
-                    return ("Command_Refused", String::new(), Err(err(e)));
+        let dirs = me.host.dirs().clone();
+        let job = cmd.job_id.clone();
+        tokio::spawn(async move {
+            let j = job.clone();
+            let stored = tokio::task::spawn_blocking(move || dirs.job_result(&j))
+                .await
+                .ok()
+                .flatten();
+            let ev = match stored {
+                Some(ev) => ev,
+                None => {
+                    let _ = m.ack_with(AckKind::Progress).await;
+                    let out = match cmd.action {
+                        Some(a) => me.host.submit(a).await.ok(),
+                        None => None,
+                    };
+                    let ev = match out {
+                        Some(o) => supervisor::event(&me.cfg.host_id, &job, o),
+                        None => HostEvent {
+                            version: PROTOCOL_VERSION,
+                            host_id: me.cfg.host_id.clone(),
+                            job_id: job.clone(),
+                            ok: false,
+                            error: "no action".into(),
+                            kind: "Command_Refused".into(),
+                            vm: None,
+                        },
+                    };
+                    let (dirs, e2) = (me.host.dirs().clone(), ev.clone());
+                    let j = job.clone();
+                    match tokio::task::spawn_blocking(move || dirs.save_job_result(&j, &e2)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::error!(error = %e, "cannot store a job result"),
+                        Err(e) => tracing::error!(error = %e, "cannot store a job result"),
+                    }
+                    ev
+                }
+            };
+            match me.publish_event(&ev).await {
+                Ok(()) => {
+                    let _ = m.ack().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "answer not published; the command comes again")
                 }
             }
-            match cmd.action {
-                Some(Action::Create(spec)) => (
-                    "VM_Created",
-                    spec.vm_id.clone(),
-                    vms.create(&spec).map_err(err),
-                ),
-                Some(Action::Start(id)) => ("VM_Started", id.clone(), vms.start(&id).map_err(err)),
-                Some(Action::Stop(s)) => (
-                    "VM_Stopped",
-                    s.vm_id.clone(),
-                    vms.stop(&s.vm_id, Duration::from_millis(s.timeout_ms))
-                        .map_err(err),
-                ),
-                Some(Action::Delete(id)) => {
-                    ("VM_Deleted", id.clone(), vms.delete(&id).map_err(err))
-                }
-                Some(Action::Info(id)) => ("VM_Info", id, Ok(())),
-                None => (
-                    "Command_Refused",
-                    String::new(),
-                    Err("no action".to_string()),
-                ),
-            }
-        })
-        .await;
-        match r {
-            Ok((kind, vm, result)) => self.event(&job, kind, result, &vm),
-            Err(e) => self.event(&job, "Command_Failed", Err(e.to_string()), ""),
-        }
+        });
     }
 }
 
@@ -268,7 +259,6 @@ async fn run(cfg: Config) -> Result<()> {
             .with_context(|| format!("cannot read {}", cfg.credentials.display()))?,
     )
     .context("credentials file")?;
-    let vms = Vms::load(&cfg.state_dir, &cfg.shared_dir, &cfg.vmm)?;
     let opts = async_nats::ConnectOptions::with_user_and_password(
         creds["user"].as_str().unwrap_or_default().into(),
         creds["password"].as_str().unwrap_or_default().into(),
@@ -276,6 +266,28 @@ async fn run(cfg: Config) -> Result<()> {
     if let Some(ca) = &cfg.nats_ca {
         std::fs::metadata(ca).with_context(|| format!("cannot read {}", ca.display()))?;
     }
+    // One shutdown signal for every task: SIGTERM or Ctrl-C. The VMMs keep running (the unit's
+    // KillMode=process); the next agent re-adopts them.
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(error = %e, "no SIGTERM handler");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down (the VMs keep running)");
+        let _ = stop_tx.send(true);
+    });
+    let dirs = Arc::new(vms::Dirs::new(&cfg.state_dir, &cfg.shared_dir, &cfg.vmm)?);
+    let (exits_tx, mut exits) = mpsc::unbounded_channel();
+    let host = Host::start(dirs, cfg.heartbeat, exits_tx, stop.clone()).await?;
     let client = vim_proto::nats_tls(opts, cfg.nats_ca.as_deref())
         .custom_inbox_prefix(s::inbox_prefix(&cfg.host_id))
         .retry_on_initial_connect()
@@ -283,53 +295,48 @@ async fn run(cfg: Config) -> Result<()> {
         .await
         .with_context(|| format!("cannot connect to NATS at {}", cfg.nats_url))?;
     let js = jetstream::new(client.clone());
-    let agent = Arc::new(Agent {
-        cfg,
-        js,
-        vms: Mutex::new(vms),
-    });
+    let agent = Arc::new(Agent { cfg, js, host });
     tracing::info!(host = agent.cfg.host_id, "agent started");
 
-    // Heartbeats, with the VMs' reports; and VMMs that exited on their own.
+    // VMMs that exited on their own.
+    let a = agent.clone();
+    tokio::spawn(async move {
+        while let Some(x) = exits.recv().await {
+            let ev = HostEvent {
+                version: PROTOCOL_VERSION,
+                host_id: a.cfg.host_id.clone(),
+                job_id: String::new(),
+                ok: false,
+                error: x.why,
+                kind: "VM_Failure".into(),
+                vm: Some(x.report),
+            };
+            if let Err(e) = a.publish_event(&ev).await {
+                tracing::warn!(vm = x.vm_id, error = %e, "cannot report a VMM exit");
+            }
+        }
+    });
+
+    // Heartbeats, with the VMs' latest reports: never waiting for a command.
     let a = agent.clone();
     let hb_client = client.clone();
+    let mut hb_stop = stop.clone();
     tokio::spawn(async move {
         let mut seq = 0u64;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
         let mut tick = tokio::time::interval(a.cfg.heartbeat);
-        // The last VM reports, repeated while a command holds the VMs (a graceful stop can take
-        // seconds; heartbeats must not wait for it).
-        let mut last_reports = Vec::new();
         let mut address = String::new();
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = hb_stop.changed() => return,
+            }
             seq += 1;
             if address.is_empty() {
                 let url = a.cfg.nats_url.clone();
                 address = tokio::task::spawn_blocking(move || address_towards(&url))
                     .await
                     .unwrap_or_default();
-            }
-            let a2 = a.clone();
-            let (exited, reports) = tokio::task::spawn_blocking(move || {
-                let mut vms = match a2.vms.try_lock() {
-                    Ok(v) => v,
-                    Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-                    Err(std::sync::TryLockError::WouldBlock) => return (Vec::new(), None),
-                };
-                (vms.exited(), Some(vms.reports()))
-            })
-            .await
-            .unwrap_or_default();
-            if let Some(r) = reports {
-                last_reports = r;
-            }
-            for (vm, why) in exited {
-                tracing::warn!(vm, why, "VMM exited");
-                let ev = a.event("", "VM_Failure", Err(why), &vm);
-                if let Err(e) = a.publish_event(&ev).await {
-                    tracing::warn!(error = %e, "cannot report a VMM exit");
-                }
             }
             let hb = vim_proto::Heartbeat {
                 version: PROTOCOL_VERSION,
@@ -340,7 +347,7 @@ async fn run(cfg: Config) -> Result<()> {
                 cpu_cores: cores,
                 memory_mib: memory_mib(),
                 agent_version: env!("CARGO_PKG_VERSION").into(),
-                vms: last_reports.clone(),
+                vms: a.host.reports(),
             };
             if let Err(e) = hb_client
                 .publish(s::heartbeat(&a.cfg.host_id), hb.encode_to_vec().into())
@@ -351,7 +358,8 @@ async fn run(cfg: Config) -> Result<()> {
         }
     });
 
-    // The host's commands: acked after the work and its answer are stored.
+    // The host's commands: each acked after its work and its answer are stored.
+    let mut stop = stop;
     loop {
         let consumer: jetstream::consumer::PullConsumer = match async {
             agent
@@ -368,21 +376,30 @@ async fn run(cfg: Config) -> Result<()> {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "command consumer not available yet");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stop.changed() => return Ok(()),
+                }
             }
         };
         let mut msgs = match consumer.messages().await {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot pull commands");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stop.changed() => return Ok(()),
+                }
             }
         };
-        while let Some(Ok(m)) = msgs.next().await {
-            let cmd = match vim_proto::HostCommand::decode_checked(&m.payload) {
-                Ok(c) => c,
+        loop {
+            let m = tokio::select! {
+                m = msgs.next() => m,
+                _ = stop.changed() => return Ok(()),
+            };
+            let Some(Ok(m)) = m else { break };
+            match vim_proto::HostCommand::decode_checked(&m.payload) {
+                Ok(cmd) => agent.handle(m, cmd),
                 Err(e) => {
                     vim_proto::dead_letter(
                         &agent.js,
@@ -393,30 +410,10 @@ async fn run(cfg: Config) -> Result<()> {
                     )
                     .await;
                     let _ = m.ack_with(AckKind::Term).await;
-                    continue;
-                }
-            };
-            let stored = lock(&agent.vms).job_result(&cmd.job_id);
-            let ev = match stored {
-                // Done before (a redelivery): answer again, do nothing.
-                Some(ev) => ev,
-                None => {
-                    let _ = m.ack_with(AckKind::Progress).await;
-                    let ev = agent.execute(cmd.clone()).await;
-                    if let Err(e) = lock(&agent.vms).save_job_result(&cmd.job_id, &ev) {
-                        tracing::error!(error = %e, "cannot store a job result");
-                    }
-                    ev
-                }
-            };
-            match agent.publish_event(&ev).await {
-                Ok(()) => {
-                    let _ = m.ack().await;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "answer not published; the command comes again")
                 }
             }
         }
+        tracing::warn!("command stream ended; pulling again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

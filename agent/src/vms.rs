@@ -1,12 +1,13 @@
 //! The VMs of this host: each a `vmm` child process with an API socket. Their records live in the
 //! state directory (`vms/ID.json`), so an agent that restarts re-adopts the VMMs still running
-//! instead of losing them. Results of handled jobs are kept too (`jobs/ID.json`): a redelivered
-//! command is answered from there, never done twice.
+//! instead of losing them. Results of handled jobs are kept too (`jobs/ID.pb`): a redelivered
+//! command is answered from there, never done twice. Each VM is owned by its supervisor task
+//! (`supervisor.rs`); what is shared by all of them is in [`Dirs`].
 
-use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -56,13 +57,22 @@ struct CpuSample {
     at: Option<Instant>,
 }
 
-pub struct Vms {
-    state_dir: PathBuf,
-    shared_dir: PathBuf,
-    vmm: PathBuf,
-    pub records: HashMap<String, VmRecord>,
-    children: HashMap<String, Child>,
-    cpu: HashMap<String, CpuSample>,
+/// Where the agent keeps things, and the checks every command passes: shared by all VMs.
+#[derive(Debug)]
+pub struct Dirs {
+    pub state_dir: PathBuf,
+    pub shared_dir: PathBuf,
+    pub vmm: PathBuf,
+}
+
+/// One VM of this host: its record and, once started here, its `vmm` child. Owned by the VM's
+/// supervisor task (`supervisor.rs`); every method blocks (processes, files, the VMM's socket),
+/// so the supervisor calls them on a blocking thread.
+pub struct Vm {
+    dirs: Arc<Dirs>,
+    pub record: VmRecord,
+    child: Option<Child>,
+    cpu: CpuSample,
 }
 
 fn alive(pid: u32) -> bool {
@@ -81,89 +91,16 @@ fn is_vmm(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-impl Vms {
-    /// Loads the records and re-adopts the VMMs that still run.
-    pub fn load(state_dir: &Path, shared_dir: &Path, vmm: &Path) -> anyhow::Result<Vms> {
+impl Dirs {
+    pub fn new(state_dir: &Path, shared_dir: &Path, vmm: &Path) -> anyhow::Result<Dirs> {
         for d in ["vms", "jobs", "deleted"] {
             std::fs::create_dir_all(state_dir.join(d))?;
         }
-        let mut records = HashMap::new();
-        for e in std::fs::read_dir(state_dir.join("vms"))? {
-            let p = e?.path();
-            if p.extension().is_some_and(|x| x == "json") {
-                let r: VmRecord = serde_json::from_str(&std::fs::read_to_string(&p)?)?;
-                records.insert(r.spec.vm_id.clone(), r);
-            }
-        }
-        let mut vms = Vms {
+        Ok(Dirs {
             state_dir: state_dir.into(),
             shared_dir: shared_dir.into(),
             vmm: vmm.into(),
-            records,
-            children: HashMap::new(),
-            cpu: HashMap::new(),
-        };
-        let ids: Vec<String> = vms.records.keys().cloned().collect();
-        for id in ids {
-            let Some(r) = vms.records.get_mut(&id) else {
-                continue;
-            };
-            if r.state == "running" && alive(r.pid) && is_vmm(r.pid) {
-                tracing::info!(vm = id, pid = r.pid, "re-adopted a running VMM");
-            } else if let Some(pid) = serving_vmm(&r.api_socket) {
-                // Started just before the agent died, too soon to be recorded.
-                tracing::info!(
-                    vm = id,
-                    pid,
-                    "adopted a VMM that was started but not recorded"
-                );
-                r.state = "running".into();
-                r.pid = pid;
-                vms.save(&id)?;
-            } else if r.state == "running" {
-                tracing::warn!(vm = id, pid = r.pid, "VMM gone while the agent was down");
-                r.state = "failed".into();
-                r.pid = 0;
-                vms.save(&id)?;
-            }
-        }
-        Ok(vms)
-    }
-
-    fn save(&self, id: &str) -> anyhow::Result<()> {
-        let Some(r) = self.records.get(id) else {
-            return Ok(());
-        };
-        let p = self.state_dir.join("vms").join(format!("{id}.json"));
-        let tmp = p.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_string(r)?)?;
-        std::fs::rename(tmp, p)?;
-        Ok(())
-    }
-
-    pub fn report(&mut self, id: &str) -> VmReport {
-        let Some(r) = self.records.get(id) else {
-            return VmReport {
-                vm_id: id.into(),
-                state: "deleted".into(),
-                ..Default::default()
-            };
-        };
-        let u = usage(r.pid, self.cpu.entry(id.into()).or_default());
-        VmReport {
-            vm_id: id.into(),
-            state: r.state.clone(),
-            pid: r.pid,
-            cpu_pct: u.vcpu_pct,
-            rss_kib: u.rss_kib,
-            vmm_cpu_pct: u.vmm_pct,
-            balloon_mib: balloon_mib(&r.api_socket),
-        }
-    }
-
-    pub fn reports(&mut self) -> Vec<VmReport> {
-        let ids: Vec<String> = self.records.keys().cloned().collect();
-        ids.iter().map(|id| self.report(id)).collect()
+        })
     }
 
     /// Refuses a command this host must not carry out, whoever sent it: an id that is not of
@@ -172,12 +109,7 @@ impl Vms {
     /// file (so no command can hand a guest `/etc/shadow` or a device as its disk).
     pub fn check_command(&self, action: &vim_proto::host_command::Action) -> anyhow::Result<()> {
         use vim_proto::host_command::Action;
-        let id = match action {
-            Action::Create(s) => &s.vm_id,
-            Action::Start(id) | Action::Delete(id) | Action::Info(id) => id,
-            Action::Stop(s) => &s.vm_id,
-        };
-        vim_proto::check_id("VM id", id)?;
+        vim_proto::check_id("VM id", action_vm(action))?;
         let Action::Create(s) = action else {
             return Ok(());
         };
@@ -221,49 +153,156 @@ impl Vms {
         self.state_dir.join("deleted").join(id)
     }
 
-    /// Creates (if new) and starts a VM. A VM deleted on this host is never created again (a
-    /// create that reaches the agent after its delete does nothing).
-    pub fn create(&mut self, spec: &VmSpec) -> anyhow::Result<()> {
+    /// Whether VM `id` was deleted on this host (it is never created again).
+    pub fn is_deleted(&self, id: &str) -> bool {
+        self.tombstone(id).exists()
+    }
+
+    /// Marks VM `id` deleted, for good.
+    pub fn mark_deleted(&self, id: &str) -> anyhow::Result<()> {
+        std::fs::write(self.tombstone(id), b"")?;
+        Ok(())
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.state_dir.join("vms").join(format!("{id}.json"))
+    }
+
+    // Handled jobs.
+
+    pub fn job_result(&self, job_id: &str) -> Option<vim_proto::HostEvent> {
+        let p = self.state_dir.join("jobs").join(format!("{job_id}.pb"));
+        let bytes = std::fs::read(p).ok()?;
+        prost::Message::decode(bytes.as_slice()).ok()
+    }
+
+    pub fn save_job_result(&self, job_id: &str, ev: &vim_proto::HostEvent) -> anyhow::Result<()> {
+        let p = self.state_dir.join("jobs").join(format!("{job_id}.pb"));
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, prost::Message::encode_to_vec(ev))?;
+        std::fs::rename(tmp, p)?;
+        Ok(())
+    }
+}
+
+/// The VM a command is about.
+pub fn action_vm(action: &vim_proto::host_command::Action) -> &str {
+    use vim_proto::host_command::Action;
+    match action {
+        Action::Create(s) => &s.vm_id,
+        Action::Start(id) | Action::Delete(id) | Action::Info(id) => id,
+        Action::Stop(s) => &s.vm_id,
+    }
+}
+
+impl Vm {
+    /// Loads the records and re-adopts the VMMs that still run.
+    pub fn load_all(dirs: &Arc<Dirs>) -> anyhow::Result<Vec<Vm>> {
+        let mut vms = Vec::new();
+        for e in std::fs::read_dir(dirs.state_dir.join("vms"))? {
+            let p = e?.path();
+            if p.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let record: VmRecord = serde_json::from_str(&std::fs::read_to_string(&p)?)?;
+            let mut vm = Vm {
+                dirs: dirs.clone(),
+                record,
+                child: None,
+                cpu: CpuSample::default(),
+            };
+            let (id, r) = (vm.record.spec.vm_id.clone(), &mut vm.record);
+            if r.state == "running" && alive(r.pid) && is_vmm(r.pid) {
+                tracing::info!(vm = id, pid = r.pid, "re-adopted a running VMM");
+            } else if let Some(pid) = serving_vmm(&r.api_socket) {
+                // Started just before the agent died, too soon to be recorded.
+                tracing::info!(
+                    vm = id,
+                    pid,
+                    "adopted a VMM that was started but not recorded"
+                );
+                r.state = "running".into();
+                r.pid = pid;
+                vm.save()?;
+            } else if r.state == "running" {
+                tracing::warn!(vm = id, pid = r.pid, "VMM gone while the agent was down");
+                r.state = "failed".into();
+                r.pid = 0;
+                vm.save()?;
+            }
+            vms.push(vm);
+        }
+        Ok(vms)
+    }
+
+    /// A new VM's record (saved), not started. A VM deleted on this host is never created again
+    /// (a create that reaches the agent after its delete does nothing).
+    pub fn create(dirs: &Arc<Dirs>, spec: &VmSpec) -> anyhow::Result<Vm> {
         anyhow::ensure!(
-            !self.tombstone(&spec.vm_id).exists(),
+            !dirs.is_deleted(&spec.vm_id),
             "VM {} has been deleted",
             spec.vm_id
         );
-        if !self.records.contains_key(&spec.vm_id) {
-            let dir = self.shared_dir.join("vms").join(&spec.vm_id);
-            std::fs::create_dir_all(&dir)?;
-            self.records.insert(
-                spec.vm_id.clone(),
-                VmRecord {
-                    spec: spec.into(),
-                    pid: 0,
-                    state: "stopped".into(),
-                    api_socket: self
-                        .state_dir
-                        .join("vms")
-                        .join(format!("{}.sock", spec.vm_id)),
-                    console: dir.join("console.log"),
-                },
-            );
-            self.save(&spec.vm_id)?;
-        }
-        self.start(&spec.vm_id)
+        let dir = dirs.shared_dir.join("vms").join(&spec.vm_id);
+        std::fs::create_dir_all(&dir)?;
+        let vm = Vm {
+            dirs: dirs.clone(),
+            record: VmRecord {
+                spec: spec.into(),
+                pid: 0,
+                state: "stopped".into(),
+                api_socket: dirs
+                    .state_dir
+                    .join("vms")
+                    .join(format!("{}.sock", spec.vm_id)),
+                console: dir.join("console.log"),
+            },
+            child: None,
+            cpu: CpuSample::default(),
+        };
+        vm.save()?;
+        Ok(vm)
     }
 
-    pub fn start(&mut self, id: &str) -> anyhow::Result<()> {
-        let Some(r) = self.records.get(id) else {
-            anyhow::bail!("no VM {id} on this host");
-        };
+    pub fn id(&self) -> &str {
+        &self.record.spec.vm_id
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        let p = self.dirs.record_path(self.id());
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_string(&self.record)?)?;
+        std::fs::rename(tmp, p)?;
+        Ok(())
+    }
+
+    pub fn report(&mut self) -> VmReport {
+        let r = &self.record;
+        let u = usage(r.pid, &mut self.cpu);
+        VmReport {
+            vm_id: r.spec.vm_id.clone(),
+            state: r.state.clone(),
+            pid: r.pid,
+            cpu_pct: u.vcpu_pct,
+            rss_kib: u.rss_kib,
+            vmm_cpu_pct: u.vmm_pct,
+            balloon_mib: balloon_mib(&r.api_socket),
+        }
+    }
+
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        let id = self.id().to_string();
+        let r = &self.record;
         if r.state == "running" && alive(r.pid) {
             return Ok(());
         }
         if let Some(pid) = serving_vmm(&r.api_socket) {
             tracing::info!(vm = id, pid, "adopted the VMM already serving this VM");
-            return self.record_running(id, pid);
+            return self.record_running(pid);
         }
         let before = r.state.clone();
         let s = &r.spec;
-        let mut cmd = Command::new(&self.vmm);
+        let mut cmd = Command::new(&self.dirs.vmm);
         cmd.arg("run")
             .args(["--kernel", &s.kernel])
             .args(["--vcpus", &s.vcpus.to_string()])
@@ -281,10 +320,15 @@ impl Vms {
         if !s.disk.is_empty() {
             cmd.args(["--disk", &s.disk]);
         }
+        let log_path = self
+            .dirs
+            .state_dir
+            .join("vms")
+            .join(format!("{id}.vmm.log"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.state_dir.join("vms").join(format!("{id}.vmm.log")))?;
+            .open(&log_path)?;
         // Its own process group: the VMM outlives an agent restart.
         let child = cmd
             .stdin(Stdio::null())
@@ -292,27 +336,23 @@ impl Vms {
             .stderr(log)
             .process_group(0)
             .spawn()
-            .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", self.vmm.display()))?;
+            .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", self.dirs.vmm.display()))?;
         let pid = child.id();
-        self.children.insert(id.into(), child);
+        self.child = Some(child);
         // Recorded at once: an agent that dies from here on finds it at restart.
-        self.record_running(id, pid)?;
+        self.record_running(pid)?;
         // A VMM that refuses its configuration exits at once: say so now.
         std::thread::sleep(Duration::from_millis(50));
         if let Some(st) = self
-            .children
-            .get_mut(id)
+            .child
+            .as_mut()
             .and_then(|c| c.try_wait().ok().flatten())
         {
-            self.children.remove(id);
-            if let Some(r) = self.records.get_mut(id) {
-                r.pid = 0;
-                r.state = before;
-            }
-            self.save(id)?;
-            let err =
-                std::fs::read_to_string(self.state_dir.join("vms").join(format!("{id}.vmm.log")))
-                    .unwrap_or_default();
+            self.child = None;
+            self.record.pid = 0;
+            self.record.state = before;
+            self.save()?;
+            let err = std::fs::read_to_string(&log_path).unwrap_or_default();
             anyhow::bail!(
                 "vmm exited at once ({st}): {}",
                 err.lines().last().unwrap_or("")
@@ -321,22 +361,18 @@ impl Vms {
         Ok(())
     }
 
-    fn record_running(&mut self, id: &str, pid: u32) -> anyhow::Result<()> {
-        if let Some(r) = self.records.get_mut(id) {
-            r.pid = pid;
-            r.state = "running".into();
-        }
-        self.save(id)
+    fn record_running(&mut self, pid: u32) -> anyhow::Result<()> {
+        self.record.pid = pid;
+        self.record.state = "running".into();
+        self.save()
     }
 
     /// Graceful power-off through the VMM's API (the VMM forces it after `timeout`), then SIGKILL
     /// if the process is still there.
-    pub fn stop(&mut self, id: &str, timeout: Duration) -> anyhow::Result<()> {
-        let Some(r) = self.records.get(id).cloned() else {
-            anyhow::bail!("no VM {id} on this host");
-        };
+    pub fn stop(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let r = self.record.clone();
         if r.state == "running" && alive(r.pid) {
-            let _ = Command::new(&self.vmm)
+            let _ = Command::new(&self.dirs.vmm)
                 .arg("ctl")
                 .arg("--api-socket")
                 .arg(&r.api_socket)
@@ -346,89 +382,56 @@ impl Vms {
                 .status();
             let deadline = Instant::now() + timeout + Duration::from_secs(5);
             while alive(r.pid) && Instant::now() < deadline {
-                self.reap(id);
+                self.reap();
                 std::thread::sleep(Duration::from_millis(20));
             }
             if alive(r.pid) {
                 // SAFETY: kill(2) on the VMM's pid, which we started and checked is alive.
                 unsafe { libc::kill(r.pid as i32, libc::SIGKILL) };
             }
-            self.reap(id);
+            self.reap();
         }
-        if let Some(r) = self.records.get_mut(id) {
-            r.state = "stopped".into();
-            r.pid = 0;
-        }
-        self.save(id)
+        self.record.state = "stopped".into();
+        self.record.pid = 0;
+        self.save()
     }
 
-    pub fn delete(&mut self, id: &str) -> anyhow::Result<()> {
-        std::fs::write(self.tombstone(id), b"")?;
-        if self.records.contains_key(id) {
-            self.stop(id, Duration::from_secs(5))?;
-            self.records.remove(id);
-            let _ = std::fs::remove_file(self.state_dir.join("vms").join(format!("{id}.json")));
-        }
+    /// Stops the VM and forgets it; it is never created here again.
+    pub fn delete(&mut self) -> anyhow::Result<()> {
+        self.dirs.mark_deleted(self.id())?;
+        self.stop(Duration::from_secs(5))?;
+        let _ = std::fs::remove_file(self.dirs.record_path(self.id()));
         Ok(())
     }
 
-    fn reap(&mut self, id: &str) {
-        if let Some(c) = self.children.get_mut(id) {
-            if let Ok(Some(_)) = c.try_wait() {
-                self.children.remove(id);
-            }
+    fn reap(&mut self) {
+        if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+            self.child = None;
         }
     }
 
-    /// VMMs that exited on their own since the last call (crash, or the guest powered off).
-    pub fn exited(&mut self) -> Vec<(String, String)> {
-        let mut out = Vec::new();
-        let ids: Vec<String> = self.records.keys().cloned().collect();
-        for id in ids {
-            let status = self
-                .children
-                .get_mut(&id)
-                .and_then(|c| c.try_wait().ok().flatten());
-            let Some(r) = self.records.get(&id) else {
-                continue;
-            };
-            if r.state != "running" {
-                continue;
-            }
-            let gone = status.is_some() || !alive(r.pid);
-            if !gone {
-                continue;
-            }
-            self.children.remove(&id);
-            let (state, why) = match status {
-                Some(st) if st.success() => ("stopped", "the guest powered off".to_string()),
-                Some(st) => ("failed", format!("the VMM exited: {st}")),
-                None => ("failed", "the VMM process disappeared".to_string()),
-            };
-            if let Some(r) = self.records.get_mut(&id) {
-                r.state = state.into();
-                r.pid = 0;
-            }
-            let _ = self.save(&id);
-            out.push((id, why));
+    /// Why the VMM exited on its own since the last call (crash, or the guest powered off).
+    pub fn exited(&mut self) -> Option<String> {
+        if self.record.state != "running" {
+            return None;
         }
-        out
-    }
-
-    // Handled jobs.
-
-    pub fn job_result(&self, job_id: &str) -> Option<vim_proto::HostEvent> {
-        let p = self.state_dir.join("jobs").join(format!("{job_id}.pb"));
-        let bytes = std::fs::read(p).ok()?;
-        prost::Message::decode(bytes.as_slice()).ok()
-    }
-
-    pub fn save_job_result(&self, job_id: &str, ev: &vim_proto::HostEvent) -> anyhow::Result<()> {
-        let p = self.state_dir.join("jobs").join(format!("{job_id}.pb"));
-        let tmp = p.with_extension("tmp");
-        std::fs::write(&tmp, prost::Message::encode_to_vec(ev))?;
-        std::fs::rename(tmp, p)?;
-        Ok(())
+        let status = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
+        if status.is_none() && alive(self.record.pid) {
+            return None;
+        }
+        self.child = None;
+        let (state, why) = match status {
+            Some(st) if st.success() => ("stopped", "the guest powered off".to_string()),
+            Some(st) => ("failed", format!("the VMM exited: {st}")),
+            None => ("failed", "the VMM process disappeared".to_string()),
+        };
+        self.record.state = state.into();
+        self.record.pid = 0;
+        let _ = self.save();
+        Some(why)
     }
 }
 
@@ -577,7 +580,7 @@ mod tests {
         let kernel = shared.join("images/tg/kernel");
         std::fs::write(&kernel, b"k").unwrap();
         std::os::unix::fs::symlink("/etc/hostname", shared.join("images/tg/link")).unwrap();
-        let mut vms = Vms::load(&state, &shared, Path::new("/nonexistent/vmm")).unwrap();
+        let dirs = Arc::new(Dirs::new(&state, &shared, Path::new("/nonexistent/vmm")).unwrap());
         let spec = |id: &str, kernel: &str, disk: &str| VmSpec {
             vm_id: id.into(),
             vcpus: 1,
@@ -587,7 +590,7 @@ mod tests {
             ..Default::default()
         };
         let k = kernel.to_str().unwrap();
-        assert!(vms
+        assert!(dirs
             .check_command(&Action::Create(spec("v1", k, "")))
             .is_ok());
         let link = shared.join("images/tg/link");
@@ -600,12 +603,16 @@ mod tests {
             ("v1", k, "/dev/sda"),
             ("v1", shared.join("images").to_str().unwrap(), ""),
         ] {
-            let r = vms.check_command(&Action::Create(spec(id, kern, disk)));
+            let r = dirs.check_command(&Action::Create(spec(id, kern, disk)));
             assert!(r.is_err(), "accepted {id} {kern} {disk}");
         }
-        assert!(vms.check_command(&Action::Delete("/etc".into())).is_err());
-        vms.delete("v2").unwrap();
-        let e = vms.create(&spec("v2", k, "")).unwrap_err().to_string();
+        assert!(dirs.check_command(&Action::Delete("/etc".into())).is_err());
+        let mut v2 = Vm::create(&dirs, &spec("v2", k, "")).unwrap();
+        v2.delete().unwrap();
+        let e = Vm::create(&dirs, &spec("v2", k, ""))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("deleted"), "{e}");
     }
 

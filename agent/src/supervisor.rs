@@ -1,0 +1,509 @@
+//! One supervisor task per VM (the actor shape of mini-redis): the task owns its [`Vm`], takes
+//! that VM's commands from a channel one at a time, in the order they came, and between commands
+//! watches the VMM (has it exited?) and refreshes the VM's report. Commands for different VMs
+//! run at once; the heartbeat reads the latest reports and never waits for a command. Every
+//! blocking step (processes, files, the VMM's socket) runs on a blocking thread, never on the
+//! runtime's. One shutdown signal stops every supervisor (their VMMs keep running: a restarted
+//! agent re-adopts them).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use vim_proto::host_command::Action;
+use vim_proto::{HostEvent, VmReport, VmSpec};
+
+use crate::lock;
+use crate::vms::{Dirs, Vm};
+
+/// What a command did: the event kind, the VM, the outcome, and the VM's report after it.
+pub struct Outcome {
+    pub kind: &'static str,
+    pub vm_id: String,
+    pub result: Result<(), String>,
+    pub report: Option<VmReport>,
+}
+
+/// A command for one VM's supervisor, answered on `reply`.
+struct Op {
+    action: Action,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// How to reach a VM's supervisor, and its latest report.
+struct Handle {
+    tx: mpsc::UnboundedSender<Op>,
+    report: Arc<Mutex<VmReport>>,
+}
+
+/// A VMM that exited on its own: reported as `VM_Failure` by the caller.
+pub struct Exit {
+    pub vm_id: String,
+    pub why: String,
+    pub report: VmReport,
+}
+
+/// The host's VMs: one supervisor each.
+pub struct Host {
+    dirs: Arc<Dirs>,
+    vms: Arc<Mutex<HashMap<String, Handle>>>,
+    exits: mpsc::UnboundedSender<Exit>,
+    every: Duration,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Host {
+    /// Supervises the VMs recorded in the state directory (re-adopting running VMMs). VMMs that
+    /// exit on their own are sent to `exits`; `every` is how often each supervisor looks.
+    pub async fn start(
+        dirs: Arc<Dirs>,
+        every: Duration,
+        exits: mpsc::UnboundedSender<Exit>,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<Host> {
+        let d = dirs.clone();
+        let vms = tokio::task::spawn_blocking(move || Vm::load_all(&d)).await??;
+        let host = Host {
+            dirs,
+            vms: Default::default(),
+            exits,
+            every,
+            shutdown,
+        };
+        for vm in vms {
+            let id = vm.id().to_string();
+            host.spawn(id, Some(vm));
+        }
+        Ok(host)
+    }
+
+    pub fn dirs(&self) -> &Arc<Dirs> {
+        &self.dirs
+    }
+
+    /// Every VM's latest report, without waiting for any of them.
+    pub fn reports(&self) -> Vec<VmReport> {
+        lock(&self.vms)
+            .values()
+            .map(|h| lock(&h.report).clone())
+            .collect()
+    }
+
+    /// Queues a command behind the earlier ones for the same VM; the receiver gets its outcome.
+    /// Must be called in the order the commands arrived (it does not wait).
+    pub fn submit(&self, action: Action) -> oneshot::Receiver<Outcome> {
+        let (reply, rx) = oneshot::channel();
+        let id = crate::vms::action_vm(&action).to_string();
+        // The id becomes a path and a map key: refused before anything is done with it.
+        if let Err(e) = vim_proto::check_id("VM id", &id) {
+            tracing::warn!(error = %e, "command refused");
+            let _ = reply.send(refused(e.to_string()));
+            return rx;
+        }
+        let mut vms = lock(&self.vms);
+        let handle = match vms.get(&id) {
+            Some(h) => Some(h.tx.clone()),
+            // A VM this host has no supervisor for: only a create makes one.
+            None if matches!(action, Action::Create(_)) => {
+                drop(vms);
+                self.spawn(id.clone(), None);
+                vms = lock(&self.vms);
+                vms.get(&id).map(|h| h.tx.clone())
+            }
+            None => None,
+        };
+        drop(vms);
+        let op = Op { action, reply };
+        match handle {
+            Some(tx) => {
+                if let Err(mpsc::error::SendError(op)) = tx.send(op) {
+                    let _ = op
+                        .reply
+                        .send(no_vm(&op.action, "its supervisor has stopped"));
+                }
+            }
+            None => {
+                let dirs = self.dirs.clone();
+                tokio::spawn(async move {
+                    let out = match &op.action {
+                        // Deleting what is not here: make sure it never comes back.
+                        Action::Delete(id) => {
+                            let id2 = id.clone();
+                            let r = tokio::task::spawn_blocking(move || dirs.mark_deleted(&id2))
+                                .await
+                                .map_err(anyhow::Error::from)
+                                .and_then(|r| r);
+                            Outcome {
+                                kind: "VM_Deleted",
+                                vm_id: id.clone(),
+                                result: r.map_err(|e| format!("{e:#}")),
+                                report: Some(deleted_report(id)),
+                            }
+                        }
+                        a => no_vm(a, "no such VM on this host"),
+                    };
+                    let _ = op.reply.send(out);
+                });
+            }
+        }
+        rx
+    }
+
+    fn spawn(&self, id: String, vm: Option<Vm>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let report = Arc::new(Mutex::new(VmReport {
+            vm_id: id.clone(),
+            state: vm
+                .as_ref()
+                .map_or("creating".into(), |v| v.record.state.clone()),
+            pid: vm.as_ref().map_or(0, |v| v.record.pid),
+            ..Default::default()
+        }));
+        lock(&self.vms).insert(
+            id.clone(),
+            Handle {
+                tx,
+                report: report.clone(),
+            },
+        );
+        let s = Supervisor {
+            id,
+            vm,
+            dirs: self.dirs.clone(),
+            report,
+            registry: self.vms.clone(),
+            exits: self.exits.clone(),
+        };
+        tokio::spawn(s.run(rx, self.every, self.shutdown.clone()));
+    }
+}
+
+fn deleted_report(id: &str) -> VmReport {
+    VmReport {
+        vm_id: id.into(),
+        state: "deleted".into(),
+        ..Default::default()
+    }
+}
+
+fn event_kind(action: &Action) -> &'static str {
+    match action {
+        Action::Create(_) => "VM_Created",
+        Action::Start(_) => "VM_Started",
+        Action::Stop(_) => "VM_Stopped",
+        Action::Delete(_) => "VM_Deleted",
+        Action::Info(_) => "VM_Info",
+    }
+}
+
+fn refused(why: String) -> Outcome {
+    Outcome {
+        kind: "Command_Refused",
+        vm_id: String::new(),
+        result: Err(why),
+        report: None,
+    }
+}
+
+fn no_vm(action: &Action, why: &str) -> Outcome {
+    let id = crate::vms::action_vm(action).to_string();
+    Outcome {
+        kind: event_kind(action),
+        result: Err(format!("VM {id}: {why}")),
+        report: Some(deleted_report(&id)),
+        vm_id: id,
+    }
+}
+
+struct Supervisor {
+    id: String,
+    /// None until a create has made the VM's record.
+    vm: Option<Vm>,
+    dirs: Arc<Dirs>,
+    report: Arc<Mutex<VmReport>>,
+    registry: Arc<Mutex<HashMap<String, Handle>>>,
+    exits: mpsc::UnboundedSender<Exit>,
+}
+
+impl Supervisor {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Op>,
+        every: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let why = loop {
+            tokio::select! {
+                op = rx.recv() => {
+                    let Some(op) = op else { break "its supervisor has stopped" };
+                    let deleted = matches!(op.action, Action::Delete(_));
+                    let out = self.apply(op.action).await;
+                    let gone = deleted && out.result.is_ok();
+                    let _ = op.reply.send(out);
+                    if gone {
+                        break "it has been deleted";
+                    }
+                }
+                _ = tick.tick() => self.watch().await,
+                _ = shutdown.changed() => break "the agent is shutting down",
+            }
+        };
+        {
+            let mut reg = lock(&self.registry);
+            // Only our own entry (a later create may have made a new one).
+            if reg
+                .get(&self.id)
+                .is_some_and(|h| Arc::ptr_eq(&h.report, &self.report))
+            {
+                reg.remove(&self.id);
+            }
+        }
+        // Commands queued behind the last one get an answer, not silence.
+        rx.close();
+        while let Ok(op) = rx.try_recv() {
+            let _ = op.reply.send(no_vm(&op.action, why));
+        }
+    }
+
+    /// Runs `f` on the VM on a blocking thread; None if there is no VM yet or the thread died
+    /// (then the VM is dropped here; its record on disk stays, for the next agent to adopt).
+    async fn blocking<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut Vm) -> T + Send + 'static,
+    ) -> Option<T> {
+        let mut vm = self.vm.take()?;
+        match tokio::task::spawn_blocking(move || {
+            let t = f(&mut vm);
+            (vm, t)
+        })
+        .await
+        {
+            Ok((vm, t)) => {
+                self.vm = Some(vm);
+                Some(t)
+            }
+            Err(e) => {
+                tracing::error!(vm = self.id, error = %e, "a VM's blocking step failed");
+                None
+            }
+        }
+    }
+
+    async fn apply(&mut self, action: Action) -> Outcome {
+        let kind = event_kind(&action);
+        let id = self.id.clone();
+        let dirs = self.dirs.clone();
+        let a = action.clone();
+        let checked = tokio::task::spawn_blocking(move || dirs.check_command(&a))
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r);
+        if let Err(e) = checked {
+            tracing::warn!(vm = id, error = %e, "command refused");
+            return refused(format!("{e:#}"));
+        }
+        if self.vm.is_none() {
+            if let Action::Create(spec) = &action {
+                if let Err(e) = self.create(spec.clone()).await {
+                    return Outcome {
+                        kind,
+                        vm_id: id,
+                        result: Err(e),
+                        report: Some(lock(&self.report).clone()),
+                    };
+                }
+            }
+        }
+        let op = action.clone();
+        let r = self
+            .blocking(move |vm| {
+                let r = match &op {
+                    Action::Create(_) | Action::Start(_) => vm.start(),
+                    Action::Stop(s) => vm.stop(Duration::from_millis(s.timeout_ms)),
+                    Action::Delete(_) => vm.delete(),
+                    Action::Info(_) => Ok(()),
+                };
+                let report = if matches!(op, Action::Delete(_)) && r.is_ok() {
+                    deleted_report(vm.id())
+                } else {
+                    vm.report()
+                };
+                (r.map_err(|e| format!("{e:#}")), report)
+            })
+            .await;
+        let (result, report) = match r {
+            Some(x) => x,
+            None => (
+                Err(format!("VM {id}: no such VM on this host")),
+                deleted_report(&id),
+            ),
+        };
+        *lock(&self.report) = report.clone();
+        Outcome {
+            kind,
+            vm_id: id,
+            result,
+            report: Some(report),
+        }
+    }
+
+    async fn create(&mut self, spec: VmSpec) -> Result<(), String> {
+        let dirs = self.dirs.clone();
+        match tokio::task::spawn_blocking(move || Vm::create(&dirs, &spec)).await {
+            Ok(Ok(vm)) => {
+                self.vm = Some(vm);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(format!("{e:#}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Between commands: a VMM that exited is reported once; the report is refreshed.
+    async fn watch(&mut self) {
+        let Some((exited, report)) = self.blocking(|vm| (vm.exited(), vm.report())).await else {
+            return;
+        };
+        *lock(&self.report) = report.clone();
+        if let Some(why) = exited {
+            tracing::warn!(vm = self.id, why, "VMM exited");
+            let _ = self.exits.send(Exit {
+                vm_id: self.id.clone(),
+                why,
+                report,
+            });
+        }
+    }
+}
+
+/// The event a command's outcome becomes.
+pub fn event(host_id: &str, job_id: &str, o: Outcome) -> HostEvent {
+    HostEvent {
+        version: vim_proto::PROTOCOL_VERSION,
+        host_id: host_id.into(),
+        job_id: job_id.into(),
+        ok: o.result.is_ok(),
+        error: o.result.err().unwrap_or_default(),
+        kind: o.kind.into(),
+        vm: if o.vm_id.is_empty() { None } else { o.report },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use vim_proto::StopVm as Stop;
+
+    /// A stand-in for `vmm`: `run` stays up until killed and writes its pid beside its API
+    /// socket; `ctl ... shutdown` takes 2 s and then ends that process.
+    fn fake_vmm(dir: &std::path::Path) -> std::path::PathBuf {
+        let p = dir.join("vmm");
+        std::fs::write(
+            &p,
+            "#!/bin/sh\n\
+             sock=''\n\
+             prev=''\n\
+             for a in \"$@\"; do [ \"$prev\" = --api-socket ] && sock=$a; prev=$a; done\n\
+             case \"$1\" in\n\
+             run) echo $$ > \"$sock.pid\"; while :; do sleep 1; done ;;\n\
+             ctl) sleep 2; kill \"$(cat \"$sock.pid\")\" ;;\n\
+             esac\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    fn spec(id: &str, kernel: &std::path::Path) -> Action {
+        Action::Create(VmSpec {
+            vm_id: id.into(),
+            vcpus: 1,
+            memory_mib: 64,
+            kernel: kernel.to_str().unwrap().into(),
+            ..Default::default()
+        })
+    }
+
+    /// Commands for different VMs run at once and the reports never wait for them; commands for
+    /// one VM run in the order they came; a VMM that dies is reported; a deleted VM stays gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn vms_are_supervised_apart() {
+        let d = tempfile::tempdir().unwrap();
+        let shared = d.path().join("shared");
+        std::fs::create_dir_all(shared.join("images/tg")).unwrap();
+        let kernel = shared.join("images/tg/kernel");
+        std::fs::write(&kernel, b"k").unwrap();
+        let dirs =
+            Arc::new(Dirs::new(&d.path().join("state"), &shared, &fake_vmm(d.path())).unwrap());
+        let (exits_tx, mut exits) = mpsc::unbounded_channel();
+        let (stop_tx, stop) = watch::channel(false);
+        let host = Host::start(dirs, Duration::from_millis(50), exits_tx, stop)
+            .await
+            .unwrap();
+        for id in ["a", "b"] {
+            let o = host.submit(spec(id, &kernel)).await.unwrap();
+            assert!(o.result.is_ok(), "{:?}", o.result);
+            assert_eq!(o.report.unwrap().state, "running");
+        }
+
+        // A slow stop of a does not hold up b, nor the reports.
+        let mut stop_a = host.submit(Action::Stop(Stop {
+            vm_id: "a".into(),
+            timeout_ms: 0,
+        }));
+        let info_b = host.submit(Action::Info("b".into())).await.unwrap();
+        assert_eq!(info_b.report.unwrap().state, "running");
+        assert_eq!(host.reports().len(), 2);
+        assert!(
+            stop_a.try_recv().is_err(),
+            "b's command waited for a's stop"
+        );
+        let o = stop_a.await.unwrap();
+        assert!(o.result.is_ok(), "{:?}", o.result);
+        assert_eq!(o.report.unwrap().state, "stopped");
+
+        // In order for one VM: start, then info sees it running.
+        let start_a = host.submit(Action::Start("a".into()));
+        let info_a = host.submit(Action::Info("a".into()));
+        assert!(start_a.await.unwrap().result.is_ok());
+        assert_eq!(info_a.await.unwrap().report.unwrap().state, "running");
+
+        // A VMM that dies on its own is reported once.
+        let pid = host
+            .reports()
+            .into_iter()
+            .find(|r| r.vm_id == "b")
+            .unwrap()
+            .pid;
+        // SAFETY: kill(2) on the fake VMM this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let x = tokio::time::timeout(Duration::from_secs(10), exits.recv())
+            .await
+            .expect("no exit reported")
+            .unwrap();
+        assert_eq!(x.vm_id, "b");
+        assert_eq!(x.report.state, "failed");
+
+        // Deleted is final; an unknown VM and a bad id are refused.
+        let o = host.submit(Action::Delete("a".into())).await.unwrap();
+        assert!(o.result.is_ok(), "{:?}", o.result);
+        let o = host.submit(spec("a", &kernel)).await.unwrap();
+        assert!(o.result.unwrap_err().contains("deleted"));
+        let o = host.submit(Action::Start("nope".into())).await.unwrap();
+        assert!(o.result.is_err());
+        let o = host.submit(Action::Delete("../x".into())).await.unwrap();
+        assert_eq!(o.kind, "Command_Refused");
+        assert!(!d.path().join("state/x").exists());
+
+        let _ = stop_tx.send(true);
+        let o = host.submit(Action::Delete("b".into())).await;
+        // After shutdown a command gets no answer, or one saying the supervisor stopped.
+        if let Ok(o) = o {
+            assert!(o.result.is_err() || o.kind == "VM_Deleted");
+        }
+    }
+}
