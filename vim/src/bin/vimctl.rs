@@ -15,12 +15,14 @@ use serde_json::{json, Value};
     about = "Command line of the Virtual Infrastructure Manager"
 )]
 struct Cli {
+    /// vimd's API.
     #[arg(long, env = "VIM_API", default_value = "https://127.0.0.1:8640")]
     api: String,
     /// The CA (PEM) that verifies vimd's certificate: vimd's own is STATE_DIR/tls/ca.pem.
     /// Without it, the system's trusted roots.
     #[arg(long, env = "VIM_CA")]
     ca: Option<PathBuf>,
+    /// A file holding the API token (else the VIM_TOKEN variable).
     #[arg(long = "token-file", env = "VIM_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// Print one JSON document.
@@ -39,17 +41,19 @@ enum Cmd {
     },
     /// List hosts.
     Hosts,
-    /// Register a host.
+    /// Hosts: register one, reissue its credentials.
     Host {
         #[command(subcommand)]
         cmd: HostCmd,
     },
+    /// Virtual machines: create, list, show, start, stop, delete, console.
     Vm {
         #[command(subcommand)]
         cmd: VmCmd,
     },
     /// Recent jobs.
     Jobs,
+    /// One job.
     Job {
         #[command(subcommand)]
         cmd: JobCmd,
@@ -70,6 +74,7 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum ImageCmd {
+    /// Copy a kernel (and initrd, disk) to shared storage as an image.
     Add {
         name: String,
         #[arg(long)]
@@ -93,6 +98,7 @@ enum HostCmd {
 
 #[derive(Subcommand)]
 enum TokenCmd {
+    /// Mint an API token (printed once) with a role: admin or consumer.
     Add {
         name: String,
         #[arg(long, default_value = "consumer")]
@@ -102,6 +108,7 @@ enum TokenCmd {
 
 #[derive(Subcommand)]
 enum JobCmd {
+    /// Show one job: kind, state, error, times.
     Show { id: String },
 }
 
@@ -110,12 +117,14 @@ struct Wait {
     /// Return at once with the job id instead of waiting for the job.
     #[arg(long = "no-wait")]
     no_wait: bool,
+    /// How long to wait for the job.
     #[arg(long = "timeout-s", default_value_t = 300)]
     timeout_s: u64,
 }
 
 #[derive(Subcommand)]
 enum VmCmd {
+    /// Create a VM from an image and start it; prints its id.
     Create {
         #[arg(long)]
         name: String,
@@ -128,29 +137,30 @@ enum VmCmd {
         #[command(flatten)]
         wait: Wait,
     },
+    /// List the VMs (a consumer sees its own).
     List,
-    Show {
-        id: String,
-    },
+    /// Show one VM: host, state, size, usage.
+    Show { id: String },
+    /// Start a stopped VM.
     Start {
         id: String,
         #[command(flatten)]
         wait: Wait,
     },
+    /// Stop a VM (ACPI power button; forced after a timeout).
     Stop {
         id: String,
         #[command(flatten)]
         wait: Wait,
     },
+    /// Stop a VM and delete it for good (its disk copy too).
     Delete {
         id: String,
         #[command(flatten)]
         wait: Wait,
     },
     /// The guest's serial log.
-    Console {
-        id: String,
-    },
+    Console { id: String },
 }
 
 struct Api {
