@@ -182,6 +182,9 @@ struct Agent {
     cfg: Config,
     js: jetstream::Context,
     host: Host,
+    /// Jobs being carried out: a second copy of one (a redelivery, or vimd sending it again)
+    /// that arrives meanwhile is never run twice.
+    in_flight: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Agent {
@@ -201,6 +204,12 @@ impl Agent {
         let me = self.clone();
         let dirs = me.host.dirs().clone();
         let job = cmd.job_id.clone();
+        if !lock(&self.in_flight).insert(job.clone()) {
+            // Not acked: it comes back after the ack wait and is answered from the store then.
+            tracing::info!(job, "a second copy of a job in progress; left for later");
+            drop(m);
+            return;
+        }
         tokio::spawn(async move {
             let j = job.clone();
             let stored = tokio::task::spawn_blocking(move || dirs.job_result(&j))
@@ -211,20 +220,25 @@ impl Agent {
                 Some(ev) => ev,
                 None => {
                     let _ = m.ack_with(AckKind::Progress).await;
-                    let out = match cmd.action {
-                        Some(a) => me.host.submit(a).await.ok(),
-                        None => None,
+                    let failed = |kind: &str, error: &str| HostEvent {
+                        version: PROTOCOL_VERSION,
+                        host_id: me.cfg.host_id.clone(),
+                        job_id: job.clone(),
+                        ok: false,
+                        error: error.into(),
+                        kind: kind.into(),
+                        vm: None,
                     };
-                    let ev = match out {
-                        Some(o) => supervisor::event(&me.cfg.host_id, &job, o),
-                        None => HostEvent {
-                            version: PROTOCOL_VERSION,
-                            host_id: me.cfg.host_id.clone(),
-                            job_id: job.clone(),
-                            ok: false,
-                            error: "no action".into(),
-                            kind: "Command_Refused".into(),
-                            vm: None,
+                    let ev = match cmd.action {
+                        None => failed("Command_Refused", "no action"),
+                        Some(a) => match me.host.submit(a).await {
+                            Ok(o) => supervisor::event(&me.cfg.host_id, &job, o),
+                            // The agent is shutting down: no answer is stored, so the command
+                            // comes again to the next agent.
+                            Err(_) => {
+                                lock(&me.in_flight).remove(&job);
+                                return;
+                            }
                         },
                     };
                     let (dirs, e2) = (me.host.dirs().clone(), ev.clone());
@@ -237,6 +251,8 @@ impl Agent {
                     ev
                 }
             };
+            // Done (its result is stored): a copy from now on is answered from the store.
+            lock(&me.in_flight).remove(&job);
             match me.publish_event(&ev).await {
                 Ok(()) => {
                     let _ = m.ack().await;
@@ -295,7 +311,12 @@ async fn run(cfg: Config) -> Result<()> {
         .await
         .with_context(|| format!("cannot connect to NATS at {}", cfg.nats_url))?;
     let js = jetstream::new(client.clone());
-    let agent = Arc::new(Agent { cfg, js, host });
+    let agent = Arc::new(Agent {
+        cfg,
+        js,
+        host,
+        in_flight: Default::default(),
+    });
     tracing::info!(host = agent.cfg.host_id, "agent started");
 
     // VMMs that exited on their own.

@@ -177,12 +177,23 @@ impl Dirs {
     }
 
     pub fn save_job_result(&self, job_id: &str, ev: &vim_proto::HostEvent) -> anyhow::Result<()> {
-        let p = self.state_dir.join("jobs").join(format!("{job_id}.pb"));
-        let tmp = p.with_extension("tmp");
-        std::fs::write(&tmp, prost::Message::encode_to_vec(ev))?;
-        std::fs::rename(tmp, p)?;
-        Ok(())
+        replace_file(
+            &self.state_dir.join("jobs").join(format!("{job_id}.pb")),
+            &prost::Message::encode_to_vec(ev),
+        )
     }
+}
+
+/// Writes `bytes` as `path` whole: a temporary file beside it, synced, then renamed over it, so
+/// an agent that dies meanwhile leaves the old file or the new one, never half of one.
+fn replace_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(tmp, path)?;
+    Ok(())
 }
 
 /// The VM a command is about.
@@ -269,11 +280,10 @@ impl Vm {
     }
 
     fn save(&self) -> anyhow::Result<()> {
-        let p = self.dirs.record_path(self.id());
-        let tmp = p.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_string(&self.record)?)?;
-        std::fs::rename(tmp, p)?;
-        Ok(())
+        replace_file(
+            &self.dirs.record_path(self.id()),
+            serde_json::to_string(&self.record)?.as_bytes(),
+        )
     }
 
     pub fn report(&mut self) -> VmReport {
