@@ -101,19 +101,14 @@ impl Host {
             let _ = reply.send(refused(e.to_string()));
             return rx;
         }
-        let mut vms = lock(&self.vms);
-        let handle = match vms.get(&id) {
-            Some(h) => Some(h.tx.clone()),
+        // Looked up first: the registry's lock must be free again before `spawn` takes it.
+        let known = lock(&self.vms).get(&id).map(|h| h.tx.clone());
+        let handle = match known {
+            Some(tx) => Some(tx),
             // A VM this host has no supervisor for: only a create makes one.
-            None if matches!(action, Action::Create(_)) => {
-                drop(vms);
-                self.spawn(id.clone(), None);
-                vms = lock(&self.vms);
-                vms.get(&id).map(|h| h.tx.clone())
-            }
+            None if matches!(action, Action::Create(_)) => Some(self.spawn(id.clone(), None)),
             None => None,
         };
-        drop(vms);
         let op = Op { action, reply };
         match handle {
             Some(tx) => {
@@ -150,7 +145,8 @@ impl Host {
         rx
     }
 
-    fn spawn(&self, id: String, vm: Option<Vm>) {
+    /// Starts VM `id`'s supervisor; returns its channel.
+    fn spawn(&self, id: String, vm: Option<Vm>) -> mpsc::UnboundedSender<Op> {
         let (tx, rx) = mpsc::unbounded_channel();
         let report = Arc::new(Mutex::new(VmReport {
             vm_id: id.clone(),
@@ -163,7 +159,7 @@ impl Host {
         lock(&self.vms).insert(
             id.clone(),
             Handle {
-                tx,
+                tx: tx.clone(),
                 report: report.clone(),
             },
         );
@@ -176,6 +172,7 @@ impl Host {
             exits: self.exits.clone(),
         };
         tokio::spawn(s.run(rx, self.every, self.shutdown.clone()));
+        tx
     }
 }
 

@@ -296,21 +296,13 @@ fn credentials_answer(
 ) -> Result<Response, ApiError> {
     // The CA is public: the agent's host gets it inline (to write beside its credentials) and
     // by path (for an agent on this machine).
-    let ca_pem = match &v.nats_ca {
-        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
-            ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot read the NATS CA {}: {e}", p.display()),
-            )
-        })?),
-        None => None,
-    };
+    let (ca_file, ca_pem) = v.nats_ca.clone().unzip();
     ok(json!({
         "host_id": id,
         "nats_url": v.nats_url,
         "nats_user": c.user,
         "credentials_file": c.file,
-        "nats_ca_file": v.nats_ca,
+        "nats_ca_file": ca_file,
         "nats_ca_pem": ca_pem,
     }))
 }

@@ -38,8 +38,9 @@ pub struct Vimd {
     pub nats: async_nats::Client,
     /// The URL agents are told to use.
     pub nats_url: String,
-    /// The CA that verifies the NATS server agents connect to (handed out by `host add`).
-    pub nats_ca: Option<PathBuf>,
+    /// The CA that verifies the NATS server agents connect to, its path and its PEM (read once
+    /// at start; handed out by `host add`).
+    pub nats_ca: Option<(PathBuf, String)>,
     pub embedded: Option<queue::EmbeddedNats>,
     /// With an external NATS: the users file its nodes include, if vimd keeps it.
     pub accounts_file: Option<queue::AccountsFile>,

@@ -145,6 +145,17 @@ fn raise_nofile_limit() {
 }
 
 async fn run(a: Args) -> Result<()> {
+    if a.plain_http {
+        let ip: std::net::SocketAddr = a
+            .listen
+            .parse()
+            .with_context(|| format!("--listen {}: not an address:port", a.listen))?;
+        anyhow::ensure!(
+            ip.ip().is_loopback(),
+            "--plain-http serves only a loopback address, not {} (tokens would cross the network in clear)",
+            a.listen
+        );
+    }
     // Everything vimd creates (database, NATS store and configuration, credentials, tokens,
     // copies on shared storage) is its owner's alone from the moment it exists.
     // SAFETY: umask only sets this process's file-creation mask.
@@ -189,32 +200,27 @@ async fn run(a: Args) -> Result<()> {
         names.extend(vim::tls::host_of(addr));
     }
     let pki = vim::tls::Pki::init(&a.state_dir, &names)?;
-    if a.plain_http {
-        let ip: std::net::SocketAddr = a
-            .listen
-            .parse()
-            .with_context(|| format!("--listen {}: not an address:port", a.listen))?;
-        anyhow::ensure!(
-            ip.ip().is_loopback(),
-            "--plain-http serves only a loopback address, not {} (tokens would cross the network in clear)",
-            a.listen
-        );
-    }
     let api_tls = if a.plain_http {
         None
     } else {
-        match (&a.tls_cert, &a.tls_key) {
-            (Some(c), Some(k)) => Some(vim::tls::server_config(c, k)?),
-            _ => Some(vim::tls::server_config(
-                &pki.server_cert(),
-                &pki.server_key(),
-            )?),
-        }
+        let (cert, key) = match (&a.tls_cert, &a.tls_key) {
+            (Some(c), Some(k)) => (c.clone(), k.clone()),
+            _ => (pki.server_cert(), pki.server_key()),
+        };
+        Some(vim::tls::server_config(&cert, &key)?)
     };
     let mut accounts_file = None;
     let nats_ca = match &a.nats_url {
         Some(_) => a.nats_ca.clone(),
         None => Some(pki.ca_cert()),
+    };
+    let nats_ca = match nats_ca {
+        Some(p) => {
+            let pem = std::fs::read_to_string(&p)
+                .with_context(|| format!("cannot read the NATS CA {}", p.display()))?;
+            Some((p, pem))
+        }
+        None => None,
     };
     let (embedded, nats, nats_url) = match a.nats_url {
         Some(u) => {
