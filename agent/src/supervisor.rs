@@ -395,20 +395,33 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use vim_proto::StopVm as Stop;
 
-    /// A stand-in for `vmm`: `run` stays up until killed and writes its pid beside its API
-    /// socket; `ctl ... shutdown` takes 2 s and then ends that process.
+    /// A stand-in for `vmm`: `run` serves its API socket until killed; `shutdown` takes 2 s,
+    /// answers and ends the process; `info` is refused (a VMM that cannot say more).
     fn fake_vmm(dir: &std::path::Path) -> std::path::PathBuf {
         let p = dir.join("vmm");
         std::fs::write(
             &p,
-            "#!/bin/sh\n\
-             sock=''\n\
-             prev=''\n\
-             for a in \"$@\"; do [ \"$prev\" = --api-socket ] && sock=$a; prev=$a; done\n\
-             case \"$1\" in\n\
-             run) echo $$ > \"$sock.pid\"; while :; do sleep 1; done ;;\n\
-             ctl) sleep 2; kill \"$(cat \"$sock.pid\")\" ;;\n\
-             esac\n",
+            r#"#!/usr/bin/env python3
+import json, os, socket, sys, time
+args = sys.argv[1:]
+path = args[args.index("--api-socket") + 1]
+if args[0] != "run":
+    sys.exit(2)
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(path)
+srv.listen(4)
+while True:
+    conn, _ = srv.accept()
+    for line in conn.makefile("rb"):
+        req = json.loads(line)
+        if req["command"] == "shutdown":
+            time.sleep(2)
+            conn.sendall(b'{"ok":true,"result":{"stopped":"graceful"}}\n')
+            os.unlink(path)
+            sys.exit(0)
+        conn.sendall(b'{"ok":false,"error":"not in this stand-in"}\n')
+    conn.close()
+"#,
         )
         .unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();

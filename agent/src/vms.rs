@@ -382,14 +382,12 @@ impl Vm {
     pub fn stop(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let r = self.record.clone();
         if r.state == "running" && alive(r.pid) {
-            let _ = Command::new(&self.dirs.vmm)
-                .arg("ctl")
-                .arg("--api-socket")
-                .arg(&r.api_socket)
-                .args(["shutdown", "--timeout-ms", &timeout.as_millis().to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            // The answer comes when the guest has stopped; a VMM that does not answer is killed
+            // below all the same.
+            if let Err(e) = vmm_api::Client::new(&r.api_socket).shutdown(timeout.as_millis() as u64)
+            {
+                tracing::warn!(vm = %r.spec.vm_id, error = %e, "the VMM did not take the shutdown");
+            }
             let deadline = Instant::now() + timeout + Duration::from_secs(5);
             while alive(r.pid) && Instant::now() < deadline {
                 self.reap();
@@ -455,32 +453,22 @@ struct Usage {
 }
 
 /// The VMM's `info` over its API socket, if it answers within `timeout`.
-fn vmm_info(api_socket: &Path, timeout: Duration) -> Option<serde_json::Value> {
-    use std::io::{BufRead, BufReader, Write};
-    let ask = || -> std::io::Result<serde_json::Value> {
-        let mut s = std::os::unix::net::UnixStream::connect(api_socket)?;
-        s.set_read_timeout(Some(timeout))?;
-        s.set_write_timeout(Some(timeout))?;
-        s.write_all(b"{\"command\":\"info\"}\n")?;
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line)?;
-        Ok(serde_json::from_str(&line)?)
-    };
-    ask().ok().map(|v| v["result"].clone())
+fn vmm_info(api_socket: &Path, timeout: Duration) -> Option<vmm_api::Info> {
+    vmm_api::Client::new(api_socket).info(timeout).ok()
 }
 
 /// How much memory the guest has given back through its balloon; 0 if it has none or the VMM
 /// does not answer at once (a report never waits for a busy VMM).
 fn balloon_mib(api_socket: &Path) -> u64 {
     vmm_info(api_socket, Duration::from_millis(200))
-        .and_then(|v| v["balloon"]["actual_mib"].as_u64())
+        .and_then(|i| i.balloon?.actual_mib)
         .unwrap_or(0)
 }
 
 /// The pid of a VMM already serving `api_socket` (started by an agent that died before it could
 /// record it), if there is one.
 fn serving_vmm(api_socket: &Path) -> Option<u32> {
-    let pid = vmm_info(api_socket, Duration::from_secs(2))?["pid"].as_u64()? as u32;
+    let pid = vmm_info(api_socket, Duration::from_secs(2))?.pid;
     (alive(pid) && is_vmm(pid)).then_some(pid)
 }
 

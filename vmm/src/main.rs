@@ -1,16 +1,15 @@
 //! `vmm run` boots a VM; `vmm ctl` talks to a running one over its API socket.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use serde_json::json;
 
+use vmm::api::{self, Request};
 use vmm::config::{
     BalloonConfig, DeviceConfig, DiskConfig, NetConfig, SerialOutput, VmConfig, VsockConfig,
 };
-use vmm::{api, vm, vmm::Machine};
+use vmm::{vm, vmm::Machine};
 
 #[derive(Parser)]
 #[command(name = "vmm", version, about = "A minimal KVM virtual machine monitor")]
@@ -129,13 +128,13 @@ enum CtlCommand {
         #[arg(long)]
         dir: PathBuf,
         /// Pause no longer than this for the last copy (an estimate from measured bandwidth).
-        #[arg(long = "downtime-ms", default_value_t = vmm::migrate::DEFAULT_DOWNTIME_MS)]
+        #[arg(long = "downtime-ms", default_value_t = api::DEFAULT_DOWNTIME_MS)]
         downtime_ms: u64,
         /// Pre-copy rounds before pausing regardless.
-        #[arg(long = "max-rounds", default_value_t = vmm::migrate::DEFAULT_MAX_ROUNDS)]
+        #[arg(long = "max-rounds", default_value_t = api::DEFAULT_MAX_ROUNDS)]
         max_rounds: u32,
         /// How long the target has to take over before the source resumes the guest itself.
-        #[arg(long = "timeout-ms", default_value_t = vmm::migrate::DEFAULT_HANDOVER_TIMEOUT_MS)]
+        #[arg(long = "timeout-ms", default_value_t = api::DEFAULT_HANDOVER_TIMEOUT_MS)]
         timeout_ms: u64,
     },
     /// Stop a running migration; the guest keeps running here.
@@ -230,50 +229,37 @@ fn restore(args: RestoreArgs) -> Result<i32> {
 }
 
 fn ctl(args: CtlArgs) -> Result<i32> {
-    let (request, timeout) = match args.command {
-        CtlCommand::Info => (json!({"command": "info"}), Duration::from_secs(10)),
-        CtlCommand::Pause => (json!({"command": "pause"}), Duration::from_secs(10)),
-        CtlCommand::Resume => (json!({"command": "resume"}), Duration::from_secs(10)),
-        CtlCommand::Shutdown { timeout_ms } => (
-            json!({"command": "shutdown", "timeout_ms": timeout_ms}),
-            Duration::from_millis(timeout_ms) + Duration::from_secs(10),
-        ),
-        CtlCommand::BalloonSet { mib } => (
-            json!({"command": "balloon-set", "mib": mib}),
-            Duration::from_secs(10),
-        ),
-        CtlCommand::BalloonStats => (json!({"command": "balloon-stats"}), Duration::from_secs(10)),
+    let client = api::Client::new(args.api_socket);
+    let request = match args.command {
+        CtlCommand::Info => Request::Info {},
+        CtlCommand::Pause => Request::Pause {},
+        CtlCommand::Resume => Request::Resume {},
+        CtlCommand::Shutdown { timeout_ms } => Request::Shutdown { timeout_ms },
+        CtlCommand::BalloonSet { mib } => Request::BalloonSet { mib },
+        CtlCommand::BalloonStats => Request::BalloonStats {},
         CtlCommand::Migrate {
             dir,
             downtime_ms,
             max_rounds,
             timeout_ms,
         } => {
-            let dir = std::path::absolute(&dir)?;
-            let req = json!({"command": "migrate", "dir": dir, "downtime_ms": downtime_ms,
-                "max_rounds": max_rounds, "timeout_ms": timeout_ms});
-            let result = api::client::call(&args.api_socket, &req, Duration::from_secs(24 * 3600))?;
+            let outcome: api::MigrationOutcome = client.send(&Request::Migrate {
+                dir: std::path::absolute(&dir)?,
+                downtime_ms,
+                max_rounds,
+                timeout_ms,
+            })?;
             // One JSON line, last: scripts read it.
-            println!("{}", serde_json::to_string(&result)?);
-            return Ok(if result["status"] == "completed" {
-                0
-            } else {
-                1
-            });
+            println!("{}", serde_json::to_string(&outcome)?);
+            return Ok(i32::from(outcome.status != api::MigrationStatus::Completed));
         }
-        CtlCommand::MigrateCancel => (
-            json!({"command": "migrate-cancel"}),
-            Duration::from_secs(10),
-        ),
-        CtlCommand::Snapshot { dir } => {
-            let dir = std::path::absolute(&dir)?;
-            (
-                json!({"command": "snapshot", "dir": dir}),
-                Duration::from_secs(600),
-            )
-        }
+        CtlCommand::MigrateCancel => Request::MigrateCancel {},
+        CtlCommand::Snapshot { dir } => Request::Snapshot {
+            dir: std::path::absolute(&dir)?,
+        },
     };
-    let result = api::client::call(&args.api_socket, &request, timeout)?;
+    // Printed as the VMM sent it: `ctl` is a thin client, scripts read its JSON.
+    let result: serde_json::Value = client.send(&request)?;
     println!("{}", serde_json::to_string_pretty(&result)?);
     Ok(0)
 }

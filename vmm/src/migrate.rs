@@ -23,8 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
-
+use crate::api::{MigrationOutcome, MigrationPhase, MigrationProgress, MigrationStatus};
 use crate::config::VmConfig;
 use crate::devices::manager::VirtioDevices;
 use crate::migration::{tag, ComponentState, MigrationError, Snapshottable};
@@ -56,36 +55,6 @@ pub struct Params {
     pub handover_timeout: Duration,
 }
 
-pub const DEFAULT_DOWNTIME_MS: u64 = 300;
-pub const DEFAULT_MAX_ROUNDS: u32 = 30;
-pub const DEFAULT_HANDOVER_TIMEOUT_MS: u64 = 10_000;
-
-/// Progress while it runs, readable over the API.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Progress {
-    pub phase: &'static str,
-    pub round: u32,
-    pub remaining_bytes: u64,
-    pub dirty_rate_mib_s: f64,
-    pub bytes_written: u64,
-}
-
-/// The outcome; `vmm ctl migrate` prints it as its last line.
-#[derive(Debug, Clone, Serialize)]
-pub struct Outcome {
-    pub status: &'static str,
-    pub downtime_ms: Option<f64>,
-    pub total_ms: f64,
-    pub rounds: u32,
-    pub bytes_written: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// The target claimed the VM and has not resumed it: the guest stays paused here, and this
-    /// side keeps watching (`Source::watch`) until the target resumes it or gives it back.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub waiting_for_target: bool,
-}
-
 /// A handover the target claimed but had not finished when the outcome was reported.
 pub struct Claimed {
     dir: PathBuf,
@@ -110,7 +79,7 @@ pub struct Source {
     pub save_devices: Box<dyn Fn() -> Result<Vec<ComponentState>, MigrationError> + Send>,
     /// Paused with the vCPUs, released at the handover, taken back on failure.
     pub virtio: VirtioDevices,
-    pub progress: Arc<Mutex<Progress>>,
+    pub progress: Arc<Mutex<MigrationProgress>>,
     pub cancel: Arc<AtomicBool>,
 }
 
@@ -177,7 +146,7 @@ fn dirty_bytes(bitmaps: &[(u64, u64, Vec<u64>)]) -> u64 {
 }
 
 impl Source {
-    fn set(&self, f: impl FnOnce(&mut Progress)) {
+    fn set(&self, f: impl FnOnce(&mut MigrationProgress)) {
         f(&mut crate::devices::lock(&self.progress));
     }
 
@@ -185,13 +154,13 @@ impl Source {
     /// running here, with dirty logging off — except when the target claimed the VM and went
     /// silent: then the guest stays paused and the [`Claimed`] handover is returned, to
     /// [`Source::watch`].
-    pub fn run(&self, p: &Params) -> (Outcome, Option<Box<Claimed>>) {
+    pub fn run(&self, p: &Params) -> (MigrationOutcome, Option<Box<Claimed>>) {
         let t0 = Instant::now();
         let mut rounds = 0;
         let mut written = 0;
         let result = self.migrate(p, &mut rounds, &mut written);
         let _ = self.vm.set_dirty_logging(false);
-        let outcome = |status, downtime_ms, error| Outcome {
+        let outcome = |status, downtime_ms, error| MigrationOutcome {
             status,
             downtime_ms,
             total_ms: t0.elapsed().as_secs_f64() * 1000.0,
@@ -201,16 +170,19 @@ impl Source {
             waiting_for_target: false,
         };
         match result {
-            Ok(Some(downtime_ms)) => (outcome("completed", Some(downtime_ms), None), None),
+            Ok(Some(downtime_ms)) => (
+                outcome(MigrationStatus::Completed, Some(downtime_ms), None),
+                None,
+            ),
             Ok(None) => {
                 self.resume_here();
-                (outcome("cancelled", None, None), None)
+                (outcome(MigrationStatus::Cancelled, None, None), None)
             }
             Err(e) => {
                 if e.resume {
                     self.resume_here();
                 }
-                let mut o = outcome("failed", None, Some(e.message));
+                let mut o = outcome(MigrationStatus::Failed, None, Some(e.message));
                 o.waiting_for_target = e.claimed.is_some();
                 (o, e.claimed)
             }
@@ -266,7 +238,7 @@ impl Source {
         self.vm
             .set_dirty_logging(true)
             .map_err(|e| Failure::new(format!("cannot enable dirty logging: {e}")))?;
-        self.set(|pr| pr.phase = "copying memory");
+        self.set(|pr| pr.phase = MigrationPhase::CopyingMemory);
         *written += snapshot::copy_memory(&self.vm.memory, &self.vm.backing, &out)
             .map_err(Failure::io("cannot copy memory"))?;
         let mut last = Instant::now();
@@ -284,7 +256,7 @@ impl Source {
             last = Instant::now();
             *rounds += 1;
             self.set(|pr| {
-                pr.phase = "pre-copy";
+                pr.phase = MigrationPhase::PreCopy;
                 pr.round = *rounds;
                 pr.remaining_bytes = remaining;
                 pr.dirty_rate_mib_s = rate / f64::from(1 << 20);
@@ -333,7 +305,7 @@ impl Source {
         self.virtio
             .pause()
             .map_err(|e| Failure::new(format!("cannot pause the devices: {e}")))?;
-        self.set(|pr| pr.phase = "handover");
+        self.set(|pr| pr.phase = MigrationPhase::Handover);
         let last = self
             .vm
             .dirty_bitmaps()

@@ -8,11 +8,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use serde_json::json;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiConfig};
-use crate::api::{self, Reply, Request, Response};
+use crate::api::{
+    self, BalloonStats, BalloonTarget, BootProtocol, Cancelling, Info, MigrationOutcome,
+    MigrationPhase, MigrationStatus, Reply, Request, Response, RunState, SnapshotDone,
+    StateChanged, StopKind, Stopped,
+};
 use crate::arch::layout::*;
 use crate::arch::regs;
 use crate::boot;
@@ -41,28 +44,13 @@ pub enum VmmEvent {
     VcpuFailed(String),
     Api(Request, Reply),
     /// The migration's outcome, for whoever asked for it.
-    MigrationDone(crate::migrate::Outcome),
+    MigrationDone(MigrationOutcome),
     /// A handover the target claimed but had not finished when the outcome went out has ended.
     MigrationLate(crate::migrate::Late),
 }
 
 /// How long a pause may take before it is reported as failed.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RunState {
-    Running,
-    Paused,
-}
-
-impl RunState {
-    fn as_str(self) -> &'static str {
-        match self {
-            RunState::Running => "running",
-            RunState::Paused => "paused",
-        }
-    }
-}
 
 /// A built, running VM.
 pub struct Machine {
@@ -86,7 +74,7 @@ pub struct Machine {
 /// target still holds the claim), and what the API can see or stop.
 struct Migration {
     reply: Option<Reply>,
-    progress: Arc<Mutex<crate::migrate::Progress>>,
+    progress: Arc<Mutex<api::MigrationProgress>>,
     cancel: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -364,26 +352,25 @@ impl Machine {
         self.vcpus.resume();
     }
 
-    fn info(&self) -> serde_json::Value {
-        json!({
-            "state": self.state.as_str(),
-            "pid": std::process::id(),
-            "uptime_ms": self.started.elapsed().as_millis() as u64,
-            "vcpus": self.vcpus.count(),
-            "memory_mib": self.config.memory_mib,
-            "boot_protocol": match self.boot_mode {
-                Some(regs::EntryMode::Pvh) => "pvh",
-                Some(regs::EntryMode::Linux64) => "linux64",
-                None => "restored",
+    fn info(&self) -> Info {
+        Info {
+            state: self.state,
+            pid: std::process::id(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            vcpus: self.vcpus.count() as u32,
+            memory_mib: self.config.memory_mib,
+            boot_protocol: match self.boot_mode {
+                Some(regs::EntryMode::Pvh) => BootProtocol::Pvh,
+                Some(regs::EntryMode::Linux64) => BootProtocol::Linux64,
+                None => BootProtocol::Restored,
             },
-            "config": self.config,
-            // Memory the guest has handed back (no round trip to the guest: the driver's count).
-            "balloon": self.balloon.as_ref().map(|(_, c)| json!({
-                "target_mib": pages_to_mib(c.target_pages()),
-                "actual_mib": pages_to_mib(c.actual_pages()),
-            })),
-            "migration": self.migration.as_ref().map(|m| json!(*lock(&m.progress))),
-        })
+            config: serde_json::to_value(&self.config).unwrap_or_default(),
+            balloon: self.balloon.as_ref().map(|(_, c)| BalloonTarget {
+                target_mib: pages_to_mib(c.target_pages()),
+                actual_mib: Some(pages_to_mib(c.actual_pages())),
+            }),
+            migration: self.migration.as_ref().map(|m| lock(&m.progress).clone()),
+        }
     }
 
     /// Runs until the guest stops or is stopped.
@@ -398,7 +385,9 @@ impl Machine {
                         Ok(e) => e,
                         Err(RecvTimeoutError::Timeout) => {
                             if let Some((_, reply)) = shutdown.take() {
-                                reply.send_and_flush(Response::ok(json!({"stopped": "forced"})));
+                                reply.send_and_flush(Response::ok(&Stopped {
+                                    stopped: StopKind::Forced,
+                                }));
                             }
                             return self.finish(0, "forced stop after the shutdown timeout".into());
                         }
@@ -415,7 +404,9 @@ impl Machine {
             match event {
                 VmmEvent::GuestExit(reason) => {
                     if let Some((_, reply)) = shutdown.take() {
-                        reply.send_and_flush(Response::ok(json!({"stopped": "graceful"})));
+                        reply.send_and_flush(Response::ok(&Stopped {
+                            stopped: StopKind::Graceful,
+                        }));
                     }
                     return self.finish(reason.exit_code(), format!("guest exit: {reason:?}"));
                 }
@@ -452,13 +443,13 @@ impl Machine {
                     let Some(reply) = m.reply.take() else {
                         continue;
                     };
-                    let completed = outcome.status == "completed";
-                    let answer = Response::ok(json!(outcome));
+                    let completed = outcome.status == MigrationStatus::Completed;
+                    let answer = Response::ok(&outcome);
                     if completed {
                         reply.send_and_flush(answer);
                         return self.finish(0, "migrated: the guest runs on the target".into());
                     }
-                    tracing::warn!(status = outcome.status, error = ?outcome.error, "migration did not complete");
+                    tracing::warn!(status = ?outcome.status, error = ?outcome.error, "migration did not complete");
                     reply.send(answer);
                     if outcome.waiting_for_target {
                         // Still a migration: nothing may resume or change the guest meanwhile.
@@ -481,17 +472,17 @@ impl Machine {
                         }
                     }
                 }
-                VmmEvent::Api(Request::MigrateCancel, reply) => match &self.migration {
+                VmmEvent::Api(Request::MigrateCancel {}, reply) => match &self.migration {
                     Some(m) if m.reply.is_none() => reply.send(Response::err(
                         "the target has claimed the VM: only the target can give it back",
                     )),
                     Some(m) => {
                         m.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
-                        reply.send(Response::ok(json!({"cancelling": true})));
+                        reply.send(Response::ok(&Cancelling { cancelling: true }));
                     }
                     None => reply.send(Response::err("no migration is in progress")),
                 },
-                VmmEvent::Api(Request::Info, reply) => reply.send(self.handle(Request::Info)),
+                VmmEvent::Api(Request::Info {}, reply) => reply.send(Response::ok(&self.info())),
                 VmmEvent::Api(_, reply) if self.migration.is_some() => {
                     reply.send(Response::err("a migration is in progress"));
                 }
@@ -506,7 +497,7 @@ impl Machine {
                 ) => {
                     self.start_migration(dir, downtime_ms, max_rounds, timeout_ms, reply);
                 }
-                VmmEvent::Api(Request::BalloonStats, reply) => self.balloon_stats(reply),
+                VmmEvent::Api(Request::BalloonStats {}, reply) => self.balloon_stats(reply),
                 VmmEvent::Api(req, reply) => {
                     reply.send(self.handle(req));
                 }
@@ -516,8 +507,8 @@ impl Machine {
 
     fn handle(&mut self, req: Request) -> Response {
         match req {
-            Request::Info => Response::ok(self.info()),
-            Request::Pause => {
+            Request::Info {} => Response::ok(&self.info()),
+            Request::Pause {} => {
                 if self.state == RunState::Paused {
                     return Response::err("the VM is already paused");
                 }
@@ -530,7 +521,9 @@ impl Machine {
                 match paused {
                     Ok(()) => {
                         self.state = RunState::Paused;
-                        Response::ok(json!({"state": "paused"}))
+                        Response::ok(&StateChanged {
+                            state: RunState::Paused,
+                        })
                     }
                     Err(e) => {
                         self.resume_all();
@@ -538,13 +531,15 @@ impl Machine {
                     }
                 }
             }
-            Request::Resume => {
+            Request::Resume {} => {
                 if self.state == RunState::Running {
                     return Response::err("the VM is not paused");
                 }
                 self.resume_all();
                 self.state = RunState::Running;
-                Response::ok(json!({"state": "running"}))
+                Response::ok(&StateChanged {
+                    state: RunState::Running,
+                })
             }
             Request::BalloonSet { mib } => {
                 let Some((transport, control)) = &self.balloon else {
@@ -558,16 +553,19 @@ impl Machine {
                 }
                 control.set_target_pages((mib << 20).div_ceil(BALLOON_PAGE) as u32);
                 lock(transport).config_changed();
-                Response::ok(json!({"target_mib": mib}))
+                Response::ok(&BalloonTarget {
+                    target_mib: mib,
+                    actual_mib: None,
+                })
             }
-            Request::Migrate { .. } | Request::MigrateCancel => {
+            Request::Migrate { .. } | Request::MigrateCancel {} => {
                 Response::err("handled by the main loop")
             }
             Request::Snapshot { dir } => match self.snapshot(&dir) {
-                Ok(v) => Response::ok(v),
+                Ok(v) => Response::ok(&v),
                 Err(e) => Response::err(format!("{e:#}")),
             },
-            Request::Shutdown { .. } | Request::BalloonStats => {
+            Request::Shutdown { .. } | Request::BalloonStats {} => {
                 Response::err("handled by the main loop")
             }
         }
@@ -579,7 +577,7 @@ impl Machine {
 
     /// Writes the paused VM's complete state and memory to `dir` (docs/snapshot.md). The state
     /// file is written last, so a directory without one holds no usable snapshot.
-    fn snapshot(&mut self, dir: &std::path::Path) -> Result<serde_json::Value> {
+    fn snapshot(&mut self, dir: &std::path::Path) -> Result<SnapshotDone> {
         if self.state != RunState::Paused {
             anyhow::bail!("pause the VM before taking a snapshot");
         }
@@ -593,11 +591,11 @@ impl Machine {
         };
         snapshot::write_memory(dir, &self.vm.memory, &self.vm.backing)?;
         snapshot::write_state(dir, &state)?;
-        Ok(json!({
-            "dir": dir,
-            "memory_bytes": self.config.memory_bytes(),
-            "ms": t0.elapsed().as_secs_f64() * 1000.0,
-        }))
+        Ok(SnapshotDone {
+            dir: dir.into(),
+            memory_bytes: self.config.memory_bytes(),
+            ms: t0.elapsed().as_secs_f64() * 1000.0,
+        })
     }
 
     /// Starts the source side of a live migration on a thread of its own; the answer goes out when
@@ -615,7 +613,7 @@ impl Machine {
                 "the VM must be running to migrate (resume it first)",
             ));
         }
-        let progress = Arc::new(Mutex::new(crate::migrate::Progress::default()));
+        let progress = Arc::new(Mutex::new(api::MigrationProgress::default()));
         let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (serial, ged, virtio) = (self.serial.clone(), self.ged.clone(), self.virtio.clone());
         let source = crate::migrate::Source {
@@ -640,7 +638,7 @@ impl Machine {
                 let (outcome, claimed) = source.run(&params);
                 let _ = events.send(VmmEvent::MigrationDone(outcome));
                 if let Some(claimed) = claimed {
-                    crate::devices::lock(&source.progress).phase = "waiting for the target";
+                    crate::devices::lock(&source.progress).phase = MigrationPhase::WaitingForTarget;
                     let late = source.watch(claimed);
                     let _ = events.send(VmmEvent::MigrationLate(late));
                 }
@@ -673,11 +671,14 @@ impl Machine {
             .name("balloon-stats".into())
             .spawn(move || {
                 let stats = control.refresh_stats(Duration::from_secs(2));
-                reply.send(Response::ok(json!({
-                    "target_mib": pages_to_mib(control.target_pages()),
-                    "actual_mib": pages_to_mib(control.actual_pages()),
-                    "stats": stats,
-                })));
+                reply.send(Response::ok(&BalloonStats {
+                    target_mib: pages_to_mib(control.target_pages()),
+                    actual_mib: pages_to_mib(control.actual_pages()),
+                    stats: api::GuestMemoryStats {
+                        reports: stats.reports,
+                        values: stats.values,
+                    },
+                }));
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start the balloon stats thread");

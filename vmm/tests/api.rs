@@ -80,7 +80,7 @@ fn raw(vmm: &RunningVmm, line: &str) -> serde_json::Value {
 fn bad_requests_get_errors_and_change_nothing() {
     let vmm = RunningVmm::start(&["--cmdline", "tg.mode=hold"]);
     for (req, expect) in [
-        (r#"{"command":"fly"}"#, "unknown command"),
+        (r#"{"command":"fly"}"#, "unknown variant `fly`"),
         ("not json", "invalid JSON"),
         (r#"{"command":"pause","extra":1}"#, "unknown field"),
         (

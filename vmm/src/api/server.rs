@@ -9,11 +9,8 @@ use std::sync::mpsc::Sender;
 
 use thiserror::Error;
 
-use super::{parse_request, Reply, Response};
+use super::{Reply, Request, Response, MAX_REQUEST_LINE};
 use crate::vmm::VmmEvent;
-
-/// Longest request line accepted; anything longer is refused and the connection closed.
-const MAX_REQUEST_LINE: usize = 64 * 1024;
 
 #[derive(Debug, Error)]
 pub enum ApiError {
@@ -55,11 +52,10 @@ pub fn spawn(listener: UnixListener, events: Sender<VmmEvent>) -> std::io::Resul
                     Ok(mut stream) => {
                         if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
                             open.fetch_sub(1, Ordering::SeqCst);
-                            let mut out = serde_json::to_vec(&Response::err(format!(
+                            let out = Response::err(format!(
                                 "more than {MAX_CONNECTIONS} API connections at once"
-                            )))
-                            .unwrap_or_default();
-                            out.push(b'\n');
+                            ))
+                            .to_line();
                             let _ = stream.write_all(&out);
                             continue;
                         }
@@ -105,7 +101,7 @@ fn serve(stream: UnixStream, events: &Sender<VmmEvent>) {
         } else {
             match std::str::from_utf8(&line).map_err(|_| "request is not UTF-8".to_string()) {
                 Ok(text) if text.trim().is_empty() => continue,
-                Ok(text) => match parse_request(text.trim()) {
+                Ok(text) => match Request::parse(text.trim()) {
                     Ok(req) => {
                         tracing::debug!(?req, "API request");
                         let (reply, rx, ack) = Reply::new();
@@ -123,8 +119,7 @@ fn serve(stream: UnixStream, events: &Sender<VmmEvent>) {
                 Err(msg) => Response::err(msg),
             }
         };
-        let mut out = serde_json::to_vec(&response).unwrap_or_default();
-        out.push(b'\n');
+        let out = response.to_line();
         let ok = writer.write_all(&out).and_then(|_| writer.flush()).is_ok();
         if let Some(ack) = written.take() {
             let _ = ack.send(());
