@@ -17,7 +17,7 @@ use clap::Parser;
 use futures::StreamExt;
 use prost::Message;
 use serde::Deserialize;
-use vim_proto::{subjects as s, HostEvent, Versioned, PROTOCOL_VERSION};
+use vim_proto::{subjects as s, EventKind, HostEvent, Versioned, PROTOCOL_VERSION};
 
 use supervisor::Host;
 
@@ -220,7 +220,7 @@ impl Agent {
                 Some(ev) => ev,
                 None => {
                     let _ = m.ack_with(AckKind::Progress).await;
-                    let failed = |kind: &str, error: &str| HostEvent {
+                    let failed = |kind: EventKind, error: &str| HostEvent {
                         version: PROTOCOL_VERSION,
                         host_id: me.cfg.host_id.clone(),
                         job_id: job.clone(),
@@ -230,7 +230,7 @@ impl Agent {
                         vm: None,
                     };
                     let ev = match cmd.action {
-                        None => failed("Command_Refused", "no action"),
+                        None => failed(EventKind::CommandRefused, "no action"),
                         Some(a) => match me.host.submit(a).await {
                             Ok(o) => supervisor::event(&me.cfg.host_id, &job, o),
                             // The agent is shutting down: no answer is stored, so the command
@@ -329,7 +329,7 @@ async fn run(cfg: Config) -> Result<()> {
                 job_id: String::new(),
                 ok: false,
                 error: x.why,
-                kind: "VM_Failure".into(),
+                kind: EventKind::VmFailure.into(),
                 vm: Some(x.report),
             };
             if let Err(e) = a.publish_event(&ev).await {

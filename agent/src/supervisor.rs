@@ -12,14 +12,14 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use vim_proto::host_command::Action;
-use vim_proto::{HostEvent, VmReport, VmSpec};
+use vim_proto::{EventKind, HostEvent, VmReport, VmSpec, VmState};
 
 use crate::lock;
 use crate::vms::{Dirs, Vm};
 
 /// What a command did: the event kind, the VM, the outcome, and the VM's report after it.
 pub struct Outcome {
-    pub kind: &'static str,
+    pub kind: EventKind,
     pub vm_id: String,
     pub result: Result<(), String>,
     pub report: Option<VmReport>,
@@ -130,7 +130,7 @@ impl Host {
                                 .map_err(anyhow::Error::from)
                                 .and_then(|r| r);
                             Outcome {
-                                kind: "VM_Deleted",
+                                kind: EventKind::VmDeleted,
                                 vm_id: id.clone(),
                                 result: r.map_err(|e| format!("{e:#}")),
                                 report: Some(deleted_report(id)),
@@ -152,7 +152,8 @@ impl Host {
             vm_id: id.clone(),
             state: vm
                 .as_ref()
-                .map_or("creating".into(), |v| v.record.state.clone()),
+                .map_or(VmState::Creating, |v| v.record.state)
+                .into(),
             pid: vm.as_ref().map_or(0, |v| v.record.pid),
             ..Default::default()
         }));
@@ -179,24 +180,24 @@ impl Host {
 fn deleted_report(id: &str) -> VmReport {
     VmReport {
         vm_id: id.into(),
-        state: "deleted".into(),
+        state: VmState::Deleted.into(),
         ..Default::default()
     }
 }
 
-fn event_kind(action: &Action) -> &'static str {
+fn event_kind(action: &Action) -> EventKind {
     match action {
-        Action::Create(_) => "VM_Created",
-        Action::Start(_) => "VM_Started",
-        Action::Stop(_) => "VM_Stopped",
-        Action::Delete(_) => "VM_Deleted",
-        Action::Info(_) => "VM_Info",
+        Action::Create(_) => EventKind::VmCreated,
+        Action::Start(_) => EventKind::VmStarted,
+        Action::Stop(_) => EventKind::VmStopped,
+        Action::Delete(_) => EventKind::VmDeleted,
+        Action::Info(_) => EventKind::VmInfo,
     }
 }
 
 fn refused(why: String) -> Outcome {
     Outcome {
-        kind: "Command_Refused",
+        kind: EventKind::CommandRefused,
         vm_id: String::new(),
         result: Err(why),
         report: None,
@@ -457,7 +458,7 @@ while True:
         for id in ["a", "b"] {
             let o = host.submit(spec(id, &kernel)).await.unwrap();
             assert!(o.result.is_ok(), "{:?}", o.result);
-            assert_eq!(o.report.unwrap().state, "running");
+            assert_eq!(o.report.unwrap().state(), VmState::Running);
         }
 
         // A slow stop of a does not hold up b, nor the reports.
@@ -466,7 +467,7 @@ while True:
             timeout_ms: 0,
         }));
         let info_b = host.submit(Action::Info("b".into())).await.unwrap();
-        assert_eq!(info_b.report.unwrap().state, "running");
+        assert_eq!(info_b.report.unwrap().state(), VmState::Running);
         assert_eq!(host.reports().len(), 2);
         assert!(
             stop_a.try_recv().is_err(),
@@ -474,13 +475,16 @@ while True:
         );
         let o = stop_a.await.unwrap();
         assert!(o.result.is_ok(), "{:?}", o.result);
-        assert_eq!(o.report.unwrap().state, "stopped");
+        assert_eq!(o.report.unwrap().state(), VmState::Stopped);
 
         // In order for one VM: start, then info sees it running.
         let start_a = host.submit(Action::Start("a".into()));
         let info_a = host.submit(Action::Info("a".into()));
         assert!(start_a.await.unwrap().result.is_ok());
-        assert_eq!(info_a.await.unwrap().report.unwrap().state, "running");
+        assert_eq!(
+            info_a.await.unwrap().report.unwrap().state(),
+            VmState::Running
+        );
 
         // A VMM that dies on its own is reported once.
         let pid = host
@@ -496,7 +500,7 @@ while True:
             .expect("no exit reported")
             .unwrap();
         assert_eq!(x.vm_id, "b");
-        assert_eq!(x.report.state, "failed");
+        assert_eq!(x.report.state(), VmState::Failed);
 
         // Deleted is final; an unknown VM and a bad id are refused.
         let o = host.submit(Action::Delete("a".into())).await.unwrap();
@@ -506,14 +510,14 @@ while True:
         let o = host.submit(Action::Start("nope".into())).await.unwrap();
         assert!(o.result.is_err());
         let o = host.submit(Action::Delete("../x".into())).await.unwrap();
-        assert_eq!(o.kind, "Command_Refused");
+        assert_eq!(o.kind, EventKind::CommandRefused);
         assert!(!d.path().join("state/x").exists());
 
         let _ = stop_tx.send(true);
         let o = host.submit(Action::Delete("b".into())).await;
         // After shutdown a command gets no answer, or one saying the supervisor stopped.
         if let Ok(o) = o {
-            assert!(o.result.is_err() || o.kind == "VM_Deleted");
+            assert!(o.result.is_err() || o.kind == EventKind::VmDeleted);
         }
     }
 }

@@ -11,14 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use vim_proto::{VmReport, VmSpec};
+use vim_proto::{VmReport, VmSpec, VmState};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmRecord {
     pub spec: SpecRecord,
     pub pid: u32,
-    /// "running", "stopped", "failed".
-    pub state: String,
+    /// Running, stopped or failed.
+    pub state: VmState,
     pub api_socket: PathBuf,
     pub console: PathBuf,
 }
@@ -223,7 +223,7 @@ impl Vm {
                 cpu: CpuSample::default(),
             };
             let (id, r) = (vm.record.spec.vm_id.clone(), &mut vm.record);
-            if r.state == "running" && alive(r.pid) && is_vmm(r.pid) {
+            if r.state == VmState::Running && alive(r.pid) && is_vmm(r.pid) {
                 tracing::info!(vm = id, pid = r.pid, "re-adopted a running VMM");
             } else if let Some(pid) = serving_vmm(&r.api_socket) {
                 // Started just before the agent died, too soon to be recorded.
@@ -232,12 +232,12 @@ impl Vm {
                     pid,
                     "adopted a VMM that was started but not recorded"
                 );
-                r.state = "running".into();
+                r.state = VmState::Running;
                 r.pid = pid;
                 vm.save()?;
-            } else if r.state == "running" {
+            } else if r.state == VmState::Running {
                 tracing::warn!(vm = id, pid = r.pid, "VMM gone while the agent was down");
-                r.state = "failed".into();
+                r.state = VmState::Failed;
                 r.pid = 0;
                 vm.save()?;
             }
@@ -261,7 +261,7 @@ impl Vm {
             record: VmRecord {
                 spec: spec.into(),
                 pid: 0,
-                state: "stopped".into(),
+                state: VmState::Stopped,
                 api_socket: dirs
                     .state_dir
                     .join("vms")
@@ -291,7 +291,7 @@ impl Vm {
         let u = usage(r.pid, &mut self.cpu);
         VmReport {
             vm_id: r.spec.vm_id.clone(),
-            state: r.state.clone(),
+            state: r.state.into(),
             pid: r.pid,
             cpu_pct: u.vcpu_pct,
             rss_kib: u.rss_kib,
@@ -303,14 +303,14 @@ impl Vm {
     pub fn start(&mut self) -> anyhow::Result<()> {
         let id = self.id().to_string();
         let r = &self.record;
-        if r.state == "running" && alive(r.pid) {
+        if r.state == VmState::Running && alive(r.pid) {
             return Ok(());
         }
         if let Some(pid) = serving_vmm(&r.api_socket) {
             tracing::info!(vm = id, pid, "adopted the VMM already serving this VM");
             return self.record_running(pid);
         }
-        let before = r.state.clone();
+        let before = r.state;
         let s = &r.spec;
         let mut cmd = Command::new(&self.dirs.vmm);
         cmd.arg("run")
@@ -373,7 +373,7 @@ impl Vm {
 
     fn record_running(&mut self, pid: u32) -> anyhow::Result<()> {
         self.record.pid = pid;
-        self.record.state = "running".into();
+        self.record.state = VmState::Running;
         self.save()
     }
 
@@ -381,7 +381,7 @@ impl Vm {
     /// if the process is still there.
     pub fn stop(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let r = self.record.clone();
-        if r.state == "running" && alive(r.pid) {
+        if r.state == VmState::Running && alive(r.pid) {
             // The answer comes when the guest has stopped; a VMM that does not answer is killed
             // below all the same.
             if let Err(e) = vmm_api::Client::new(&r.api_socket).shutdown(timeout.as_millis() as u64)
@@ -399,7 +399,7 @@ impl Vm {
             }
             self.reap();
         }
-        self.record.state = "stopped".into();
+        self.record.state = VmState::Stopped;
         self.record.pid = 0;
         self.save()
     }
@@ -420,7 +420,7 @@ impl Vm {
 
     /// Why the VMM exited on its own since the last call (crash, or the guest powered off).
     pub fn exited(&mut self) -> Option<String> {
-        if self.record.state != "running" {
+        if self.record.state != VmState::Running {
             return None;
         }
         let status = self
@@ -432,11 +432,11 @@ impl Vm {
         }
         self.child = None;
         let (state, why) = match status {
-            Some(st) if st.success() => ("stopped", "the guest powered off".to_string()),
-            Some(st) => ("failed", format!("the VMM exited: {st}")),
-            None => ("failed", "the VMM process disappeared".to_string()),
+            Some(st) if st.success() => (VmState::Stopped, "the guest powered off".to_string()),
+            Some(st) => (VmState::Failed, format!("the VMM exited: {st}")),
+            None => (VmState::Failed, "the VMM process disappeared".to_string()),
         };
-        self.record.state = state.into();
+        self.record.state = state;
         self.record.pid = 0;
         let _ = self.save();
         Some(why)

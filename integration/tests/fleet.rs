@@ -1314,37 +1314,40 @@ fn a_host_cannot_act_outside_its_remit_and_secrets_are_private() {
         let c = f.connect_as_host(attacker).await;
         let js = async_nats::jetstream::new(c.clone());
         // (sender named in the event, job, kind, VM, reported state), all sent as the attacker.
-        let forge =
-            |host: &str, job: &str, kind: &str, vm: &str, state: &str| vim_proto::HostEvent {
-                version: vim_proto::PROTOCOL_VERSION,
-                host_id: host.into(),
-                job_id: job.into(),
-                ok: true,
-                kind: kind.into(),
-                vm: Some(vim_proto::VmReport {
-                    vm_id: vm.into(),
-                    state: state.into(),
-                    ..Default::default()
-                }),
+        use vim_proto::{EventKind as K, VmState as S};
+        let forge = |host: &str, job: &str, kind: K, vm: &str, state: S| vim_proto::HostEvent {
+            version: vim_proto::PROTOCOL_VERSION,
+            host_id: host.into(),
+            job_id: job.into(),
+            ok: true,
+            kind: kind.into(),
+            vm: Some(vim_proto::VmReport {
+                vm_id: vm.into(),
+                state: state.into(),
                 ..Default::default()
-            };
+            }),
+            ..Default::default()
+        };
         let forged = [
             // The victim's own create job, answered by the wrong host as a delete.
-            forge(attacker, &job, "VM_Deleted", &victim, "deleted"),
+            forge(attacker, &job, K::VmDeleted, &victim, S::Deleted),
             // A failure report about a VM on another host.
-            forge(attacker, "", "VM_Failure", &victim, "failed"),
+            forge(attacker, "", K::VmFailure, &victim, S::Failed),
             // Speaking as the owner, on its own subject.
-            forge(&owner, "", "VM_Failure", &victim, "failed"),
+            forge(&owner, "", K::VmFailure, &victim, S::Failed),
             // A path for an id.
-            forge(attacker, "", "VM_Deleted", "../../precious", "deleted"),
+            forge(attacker, "", K::VmDeleted, "../../precious", S::Deleted),
             // A job that does not exist.
             forge(
                 attacker,
                 "nosuchjob",
-                "VM_Deleted",
+                K::VmDeleted,
                 "../../precious",
-                "deleted",
+                S::Deleted,
             ),
+            // One of vimd's own kinds, and a state only vimd gives.
+            forge(attacker, "", K::PsUnreachable, &victim, S::Failed),
+            forge(attacker, "", K::VmFailure, &victim, S::Unknown),
         ];
         for ev in &forged {
             js.publish(format!("vim.ev.{attacker}"), ev.encode_to_vec().into())
@@ -1391,7 +1394,7 @@ fn a_host_cannot_act_outside_its_remit_and_secrets_are_private() {
             .iter()
             .filter(|e| e["who"] == format!("host:{attacker}") && e["outcome"] == "refused")
             .count()
-            >= 5
+            >= 7
     });
     let vm = f.ctl_ok(&["vm", "show", &victim]);
     assert_eq!(

@@ -66,7 +66,9 @@ async fn main() -> anyhow::Result<()> {
         .events(Some(warm), 1_000_000)
         .await?
         .iter()
-        .filter(|e| e.kind == "PS_Timeout" && e.host_id.starts_with("sim") && e.ts <= now)
+        .filter(|e| {
+            e.kind == vim::db::EventKind::PsTimeout && e.host_id.starts_with("sim") && e.ts <= now
+        })
         .count();
     let all = db.hosts().await?;
     let in_run = |id: &str| {

@@ -536,11 +536,11 @@ async fn create_vm(State(v): St, h: Req, b: Result<Json<CreateVm>, JsonRejection
             vcpus: i64::from(req.vcpus),
             memory_mib: req.memory_mib as i64,
             host_id: String::new(),
-            state: "pending".into(),
+            state: db::VmState::Pending,
             created_at: now,
             ..db::Vm::default()
         };
-        let job = db::Job::new("create", &who.name, &vm.id);
+        let job = db::Job::new(db::JobKind::Create, &who.name, &vm.id);
         v.db.add_job(&job, Some(&vm)).await?;
         v.outbox.push(&job.id);
         accepted(json!({"job_id": job.id, "vm_id": vm.id}))
@@ -550,7 +550,7 @@ async fn create_vm(State(v): St, h: Req, b: Result<Json<CreateVm>, JsonRejection
 
 async fn owned_vm(v: &Vimd, who: &Identity, id: &str) -> Result<db::Vm, ApiError> {
     match v.db.vm(id).await? {
-        Some(vm) if vm.state != "deleted" && who.may_touch(&vm.owner) => Ok(vm),
+        Some(vm) if vm.state != db::VmState::Deleted && who.may_touch(&vm.owner) => Ok(vm),
         _ => Err(not_found(&format!("VM {id}"))),
     }
 }
@@ -562,7 +562,7 @@ async fn show_vm(State(v): St, h: Req, Path(id): Path<String>) -> Response {
     .await
 }
 
-async fn vm_job(v: Arc<Vimd>, h: Req, id: String, kind: &'static str) -> Response {
+async fn vm_job(v: Arc<Vimd>, h: Req, id: String, kind: db::JobKind) -> Response {
     call(
         &v,
         &h,
@@ -580,15 +580,15 @@ async fn vm_job(v: Arc<Vimd>, h: Req, id: String, kind: &'static str) -> Respons
 }
 
 async fn start_vm(State(v): St, h: Req, Path(id): Path<String>) -> Response {
-    vm_job(v, h, id, "start").await
+    vm_job(v, h, id, db::JobKind::Start).await
 }
 
 async fn stop_vm(State(v): St, h: Req, Path(id): Path<String>) -> Response {
-    vm_job(v, h, id, "stop").await
+    vm_job(v, h, id, db::JobKind::Stop).await
 }
 
 async fn delete_vm(State(v): St, h: Req, Path(id): Path<String>) -> Response {
-    vm_job(v, h, id, "delete").await
+    vm_job(v, h, id, db::JobKind::Delete).await
 }
 
 #[derive(Deserialize)]
@@ -685,7 +685,7 @@ async fn stream_events(State(v): St, h: Req) -> Response {
                     match rx.recv().await {
                         Ok(e) => {
                             let ev = SseEvent::default()
-                                .event(e.kind.clone())
+                                .event(e.kind.as_str())
                                 .data(json!(e).to_string());
                             return Some((Ok(ev), rx));
                         }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use vim_proto::Heartbeat;
 
-use crate::db::Host;
+use crate::db::{Host, HostState};
 
 /// How stale a healthy host's `last_heartbeat` in the database may get.
 pub const REFRESH: Duration = Duration::from_secs(5);
@@ -18,7 +18,7 @@ pub const REFRESH: Duration = Duration::from_secs(5);
 struct Live {
     last: i64,
     missed: i64,
-    state: String,
+    state: HostState,
     latest: Option<(Heartbeat, i64)>,
     flushed: Option<Heartbeat>,
     flushed_at: i64,
@@ -30,9 +30,9 @@ pub enum Beat {
     /// Not a host this map knows: the beat is kept until [`Liveness::adopt`] looks it up.
     Unknown,
     Steady,
-    /// The host was `before` (`registered` or `unreachable`) and is reachable now; its report.
+    /// The host was `before` (registered or unreachable) and is reachable now; its report.
     Returned {
-        before: String,
+        before: HostState,
         hb: Heartbeat,
     },
 }
@@ -73,7 +73,6 @@ pub fn bound_report(hb: &mut Heartbeat) {
             }
             *pct = pct.min(f64::from(MAX_CORES) * 100.0);
         }
-        text(&mut v.state);
     }
 }
 
@@ -133,7 +132,7 @@ impl Liveness {
     /// knows, and applies their latest beats; the others' beats are dropped (they are looked up
     /// again if they beat again). Returns the hosts that became reachable, as
     /// [`Beat::Returned`] would.
-    pub fn adopt(&self, found: &[Host], asked: &[String]) -> Vec<(String, Heartbeat)> {
+    pub fn adopt(&self, found: &[Host], asked: &[String]) -> Vec<(HostState, Heartbeat)> {
         self.load(found);
         let beats: Vec<(Heartbeat, i64)> = {
             let mut p = self.lock_pending();
@@ -161,7 +160,7 @@ impl Liveness {
                 Live {
                     last: h.last_heartbeat,
                     missed: h.missed,
-                    state: h.state.clone(),
+                    state: h.state,
                     latest: None,
                     flushed: None,
                     flushed_at: h.last_heartbeat,
@@ -175,7 +174,7 @@ impl Liveness {
         self.lock().entry(id.into()).or_insert(Live {
             last: 0,
             missed: 0,
-            state: "registered".into(),
+            state: HostState::Registered,
             latest: None,
             flushed: None,
             flushed_at: 0,
@@ -193,13 +192,13 @@ impl Liveness {
         };
         l.last = now;
         l.missed = 0;
-        let r = if l.state == "reachable" {
+        let r = if l.state == HostState::Reachable {
             Beat::Steady
         } else {
             // Force the next flush to write everything (the database marked its VMs unknown).
             l.flushed = None;
             Beat::Returned {
-                before: std::mem::replace(&mut l.state, "reachable".into()),
+                before: std::mem::replace(&mut l.state, HostState::Reachable),
                 hb: hb.clone(),
             }
         };
@@ -240,7 +239,7 @@ impl Liveness {
         let every = every.as_millis() as i64;
         let mut out = Vec::new();
         for (id, l) in self.lock().iter_mut() {
-            if l.state == "registered" || l.last == 0 || l.state == "unreachable" {
+            if l.state != HostState::Reachable || l.last == 0 {
                 continue;
             }
             let silent = now - l.last;
@@ -250,7 +249,7 @@ impl Liveness {
             l.missed += 1;
             let unreachable_now = l.missed >= misses;
             if unreachable_now {
-                l.state = "unreachable".into();
+                l.state = HostState::Unreachable;
             }
             out.push(Miss {
                 host: id.clone(),
@@ -284,7 +283,7 @@ mod tests {
         assert_eq!(l.beat(hb("x", 1, 1), 0), Beat::Unknown);
         assert!(matches!(
             l.beat(hb("h", 1, 2), 1000),
-            Beat::Returned { before, .. } if before == "registered"
+            Beat::Returned { before, .. } if before == HostState::Registered
         ));
         assert_eq!(l.beat(hb("h", 2, 2), 2000), Beat::Steady);
         let every = Duration::from_millis(1000);
@@ -301,7 +300,7 @@ mod tests {
         );
         assert!(matches!(
             l.beat(hb("h", 3, 2), 9500),
-            Beat::Returned { before, .. } if before == "unreachable"
+            Beat::Returned { before, .. } if before == HostState::Unreachable
         ));
     }
 
@@ -315,12 +314,12 @@ mod tests {
         assert_eq!(asked.len(), 2);
         let found = Host {
             id: "new".into(),
-            state: "registered".into(),
+            state: HostState::Registered,
             ..Default::default()
         };
         let back = l.adopt(&[found], &asked);
         assert_eq!(back.len(), 1);
-        assert_eq!((back[0].0.as_str(), back[0].1.seq), ("registered", 2));
+        assert_eq!((back[0].0, back[0].1.seq), (HostState::Registered, 2));
         assert_eq!(
             l.pending(),
             Vec::<String>::new(),

@@ -34,7 +34,7 @@ pub async fn choose(
     if let Some(h) = db.roomiest_host(policy, vcpus, memory_mib).await? {
         return Ok(Ok(h));
     }
-    let reachable = db.count_hosts("reachable").await?;
+    let reachable = db.count_hosts(crate::db::HostState::Reachable).await?;
     Ok(Err(format!(
         "no host has room for {vcpus} vCPUs and {memory_mib} MiB ({reachable} reachable host(s); \
          overcommit cpu {} memory {}, {} MiB reserved per host)",
@@ -46,7 +46,7 @@ pub async fn choose(
 mod tests {
     use super::*;
     use crate::db::tests::databases;
-    use crate::db::{HostState, Job, Vm};
+    use crate::db::{HostChange, HostState, Job, JobKind, Vm, VmState};
 
     /// Hosts a (1000 MiB used), b (empty), c (unreachable), each 2 cores and 4096 MiB.
     async fn fleet(db: &Db) {
@@ -60,13 +60,13 @@ mod tests {
             };
             db.record_heartbeats(&[(hb, 1)]).await.unwrap();
             let state = if id == "c" {
-                "unreachable"
+                HostState::Unreachable
             } else {
-                "reachable"
+                HostState::Reachable
             };
-            db.set_host_states(&[HostState {
+            db.set_host_states(&[HostChange {
                 host: id.into(),
-                state: state.into(),
+                state,
                 missed: 0,
             }])
             .await
@@ -76,10 +76,10 @@ mod tests {
             id: "v".into(),
             vcpus: 0,
             memory_mib: 1000,
-            state: "running".into(),
+            state: VmState::Running,
             ..Vm::default()
         };
-        db.add_job(&Job::new("create", "o", "v"), Some(&vm))
+        db.add_job(&Job::new(JobKind::Create, "o", "v"), Some(&vm))
             .await
             .unwrap();
         db.place_vm("v", "a", "").await.unwrap();

@@ -13,7 +13,7 @@ use prost::Message;
 use tokio::sync::broadcast;
 use vim_proto::{host_command::Action, subjects as s, Versioned, PROTOCOL_VERSION};
 
-use crate::db::{self, Db, Event};
+use crate::db::{self, Db, Event, EventKind, HostState, JobKind, JobState, VmState};
 use crate::monitor::{Beat, Liveness};
 use crate::outbox;
 use crate::placement::{self, Policy};
@@ -80,7 +80,14 @@ impl Vimd {
     }
 
     /// Records an event and tells the SSE listeners.
-    pub async fn event(&self, kind: &str, host_id: &str, vm_id: &str, job_id: &str, detail: &str) {
+    pub async fn event(
+        &self,
+        kind: EventKind,
+        host_id: &str,
+        vm_id: &str,
+        job_id: &str,
+        detail: &str,
+    ) {
         self.record_events(vec![Event::new(kind, host_id, vm_id, job_id, detail)])
             .await;
     }
@@ -92,7 +99,7 @@ impl Vimd {
         }
         for e in &events {
             tracing::info!(
-                kind = e.kind,
+                kind = e.kind.as_str(),
                 host_id = e.host_id,
                 vm_id = e.vm_id,
                 job_id = e.job_id,
@@ -138,13 +145,19 @@ impl Vimd {
     async fn fail_job(&self, job: &db::Job, why: &str) {
         if let Ok(true) = self
             .db
-            .transition_job(&job.id, &["pending", "running"], "failed", why)
+            .transition_job(
+                &job.id,
+                &[JobState::Pending, JobState::Running],
+                JobState::Failed,
+                why,
+            )
             .await
         {
-            if job.kind == "create" {
-                let _ = self.db.set_vm_state(&job.vm_id, "failed", 0).await;
+            if job.kind == JobKind::Create {
+                let _ = self.db.set_vm_state(&job.vm_id, VmState::Failed, 0).await;
             }
-            self.event("Job_Failed", "", &job.vm_id, &job.id, why).await;
+            self.event(EventKind::JobFailed, "", &job.vm_id, &job.id, why)
+                .await;
         }
     }
 
@@ -155,7 +168,7 @@ impl Vimd {
             tracing::warn!(job_id, "job not in the database; dropped");
             return Ok(());
         };
-        if job.state != "pending" {
+        if job.state != JobState::Pending {
             return Ok(());
         }
         let Some(mut vm) = self.db.vm(&job.vm_id).await? else {
@@ -163,18 +176,18 @@ impl Vimd {
             return Ok(());
         };
         // Deleted is final: a job queued behind the delete (a create racing it) does nothing.
-        if vm.state == "deleted" {
+        if vm.state == VmState::Deleted {
             self.fail_job(&job, "the VM has been deleted").await;
             return Ok(());
         }
-        if job.kind == "delete" && vm.host_id.is_empty() {
+        if job.kind == JobKind::Delete && vm.host_id.is_empty() {
             // Never placed (its create failed, or has not been handled yet): no host to ask.
             // The create, when it comes, finds the VM deleted and does nothing.
             if self.db.delete_unplaced_vm(&vm.id).await? {
                 self.db
-                    .transition_job(&job.id, &["pending"], "done", "")
+                    .transition_job(&job.id, &[JobState::Pending], JobState::Done, "")
                     .await?;
-                self.event("VM_Deleted", "", &vm.id, &job.id, "never placed")
+                self.event(EventKind::VmDeleted, "", &vm.id, &job.id, "never placed")
                     .await;
                 return Ok(());
             }
@@ -184,7 +197,7 @@ impl Vimd {
             };
             vm = placed;
         }
-        let host_id = if job.kind == "create" && vm.host_id.is_empty() {
+        let host_id = if job.kind == JobKind::Create && vm.host_id.is_empty() {
             match placement::choose(&self.db, &self.policy, vm.vcpus, vm.memory_mib).await? {
                 Ok(h) => h,
                 Err(why) => {
@@ -210,10 +223,16 @@ impl Vimd {
         self.db.assign_job_host(&job.id, &host_id).await?;
         self.send_to_host(&host_id, &job.id, action).await?;
         self.db
-            .transition_job(&job.id, &["pending"], "running", "")
+            .transition_job(&job.id, &[JobState::Pending], JobState::Running, "")
             .await?;
-        self.event("Job_Sent", &host_id, &vm.id, &job.id, &job.kind)
-            .await;
+        self.event(
+            EventKind::JobSent,
+            &host_id,
+            &vm.id,
+            &job.id,
+            job.kind.as_str(),
+        )
+        .await;
         Ok(())
     }
 
@@ -225,8 +244,8 @@ impl Vimd {
         vm: &db::Vm,
         host_id: &str,
     ) -> Result<Step> {
-        let action = match job.kind.as_str() {
-            "create" => {
+        let action = match job.kind {
+            JobKind::Create => {
                 let Some(image) = self.db.image(&vm.image).await? else {
                     return Ok(Step::Refuse(format!("image {} does not exist", vm.image)));
                 };
@@ -246,13 +265,12 @@ impl Vimd {
                     disk,
                 })
             }
-            "start" => Action::Start(vm.id.clone()),
-            "stop" => Action::Stop(vim_proto::StopVm {
+            JobKind::Start => Action::Start(vm.id.clone()),
+            JobKind::Stop => Action::Stop(vim_proto::StopVm {
                 vm_id: vm.id.clone(),
                 timeout_ms: 10_000,
             }),
-            "delete" => Action::Delete(vm.id.clone()),
-            other => return Ok(Step::Refuse(format!("unknown job kind {other}"))),
+            JobKind::Delete => Action::Delete(vm.id.clone()),
         };
         Ok(Step::Send(action))
     }
@@ -352,27 +370,29 @@ impl Vimd {
         };
         if let Some(v) = &ev.vm {
             self.db
-                .set_vm_state(&checked.vm_id, &v.state, i64::from(v.pid))
+                .set_vm_state(&checked.vm_id, v.state(), i64::from(v.pid))
                 .await?;
         }
         if let Some(job) = &checked.job {
             let (to, err) = if ev.ok {
-                ("done", String::new())
+                (JobState::Done, String::new())
             } else {
-                ("failed", ev.error.clone())
+                (JobState::Failed, ev.error.clone())
             };
             let moved = self
                 .db
-                .transition_job(&job.id, &["running", "pending"], to, &err)
+                .transition_job(&job.id, &[JobState::Running, JobState::Pending], to, &err)
                 .await?;
             if !moved {
                 return Ok(()); // a redelivered answer
             }
-            if !ev.ok && job.kind == "create" && ev.vm.is_none() {
+            if !ev.ok && job.kind == JobKind::Create && ev.vm.is_none() {
                 // Refused before the agent knew the VM (a bad spec): it will not run there.
-                self.db.set_vm_state(&checked.vm_id, "failed", 0).await?;
+                self.db
+                    .set_vm_state(&checked.vm_id, VmState::Failed, 0)
+                    .await?;
             }
-            if ev.ok && job.kind == "delete" {
+            if ev.ok && job.kind == JobKind::Delete {
                 // Its disk copy goes with it (the image's disk stays).
                 let dir = self.vm_dir(&checked.vm_id)?;
                 if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
@@ -382,8 +402,9 @@ impl Vimd {
                 }
             }
         }
+        let kind = ev.kind();
         let detail = if ev.ok { String::new() } else { ev.error };
-        self.event(&ev.kind, sender, &checked.vm_id, &ev.job_id, &detail)
+        self.event(kind, sender, &checked.vm_id, &ev.job_id, &detail)
             .await;
         Ok(())
     }
@@ -400,9 +421,19 @@ impl Vimd {
                 ev.host_id
             )));
         }
+        // Numbers outside the enums decode as `Unspecified`: refused with the rest.
+        if !ev.kind().from_agent() {
+            return Ok(Err(format!(
+                "event kind {} is not a host's to send",
+                ev.kind
+            )));
+        }
         if let Some(r) = &ev.vm {
-            if !VM_REPORT_STATES.contains(&r.state.as_str()) {
-                return Ok(Err(format!("unknown VM state {:?}", r.state)));
+            if !r.state().reportable() {
+                return Ok(Err(format!(
+                    "VM state {} is not a host's to report",
+                    r.state
+                )));
             }
         }
         if !ev.job_id.is_empty() {
@@ -422,12 +453,17 @@ impl Vimd {
             if sent_to != sender {
                 return Ok(Err(format!("job {} was not sent to {sender}", job.id)));
             }
-            let kind_ok = answer_kind(&job.kind) == Some(ev.kind.as_str())
-                || (!ev.ok && ["Command_Failed", "Command_Refused"].contains(&ev.kind.as_str()));
+            let kind_ok = answer_kind(job.kind) == ev.kind()
+                || (!ev.ok
+                    && matches!(
+                        ev.kind(),
+                        EventKind::CommandFailed | EventKind::CommandRefused
+                    ));
             if !kind_ok {
                 return Ok(Err(format!(
                     "{} does not answer a {} job",
-                    ev.kind, job.kind
+                    ev.kind(),
+                    job.kind
                 )));
             }
             if ev.vm.as_ref().is_some_and(|r| r.vm_id != job.vm_id) {
@@ -439,8 +475,8 @@ impl Vimd {
             }));
         }
         // Without a job: only a report that one of the sender's own VMs failed.
-        if ev.kind != "VM_Failure" {
-            return Ok(Err(format!("{} without a job", ev.kind)));
+        if ev.kind() != EventKind::VmFailure {
+            return Ok(Err(format!("{} without a job", ev.kind())));
         }
         let Some(r) = &ev.vm else {
             return Ok(Err("VM_Failure without its VM".into()));
@@ -463,7 +499,7 @@ impl Vimd {
         };
         tracing::warn!(
             host = sender,
-            kind = ev.kind,
+            kind = ev.kind().as_str(),
             target,
             why,
             "host event refused"
@@ -471,10 +507,7 @@ impl Vimd {
         let e = db::AuditEntry {
             ts: db::now_ms(),
             who: format!("host:{sender}"),
-            action: format!(
-                "host.event.{}",
-                ev.kind.chars().take(40).collect::<String>()
-            ),
+            action: format!("host.event.{}", ev.kind().as_str()),
             target: target.chars().take(100).collect(),
             outcome: "refused".into(),
             detail: why.chars().take(500).collect(),
@@ -491,18 +524,14 @@ struct CheckedEvent {
     job: Option<db::Job>,
 }
 
-/// The states a host may report a VM in.
-const VM_REPORT_STATES: &[&str] = &["running", "stopped", "failed", "deleted"];
-
 /// The event kind that answers a job of `kind`.
-fn answer_kind(kind: &str) -> Option<&'static str> {
-    Some(match kind {
-        "create" => "VM_Created",
-        "start" => "VM_Started",
-        "stop" => "VM_Stopped",
-        "delete" => "VM_Deleted",
-        _ => return None,
-    })
+fn answer_kind(kind: JobKind) -> EventKind {
+    match kind {
+        JobKind::Create => EventKind::VmCreated,
+        JobKind::Start => EventKind::VmStarted,
+        JobKind::Stop => EventKind::VmStopped,
+        JobKind::Delete => EventKind::VmDeleted,
+    }
 }
 
 /// What handling a job does next.
@@ -701,7 +730,7 @@ pub async fn run_monitor(v: Arc<Vimd>) -> Result<()> {
 #[derive(Default)]
 struct Seen {
     /// Hosts reachable again (or for the first time), with the state they were in.
-    returned: Vec<(String, vim_proto::Heartbeat)>,
+    returned: Vec<(HostState, vim_proto::Heartbeat)>,
     misses: Vec<crate::monitor::Miss>,
 }
 
@@ -725,31 +754,42 @@ impl Vimd {
         let mut states = Vec::new();
         let mut events = Vec::new();
         for (before, hb) in seen.returned {
-            states.push(db::HostState {
+            states.push(db::HostChange {
                 host: hb.host_id.clone(),
-                state: "reachable".into(),
+                state: HostState::Reachable,
                 missed: 0,
             });
-            events.push(if before == "unreachable" {
-                Event::new("PS_Reachable", &hb.host_id, "", "", "heartbeats again")
+            events.push(if before == HostState::Unreachable {
+                Event::new(
+                    EventKind::PsReachable,
+                    &hb.host_id,
+                    "",
+                    "",
+                    "heartbeats again",
+                )
             } else {
-                Event::new("Host_Registered", &hb.host_id, "", "", &hb.hostname)
+                Event::new(EventKind::HostRegistered, &hb.host_id, "", "", &hb.hostname)
             });
         }
         for m in seen.misses {
             let detail = format!("no heartbeat for {} ms ({} missed)", m.silent_ms, m.missed);
-            events.push(Event::new("PS_Timeout", &m.host, "", "", &detail));
+            events.push(Event::new(EventKind::PsTimeout, &m.host, "", "", &detail));
             if m.unreachable_now {
                 let detail = format!("{} heartbeats missed in a row", m.missed);
-                events.push(Event::new("PS_Unreachable", &m.host, "", "", &detail));
+                events.push(Event::new(
+                    EventKind::PsUnreachable,
+                    &m.host,
+                    "",
+                    "",
+                    &detail,
+                ));
             }
-            states.push(db::HostState {
+            states.push(db::HostChange {
                 state: if m.unreachable_now {
-                    "unreachable"
+                    HostState::Unreachable
                 } else {
-                    "reachable"
-                }
-                .into(),
+                    HostState::Reachable
+                },
                 host: m.host,
                 missed: m.missed,
             });
@@ -782,7 +822,7 @@ pub async fn run_reconciler(v: Arc<Vimd>) {
                 Ok(jobs) => republish(&v, jobs, false, "republishing unconfirmed jobs").await,
                 Err(e) => tracing::warn!(error = %e, "reconciler"),
             }
-            if let Ok(jobs) = v.db.stale_jobs("pending", age).await {
+            if let Ok(jobs) = v.db.stale_jobs(JobState::Pending, age).await {
                 republish(
                     &v,
                     jobs,
@@ -791,7 +831,7 @@ pub async fn run_reconciler(v: Arc<Vimd>) {
                 )
                 .await;
             }
-            if let Ok(jobs) = v.db.stale_jobs("running", age).await {
+            if let Ok(jobs) = v.db.stale_jobs(JobState::Running, age).await {
                 for j in jobs {
                     tracing::warn!(
                         job = j.id,

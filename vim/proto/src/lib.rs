@@ -1,9 +1,10 @@
 //! The wire protocol between the VIM (`vimd`) and the host agents (`vim-agent`): protobuf messages
-//! (prost) and the NATS subjects and JetStream streams they travel on. `docs/protocol.md` describes
+//! and enums (`proto/vim.proto`, built by prost) and the NATS subjects and JetStream streams they
+//! travel on. `docs/protocol.md` describes
 //! the same in prose. Every message carries [`PROTOCOL_VERSION`]; a receiver refuses other majors.
 
 /// Bumped on incompatible changes; receivers refuse messages of another version.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The servers of a NATS URL as command lines take it: one (`nats://host:4222`) or a cluster's,
 /// separated by commas (`nats://a:4222,nats://b:4222`); the client fails over between them.
@@ -149,141 +150,130 @@ pub mod subjects {
     }
 }
 
-/// What a VM is built from, as the agent needs it.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct VmSpec {
-    #[prost(string, tag = "1")]
-    pub vm_id: String,
-    #[prost(uint32, tag = "2")]
-    pub vcpus: u32,
-    #[prost(uint64, tag = "3")]
-    pub memory_mib: u64,
-    /// Paths on shared storage.
-    #[prost(string, tag = "4")]
-    pub kernel: String,
-    #[prost(string, tag = "5")]
-    pub initrd: String,
-    #[prost(string, tag = "6")]
-    pub cmdline: String,
-    #[prost(string, tag = "7")]
-    pub disk: String,
-}
+// The messages and enums, generated from `proto/vim.proto` by `build.rs`.
+include!(concat!(env!("OUT_DIR"), "/vim.v2.rs"));
 
-/// A command for one host's agent.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct HostCommand {
-    #[prost(uint32, tag = "1")]
-    pub version: u32,
-    /// The job this command belongs to: the agent's idempotency key.
-    #[prost(string, tag = "2")]
-    pub job_id: String,
-    #[prost(oneof = "host_command::Action", tags = "10, 11, 12, 13, 14")]
-    pub action: Option<host_command::Action>,
-}
+/// A state or kind name that is not one of the enum's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnknownName(pub String);
 
-pub mod host_command {
-    #[derive(Clone, PartialEq, prost::Oneof)]
-    pub enum Action {
-        /// Create and start.
-        #[prost(message, tag = "10")]
-        Create(super::VmSpec),
-        #[prost(string, tag = "11")]
-        Start(String),
-        /// Graceful power-off (ACPI button), forced after the timeout.
-        #[prost(message, tag = "12")]
-        Stop(super::StopVm),
-        #[prost(string, tag = "13")]
-        Delete(String),
-        #[prost(string, tag = "14")]
-        Info(String),
+impl std::fmt::Display for UnknownName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "unknown name {:?}", self.0)
     }
 }
 
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct StopVm {
-    #[prost(string, tag = "1")]
-    pub vm_id: String,
-    #[prost(uint64, tag = "2")]
-    pub timeout_ms: u64,
+impl std::error::Error for UnknownName {}
+
+#[doc(hidden)]
+pub use serde as __serde;
+
+/// One table for an enum's names in the database, the REST API, the event log and JSON (the
+/// protobuf wire carries the numbers): `as_str`, `FromStr` and serde all read it, so they never
+/// disagree. Used here for the protocol's enums and in vimd for its own (job kinds and states,
+/// host states).
+#[macro_export]
+macro_rules! names {
+    ($t:ty { $($v:ident => $n:literal),* $(,)? }) => {
+        impl $t {
+            pub const ALL: &'static [$t] = &[$(<$t>::$v),*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(<$t>::$v => $n,)*
+                }
+            }
+        }
+
+        impl std::str::FromStr for $t {
+            type Err = $crate::UnknownName;
+            fn from_str(s: &str) -> Result<Self, $crate::UnknownName> {
+                match s {
+                    $($n => Ok(<$t>::$v),)*
+                    _ => Err($crate::UnknownName(s.chars().take(64).collect())),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl $crate::__serde::Serialize for $t {
+            fn serialize<S: $crate::__serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> $crate::__serde::Deserialize<'de> for $t {
+            fn deserialize<D: $crate::__serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <String as $crate::__serde::Deserialize>::deserialize(d)?;
+                s.parse().map_err(<D::Error as $crate::__serde::de::Error>::custom)
+            }
+        }
+    };
 }
 
-/// One VM as the agent sees it.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct VmReport {
-    #[prost(string, tag = "1")]
-    pub vm_id: String,
-    /// "running", "stopped", "failed".
-    #[prost(string, tag = "2")]
-    pub state: String,
-    #[prost(uint32, tag = "3")]
-    pub pid: u32,
-    /// CPU time of the VM's vCPU threads since the last report, in percent of one core (the
-    /// guest's use: 200 is two vCPUs busy).
-    #[prost(double, tag = "4")]
-    pub cpu_pct: f64,
-    /// Resident memory of the VMM process (guest memory it touched, plus its own).
-    #[prost(uint64, tag = "5")]
-    pub rss_kib: u64,
-    /// CPU time of the VMM's other threads (devices, API): its overhead, same unit.
-    #[prost(double, tag = "6")]
-    pub vmm_cpu_pct: f64,
-    /// Memory the guest has handed back through its balloon (0 without one).
-    #[prost(uint64, tag = "7")]
-    pub balloon_mib: u64,
+names!(VmState {
+    Unspecified => "unspecified",
+    Creating => "creating",
+    Running => "running",
+    Stopped => "stopped",
+    Failed => "failed",
+    Deleted => "deleted",
+    Pending => "pending",
+    Unknown => "unknown",
+});
+
+names!(EventKind {
+    Unspecified => "Unspecified",
+    VmCreated => "VM_Created",
+    VmStarted => "VM_Started",
+    VmStopped => "VM_Stopped",
+    VmDeleted => "VM_Deleted",
+    VmInfo => "VM_Info",
+    VmFailure => "VM_Failure",
+    CommandRefused => "Command_Refused",
+    CommandFailed => "Command_Failed",
+    JobSent => "Job_Sent",
+    JobFailed => "Job_Failed",
+    HostRegistered => "Host_Registered",
+    PsReachable => "PS_Reachable",
+    PsTimeout => "PS_Timeout",
+    PsUnreachable => "PS_Unreachable",
+});
+
+impl VmState {
+    /// The states an agent may report a VM in.
+    pub fn reportable(self) -> bool {
+        matches!(
+            self,
+            VmState::Creating
+                | VmState::Running
+                | VmState::Stopped
+                | VmState::Failed
+                | VmState::Deleted
+        )
+    }
 }
 
-/// What an agent says about its host, every heartbeat interval.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct Heartbeat {
-    #[prost(uint32, tag = "1")]
-    pub version: u32,
-    #[prost(string, tag = "2")]
-    pub host_id: String,
-    #[prost(uint64, tag = "3")]
-    pub seq: u64,
-    #[prost(string, tag = "4")]
-    pub hostname: String,
-    #[prost(uint32, tag = "5")]
-    pub cpu_cores: u32,
-    #[prost(uint64, tag = "6")]
-    pub memory_mib: u64,
-    #[prost(string, tag = "7")]
-    pub agent_version: String,
-    #[prost(message, repeated, tag = "8")]
-    pub vms: Vec<VmReport>,
-    /// The host's address: the one it reaches NATS from (migration and consoles use it).
-    #[prost(string, tag = "9")]
-    pub address: String,
-}
-
-/// An agent's answer to a command, or an event it noticed (a VMM that exited).
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct HostEvent {
-    #[prost(uint32, tag = "1")]
-    pub version: u32,
-    #[prost(string, tag = "2")]
-    pub host_id: String,
-    /// Set when this answers a command.
-    #[prost(string, tag = "3")]
-    pub job_id: String,
-    #[prost(bool, tag = "4")]
-    pub ok: bool,
-    #[prost(string, tag = "5")]
-    pub error: String,
-    /// "VM_Created", "VM_Started", "VM_Stopped", "VM_Deleted", "VM_Failure", "VM_Info".
-    #[prost(string, tag = "6")]
-    pub kind: String,
-    #[prost(message, optional, tag = "7")]
-    pub vm: Option<VmReport>,
-}
-
-/// A job for the vimd workers: the API wrote it to the database, then published its id.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct Job {
-    #[prost(uint32, tag = "1")]
-    pub version: u32,
-    #[prost(string, tag = "2")]
-    pub job_id: String,
+impl EventKind {
+    /// Kinds an agent may send; the rest are vimd's own.
+    pub fn from_agent(self) -> bool {
+        matches!(
+            self,
+            EventKind::VmCreated
+                | EventKind::VmStarted
+                | EventKind::VmStopped
+                | EventKind::VmDeleted
+                | EventKind::VmInfo
+                | EventKind::VmFailure
+                | EventKind::CommandRefused
+                | EventKind::CommandFailed
+        )
+    }
 }
 
 /// Decoding with the version check every receiver needs.
@@ -366,6 +356,27 @@ mod tests {
             None
         );
         assert_eq!(subjects::sender("vim.hb.h1", subjects::EVENTS_PREFIX), None);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for k in EventKind::ALL {
+            assert_eq!(k.as_str().parse::<EventKind>(), Ok(*k));
+        }
+        for s in VmState::ALL {
+            assert_eq!(s.as_str().parse::<VmState>(), Ok(*s));
+        }
+        assert!("VM_Exploded".parse::<EventKind>().is_err());
+        assert!(!EventKind::PsTimeout.from_agent());
+        assert!(VmState::Running.reportable() && !VmState::Pending.reportable());
+    }
+
+    #[test]
+    fn a_version_1_message_is_refused_by_its_version() {
+        // v1's HostEvent: version 1, kind "VM_Failure" as a string in field 6.
+        let mut v1 = vec![0x08, 0x01, 0x32, 10];
+        v1.extend_from_slice(b"VM_Failure");
+        assert_eq!(HostEvent::decode_checked(&v1), Err(DecodeError::Version(1)));
     }
 
     #[test]

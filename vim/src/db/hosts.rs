@@ -1,0 +1,306 @@
+//! Hosts: what they report, their liveness state, and where a new VM fits.
+
+use serde::Serialize;
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::{marks, named, now_ms, Db, DbError, VmState, HEARTBEAT_CHUNK};
+
+/// Whether a host's heartbeats arrive: not yet since it was added, yes, or not for the number
+/// of intervals that makes it unreachable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum HostState {
+    #[default]
+    Registered,
+    Reachable,
+    Unreachable,
+}
+
+vim_proto::names!(HostState {
+    Registered => "registered",
+    Reachable => "reachable",
+    Unreachable => "unreachable",
+});
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Host {
+    pub id: String,
+    pub hostname: String,
+    pub address: String,
+    pub cpu_cores: i64,
+    pub memory_mib: i64,
+    pub agent_version: String,
+    pub state: HostState,
+    pub last_heartbeat: i64,
+    pub missed: i64,
+    #[serde(skip)]
+    pub nats_user: String,
+    /// A bcrypt hash (the plaintext is only in the credentials handed to the host).
+    #[serde(skip)]
+    pub nats_password_hash: String,
+}
+
+/// A host's state and missed-heartbeat count, as the monitor sees them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostChange {
+    pub host: String,
+    pub state: HostState,
+    pub missed: i64,
+}
+
+fn host(r: &AnyRow) -> Result<Host, sqlx::Error> {
+    Ok(Host {
+        id: r.try_get("id")?,
+        hostname: r.try_get("hostname")?,
+        address: r.try_get("address")?,
+        cpu_cores: r.try_get("cpu_cores")?,
+        memory_mib: r.try_get("memory_mib")?,
+        agent_version: r.try_get("agent_version")?,
+        state: named(r, "state")?,
+        last_heartbeat: r.try_get("last_heartbeat")?,
+        missed: r.try_get("missed")?,
+        nats_user: r.try_get("nats_user")?,
+        nats_password_hash: r.try_get("nats_password")?,
+    })
+}
+
+impl Db {
+    /// A new host, with its NATS user and that user's password hash.
+    pub async fn add_host(&self, id: &str, user: &str, password_hash: &str) -> Result<(), DbError> {
+        let r = sqlx::query(
+            "INSERT INTO hosts (id, state, nats_user, nats_password, created_at)
+             VALUES ($1, $5, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(user)
+        .bind(password_hash)
+        .bind(now_ms())
+        .bind(HostState::Registered.as_str())
+        .execute(&self.writer)
+        .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(DbError::Conflict(format!("host {id} already exists")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Replaces a host's NATS password hash (new credentials, or a plaintext password stored by
+    /// an older vimd).
+    pub async fn set_host_password_hash(&self, id: &str, hash: &str) -> Result<bool, DbError> {
+        let r = sqlx::query("UPDATE hosts SET nats_password = $1 WHERE id = $2")
+            .bind(hash)
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    pub async fn hosts(&self) -> Result<Vec<Host>, DbError> {
+        let rows = sqlx::query("SELECT * FROM hosts ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(host).collect::<Result<_, _>>()?)
+    }
+
+    /// The hosts among `ids` that exist (one query per few hundred ids).
+    pub async fn hosts_among(&self, ids: &[String]) -> Result<Vec<Host>, DbError> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(HEARTBEAT_CHUNK) {
+            let sql = format!(
+                "SELECT * FROM hosts WHERE id IN ({})",
+                marks(1, chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            for r in q.fetch_all(&self.pool).await? {
+                out.push(host(&r)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes heartbeat reports (host facts, time, VM usage) in one transaction. Host states are
+    /// not touched here: they change only through [`Db::set_host_states`].
+    pub async fn record_heartbeats(
+        &self,
+        beats: &[(vim_proto::Heartbeat, i64)],
+    ) -> Result<(), DbError> {
+        for chunk in beats.chunks(HEARTBEAT_CHUNK) {
+            self.record_heartbeat_chunk(chunk).await?;
+        }
+        Ok(())
+    }
+
+    async fn record_heartbeat_chunk(
+        &self,
+        beats: &[(vim_proto::Heartbeat, i64)],
+    ) -> Result<(), DbError> {
+        let mut tx = self.writer.begin().await?;
+        for (hb, at) in beats {
+            sqlx::query(
+                "UPDATE hosts SET hostname = $1, cpu_cores = $2, memory_mib = $3,
+                 agent_version = $4, last_heartbeat = $5, address = $7 WHERE id = $6",
+            )
+            .bind(&hb.hostname)
+            .bind(i64::from(hb.cpu_cores))
+            .bind(hb.memory_mib as i64)
+            .bind(&hb.agent_version)
+            .bind(*at)
+            .bind(&hb.host_id)
+            .bind(&hb.address)
+            .execute(&mut *tx)
+            .await?;
+            for v in &hb.vms {
+                sqlx::query(
+                    "UPDATE vms SET state = $1, pid = $2, cpu_pct = $3, rss_kib = $4,
+                     vmm_cpu_pct = $7, balloon_mib = $8
+                     WHERE id = $5 AND host_id = $6 AND state NOT IN ($9, $10)",
+                )
+                .bind(v.state().as_str())
+                .bind(i64::from(v.pid))
+                .bind(v.cpu_pct)
+                .bind(v.rss_kib as i64)
+                .bind(&v.vm_id)
+                .bind(&hb.host_id)
+                .bind(v.vmm_cpu_pct)
+                .bind(v.balloon_mib as i64)
+                .bind(VmState::Deleted.as_str())
+                .bind(VmState::Pending.as_str())
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Host state changes seen by the monitor, with the missed-heartbeat count each host has now;
+    /// an unreachable host's VMs become `unknown`. Chunked like heartbeats.
+    pub async fn set_host_states(&self, changes: &[HostChange]) -> Result<(), DbError> {
+        for chunk in changes.chunks(HEARTBEAT_CHUNK) {
+            let mut tx = self.writer.begin().await?;
+            for c in chunk {
+                sqlx::query("UPDATE hosts SET state = $1, missed = $2 WHERE id = $3")
+                    .bind(c.state.as_str())
+                    .bind(c.missed)
+                    .bind(&c.host)
+                    .execute(&mut *tx)
+                    .await?;
+                if c.state == HostState::Unreachable {
+                    sqlx::query("UPDATE vms SET state = $2 WHERE host_id = $1 AND state <> $3")
+                        .bind(&c.host)
+                        .bind(VmState::Unknown.as_str())
+                        .bind(VmState::Deleted.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    pub async fn count_hosts(&self, state: HostState) -> Result<i64, DbError> {
+        let r = sqlx::query("SELECT COUNT(*) AS n FROM hosts WHERE state = $1")
+            .bind(state.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(r.try_get("n")?)
+    }
+
+    /// The reachable host with the most free memory that has room for `vcpus` and `memory_mib`
+    /// under `p` (overcommit ratios, memory reserved for the host), counting the VMs placed on it
+    /// that are not deleted.
+    pub async fn roomiest_host(
+        &self,
+        p: &crate::placement::Policy,
+        vcpus: i64,
+        memory_mib: i64,
+    ) -> Result<Option<String>, DbError> {
+        let r = sqlx::query(
+            "SELECT h.id,
+                    (h.memory_mib - $1) * $2 - COALESCE(u.memory_mib, 0) AS free_mib
+             FROM hosts h LEFT JOIN (
+                 SELECT host_id, SUM(vcpus) AS vcpus, SUM(memory_mib) AS memory_mib FROM vms
+                 WHERE host_id <> '' AND state <> $6 GROUP BY host_id
+             ) u ON u.host_id = h.id
+             WHERE h.state = $7
+               AND COALESCE(u.vcpus, 0) + $3 <= h.cpu_cores * $4
+               AND $5 <= (h.memory_mib - $1) * $2 - COALESCE(u.memory_mib, 0)
+             ORDER BY free_mib DESC, h.id LIMIT 1",
+        )
+        .bind(p.reserved_memory_mib)
+        .bind(p.memory_ratio)
+        .bind(vcpus)
+        .bind(p.cpu_ratio)
+        .bind(memory_mib)
+        .bind(VmState::Deleted.as_str())
+        .bind(HostState::Reachable.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match r {
+            Some(r) => Some(r.try_get("id")?),
+            None => None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::tests::databases;
+    use crate::db::{Event, EventKind};
+
+    /// The monitor's batched writes: more hosts than one chunk, looked up, marked and unmarked.
+    #[tokio::test]
+    async fn host_batches() {
+        for (db, _dir) in databases().await {
+            let n = HEARTBEAT_CHUNK * 2 + 7;
+            let ids: Vec<String> = (0..n).map(|i| format!("b{i}")).collect();
+            for id in &ids {
+                db.add_host(id, "u", "p").await.unwrap();
+            }
+            let mut asked = ids.clone();
+            asked.push("nobody".into());
+            assert_eq!(db.hosts_among(&asked).await.unwrap().len(), n);
+            let beats: Vec<(vim_proto::Heartbeat, i64)> = ids
+                .iter()
+                .map(|id| {
+                    let hb = vim_proto::Heartbeat {
+                        host_id: id.clone(),
+                        cpu_cores: 8,
+                        ..Default::default()
+                    };
+                    (hb, 42)
+                })
+                .collect();
+            db.record_heartbeats(&beats).await.unwrap();
+            let states: Vec<HostChange> = ids
+                .iter()
+                .map(|id| HostChange {
+                    host: id.clone(),
+                    state: HostState::Unreachable,
+                    missed: 3,
+                })
+                .collect();
+            db.set_host_states(&states).await.unwrap();
+            let events: Vec<Event> = ids
+                .iter()
+                .map(|id| Event::new(EventKind::PsUnreachable, id, "", "", ""))
+                .collect();
+            db.add_events(&events).await.unwrap();
+            let hosts = db.hosts().await.unwrap();
+            assert_eq!(hosts.len(), n);
+            assert!(hosts.iter().all(|h| h.state == HostState::Unreachable
+                && h.missed == 3
+                && h.cpu_cores == 8
+                && h.last_heartbeat == 42));
+            assert_eq!(db.events(Some(0), 10_000).await.unwrap().len(), n);
+        }
+    }
+}

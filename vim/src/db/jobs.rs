@@ -1,0 +1,326 @@
+//! Jobs: what the API was asked to do, written before anything is published (outbox), moved
+//! on by the workers and by the hosts' answers.
+
+use serde::Serialize;
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::{marks, named, new_id, now_ms, Db, DbError, Vm, HEARTBEAT_CHUNK};
+
+/// What a job does to its VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobKind {
+    Create,
+    Start,
+    Stop,
+    Delete,
+}
+
+vim_proto::names!(JobKind {
+    Create => "create",
+    Start => "start",
+    Stop => "stop",
+    Delete => "delete",
+});
+
+/// Where a job is: written (`pending`), its command sent (`running`), answered (`done` or
+/// `failed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobState {
+    Pending,
+    Running,
+    Done,
+    Failed,
+}
+
+vim_proto::names!(JobState {
+    Pending => "pending",
+    Running => "running",
+    Done => "done",
+    Failed => "failed",
+});
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Job {
+    pub id: String,
+    pub kind: JobKind,
+    pub owner: String,
+    pub vm_id: String,
+    pub state: JobState,
+    pub published: bool,
+    /// The host its command went to (empty before it was sent, or for jobs needing none).
+    pub host_id: String,
+    pub attempts: i64,
+    pub error: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl Job {
+    /// A new pending job, not yet published.
+    pub fn new(kind: JobKind, owner: &str, vm_id: &str) -> Job {
+        let now = now_ms();
+        Job {
+            id: new_id(),
+            kind,
+            owner: owner.into(),
+            vm_id: vm_id.into(),
+            state: JobState::Pending,
+            published: false,
+            host_id: String::new(),
+            attempts: 0,
+            error: String::new(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
+fn job(r: &AnyRow) -> Result<Job, sqlx::Error> {
+    Ok(Job {
+        id: r.try_get("id")?,
+        kind: named(r, "kind")?,
+        owner: r.try_get("owner")?,
+        vm_id: r.try_get("vm_id")?,
+        state: named(r, "state")?,
+        published: r.try_get::<i64, _>("published")? != 0,
+        host_id: r.try_get("host_id")?,
+        attempts: r.try_get("attempts")?,
+        error: r.try_get("error")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+impl Db {
+    /// Writes a VM (when `vm` is given) and the job that acts on it in one transaction: the job
+    /// exists before anything is published (outbox).
+    pub async fn add_job(&self, job: &Job, new_vm: Option<&Vm>) -> Result<(), DbError> {
+        let mut tx = self.writer.begin().await?;
+        if let Some(v) = new_vm {
+            sqlx::query(
+                "INSERT INTO vms (id, name, owner, image, vcpus, memory_mib, state, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(&v.id)
+            .bind(&v.name)
+            .bind(&v.owner)
+            .bind(&v.image)
+            .bind(v.vcpus)
+            .bind(v.memory_mib)
+            .bind(v.state.as_str())
+            .bind(v.created_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, owner, vm_id, state, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $6, $5, $5)",
+        )
+        .bind(&job.id)
+        .bind(job.kind.as_str())
+        .bind(&job.owner)
+        .bind(&job.vm_id)
+        .bind(job.created_at)
+        .bind(JobState::Pending.as_str())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Marks jobs published (their messages are in `VIM_JOBS`), in as few statements as possible.
+    pub async fn mark_published(&self, job_ids: &[String]) -> Result<(), DbError> {
+        for chunk in job_ids.chunks(HEARTBEAT_CHUNK) {
+            let sql = format!(
+                "UPDATE jobs SET published = 1 WHERE id IN ({})",
+                marks(1, chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            q.execute(&self.writer).await?;
+        }
+        Ok(())
+    }
+
+    /// Jobs written but not confirmed published, older than `age_ms`.
+    pub async fn unpublished_jobs(&self, age_ms: i64) -> Result<Vec<Job>, DbError> {
+        let rows = sqlx::query(
+            "SELECT * FROM jobs WHERE published = 0 AND state = $2 AND created_at < $1",
+        )
+        .bind(now_ms() - age_ms)
+        .bind(JobState::Pending.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(job).collect::<Result<_, _>>()?)
+    }
+
+    /// Jobs published and still in `state` (`pending`: NATS lost the message or no worker took
+    /// it; `running`: no answer from the host) after `age_ms`; each is touched so it comes back
+    /// only once per `age_ms`.
+    pub async fn stale_jobs(&self, state: JobState, age_ms: i64) -> Result<Vec<Job>, DbError> {
+        let cutoff = now_ms() - age_ms;
+        let rows = sqlx::query(
+            "SELECT * FROM jobs WHERE published = 1 AND state = $1 AND updated_at < $2",
+        )
+        .bind(state.as_str())
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?;
+        let jobs: Vec<Job> = rows.iter().map(job).collect::<Result<_, _>>()?;
+        for chunk in jobs.chunks(HEARTBEAT_CHUNK) {
+            // $1 and $2 are the time and state; the ids follow.
+            let sql = format!(
+                "UPDATE jobs SET updated_at = $1 WHERE state = $2 AND id IN ({})",
+                marks(3, chunk.len())
+            );
+            let mut q = sqlx::query(&sql).bind(now_ms()).bind(state.as_str());
+            for j in chunk {
+                q = q.bind(&j.id);
+            }
+            q.execute(&self.writer).await?;
+        }
+        Ok(jobs)
+    }
+
+    pub async fn job(&self, id: &str) -> Result<Option<Job>, DbError> {
+        let r = sqlx::query("SELECT * FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(r.as_ref().map(job).transpose()?)
+    }
+
+    pub async fn jobs(&self, owner: Option<&str>, limit: i64) -> Result<Vec<Job>, DbError> {
+        let rows = match owner {
+            Some(o) => {
+                sqlx::query("SELECT * FROM jobs WHERE owner = $1 ORDER BY created_at DESC LIMIT $2")
+                    .bind(o)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query("SELECT * FROM jobs ORDER BY created_at DESC LIMIT $1")
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        Ok(rows.iter().map(job).collect::<Result<_, _>>()?)
+    }
+
+    /// Moves a job on; `from` guards against doing it twice (false: it was not in `from`).
+    pub async fn transition_job(
+        &self,
+        id: &str,
+        from: &[JobState],
+        to: JobState,
+        error: &str,
+    ) -> Result<bool, DbError> {
+        let placeholders: Vec<String> = (0..from.len()).map(|i| format!("${}", i + 4)).collect();
+        let sql = format!(
+            "UPDATE jobs SET state = $1, error = $2, updated_at = $3, attempts = attempts + 1
+             WHERE id = ${} AND state IN ({})",
+            from.len() + 4,
+            placeholders.join(", ")
+        );
+        let mut q = sqlx::query(&sql)
+            .bind(to.as_str())
+            .bind(error)
+            .bind(now_ms());
+        for f in from {
+            q = q.bind(f.as_str());
+        }
+        let r = q.bind(id).execute(&self.writer).await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Records the host a job's command goes to, before it is sent (an answer may come back
+    /// before the job is marked running).
+    pub async fn assign_job_host(&self, id: &str, host_id: &str) -> Result<(), DbError> {
+        sqlx::query("UPDATE jobs SET host_id = $1 WHERE id = $2")
+            .bind(host_id)
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::tests::databases;
+    use crate::db::VmState;
+
+    #[tokio::test]
+    async fn jobs_move_once() {
+        for (db, _dir) in databases().await {
+            let vm = Vm {
+                id: new_id(),
+                name: "a".into(),
+                owner: "alice".into(),
+                image: "img".into(),
+                vcpus: 1,
+                memory_mib: 64,
+                host_id: String::new(),
+                state: VmState::Pending,
+                created_at: now_ms(),
+                ..Vm::default()
+            };
+            let job = Job {
+                created_at: now_ms() - 10_000,
+                ..Job::new(JobKind::Create, "alice", &vm.id)
+            };
+            db.add_job(&job, Some(&vm)).await.unwrap();
+            assert_eq!(db.unpublished_jobs(1000).await.unwrap().len(), 1);
+            db.mark_published(std::slice::from_ref(&job.id))
+                .await
+                .unwrap();
+            assert!(db.unpublished_jobs(1000).await.unwrap().is_empty());
+            // Published 10 s ago and never taken: stale once, then not again until it ages.
+            assert_eq!(
+                db.stale_jobs(JobState::Pending, 1000).await.unwrap().len(),
+                1
+            );
+            assert!(db
+                .stale_jobs(JobState::Pending, 1000)
+                .await
+                .unwrap()
+                .is_empty());
+            assert!(db
+                .stale_jobs(JobState::Running, 0)
+                .await
+                .unwrap()
+                .is_empty());
+            assert!(db
+                .transition_job(&job.id, &[JobState::Pending], JobState::Running, "")
+                .await
+                .unwrap());
+            assert!(
+                !db.transition_job(&job.id, &[JobState::Pending], JobState::Running, "")
+                    .await
+                    .unwrap(),
+                "a job moved twice"
+            );
+            // Deleted is final: no report, late answer or placement brings it back.
+            assert!(db.delete_unplaced_vm(&vm.id).await.unwrap());
+            assert!(!db.set_vm_state(&vm.id, VmState::Running, 7).await.unwrap());
+            assert!(!db.place_vm(&vm.id, "h1", "").await.unwrap());
+            assert_eq!(
+                db.vm(&vm.id).await.unwrap().unwrap().state,
+                VmState::Deleted
+            );
+            assert_eq!(db.vms(Some("alice"), None, 100).await.unwrap().len(), 0);
+            assert_eq!(db.vms(Some("bob"), None, 100).await.unwrap().len(), 0);
+            db.add_host("h1", "u", "p").await.unwrap();
+            assert!(matches!(
+                db.add_host("h1", "u", "p").await,
+                Err(DbError::Conflict(_))
+            ));
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! VMs: where each runs and in which state, as its host last reported.
+
+use serde::Serialize;
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::{named, Db, DbError, VmState};
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Vm {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub image: String,
+    pub vcpus: i64,
+    pub memory_mib: i64,
+    pub host_id: String,
+    pub state: VmState,
+    pub disk_path: String,
+    pub pid: i64,
+    /// The guest's CPU (its vCPU threads), % of one core.
+    pub cpu_pct: f64,
+    /// The VMM process's resident memory.
+    pub rss_kib: i64,
+    /// The VMM's own CPU (its other threads), % of one core.
+    pub vmm_cpu_pct: f64,
+    /// Memory the guest has handed back through its balloon.
+    pub balloon_mib: i64,
+    pub created_at: i64,
+}
+
+fn vm(r: &AnyRow) -> Result<Vm, sqlx::Error> {
+    Ok(Vm {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        owner: r.try_get("owner")?,
+        image: r.try_get("image")?,
+        vcpus: r.try_get("vcpus")?,
+        memory_mib: r.try_get("memory_mib")?,
+        host_id: r.try_get("host_id")?,
+        state: named(r, "state")?,
+        disk_path: r.try_get("disk_path")?,
+        pid: r.try_get("pid")?,
+        cpu_pct: r.try_get("cpu_pct")?,
+        rss_kib: r.try_get("rss_kib")?,
+        vmm_cpu_pct: r.try_get("vmm_cpu_pct")?,
+        balloon_mib: r.try_get("balloon_mib")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+impl Db {
+    pub async fn vm(&self, id: &str) -> Result<Option<Vm>, DbError> {
+        let r = sqlx::query("SELECT * FROM vms WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(r.as_ref().map(vm).transpose()?)
+    }
+
+    /// VMs not deleted, oldest first (then by id), at most `limit` of them, starting after the VM
+    /// `after` (the last one of the page before: a cursor that stays right while VMs come and go).
+    pub async fn vms(
+        &self,
+        owner: Option<&str>,
+        after: Option<&Vm>,
+        limit: i64,
+    ) -> Result<Vec<Vm>, DbError> {
+        let mut sql = String::from("SELECT * FROM vms WHERE state <> $1");
+        let mut n = 1;
+        let mut mark = || {
+            n += 1;
+            format!("${n}")
+        };
+        if owner.is_some() {
+            sql += &format!(" AND owner = {}", mark());
+        }
+        if after.is_some() {
+            let (a, b, c) = (mark(), mark(), mark());
+            sql += &format!(" AND (created_at > {a} OR (created_at = {b} AND id > {c}))");
+        }
+        sql += &format!(" ORDER BY created_at, id LIMIT {}", mark());
+        let mut q = sqlx::query(&sql).bind(VmState::Deleted.as_str());
+        if let Some(o) = owner {
+            q = q.bind(o);
+        }
+        if let Some(a) = after {
+            q = q.bind(a.created_at).bind(a.created_at).bind(&a.id);
+        }
+        let rows = q.bind(limit).fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(vm).collect::<Result<_, _>>()?)
+    }
+
+    /// Places a VM on a host; false if it was deleted meanwhile (it is never placed then).
+    pub async fn place_vm(&self, id: &str, host_id: &str, disk: &str) -> Result<bool, DbError> {
+        let r = sqlx::query(
+            "UPDATE vms SET host_id = $1, disk_path = $2 WHERE id = $3 AND state <> $4",
+        )
+        .bind(host_id)
+        .bind(disk)
+        .bind(id)
+        .bind(VmState::Deleted.as_str())
+        .execute(&self.writer)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// A VM's state as its host reports it. States only move forward out of `deleted`: nothing
+    /// a host or a late answer says brings a deleted VM back.
+    pub async fn set_vm_state(&self, id: &str, state: VmState, pid: i64) -> Result<bool, DbError> {
+        let r = sqlx::query("UPDATE vms SET state = $1, pid = $2 WHERE id = $3 AND state <> $4")
+            .bind(state.as_str())
+            .bind(pid)
+            .bind(id)
+            .bind(VmState::Deleted.as_str())
+            .execute(&self.writer)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Deletes a VM that was never placed, unless it has been placed meanwhile (false: send
+    /// the delete to its host instead).
+    pub async fn delete_unplaced_vm(&self, id: &str) -> Result<bool, DbError> {
+        let r = sqlx::query("UPDATE vms SET state = $2, pid = 0 WHERE id = $1 AND host_id = ''")
+            .bind(id)
+            .bind(VmState::Deleted.as_str())
+            .execute(&self.writer)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::tests::databases;
+    use crate::db::{new_id, Job, JobKind};
+
+    /// Pages of a VM listing join up to the whole listing: oldest first, ties by id, nobody
+    /// else's VMs and no deleted ones, each once.
+    #[tokio::test]
+    async fn vm_pages() {
+        for (db, _dir) in databases().await {
+            let mut ids = Vec::new();
+            for i in 0..8 {
+                let (owner, state) = match i {
+                    3 => ("bob", VmState::Running),
+                    5 => ("alice", VmState::Deleted),
+                    _ => ("alice", VmState::Running),
+                };
+                let vm = Vm {
+                    id: new_id(),
+                    name: format!("v{i}"),
+                    owner: owner.into(),
+                    state,
+                    // Pairs of VMs created in the same millisecond.
+                    created_at: 1000 + i / 2,
+                    ..Vm::default()
+                };
+                db.add_job(&Job::new(JobKind::Create, owner, &vm.id), Some(&vm))
+                    .await
+                    .unwrap();
+                if owner == "alice" && state != VmState::Deleted {
+                    ids.push((vm.created_at, vm.id));
+                }
+            }
+            ids.sort();
+            let want: Vec<String> = ids.into_iter().map(|(_, id)| id).collect();
+            let whole: Vec<String> = db
+                .vms(Some("alice"), None, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|v| v.id)
+                .collect();
+            assert_eq!(whole, want);
+            let mut paged: Vec<String> = Vec::new();
+            let mut after: Option<Vm> = None;
+            loop {
+                let page = db.vms(Some("alice"), after.as_ref(), 2).await.unwrap();
+                assert!(page.len() <= 2);
+                paged.extend(page.iter().map(|v| v.id.clone()));
+                match page.last() {
+                    Some(last) if page.len() == 2 => after = Some(last.clone()),
+                    _ => break,
+                }
+            }
+            assert_eq!(paged, want);
+            assert_eq!(db.vms(None, None, 100).await.unwrap().len(), want.len() + 1);
+        }
+    }
+}
