@@ -169,4 +169,36 @@ pub(crate) mod tests {
         }
         out
     }
+
+    /// A database made before migrations (the same tables, no `_sqlx_migrations`) is adopted
+    /// with its rows; opening twice applies nothing twice.
+    #[tokio::test]
+    async fn a_database_from_before_migrations_is_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}?mode=rwc", dir.path().join("old.db").display());
+        sqlx::any::install_default_drivers();
+        let old = AnyPoolOptions::new().connect(&url).await.unwrap();
+        let ddl: String = include_str!("../../migrations/0001_initial.sql")
+            .lines()
+            .filter(|l| !l.starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for stmt in ddl.split(';').filter(|s| s.contains("CREATE")) {
+            sqlx::query(stmt).execute(&old).await.unwrap();
+        }
+        sqlx::query(
+            "INSERT INTO hosts (id, state, nats_user, nats_password, created_at)
+             VALUES ('h1', 'reachable', 'u', 'p', 1)",
+        )
+        .execute(&old)
+        .await
+        .unwrap();
+        old.close().await;
+        for _ in 0..2 {
+            let db = Db::open(&url).await.unwrap();
+            let hosts = db.hosts().await.unwrap();
+            assert_eq!(hosts.len(), 1);
+            assert_eq!(hosts[0].state, HostState::Reachable);
+        }
+    }
 }

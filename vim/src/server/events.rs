@@ -1,0 +1,250 @@
+//! The event consumer: agents' answers to commands and their reports of VMs that failed, each
+//! checked against the job it claims to answer before it changes anything.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use async_nats::jetstream::AckKind;
+use futures::StreamExt;
+use vim_proto::{subjects as s, Versioned};
+
+use super::Vimd;
+use crate::db::{self, EventKind, JobKind, JobState, VmState};
+use crate::queue;
+
+impl Vimd {
+    /// An agent's answer or report, from host `sender` (the subject it came on, which NATS
+    /// permissions make the publisher's own). Nothing in it is taken on trust: the job record
+    /// says which VM, which host and which kind of answer is due, and an answer that does not
+    /// match it, or a report about a VM that is not on the sender, is refused and audited.
+    async fn handle_host_event(&self, sender: &str, ev: vim_proto::HostEvent) -> Result<()> {
+        let checked = match self.check_host_event(sender, &ev).await? {
+            Ok(c) => c,
+            Err(why) => {
+                self.refuse_host_event(sender, &ev, &why).await;
+                return Ok(());
+            }
+        };
+        if let Some(v) = &ev.vm {
+            self.db
+                .set_vm_state(&checked.vm_id, v.state(), i64::from(v.pid))
+                .await?;
+        }
+        if let Some(job) = &checked.job {
+            let (to, err) = if ev.ok {
+                (JobState::Done, String::new())
+            } else {
+                (JobState::Failed, ev.error.clone())
+            };
+            let moved = self
+                .db
+                .transition_job(&job.id, &[JobState::Running, JobState::Pending], to, &err)
+                .await?;
+            if !moved {
+                return Ok(()); // a redelivered answer
+            }
+            if !ev.ok && job.kind == JobKind::Create && ev.vm.is_none() {
+                // Refused before the agent knew the VM (a bad spec): it will not run there.
+                self.db
+                    .set_vm_state(&checked.vm_id, VmState::Failed, 0)
+                    .await?;
+            }
+            if ev.ok && job.kind == JobKind::Delete {
+                // Its disk copy goes with it (the image's disk stays).
+                let dir = self.vm_dir(&checked.vm_id)?;
+                if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(vm = checked.vm_id, dir = %dir.display(), error = %e, "cannot remove a deleted VM's files");
+                    }
+                }
+            }
+        }
+        let kind = ev.kind();
+        let detail = if ev.ok { String::new() } else { ev.error };
+        self.event(kind, sender, &checked.vm_id, &ev.job_id, &detail)
+            .await;
+        Ok(())
+    }
+
+    /// What a host event may touch, or why it is refused.
+    async fn check_host_event(
+        &self,
+        sender: &str,
+        ev: &vim_proto::HostEvent,
+    ) -> Result<Result<CheckedEvent, String>> {
+        if ev.host_id != sender {
+            return Ok(Err(format!(
+                "the event names host {:?} but came from {sender}",
+                ev.host_id
+            )));
+        }
+        // Numbers outside the enums decode as `Unspecified`: refused with the rest.
+        if !ev.kind().from_agent() {
+            return Ok(Err(format!(
+                "event kind {} is not a host's to send",
+                ev.kind
+            )));
+        }
+        if let Some(r) = &ev.vm {
+            if !r.state().reportable() {
+                return Ok(Err(format!(
+                    "VM state {} is not a host's to report",
+                    r.state
+                )));
+            }
+        }
+        if !ev.job_id.is_empty() {
+            let Some(job) = self.db.job(&ev.job_id).await? else {
+                return Ok(Err(format!("no job {}", ev.job_id)));
+            };
+            // Jobs sent by an older vimd have no host recorded: their VM's host then.
+            let sent_to = if job.host_id.is_empty() {
+                self.db
+                    .vm(&job.vm_id)
+                    .await?
+                    .map(|v| v.host_id)
+                    .unwrap_or_default()
+            } else {
+                job.host_id.clone()
+            };
+            if sent_to != sender {
+                return Ok(Err(format!("job {} was not sent to {sender}", job.id)));
+            }
+            let kind_ok = answer_kind(job.kind) == ev.kind()
+                || (!ev.ok
+                    && matches!(
+                        ev.kind(),
+                        EventKind::CommandFailed | EventKind::CommandRefused
+                    ));
+            if !kind_ok {
+                return Ok(Err(format!(
+                    "{} does not answer a {} job",
+                    ev.kind(),
+                    job.kind
+                )));
+            }
+            if ev.vm.as_ref().is_some_and(|r| r.vm_id != job.vm_id) {
+                return Ok(Err(format!("the report is not about job {}'s VM", job.id)));
+            }
+            return Ok(Ok(CheckedEvent {
+                vm_id: job.vm_id.clone(),
+                job: Some(job),
+            }));
+        }
+        // Without a job: only a report that one of the sender's own VMs failed.
+        if ev.kind() != EventKind::VmFailure {
+            return Ok(Err(format!("{} without a job", ev.kind())));
+        }
+        let Some(r) = &ev.vm else {
+            return Ok(Err("VM_Failure without its VM".into()));
+        };
+        match self.db.vm(&r.vm_id).await? {
+            Some(vm) if vm.host_id == sender => Ok(Ok(CheckedEvent {
+                vm_id: vm.id,
+                job: None,
+            })),
+            _ => Ok(Err(format!("VM {:?} is not on {sender}", r.vm_id))),
+        }
+    }
+
+    /// A host event refused: logged, audited (who: the host), and dropped.
+    async fn refuse_host_event(&self, sender: &str, ev: &vim_proto::HostEvent, why: &str) {
+        let target = if ev.job_id.is_empty() {
+            ev.vm.as_ref().map(|v| v.vm_id.clone()).unwrap_or_default()
+        } else {
+            ev.job_id.clone()
+        };
+        tracing::warn!(
+            host = sender,
+            kind = ev.kind().as_str(),
+            target,
+            why,
+            "host event refused"
+        );
+        let e = db::AuditEntry {
+            ts: db::now_ms(),
+            who: format!("host:{sender}"),
+            action: format!("host.event.{}", ev.kind().as_str()),
+            target: target.chars().take(100).collect(),
+            outcome: "refused".into(),
+            detail: why.chars().take(500).collect(),
+        };
+        if let Err(err) = self.audit.record(e).await {
+            tracing::error!(error = %err, "cannot audit a refused host event");
+        }
+    }
+}
+
+/// What a checked host event applies to.
+struct CheckedEvent {
+    vm_id: String,
+    job: Option<db::Job>,
+}
+
+/// The event kind that answers a job of `kind`.
+fn answer_kind(kind: JobKind) -> EventKind {
+    match kind {
+        JobKind::Create => EventKind::VmCreated,
+        JobKind::Start => EventKind::VmStarted,
+        JobKind::Stop => EventKind::VmStopped,
+        JobKind::Delete => EventKind::VmDeleted,
+    }
+}
+
+/// Agents' answers and events.
+pub async fn run_event_consumer(v: Arc<Vimd>) -> Result<()> {
+    let stream =
+        v.js.get_stream(s::EVENT_STREAM)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let consumer = stream
+        .get_or_create_consumer(
+            s::EVENT_CONSUMER,
+            queue::pull_config(
+                s::EVENT_CONSUMER,
+                s::ALL_HOST_EVENTS,
+                Duration::from_secs(30),
+            ),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut msgs) = consumer.messages().await else {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            };
+            while let Some(Ok(m)) = msgs.next().await {
+                // The stream takes only `vim.ev.<host>`, and each host may publish only its own.
+                let Some(sender) = s::sender(&m.subject, s::EVENTS_PREFIX) else {
+                    let _ = m.ack_with(AckKind::Term).await;
+                    continue;
+                };
+                match vim_proto::HostEvent::decode_checked(&m.payload) {
+                    Ok(ev) => match v.handle_host_event(sender, ev).await {
+                        Ok(()) => {
+                            let _ = m.ack().await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "host event not handled; redelivered");
+                            let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                        }
+                    },
+                    Err(e) => {
+                        vim_proto::dead_letter(
+                            &v.js,
+                            &s::host_dead_letter(sender),
+                            &m.subject,
+                            &m.payload,
+                            &e.to_string(),
+                        )
+                        .await;
+                        let _ = m.ack_with(AckKind::Term).await;
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
+}

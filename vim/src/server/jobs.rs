@@ -1,0 +1,280 @@
+//! Job workers: take job ids from `VIM_JOBS`, place VMs, copy their disks, and send each job's
+//! command to its host.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use async_nats::jetstream::AckKind;
+use futures::StreamExt;
+use vim_proto::{host_command::Action, subjects as s, Versioned};
+
+use super::Vimd;
+use crate::db::{self, EventKind, JobKind, JobState, VmState};
+use crate::{outbox, placement, queue};
+
+impl Vimd {
+    /// One job, idempotently: a job already past `pending` is not done again (its host command,
+    /// if any, was sent with the job id as message id and the agent dedups by job id too).
+    async fn handle_job(self: &Arc<Self>, job_id: &str) -> Result<()> {
+        let Some(job) = self.db.job(job_id).await? else {
+            tracing::warn!(job_id, "job not in the database; dropped");
+            return Ok(());
+        };
+        if job.state != JobState::Pending {
+            return Ok(());
+        }
+        let Some(mut vm) = self.db.vm(&job.vm_id).await? else {
+            self.fail_job(&job, "the VM does not exist").await;
+            return Ok(());
+        };
+        // Deleted is final: a job queued behind the delete (a create racing it) does nothing.
+        if vm.state == VmState::Deleted {
+            self.fail_job(&job, "the VM has been deleted").await;
+            return Ok(());
+        }
+        if job.kind == JobKind::Delete && vm.host_id.is_empty() {
+            // Never placed (its create failed, or has not been handled yet): no host to ask.
+            // The create, when it comes, finds the VM deleted and does nothing.
+            if self.db.delete_unplaced_vm(&vm.id).await? {
+                self.db
+                    .transition_job(&job.id, &[JobState::Pending], JobState::Done, "")
+                    .await?;
+                self.event(EventKind::VmDeleted, "", &vm.id, &job.id, "never placed")
+                    .await;
+                return Ok(());
+            }
+            // Placed meanwhile: its host deletes it.
+            let Some(placed) = self.db.vm(&job.vm_id).await? else {
+                return Ok(());
+            };
+            vm = placed;
+        }
+        let host_id = if job.kind == JobKind::Create && vm.host_id.is_empty() {
+            match placement::choose(&self.db, &self.policy, vm.vcpus, vm.memory_mib).await? {
+                Ok(h) => h,
+                Err(why) => {
+                    self.fail_job(&job, &why).await;
+                    return Ok(());
+                }
+            }
+        } else {
+            vm.host_id.clone()
+        };
+        if host_id.is_empty() {
+            self.fail_job(&job, "the VM is on no host").await;
+            return Ok(());
+        }
+        let action = match self.host_action(&job, &vm, &host_id).await? {
+            Step::Send(a) => a,
+            Step::Later => return Ok(()),
+            Step::Refuse(why) => {
+                self.fail_job(&job, &why).await;
+                return Ok(());
+            }
+        };
+        self.db.assign_job_host(&job.id, &host_id).await?;
+        self.send_to_host(&host_id, &job.id, action).await?;
+        self.db
+            .transition_job(&job.id, &[JobState::Pending], JobState::Running, "")
+            .await?;
+        self.event(
+            EventKind::JobSent,
+            &host_id,
+            &vm.id,
+            &job.id,
+            job.kind.as_str(),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// The host command that carries out `job` on `vm`, placed on `host_id`. Safe to call again
+    /// for the same job (a resend): the disk copy is made once.
+    async fn host_action(
+        self: &Arc<Self>,
+        job: &db::Job,
+        vm: &db::Vm,
+        host_id: &str,
+    ) -> Result<Step> {
+        let action = match job.kind {
+            JobKind::Create => {
+                let Some(image) = self.db.image(&vm.image).await? else {
+                    return Ok(Step::Refuse(format!("image {} does not exist", vm.image)));
+                };
+                let Some(disk) = self.vm_disk(job, vm, &image).await? else {
+                    return Ok(Step::Later);
+                };
+                if !self.db.place_vm(&vm.id, host_id, &disk).await? {
+                    return Ok(Step::Refuse("the VM has been deleted".into()));
+                }
+                Action::Create(vim_proto::VmSpec {
+                    vm_id: vm.id.clone(),
+                    vcpus: vm.vcpus as u32,
+                    memory_mib: vm.memory_mib as u64,
+                    kernel: image.kernel,
+                    initrd: image.initrd,
+                    cmdline: image.cmdline,
+                    disk,
+                })
+            }
+            JobKind::Start => Action::Start(vm.id.clone()),
+            JobKind::Stop => Action::Stop(vim_proto::StopVm {
+                vm_id: vm.id.clone(),
+                timeout_ms: 10_000,
+            }),
+            JobKind::Delete => Action::Delete(vm.id.clone()),
+        };
+        Ok(Step::Send(action))
+    }
+
+    /// The VM's own copy of its image's disk, on shared storage: `Some(path)` once it is whole
+    /// (`""` for an image without a disk). Otherwise a task of its own copies it (keeping the
+    /// image's holes), and sends the job back to the workers when done, so no worker waits for a copy
+    /// of gigabytes while other tenants' jobs queue behind it; `None` meanwhile.
+    async fn vm_disk(
+        self: &Arc<Self>,
+        job: &db::Job,
+        vm: &db::Vm,
+        image: &db::Image,
+    ) -> Result<Option<String>> {
+        if image.disk.is_empty() {
+            return Ok(Some(String::new()));
+        }
+        let dir = self.vm_dir(&vm.id)?;
+        let d = dir.join("disk.img");
+        // Renamed into place last, so one that exists is whole.
+        if tokio::fs::try_exists(&d).await? {
+            return Ok(Some(d.display().to_string()));
+        }
+        if !crate::lock(&self.copying).insert(vm.id.clone()) {
+            return Ok(None); // a copy is under way; it sends the job back when done
+        }
+        let (v, job, vm_id, src) = (self.clone(), job.clone(), vm.id.clone(), image.disk.clone());
+        tokio::spawn(async move {
+            let copied = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                std::fs::create_dir_all(&dir)?;
+                let tmp = dir.join("disk.img.tmp");
+                let src = crate::files::open_regular(std::path::Path::new(&src))?;
+                crate::files::copy_sparse(&src, &tmp)?;
+                std::fs::rename(&tmp, dir.join("disk.img"))
+            })
+            .await;
+            crate::lock(&v.copying).remove(&vm_id);
+            match copied {
+                Ok(Ok(())) => {
+                    // Back to the workers (under a new message id: the first is still in the
+                    // duplicate window). If this publish is lost, the job is still pending and
+                    // the reconciler publishes it again.
+                    let ids = [(job.id.clone(), format!("{}-disk", job.id))];
+                    if let Err(e) = outbox::publish(&v.js, &v.db, &ids).await {
+                        tracing::warn!(job = job.id, error = %e, "job after its disk copy");
+                    }
+                }
+                Ok(Err(e)) => {
+                    v.fail_job(&job, &format!("cannot copy the image's disk: {e}"))
+                        .await
+                }
+                Err(e) => v.fail_job(&job, &format!("disk copy: {e}")).await,
+            }
+        });
+        Ok(None)
+    }
+
+    /// Sends a running job's host command again, under a fresh message id: the first copy may
+    /// have been lost (nats-server killed before its store reached the disk). The agent answers
+    /// a job it has done from its stored result, so a second copy never does the work twice.
+    pub(super) async fn resend(self: &Arc<Self>, job: &db::Job) -> Result<()> {
+        let Some(vm) = self.db.vm(&job.vm_id).await? else {
+            return Ok(());
+        };
+        let host = if job.host_id.is_empty() {
+            vm.host_id.clone()
+        } else {
+            job.host_id.clone()
+        };
+        if host.is_empty() {
+            return Ok(());
+        }
+        match self.host_action(job, &vm, &host).await? {
+            Step::Send(action) => {
+                let msg_id = format!("{}-{}", job.id, db::now_ms());
+                self.send_to_host_as(&host, &job.id, &msg_id, action).await
+            }
+            Step::Later => Ok(()),
+            Step::Refuse(why) => {
+                self.fail_job(job, &why).await;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What handling a job does next.
+enum Step {
+    Send(Action),
+    /// Not yet: work for it is under way elsewhere (a disk copy), which handles it again.
+    Later,
+    Refuse(String),
+}
+
+/// Job workers: `n` tasks on the shared durable consumer. A job is acked after it is handled;
+/// while a long one runs, in-progress acks keep it from being redelivered.
+pub async fn run_job_workers(v: Arc<Vimd>, n: usize) -> Result<()> {
+    let stream =
+        v.js.get_stream(s::JOB_STREAM)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let consumer = stream
+        .get_or_create_consumer(
+            s::JOB_CONSUMER,
+            queue::pull_config(s::JOB_CONSUMER, s::JOBS, Duration::from_secs(30)),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for _ in 0..n {
+        let v = v.clone();
+        let consumer = consumer.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut msgs = match consumer.messages().await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::error!(error = %e, "job consumer");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                while let Some(m) = msgs.next().await {
+                    let Ok(m) = m else { break };
+                    let job = match vim_proto::Job::decode_checked(&m.payload) {
+                        Ok(j) => j,
+                        Err(e) => {
+                            vim_proto::dead_letter(
+                                &v.js,
+                                s::DEAD_LETTER,
+                                &m.subject,
+                                &m.payload,
+                                &e.to_string(),
+                            )
+                            .await;
+                            let _ = m.ack_with(AckKind::Term).await;
+                            continue;
+                        }
+                    };
+                    let _ = m.ack_with(AckKind::Progress).await;
+                    match v.handle_job(&job.job_id).await {
+                        Ok(()) => {
+                            let _ = m.ack().await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(job = job.job_id, error = %e, "job failed; redelivered later");
+                            let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    Ok(())
+}

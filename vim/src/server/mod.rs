@@ -1,0 +1,172 @@
+//! vimd's moving parts besides the HTTP API, one file each: the job workers (`jobs`: consume
+//! `VIM_JOBS`, place VMs, send host commands), the event consumer (`events`: agents' answers and
+//! VM events), heartbeat monitoring (`heartbeats`) and the upkeep tasks (`upkeep`: the outbox
+//! reconciler, housekeeping). Here: what they all share. All state changes go to the database
+//! first.
+
+mod events;
+mod heartbeats;
+mod jobs;
+mod upkeep;
+
+pub use events::run_event_consumer;
+pub use heartbeats::run_monitor;
+pub use jobs::run_job_workers;
+pub use upkeep::{run_housekeeping, run_reconciler};
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use async_nats::jetstream;
+use prost::Message;
+use tokio::sync::broadcast;
+use vim_proto::{host_command::Action, subjects as s, PROTOCOL_VERSION};
+
+use crate::db::{self, Db, Event, EventKind, JobKind, JobState, VmState};
+use crate::monitor::Liveness;
+use crate::placement::Policy;
+use crate::queue;
+
+/// Heartbeat monitoring: how often agents beat, and how many misses make a host unreachable.
+#[derive(Debug, Clone, Copy)]
+pub struct Monitoring {
+    pub interval: Duration,
+    pub misses_for_unreachable: i64,
+}
+
+/// What every part of vimd shares.
+pub struct Vimd {
+    pub db: Db,
+    /// Callers' tokens seen lately (`auth::TokenCache`).
+    pub tokens: crate::auth::TokenCache,
+    pub audit: crate::audit::Audit,
+    /// Publishes committed jobs after the API has answered.
+    pub outbox: crate::outbox::Outbox,
+    pub js: jetstream::Context,
+    pub nats: async_nats::Client,
+    /// The URL agents are told to use.
+    pub nats_url: String,
+    /// The CA that verifies the NATS server agents connect to, its path and its PEM (read once
+    /// at start; handed out by `host add`).
+    pub nats_ca: Option<(PathBuf, String)>,
+    pub embedded: Option<queue::EmbeddedNats>,
+    /// With an external NATS: the users file its nodes include, if vimd keeps it.
+    pub accounts_file: Option<queue::AccountsFile>,
+    pub state_dir: PathBuf,
+    pub shared_dir: PathBuf,
+    pub policy: Policy,
+    pub monitoring: Monitoring,
+    /// A job not progressing for this long has its message sent again (see `run_reconciler`).
+    pub job_resend: Duration,
+    pub liveness: Liveness,
+    pub events: broadcast::Sender<Event>,
+    /// Failed logins, for the limiter in the API.
+    pub logins: crate::auth::LoginLimiter,
+    /// One writer of the NATS users at a time (`hosts.rs`).
+    pub users_lock: tokio::sync::Mutex<()>,
+    /// Where `image add` may read files from (anywhere the caller names, without it).
+    pub image_import_dir: Option<PathBuf>,
+    /// VMs whose disk is being copied (by a task of its own, not a job worker).
+    pub copying: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// How long events and audit entries are kept.
+    pub retention: Retention,
+}
+
+/// How long the event log and the audit log keep their rows.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub events: Duration,
+    pub audit: Duration,
+}
+
+impl Vimd {
+    /// A VM's directory on shared storage: its disk copy and console log. The id is checked
+    /// first: an id is never a path of its own (`..`, `/etc`).
+    pub fn vm_dir(&self, vm_id: &str) -> Result<PathBuf, vim_proto::BadId> {
+        vim_proto::check_id("VM id", vm_id)?;
+        Ok(self.shared_dir.join("vms").join(vm_id))
+    }
+
+    /// Records an event and tells the SSE listeners.
+    pub async fn event(
+        &self,
+        kind: EventKind,
+        host_id: &str,
+        vm_id: &str,
+        job_id: &str,
+        detail: &str,
+    ) {
+        self.record_events(vec![Event::new(kind, host_id, vm_id, job_id, detail)])
+            .await;
+    }
+
+    /// Records events (in as few transactions as the batch allows) and tells the SSE listeners.
+    pub async fn record_events(&self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        for e in &events {
+            tracing::info!(
+                kind = e.kind.as_str(),
+                host_id = e.host_id,
+                vm_id = e.vm_id,
+                job_id = e.job_id,
+                detail = e.detail,
+                "event"
+            );
+        }
+        if let Err(err) = self.db.add_events(&events).await {
+            tracing::error!(error = %err, n = events.len(), "cannot store events");
+        }
+        for e in events {
+            let _ = self.events.send(e);
+        }
+    }
+
+    /// Sends a job's command to its host. The message id is the job id, so a repeat inside the
+    /// duplicate window is dropped by the server.
+    async fn send_to_host(&self, host_id: &str, job_id: &str, action: Action) -> Result<()> {
+        self.send_to_host_as(host_id, job_id, job_id, action).await
+    }
+
+    async fn send_to_host_as(
+        &self,
+        host_id: &str,
+        job_id: &str,
+        msg_id: &str,
+        action: Action,
+    ) -> Result<()> {
+        let cmd = vim_proto::HostCommand {
+            version: PROTOCOL_VERSION,
+            job_id: job_id.into(),
+            action: Some(action),
+        };
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", msg_id);
+        self.js
+            .publish_with_headers(s::host_commands(host_id), h, cmd.encode_to_vec().into())
+            .await?
+            .await?;
+        Ok(())
+    }
+
+    async fn fail_job(&self, job: &db::Job, why: &str) {
+        if let Ok(true) = self
+            .db
+            .transition_job(
+                &job.id,
+                &[JobState::Pending, JobState::Running],
+                JobState::Failed,
+                why,
+            )
+            .await
+        {
+            if job.kind == JobKind::Create {
+                let _ = self.db.set_vm_state(&job.vm_id, VmState::Failed, 0).await;
+            }
+            self.event(EventKind::JobFailed, "", &job.vm_id, &job.id, why)
+                .await;
+        }
+    }
+}
