@@ -76,13 +76,13 @@ impl TokenCache {
     const MAX: usize = 10_000;
 
     pub fn get(&self, hash: &str) -> Option<Identity> {
-        let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let known = crate::lock(&self.known);
         let (who, at) = known.get(hash)?;
         (at.elapsed() < Self::TTL).then(|| who.clone())
     }
 
     pub fn put(&self, hash: &str, who: &Identity) {
-        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let mut known = crate::lock(&self.known);
         if known.len() >= Self::MAX {
             known.clear();
         }
@@ -142,7 +142,7 @@ impl LoginLimiter {
     }
 
     pub fn failed(&self, source: Option<std::net::IpAddr>) -> Failure {
-        let mut st = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = crate::lock(&self.inner);
         let now = std::time::Instant::now();
         let expired = st
             .window_start
@@ -177,7 +177,7 @@ impl LoginLimiter {
 
     /// The failures counted but not audited since the last call, by source.
     pub fn take_summary(&self) -> Vec<(String, u64)> {
-        let mut st = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = crate::lock(&self.inner);
         std::mem::take(&mut st.unaudited).into_iter().collect()
     }
 }

@@ -116,11 +116,11 @@ const MAX_PENDING: usize = 100_000;
 
 impl Liveness {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
-        self.hosts.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.hosts)
     }
 
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Heartbeat, i64)>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.pending)
     }
 
     /// Hosts that beat but are not known here yet.

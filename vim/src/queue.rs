@@ -104,7 +104,7 @@ impl EmbeddedNats {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Child> {
-        self.child.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.child)
     }
 
     /// Restarts the server if it died (it keeps its data: JetStream recovers from its store).

@@ -1,6 +1,7 @@
 //! `vmm run` boots a VM; `vmm ctl` talks to a running one over its API socket.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
@@ -61,6 +62,13 @@ struct RunArgs {
     /// state there (the VM's configuration comes from the source).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "disks", "nets", "vsock", "balloon", "rng"])]
     incoming: Option<PathBuf>,
+    /// With --incoming: give up (exit 1) if no source has handed a VM over within this time.
+    #[arg(
+        long = "incoming-timeout-ms",
+        default_value_t = 600_000,
+        requires = "incoming"
+    )]
+    incoming_timeout_ms: u64,
     #[arg(long)]
     initrd: Option<PathBuf>,
     #[arg(long, default_value = "")]
@@ -144,7 +152,8 @@ enum CtlCommand {
 fn run(args: RunArgs) -> Result<i32> {
     let serial: SerialOutput = args.serial.parse()?;
     if let Some(dir) = &args.incoming {
-        return incoming(dir, serial, args.api_socket);
+        let wait = Duration::from_millis(args.incoming_timeout_ms);
+        return incoming(dir, wait, serial, args.api_socket);
     }
     let Some(kernel) = args.kernel else {
         anyhow::bail!("--kernel is required");
@@ -192,11 +201,12 @@ fn run(args: RunArgs) -> Result<i32> {
 /// The target side of a live migration.
 fn incoming(
     dir: &std::path::Path,
+    wait: Duration,
     serial: SerialOutput,
     api_socket: Option<PathBuf>,
 ) -> Result<i32> {
     let kvm = vm::open_kvm()?;
-    if !vmm::migrate::await_handover(dir)? {
+    if !vmm::migrate::await_handover(dir, wait)? {
         anyhow::bail!("the source took the VM back before this target claimed it");
     }
     let machine = match Machine::restore(dir, serial, api_socket, false, kvm) {

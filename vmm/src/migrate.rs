@@ -479,14 +479,34 @@ impl Failure {
 /// Files left by an earlier migration (`state.bin` with `claimed`, or `failed`) are waited out; the
 /// next source removes them in `STALE` order, `state.bin` first, so once `claimed` and `failed`
 /// are gone a `state.bin` seen afterwards is the new one.
-pub fn await_handover(dir: &Path) -> std::io::Result<bool> {
+///
+/// Gives up with `TimedOut` after `wait`. Polls (shared storage such as NFS sends no change
+/// notifications): slowly until the source has started copying memory, then every 200 µs, since
+/// this wait is part of the guest's downtime.
+pub fn await_handover(dir: &Path, wait: Duration) -> std::io::Result<bool> {
     std::fs::create_dir_all(dir)?;
+    let deadline = Instant::now() + wait;
     loop {
         let open = !dir.join(CLAIM_FILE).exists() && !dir.join(FAILED_FILE).exists();
         if open && dir.join(snapshot::STATE_FILE).exists() {
             return claim(dir, "target");
         }
-        std::thread::sleep(Duration::from_micros(200));
+        if Instant::now() >= deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no VM was handed over in {} within {} ms",
+                    dir.display(),
+                    wait.as_millis()
+                ),
+            ));
+        }
+        let copying = open && dir.join(snapshot::MEMORY_FILE).exists();
+        std::thread::sleep(if copying {
+            Duration::from_micros(200)
+        } else {
+            Duration::from_millis(20)
+        });
     }
 }
 

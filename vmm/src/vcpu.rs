@@ -135,7 +135,7 @@ impl VcpuControl {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::devices::lock(&self.state)
     }
 
     /// Called by a vCPU thread between runs: parks while a pause is requested.

@@ -300,6 +300,20 @@ fn migration_requests_that_cannot_work_are_refused() {
     assert!(!ok && err.contains("no migration"), "{err}");
 }
 
+/// A target that no source ever hands a VM to gives up after its wait, saying so.
+#[test]
+fn a_target_nobody_hands_over_to_gives_up() {
+    let shared = tempfile::tempdir().unwrap();
+    let out = Command::new(vmm_bin())
+        .args(["run", "--incoming", shared.path().to_str().unwrap()])
+        .args(["--incoming-timeout-ms", "300"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("no VM was handed over"), "{err}");
+    assert!(!shared.path().join("claimed").exists());
+}
 /// A guest with devices whose target died: the source takes back its disk lock and vsock socket
 /// (another VMM cannot open the disk again) and keeps running.
 #[test]
@@ -425,7 +439,7 @@ fn source_with_a_silent_target(dir: &Path) -> RunningVmm {
     );
     let (_, info, _) = source.ctl(&["info"]);
     assert!(
-        info.contains("\"paused\"") && info.contains("waiting for the target"),
+        info.contains("\"paused\"") && info.contains("\"waiting-for-target\""),
         "{info}"
     );
     let (ok, _, err) = source.ctl(&["resume"]);
