@@ -10,17 +10,22 @@
 //! - [`vm`] and [`vcpu`]: the KVM VM and its vCPU threads;
 //! - [`migration`]: the pause/snapshot traits every component implements;
 //! - [`api`]: the control socket and its client;
-//! - [`vmm`]: ties it all together and runs the VM to its end.
+//! - [`builder`]: builds a machine, booted or from a snapshot's state;
+//! - [`persist`]: the machine's components as one tree (pause, save, restore), and snapshots;
+//! - [`migrate`]: live migration through a directory on shared storage;
+//! - [`vmm`]: the control loop that runs the machine to its end.
 
 pub mod acpi;
 pub mod api;
 pub mod arch;
 pub mod boot;
+pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod memory;
 pub mod migrate;
 pub mod migration;
+pub mod persist;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

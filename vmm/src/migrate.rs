@@ -23,12 +23,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::api::{MigrationOutcome, MigrationPhase, MigrationProgress, MigrationStatus};
+use crate::api::{MigrationOutcome, MigrationPhase, MigrationProgress, MigrationStatus, RunState};
 use crate::config::VmConfig;
-use crate::devices::manager::VirtioDevices;
-use crate::migration::{tag, ComponentState, MigrationError, Snapshottable};
+use crate::persist::Components;
 use crate::snapshot::{self, SnapshotState};
-use crate::vcpu::VcpuSet;
 use crate::vm::Vm;
 
 pub const CLAIM_FILE: &str = "claimed";
@@ -70,15 +68,17 @@ pub enum Late {
     TakenBack(String),
 }
 
+/// Pauses the guest or lets it run, through the VMM's control loop (which alone changes the run
+/// state); waits until it has.
+pub type RunControl = Box<dyn Fn(RunState) -> Result<(), String> + Send>;
+
 /// What the source side works with; the main loop keeps answering the API meanwhile.
 pub struct Source {
-    pub vm: Arc<Vm>,
-    pub vcpus: Arc<VcpuSet>,
+    /// Memory and dirty logging (through `vm`), and the state to hand over; the devices let go of
+    /// their host resources at the handover and take them back on failure.
+    pub parts: Components,
     pub config: VmConfig,
-    /// Saves the devices' state (the vCPUs and virtio devices are paused when it is called).
-    pub save_devices: Box<dyn Fn() -> Result<Vec<ComponentState>, MigrationError> + Send>,
-    /// Paused with the vCPUs, released at the handover, taken back on failure.
-    pub virtio: VirtioDevices,
+    pub run: RunControl,
     pub progress: Arc<Mutex<MigrationProgress>>,
     pub cancel: Arc<AtomicBool>,
 }
@@ -159,7 +159,7 @@ impl Source {
         let mut rounds = 0;
         let mut written = 0;
         let result = self.migrate(p, &mut rounds, &mut written);
-        let _ = self.vm.set_dirty_logging(false);
+        let _ = self.parts.vm.set_dirty_logging(false);
         let outcome = |status, downtime_ms, error| MigrationOutcome {
             status,
             downtime_ms,
@@ -205,9 +205,11 @@ impl Source {
         }
     }
 
+    /// The guest runs here again (through the control loop, which logs what failed to).
     fn resume_here(&self) {
-        self.resume_devices();
-        self.vcpus.resume();
+        if let Err(e) = (self.run)(RunState::Running) {
+            tracing::error!(error = %e, "the guest did not fully resume after the migration stopped");
+        }
     }
 
     /// `Ok(Some(downtime))` when the target runs the guest, `Ok(None)` when cancelled.
@@ -235,11 +237,12 @@ impl Source {
             .map_err(Failure::io("cannot size memory.bin"))?;
 
         // Round 0: everything, with logging already on so nothing written meanwhile is missed.
-        self.vm
+        self.parts
+            .vm
             .set_dirty_logging(true)
             .map_err(|e| Failure::new(format!("cannot enable dirty logging: {e}")))?;
         self.set(|pr| pr.phase = MigrationPhase::CopyingMemory);
-        *written += snapshot::copy_memory(&self.vm.memory, &self.vm.backing, &out)
+        *written += snapshot::copy_memory(&self.parts.vm.memory, &self.parts.vm.backing, &out)
             .map_err(Failure::io("cannot copy memory"))?;
         let mut last = Instant::now();
         let mut bandwidth: f64 = 0.0;
@@ -248,6 +251,7 @@ impl Source {
                 return Ok(None);
             }
             let bitmaps = self
+                .parts
                 .vm
                 .dirty_bitmaps()
                 .map_err(|e| Failure::new(format!("dirty log: {e}")))?;
@@ -271,19 +275,13 @@ impl Source {
                 return self.handover(p, &out, &bitmaps, written);
             }
             let t = Instant::now();
-            *written += write_dirty(&self.vm, &bitmaps, &out)
+            *written += write_dirty(&self.parts.vm, &bitmaps, &out)
                 .map_err(Failure::io("cannot write dirty pages"))?;
             if remaining > 0 {
                 bandwidth = remaining as f64 / t.elapsed().as_secs_f64().max(1e-6);
             } else if bandwidth == 0.0 {
                 bandwidth = f64::MAX;
             }
-        }
-    }
-
-    fn resume_devices(&self) {
-        if let Err(e) = self.virtio.resume() {
-            tracing::error!(error = %e, "a device did not resume after the migration stopped");
         }
     }
 
@@ -297,28 +295,27 @@ impl Source {
         written: &mut u64,
     ) -> Result<Option<f64>, Failure> {
         let paused_ns = now_ns();
-        self.vcpus
-            .pause(Duration::from_secs(5))
-            .map_err(|e| Failure::new(format!("cannot pause: {e}")))?;
-        // Devices stop after the vCPUs (no new requests), before the last dirty log is read (what
-        // they wrote is in it).
-        self.virtio
-            .pause()
-            .map_err(|e| Failure::new(format!("cannot pause the devices: {e}")))?;
+        // vCPUs, then devices (no new requests), before the last dirty log is read (what the
+        // devices wrote is in it). A pause that fails leaves everything running.
+        (self.run)(RunState::Paused).map_err(|e| Failure::new(format!("cannot pause: {e}")))?;
         self.set(|pr| pr.phase = MigrationPhase::Handover);
         let last = self
+            .parts
             .vm
             .dirty_bitmaps()
             .map_err(|e| Failure::new(format!("dirty log: {e}")))?;
-        *written +=
-            write_dirty(&self.vm, pending, out).map_err(Failure::io("cannot write dirty pages"))?;
-        *written +=
-            write_dirty(&self.vm, &last, out).map_err(Failure::io("cannot write dirty pages"))?;
+        *written += write_dirty(&self.parts.vm, pending, out)
+            .map_err(Failure::io("cannot write dirty pages"))?;
+        *written += write_dirty(&self.parts.vm, &last, out)
+            .map_err(Failure::io("cannot write dirty pages"))?;
         out.sync_data()
             .map_err(Failure::io("cannot flush memory.bin"))?;
-        let state = self.state().map_err(|e| Failure::new(e.to_string()))?;
+        let state = self
+            .parts
+            .save(&self.config)
+            .map_err(|e| Failure::new(e.to_string()))?;
         // From here the target may open the disks, taps and sockets.
-        self.virtio.release();
+        self.parts.virtio.release();
         if let Err(e) = snapshot::write_state(&p.dir, &state) {
             return Err(self.take_back(&p.dir, &state, e.to_string()));
         }
@@ -373,7 +370,7 @@ impl Source {
             dir.join("state.bin.aborted"),
         );
         // Each device finds its own state by id among all of them.
-        let errors = self.virtio.reacquire(&state.devices);
+        let errors = self.parts.virtio.reacquire(&state.devices.virtio);
         let mut message = why;
         if !errors.is_empty() {
             if !message.is_empty() {
@@ -428,15 +425,6 @@ impl Source {
                 dir: dir.to_path_buf(),
                 state,
             })),
-        })
-    }
-
-    fn state(&self) -> Result<SnapshotState, MigrationError> {
-        Ok(SnapshotState {
-            config: self.config.clone(),
-            vm: tag("vm", Vm::STATE_VERSION, self.vm.save_state()?)?,
-            vcpus: self.vcpus.save()?,
-            devices: (self.save_devices)()?,
         })
     }
 }

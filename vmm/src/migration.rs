@@ -1,8 +1,14 @@
-//! The traits that make a VM movable: every device and every vCPU can pause, resume, and save and
-//! restore its state. Snapshot and live migration (see `docs/`) are built only from these, so a new
-//! device that implements them is migratable with no change elsewhere.
+//! The traits that make a VM movable: every component — the VM, the vCPUs, each device — pauses,
+//! resumes, and saves and restores its state. Snapshot and live migration (see `docs/`) are built
+//! only from these (`persist::Components` walks them as one tree), so a new device that implements
+//! them is migratable with no change elsewhere.
+//!
+//! Each component's saved state is a typed struct with a version ([`State`]); in a snapshot it is
+//! written as `{"version": N, "state": …}` ([`Versioned`]), and a version this build does not read
+//! is refused by name when the snapshot is read, before anything is built from it.
 
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -13,80 +19,115 @@ pub enum MigrationError {
     Save { id: String, reason: String },
     #[error("{id}: cannot restore state: {reason}")]
     Restore { id: String, reason: String },
-    #[error("{id}: state version {found} is not readable by this build (reads {supported})")]
-    Version {
-        id: String,
-        found: u32,
-        supported: u32,
-    },
 }
 
-/// A component that can stop and restart its activity. Pausing must be idempotent.
+/// A component that can stop and restart its activity. Pausing must be idempotent. Every
+/// component says what pausing means for it, even when it is nothing (a register file has no
+/// activity of its own): there are no defaults to forget.
 pub trait Pausable {
-    fn pause(&mut self) -> Result<(), MigrationError> {
-        Ok(())
-    }
-    fn resume(&mut self) -> Result<(), MigrationError> {
-        Ok(())
-    }
+    fn pause(&self) -> Result<(), MigrationError>;
+    fn resume(&self) -> Result<(), MigrationError>;
 }
 
-/// One component's saved state, tagged with its id and state version.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ComponentState {
-    pub id: String,
-    pub version: u32,
-    pub state: serde_json::Value,
-}
-
-/// Tags a saved state with its component id and version.
-pub fn tag<S: Serialize>(
-    id: &str,
-    version: u32,
-    state: S,
-) -> Result<ComponentState, MigrationError> {
-    let state = serde_json::to_value(state).map_err(|e| MigrationError::Save {
-        id: id.into(),
-        reason: e.to_string(),
-    })?;
-    Ok(ComponentState {
-        id: id.into(),
-        version,
-        state,
-    })
+/// A component's saved form: which component kind it is and which layout version this build
+/// writes and reads. Bump `VERSION` on any incompatible change to the struct.
+pub trait State: Serialize + DeserializeOwned {
+    const NAME: &'static str;
+    const VERSION: u32;
 }
 
 /// A component whose state can be saved while paused and restored into a fresh instance.
-pub trait Snapshottable: Pausable {
-    /// The saved form of this component.
-    type State: Serialize + DeserializeOwned;
-    /// Bumped whenever `State` changes incompatibly.
-    const STATE_VERSION: u32;
+pub trait Snapshottable {
+    type State: State;
 
-    fn id(&self) -> String;
-    fn save(&mut self) -> Result<Self::State, MigrationError>;
+    /// Exact only while paused.
+    fn save(&self) -> Result<Self::State, MigrationError>;
     fn restore(&mut self, state: Self::State) -> Result<(), MigrationError>;
 
-    /// Saves into the tagged, versioned form.
-    fn snapshot(&mut self) -> Result<ComponentState, MigrationError> {
-        let state = self.save()?;
-        tag(&self.id(), Self::STATE_VERSION, state)
+    fn snapshot(&self) -> Result<Versioned<Self::State>, MigrationError> {
+        Ok(Versioned(self.save()?))
     }
 
-    /// Restores from the tagged form, refusing other versions.
-    fn restore_snapshot(&mut self, s: &ComponentState) -> Result<(), MigrationError> {
-        if s.version != Self::STATE_VERSION {
-            return Err(MigrationError::Version {
-                id: self.id(),
-                found: s.version,
-                supported: Self::STATE_VERSION,
-            });
+    fn restore_snapshot(&mut self, s: Versioned<Self::State>) -> Result<(), MigrationError> {
+        self.restore(s.0)
+    }
+}
+
+/// A saved state with its version, as snapshots hold it. Reading one of another version fails
+/// with both versions named.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned<T>(pub T);
+
+#[derive(Serialize)]
+struct VersionedRef<'a, T> {
+    version: u32,
+    state: &'a T,
+}
+
+#[derive(Deserialize)]
+struct VersionedRaw {
+    version: u32,
+    state: serde_json::Value,
+}
+
+impl<T: State> Serialize for Versioned<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        VersionedRef {
+            version: T::VERSION,
+            state: &self.0,
         }
-        let state =
-            serde_json::from_value(s.state.clone()).map_err(|e| MigrationError::Restore {
-                id: self.id(),
-                reason: e.to_string(),
-            })?;
-        self.restore(state)
+        .serialize(s)
+    }
+}
+
+impl<'de, T: State> Deserialize<'de> for Versioned<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let raw = VersionedRaw::deserialize(d)?;
+        if raw.version != T::VERSION {
+            return Err(D::Error::custom(format!(
+                "{} state version {} is not readable by this build (reads {})",
+                T::NAME,
+                raw.version,
+                T::VERSION
+            )));
+        }
+        T::deserialize(raw.state)
+            .map(Versioned)
+            .map_err(|e| D::Error::custom(format!("{} state: {e}", T::NAME)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct Thing {
+        n: u32,
+    }
+
+    impl State for Thing {
+        const NAME: &'static str = "thing";
+        const VERSION: u32 = 3;
+    }
+
+    #[test]
+    fn versions_are_written_and_checked() {
+        let json = serde_json::to_string(&Versioned(Thing { n: 7 })).unwrap();
+        assert_eq!(json, r#"{"version":3,"state":{"n":7}}"#);
+        let back: Versioned<Thing> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.0, Thing { n: 7 });
+        let e = serde_json::from_str::<Versioned<Thing>>(r#"{"version":4,"state":{"m":1}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("thing state version 4 is not readable by this build (reads 3)"),
+            "{e}"
+        );
+        let e = serde_json::from_str::<Versioned<Thing>>(r#"{"version":3,"state":{"m":1}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("thing state: missing field `n`"), "{e}");
     }
 }

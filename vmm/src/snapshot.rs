@@ -15,12 +15,17 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::config::VmConfig;
+use crate::devices::ged::GedState;
+use crate::devices::serial::SerialSnapshot;
+use crate::devices::virtio::mmio::TransportState;
 use crate::memory::{Backing, GuestMemory};
-use crate::migration::ComponentState;
+use crate::migration::Versioned;
+use crate::vcpu::VcpuState;
+use crate::vm::VmState;
 
 pub const MAGIC: [u8; 8] = *b"FLEETSNP";
 /// major, minor, patch.
-pub const VERSION: [u16; 3] = [1, 0, 0];
+pub const VERSION: [u16; 3] = [2, 0, 0];
 const HEADER_LEN: usize = 8 + 6 + 8 + 4;
 /// A state file is small (registers and device state); refuse anything absurd before allocating.
 const MAX_BODY: u64 = 64 << 20;
@@ -56,13 +61,26 @@ pub enum SnapshotError {
     DiskMissing(PathBuf, std::io::Error),
 }
 
-/// Everything but guest memory.
+/// Everything but guest memory: one tree, each component's state typed and versioned.
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SnapshotState {
     pub config: VmConfig,
-    pub vm: ComponentState,
-    pub vcpus: Vec<ComponentState>,
-    pub devices: Vec<ComponentState>,
+    pub vm: Versioned<VmState>,
+    /// In vCPU index order.
+    pub vcpus: Vec<Versioned<VcpuState>>,
+    pub devices: DeviceStates,
+}
+
+/// The devices' states, each at its place: the configuration builds the same devices in the
+/// same order, so nothing is looked up by name.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceStates {
+    pub serial: Versioned<SerialSnapshot>,
+    pub ged: Versioned<GedState>,
+    /// In the order the devices are attached (disks, nets, rng, vsock, balloon).
+    pub virtio: Vec<Versioned<TransportState>>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {

@@ -7,10 +7,8 @@
 //! until every vCPU has acknowledged.
 
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 
-use crate::migration::ComponentState;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -25,9 +23,9 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::arch::{cpuid, msr, regs};
 use crate::boot::BootEntry;
+use crate::devices::power::{ExitReason, ExitSignal};
 use crate::devices::Bus;
-use crate::migration::{MigrationError, Pausable, Snapshottable};
-use crate::vmm::VmmEvent;
+use crate::migration::{MigrationError, Pausable, Snapshottable, State, Versioned};
 
 #[derive(Debug, Error)]
 pub enum VcpuError {
@@ -170,7 +168,7 @@ impl VcpuSet {
         vcpus: Vec<Vcpu>,
         io_bus: Bus,
         mmio_bus: Bus,
-        events: Sender<VmmEvent>,
+        exit: ExitSignal,
         paused: bool,
     ) -> Result<VcpuSet, VcpuError> {
         register_signal_handler(SIGRTMIN(), kick_handler).map_err(VcpuError::Signal)?;
@@ -181,17 +179,17 @@ impl VcpuSet {
         let vcpus: Vec<_> = vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
         let mut threads = Vec::new();
         for vcpu in &vcpus {
-            let (vcpu, control, io, mmio, events) = (
+            let (vcpu, control, io, mmio, exit) = (
                 vcpu.clone(),
                 control.clone(),
                 io_bus.clone(),
                 mmio_bus.clone(),
-                events.clone(),
+                exit.clone(),
             );
             let index = crate::devices::lock(&vcpu).index;
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || run_loop(&vcpu, &control, &io, &mmio, &events))
+                .spawn(move || run_loop(&vcpu, &control, &io, &mmio, &exit))
                 .map_err(VcpuError::Spawn)?;
             threads.push(t);
         }
@@ -201,13 +199,13 @@ impl VcpuSet {
             vcpus,
         };
         if paused {
-            set.pause(Duration::from_secs(5))?;
+            set.pause_within(PAUSE_TIMEOUT)?;
         }
         Ok(set)
     }
 
-    /// Saves every vCPU; the vCPUs must be paused.
-    pub fn save(&self) -> Result<Vec<ComponentState>, MigrationError> {
+    /// Saves every vCPU, in index order; the vCPUs must be paused.
+    pub fn save(&self) -> Result<Vec<Versioned<VcpuState>>, MigrationError> {
         self.vcpus
             .iter()
             .map(|v| crate::devices::lock(v).snapshot())
@@ -226,7 +224,7 @@ impl VcpuSet {
     }
 
     /// Stops every vCPU outside `KVM_RUN`; returns when all have acknowledged.
-    pub fn pause(&self, timeout: Duration) -> Result<(), VcpuError> {
+    fn pause_within(&self, timeout: Duration) -> Result<(), VcpuError> {
         let deadline = Instant::now() + timeout;
         let mut s = self.control.lock();
         s.requested = Requested::Pause;
@@ -248,20 +246,32 @@ impl VcpuSet {
         Ok(())
     }
 
-    pub fn resume(&self) {
+    fn run_all(&self) {
         let mut s = self.control.lock();
         s.requested = Requested::Run;
         self.control.changed.notify_all();
     }
 }
 
-fn run_loop(
-    vcpu: &Mutex<Vcpu>,
-    control: &VcpuControl,
-    io: &Bus,
-    mmio: &Bus,
-    events: &Sender<VmmEvent>,
-) {
+/// How long the vCPUs may take to leave `KVM_RUN` before a pause is reported as failed.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The vCPUs pause together: each thread leaves `KVM_RUN` (kicked by a signal) and parks.
+impl Pausable for VcpuSet {
+    fn pause(&self) -> Result<(), MigrationError> {
+        self.pause_within(PAUSE_TIMEOUT)
+            .map_err(|e| MigrationError::Pause {
+                id: "vcpus".into(),
+                reason: e.to_string(),
+            })
+    }
+    fn resume(&self) -> Result<(), MigrationError> {
+        self.run_all();
+        Ok(())
+    }
+}
+
+fn run_loop(vcpu: &Mutex<Vcpu>, control: &VcpuControl, io: &Bus, mmio: &Bus, exit: &ExitSignal) {
     loop {
         control.checkpoint();
         let mut vcpu = crate::devices::lock(vcpu);
@@ -296,12 +306,11 @@ fn run_loop(
                 "VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"
             )),
             Ok(VcpuExit::SystemEvent(kind, _)) => {
-                use crate::devices::power::ExitReason;
                 let reason = match kind {
                     kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
                     _ => ExitReason::PowerOff,
                 };
-                let _ = events.send(VmmEvent::GuestExit(reason));
+                exit.signal(reason);
                 return;
             }
             Ok(VcpuExit::Intr) => None,
@@ -317,7 +326,7 @@ fn run_loop(
         };
         if let Some(what) = fatal {
             let message = format!("vCPU {}: {what}; {}", vcpu.index, vcpu.describe_registers());
-            let _ = events.send(VmmEvent::VcpuFailed(message));
+            exit.signal(ExitReason::Failed(message));
             return;
         }
     }
@@ -337,17 +346,15 @@ pub struct VcpuState {
     pub msrs: Vec<(u32, u64)>,
 }
 
-impl Pausable for Vcpu {}
+impl State for VcpuState {
+    const NAME: &'static str = "vcpu";
+    const VERSION: u32 = 1;
+}
 
 impl Snapshottable for Vcpu {
     type State = VcpuState;
-    const STATE_VERSION: u32 = 1;
 
-    fn id(&self) -> String {
-        format!("vcpu{}", self.index)
-    }
-
-    fn save(&mut self) -> Result<VcpuState, MigrationError> {
+    fn save(&self) -> Result<VcpuState, MigrationError> {
         let err = |what: &str, e: kvm_ioctls::Error| MigrationError::Save {
             id: format!("vcpu{}", self.index),
             reason: format!("{what}: {e}"),
@@ -368,7 +375,7 @@ impl Snapshottable for Vcpu {
     }
 
     fn restore(&mut self, s: VcpuState) -> Result<(), MigrationError> {
-        let id = self.id();
+        let id = format!("vcpu{}", self.index);
         let err = |what: &str, e: kvm_ioctls::Error| MigrationError::Restore {
             id: id.clone(),
             reason: format!("{what}: {e}"),

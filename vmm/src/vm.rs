@@ -13,7 +13,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::layout::KVM_TSS_START;
 use crate::memory::{Backing, GuestMemory, MemoryError};
-use crate::migration::{MigrationError, Pausable, Snapshottable};
+use crate::migration::{MigrationError, Pausable, Snapshottable, State};
 
 #[derive(Debug, Error)]
 pub enum VmError {
@@ -125,10 +125,12 @@ impl Vm {
         }
         Ok(out)
     }
+}
 
-    /// Saves the VM-wide state (shared by `Snapshottable::save` and live migration, which only holds
-    /// the VM by `Arc`).
-    pub fn save_state(&self) -> Result<VmState, MigrationError> {
+impl Snapshottable for Vm {
+    type State = VmState;
+
+    fn save(&self) -> Result<VmState, MigrationError> {
         let err = |what: &str, e: kvm_ioctls::Error| MigrationError::Save {
             id: "vm".into(),
             reason: format!("{what}: {e}"),
@@ -151,31 +153,6 @@ impl Vm {
             clock,
         })
     }
-}
-
-/// The VM-wide state KVM keeps: interrupt controllers, PIT, kvmclock.
-#[derive(Serialize, Deserialize)]
-pub struct VmState {
-    pub pic_master: kvm_irqchip,
-    pub pic_slave: kvm_irqchip,
-    pub ioapic: kvm_irqchip,
-    pub pit: kvm_pit_state2,
-    pub clock: kvm_clock_data,
-}
-
-impl Pausable for Vm {}
-
-impl Snapshottable for Vm {
-    type State = VmState;
-    const STATE_VERSION: u32 = 1;
-
-    fn id(&self) -> String {
-        "vm".into()
-    }
-
-    fn save(&mut self) -> Result<VmState, MigrationError> {
-        self.save_state()
-    }
 
     fn restore(&mut self, s: VmState) -> Result<(), MigrationError> {
         let err = |what: &str, e: kvm_ioctls::Error| MigrationError::Restore {
@@ -193,6 +170,32 @@ impl Snapshottable for Vm {
         }
         Ok(())
     }
+}
+
+/// KVM has no VM-wide pause: the in-kernel PIC, IOAPIC and PIT only act through the vCPUs, which
+/// the vCPU set stops first; the clock is read when the state is saved.
+impl Pausable for Vm {
+    fn pause(&self) -> Result<(), MigrationError> {
+        Ok(())
+    }
+    fn resume(&self) -> Result<(), MigrationError> {
+        Ok(())
+    }
+}
+
+/// The VM-wide state KVM keeps: interrupt controllers, PIT, kvmclock.
+#[derive(Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+impl State for VmState {
+    const NAME: &'static str = "vm";
+    const VERSION: u32 = 1;
 }
 
 #[cfg(test)]
@@ -213,8 +216,8 @@ mod tests {
             boot_info: 0x6000,
             mode: EntryMode::Pvh,
         };
-        let mut a = Vm::new(kvm, 16 << 20).unwrap();
-        let mut va = Vcpu::new(&a.fd, &cpuid, 0, 1, &boot).unwrap();
+        let a = Vm::new(kvm, 16 << 20).unwrap();
+        let va = Vcpu::new(&a.fd, &cpuid, 0, 1, &boot).unwrap();
         let vm_state = a.snapshot().unwrap();
         let vcpu_state = va.snapshot().unwrap();
 
@@ -224,12 +227,11 @@ mod tests {
             ..boot
         };
         let mut vb = Vcpu::new(&b.fd, &cpuid, 0, 1, &other).unwrap();
-        b.restore_snapshot(&vm_state).unwrap();
-        vb.restore_snapshot(&vcpu_state).unwrap();
+        b.restore_snapshot(vm_state).unwrap();
+        vb.restore_snapshot(vcpu_state).unwrap();
         assert_eq!(vb.fd.get_regs().unwrap().rip, 0x10_0000);
         assert_eq!(vb.fd.get_regs().unwrap().rbx, 0x6000);
         let (sa, sb) = (va.fd.get_sregs().unwrap(), vb.fd.get_sregs().unwrap());
         assert_eq!((sa.cs.selector, sa.cr0), (sb.cs.selector, sb.cr0));
-        assert_eq!(vb.snapshot().unwrap().version, vcpu_state.version);
     }
 }

@@ -160,18 +160,16 @@ fn snapshot_of_a_restored_paused_vm_equals_the_original() {
         normalise_vcpu(&mut y);
         assert!(x == y, "vCPU state changed across restore");
     }
-    assert_eq!(a.devices, b.devices);
+    assert_eq!(json(&a.devices), json(&b.devices));
     assert_eq!(
-        a.devices
-            .iter()
-            .filter(|d| d.id.starts_with("virtio"))
-            .count(),
+        a.devices.virtio.len(),
         3,
         "virtio devices missing from the snapshot"
     );
     // Interrupt controllers equal; the PIT and kvmclock are allowed to have moved.
+    let (va, vb) = (json(&a.vm), json(&b.vm));
     for chip in ["pic_master", "pic_slave", "ioapic"] {
-        assert_eq!(a.vm.state[chip], b.vm.state[chip], "{chip}");
+        assert_eq!(va["state"][chip], vb["state"][chip], "{chip}");
     }
     // Guest memory, byte for byte (holes read as zeros).
     let m1 = std::fs::read(snap1.path().join("memory.bin")).unwrap();
@@ -220,9 +218,9 @@ fn corrupt_snapshots_are_refused() {
 
     let d = copy_dir(good.path());
     let mut s = state.clone();
-    s[8] = 2; // major version 2
+    s[8] = 3; // major version 3
     std::fs::write(d.path().join("state.bin"), &s).unwrap();
-    refused(d.path(), "version 2.0.0 is not readable by this build");
+    refused(d.path(), "version 3.0.0 is not readable by this build");
 
     let d = copy_dir(good.path());
     let mut s = state.clone();
@@ -262,4 +260,30 @@ fn corrupt_snapshots_are_refused() {
         .push("/nonexistent/shared/disk.img".parse().unwrap());
     vmm::snapshot::write_state(d.path(), &st).unwrap();
     refused(d.path(), "disk /nonexistent/shared/disk.img is missing");
+
+    // A component saved in a layout this build does not read is named, with both versions.
+    let d = copy_dir(good.path());
+    let mut st = json(&vmm::snapshot::read_state(d.path()).unwrap());
+    st["devices"]["ged"]["version"] = 99.into();
+    write_raw_state(d.path(), &serde_json::to_vec(&st).unwrap());
+    refused(
+        d.path(),
+        "ged state version 99 is not readable by this build (reads 2)",
+    );
+}
+
+fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap()
+}
+
+/// `state.bin` with `body` as its JSON, under a valid header (magic, version, length, CRC).
+fn write_raw_state(dir: &std::path::Path, body: &[u8]) {
+    let mut out = vmm::snapshot::MAGIC.to_vec();
+    for v in vmm::snapshot::VERSION {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+    out.extend_from_slice(body);
+    std::fs::write(dir.join("state.bin"), out).unwrap();
 }

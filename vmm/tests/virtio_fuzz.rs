@@ -26,7 +26,7 @@ use vmm::devices::virtio::vsock::Vsock;
 use vmm::devices::virtio::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use vmm::devices::BusDevice;
 use vmm::memory::{create_guest_memory, GuestMemory};
-use vmm::migration::{Pausable, Snapshottable};
+use vmm::migration::Snapshottable;
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM: u64 = 1 << 20;
@@ -397,7 +397,7 @@ fn rng_state_restores_into_a_fresh_device() {
 
     let mut r = Harness::with_memory(Box::new(Rng::default()), h.mem.clone());
     drop(h);
-    r.t.restore_snapshot(&saved).unwrap();
+    r.t.restore_snapshot(saved.clone()).unwrap();
     assert_eq!(r.r(reg::STATUS), state.status);
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(r.used_idx(), 2, "restored device ran before resume");
@@ -424,7 +424,11 @@ fn restore_refuses_another_device_type() {
     let saved = h.t.snapshot().unwrap();
     let (balloon, _c) = Balloon::new(false);
     let mut other = Harness::with_memory(Box::new(balloon), h.mem.clone());
-    let err = other.t.restore_snapshot(&saved).unwrap_err().to_string();
+    let err = other
+        .t
+        .restore_snapshot(saved.clone())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("device type"), "{err}");
     assert_eq!(
         other.r(reg::STATUS),
@@ -466,12 +470,12 @@ fn block_releases_and_reacquires_its_lock() {
     let saved = h.t.snapshot().unwrap();
     h.t.release();
     let target = Block::open(&img, false).expect("the released lock is still held");
-    let err = h.t.reacquire(&saved).unwrap_err();
+    let err = h.t.reacquire(&saved.0).unwrap_err();
     assert!(err.contains("in use"), "{err}");
     assert_ne!(h.r(reg::STATUS) & STATUS_NEEDS_RESET, 0);
     drop(target);
     // Once the other VMM is gone, taking it back works and the device continues.
-    h.t.reacquire(&saved).unwrap();
+    h.t.reacquire(&saved.0).unwrap();
     assert!(h.post(0, 1, 0), "device idle after taking its disk back");
     assert!(Block::open(&img, false).is_err(), "lock not taken back");
 }
@@ -491,7 +495,7 @@ fn vsock_sends_transport_reset_after_restore() {
     assert!(!sock.exists(), "released vsock socket still there");
     let mut r = Harness::with_memory(Box::new(Vsock::new(3, &sock).unwrap()), h.mem.clone());
     drop(h);
-    r.t.restore_snapshot(&saved).unwrap();
+    r.t.restore_snapshot(saved.clone()).unwrap();
     r.t.resume().unwrap();
     r.mem.write_obj(0xffff_ffffu32, GuestAddress(DATA)).unwrap();
     desc(&r.mem, 0, DATA, 8, WRITE, 0);

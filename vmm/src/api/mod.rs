@@ -1,8 +1,8 @@
 //! The control API: newline-delimited JSON over a Unix socket (protocol in `docs/api.md`).
 //!
 //! The request and result types and the client live in the `vmm-api` crate, shared with `vmm ctl`
-//! and the host agent; `server` accepts connections and turns each request line into a
-//! [`VmmEvent::Api`](crate::vmm::VmmEvent) for the VMM's main loop.
+//! and the host agent; `server` accepts connections and hands each parsed request, with the
+//! [`Reply`] its answer goes to, to the VMM's control loop.
 
 pub mod server;
 

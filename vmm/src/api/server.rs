@@ -5,12 +5,11 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Sender;
+use std::sync::Arc;
 
 use thiserror::Error;
 
 use super::{Reply, Request, Response, MAX_REQUEST_LINE};
-use crate::vmm::VmmEvent;
 
 #[derive(Debug, Error)]
 pub enum ApiError {
@@ -39,10 +38,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
 /// API connections served at once, at most: each costs a thread, and nobody needs more.
 pub const MAX_CONNECTIONS: usize = 16;
 
+/// Hands one parsed request to the VMM's control loop; false once the loop is gone.
+pub type Submit = Arc<dyn Fn(Request, Reply) -> bool + Send + Sync>;
+
 /// Serves connections until the process ends.
-pub fn spawn(listener: UnixListener, events: Sender<VmmEvent>) -> std::io::Result<()> {
+pub fn spawn(listener: UnixListener, submit: Submit) -> std::io::Result<()> {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
     let open = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("api".into())
@@ -59,13 +60,13 @@ pub fn spawn(listener: UnixListener, events: Sender<VmmEvent>) -> std::io::Resul
                             let _ = stream.write_all(&out);
                             continue;
                         }
-                        let events = events.clone();
+                        let submit = submit.clone();
                         let count = open.clone();
                         let spawned =
                             std::thread::Builder::new()
                                 .name("api-conn".into())
                                 .spawn(move || {
-                                    serve(stream, &events);
+                                    serve(stream, &submit);
                                     count.fetch_sub(1, Ordering::SeqCst);
                                 });
                         if let Err(e) = spawned {
@@ -80,7 +81,7 @@ pub fn spawn(listener: UnixListener, events: Sender<VmmEvent>) -> std::io::Resul
     Ok(())
 }
 
-fn serve(stream: UnixStream, events: &Sender<VmmEvent>) {
+fn serve(stream: UnixStream, submit: &Submit) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -105,7 +106,7 @@ fn serve(stream: UnixStream, events: &Sender<VmmEvent>) {
                     Ok(req) => {
                         tracing::debug!(?req, "API request");
                         let (reply, rx, ack) = Reply::new();
-                        if events.send(VmmEvent::Api(req, reply)).is_err() {
+                        if !submit(req, reply) {
                             return;
                         }
                         let r = rx

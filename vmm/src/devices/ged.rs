@@ -4,7 +4,9 @@
 use vmm_sys_util::eventfd::EventFd;
 
 use super::BusDevice;
-use crate::migration::{MigrationError, Pausable, Snapshottable};
+use serde::{Deserialize, Serialize};
+
+use crate::migration::{MigrationError, Pausable, Snapshottable, State};
 
 /// Event bit: power button pressed. The DSDT's `_EVT` tests the same bit.
 pub const POWER_BUTTON_BIT: u32 = 1 << 0;
@@ -44,21 +46,37 @@ impl BusDevice for Ged {
     }
 }
 
-impl Pausable for Ged {}
+/// A latch the guest reads: no activity of its own to stop.
+impl Pausable for Ged {
+    fn pause(&self) -> Result<(), MigrationError> {
+        Ok(())
+    }
+    fn resume(&self) -> Result<(), MigrationError> {
+        Ok(())
+    }
+}
+
+/// Events latched but not yet read by the guest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GedState {
+    pub pending: u32,
+}
+
+impl State for GedState {
+    const NAME: &'static str = "ged";
+    const VERSION: u32 = 2;
+}
 
 impl Snapshottable for Ged {
-    /// Events latched but not yet read by the guest.
-    type State = u32;
-    const STATE_VERSION: u32 = 1;
+    type State = GedState;
 
-    fn id(&self) -> String {
-        "ged".into()
+    fn save(&self) -> Result<GedState, MigrationError> {
+        Ok(GedState {
+            pending: self.pending,
+        })
     }
-    fn save(&mut self) -> Result<u32, MigrationError> {
-        Ok(self.pending)
-    }
-    fn restore(&mut self, pending: u32) -> Result<(), MigrationError> {
-        self.pending = pending;
+    fn restore(&mut self, s: GedState) -> Result<(), MigrationError> {
+        self.pending = s.pending;
         Ok(())
     }
 }
@@ -86,7 +104,7 @@ mod tests {
         g.notify(POWER_BUTTON_BIT).unwrap();
         let s = g.snapshot().unwrap();
         let mut h = Ged::new(EventFd::new(0).unwrap());
-        h.restore_snapshot(&s).unwrap();
+        h.restore_snapshot(s).unwrap();
         let mut d = [0u8; 4];
         h.read(0, &mut d);
         assert_eq!(u32::from_le_bytes(d), POWER_BUTTON_BIT);

@@ -7,13 +7,14 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::virtio::mmio::TransportState;
 use super::virtio::mmio::{reg, MmioTransport};
 use super::virtio::{Interrupt, VirtioDevice};
 use super::{lock, Bus, BusError};
 use crate::acpi::MmioDeviceInfo;
 use crate::arch::layout::{IOAPIC_PINS, VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::memory::GuestMemory;
-use crate::migration::{ComponentState, MigrationError, Pausable, Snapshottable};
+use crate::migration::{MigrationError, Pausable, Snapshottable, Versioned};
 
 #[derive(Debug, Error)]
 pub enum DeviceError {
@@ -95,31 +96,40 @@ impl VirtioDevices {
     }
 }
 
-impl VirtioDevices {
-    /// Stops every device's worker (after the vCPUs, so nothing new arrives).
-    pub fn pause(&self) -> Result<(), MigrationError> {
+/// Every virtio device's worker stops (after the vCPUs, so nothing new arrives) and starts.
+impl Pausable for VirtioDevices {
+    fn pause(&self) -> Result<(), MigrationError> {
         self.transports.iter().try_for_each(|t| lock(t).pause())
     }
 
-    pub fn resume(&self) -> Result<(), MigrationError> {
+    fn resume(&self) -> Result<(), MigrationError> {
         self.transports.iter().try_for_each(|t| lock(t).resume())
     }
+}
 
-    /// Every device's state, in attach order (ids `virtio0`, `virtio1`, …). Call while paused.
-    pub fn save(&self) -> Result<Vec<ComponentState>, MigrationError> {
+impl VirtioDevices {
+    /// Every device's state, in attach order. Call while paused.
+    pub fn save(&self) -> Result<Vec<Versioned<TransportState>>, MigrationError> {
         self.transports.iter().map(|t| lock(t).snapshot()).collect()
     }
 
-    /// Restores the device whose id is `state.id`; false if there is none.
-    pub fn restore(&self, state: &ComponentState) -> Result<bool, MigrationError> {
-        for t in &self.transports {
-            let mut t = lock(t);
-            if t.id() == state.id {
-                t.restore_snapshot(state)?;
-                return Ok(true);
-            }
+    /// Restores each device from the state saved at its place: the same devices in the same
+    /// order, as the configuration the snapshot carries builds them.
+    pub fn restore(&self, saved: Vec<Versioned<TransportState>>) -> Result<(), MigrationError> {
+        if saved.len() != self.transports.len() {
+            return Err(MigrationError::Restore {
+                id: "virtio".into(),
+                reason: format!(
+                    "state for {} virtio devices; the VM has {}",
+                    saved.len(),
+                    self.transports.len()
+                ),
+            });
         }
-        Ok(false)
+        for (t, s) in self.transports.iter().zip(saved) {
+            lock(t).restore_snapshot(s)?;
+        }
+        Ok(())
     }
 
     /// Migration handover: every device lets go of its host resources.
@@ -129,13 +139,13 @@ impl VirtioDevices {
 
     /// The migration failed: every device takes its resources back and continues from `saved`.
     /// Returns what could not be taken back (those devices need a reset from the driver).
-    pub fn reacquire(&self, saved: &[ComponentState]) -> Vec<String> {
+    pub fn reacquire(&self, saved: &[Versioned<TransportState>]) -> Vec<String> {
         let mut errors = Vec::new();
-        for t in &self.transports {
+        for (i, t) in self.transports.iter().enumerate() {
             let mut t = lock(t);
             let id = t.id();
-            let r = match saved.iter().find(|s| s.id == id) {
-                Some(s) => t.reacquire(s),
+            let r = match saved.get(i) {
+                Some(s) => t.reacquire(&s.0),
                 None => Err("no saved state".into()),
             };
             if let Err(e) = r {

@@ -1,13 +1,13 @@
 //! The ways a guest ends the VM: the ACPI sleep control register (S5 = power off), the ACPI reset
 //! register, the i8042 reset line, and a debug-exit port for test guests. Each reports an
-//! [`ExitReason`] to the VMM through a channel; the VMM decides what to do with it.
+//! [`ExitReason`] through the [`ExitSignal`] it was given; the VMM decides what to do with it.
+//! They hold no state and have no activity of their own, so they take no part in pause or
+//! snapshot: a restored VM gets fresh ones.
 
-use std::sync::mpsc::Sender;
+use std::sync::Arc;
 
 use super::BusDevice;
 use crate::arch::layout::{ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE};
-use crate::migration::{MigrationError, Pausable, Snapshottable};
-use crate::vmm::VmmEvent;
 
 /// Why the guest stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +18,8 @@ pub enum ExitReason {
     Reset,
     /// A byte written to the debug-exit port.
     DebugExit(u8),
+    /// A vCPU cannot go on (triple fault, failed entry): what happened, with its registers.
+    Failed(String),
 }
 
 impl ExitReason {
@@ -26,7 +28,23 @@ impl ExitReason {
         match self {
             ExitReason::PowerOff | ExitReason::Reset => 0,
             ExitReason::DebugExit(v) => i32::from(*v),
+            ExitReason::Failed(_) => 1,
         }
+    }
+}
+
+/// How devices and vCPU threads say the guest has stopped. The machine's builder makes it and
+/// hands a clone to each; they never see the VMM's own event type (no import cycle back to it).
+#[derive(Clone)]
+pub struct ExitSignal(Arc<dyn Fn(ExitReason) + Send + Sync>);
+
+impl ExitSignal {
+    pub fn new(f: impl Fn(ExitReason) + Send + Sync + 'static) -> Self {
+        ExitSignal(Arc::new(f))
+    }
+
+    pub fn signal(&self, why: ExitReason) {
+        (self.0)(why)
     }
 }
 
@@ -35,12 +53,12 @@ const I8042_RESET_CMD: u8 = 0xfe;
 
 /// ACPI hardware-reduced sleep control (offset 0), sleep status (offset 1) and reset (offset 2).
 pub struct AcpiPm {
-    events: Sender<VmmEvent>,
+    exit: ExitSignal,
 }
 
 impl AcpiPm {
-    pub fn new(events: Sender<VmmEvent>) -> Self {
-        AcpiPm { events }
+    pub fn new(exit: ExitSignal) -> Self {
+        AcpiPm { exit }
     }
 }
 
@@ -56,14 +74,12 @@ impl BusDevice for AcpiPm {
             0 if v & SLP_EN != 0 => {
                 let slp_typ = (v >> 2) & 0x7;
                 if slp_typ == ACPI_S5_SLEEP_TYPE {
-                    let _ = self.events.send(VmmEvent::GuestExit(ExitReason::PowerOff));
+                    self.exit.signal(ExitReason::PowerOff);
                 } else {
                     tracing::debug!(slp_typ, "unsupported ACPI sleep state ignored");
                 }
             }
-            2 if v == ACPI_RESET_VALUE => {
-                let _ = self.events.send(VmmEvent::GuestExit(ExitReason::Reset));
-            }
+            2 if v == ACPI_RESET_VALUE => self.exit.signal(ExitReason::Reset),
             _ => tracing::debug!(offset, value = v, "ignored ACPI PM write"),
         }
     }
@@ -71,12 +87,12 @@ impl BusDevice for AcpiPm {
 
 /// Just enough of an i8042 for the reset line (command 0xfe on port 0x64).
 pub struct I8042 {
-    events: Sender<VmmEvent>,
+    exit: ExitSignal,
 }
 
 impl I8042 {
-    pub fn new(events: Sender<VmmEvent>) -> Self {
-        I8042 { events }
+    pub fn new(exit: ExitSignal) -> Self {
+        I8042 { exit }
     }
 }
 
@@ -88,19 +104,19 @@ impl BusDevice for I8042 {
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
         if data.first() == Some(&I8042_RESET_CMD) {
-            let _ = self.events.send(VmmEvent::GuestExit(ExitReason::Reset));
+            self.exit.signal(ExitReason::Reset);
         }
     }
 }
 
 /// Debug-exit port: the byte written becomes the VMM's exit status.
 pub struct DebugExit {
-    events: Sender<VmmEvent>,
+    exit: ExitSignal,
 }
 
 impl DebugExit {
-    pub fn new(events: Sender<VmmEvent>) -> Self {
-        DebugExit { events }
+    pub fn new(exit: ExitSignal) -> Self {
+        DebugExit { exit }
     }
 }
 
@@ -111,51 +127,33 @@ impl BusDevice for DebugExit {
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
         if let Some(&v) = data.first() {
-            let _ = self
-                .events
-                .send(VmmEvent::GuestExit(ExitReason::DebugExit(v)));
+            self.exit.signal(ExitReason::DebugExit(v));
         }
     }
 }
-
-// Stateless devices: nothing to save beyond their presence, but they take part in pause/snapshot
-// like every other device so that the machine-wide walk needs no exceptions.
-macro_rules! stateless_snapshot {
-    ($($t:ty => $id:literal),* $(,)?) => {$(
-        impl Pausable for $t {}
-        impl Snapshottable for $t {
-            type State = ();
-            const STATE_VERSION: u32 = 1;
-            fn id(&self) -> String {
-                $id.into()
-            }
-            fn save(&mut self) -> Result<(), MigrationError> {
-                Ok(())
-            }
-            fn restore(&mut self, _: ()) -> Result<(), MigrationError> {
-                Ok(())
-            }
-        }
-    )*};
-}
-
-stateless_snapshot!(AcpiPm => "acpi-pm", I8042 => "i8042", DebugExit => "debug-exit");
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::mpsc::channel;
+    use std::sync::mpsc::{channel, Receiver};
 
-    fn exit_of(rx: &std::sync::mpsc::Receiver<VmmEvent>) -> Option<ExitReason> {
-        match rx.try_recv() {
-            Ok(VmmEvent::GuestExit(r)) => Some(r),
-            _ => None,
-        }
+    fn signal() -> (ExitSignal, Receiver<ExitReason>) {
+        let (tx, rx) = channel();
+        (
+            ExitSignal::new(move |r| {
+                let _ = tx.send(r);
+            }),
+            rx,
+        )
+    }
+
+    fn exit_of(rx: &Receiver<ExitReason>) -> Option<ExitReason> {
+        rx.try_recv().ok()
     }
 
     #[test]
     fn s5_powers_off_other_states_do_not() {
-        let (tx, rx) = channel();
+        let (tx, rx) = signal();
         let mut pm = AcpiPm::new(tx);
         pm.write(0, &[(3 << 2) | SLP_EN]);
         assert_eq!(exit_of(&rx), None);
@@ -169,7 +167,7 @@ mod tests {
 
     #[test]
     fn i8042_and_debug_exit() {
-        let (tx, rx) = channel();
+        let (tx, rx) = signal();
         let mut k = I8042::new(tx.clone());
         k.write(0, &[0x01]);
         assert_eq!(exit_of(&rx), None);

@@ -17,8 +17,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::worker::{QueueHandler, Worker};
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_USED_RING,
-    TYPE_BALLOON,
+    read_config_bytes, ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice,
+    INT_USED_RING, TYPE_BALLOON,
 };
 use crate::devices::lock;
 use crate::memory::GuestMemory;
@@ -44,6 +44,13 @@ const STAT_NAMES: [&str; 10] = [
     "hugetlb_allocations",
     "hugetlb_failures",
 ];
+
+/// The balloon's size in a snapshot: what the VMM asked for and what the driver said it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Serialize)]
+pub struct BalloonState {
+    pub target_pages: u32,
+    pub actual_pages: u32,
+}
 
 /// The guest's last statistics report.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -182,24 +189,18 @@ impl VirtioDevice for Balloon {
     fn name(&self) -> &'static str {
         "virtio-balloon"
     }
-    fn save_state(&self) -> serde_json::Value {
-        serde_json::json!({
-            "target_pages": self.control.target_pages(),
-            "actual_pages": self.control.actual_pages(),
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Balloon(BalloonState {
+            target_pages: self.control.target_pages(),
+            actual_pages: self.control.actual_pages(),
         })
     }
-    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        let field = |k: &str| {
-            state
-                .get(k)
-                .and_then(serde_json::Value::as_u64)
-                .and_then(|v| u32::try_from(v).ok())
-                .ok_or_else(|| format!("balloon state lacks {k}"))
+    fn restore_state(&mut self, state: DeviceState) -> Result<(), String> {
+        let DeviceState::Balloon(s) = state else {
+            return Err(format!("virtio-balloon cannot take {state:?}"));
         };
-        self.control.set_target_pages(field("target_pages")?);
-        self.control
-            .actual
-            .store(field("actual_pages")?, Ordering::SeqCst);
+        self.control.set_target_pages(s.target_pages);
+        self.control.actual.store(s.actual_pages, Ordering::SeqCst);
         Ok(())
     }
     worker_access!();

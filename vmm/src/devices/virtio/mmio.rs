@@ -12,10 +12,12 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateContext, Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1};
+use super::{
+    ActivateContext, DeviceState, Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1,
+};
 use crate::devices::BusDevice;
 use crate::memory::GuestMemory;
-use crate::migration::{MigrationError, Pausable, Snapshottable};
+use crate::migration::{MigrationError, Snapshottable, State};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -101,7 +103,12 @@ pub struct TransportState {
     pub config_generation: u32,
     pub interrupt_status: u32,
     pub queues: Vec<QueueSave>,
-    pub device: serde_json::Value,
+    pub device: DeviceState,
+}
+
+impl State for TransportState {
+    const NAME: &'static str = "virtio";
+    const VERSION: u32 = 2;
 }
 
 impl MmioTransport {
@@ -183,11 +190,11 @@ impl MmioTransport {
 
     /// The migration failed: takes the host resources back and continues from `state` (saved at
     /// the handover). A device that cannot is left needing a reset, and the error is returned.
-    pub fn reacquire(&mut self, state: &crate::migration::ComponentState) -> Result<(), String> {
+    pub fn reacquire(&mut self, state: &TransportState) -> Result<(), String> {
         let r = self
             .device
             .reacquire_backend()
-            .and_then(|()| self.restore_snapshot(state).map_err(|e| e.to_string()))
+            .and_then(|()| self.restore(state.clone()).map_err(|e| e.to_string()))
             .and_then(|()| self.resume().map_err(|e| e.to_string()));
         if let Err(e) = &r {
             self.needs_reset(e);
@@ -442,15 +449,18 @@ impl BusDevice for MmioTransport {
     }
 }
 
-impl Pausable for MmioTransport {
-    fn pause(&mut self) -> Result<(), MigrationError> {
+/// Pausing a virtio device stops its worker (the transport's registers only change on guest
+/// accesses, which stopped vCPUs do not make). Called with the transport locked, through
+/// `VirtioDevices`, which is the `Pausable` of them all.
+impl MmioTransport {
+    pub fn pause(&mut self) -> Result<(), MigrationError> {
         if let Some(w) = self.device.worker_mut() {
             w.pause();
         }
         Ok(())
     }
 
-    fn resume(&mut self) -> Result<(), MigrationError> {
+    pub fn resume(&mut self) -> Result<(), MigrationError> {
         if std::mem::take(&mut self.activate_on_resume) {
             return self.activate().map_err(|reason| MigrationError::Restore {
                 id: self.id.clone(),
@@ -467,16 +477,18 @@ impl Pausable for MmioTransport {
     }
 }
 
-impl Snapshottable for MmioTransport {
-    type State = TransportState;
-    const STATE_VERSION: u32 = 1;
-
-    fn id(&self) -> String {
+impl MmioTransport {
+    /// The name logs and errors give this device (`virtio0`, …: its place on the bus).
+    pub fn id(&self) -> String {
         self.id.clone()
     }
+}
+
+impl Snapshottable for MmioTransport {
+    type State = TransportState;
 
     /// Exact only while paused: a running worker moves its queues on.
-    fn save(&mut self) -> Result<TransportState, MigrationError> {
+    fn save(&self) -> Result<TransportState, MigrationError> {
         let positions = self
             .device
             .worker()
@@ -569,7 +581,7 @@ impl Snapshottable for MmioTransport {
             queues.push(nq);
         }
         self.device.reset();
-        self.device.restore_state(&s.device).map_err(err)?;
+        self.device.restore_state(s.device).map_err(err)?;
         self.queues = queues;
         self.status = s.status;
         self.driver_features = s.driver_features;

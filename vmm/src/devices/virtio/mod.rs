@@ -110,6 +110,16 @@ pub struct ActivateContext {
     pub acked_features: u64,
 }
 
+/// What a virtio device keeps beyond its transport's registers and queues, one variant per
+/// device that has any.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceState {
+    #[default]
+    None,
+    Balloon(balloon::BalloonState),
+}
+
 /// A virtio device behind the MMIO transport.
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
@@ -130,13 +140,17 @@ pub trait VirtioDevice: Send {
     /// The worker, once activated: pause/resume and the queues' positions.
     fn worker(&self) -> Option<&dyn WorkerControl>;
     fn worker_mut(&mut self) -> Option<&mut dyn WorkerControl>;
-    /// Device state beyond the transport registers and queues (e.g. the balloon's target).
-    fn save_state(&self) -> serde_json::Value {
-        serde_json::Value::Null
+    /// Device state beyond the transport registers and queues (the balloon's target); most
+    /// devices keep everything in their queues.
+    fn save_state(&self) -> DeviceState {
+        DeviceState::None
     }
     /// Takes back what [`VirtioDevice::save_state`] gave, before the device is re-activated.
-    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
-        Ok(())
+    fn restore_state(&mut self, state: DeviceState) -> Result<(), String> {
+        match state {
+            DeviceState::None => Ok(()),
+            other => Err(format!("{} cannot take {other:?}", self.name())),
+        }
     }
     /// Lets go of the host resources the migration target takes over (disk lock, tap, socket).
     /// The device is reset (worker gone) when this is called.

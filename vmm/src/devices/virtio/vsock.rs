@@ -22,8 +22,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::worker::{QueueHandler, Worker};
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_USED_RING,
-    TYPE_VSOCK,
+    read_config_bytes, ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice,
+    INT_USED_RING, TYPE_VSOCK,
 };
 use crate::memory::GuestMemory;
 
@@ -231,7 +231,11 @@ impl VirtioDevice for Vsock {
     fn name(&self) -> &'static str {
         "virtio-vsock"
     }
-    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+    /// Connections do not survive a snapshot: the guest is told to drop them when it resumes.
+    fn restore_state(&mut self, state: DeviceState) -> Result<(), String> {
+        if state != DeviceState::None {
+            return Err(format!("virtio-vsock cannot take {state:?}"));
+        }
         self.reset_pending = true;
         Ok(())
     }
