@@ -167,16 +167,16 @@ impl Machine {
                     virtio: virtio.info.clone(),
                 });
                 tables
-                    .write(&vm.memory)
+                    .write(&vm.ram())
                     .context("cannot write the ACPI tables")?;
                 let entry = boot::load(
-                    &vm.memory,
+                    &vm.ram(),
                     &config.kernel,
                     config.initrd.as_deref(),
                     &config.cmdline,
                     tables.rsdp_addr,
                 )?;
-                regs::write_boot_tables(&vm.memory, entry.mode)
+                regs::write_boot_tables(&vm.ram(), entry.mode)
                     .context("cannot write boot page tables")?;
                 let vcpus = (0..config.vcpus)
                     .map(|i| Vcpu::new(&vm.fd, &supported_cpuid, i, config.vcpus, &entry))

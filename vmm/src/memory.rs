@@ -16,6 +16,11 @@ use crate::arch::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 /// live migration needs both.
 pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
 
+/// Guest RAM as the VM and its devices hold it: each access loads the current map (`memory()`, a
+/// cheap RCU-style load), so regions added while the VM runs (memory hotplug) are seen by every
+/// device without restarting it.
+pub type SharedMemory = vm_memory::GuestMemoryAtomic<GuestMemory>;
+
 /// Records that the VMM wrote `len` bytes of guest memory at `addr` (outside vm-memory's accessors).
 pub fn mark_dirty(mem: &GuestMemory, addr: GuestAddress, len: usize) {
     if let Some((region, offset)) = mem.to_region_addr(addr) {

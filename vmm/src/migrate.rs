@@ -117,6 +117,7 @@ fn downtime_if_resumed(dir: &Path, paused_ns: u128) -> Option<f64> {
 /// Writes the pages set in `bitmaps` from guest memory into `out`; returns the bytes written.
 fn write_dirty(vm: &Vm, bitmaps: &[(u64, u64, Vec<u64>)], out: &File) -> std::io::Result<u64> {
     use vm_memory::{Bytes, GuestAddress};
+    let ram = vm.ram();
     let mut page = vec![0u8; PAGE as usize];
     let mut written = 0;
     for (gpa, file_off, bitmap) in bitmaps {
@@ -126,8 +127,7 @@ fn write_dirty(vm: &Vm, bitmaps: &[(u64, u64, Vec<u64>)], out: &File) -> std::io
                 let bit = w.trailing_zeros() as u64;
                 w &= w - 1;
                 let page_i = word_i as u64 * 64 + bit;
-                vm.memory
-                    .read_slice(&mut page, GuestAddress(gpa + page_i * PAGE))
+                ram.read_slice(&mut page, GuestAddress(gpa + page_i * PAGE))
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
                 out.write_all_at(&page, file_off + page_i * PAGE)?;
                 written += PAGE;
@@ -242,7 +242,7 @@ impl Source {
             .set_dirty_logging(true)
             .map_err(|e| Failure::new(format!("cannot enable dirty logging: {e}")))?;
         self.set(|pr| pr.phase = MigrationPhase::CopyingMemory);
-        *written += snapshot::copy_memory(&self.parts.vm.memory, &self.parts.vm.backing, &out)
+        *written += snapshot::copy_memory(&self.parts.vm.ram(), &self.parts.vm.backing, &out)
             .map_err(Failure::io("cannot copy memory"))?;
         let mut last = Instant::now();
         let mut bandwidth: f64 = 0.0;

@@ -137,7 +137,7 @@ impl Machine {
         let t0 = Instant::now();
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let state = self.parts.save(&self.config)?;
-        snapshot::write_memory(dir, &self.parts.vm.memory, &self.parts.vm.backing)?;
+        snapshot::write_memory(dir, &self.parts.vm.ram(), &self.parts.vm.backing)?;
         snapshot::write_state(dir, &state)?;
         Ok(SnapshotDone {
             dir: dir.into(),

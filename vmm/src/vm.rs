@@ -12,7 +12,7 @@ use thiserror::Error;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::layout::KVM_TSS_START;
-use crate::memory::{Backing, GuestMemory, MemoryError};
+use crate::memory::{Backing, GuestMemory, MemoryError, SharedMemory};
 use crate::migration::{MigrationError, Pausable, Snapshottable, State};
 
 #[derive(Debug, Error)]
@@ -37,16 +37,26 @@ pub enum VmError {
 pub struct Vm {
     pub kvm: Kvm,
     pub fd: VmFd,
-    pub memory: GuestMemory,
+    /// Guest RAM; `ram()` for the current map.
+    pub memory: SharedMemory,
+    /// The KVM memory slot of each RAM region, in region order. Slots are allocated, not tied to
+    /// region indexes, so regions can be added (hotplug) without renumbering the others.
+    slots: Vec<u32>,
     /// The file behind guest memory, kept for snapshot and migration.
     pub backing: Backing,
 }
 
-/// Registers every guest RAM region as a KVM memory slot (slot = region index) with `flags`.
-fn set_slots(fd: &VmFd, memory: &GuestMemory, flags: u32) -> Result<(), kvm_ioctls::Error> {
-    for (slot, region) in memory.iter().enumerate() {
+/// Registers the guest RAM regions as the KVM memory slots `slots` (one per region, in order) with
+/// `flags`.
+fn set_slots(
+    fd: &VmFd,
+    memory: &GuestMemory,
+    slots: &[u32],
+    flags: u32,
+) -> Result<(), kvm_ioctls::Error> {
+    for (&slot, region) in slots.iter().zip(memory.iter()) {
         let r = kvm_userspace_memory_region {
-            slot: slot as u32,
+            slot,
             flags,
             guest_phys_addr: region.start_addr().raw_value(),
             memory_size: region.len(),
@@ -79,7 +89,8 @@ impl Vm {
     /// A VM around existing guest memory (a restored snapshot's).
     pub fn with_memory(kvm: Kvm, memory: GuestMemory, backing: Backing) -> Result<Vm, VmError> {
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        set_slots(&fd, &memory, 0).map_err(VmError::MemorySlot)?;
+        let slots: Vec<u32> = (0..memory.num_regions() as u32).collect();
+        set_slots(&fd, &memory, &slots, 0).map_err(VmError::MemorySlot)?;
         let setup = |what| move |err| VmError::Setup { what, err };
         fd.set_tss_address(KVM_TSS_START as usize)
             .map_err(setup("the TSS address"))?;
@@ -93,18 +104,26 @@ impl Vm {
         Ok(Vm {
             kvm,
             fd,
-            memory,
+            memory: SharedMemory::new(memory),
+            slots,
             backing,
         })
     }
 }
 
 impl Vm {
+    /// Guest RAM as it is now.
+    pub fn ram(&self) -> vm_memory::GuestMemoryLoadGuard<GuestMemory> {
+        use vm_memory::GuestAddressSpace;
+        self.memory.memory()
+    }
+
     /// Turns KVM's dirty-page logging on or off for all of guest RAM.
     pub fn set_dirty_logging(&self, on: bool) -> Result<(), kvm_ioctls::Error> {
         set_slots(
             &self.fd,
-            &self.memory,
+            &self.ram(),
+            &self.slots,
             if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
         )
     }
@@ -114,10 +133,11 @@ impl Vm {
     pub fn dirty_bitmaps(&self) -> Result<Vec<(u64, u64, Vec<u64>)>, kvm_ioctls::Error> {
         let mut offset = 0;
         let mut out = Vec::new();
-        let vmm_dirty = crate::memory::take_vmm_dirty(&self.memory);
-        for (slot, region) in self.memory.iter().enumerate() {
-            let mut bitmap = self.fd.get_dirty_log(slot as u32, region.len() as usize)?;
-            if let Some(vmm) = vmm_dirty.get(slot) {
+        let ram = self.ram();
+        let vmm_dirty = crate::memory::take_vmm_dirty(&ram);
+        for (i, (&slot, region)) in self.slots.iter().zip(ram.iter()).enumerate() {
+            let mut bitmap = self.fd.get_dirty_log(slot, region.len() as usize)?;
+            if let Some(vmm) = vmm_dirty.get(i) {
                 bitmap.iter_mut().zip(vmm).for_each(|(k, v)| *k |= v);
             }
             out.push((region.start_addr().raw_value(), offset, bitmap));

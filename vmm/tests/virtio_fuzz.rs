@@ -86,7 +86,13 @@ impl Harness {
             .collect();
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         Harness {
-            t: MmioTransport::new("virtio0".into(), dev, mem.clone(), irq, evts),
+            t: MmioTransport::new(
+                "virtio0".into(),
+                dev,
+                vmm::memory::SharedMemory::new(mem.clone()),
+                irq,
+                evts,
+            ),
             mem,
             queues,
         }

@@ -13,7 +13,7 @@ use super::virtio::{Interrupt, VirtioDevice};
 use super::{lock, Bus, BusError};
 use crate::acpi::MmioDeviceInfo;
 use crate::arch::layout::{IOAPIC_PINS, VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
-use crate::memory::GuestMemory;
+use crate::memory::SharedMemory;
 use crate::migration::{MigrationError, Pausable, Snapshottable, Versioned};
 
 #[derive(Debug, Error)]
@@ -44,7 +44,7 @@ impl VirtioDevices {
     pub fn attach(
         &mut self,
         vm: &VmFd,
-        mem: &GuestMemory,
+        mem: &SharedMemory,
         mmio_bus: &mut Bus,
         device: Box<dyn VirtioDevice>,
     ) -> Result<Arc<Mutex<MmioTransport>>, DeviceError> {

@@ -21,7 +21,8 @@ use super::{
     INT_USED_RING, TYPE_BALLOON,
 };
 use crate::devices::lock;
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, SharedMemory};
+use vm_memory::GuestAddressSpace;
 
 const VIRTIO_BALLOON_F_STATS_VQ: u64 = 1 << 1;
 const VIRTIO_BALLOON_F_DEFLATE_ON_OOM: u64 = 1 << 2;
@@ -207,7 +208,7 @@ impl VirtioDevice for Balloon {
 }
 
 pub struct BalloonQueues {
-    mem: GuestMemory,
+    mem: SharedMemory,
     inflate: Queue,
     deflate: Queue,
     stats: Option<Queue>,
@@ -221,7 +222,9 @@ impl BalloonQueues {
     /// Reads the PFNs in `chain` and gives those pages back to the host (inflate) or just accepts
     /// them (deflate: the pages return on the guest's next touch).
     fn pages(&self, chain: DescriptorChain<&GuestMemory>, give_back: bool) {
-        let Ok(mut r) = chain.reader(&self.mem) else {
+        let guard = self.mem.memory();
+        let mem: &GuestMemory = &guard;
+        let Ok(mut r) = chain.reader(mem) else {
             tracing::debug!("virtio-balloon: chain outside guest memory");
             return;
         };
@@ -231,7 +234,7 @@ impl BalloonQueues {
                 continue;
             }
             let addr = GuestAddress(u64::from(u32::from_le_bytes(pfn)) * BALLOON_PAGE);
-            match self.mem.get_host_address(addr) {
+            match mem.get_host_address(addr) {
                 Ok(host) => {
                     // SAFETY: `host` is the start of a 4 KiB page inside a guest memory mapping
                     // (get_host_address checked the address; pages never straddle regions, which
@@ -243,7 +246,7 @@ impl BalloonQueues {
                         tracing::debug!(error = %std::io::Error::last_os_error(), "virtio-balloon: madvise failed");
                     }
                     // The page now reads as zeros: a migration must carry that over.
-                    crate::memory::mark_dirty(&self.mem, addr, BALLOON_PAGE as usize);
+                    crate::memory::mark_dirty(mem, addr, BALLOON_PAGE as usize);
                 }
                 Err(_) => tracing::debug!(
                     pfn = u32::from_le_bytes(pfn),
@@ -254,7 +257,7 @@ impl BalloonQueues {
     }
 
     fn drain(&mut self, index: usize) {
-        let mem = self.mem.clone();
+        let mem = self.mem.memory();
         let give_back = index == INFLATE;
         let mut used = false;
         loop {
@@ -263,7 +266,7 @@ impl BalloonQueues {
             } else {
                 &mut self.deflate
             };
-            let Some(chain) = q.pop_descriptor_chain(&mem) else {
+            let Some(chain) = q.pop_descriptor_chain(&*mem) else {
                 break;
             };
             let head = chain.head_index();
@@ -273,7 +276,7 @@ impl BalloonQueues {
             } else {
                 &mut self.deflate
             };
-            if let Err(e) = q.add_used(&mem, head, 0) {
+            if let Err(e) = q.add_used(&*mem, head, 0) {
                 tracing::warn!(error = ?e, "virtio-balloon: cannot return a buffer");
             }
             used = true;
@@ -284,12 +287,12 @@ impl BalloonQueues {
     }
 
     fn take_stats(&mut self) {
-        let mem = self.mem.clone();
+        let mem = self.mem.memory();
         let Some(q) = self.stats.as_mut() else { return };
-        while let Some(chain) = q.pop_descriptor_chain(&mem) {
+        while let Some(chain) = q.pop_descriptor_chain(&*mem) {
             let head = chain.head_index();
             let mut values = BTreeMap::new();
-            if let Ok(mut r) = chain.reader(&mem) {
+            if let Ok(mut r) = chain.reader(&*mem) {
                 let mut entry = [0u8; 10];
                 while r.read_exact(&mut entry).is_ok() {
                     let tag = u16::from_le_bytes([entry[0], entry[1]]) as usize;
@@ -301,7 +304,7 @@ impl BalloonQueues {
             }
             // A previous buffer still held would be a driver bug; give it back first.
             if let Some(old) = self.held_stats.replace(head) {
-                let _ = q.add_used(&mem, old, 0);
+                let _ = q.add_used(&*mem, old, 0);
             }
             let mut s = lock(&self.control.stats);
             s.reports += 1;
@@ -313,9 +316,9 @@ impl BalloonQueues {
 
     /// Returns the held stats buffer: the driver answers with a new report.
     fn request_stats(&mut self) {
-        let mem = self.mem.clone();
+        let mem = self.mem.memory();
         if let (Some(q), Some(head)) = (self.stats.as_mut(), self.held_stats.take()) {
-            if q.add_used(&mem, head, 0).is_ok() {
+            if q.add_used(&*mem, head, 0).is_ok() {
                 self.interrupt.signal(INT_USED_RING);
             }
         }

@@ -19,7 +19,8 @@ use super::{
     read_config_bytes, write_status, ActivateContext, ActivateError, GuestIovecs, Interrupt,
     VirtioDevice, INT_USED_RING, TYPE_BLOCK,
 };
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, SharedMemory};
+use vm_memory::GuestAddressSpace;
 
 const SECTOR: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
@@ -203,7 +204,7 @@ fn id_bytes(path: &Path) -> [u8; 20] {
 }
 
 pub struct BlockQueue {
-    mem: GuestMemory,
+    mem: SharedMemory,
     queue: Queue,
     interrupt: Arc<Interrupt>,
     file: Arc<File>,
@@ -216,7 +217,8 @@ impl BlockQueue {
     /// Executes one request; returns the bytes written into the chain (the used length). Data moves
     /// straight between the image and guest memory (preadv/pwritev on the chain's buffers).
     fn execute(&self, chain: DescriptorChain<&GuestMemory>) -> u32 {
-        let mem = &self.mem;
+        let guard = self.mem.memory();
+        let mem: &GuestMemory = &guard;
         let mut hdr = [0u8; 16];
         let header_ok = chain
             .clone()
@@ -312,12 +314,12 @@ impl QueueHandler for BlockQueue {
         vec![(0, &self.queue)]
     }
     fn queue_event(&mut self, _index: usize) {
-        let mem = self.mem.clone();
+        let mem = self.mem.memory();
         let mut used = false;
-        while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
+        while let Some(chain) = self.queue.pop_descriptor_chain(&*mem) {
             let head = chain.head_index();
             let len = self.execute(chain);
-            if let Err(e) = self.queue.add_used(&mem, head, len) {
+            if let Err(e) = self.queue.add_used(&*mem, head, len) {
                 tracing::warn!(error = ?e, "virtio-blk: cannot return a used buffer");
             }
             used = true;

@@ -16,8 +16,9 @@ use super::{
     ActivateContext, DeviceState, Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1,
 };
 use crate::devices::BusDevice;
-use crate::memory::GuestMemory;
+use crate::memory::SharedMemory;
 use crate::migration::{MigrationError, Snapshottable, State};
+use vm_memory::GuestAddressSpace;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -62,7 +63,7 @@ pub struct MmioTransport {
     /// `virtio<N>`: the device's place, which is also its id in snapshots.
     id: String,
     device: Box<dyn VirtioDevice>,
-    mem: GuestMemory,
+    mem: SharedMemory,
     interrupt: Arc<Interrupt>,
     queue_evts: Vec<EventFd>,
     queues: Vec<Queue>,
@@ -117,7 +118,7 @@ impl MmioTransport {
     pub fn new(
         id: String,
         device: Box<dyn VirtioDevice>,
-        mem: GuestMemory,
+        mem: SharedMemory,
         interrupt: Arc<Interrupt>,
         queue_evts: Vec<EventFd>,
     ) -> Self {
@@ -154,7 +155,7 @@ impl MmioTransport {
         if let Some(i) = self
             .queues
             .iter()
-            .position(|q| q.ready() && !q.is_valid(&self.mem))
+            .position(|q| q.ready() && !q.is_valid(&*self.mem.memory()))
         {
             return Err(format!("queue {i} is invalid"));
         }

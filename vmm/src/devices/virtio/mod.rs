@@ -39,7 +39,7 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, SharedMemory};
 use worker::WorkerControl;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -103,7 +103,7 @@ impl Interrupt {
 
 /// What a device gets when the driver sets DRIVER_OK.
 pub struct ActivateContext {
-    pub mem: GuestMemory,
+    pub mem: SharedMemory,
     pub queues: Vec<Queue>,
     pub queue_evts: Vec<EventFd>,
     pub interrupt: Arc<Interrupt>,

@@ -14,7 +14,8 @@ use super::{
     read_config_bytes, ActivateContext, ActivateError, GuestIovecs, Interrupt, VirtioDevice,
     INT_USED_RING, TYPE_NET,
 };
-use crate::memory::GuestMemory;
+use crate::memory::SharedMemory;
+use vm_memory::GuestAddressSpace;
 
 const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
 const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
@@ -124,7 +125,7 @@ impl VirtioDevice for Net {
 }
 
 pub struct NetQueues {
-    mem: GuestMemory,
+    mem: SharedMemory,
     rx: Queue,
     tx: Queue,
     tap: Tap,
@@ -134,9 +135,9 @@ pub struct NetQueues {
 impl NetQueues {
     /// Moves frames from the tap into the guest's receive buffers until either runs out.
     fn receive(&mut self) {
-        let mem = self.mem.clone();
+        let mem = self.mem.memory();
         let mut used = false;
-        while let Some(chain) = self.rx.pop_descriptor_chain(&mem) {
+        while let Some(chain) = self.rx.pop_descriptor_chain(&*mem) {
             let head = chain.head_index();
             let len = match GuestIovecs::from_chain(&mem, chain, true) {
                 Some(iovs) if iovs.len >= VNET_HDR_LEN => match self.tap.readv(&iovs.iovecs) {
@@ -155,7 +156,7 @@ impl NetQueues {
                     0
                 }
             };
-            if let Err(e) = self.rx.add_used(&mem, head, len) {
+            if let Err(e) = self.rx.add_used(&*mem, head, len) {
                 tracing::warn!(error = ?e, "virtio-net: cannot return an rx buffer");
             }
             used = true;
@@ -167,9 +168,9 @@ impl NetQueues {
 
     /// Sends every frame the guest queued.
     fn transmit(&mut self) {
-        let mem = self.mem.clone();
+        let mem = self.mem.memory();
         let mut used = false;
-        while let Some(chain) = self.tx.pop_descriptor_chain(&mem) {
+        while let Some(chain) = self.tx.pop_descriptor_chain(&*mem) {
             let head = chain.head_index();
             match GuestIovecs::from_chain(&mem, chain, false) {
                 Some(iovs) if (VNET_HDR_LEN..=MAX_FRAME).contains(&iovs.len) => {
@@ -184,7 +185,7 @@ impl NetQueues {
                 ),
                 None => tracing::debug!("virtio-net: tx chain outside guest memory"),
             }
-            if let Err(e) = self.tx.add_used(&mem, head, 0) {
+            if let Err(e) = self.tx.add_used(&*mem, head, 0) {
                 tracing::warn!(error = ?e, "virtio-net: cannot return a tx buffer");
             }
             used = true;

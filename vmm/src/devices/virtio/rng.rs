@@ -8,7 +8,8 @@ use virtio_queue::{Queue, QueueT};
 
 use super::worker::{QueueHandler, Worker};
 use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_USED_RING, TYPE_RNG};
-use crate::memory::GuestMemory;
+use crate::memory::SharedMemory;
+use vm_memory::GuestAddressSpace;
 
 /// Largest single buffer filled; a guest asking for more gets this much.
 const MAX_FILL: usize = 64 * 1024;
@@ -71,7 +72,7 @@ pub fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
 }
 
 pub struct RngQueue {
-    mem: GuestMemory,
+    mem: SharedMemory,
     queue: Queue,
     interrupt: Arc<Interrupt>,
 }
@@ -81,11 +82,11 @@ impl QueueHandler for RngQueue {
         vec![(0, &self.queue)]
     }
     fn queue_event(&mut self, _index: usize) {
-        let mem = self.mem.clone();
+        let mem = self.mem.memory();
         let mut used = false;
-        while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
+        while let Some(chain) = self.queue.pop_descriptor_chain(&*mem) {
             let head = chain.head_index();
-            let len = match chain.writer(&mem) {
+            let len = match chain.writer(&*mem) {
                 Ok(mut w) => {
                     let mut buf = vec![0u8; w.available_bytes().min(MAX_FILL)];
                     match fill_random(&mut buf).and_then(|_| w.write_all(&buf)) {
@@ -101,7 +102,7 @@ impl QueueHandler for RngQueue {
                     0
                 }
             };
-            if let Err(e) = self.queue.add_used(&mem, head, len) {
+            if let Err(e) = self.queue.add_used(&*mem, head, len) {
                 tracing::warn!(error = ?e, "virtio-rng: cannot return a used buffer");
             }
             used = true;

@@ -25,7 +25,8 @@ use super::{
     read_config_bytes, ActivateContext, ActivateError, DeviceState, Interrupt, VirtioDevice,
     INT_USED_RING, TYPE_VSOCK,
 };
-use crate::memory::GuestMemory;
+use crate::memory::SharedMemory;
+use vm_memory::GuestAddressSpace;
 
 pub const HOST_CID: u64 = 2;
 const HDR_LEN: usize = 44;
@@ -327,7 +328,7 @@ impl Conn {
 }
 
 pub struct VsockQueues {
-    mem: GuestMemory,
+    mem: SharedMemory,
     rx: Queue,
     tx: Queue,
     event: Queue,
@@ -349,19 +350,19 @@ impl VsockQueues {
     /// Tells the driver to drop its connections (their host ends did not survive a restore).
     /// Waits for an event buffer if the driver has not posted one yet.
     fn send_transport_reset(&mut self) {
-        let mem = self.mem.clone();
-        let Some(chain) = self.event.pop_descriptor_chain(&mem) else {
+        let mem = self.mem.memory();
+        let Some(chain) = self.event.pop_descriptor_chain(&*mem) else {
             return;
         };
         let head = chain.head_index();
-        let len = match chain.writer(&mem) {
+        let len = match chain.writer(&*mem) {
             Ok(mut w) => match w.write_all(&VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes()) {
                 Ok(()) => 4,
                 Err(_) => 0,
             },
             Err(_) => 0,
         };
-        if self.event.add_used(&mem, head, len).is_ok() {
+        if self.event.add_used(&*mem, head, len).is_ok() {
             self.reset_pending = false;
             self.interrupt.signal(INT_USED_RING);
         }
@@ -615,7 +616,7 @@ impl VsockQueues {
 
     /// Delivers control packets, then connection data, while the guest has rx buffers.
     fn deliver(&mut self) {
-        let mem = self.mem.clone();
+        let mem = self.mem.memory();
         let mut used = false;
         loop {
             // What to send next: a control packet, or data from a readable connection with credit.
@@ -630,12 +631,12 @@ impl VsockQueues {
                     .map(|(k, _)| (self.header(*k, OP_RW), Some(*k)))
             };
             let Some((mut h, data_key)) = next else { break };
-            let Some(chain) = self.rx.pop_descriptor_chain(&mem) else {
+            let Some(chain) = self.rx.pop_descriptor_chain(&*mem) else {
                 break;
             };
             let head = chain.head_index();
             let mut written = 0u32;
-            match chain.writer(&mem) {
+            match chain.writer(&*mem) {
                 Ok(mut w) if w.available_bytes() >= HDR_LEN => {
                     let mut payload = Vec::new();
                     if let Some(key) = data_key {
@@ -659,7 +660,7 @@ impl VsockQueues {
                     self.control.pop_front();
                 }
             }
-            if let Err(e) = self.rx.add_used(&mem, head, written) {
+            if let Err(e) = self.rx.add_used(&*mem, head, written) {
                 tracing::warn!(error = ?e, "virtio-vsock: cannot return an rx buffer");
             }
             used = true;
@@ -710,11 +711,11 @@ impl VsockQueues {
     }
 
     fn transmit(&mut self) {
-        let mem = self.mem.clone();
+        let mem = self.mem.memory();
         let mut used = false;
-        while let Some(chain) = self.tx.pop_descriptor_chain(&mem) {
+        while let Some(chain) = self.tx.pop_descriptor_chain(&*mem) {
             let head = chain.head_index();
-            match chain.reader(&mem) {
+            match chain.reader(&*mem) {
                 Ok(mut r) => {
                     let mut hb = [0u8; HDR_LEN];
                     if r.read_exact(&mut hb).is_ok() {
@@ -734,7 +735,7 @@ impl VsockQueues {
                 }
                 Err(_) => tracing::debug!("virtio-vsock: tx chain outside guest memory"),
             }
-            if let Err(e) = self.tx.add_used(&mem, head, 0) {
+            if let Err(e) = self.tx.add_used(&*mem, head, 0) {
                 tracing::warn!(error = ?e, "virtio-vsock: cannot return a tx buffer");
             }
             used = true;
