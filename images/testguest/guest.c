@@ -139,6 +139,8 @@ static const struct sdt *xsdt_find(const struct sdt *xsdt, const char *sig) {
 }
 
 static u32 cpu_count;
+/* Processor entries of any kind: enabled, and online-capable slots for CPUs added later. */
+static u32 cpu_slots;
 static u8 cpu_apic_ids[MAX_CPUS];
 static u32 ioapic_addr = IOAPIC;
 
@@ -147,6 +149,7 @@ static void parse_madt(const struct sdt *madt) {
     const u8 *p = (const u8 *)madt + 44;
     const u8 *end = (const u8 *)madt + madt->length;
     while (p + 2 <= end && p[1] >= 2) {
+        if (p[0] == 0 && (*(const u32 *)(p + 4) & 3)) cpu_slots++;
         if (p[0] == 0 && (*(const u32 *)(p + 4) & 1) && cpu_count < MAX_CPUS)
             cpu_apic_ids[cpu_count++] = p[3];
         else if (p[0] == 1)
@@ -623,6 +626,15 @@ void bsp_main(const struct start_info *si) {
     put(&l, " s5=");
     put_u(&l, s5_type);
     put(&l, hw_reduced ? " hw_reduced=1" : " hw_reduced=0");
+    put(&l, " slots=");
+    put_u(&l, cpu_slots);
+    emit(&l);
+    /* CPUID leaf 1: EBX[23:16] is the logical processor count of the package (the topology the
+       VMM gives covers every slot, present or not). */
+    u32 eax = 1, ebx, ecx = 0, edx;
+    __asm__ volatile("cpuid" : "+a"(eax), "=b"(ebx), "+c"(ecx), "=d"(edx));
+    put(&l, "tg: cpuid logical=");
+    put_u(&l, (ebx >> 16) & 0xff);
     emit(&l);
 
     for (int v = 0; v < 32; v++) set_gate(v, exception_stubs[v]);

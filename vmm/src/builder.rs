@@ -163,7 +163,7 @@ impl Machine {
                 // Tables, kernel, boot structures.
                 let tables = acpi::build(&AcpiConfig {
                     vcpus: config.vcpus,
-                    max_vcpus: config.vcpus,
+                    max_vcpus: config.max_vcpus,
                     virtio: virtio.info.clone(),
                 });
                 tables
@@ -179,7 +179,7 @@ impl Machine {
                 regs::write_boot_tables(&vm.ram(), entry.mode)
                     .context("cannot write boot page tables")?;
                 let vcpus = (0..config.vcpus)
-                    .map(|i| Vcpu::new(&vm.fd, &supported_cpuid, i, config.vcpus, &entry))
+                    .map(|i| Vcpu::new(&vm.fd, &supported_cpuid, i, config.max_vcpus, &entry))
                     .collect::<Result<Vec<_>, _>>()?;
                 (vcpus, Some(entry.mode))
             }
@@ -198,7 +198,7 @@ impl Machine {
                         &vm.fd,
                         &supported_cpuid,
                         i as u8,
-                        config.vcpus,
+                        config.max_vcpus,
                         &placeholder,
                     )?;
                     v.restore_snapshot(s)?;

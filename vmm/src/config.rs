@@ -18,6 +18,10 @@ pub enum ConfigError {
     NoVcpus,
     #[error("--vcpus {requested} is more than this host allows ({max})")]
     TooManyVcpus { requested: u32, max: u32 },
+    #[error("--max-vcpus {max} is fewer than --vcpus {vcpus}")]
+    MaxBelowVcpus { max: u32, vcpus: u32 },
+    #[error("--max-vcpus {requested} is more than this host allows ({max})")]
+    TooManyMaxVcpus { requested: u32, max: u32 },
     #[error("--memory-mib must be at least 1")]
     NoMemory,
     #[error("--memory-mib {0} is too large")]
@@ -151,7 +155,11 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
+    /// vCPUs present at boot.
     pub vcpus: u8,
+    /// vCPU slots the guest is told about (ACPI, CPUID topology): the most it can have once CPUs
+    /// are hot-added. At least `vcpus`.
+    pub max_vcpus: u8,
     pub memory_mib: u64,
     pub serial: SerialOutput,
     pub api_socket: Option<PathBuf>,
@@ -176,20 +184,23 @@ pub struct BalloonConfig {
 }
 
 impl VmConfig {
-    /// Checks everything that can be checked without KVM. `max_vcpus` is what the host allows.
+    /// Checks everything that can be checked without KVM. `host_max_vcpus` is what the host
+    /// allows; `max_vcpus` defaults to `vcpus`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         kernel: PathBuf,
         initrd: Option<PathBuf>,
         cmdline: String,
         vcpus: u32,
+        max_vcpus: Option<u32>,
         memory_mib: u64,
         serial: SerialOutput,
         api_socket: Option<PathBuf>,
         devices: DeviceConfig,
-        max_vcpus: u32,
+        host_max_vcpus: u32,
     ) -> Result<Self, ConfigError> {
-        check_limits(vcpus, memory_mib, &cmdline, max_vcpus)?;
+        let max_vcpus = max_vcpus.unwrap_or(vcpus);
+        check_limits(vcpus, max_vcpus, memory_mib, &cmdline, host_max_vcpus)?;
         std::fs::metadata(&kernel).map_err(|e| ConfigError::Kernel(kernel.clone(), e))?;
         if let Some(initrd) = &initrd {
             std::fs::metadata(initrd).map_err(|e| ConfigError::Initrd(initrd.clone(), e))?;
@@ -200,6 +211,7 @@ impl VmConfig {
             initrd,
             cmdline,
             vcpus: vcpus as u8,
+            max_vcpus: max_vcpus as u8,
             memory_mib,
             serial,
             api_socket,
@@ -211,12 +223,13 @@ impl VmConfig {
     /// snapshot file is input like a command line, and an edited one (0 or 255 vCPUs, a memory
     /// size that overflows) must be refused before anything starts, exactly as `run` refuses it.
     /// (Its disks are checked by `snapshot::check_external`, which names what is missing.)
-    pub fn check(&self, max_vcpus: u32) -> Result<(), ConfigError> {
+    pub fn check(&self, host_max_vcpus: u32) -> Result<(), ConfigError> {
         check_limits(
             u32::from(self.vcpus),
+            u32::from(self.max_vcpus),
             self.memory_mib,
             &self.cmdline,
-            max_vcpus,
+            host_max_vcpus,
         )
     }
 
@@ -227,17 +240,30 @@ impl VmConfig {
 
 fn check_limits(
     vcpus: u32,
+    max_vcpus: u32,
     memory_mib: u64,
     cmdline: &str,
-    max_vcpus: u32,
+    host_max_vcpus: u32,
 ) -> Result<(), ConfigError> {
     if vcpus == 0 {
         return Err(ConfigError::NoVcpus);
     }
-    let max = max_vcpus.min(u32::from(MAX_VCPUS));
+    let max = host_max_vcpus.min(u32::from(MAX_VCPUS));
     if vcpus > max {
         return Err(ConfigError::TooManyVcpus {
             requested: vcpus,
+            max,
+        });
+    }
+    if max_vcpus < vcpus {
+        return Err(ConfigError::MaxBelowVcpus {
+            max: max_vcpus,
+            vcpus,
+        });
+    }
+    if max_vcpus > max {
+        return Err(ConfigError::TooManyMaxVcpus {
+            requested: max_vcpus,
             max,
         });
     }
@@ -272,6 +298,7 @@ mod tests {
             initrd: None,
             cmdline: String::new(),
             vcpus: 1,
+            max_vcpus: 1,
             memory_mib: 64,
             serial: SerialOutput::Stdio,
             api_socket: None,
@@ -283,7 +310,15 @@ mod tests {
         assert!(matches!(c.check(8), Err(ConfigError::NoVcpus)));
         c.vcpus = 255;
         assert!(matches!(c.check(8), Err(ConfigError::TooManyVcpus { .. })));
-        c.vcpus = 1;
+        c.vcpus = 2;
+        assert!(matches!(c.check(8), Err(ConfigError::MaxBelowVcpus { .. })));
+        c.max_vcpus = 9;
+        assert!(matches!(
+            c.check(8),
+            Err(ConfigError::TooManyMaxVcpus { .. })
+        ));
+        c.max_vcpus = 4;
+        assert!(c.check(8).is_ok());
         c.memory_mib = u64::MAX >> 10;
         assert!(matches!(c.check(8), Err(ConfigError::MemoryTooLarge(_))));
         c.memory_mib = 64;
@@ -297,6 +332,7 @@ mod tests {
             None,
             String::new(),
             vcpus,
+            None,
             mem,
             SerialOutput::Stdio,
             None,
@@ -370,6 +406,7 @@ mod tests {
             None,
             String::new(),
             1,
+            None,
             128,
             SerialOutput::Stdio,
             None,

@@ -60,7 +60,7 @@ struct RunArgs {
     kernel: Option<PathBuf>,
     /// Be the target of a live migration through DIR on shared storage: wait for the source's
     /// state there (the VM's configuration comes from the source).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "disks", "nets", "vsock", "balloon", "rng"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "disks", "nets", "vsock", "balloon", "rng", "max_vcpus"])]
     incoming: Option<PathBuf>,
     /// With --incoming: give up (exit 1) if no source has handed a VM over within this time.
     #[arg(
@@ -75,6 +75,9 @@ struct RunArgs {
     cmdline: String,
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
+    /// vCPU slots the guest sees (ACPI and CPUID topology), for CPUs added later; default --vcpus.
+    #[arg(long = "max-vcpus")]
+    max_vcpus: Option<u32>,
     #[arg(long = "memory-mib", default_value_t = 128)]
     memory_mib: u64,
     /// Unix socket for the control API.
@@ -176,17 +179,18 @@ fn run(args: RunArgs) -> Result<i32> {
         vsock: args.vsock.map(|v| v.parse::<VsockConfig>()).transpose()?,
     };
     let kvm = vm::open_kvm()?;
-    let max_vcpus = kvm.get_max_vcpus() as u32;
+    let host_max_vcpus = kvm.get_max_vcpus() as u32;
     let config = VmConfig::new(
         kernel,
         args.initrd,
         args.cmdline,
         args.vcpus,
+        args.max_vcpus,
         args.memory_mib,
         serial,
         args.api_socket,
         devices,
-        max_vcpus,
+        host_max_vcpus,
     )?;
     let machine = Machine::build(config, kvm)?;
     let outcome = machine.run();

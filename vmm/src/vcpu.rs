@@ -57,14 +57,14 @@ impl Vcpu {
         vm: &kvm_ioctls::VmFd,
         supported_cpuid: &CpuId,
         index: u8,
-        count: u8,
+        slots: u8,
         boot: &BootEntry,
     ) -> Result<Vcpu, VcpuError> {
         let fd = vm
             .create_vcpu(u64::from(index))
             .map_err(|e| VcpuError::Create(index, e))?;
         let cfg = |what| move |err| VcpuError::Configure { index, what, err };
-        fd.set_cpuid2(&cpuid::configure(supported_cpuid, index, count))
+        fd.set_cpuid2(&cpuid::configure(supported_cpuid, index, slots))
             .map_err(cfg("CPUID"))?;
         let refused = msr::set_msrs_tolerant(&fd, &msr::boot_msrs());
         if !refused.is_empty() && index == 0 {

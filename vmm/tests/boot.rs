@@ -4,18 +4,14 @@ mod common;
 use common::*;
 
 fn boot(vcpus: &str, mem: &str, cmdline: &str) -> (i32, String) {
+    boot_with(&["--vcpus", vcpus, "--memory-mib", mem, "--cmdline", cmdline])
+}
+
+fn boot_with(args: &[&str]) -> (i32, String) {
     let kernel = test_guest().to_str().unwrap();
-    let (status, out, err) = run_vmm(&[
-        "run",
-        "--kernel",
-        kernel,
-        "--vcpus",
-        vcpus,
-        "--memory-mib",
-        mem,
-        "--cmdline",
-        cmdline,
-    ]);
+    let mut all = vec!["run", "--kernel", kernel];
+    all.extend_from_slice(args);
+    let (status, out, err) = run_vmm(&all);
     assert!(err.is_empty() || !err.contains("panicked"), "{err}");
     (
         status.code().unwrap_or(-1),
@@ -100,6 +96,35 @@ fn acpi_walk_finds_exactly_the_configured_devices() {
     assert_eq!(
         apics,
         ["tg: cpu apic=0", "tg: cpu apic=1", "tg: cpu apic=2"]
+    );
+}
+
+/// `--max-vcpus` above `--vcpus`: the guest finds the present vCPUs running and further slots in
+/// the MADT (online-capable) and in the CPUID topology, ready for CPUs added later.
+#[test]
+fn spare_vcpu_slots_are_described_but_not_started() {
+    let (code, out) = boot_with(&[
+        "--vcpus",
+        "2",
+        "--max-vcpus",
+        "4",
+        "--memory-mib",
+        "64",
+        "--cmdline",
+        "tg.mode=smp",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("tg: smp cpus=2 ok"), "{out}");
+    assert!(!out.contains("tg: cpu-up apic=2"), "{out}");
+    let acpi = line(&out, "tg: acpi");
+    assert_eq!(field(acpi, "cpus"), Some(2), "{acpi}");
+    assert_eq!(field(acpi, "slots"), Some(4), "{acpi}");
+    assert_eq!(field(line(&out, "tg: cpuid"), "logical"), Some(4), "{out}");
+    let (code, out) = boot_with(&["--vcpus", "3", "--max-vcpus", "2"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("--max-vcpus 2 is fewer than --vcpus 3"),
+        "{out}"
     );
 }
 

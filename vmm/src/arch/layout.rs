@@ -23,6 +23,27 @@ pub const HIMEM_START: u64 = 0x10_0000;
 /// The 32-bit MMIO hole below 4 GiB: RAM stops at its start and resumes at 4 GiB.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// Memory added while the VM runs (hotplug) goes above all boot RAM, from the first 1 GiB boundary
+/// after it and never below 4 GiB: it moves nothing the guest already has, and 1 GiB blocks suit
+/// the guest's memory-block size and huge pages.
+pub const MEMORY_HOTPLUG_ALIGN: u64 = 1 << 30;
+
+/// Where hot-added memory starts for a VM booted with `boot_ram` bytes (RAM is split around the
+/// MMIO hole: what does not fit below it continues at 4 GiB).
+pub const fn memory_hotplug_start(boot_ram: u64) -> u64 {
+    let end = if boot_ram <= MMIO_HOLE_START {
+        boot_ram
+    } else {
+        MMIO_HOLE_END + (boot_ram - MMIO_HOLE_START)
+    };
+    let aligned = end.div_ceil(MEMORY_HOTPLUG_ALIGN) * MEMORY_HOTPLUG_ALIGN;
+    if aligned < MMIO_HOLE_END {
+        MMIO_HOLE_END
+    } else {
+        aligned
+    }
+}
+
 /// virtio-mmio device windows, one 4 KiB page each, from here.
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
@@ -54,3 +75,18 @@ pub const GED_IRQ: u32 = 5;
 pub const VIRTIO_IRQ_START: u32 = 16;
 /// Number of IOAPIC pins KVM's in-kernel IOAPIC has.
 pub const IOAPIC_PINS: u32 = 24;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hot_added_memory_starts_above_boot_ram_on_a_gib() {
+        const GIB: u64 = 1 << 30;
+        assert_eq!(memory_hotplug_start(512 << 20), 4 * GIB);
+        assert_eq!(memory_hotplug_start(3 * GIB), 4 * GIB);
+        // 4 GiB of RAM: 3 below the hole, 1 from 4 GiB on.
+        assert_eq!(memory_hotplug_start(4 * GIB), 5 * GIB);
+        assert_eq!(memory_hotplug_start(4 * GIB + 1), 6 * GIB);
+    }
+}
