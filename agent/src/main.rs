@@ -228,6 +228,7 @@ impl Agent {
                         error: error.into(),
                         kind: kind.into(),
                         vm: None,
+                        migration: None,
                     };
                     let ev = match cmd.action {
                         None => failed(EventKind::CommandRefused, "no action"),
@@ -331,6 +332,7 @@ async fn run(cfg: Config) -> Result<()> {
                 error: x.why,
                 kind: EventKind::VmFailure.into(),
                 vm: Some(x.report),
+                migration: None,
             };
             if let Err(e) = a.publish_event(&ev).await {
                 tracing::warn!(vm = x.vm_id, error = %e, "cannot report a VMM exit");

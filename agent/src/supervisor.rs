@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use vim_proto::host_command::Action;
-use vim_proto::{EventKind, HostEvent, VmReport, VmSpec, VmState};
+use vim_proto::{EventKind, HostEvent, MigrationResult, VmReport, VmSpec, VmState};
 
 use crate::lock;
 use crate::vms::{Dirs, Vm};
@@ -23,6 +23,8 @@ pub struct Outcome {
     pub vm_id: String,
     pub result: Result<(), String>,
     pub report: Option<VmReport>,
+    /// The answer to a `migrate_out`: how the migration went (also when it failed).
+    pub migration: Option<MigrationResult>,
 }
 
 /// A command for one VM's supervisor, answered on `reply`.
@@ -105,8 +107,11 @@ impl Host {
         let known = lock(&self.vms).get(&id).map(|h| h.tx.clone());
         let handle = match known {
             Some(tx) => Some(tx),
-            // A VM this host has no supervisor for: only a create makes one.
-            None if matches!(action, Action::Create(_)) => Some(self.spawn(id.clone(), None)),
+            // A VM this host has no supervisor for: only a create (or a migration coming in)
+            // makes one.
+            None if matches!(action, Action::Create(_) | Action::MigrateIn(_)) => {
+                Some(self.spawn(id.clone(), None))
+            }
             None => None,
         };
         let op = Op { action, reply };
@@ -134,8 +139,18 @@ impl Host {
                                 vm_id: id.clone(),
                                 result: r.map_err(|e| format!("{e:#}")),
                                 report: Some(deleted_report(id)),
+                                migration: None,
                             }
                         }
+                        // Nothing waits here for that VM: already aborted (a redelivery), or
+                        // its VMM gave up on its own.
+                        Action::AbortIncoming(id) => Outcome {
+                            kind: EventKind::VmIncomingAborted,
+                            vm_id: id.clone(),
+                            result: Ok(()),
+                            report: Some(deleted_report(id)),
+                            migration: None,
+                        },
                         a => no_vm(a, "no such VM on this host"),
                     };
                     let _ = op.reply.send(out);
@@ -192,6 +207,9 @@ fn event_kind(action: &Action) -> EventKind {
         Action::Stop(_) => EventKind::VmStopped,
         Action::Delete(_) => EventKind::VmDeleted,
         Action::Info(_) => EventKind::VmInfo,
+        Action::MigrateIn(_) => EventKind::VmIncomingReady,
+        Action::MigrateOut(_) => EventKind::VmMigrated,
+        Action::AbortIncoming(_) => EventKind::VmIncomingAborted,
     }
 }
 
@@ -201,6 +219,7 @@ fn refused(why: String) -> Outcome {
         vm_id: String::new(),
         result: Err(why),
         report: None,
+        migration: None,
     }
 }
 
@@ -211,6 +230,7 @@ fn no_vm(action: &Action, why: &str) -> Outcome {
         result: Err(format!("VM {id}: {why}")),
         report: Some(deleted_report(&id)),
         vm_id: id,
+        migration: None,
     }
 }
 
@@ -237,32 +257,45 @@ impl Supervisor {
             tokio::select! {
                 op = rx.recv() => {
                     let Some(op) = op else { break "its supervisor has stopped" };
-                    let deleted = matches!(op.action, Action::Delete(_));
                     let out = self.apply(op.action).await;
-                    let gone = deleted && out.result.is_ok();
+                    // Out of the registry before the answer goes: the next command for this VM
+                    // (a create after a delete, a migration coming back) finds no stale
+                    // supervisor and gets a new one.
+                    let gone = self.vm.as_ref().is_some_and(Vm::gone);
+                    if gone {
+                        self.deregister();
+                    }
                     let _ = op.reply.send(out);
                     if gone {
-                        break "it has been deleted";
+                        break "it is no longer on this host";
                     }
                 }
-                _ = tick.tick() => self.watch().await,
+                _ = tick.tick() => {
+                    self.watch().await;
+                    if self.vm.as_ref().is_some_and(Vm::gone) {
+                        break "it is no longer on this host";
+                    }
+                }
                 _ = shutdown.changed() => break "the agent is shutting down",
             }
         };
-        {
-            let mut reg = lock(&self.registry);
-            // Only our own entry (a later create may have made a new one).
-            if reg
-                .get(&self.id)
-                .is_some_and(|h| Arc::ptr_eq(&h.report, &self.report))
-            {
-                reg.remove(&self.id);
-            }
-        }
+        self.deregister();
         // Commands queued behind the last one get an answer, not silence.
         rx.close();
         while let Ok(op) = rx.try_recv() {
             let _ = op.reply.send(no_vm(&op.action, why));
+        }
+    }
+
+    /// Removes this supervisor from the host's registry: only its own entry (a later create may
+    /// have made a new one).
+    fn deregister(&self) {
+        let mut reg = lock(&self.registry);
+        if reg
+            .get(&self.id)
+            .is_some_and(|h| Arc::ptr_eq(&h.report, &self.report))
+        {
+            reg.remove(&self.id);
         }
     }
 
@@ -304,39 +337,84 @@ impl Supervisor {
             return refused(format!("{e:#}"));
         }
         if self.vm.is_none() {
-            if let Action::Create(spec) = &action {
-                if let Err(e) = self.create(spec.clone()).await {
-                    return Outcome {
-                        kind,
-                        vm_id: id,
-                        result: Err(e),
-                        report: Some(lock(&self.report).clone()),
-                    };
+            let made = match &action {
+                Action::Create(spec) => Some(self.create(spec.clone(), None).await),
+                Action::MigrateIn(m) => Some(match &m.vm {
+                    Some(spec) => {
+                        let wait = Duration::from_millis(m.wait_ms);
+                        self.create(spec.clone(), Some(wait)).await
+                    }
+                    None => Err("no VM in the command".into()),
+                }),
+                _ => None,
+            };
+            if let Some(Err(e)) = made {
+                return Outcome {
+                    kind,
+                    vm_id: id,
+                    result: Err(e),
+                    report: Some(lock(&self.report).clone()),
+                    migration: None,
+                };
+            }
+            if matches!(action, Action::MigrateIn(_)) {
+                // Its VMM was started with the record: ready.
+                let report = self.blocking(|vm| vm.report()).await;
+                if let Some(r) = &report {
+                    *lock(&self.report) = r.clone();
                 }
+                return Outcome {
+                    kind,
+                    vm_id: id,
+                    result: Ok(()),
+                    report,
+                    migration: None,
+                };
             }
         }
         let op = action.clone();
         let r = self
             .blocking(move |vm| {
+                let mut migration = None;
                 let r = match &op {
                     Action::Create(_) | Action::Start(_) => vm.start(),
                     Action::Stop(s) => vm.stop(Duration::from_millis(s.timeout_ms)),
                     Action::Delete(_) => vm.delete(),
                     Action::Info(_) => Ok(()),
+                    Action::MigrateIn(_) => vm.expect_incoming(),
+                    Action::MigrateOut(m) => {
+                        match vm.migrate_out(m.downtime_ms, m.handover_timeout_ms) {
+                            Ok(o) => {
+                                let done = o.status == vmm_api::MigrationStatus::Completed;
+                                let why = o.error.clone().unwrap_or_else(|| {
+                                    format!("the migration ended {:?}", o.status)
+                                });
+                                migration = Some(migration_result(&o));
+                                if done {
+                                    Ok(())
+                                } else {
+                                    Err(anyhow::anyhow!(why))
+                                }
+                            }
+                            Err(e) => Err(anyhow::anyhow!(e)),
+                        }
+                    }
+                    Action::AbortIncoming(_) => vm.abort_incoming(),
                 };
-                let report = if matches!(op, Action::Delete(_)) && r.is_ok() {
+                let report = if vm.gone() {
                     deleted_report(vm.id())
                 } else {
                     vm.report()
                 };
-                (r.map_err(|e| format!("{e:#}")), report)
+                (r.map_err(|e| format!("{e:#}")), report, migration)
             })
             .await;
-        let (result, report) = match r {
+        let (result, report, migration) = match r {
             Some(x) => x,
             None => (
                 Err(format!("VM {id}: no such VM on this host")),
                 deleted_report(&id),
+                None,
             ),
         };
         *lock(&self.report) = report.clone();
@@ -345,12 +423,19 @@ impl Supervisor {
             vm_id: id,
             result,
             report: Some(report),
+            migration,
         }
     }
 
-    async fn create(&mut self, spec: VmSpec) -> Result<(), String> {
+    /// Makes the VM's record: a VM to start (`incoming` None), or one whose VMM waits (that
+    /// long at most) for a migration's handover.
+    async fn create(&mut self, spec: VmSpec, incoming: Option<Duration>) -> Result<(), String> {
         let dirs = self.dirs.clone();
-        match tokio::task::spawn_blocking(move || Vm::create(&dirs, &spec)).await {
+        let made = tokio::task::spawn_blocking(move || match incoming {
+            None => Vm::create(&dirs, &spec),
+            Some(wait) => Vm::create_incoming(&dirs, &spec, wait),
+        });
+        match made.await {
             Ok(Ok(vm)) => {
                 self.vm = Some(vm);
                 Ok(())
@@ -387,6 +472,22 @@ pub fn event(host_id: &str, job_id: &str, o: Outcome) -> HostEvent {
         error: o.result.err().unwrap_or_default(),
         kind: o.kind.into(),
         vm: if o.vm_id.is_empty() { None } else { o.report },
+        migration: o.migration,
+    }
+}
+
+/// The VMM's migration outcome as the protocol carries it.
+fn migration_result(o: &vmm_api::MigrationOutcome) -> MigrationResult {
+    MigrationResult {
+        status: serde_json::to_value(o.status)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default(),
+        downtime_ms: o.downtime_ms.unwrap_or(0.0),
+        total_ms: o.total_ms,
+        bytes_written: o.bytes_written,
+        rounds: o.rounds,
+        waiting_for_target: o.waiting_for_target,
     }
 }
 

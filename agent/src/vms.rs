@@ -49,6 +49,9 @@ impl From<&VmSpec> for SpecRecord {
     }
 }
 
+/// The longest a migration may take, end to end (its outcome is waited for this long at most).
+pub const MAX_MIGRATION_WAIT: Duration = Duration::from_secs(3600);
+
 /// CPU accounting between reports.
 #[derive(Default)]
 struct CpuSample {
@@ -110,8 +113,17 @@ impl Dirs {
     pub fn check_command(&self, action: &vim_proto::host_command::Action) -> anyhow::Result<()> {
         use vim_proto::host_command::Action;
         vim_proto::check_id("VM id", action_vm(action))?;
-        let Action::Create(s) = action else {
-            return Ok(());
+        let s = match action {
+            Action::Create(s) => s,
+            Action::MigrateIn(m) => m.vm.as_ref().ok_or_else(|| anyhow::anyhow!("no VM"))?,
+            Action::MigrateOut(m) => {
+                anyhow::ensure!(
+                    m.handover_timeout_ms <= MAX_MIGRATION_WAIT.as_millis() as u64,
+                    "handover timeout too long"
+                );
+                return Ok(());
+            }
+            _ => return Ok(()),
         };
         anyhow::ensure!((1..=254).contains(&s.vcpus), "vcpus must be 1 to 254");
         anyhow::ensure!(
@@ -168,6 +180,12 @@ impl Dirs {
         self.state_dir.join("vms").join(format!("{id}.json"))
     }
 
+    /// Where VM `id` is handed over in a live migration: its own directory on shared storage,
+    /// derived from the id on each host (no path travels in a command).
+    pub fn migration_dir(&self, id: &str) -> PathBuf {
+        self.shared_dir.join("vms").join(id).join("migration")
+    }
+
     // Handled jobs.
 
     pub fn job_result(&self, job_id: &str) -> Option<vim_proto::HostEvent> {
@@ -201,8 +219,10 @@ pub fn action_vm(action: &vim_proto::host_command::Action) -> &str {
     use vim_proto::host_command::Action;
     match action {
         Action::Create(s) => &s.vm_id,
-        Action::Start(id) | Action::Delete(id) | Action::Info(id) => id,
+        Action::Start(id) | Action::Delete(id) | Action::Info(id) | Action::AbortIncoming(id) => id,
         Action::Stop(s) => &s.vm_id,
+        Action::MigrateIn(m) => m.vm.as_ref().map_or("", |v| &v.vm_id),
+        Action::MigrateOut(m) => &m.vm_id,
     }
 }
 
@@ -223,6 +243,20 @@ impl Vm {
                 cpu: CpuSample::default(),
             };
             let (id, r) = (vm.record.spec.vm_id.clone(), &mut vm.record);
+            if r.state == VmState::Incoming {
+                if alive(r.pid) && is_vmm(r.pid) {
+                    tracing::info!(
+                        vm = id,
+                        pid = r.pid,
+                        "re-adopted a VMM waiting for a migration"
+                    );
+                    vms.push(vm);
+                } else {
+                    tracing::info!(vm = id, "a migration that never came here: forgotten");
+                    vm.forget();
+                }
+                continue;
+            }
             if r.state == VmState::Running && alive(r.pid) && is_vmm(r.pid) {
                 tracing::info!(vm = id, pid = r.pid, "re-adopted a running VMM");
             } else if let Some(pid) = serving_vmm(&r.api_socket) {
@@ -249,6 +283,28 @@ impl Vm {
     /// A new VM's record (saved), not started. A VM deleted on this host is never created again
     /// (a create that reaches the agent after its delete does nothing).
     pub fn create(dirs: &Arc<Dirs>, spec: &VmSpec) -> anyhow::Result<Vm> {
+        Vm::new_record(dirs, spec, VmState::Stopped)
+    }
+
+    /// The target side of a live migration: a record for the VM and a VMM waiting (at most
+    /// `wait`) for its handover in the VM's migration directory.
+    pub fn create_incoming(dirs: &Arc<Dirs>, spec: &VmSpec, wait: Duration) -> anyhow::Result<Vm> {
+        let mut vm = Vm::new_record(dirs, spec, VmState::Incoming)?;
+        let dir = dirs.migration_dir(&spec.vm_id);
+        std::fs::create_dir_all(&dir)?;
+        let mut cmd = Command::new(&dirs.vmm);
+        cmd.arg("run")
+            .arg("--incoming")
+            .arg(&dir)
+            .args(["--incoming-timeout-ms", &wait.as_millis().to_string()]);
+        if let Err(e) = vm.spawn_vmm(cmd, VmState::Incoming) {
+            let _ = std::fs::remove_file(dirs.record_path(&spec.vm_id));
+            return Err(e);
+        }
+        Ok(vm)
+    }
+
+    fn new_record(dirs: &Arc<Dirs>, spec: &VmSpec, state: VmState) -> anyhow::Result<Vm> {
         anyhow::ensure!(
             !dirs.is_deleted(&spec.vm_id),
             "VM {} has been deleted",
@@ -261,7 +317,7 @@ impl Vm {
             record: VmRecord {
                 spec: spec.into(),
                 pid: 0,
-                state: VmState::Stopped,
+                state,
                 api_socket: dirs
                     .state_dir
                     .join("vms")
@@ -287,6 +343,7 @@ impl Vm {
     }
 
     pub fn report(&mut self) -> VmReport {
+        self.refresh_incoming();
         let r = &self.record;
         let u = usage(r.pid, &mut self.cpu);
         VmReport {
@@ -310,7 +367,6 @@ impl Vm {
             tracing::info!(vm = id, pid, "adopted the VMM already serving this VM");
             return self.record_running(pid);
         }
-        let before = r.state;
         let s = &r.spec;
         let mut cmd = Command::new(&self.dirs.vmm);
         cmd.arg("run")
@@ -318,10 +374,6 @@ impl Vm {
             .args(["--vcpus", &s.vcpus.to_string()])
             .args(["--memory-mib", &s.memory_mib.to_string()])
             .args(["--cmdline", &s.cmdline])
-            .arg("--serial")
-            .arg(format!("file:{}", r.console.display()))
-            .arg("--api-socket")
-            .arg(&r.api_socket)
             // Every VM gets a balloon, so memory can be taken back from a running guest.
             .args(["--balloon", "deflate-on-oom"]);
         if !s.initrd.is_empty() {
@@ -330,6 +382,19 @@ impl Vm {
         if !s.disk.is_empty() {
             cmd.args(["--disk", &s.disk]);
         }
+        self.spawn_vmm(cmd, VmState::Running)
+    }
+
+    /// Starts `cmd` (a `vmm run …`) with the VM's console and API socket, in its own process
+    /// group (it outlives an agent restart), and records it at once as `state`. A VMM that
+    /// refuses its configuration exits at once: that is an error, and the record goes back.
+    fn spawn_vmm(&mut self, mut cmd: Command, state: VmState) -> anyhow::Result<()> {
+        let id = self.id().to_string();
+        let before = self.record.state;
+        cmd.arg("--serial")
+            .arg(format!("file:{}", self.record.console.display()))
+            .arg("--api-socket")
+            .arg(&self.record.api_socket);
         let log_path = self
             .dirs
             .state_dir
@@ -350,7 +415,9 @@ impl Vm {
         let pid = child.id();
         self.child = Some(child);
         // Recorded at once: an agent that dies from here on finds it at restart.
-        self.record_running(pid)?;
+        self.record.pid = pid;
+        self.record.state = state;
+        self.save()?;
         // A VMM that refuses its configuration exits at once: say so now.
         std::thread::sleep(Duration::from_millis(50));
         if let Some(st) = self
@@ -380,6 +447,9 @@ impl Vm {
     /// Graceful power-off through the VMM's API (the VMM forces it after `timeout`), then SIGKILL
     /// if the process is still there.
     pub fn stop(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        if self.record.state == VmState::Incoming {
+            return self.abort_incoming();
+        }
         let r = self.record.clone();
         if r.state == VmState::Running && alive(r.pid) {
             // The answer comes when the guest has stopped; a VMM that does not answer is killed
@@ -404,11 +474,113 @@ impl Vm {
         self.save()
     }
 
+    /// The target side of a migration that will not come: the waiting VMM (which has not
+    /// claimed the VM: it would be running, not incoming, then) is stopped and the record goes.
+    /// Nothing to do for a VM that is not incoming here.
+    pub fn abort_incoming(&mut self) -> anyhow::Result<()> {
+        if self.record.state != VmState::Incoming {
+            return Ok(());
+        }
+        self.refresh_incoming();
+        anyhow::ensure!(
+            self.record.state == VmState::Incoming,
+            "the VM already runs here: the handover happened"
+        );
+        let pid = self.record.pid;
+        if pid != 0 && alive(pid) && is_vmm(pid) {
+            // SAFETY: kill(2) on the waiting VMM this agent started (checked alive and a vmm).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pid != 0 && alive(pid) && Instant::now() < deadline {
+            self.reap();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.reap();
+        self.forget();
+        Ok(())
+    }
+
+    /// An incoming VMM whose guest has been handed over and resumed serves its API as a running
+    /// VM: the record follows.
+    pub fn refresh_incoming(&mut self) {
+        if self.record.state != VmState::Incoming {
+            return;
+        }
+        if let Some(info) = vmm_info(&self.record.api_socket, Duration::from_millis(500)) {
+            if info.state == vmm_api::RunState::Running && info.pid == self.record.pid {
+                tracing::info!(vm = self.id(), "the migrated VM runs here");
+                self.record.state = VmState::Running;
+                let _ = self.save();
+            }
+        }
+    }
+
+    /// The source side of a live migration: hands the running VM over to the VMM waiting on
+    /// another host, and waits for the outcome. On `completed` the VM lives elsewhere: its VMM
+    /// has exited and this host forgets it (no tombstone: it may come back). Otherwise it runs
+    /// here still (or, if the target claimed it and went silent, stays paused here).
+    pub fn migrate_out(
+        &mut self,
+        downtime_ms: u64,
+        handover_timeout_ms: u64,
+    ) -> Result<vmm_api::MigrationOutcome, String> {
+        let r = self.record.clone();
+        if r.state != VmState::Running || !alive(r.pid) {
+            return Err(format!("VM {} is not running here", r.spec.vm_id));
+        }
+        let req = vmm_api::Request::Migrate {
+            dir: self.dirs.migration_dir(self.id()),
+            downtime_ms,
+            max_rounds: vmm_api::DEFAULT_MAX_ROUNDS,
+            timeout_ms: handover_timeout_ms,
+        };
+        let outcome: vmm_api::MigrationOutcome = vmm_api::Client::new(&r.api_socket)
+            .call(&req, MAX_MIGRATION_WAIT)
+            .map_err(|e| format!("migration: {e}"))?;
+        if outcome.status == vmm_api::MigrationStatus::Completed {
+            // The VMM exits right after answering.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while alive(r.pid) && Instant::now() < deadline {
+                self.reap();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.reap();
+            self.forget();
+        }
+        Ok(outcome)
+    }
+
+    /// Drops the VM's record: it does not live on this host (any more).
+    fn forget(&mut self) {
+        self.record.pid = 0;
+        self.record.state = VmState::Deleted;
+        let _ = std::fs::remove_file(self.dirs.record_path(self.id()));
+        let _ = std::fs::remove_file(&self.record.api_socket);
+    }
+
+    /// A `migrate_in` for a VM this host already keeps: fine while its VMM still waits (the
+    /// command came twice), refused otherwise (the VM runs or is stopped here).
+    pub fn expect_incoming(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.record.state == VmState::Incoming && alive(self.record.pid),
+            "VM {} is already on this host ({})",
+            self.id(),
+            self.record.state
+        );
+        Ok(())
+    }
+
+    /// Whether this host still keeps the VM.
+    pub fn gone(&self) -> bool {
+        self.record.state == VmState::Deleted
+    }
+
     /// Stops the VM and forgets it; it is never created here again.
     pub fn delete(&mut self) -> anyhow::Result<()> {
         self.dirs.mark_deleted(self.id())?;
         self.stop(Duration::from_secs(5))?;
-        let _ = std::fs::remove_file(self.dirs.record_path(self.id()));
+        self.forget();
         Ok(())
     }
 
@@ -420,6 +592,25 @@ impl Vm {
 
     /// Why the VMM exited on its own since the last call (crash, or the guest powered off).
     pub fn exited(&mut self) -> Option<String> {
+        if self.record.state == VmState::Incoming {
+            self.refresh_incoming();
+        }
+        if self.record.state == VmState::Incoming {
+            // A waiting VMM that gave up (no handover in time, or the source took the VM back)
+            // ends quietly: the VM never ran here.
+            let done = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+                .is_some()
+                || !alive(self.record.pid);
+            if done {
+                tracing::info!(vm = self.id(), "the waiting VMM ended without a handover");
+                self.child = None;
+                self.forget();
+            }
+            return None;
+        }
         if self.record.state != VmState::Running {
             return None;
         }

@@ -1725,3 +1725,101 @@ fn callers_cannot_exhaust_or_fool_vimd() {
         "VMs created by callers that hung up, unaudited"
     );
 }
+
+/// The numbers of the test guest's heartbeat lines (`tg: hb n=N`) in a console log, in order.
+fn heartbeats(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("tg: hb n="))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// A guest that keeps dirtying its memory moves h1 -> h2 -> h1 through `vimctl vm migrate`: each
+/// time the VM's host changes, exactly one VMM runs it (a new one), its heartbeat counter goes
+/// on without a restart or a gap, the migration is recorded on the VM and in the events, and
+/// the source keeps no trace of it. A migration to where it runs, or by a consumer, is refused.
+#[test]
+fn a_running_vm_moves_between_hosts_and_back() {
+    let f = Fleet::start(None, &["h1", "h2"]);
+    let guest = tmp().join("guest/testguest.elf");
+    f.ctl_ok(&[
+        "image",
+        "add",
+        "tgd",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        "tg.mode=dirty tg.dirty_mib=16 tg.hb_ms=100",
+        "--json",
+    ]);
+    let (ok, out, err) = f.ctl(&[
+        "vm",
+        "create",
+        "--name",
+        "mover",
+        "--image",
+        "tgd",
+        "--memory-mib",
+        "64",
+    ]);
+    assert!(ok, "{err}");
+    let id = out.trim().to_string();
+    let console = f.state().join("shared/vms").join(&id).join("console.log");
+    let beats = || heartbeats(&std::fs::read_to_string(&console).unwrap_or_default());
+    wait_until("the guest's heartbeats", || beats().len() >= 5);
+    let alice = f.token("alice");
+    let (ok, _, err) = f.ctl_as(&alice, &["vm", "migrate", &id]);
+    assert!(!ok && err.contains("403"), "a consumer migrated: {err}");
+
+    let mut host = f.ctl_ok(&["vm", "show", &id])["host_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (ok, _, err) = f.ctl(&["vm", "migrate", &id, "--to", &host]);
+    assert!(!ok && err.contains("already runs on"), "{err}");
+    for _ in 0..2 {
+        let before = f.vmm_pids(&id);
+        assert_eq!(before.len(), 1, "{before:?}");
+        let n_before = *beats().last().unwrap();
+        let (ok, out, err) = f.ctl(&["vm", "migrate", &id, "--downtime-ms", "100"]);
+        assert!(ok, "migration failed: {err}");
+        let vm = f.ctl_ok(&["vm", "show", &id]);
+        let to = vm["host_id"].as_str().unwrap().to_string();
+        assert_ne!(to, host, "{vm}");
+        assert!(out.contains(&format!("runs on {to}")), "{out}");
+        assert_eq!(vm["state"], "running", "{vm}");
+        let m = &vm["last_migration"];
+        assert_eq!(
+            (m["source"].as_str(), m["target"].as_str()),
+            (Some(host.as_str()), Some(to.as_str())),
+            "{vm}"
+        );
+        assert!(m["downtime_ms"].as_f64().unwrap() > 0.0, "{vm}");
+        // One VMM, not the one before; the guest counts on from where it was.
+        let after = f.vmm_pids(&id);
+        assert_eq!(after.len(), 1, "{after:?}");
+        assert_ne!(after, before);
+        wait_until("heartbeats after the move", || {
+            beats().last().is_some_and(|&n| n > n_before + 3)
+        });
+        let all = beats();
+        assert!(
+            all.windows(2).all(|w| w[1] == w[0] + 1),
+            "the heartbeat counter restarted or skipped: {all:?}"
+        );
+        // The source forgot it; the target reports it.
+        let src_record = f.dir.path().join(format!("agent-{host}/vms/{id}.json"));
+        assert!(!src_record.exists(), "the source still records the VM");
+        wait_until("the target's report", || {
+            f.ctl_ok(&["vm", "show", &id])["pid"].as_i64() == Some(i64::from(after[0]))
+        });
+        assert!(f.has_event("VM_Migrated", &to), "no VM_Migrated event");
+        host = to;
+    }
+    assert!(f.has_event("VM_Migrating", "h1") || f.has_event("VM_Migrating", "h2"));
+    // Migration files: only this VM's own directory holds them.
+    let (ok, _, err) = f.ctl(&["vm", "delete", &id]);
+    assert!(ok, "{err}");
+    assert!(f.vmm_pids(&id).is_empty());
+}

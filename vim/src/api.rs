@@ -241,6 +241,7 @@ pub fn router(v: Arc<Vimd>) -> Router {
         .route("/vms/:id", get(show_vm).delete(delete_vm))
         .route("/vms/:id/start", post(start_vm))
         .route("/vms/:id/stop", post(stop_vm))
+        .route("/vms/:id/migrate", post(migrate_vm))
         .route("/vms/:id/console", get(console))
         .route("/jobs", get(list_jobs))
         .route("/jobs/:id", get(show_job))
@@ -589,6 +590,65 @@ async fn stop_vm(State(v): St, h: Req, Path(id): Path<String>) -> Response {
 
 async fn delete_vm(State(v): St, h: Req, Path(id): Path<String>) -> Response {
     vm_job(v, h, id, db::JobKind::Delete).await
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MigrateVm {
+    /// The host to move to; placement chooses without it.
+    #[serde(default)]
+    to: Option<String>,
+    /// The longest pause the guest should see.
+    #[serde(default)]
+    downtime_ms: Option<u64>,
+}
+
+/// Live-migrates a running VM to another host (a job; `docs/protocol.md`).
+async fn migrate_vm(
+    State(v): St,
+    h: Req,
+    Path(id): Path<String>,
+    b: Result<Json<MigrateVm>, JsonRejection>,
+) -> Response {
+    call(&v, &h, "vms.migrate", &id.clone(), |v, who| async move {
+        let req = body(b)?;
+        if who.role != crate::auth::Role::Admin && !v.consumers_may_migrate {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                "only admins may migrate VMs here (vimd --consumers-may-migrate)".into(),
+            ));
+        }
+        if let Some(to) = &req.to {
+            check_name("host id", to)?;
+        }
+        use crate::server::migrations as m;
+        let downtime_ms = in_range(
+            "downtime_ms",
+            req.downtime_ms.unwrap_or(m::DEFAULT_DOWNTIME_MS),
+            1,
+            m::MAX_DOWNTIME_MS,
+        )?;
+        let vm = owned_vm(&v, &who, &id).await?;
+        if vm.state != db::VmState::Running {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("VM {id} is {}, not running", vm.state),
+            ));
+        }
+        let params = m::MigrateParams {
+            to: req.to,
+            downtime_ms,
+            ..Default::default()
+        };
+        let job = db::Job {
+            params: serde_json::to_string(&params).map_err(anyhow::Error::from)?,
+            ..db::Job::new(db::JobKind::Migrate, &who.name, &vm.id)
+        };
+        v.db.add_job(&job, None).await?;
+        v.outbox.push(&job.id);
+        accepted(json!({"job_id": job.id, "vm_id": vm.id}))
+    })
+    .await
 }
 
 #[derive(Deserialize)]

@@ -109,6 +109,12 @@ pub fn document() -> Value {
             "/vms/{id}": {"get": with_id(op("Show a VM", "200")), "delete": with_id(op("Delete a VM", "202"))},
             "/vms/{id}/start": {"post": with_id(op("Start a VM", "202"))},
             "/vms/{id}/stop": {"post": with_id(op("Stop a VM (ACPI power button, forced after a timeout)", "202"))},
+            "/vms/{id}/migrate": {"post": with_body(with_id(op(
+                "Live-migrate a running VM to another host (admin; a consumer its own VMs when vimd allows it). \
+                 The VM is `migrating` meanwhile; its host changes when the guest runs on the target.", "202")),
+                json!({"type": "object", "additionalProperties": false,
+                       "properties": {"to": name(),
+                                      "downtime_ms": {"type": "integer", "minimum": 1, "maximum": 60_000}}}))},
             "/vms/{id}/console": {"get": console},
             "/jobs": {"get": with_limit(op("List jobs, newest first (a consumer sees its own)", "200"), 100, 10_000)},
             "/jobs/{id}": {"get": with_id(op("Show a job", "200"))},

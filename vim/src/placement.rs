@@ -23,6 +23,14 @@ impl Default for Policy {
     }
 }
 
+/// Which hosts a placement may choose from: all reachable ones, one named host, or all but
+/// one (a migration's source).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Among<'a> {
+    pub only: Option<&'a str>,
+    pub except: Option<&'a str>,
+}
+
 /// The chosen host, or why none fits (`Ok(Err(why))`). The database does the choosing
 /// ([`Db::roomiest_host`]), so placing a VM costs one query however many hosts there are.
 pub async fn choose(
@@ -30,9 +38,15 @@ pub async fn choose(
     policy: &Policy,
     vcpus: i64,
     memory_mib: i64,
+    among: Among<'_>,
 ) -> Result<Result<String, String>, DbError> {
-    if let Some(h) = db.roomiest_host(policy, vcpus, memory_mib).await? {
+    if let Some(h) = db.roomiest_host(policy, vcpus, memory_mib, among).await? {
         return Ok(Ok(h));
+    }
+    if let Some(only) = among.only {
+        return Ok(Err(format!(
+            "host {only} is not reachable or has no room for {vcpus} vCPUs and {memory_mib} MiB"
+        )));
     }
     let reachable = db.count_hosts(crate::db::HostState::Reachable).await?;
     Ok(Err(format!(
@@ -92,7 +106,7 @@ mod tests {
             let p = Policy::default();
             let pick = |c, m| {
                 let (db, p) = (db.clone(), p);
-                async move { choose(&db, &p, c, m).await.unwrap() }
+                async move { choose(&db, &p, c, m, Among::default()).await.unwrap() }
             };
             assert_eq!(pick(1, 512).await.unwrap(), "b");
             // 8 vCPUs fit 2 cores at 4.0, 9 do not.
@@ -110,8 +124,27 @@ mod tests {
                 memory_ratio: 2.0,
                 ..p
             };
-            assert_eq!(choose(&db, &roomy, 1, 7168).await.unwrap().unwrap(), "b");
-            assert!(choose(&db, &roomy, 1, 7169).await.unwrap().is_err());
+            let any = Among::default();
+            assert_eq!(
+                choose(&db, &roomy, 1, 7168, any).await.unwrap().unwrap(),
+                "b"
+            );
+            assert!(choose(&db, &roomy, 1, 7169, any).await.unwrap().is_err());
+            // A migration away from b lands on a; one to the unreachable c is refused by name.
+            let except_b = Among {
+                except: Some("b"),
+                ..any
+            };
+            assert_eq!(
+                choose(&db, &p, 1, 64, except_b).await.unwrap().unwrap(),
+                "a"
+            );
+            let only_c = Among {
+                only: Some("c"),
+                ..any
+            };
+            let e = choose(&db, &p, 1, 64, only_c).await.unwrap().unwrap_err();
+            assert!(e.contains("host c is not reachable"), "{e}");
         }
     }
 }

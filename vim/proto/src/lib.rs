@@ -225,6 +225,8 @@ names!(VmState {
     Deleted => "deleted",
     Pending => "pending",
     Unknown => "unknown",
+    Migrating => "migrating",
+    Incoming => "incoming",
 });
 
 names!(EventKind {
@@ -237,12 +239,17 @@ names!(EventKind {
     VmFailure => "VM_Failure",
     CommandRefused => "Command_Refused",
     CommandFailed => "Command_Failed",
+    VmIncomingReady => "VM_Incoming_Ready",
+    VmMigrated => "VM_Migrated",
+    VmIncomingAborted => "VM_Incoming_Aborted",
     JobSent => "Job_Sent",
     JobFailed => "Job_Failed",
     HostRegistered => "Host_Registered",
     PsReachable => "PS_Reachable",
     PsTimeout => "PS_Timeout",
     PsUnreachable => "PS_Unreachable",
+    VmMigrating => "VM_Migrating",
+    VmMigrationFailed => "VM_Migration_Failed",
 });
 
 impl VmState {
@@ -255,6 +262,7 @@ impl VmState {
                 | VmState::Stopped
                 | VmState::Failed
                 | VmState::Deleted
+                | VmState::Incoming
         )
     }
 }
@@ -272,6 +280,9 @@ impl EventKind {
                 | EventKind::VmFailure
                 | EventKind::CommandRefused
                 | EventKind::CommandFailed
+                | EventKind::VmIncomingReady
+                | EventKind::VmMigrated
+                | EventKind::VmIncomingAborted
         )
     }
 }

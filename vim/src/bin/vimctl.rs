@@ -159,6 +159,18 @@ enum VmCmd {
         #[command(flatten)]
         wait: Wait,
     },
+    /// Live-migrate a running VM to another host; prints where it runs and how the move went.
+    Migrate {
+        id: String,
+        /// The host to move to (placement chooses without it).
+        #[arg(long)]
+        to: Option<String>,
+        /// The longest pause the guest should see.
+        #[arg(long = "downtime-ms")]
+        downtime_ms: Option<u64>,
+        #[command(flatten)]
+        wait: Wait,
+    },
     /// The guest's serial log.
     Console { id: String },
 }
@@ -492,6 +504,42 @@ fn run(cli: Cli) -> Result<()> {
             VmCmd::Show { id } => print(&api.get(&format!("/vms/{id}"))?),
             VmCmd::Start { id, wait } => job_cmd(format!("/vms/{id}/start"), json!({}), &wait)?,
             VmCmd::Stop { id, wait } => job_cmd(format!("/vms/{id}/stop"), json!({}), &wait)?,
+            VmCmd::Migrate {
+                id,
+                to,
+                downtime_ms,
+                wait,
+            } => {
+                let mut body = json!({});
+                if let Some(to) = to {
+                    body["to"] = json!(to);
+                }
+                if let Some(d) = downtime_ms {
+                    body["downtime_ms"] = json!(d);
+                }
+                let path = format!("/vms/{id}/migrate");
+                if wait.no_wait || json_out {
+                    job_cmd(path, body, &wait)?;
+                } else {
+                    let r = api.post(&path, body)?;
+                    let job = api.wait(r["job_id"].as_str().unwrap_or_default(), &wait, false)?;
+                    anyhow::ensure!(
+                        job["state"] == "done",
+                        "migration failed: {}",
+                        job["error"].as_str().unwrap_or("")
+                    );
+                    let vm = api.get(&format!("/vms/{id}"))?;
+                    let m = &vm["last_migration"];
+                    println!(
+                        "{id} runs on {}: downtime {:.1} ms, total {:.1} ms, {} rounds, {} MiB",
+                        vm["host_id"].as_str().unwrap_or("?"),
+                        m["downtime_ms"].as_f64().unwrap_or(0.0),
+                        m["total_ms"].as_f64().unwrap_or(0.0),
+                        m["rounds"],
+                        m["bytes_written"].as_u64().unwrap_or(0) >> 20
+                    );
+                }
+            }
             VmCmd::Delete { id, wait } => {
                 let r = api.req(reqwest::Method::DELETE, &format!("/vms/{id}"), None)?;
                 let job_id = r["job_id"].as_str().unwrap_or_default().to_string();

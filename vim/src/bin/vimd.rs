@@ -103,6 +103,9 @@ struct Args {
     /// are summarised instead of audited one by one).
     #[arg(long = "failed-logins-per-minute", default_value_t = vim::auth::LoginLimiter::PER_SOURCE)]
     failed_logins_per_minute: u32,
+    /// Let consumers live-migrate their own VMs (admins always may).
+    #[arg(long = "consumers-may-migrate")]
+    consumers_may_migrate: bool,
     /// Days the event log keeps its rows.
     #[arg(long = "event-retention-days", default_value_t = 90)]
     event_retention_days: u64,
@@ -314,6 +317,7 @@ async fn run(a: Args) -> Result<()> {
         users_lock: Default::default(),
         image_import_dir: a.image_import_dir,
         copying: Default::default(),
+        consumers_may_migrate: a.consumers_may_migrate,
         retention: Retention {
             events: Duration::from_secs(a.event_retention_days.max(1) * 86_400),
             audit: Duration::from_secs(a.audit_retention_days.max(1) * 86_400),

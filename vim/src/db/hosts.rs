@@ -155,11 +155,13 @@ impl Db {
             .bind(&hb.address)
             .execute(&mut *tx)
             .await?;
-            for v in &hb.vms {
+            // A VMM waiting for a migration's handover is not the VM: the migration, not the
+            // report, says where the VM runs.
+            for v in hb.vms.iter().filter(|v| v.state() != VmState::Incoming) {
                 sqlx::query(
                     "UPDATE vms SET state = $1, pid = $2, cpu_pct = $3, rss_kib = $4,
                      vmm_cpu_pct = $7, balloon_mib = $8
-                     WHERE id = $5 AND host_id = $6 AND state NOT IN ($9, $10)",
+                     WHERE id = $5 AND host_id = $6 AND state NOT IN ($9, $10, $11)",
                 )
                 .bind(v.state().as_str())
                 .bind(i64::from(v.pid))
@@ -171,6 +173,8 @@ impl Db {
                 .bind(v.balloon_mib as i64)
                 .bind(VmState::Deleted.as_str())
                 .bind(VmState::Pending.as_str())
+                // A migration's state is the migration's: the source still reports it running.
+                .bind(VmState::Migrating.as_str())
                 .execute(&mut *tx)
                 .await?;
             }
@@ -221,6 +225,7 @@ impl Db {
         p: &crate::placement::Policy,
         vcpus: i64,
         memory_mib: i64,
+        among: crate::placement::Among<'_>,
     ) -> Result<Option<String>, DbError> {
         let r = sqlx::query(
             "SELECT h.id,
@@ -229,7 +234,7 @@ impl Db {
                  SELECT host_id, SUM(vcpus) AS vcpus, SUM(memory_mib) AS memory_mib FROM vms
                  WHERE host_id <> '' AND state <> $6 GROUP BY host_id
              ) u ON u.host_id = h.id
-             WHERE h.state = $7
+             WHERE h.state = $7 AND h.id <> $8 AND ($9 = '' OR h.id = $9)
                AND COALESCE(u.vcpus, 0) + $3 <= h.cpu_cores * $4
                AND $5 <= (h.memory_mib - $1) * $2 - COALESCE(u.memory_mib, 0)
              ORDER BY free_mib DESC, h.id LIMIT 1",
@@ -241,6 +246,8 @@ impl Db {
         .bind(memory_mib)
         .bind(VmState::Deleted.as_str())
         .bind(HostState::Reachable.as_str())
+        .bind(among.except.unwrap_or(""))
+        .bind(among.only.unwrap_or(""))
         .fetch_optional(&self.pool)
         .await?;
         Ok(match r {

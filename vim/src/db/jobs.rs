@@ -14,6 +14,15 @@ pub enum JobKind {
     Start,
     Stop,
     Delete,
+    /// Live migration to another host; carried out by the child jobs below, one per host
+    /// command.
+    Migrate,
+    /// The target host starts a VMM that waits for the handover.
+    MigrateIn,
+    /// The source host hands the VM over.
+    MigrateOut,
+    /// The target host stops its waiting VMM: the migration will not come.
+    AbortIncoming,
 }
 
 vim_proto::names!(JobKind {
@@ -21,6 +30,10 @@ vim_proto::names!(JobKind {
     Start => "start",
     Stop => "stop",
     Delete => "delete",
+    Migrate => "migrate",
+    MigrateIn => "migrate-in",
+    MigrateOut => "migrate-out",
+    AbortIncoming => "abort-incoming",
 });
 
 /// Where a job is: written (`pending`), its command sent (`running`), answered (`done` or
@@ -54,6 +67,10 @@ pub struct Job {
     pub error: String,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The job this one is a step of (a migration's host commands), or empty.
+    pub parent_id: String,
+    /// What the job was asked for beyond its kind (a migration's target and downtime), as JSON.
+    pub params: String,
 }
 
 impl Job {
@@ -72,6 +89,17 @@ impl Job {
             error: String::new(),
             created_at: now,
             updated_at: now,
+            parent_id: String::new(),
+            params: String::new(),
+        }
+    }
+
+    /// A step of `parent` that `host` carries out.
+    pub fn child(parent: &Job, kind: JobKind, host: &str) -> Job {
+        Job {
+            parent_id: parent.id.clone(),
+            host_id: host.into(),
+            ..Job::new(kind, &parent.owner, &parent.vm_id)
         }
     }
 }
@@ -89,7 +117,29 @@ fn job(r: &AnyRow) -> Result<Job, sqlx::Error> {
         error: r.try_get("error")?,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
+        parent_id: r.try_get("parent_id")?,
+        params: r.try_get("params")?,
     })
+}
+
+async fn insert_job(tx: &mut sqlx::Transaction<'_, sqlx::Any>, job: &Job) -> Result<(), DbError> {
+    sqlx::query(
+        "INSERT INTO jobs (id, kind, owner, vm_id, state, created_at, updated_at, parent_id,
+                           params, host_id)
+         VALUES ($1, $2, $3, $4, $6, $5, $5, $7, $8, $9)",
+    )
+    .bind(&job.id)
+    .bind(job.kind.as_str())
+    .bind(&job.owner)
+    .bind(&job.vm_id)
+    .bind(job.created_at)
+    .bind(JobState::Pending.as_str())
+    .bind(&job.parent_id)
+    .bind(&job.params)
+    .bind(&job.host_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 impl Db {
@@ -113,19 +163,31 @@ impl Db {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query(
-            "INSERT INTO jobs (id, kind, owner, vm_id, state, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $6, $5, $5)",
-        )
-        .bind(&job.id)
-        .bind(job.kind.as_str())
-        .bind(&job.owner)
-        .bind(&job.vm_id)
-        .bind(job.created_at)
-        .bind(JobState::Pending.as_str())
-        .execute(&mut *tx)
-        .await?;
+        insert_job(&mut tx, job).await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// Writes a job that needs no publishing: a step a worker carries out at once (it is
+    /// marked published so the reconciler never sends it through the job queue).
+    pub async fn add_step(&self, job: &Job) -> Result<(), DbError> {
+        let mut tx = self.writer.begin().await?;
+        insert_job(&mut tx, job).await?;
+        sqlx::query("UPDATE jobs SET published = 1 WHERE id = $1")
+            .bind(&job.id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A job's parameters, once decided (a migration's target).
+    pub async fn set_job_params(&self, id: &str, params: &str) -> Result<(), DbError> {
+        sqlx::query("UPDATE jobs SET params = $1 WHERE id = $2")
+            .bind(params)
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
         Ok(())
     }
 

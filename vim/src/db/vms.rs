@@ -27,6 +27,16 @@ pub struct Vm {
     /// Memory the guest has handed back through its balloon.
     pub balloon_mib: i64,
     pub created_at: i64,
+    /// How its last live migration went (source, target, downtime, total, bytes, rounds), or
+    /// null.
+    #[serde(serialize_with = "json_or_null")]
+    pub last_migration: String,
+}
+
+/// A JSON text column as the JSON it holds (null when empty or unreadable).
+fn json_or_null<S: serde::Serializer>(text: &str, s: S) -> Result<S::Ok, S::Error> {
+    let v: serde_json::Value = serde_json::from_str(text).unwrap_or(serde_json::Value::Null);
+    v.serialize(s)
 }
 
 fn vm(r: &AnyRow) -> Result<Vm, sqlx::Error> {
@@ -46,6 +56,7 @@ fn vm(r: &AnyRow) -> Result<Vm, sqlx::Error> {
         vmm_cpu_pct: r.try_get("vmm_cpu_pct")?,
         balloon_mib: r.try_get("balloon_mib")?,
         created_at: r.try_get("created_at")?,
+        last_migration: r.try_get("last_migration")?,
     })
 }
 
@@ -115,6 +126,47 @@ impl Db {
             .bind(VmState::Deleted.as_str())
             .execute(&self.writer)
             .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Moves a VM from state `from` to `to`; false if it was not in `from` (a migration starts
+    /// only from running, and ends only once).
+    pub async fn transition_vm(
+        &self,
+        id: &str,
+        from: VmState,
+        to: VmState,
+    ) -> Result<bool, DbError> {
+        let r = sqlx::query("UPDATE vms SET state = $1 WHERE id = $2 AND state = $3")
+            .bind(to.as_str())
+            .bind(id)
+            .bind(from.as_str())
+            .execute(&self.writer)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// A migration completed: in one statement the VM runs on `target` (its disk path is the
+    /// same on every host) and remembers how it went. False if it was not migrating.
+    pub async fn finish_migration(
+        &self,
+        id: &str,
+        target: &str,
+        pid: i64,
+        how: &str,
+    ) -> Result<bool, DbError> {
+        let r = sqlx::query(
+            "UPDATE vms SET host_id = $1, state = $2, pid = $3, last_migration = $4
+             WHERE id = $5 AND state = $6",
+        )
+        .bind(target)
+        .bind(VmState::Running.as_str())
+        .bind(pid)
+        .bind(how)
+        .bind(id)
+        .bind(VmState::Migrating.as_str())
+        .execute(&self.writer)
+        .await?;
         Ok(r.rows_affected() == 1)
     }
 

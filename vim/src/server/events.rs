@@ -18,7 +18,11 @@ impl Vimd {
     /// permissions make the publisher's own). Nothing in it is taken on trust: the job record
     /// says which VM, which host and which kind of answer is due, and an answer that does not
     /// match it, or a report about a VM that is not on the sender, is refused and audited.
-    async fn handle_host_event(&self, sender: &str, ev: vim_proto::HostEvent) -> Result<()> {
+    async fn handle_host_event(
+        self: &Arc<Self>,
+        sender: &str,
+        ev: vim_proto::HostEvent,
+    ) -> Result<()> {
         let checked = match self.check_host_event(sender, &ev).await? {
             Ok(c) => c,
             Err(why) => {
@@ -26,7 +30,13 @@ impl Vimd {
                 return Ok(());
             }
         };
-        if let Some(v) = &ev.vm {
+        // A migration step's report is about one side of the move; the migration decides the
+        // VM's state and host.
+        let step = checked
+            .job
+            .as_ref()
+            .is_some_and(|j| !j.parent_id.is_empty());
+        if let Some(v) = ev.vm.as_ref().filter(|_| !step) {
             self.db
                 .set_vm_state(&checked.vm_id, v.state(), i64::from(v.pid))
                 .await?;
@@ -49,6 +59,9 @@ impl Vimd {
                 self.db
                     .set_vm_state(&checked.vm_id, VmState::Failed, 0)
                     .await?;
+            }
+            if step {
+                self.migration_answer(job, &ev).await?;
             }
             if ev.ok && job.kind == JobKind::Delete {
                 // Its disk copy goes with it (the image's disk stays).
@@ -111,7 +124,7 @@ impl Vimd {
             if sent_to != sender {
                 return Ok(Err(format!("job {} was not sent to {sender}", job.id)));
             }
-            let kind_ok = answer_kind(job.kind) == ev.kind()
+            let kind_ok = answer_kind(job.kind) == Some(ev.kind())
                 || (!ev.ok
                     && matches!(
                         ev.kind(),
@@ -182,14 +195,19 @@ struct CheckedEvent {
     job: Option<db::Job>,
 }
 
-/// The event kind that answers a job of `kind`.
-fn answer_kind(kind: JobKind) -> EventKind {
-    match kind {
+/// The event kind that answers a job of `kind`; none for a migration itself, which no host
+/// answers (its steps are answered).
+fn answer_kind(kind: JobKind) -> Option<EventKind> {
+    Some(match kind {
         JobKind::Create => EventKind::VmCreated,
         JobKind::Start => EventKind::VmStarted,
         JobKind::Stop => EventKind::VmStopped,
         JobKind::Delete => EventKind::VmDeleted,
-    }
+        JobKind::MigrateIn => EventKind::VmIncomingReady,
+        JobKind::MigrateOut => EventKind::VmMigrated,
+        JobKind::AbortIncoming => EventKind::VmIncomingAborted,
+        JobKind::Migrate => return None,
+    })
 }
 
 /// Agents' answers and events.

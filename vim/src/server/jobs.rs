@@ -33,6 +33,14 @@ impl Vimd {
             self.fail_job(&job, "the VM has been deleted").await;
             return Ok(());
         }
+        match job.kind {
+            JobKind::Migrate => return self.start_migration(&job, &vm).await,
+            // A migration's step the reconciler found written but not sent.
+            JobKind::MigrateIn | JobKind::MigrateOut | JobKind::AbortIncoming => {
+                return self.dispatch(&job).await
+            }
+            _ => {}
+        }
         if job.kind == JobKind::Delete && vm.host_id.is_empty() {
             // Never placed (its create failed, or has not been handled yet): no host to ask.
             // The create, when it comes, finds the VM deleted and does nothing.
@@ -51,7 +59,15 @@ impl Vimd {
             vm = placed;
         }
         let host_id = if job.kind == JobKind::Create && vm.host_id.is_empty() {
-            match placement::choose(&self.db, &self.policy, vm.vcpus, vm.memory_mib).await? {
+            match placement::choose(
+                &self.db,
+                &self.policy,
+                vm.vcpus,
+                vm.memory_mib,
+                placement::Among::default(),
+            )
+            .await?
+            {
                 Ok(h) => h,
                 Err(why) => {
                     self.fail_job(&job, &why).await;
@@ -91,7 +107,7 @@ impl Vimd {
 
     /// The host command that carries out `job` on `vm`, placed on `host_id`. Safe to call again
     /// for the same job (a resend): the disk copy is made once.
-    async fn host_action(
+    pub(super) async fn host_action(
         self: &Arc<Self>,
         job: &db::Job,
         vm: &db::Vm,
@@ -108,15 +124,7 @@ impl Vimd {
                 if !self.db.place_vm(&vm.id, host_id, &disk).await? {
                     return Ok(Step::Refuse("the VM has been deleted".into()));
                 }
-                Action::Create(vim_proto::VmSpec {
-                    vm_id: vm.id.clone(),
-                    vcpus: vm.vcpus as u32,
-                    memory_mib: vm.memory_mib as u64,
-                    kernel: image.kernel,
-                    initrd: image.initrd,
-                    cmdline: image.cmdline,
-                    disk,
-                })
+                Action::Create(vm_spec(vm, image, disk))
             }
             JobKind::Start => Action::Start(vm.id.clone()),
             JobKind::Stop => Action::Stop(vim_proto::StopVm {
@@ -124,6 +132,30 @@ impl Vimd {
                 timeout_ms: 10_000,
             }),
             JobKind::Delete => Action::Delete(vm.id.clone()),
+            // Nothing to send for a migration itself: its steps carry the commands.
+            JobKind::Migrate => return Ok(Step::Later),
+            JobKind::MigrateIn => {
+                let Some(image) = self.db.image(&vm.image).await? else {
+                    return Ok(Step::Refuse(format!("image {} does not exist", vm.image)));
+                };
+                Action::MigrateIn(vim_proto::MigrateIn {
+                    vm: Some(vm_spec(vm, image, vm.disk_path.clone())),
+                    wait_ms: super::migrations::INCOMING_WAIT_MS,
+                })
+            }
+            JobKind::MigrateOut => {
+                let parent = self.db.job(&job.parent_id).await?;
+                let p = parent
+                    .as_ref()
+                    .map(super::migrations::MigrateParams::of)
+                    .unwrap_or_default();
+                Action::MigrateOut(vim_proto::MigrateOut {
+                    vm_id: vm.id.clone(),
+                    downtime_ms: p.downtime_ms,
+                    handover_timeout_ms: super::migrations::HANDOVER_TIMEOUT_MS,
+                })
+            }
+            JobKind::AbortIncoming => Action::AbortIncoming(vm.id.clone()),
         };
         Ok(Step::Send(action))
     }
@@ -210,8 +242,21 @@ impl Vimd {
     }
 }
 
+/// What a VM is built from, as its host's agent needs it.
+fn vm_spec(vm: &db::Vm, image: db::Image, disk: String) -> vim_proto::VmSpec {
+    vim_proto::VmSpec {
+        vm_id: vm.id.clone(),
+        vcpus: vm.vcpus as u32,
+        memory_mib: vm.memory_mib as u64,
+        kernel: image.kernel,
+        initrd: image.initrd,
+        cmdline: image.cmdline,
+        disk,
+    }
+}
+
 /// What handling a job does next.
-enum Step {
+pub(super) enum Step {
     Send(Action),
     /// Not yet: work for it is under way elsewhere (a disk copy), which handles it again.
     Later,

@@ -7,6 +7,7 @@
 mod events;
 mod heartbeats;
 mod jobs;
+pub mod migrations;
 mod upkeep;
 
 pub use events::run_event_consumer;
@@ -71,6 +72,8 @@ pub struct Vimd {
     pub copying: std::sync::Mutex<std::collections::HashSet<String>>,
     /// How long events and audit entries are kept.
     pub retention: Retention,
+    /// Whether consumers may live-migrate their own VMs (admins always may).
+    pub consumers_may_migrate: bool,
 }
 
 /// How long the event log and the audit log keep their rows.
