@@ -1823,3 +1823,105 @@ fn a_running_vm_moves_between_hosts_and_back() {
     assert!(ok, "{err}");
     assert!(f.vmm_pids(&id).is_empty());
 }
+
+/// The pid of the VMM waiting for VM `vm_id`'s migration (`vmm run --incoming`), if any.
+fn incoming_vmm(vm_id: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        (cmd.contains("--incoming") && cmd.contains(vm_id)).then_some(pid)
+    })
+}
+
+/// The target's VMM stops answering before the handover (SIGSTOP: a hung host): the source
+/// takes the guest back after the handover timeout, the job fails with the reason, the VM runs
+/// where it ran (the same VMM, counting on), a `VM_Migration_Failed` event says where, and the
+/// target's waiting VMM is stopped and forgotten.
+#[test]
+fn a_migration_whose_target_hangs_leaves_the_vm_running_on_the_source() {
+    let f = Fleet::start(None, &["h1", "h2"]);
+    let guest = tmp().join("guest/testguest.elf");
+    f.ctl_ok(&[
+        "image",
+        "add",
+        "tgd",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        "tg.mode=dirty tg.dirty_mib=16 tg.hb_ms=100",
+        "--json",
+    ]);
+    let (ok, out, err) = f.ctl(&[
+        "vm",
+        "create",
+        "--name",
+        "stays",
+        "--image",
+        "tgd",
+        "--memory-mib",
+        "64",
+    ]);
+    assert!(ok, "{err}");
+    let id = out.trim().to_string();
+    let console = f.state().join("shared/vms").join(&id).join("console.log");
+    let beats = || heartbeats(&std::fs::read_to_string(&console).unwrap_or_default());
+    wait_until("the guest's heartbeats", || beats().len() >= 3);
+    let source = f.ctl_ok(&["vm", "show", &id])["host_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let before = f.vmm_pids(&id);
+    // A 1 ms downtime limit: every pre-copy round runs, so the handover comes late.
+    let r = f.ctl_ok(&[
+        "vm",
+        "migrate",
+        &id,
+        "--downtime-ms",
+        "1",
+        "--no-wait",
+        "--json",
+    ]);
+    let job = r["job_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pid = loop {
+        if let Some(p) = incoming_vmm(&id) {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no waiting VMM on the target");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let st = Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    f.wait_job(&job);
+    let j = f.ctl_ok(&["job", "show", &job]);
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(
+        j["error"].as_str().unwrap().contains("did not take over"),
+        "{j}"
+    );
+    let vm = f.ctl_ok(&["vm", "show", &id]);
+    assert_eq!(
+        (vm["host_id"].as_str(), vm["state"].as_str()),
+        (Some(source.as_str()), Some("running")),
+        "{vm}"
+    );
+    assert_eq!(f.vmm_pids(&id), before, "the source's VMM changed");
+    let n = *beats().last().unwrap();
+    wait_until("heartbeats on the source", || {
+        beats().last().is_some_and(|&m| m > n + 2)
+    });
+    assert!(f.has_event("VM_Migration_Failed", &source));
+    let target = if source == "h1" { "h2" } else { "h1" };
+    wait_until("the target stopped its waiting VMM", || {
+        incoming_vmm(&id).is_none()
+            && !f
+                .dir
+                .path()
+                .join(format!("agent-{target}/vms/{id}.json"))
+                .exists()
+    });
+}
