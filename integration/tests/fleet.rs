@@ -1925,3 +1925,61 @@ fn a_migration_whose_target_hangs_leaves_the_vm_running_on_the_source() {
                 .exists()
     });
 }
+
+/// `host drain` empties a host: its three VMs migrate away (at most two at a time, the third
+/// waiting for a slot), it takes no new VM meanwhile, and after `host undrain` it does again.
+#[test]
+fn a_drained_host_is_emptied_and_skipped_until_undrained() {
+    let f = Fleet::start(None, &["h1", "h2"]);
+    f.add_test_image();
+    let (ok, _, err) = f.ctl(&["host", "drain", "h2"]);
+    assert!(ok, "{err}");
+    let ids: Vec<String> = (0..3)
+        .map(|i| f.create(&format!("d{i}")).unwrap())
+        .collect();
+    let host_of = |id: &str| {
+        f.ctl_ok(&["vm", "show", id])["host_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    for id in &ids {
+        assert_eq!(host_of(id), "h1", "placed on a draining host");
+    }
+    let (ok, _, err) = f.ctl(&["host", "undrain", "h2"]);
+    assert!(ok, "{err}");
+
+    let (ok, out, err) = f.ctl(&["host", "drain", "h1"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("3 VM(s)"), "{out}");
+    for id in &ids {
+        assert_eq!(host_of(id), "h2");
+        assert_eq!(f.vmm_pids(id).len(), 1);
+    }
+    // Never more than two under way at once (the host's outgoing limit).
+    let mut under_way = 0;
+    let mut most = 0;
+    for e in f.events() {
+        match e["kind"].as_str() {
+            Some("VM_Migrating") => under_way += 1,
+            Some("VM_Migrated" | "VM_Migration_Failed") => under_way -= 1,
+            _ => {}
+        }
+        most = most.max(under_way);
+    }
+    assert_eq!(most, 2, "migrations at once");
+    let hosts = f.ctl_ok(&["hosts", "--json"]);
+    let h1 = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["id"] == "h1")
+        .unwrap();
+    assert_eq!(h1["draining"], true, "{h1}");
+    assert_eq!(host_of(&f.create("while-draining").unwrap()), "h2");
+    let (ok, _, err) = f.ctl(&["host", "undrain", "h1"]);
+    assert!(ok, "{err}");
+    assert_eq!(host_of(&f.create("after").unwrap()), "h1");
+    let (ok, _, err) = f.ctl(&["host", "drain", "nosuch"]);
+    assert!(!ok && err.contains("404"), "{err}");
+}

@@ -235,6 +235,8 @@ pub fn router(v: Arc<Vimd>) -> Router {
         )
         .route("/hosts", get(list_hosts).post(add_host))
         .route("/hosts/:id/credentials", post(reissue_host_credentials))
+        .route("/hosts/:id/drain", post(drain_host))
+        .route("/hosts/:id/undrain", post(undrain_host))
         .route("/images", post(add_image))
         .route("/tokens", post(add_token))
         .route("/vms", get(list_vms).post(create_vm))
@@ -334,6 +336,47 @@ async fn reissue_host_credentials(State(v): St, h: Req, Path(id): Path<String>) 
             credentials_answer(&v, &id, c)
         },
     )
+    .await
+}
+
+/// No new VMs on the host, and a migration job for each VM running there (placement chooses the
+/// targets; each host sends and takes a bounded number at once). Answers the job ids.
+async fn drain_host(State(v): St, h: Req, Path(id): Path<String>) -> Response {
+    call(&v, &h, "hosts.drain", &id.clone(), |v, who| async move {
+        admin(&who)?;
+        check_name("host id", &id)?;
+        if !v.db.set_draining(&id, true).await? {
+            return Err(not_found(&format!("host {id}")));
+        }
+        let mut jobs = Vec::new();
+        for vm in v.db.vms_on(&id, db::VmState::Running).await? {
+            let params = crate::server::migrations::MigrateParams {
+                downtime_ms: crate::server::migrations::DEFAULT_DOWNTIME_MS,
+                ..Default::default()
+            };
+            let job = db::Job {
+                params: serde_json::to_string(&params).map_err(anyhow::Error::from)?,
+                ..db::Job::new(db::JobKind::Migrate, &who.name, &vm.id)
+            };
+            v.db.add_job(&job, None).await?;
+            v.outbox.push(&job.id);
+            jobs.push(json!({"job_id": job.id, "vm_id": vm.id}));
+        }
+        accepted(json!({"host_id": id, "jobs": jobs}))
+    })
+    .await
+}
+
+/// The host takes new VMs again.
+async fn undrain_host(State(v): St, h: Req, Path(id): Path<String>) -> Response {
+    call(&v, &h, "hosts.undrain", &id.clone(), |v, who| async move {
+        admin(&who)?;
+        check_name("host id", &id)?;
+        if !v.db.set_draining(&id, false).await? {
+            return Err(not_found(&format!("host {id}")));
+        }
+        ok(json!({"host_id": id, "draining": false}))
+    })
     .await
 }
 

@@ -89,6 +89,8 @@ pub fn document() -> Value {
                            "properties": {"id": name()}})),
             },
             "/hosts/{id}/credentials": {"post": with_id(op("Issue a host new NATS credentials; the old stop working (admin)", "200"))},
+            "/hosts/{id}/drain": {"post": with_id(op("Take no new VMs on the host and migrate its running VMs away; answers their job ids (admin)", "202"))},
+            "/hosts/{id}/undrain": {"post": with_id(op("The host takes new VMs again (admin)", "200"))},
             "/images": {"post": with_body(op("Add an image; its files are copied to shared storage (admin)", "200"),
                 json!({"type": "object", "required": ["name", "kernel"], "additionalProperties": false,
                        "properties": {"name": name(), "kernel": path(),

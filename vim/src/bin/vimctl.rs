@@ -94,6 +94,14 @@ enum HostCmd {
     Add { id: String },
     /// Issue a host new queue credentials (the old ones stop working).
     Credentials { id: String },
+    /// Take no new VMs on the host and migrate every VM running there away.
+    Drain {
+        id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// The host takes new VMs again.
+    Undrain { id: String },
 }
 
 #[derive(Subcommand)]
@@ -408,6 +416,19 @@ fn run(cli: Cli) -> Result<()> {
         Ok(())
     };
     let abs = |p: &PathBuf| -> Result<String> { Ok(std::path::absolute(p)?.display().to_string()) };
+    // What an agent needs, after `host add` or `host credentials`.
+    let host_credentials = |r: &Value| {
+        if json_out {
+            print(r);
+        } else {
+            println!(
+                "host {} registered; agent: --nats-url {} --credentials {}",
+                r["host_id"].as_str().unwrap_or_default(),
+                r["nats_url"].as_str().unwrap_or_default(),
+                r["credentials_file"].as_str().unwrap_or_default()
+            );
+        }
+    };
     match cli.cmd {
         Cmd::Image {
             cmd:
@@ -439,30 +460,51 @@ fn run(cli: Cli) -> Result<()> {
                     "id",
                     "hostname",
                     "state",
+                    "draining",
                     "cpu_cores",
                     "memory_mib",
                     "last_heartbeat",
                 ],
             )?;
         }
-        Cmd::Host { cmd } => {
-            let r = match cmd {
-                HostCmd::Add { id } => api.post("/hosts", json!({"id": id}))?,
-                HostCmd::Credentials { id } => {
-                    api.post(&format!("/hosts/{id}/credentials"), json!({}))?
+        Cmd::Host { cmd } => match cmd {
+            HostCmd::Drain { id, wait } => {
+                let r = api.post(&format!("/hosts/{id}/drain"), json!({}))?;
+                let jobs: Vec<Value> = r["jobs"].as_array().cloned().unwrap_or_default();
+                // Each VM's migration is a job; wait for all of them (unless --no-wait).
+                let mut failed = Vec::new();
+                if !wait.no_wait {
+                    for j in &jobs {
+                        let job_id = j["job_id"].as_str().unwrap_or_default();
+                        let done = api.wait(job_id, &wait, true)?;
+                        if done["state"] != "done" {
+                            failed.push(format!("{}: {}", j["vm_id"], done["error"]));
+                        }
+                    }
                 }
-            };
-            if json_out {
-                print(&r);
-            } else {
-                println!(
-                    "host {} registered; agent: --nats-url {} --credentials {}",
-                    r["host_id"].as_str().unwrap_or_default(),
-                    r["nats_url"].as_str().unwrap_or_default(),
-                    r["credentials_file"].as_str().unwrap_or_default()
-                );
+                if json_out {
+                    print(&r);
+                } else {
+                    println!("host {id} draining: {} VM(s) migrating away", jobs.len());
+                    for f in &failed {
+                        eprintln!("not moved: {f}");
+                    }
+                }
+                anyhow::ensure!(failed.is_empty(), "{} VM(s) did not move", failed.len());
             }
-        }
+            HostCmd::Undrain { id } => {
+                let r = api.post(&format!("/hosts/{id}/undrain"), json!({}))?;
+                if json_out {
+                    print(&r);
+                } else {
+                    println!("host {id} takes new VMs again");
+                }
+            }
+            HostCmd::Add { id } => host_credentials(&api.post("/hosts", json!({"id": id}))?),
+            HostCmd::Credentials { id } => {
+                host_credentials(&api.post(&format!("/hosts/{id}/credentials"), json!({}))?)
+            }
+        },
         Cmd::Token {
             cmd: TokenCmd::Add { name, role },
         } => {

@@ -106,6 +106,12 @@ struct Args {
     /// Let consumers live-migrate their own VMs (admins always may).
     #[arg(long = "consumers-may-migrate")]
     consumers_may_migrate: bool,
+    /// Live migrations a host sends at once; more wait.
+    #[arg(long = "migrations-out-per-host", default_value_t = 2)]
+    migrations_out_per_host: u32,
+    /// Live migrations a host takes at once; more wait.
+    #[arg(long = "migrations-in-per-host", default_value_t = 2)]
+    migrations_in_per_host: u32,
     /// Days the event log keeps its rows.
     #[arg(long = "event-retention-days", default_value_t = 90)]
     event_retention_days: u64,
@@ -318,6 +324,11 @@ async fn run(a: Args) -> Result<()> {
         image_import_dir: a.image_import_dir,
         copying: Default::default(),
         consumers_may_migrate: a.consumers_may_migrate,
+        migration_limits: vim::server::migrations::MigrationLimits {
+            outgoing: i64::from(a.migrations_out_per_host.max(1)),
+            incoming: i64::from(a.migrations_in_per_host.max(1)),
+        },
+        migration_slots: Default::default(),
         retention: Retention {
             events: Duration::from_secs(a.event_retention_days.max(1) * 86_400),
             audit: Duration::from_secs(a.audit_retention_days.max(1) * 86_400),

@@ -31,6 +31,8 @@ pub struct Host {
     pub memory_mib: i64,
     pub agent_version: String,
     pub state: HostState,
+    /// Takes no new VMs (placement and migrations skip it); its VMs are being moved away.
+    pub draining: bool,
     pub last_heartbeat: i64,
     pub missed: i64,
     #[serde(skip)]
@@ -57,6 +59,7 @@ fn host(r: &AnyRow) -> Result<Host, sqlx::Error> {
         memory_mib: r.try_get("memory_mib")?,
         agent_version: r.try_get("agent_version")?,
         state: named(r, "state")?,
+        draining: r.try_get::<i64, _>("draining")? != 0,
         last_heartbeat: r.try_get("last_heartbeat")?,
         missed: r.try_get("missed")?,
         nats_user: r.try_get("nats_user")?,
@@ -209,6 +212,16 @@ impl Db {
         Ok(())
     }
 
+    /// Marks a host draining (or not); false if there is no such host.
+    pub async fn set_draining(&self, id: &str, draining: bool) -> Result<bool, DbError> {
+        let r = sqlx::query("UPDATE hosts SET draining = $1 WHERE id = $2")
+            .bind(i64::from(draining))
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
     pub async fn count_hosts(&self, state: HostState) -> Result<i64, DbError> {
         let r = sqlx::query("SELECT COUNT(*) AS n FROM hosts WHERE state = $1")
             .bind(state.as_str())
@@ -234,7 +247,7 @@ impl Db {
                  SELECT host_id, SUM(vcpus) AS vcpus, SUM(memory_mib) AS memory_mib FROM vms
                  WHERE host_id <> '' AND state <> $6 GROUP BY host_id
              ) u ON u.host_id = h.id
-             WHERE h.state = $7 AND h.id <> $8 AND ($9 = '' OR h.id = $9)
+             WHERE h.state = $7 AND h.draining = 0 AND h.id <> $8 AND ($9 = '' OR h.id = $9)
                AND COALESCE(u.vcpus, 0) + $3 <= h.cpu_cores * $4
                AND $5 <= (h.memory_mib - $1) * $2 - COALESCE(u.memory_mib, 0)
              ORDER BY free_mib DESC, h.id LIMIT 1",

@@ -5,7 +5,7 @@ use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::{marks, named, new_id, now_ms, Db, DbError, Vm, HEARTBEAT_CHUNK};
+use super::{marks, named, new_id, now_ms, Db, DbError, Vm, VmState, HEARTBEAT_CHUNK};
 
 /// What a job does to its VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -205,6 +205,40 @@ impl Db {
             q.execute(&self.writer).await?;
         }
         Ok(())
+    }
+
+    /// Published jobs of `kind` still pending (waiting for a slot, or not yet taken).
+    pub async fn pending_jobs(&self, kind: JobKind) -> Result<Vec<Job>, DbError> {
+        let rows = sqlx::query(
+            "SELECT * FROM jobs WHERE published = 1 AND state = $1 AND kind = $2
+             ORDER BY created_at LIMIT 1000",
+        )
+        .bind(JobState::Pending.as_str())
+        .bind(kind.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(job).collect::<Result<_, _>>()?)
+    }
+
+    /// Migrations under way out of `source` (its VMs migrating) and into `target` (running
+    /// migrate jobs, which record their target as their host).
+    pub async fn migrations_at(&self, source: &str, target: &str) -> Result<(i64, i64), DbError> {
+        let out = sqlx::query("SELECT COUNT(*) AS n FROM vms WHERE host_id = $1 AND state = $2")
+            .bind(source)
+            .bind(VmState::Migrating.as_str())
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?;
+        let inc = sqlx::query(
+            "SELECT COUNT(*) AS n FROM jobs WHERE host_id = $1 AND kind = $2 AND state = $3",
+        )
+        .bind(target)
+        .bind(JobKind::Migrate.as_str())
+        .bind(JobState::Running.as_str())
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("n")?;
+        Ok((out, inc))
     }
 
     /// Jobs written but not confirmed published, older than `age_ms`.

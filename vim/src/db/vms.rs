@@ -129,6 +129,16 @@ impl Db {
         Ok(r.rows_affected() == 1)
     }
 
+    /// The VMs placed on `host` in `state`.
+    pub async fn vms_on(&self, host: &str, state: VmState) -> Result<Vec<Vm>, DbError> {
+        let rows = sqlx::query("SELECT * FROM vms WHERE host_id = $1 AND state = $2 ORDER BY id")
+            .bind(host)
+            .bind(state.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(vm).collect::<Result<_, _>>()?)
+    }
+
     /// Moves a VM from state `from` to `to`; false if it was not in `from` (a migration starts
     /// only from running, and ends only once).
     pub async fn transition_vm(

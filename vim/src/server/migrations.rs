@@ -44,7 +44,45 @@ impl MigrateParams {
     }
 }
 
+/// How many migrations a host sends and takes at once (KubeVirt and VDSM default to 2 each).
+#[derive(Debug, Clone, Copy)]
+pub struct MigrationLimits {
+    pub outgoing: i64,
+    pub incoming: i64,
+}
+
+impl Default for MigrationLimits {
+    fn default() -> Self {
+        MigrationLimits {
+            outgoing: 2,
+            incoming: 2,
+        }
+    }
+}
+
 impl Vimd {
+    /// A slot has freed up: migrations waiting for one go back to the workers (under fresh
+    /// message ids; the first copies are in the duplicate window).
+    async fn take_waiting_migrations(&self) {
+        match self.db.pending_jobs(JobKind::Migrate).await {
+            Ok(jobs) if !jobs.is_empty() => {
+                let now = db::now_ms();
+                let ids: Vec<_> = jobs
+                    .into_iter()
+                    .map(|j| {
+                        let m = format!("{}-{now}", j.id);
+                        (j.id, m)
+                    })
+                    .collect();
+                if let Err(e) = crate::outbox::publish(&self.js, &self.db, &ids).await {
+                    tracing::warn!(error = %e, "cannot hand waiting migrations to the workers");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot look up waiting migrations"),
+        }
+    }
+
     /// A migrate job taken by a worker: choose the target, mark the VM migrating, and send the
     /// first step to the target.
     pub(super) async fn start_migration(self: &Arc<Self>, job: &Job, vm: &db::Vm) -> Result<()> {
@@ -72,23 +110,42 @@ impl Vimd {
                 return Ok(());
             }
         };
-        if !self
-            .db
-            .transition_vm(&vm.id, VmState::Running, VmState::Migrating)
-            .await?
         {
-            self.fail_job(job, "the VM is not running (it changed meanwhile)")
-                .await;
-            return Ok(());
+            // Counted and claimed under one lock: this vimd starts no more than the limits.
+            let _slots = self.migration_slots.lock().await;
+            let (out, inc) = self.db.migrations_at(&vm.host_id, &target).await?;
+            if out >= self.migration_limits.outgoing || inc >= self.migration_limits.incoming {
+                // Stays pending: taken again when a migration ends (or by the reconciler).
+                tracing::info!(
+                    vm = vm.id,
+                    source = vm.host_id,
+                    target,
+                    out,
+                    inc,
+                    "migration waits for a slot"
+                );
+                return Ok(());
+            }
+            if !self
+                .db
+                .transition_vm(&vm.id, VmState::Running, VmState::Migrating)
+                .await?
+            {
+                self.fail_job(job, "the VM is not running (it changed meanwhile)")
+                    .await;
+                return Ok(());
+            }
+            // The target, as the migration's host: it counts against the target's slots.
+            p.source = vm.host_id.clone();
+            p.target = target.clone();
+            self.db
+                .set_job_params(&job.id, &serde_json::to_string(&p)?)
+                .await?;
+            self.db.assign_job_host(&job.id, &target).await?;
+            self.db
+                .transition_job(&job.id, &[JobState::Pending], JobState::Running, "")
+                .await?;
         }
-        p.source = vm.host_id.clone();
-        p.target = target.clone();
-        self.db
-            .set_job_params(&job.id, &serde_json::to_string(&p)?)
-            .await?;
-        self.db
-            .transition_job(&job.id, &[JobState::Pending], JobState::Running, "")
-            .await?;
         self.event(
             EventKind::VmMigrating,
             &p.source,
@@ -200,6 +257,7 @@ impl Vimd {
         self.db
             .transition_job(&parent.id, &[JobState::Running], JobState::Done, "")
             .await?;
+        self.take_waiting_migrations().await;
         self.event(
             EventKind::VmMigrated,
             &p.target,
@@ -240,6 +298,7 @@ impl Vimd {
         if !moved {
             return Ok(()); // already ended
         }
+        self.take_waiting_migrations().await;
         let detail = if child.kind == JobKind::MigrateIn || runs_on_source {
             self.db
                 .transition_vm(&child.vm_id, VmState::Migrating, VmState::Running)

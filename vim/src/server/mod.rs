@@ -74,6 +74,10 @@ pub struct Vimd {
     pub retention: Retention,
     /// Whether consumers may live-migrate their own VMs (admins always may).
     pub consumers_may_migrate: bool,
+    /// Migrations each host sends and takes at once.
+    pub migration_limits: migrations::MigrationLimits,
+    /// Held while a migration is counted against the limits and started.
+    pub migration_slots: tokio::sync::Mutex<()>,
 }
 
 /// How long the event log and the audit log keep their rows.
