@@ -142,6 +142,17 @@ impl Host {
                                 migration: None,
                             }
                         }
+                        // Moved away, and the answer was lost with the agent that saw it go.
+                        Action::MigrateOut(m) if dirs.moved(&m.vm_id).is_some() => {
+                            let o = dirs.moved(&m.vm_id);
+                            Outcome {
+                                kind: EventKind::VmMigrated,
+                                vm_id: m.vm_id.clone(),
+                                result: Ok(()),
+                                report: Some(deleted_report(&m.vm_id)),
+                                migration: o.as_ref().map(migration_result),
+                            }
+                        }
                         // Nothing waits here for that VM: already aborted (a redelivery), or
                         // its VMM gave up on its own.
                         Action::AbortIncoming(id) => Outcome {

@@ -21,6 +21,10 @@ pub struct VmRecord {
     pub state: VmState,
     pub api_socket: PathBuf,
     pub console: PathBuf,
+    /// A migration out of this host was asked of the VMM: an agent that restarts finds whether
+    /// it completed (the VM moved) in the migration directory.
+    #[serde(default)]
+    pub outgoing: bool,
 }
 
 /// The serialisable copy of a `VmSpec`.
@@ -80,7 +84,16 @@ pub struct Vm {
 
 fn alive(pid: u32) -> bool {
     // SAFETY: kill with signal 0 only checks that the process exists.
-    pid != 0 && unsafe { libc::kill(pid as i32, 0) } == 0
+    if pid == 0 || unsafe { libc::kill(pid as i32, 0) } != 0 {
+        return false;
+    }
+    // A VMM whose agent died is a child of init (or a subreaper) once it exits; until that
+    // reaps it, it is a zombie: it has exited.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().next());
+    !matches!(state, Some("Z" | "X"))
 }
 
 /// Whether `pid` is a vmm process (a recycled pid is not adopted).
@@ -96,7 +109,7 @@ fn is_vmm(pid: u32) -> bool {
 
 impl Dirs {
     pub fn new(state_dir: &Path, shared_dir: &Path, vmm: &Path) -> anyhow::Result<Dirs> {
-        for d in ["vms", "jobs", "deleted"] {
+        for d in ["vms", "jobs", "deleted", "moved"] {
             std::fs::create_dir_all(state_dir.join(d))?;
         }
         Ok(Dirs {
@@ -174,6 +187,22 @@ impl Dirs {
     pub fn mark_deleted(&self, id: &str) -> anyhow::Result<()> {
         std::fs::write(self.tombstone(id), b"")?;
         Ok(())
+    }
+
+    fn moved_marker(&self, id: &str) -> PathBuf {
+        self.state_dir.join("moved").join(id)
+    }
+
+    /// Remembers that VM `id` moved to another host, with the migration's outcome: a
+    /// `migrate_out` sent again (the agent died before it answered) is answered from it.
+    pub fn mark_moved(&self, id: &str, outcome: &vmm_api::MigrationOutcome) -> anyhow::Result<()> {
+        replace_file(&self.moved_marker(id), &serde_json::to_vec(outcome)?)
+    }
+
+    /// How VM `id` left this host, if it did (and has not come back since).
+    pub fn moved(&self, id: &str) -> Option<vmm_api::MigrationOutcome> {
+        let bytes = std::fs::read(self.moved_marker(id)).ok()?;
+        serde_json::from_slice(&bytes).ok()
     }
 
     fn record_path(&self, id: &str) -> PathBuf {
@@ -257,6 +286,15 @@ impl Vm {
                 }
                 continue;
             }
+            if r.outgoing && r.state == VmState::Running && !alive(r.pid) {
+                let dir = dirs.migration_dir(&id);
+                if let Some(outcome) = handed_over(&dir) {
+                    tracing::info!(vm = id, "the VM moved away while the agent was down");
+                    dirs.mark_moved(&id, &outcome)?;
+                    vm.forget();
+                    continue;
+                }
+            }
             if r.state == VmState::Running && alive(r.pid) && is_vmm(r.pid) {
                 tracing::info!(vm = id, pid = r.pid, "re-adopted a running VMM");
             } else if let Some(pid) = serving_vmm(&r.api_socket) {
@@ -323,10 +361,13 @@ impl Vm {
                     .join("vms")
                     .join(format!("{}.sock", spec.vm_id)),
                 console: dir.join("console.log"),
+                outgoing: false,
             },
             child: None,
             cpu: CpuSample::default(),
         };
+        // Here again: a migration away from this host earlier is history.
+        let _ = std::fs::remove_file(dirs.moved_marker(&spec.vm_id));
         vm.save()?;
         Ok(vm)
     }
@@ -526,18 +567,42 @@ impl Vm {
         handover_timeout_ms: u64,
     ) -> Result<vmm_api::MigrationOutcome, String> {
         let r = self.record.clone();
+        let dir = self.dirs.migration_dir(self.id());
+        if r.outgoing && !alive(r.pid) {
+            // Asked before, by this agent before it restarted, and handed over meanwhile.
+            if let Some(outcome) = handed_over(&dir) {
+                self.reap();
+                self.dirs
+                    .mark_moved(self.id(), &outcome)
+                    .map_err(|e| format!("{e:#}"))?;
+                self.forget();
+                return Ok(outcome);
+            }
+        }
         if r.state != VmState::Running || !alive(r.pid) {
             return Err(format!("VM {} is not running here", r.spec.vm_id));
         }
         let req = vmm_api::Request::Migrate {
-            dir: self.dirs.migration_dir(self.id()),
+            dir: dir.clone(),
             downtime_ms,
             max_rounds: vmm_api::DEFAULT_MAX_ROUNDS,
             timeout_ms: handover_timeout_ms,
         };
-        let outcome: vmm_api::MigrationOutcome = vmm_api::Client::new(&r.api_socket)
-            .call(&req, MAX_MIGRATION_WAIT)
-            .map_err(|e| format!("migration: {e}"))?;
+        self.record.outgoing = true;
+        self.save().map_err(|e| format!("{e:#}"))?;
+        let client = vmm_api::Client::new(&r.api_socket);
+        let outcome = match client.call::<vmm_api::MigrationOutcome>(&req, MAX_MIGRATION_WAIT) {
+            Ok(o) => o,
+            // Asked already, by this agent before it restarted: that migration's end is awaited.
+            Err(vmm_api::ClientError::Refused(e)) if e.contains("migration is in progress") => {
+                self.await_migration(&client, &dir)?
+            }
+            Err(e) => {
+                self.record.outgoing = false;
+                let _ = self.save();
+                return Err(format!("migration: {e}"));
+            }
+        };
         if outcome.status == vmm_api::MigrationStatus::Completed {
             // The VMM exits right after answering.
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -546,9 +611,45 @@ impl Vm {
                 std::thread::sleep(Duration::from_millis(10));
             }
             self.reap();
+            self.dirs
+                .mark_moved(self.id(), &outcome)
+                .map_err(|e| format!("{e:#}"))?;
             self.forget();
+        } else if !outcome.waiting_for_target {
+            self.record.outgoing = false;
+            let _ = self.save();
         }
         Ok(outcome)
+    }
+
+    /// Waits for a migration the VMM is already running (asked by this agent before it
+    /// restarted; its answer went to the old connection): until the VMM exits (handed over, if
+    /// the directory says so) or runs the guest here again.
+    fn await_migration(
+        &mut self,
+        client: &vmm_api::Client,
+        dir: &Path,
+    ) -> Result<vmm_api::MigrationOutcome, String> {
+        let pid = self.record.pid;
+        let deadline = Instant::now() + MAX_MIGRATION_WAIT;
+        while Instant::now() < deadline {
+            if !alive(pid) {
+                self.reap();
+                return handed_over(dir).ok_or_else(|| {
+                    "the VMM exited during the migration without handing the VM over".to_string()
+                });
+            }
+            if let Ok(info) = client.info(Duration::from_secs(2)) {
+                if info.migration.is_none() {
+                    return Err(format!(
+                        "the migration ended while the agent was restarting; the VM runs here ({:?})",
+                        info.state
+                    ));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err("the migration did not end in time".into())
     }
 
     /// Drops the VM's record: it does not live on this host (any more).
@@ -622,6 +723,16 @@ impl Vm {
             return None;
         }
         self.child = None;
+        // A VMM that exits after handing its VM over (the agent that asked for the migration
+        // restarted meanwhile): the VM moved, it did not fail.
+        if self.record.outgoing {
+            if let Some(outcome) = handed_over(&self.dirs.migration_dir(self.id())) {
+                tracing::info!(vm = self.id(), "the VM moved to another host");
+                let _ = self.dirs.mark_moved(self.id(), &outcome);
+                self.forget();
+                return None;
+            }
+        }
         let (state, why) = match status {
             Some(st) if st.success() => (VmState::Stopped, "the guest powered off".to_string()),
             Some(st) => (VmState::Failed, format!("the VMM exited: {st}")),
@@ -632,6 +743,25 @@ impl Vm {
         let _ = self.save();
         Some(why)
     }
+}
+
+/// The outcome of a handover found in a migration directory: the target claimed the VM and
+/// resumed it (the files a source clears before it starts, so they are this migration's). Its
+/// figures are not known here; only that it completed.
+fn handed_over(dir: &Path) -> Option<vmm_api::MigrationOutcome> {
+    let claimed = std::fs::read_to_string(dir.join("claimed")).ok()?;
+    if !claimed.starts_with("target") || !dir.join("resumed").exists() {
+        return None;
+    }
+    Some(vmm_api::MigrationOutcome {
+        status: vmm_api::MigrationStatus::Completed,
+        downtime_ms: None,
+        total_ms: 0.0,
+        rounds: 0,
+        bytes_written: 0,
+        error: None,
+        waiting_for_target: false,
+    })
 }
 
 /// What a VMM process uses: CPU of its vCPU threads and of the rest (% of one core since the

@@ -198,13 +198,18 @@ impl Db {
                     .bind(&c.host)
                     .execute(&mut *tx)
                     .await?;
+                // A migrating VM's fate is its migration's: the source's VMM may hand it over
+                // while the source's agent is silent.
                 if c.state == HostState::Unreachable {
-                    sqlx::query("UPDATE vms SET state = $2 WHERE host_id = $1 AND state <> $3")
-                        .bind(&c.host)
-                        .bind(VmState::Unknown.as_str())
-                        .bind(VmState::Deleted.as_str())
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query(
+                        "UPDATE vms SET state = $2 WHERE host_id = $1 AND state NOT IN ($3, $4)",
+                    )
+                    .bind(&c.host)
+                    .bind(VmState::Unknown.as_str())
+                    .bind(VmState::Deleted.as_str())
+                    .bind(VmState::Migrating.as_str())
+                    .execute(&mut *tx)
+                    .await?;
                 }
             }
             tx.commit().await?;
