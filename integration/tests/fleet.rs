@@ -1952,7 +1952,18 @@ fn a_drained_host_is_emptied_and_skipped_until_undrained() {
     }
     let (ok, _, err) = f.ctl(&["host", "undrain", "h2"]);
     assert!(ok, "{err}");
-
+    // Known race (noted for the next session): a heartbeat the agent built before a VM started
+    // can still reach vimd after the create's answer and show it `creating` for a moment; vimd
+    // keeps a VM's state only against heartbeats received before it set it, which narrows this
+    // but cannot order them (the report needs a sequence number). Only running VMs move live,
+    // so the drain starts once all three read running twice in a row.
+    wait_until("the three VMs running", || {
+        (0..2).all(|_| {
+            std::thread::sleep(Duration::from_millis(400));
+            ids.iter()
+                .all(|id| f.ctl_ok(&["vm", "show", id])["state"] == "running")
+        })
+    });
     let (ok, out, err) = f.ctl(&["host", "drain", "h1"]);
     assert!(ok, "{err}");
     assert!(out.contains("3 VM(s)"), "{out}");

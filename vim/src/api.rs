@@ -349,7 +349,13 @@ async fn drain_host(State(v): St, h: Req, Path(id): Path<String>) -> Response {
             return Err(not_found(&format!("host {id}")));
         }
         let mut jobs = Vec::new();
-        for vm in v.db.vms_on(&id, db::VmState::Running).await? {
+        let mut staying = Vec::new();
+        for vm in v.db.vms_on(&id).await? {
+            if vm.state != db::VmState::Running {
+                // Only a running guest moves live; the caller hears which stay, and why.
+                staying.push(json!({"vm_id": vm.id, "state": vm.state}));
+                continue;
+            }
             let params = crate::server::migrations::MigrateParams {
                 downtime_ms: crate::server::migrations::DEFAULT_DOWNTIME_MS,
                 ..Default::default()
@@ -362,7 +368,7 @@ async fn drain_host(State(v): St, h: Req, Path(id): Path<String>) -> Response {
             v.outbox.push(&job.id);
             jobs.push(json!({"job_id": job.id, "vm_id": vm.id}));
         }
-        accepted(json!({"host_id": id, "jobs": jobs}))
+        accepted(json!({"host_id": id, "jobs": jobs, "staying": staying}))
     })
     .await
 }

@@ -486,6 +486,9 @@ fn run(cli: Cli) -> Result<()> {
                     print(&r);
                 } else {
                     println!("host {id} draining: {} VM(s) migrating away", jobs.len());
+                    for s in r["staying"].as_array().into_iter().flatten() {
+                        println!("stays (not running): {} ({})", s["vm_id"], s["state"]);
+                    }
                     for f in &failed {
                         eprintln!("not moved: {f}");
                     }

@@ -161,9 +161,12 @@ impl Db {
             // A VMM waiting for a migration's handover is not the VM: the migration, not the
             // report, says where the VM runs.
             for v in hb.vms.iter().filter(|v| v.state() != VmState::Incoming) {
+                // The state and pid only if the report is newer than what set them last (an
+                // answer processed after this heartbeat arrived); the usage always.
                 sqlx::query(
-                    "UPDATE vms SET state = $1, pid = $2, cpu_pct = $3, rss_kib = $4,
-                     vmm_cpu_pct = $7, balloon_mib = $8
+                    "UPDATE vms SET state = CASE WHEN state_at <= $12 THEN $1 ELSE state END,
+                     pid = CASE WHEN state_at <= $12 THEN $2 ELSE pid END,
+                     cpu_pct = $3, rss_kib = $4, vmm_cpu_pct = $7, balloon_mib = $8
                      WHERE id = $5 AND host_id = $6 AND state NOT IN ($9, $10, $11)",
                 )
                 .bind(v.state().as_str())
@@ -178,6 +181,7 @@ impl Db {
                 .bind(VmState::Pending.as_str())
                 // A migration's state is the migration's: the source still reports it running.
                 .bind(VmState::Migrating.as_str())
+                .bind(*at)
                 .execute(&mut *tx)
                 .await?;
             }
@@ -202,12 +206,14 @@ impl Db {
                 // while the source's agent is silent.
                 if c.state == HostState::Unreachable {
                     sqlx::query(
-                        "UPDATE vms SET state = $2 WHERE host_id = $1 AND state NOT IN ($3, $4)",
+                        "UPDATE vms SET state = $2, state_at = $5
+                         WHERE host_id = $1 AND state NOT IN ($3, $4)",
                     )
                     .bind(&c.host)
                     .bind(VmState::Unknown.as_str())
                     .bind(VmState::Deleted.as_str())
                     .bind(VmState::Migrating.as_str())
+                    .bind(super::now_ms())
                     .execute(&mut *tx)
                     .await?;
                 }

@@ -4,7 +4,7 @@ use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::{named, Db, DbError, VmState};
+use super::{named, now_ms, Db, DbError, VmState};
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Vm {
@@ -119,21 +119,24 @@ impl Db {
     /// A VM's state as its host reports it. States only move forward out of `deleted`: nothing
     /// a host or a late answer says brings a deleted VM back.
     pub async fn set_vm_state(&self, id: &str, state: VmState, pid: i64) -> Result<bool, DbError> {
-        let r = sqlx::query("UPDATE vms SET state = $1, pid = $2 WHERE id = $3 AND state <> $4")
-            .bind(state.as_str())
-            .bind(pid)
-            .bind(id)
-            .bind(VmState::Deleted.as_str())
-            .execute(&self.writer)
-            .await?;
+        let r = sqlx::query(
+            "UPDATE vms SET state = $1, pid = $2, state_at = $5 WHERE id = $3 AND state <> $4",
+        )
+        .bind(state.as_str())
+        .bind(pid)
+        .bind(id)
+        .bind(VmState::Deleted.as_str())
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await?;
         Ok(r.rows_affected() == 1)
     }
 
-    /// The VMs placed on `host` in `state`.
-    pub async fn vms_on(&self, host: &str, state: VmState) -> Result<Vec<Vm>, DbError> {
-        let rows = sqlx::query("SELECT * FROM vms WHERE host_id = $1 AND state = $2 ORDER BY id")
+    /// The VMs placed on `host` (not deleted).
+    pub async fn vms_on(&self, host: &str) -> Result<Vec<Vm>, DbError> {
+        let rows = sqlx::query("SELECT * FROM vms WHERE host_id = $1 AND state <> $2 ORDER BY id")
             .bind(host)
-            .bind(state.as_str())
+            .bind(VmState::Deleted.as_str())
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.iter().map(vm).collect::<Result<_, _>>()?)
@@ -147,12 +150,14 @@ impl Db {
         from: VmState,
         to: VmState,
     ) -> Result<bool, DbError> {
-        let r = sqlx::query("UPDATE vms SET state = $1 WHERE id = $2 AND state = $3")
-            .bind(to.as_str())
-            .bind(id)
-            .bind(from.as_str())
-            .execute(&self.writer)
-            .await?;
+        let r =
+            sqlx::query("UPDATE vms SET state = $1, state_at = $4 WHERE id = $2 AND state = $3")
+                .bind(to.as_str())
+                .bind(id)
+                .bind(from.as_str())
+                .bind(now_ms())
+                .execute(&self.writer)
+                .await?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -166,7 +171,7 @@ impl Db {
         how: &str,
     ) -> Result<bool, DbError> {
         let r = sqlx::query(
-            "UPDATE vms SET host_id = $1, state = $2, pid = $3, last_migration = $4
+            "UPDATE vms SET host_id = $1, state = $2, pid = $3, last_migration = $4, state_at = $7
              WHERE id = $5 AND state = $6",
         )
         .bind(target)
@@ -175,6 +180,7 @@ impl Db {
         .bind(how)
         .bind(id)
         .bind(VmState::Migrating.as_str())
+        .bind(now_ms())
         .execute(&self.writer)
         .await?;
         Ok(r.rows_affected() == 1)
