@@ -1956,10 +1956,10 @@ fn a_drained_host_is_emptied_and_skipped_until_undrained() {
     // can still reach vimd after the create's answer and show it `creating` for a moment; vimd
     // keeps a VM's state only against heartbeats received before it set it, which narrows this
     // but cannot order them (the report needs a sequence number). Only running VMs move live,
-    // so the drain starts once all three read running twice in a row.
+    // so the drain starts once all three read running over two heartbeat flushes (1 s each).
     wait_until("the three VMs running", || {
-        (0..2).all(|_| {
-            std::thread::sleep(Duration::from_millis(400));
+        (0..5).all(|_| {
+            std::thread::sleep(Duration::from_millis(500));
             ids.iter()
                 .all(|id| f.ctl_ok(&["vm", "show", id])["state"] == "running")
         })
