@@ -544,7 +544,8 @@ impl Fleet {
     /// duplicate would show).
     fn create_done_once(&self, job: &str, vm_id: &str) {
         self.wait_job(job);
-        assert_eq!(self.ctl_ok(&["job", "show", job])["state"], "done");
+        let j = self.ctl_ok(&["job", "show", job]);
+        assert_eq!(j["state"], "done", "{j}");
         std::thread::sleep(Duration::from_secs(1));
         let n = self.vmm_pids(vm_id).len();
         assert_eq!(n, 1, "the VM runs {n} times");
@@ -569,6 +570,51 @@ impl Fleet {
             "tg.mode=hold tg.hb_ms=200",
             "--json",
         ]);
+    }
+
+    /// A VM running the test guest that keeps dirtying `dirty_mib` of its memory (for live
+    /// migration); returns its id once created.
+    fn create_dirty(&self, name: &str, dirty_mib: u32, memory_mib: u32) -> String {
+        let guest = tmp().join("guest/testguest.elf");
+        let image = format!("tgd{dirty_mib}");
+        let cmdline = format!("tg.mode=dirty tg.dirty_mib={dirty_mib} tg.hb_ms=100");
+        let (ok, _, err) = self.ctl(&[
+            "image",
+            "add",
+            &image,
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+            "--json",
+        ]);
+        assert!(ok || err.contains("already exists"), "{err}");
+        let mem = memory_mib.to_string();
+        let (ok, out, err) = self.ctl(&[
+            "vm",
+            "create",
+            "--name",
+            name,
+            "--image",
+            &image,
+            "--memory-mib",
+            &mem,
+        ]);
+        assert!(ok, "{err}");
+        out.trim().to_string()
+    }
+
+    /// The test guest's heartbeat numbers in VM `id`'s console log (on shared storage).
+    fn beats(&self, id: &str) -> Vec<u64> {
+        let console = self.state().join("shared/vms").join(id).join("console.log");
+        heartbeats(&std::fs::read_to_string(console).unwrap_or_default())
+    }
+
+    fn host_of(&self, id: &str) -> String {
+        self.ctl_ok(&["vm", "show", id])["host_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     fn events(&self) -> Vec<Value> {
@@ -1746,40 +1792,14 @@ fn heartbeats(console: &str) -> Vec<u64> {
 #[test]
 fn a_running_vm_moves_between_hosts_and_back() {
     let f = Fleet::start(None, &["h1", "h2"]);
-    let guest = tmp().join("guest/testguest.elf");
-    f.ctl_ok(&[
-        "image",
-        "add",
-        "tgd",
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--cmdline",
-        "tg.mode=dirty tg.dirty_mib=16 tg.hb_ms=100",
-        "--json",
-    ]);
-    let (ok, out, err) = f.ctl(&[
-        "vm",
-        "create",
-        "--name",
-        "mover",
-        "--image",
-        "tgd",
-        "--memory-mib",
-        "64",
-    ]);
-    assert!(ok, "{err}");
-    let id = out.trim().to_string();
-    let console = f.state().join("shared/vms").join(&id).join("console.log");
-    let beats = || heartbeats(&std::fs::read_to_string(&console).unwrap_or_default());
+    let id = f.create_dirty("mover", 16, 64);
+    let beats = || f.beats(&id);
     wait_until("the guest's heartbeats", || beats().len() >= 5);
     let alice = f.token("alice");
     let (ok, _, err) = f.ctl_as(&alice, &["vm", "migrate", &id]);
     assert!(!ok && err.contains("403"), "a consumer migrated: {err}");
 
-    let mut host = f.ctl_ok(&["vm", "show", &id])["host_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let mut host = f.host_of(&id);
     let (ok, _, err) = f.ctl(&["vm", "migrate", &id, "--to", &host]);
     assert!(!ok && err.contains("already runs on"), "{err}");
     for _ in 0..2 {
@@ -1845,36 +1865,10 @@ fn incoming_vmm(vm_id: &str) -> Option<u32> {
 #[test]
 fn a_migration_whose_target_hangs_leaves_the_vm_running_on_the_source() {
     let f = Fleet::start(None, &["h1", "h2"]);
-    let guest = tmp().join("guest/testguest.elf");
-    f.ctl_ok(&[
-        "image",
-        "add",
-        "tgd",
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--cmdline",
-        "tg.mode=dirty tg.dirty_mib=16 tg.hb_ms=100",
-        "--json",
-    ]);
-    let (ok, out, err) = f.ctl(&[
-        "vm",
-        "create",
-        "--name",
-        "stays",
-        "--image",
-        "tgd",
-        "--memory-mib",
-        "64",
-    ]);
-    assert!(ok, "{err}");
-    let id = out.trim().to_string();
-    let console = f.state().join("shared/vms").join(&id).join("console.log");
-    let beats = || heartbeats(&std::fs::read_to_string(&console).unwrap_or_default());
+    let id = f.create_dirty("stays", 16, 64);
+    let beats = || f.beats(&id);
     wait_until("the guest's heartbeats", || beats().len() >= 3);
-    let source = f.ctl_ok(&["vm", "show", &id])["host_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let source = f.host_of(&id);
     let before = f.vmm_pids(&id);
     // A 1 ms downtime limit: every pre-copy round runs, so the handover comes late.
     let r = f.ctl_ok(&[
@@ -1941,12 +1935,7 @@ fn a_drained_host_is_emptied_and_skipped_until_undrained() {
     let ids: Vec<String> = (0..3)
         .map(|i| f.create(&format!("d{i}")).unwrap())
         .collect();
-    let host_of = |id: &str| {
-        f.ctl_ok(&["vm", "show", id])["host_id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let host_of = |id: &str| f.host_of(id);
     for id in &ids {
         assert_eq!(host_of(id), "h1", "placed on a draining host");
     }
@@ -2005,36 +1994,9 @@ fn a_drained_host_is_emptied_and_skipped_until_undrained() {
 #[test]
 fn a_migration_outlives_the_source_agent() {
     let mut f = Fleet::start(None, &["h1", "h2"]);
-    let guest = tmp().join("guest/testguest.elf");
-    f.ctl_ok(&[
-        "image",
-        "add",
-        "tgd",
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--cmdline",
-        "tg.mode=dirty tg.dirty_mib=32 tg.hb_ms=100",
-        "--json",
-    ]);
-    let (ok, out, err) = f.ctl(&[
-        "vm",
-        "create",
-        "--name",
-        "m",
-        "--image",
-        "tgd",
-        "--memory-mib",
-        "128",
-    ]);
-    assert!(ok, "{err}");
-    let id = out.trim().to_string();
-    let console = f.state().join("shared/vms").join(&id).join("console.log");
-    let beats = || heartbeats(&std::fs::read_to_string(&console).unwrap_or_default());
-    wait_until("the guest's heartbeats", || beats().len() >= 3);
-    let source = f.ctl_ok(&["vm", "show", &id])["host_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = f.create_dirty("m", 32, 128);
+    wait_until("the guest's heartbeats", || f.beats(&id).len() >= 3);
+    let source = f.host_of(&id);
     let sock = f.dir.path().join(format!("agent-{source}/vms/{id}.sock"));
     // Every pre-copy round runs (1 ms downtime limit): the migration takes a while.
     let r = f.ctl_ok(&[
@@ -2078,11 +2040,11 @@ fn a_migration_outlives_the_source_agent() {
     assert_ne!(vm["host_id"].as_str(), Some(source.as_str()), "{why}");
     assert_eq!(vm["state"], "running", "{why}");
     assert_eq!(f.vmm_pids(&id).len(), 1);
-    let n = *beats().last().unwrap();
+    let n = *f.beats(&id).last().unwrap();
     wait_until("heartbeats on the target", || {
-        beats().last().is_some_and(|&m| m > n + 2)
+        f.beats(&id).last().is_some_and(|&m| m > n + 2)
     });
-    let all = beats();
+    let all = f.beats(&id);
     assert!(all.windows(2).all(|w| w[1] == w[0] + 1), "{all:?}");
     assert!(
         !f.has_event("VM_Failure", &source),

@@ -360,13 +360,7 @@ async fn drain_host(State(v): St, h: Req, Path(id): Path<String>) -> Response {
                 downtime_ms: crate::server::migrations::DEFAULT_DOWNTIME_MS,
                 ..Default::default()
             };
-            let job = db::Job {
-                params: serde_json::to_string(&params).map_err(anyhow::Error::from)?,
-                ..db::Job::new(db::JobKind::Migrate, &who.name, &vm.id)
-            };
-            v.db.add_job(&job, None).await?;
-            v.outbox.push(&job.id);
-            jobs.push(json!({"job_id": job.id, "vm_id": vm.id}));
+            jobs.push(queue_migration(&v, &who, &vm.id, &params).await?);
         }
         accepted(json!({"host_id": id, "jobs": jobs, "staying": staying}))
     })
@@ -689,15 +683,25 @@ async fn migrate_vm(
             downtime_ms,
             ..Default::default()
         };
-        let job = db::Job {
-            params: serde_json::to_string(&params).map_err(anyhow::Error::from)?,
-            ..db::Job::new(db::JobKind::Migrate, &who.name, &vm.id)
-        };
-        v.db.add_job(&job, None).await?;
-        v.outbox.push(&job.id);
-        accepted(json!({"job_id": job.id, "vm_id": vm.id}))
+        accepted(queue_migration(&v, &who, &vm.id, &params).await?)
     })
     .await
+}
+
+/// Writes a migrate job for VM `vm_id` and queues it; answers `{job_id, vm_id}`.
+async fn queue_migration(
+    v: &Vimd,
+    who: &Identity,
+    vm_id: &str,
+    params: &crate::server::migrations::MigrateParams,
+) -> Result<Value, ApiError> {
+    let job = db::Job {
+        params: serde_json::to_string(params).map_err(anyhow::Error::from)?,
+        ..db::Job::new(db::JobKind::Migrate, &who.name, vm_id)
+    };
+    v.db.add_job(&job, None).await?;
+    v.outbox.push(&job.id);
+    Ok(json!({"job_id": job.id, "vm_id": vm_id}))
 }
 
 #[derive(Deserialize)]
