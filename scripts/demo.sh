@@ -12,9 +12,14 @@ images/build.sh
 B=$PWD/target/release
 state=$(mktemp -d /tmp/fleet-demo.XXXXXX)
 pids=()
+# The agent puts VMs' taps on this bridge, creating it if missing; removed at the end if it did.
+bridge=vimdemo0
+made_bridge=
+[ -e /sys/class/net/$bridge ] || made_bridge=1
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    if [ -n "$made_bridge" ]; then ip link del "$bridge" 2>/dev/null || true; fi
 }
 trap cleanup EXIT
 # HTTPS with vimd's own CA (made at its first start); NATS speaks TLS with the same CA.
@@ -27,7 +32,7 @@ for _ in $(seq 100); do [ -s "$state/vim/admin.token" ] && $B/vimctl hosts >/dev
 creds=$($B/vimctl host add local --json | sed -n 's/.*"credentials_file": *"\([^"]*\)".*/\1/p')
 $B/vim-agent --host-id local --nats-url nats://127.0.0.1:14222 --credentials "$creds" --nats-ca "$VIM_CA" \
     --state-dir "$state/agent" --shared-dir "$state/vim/shared" --vmm $B/vmm --heartbeat-ms 1000 \
-    2>"$state/agent.log" &
+    --bridge $bridge 2>"$state/agent.log" &
 pids+=($!)
 for _ in $(seq 100); do $B/vimctl hosts | grep -q reachable && break; sleep 0.1; done
 $B/vimctl hosts

@@ -9,6 +9,7 @@ packages=(
     acpica-tools             # iasl, to check our ACPI tables
     qemu-system-x86          # the nested lane's L1, and the peer in benchmarks
     python3 python3-venv iproute2 procps curl   # python3-venv: scripts/api-fuzz.sh (Schemathesis)
+    iputils-ping             # the fleet test pings a VM across its migration
     nats-server              # the queue (vimd starts its own by default)
     postgresql               # the VIM's database on PostgreSQL (SQLite is built in)
 )

@@ -2,6 +2,7 @@
 //! host's command stream (create, start, stop, delete, info), runs each VM as a `vmm` child and
 //! reports what happens to them (docs/protocol.md).
 
+mod net;
 mod supervisor;
 mod vms;
 
@@ -47,6 +48,9 @@ struct Args {
     vmm: Option<PathBuf>,
     #[arg(long = "heartbeat-ms", env = "VIM_AGENT_HEARTBEAT_MS")]
     heartbeat_ms: Option<u64>,
+    /// The Linux bridge VMs' taps join (created if missing; default vimbr0).
+    #[arg(long, env = "VIM_AGENT_BRIDGE")]
+    bridge: Option<String>,
     /// Check the configuration, print it and exit.
     #[arg(long)]
     check: bool,
@@ -64,6 +68,7 @@ struct FileConfig {
     shared_dir: Option<PathBuf>,
     vmm: Option<PathBuf>,
     heartbeat_ms: Option<u64>,
+    bridge: Option<String>,
 }
 
 #[derive(Debug)]
@@ -76,6 +81,7 @@ struct Config {
     shared_dir: PathBuf,
     vmm: PathBuf,
     heartbeat: Duration,
+    bridge: String,
 }
 
 fn config(a: Args) -> Result<Config> {
@@ -108,6 +114,16 @@ fn config(a: Args) -> Result<Config> {
         shared_dir: needp(a.shared_dir.or(f.shared_dir), "shared-dir")?,
         vmm,
         heartbeat: Duration::from_millis(a.heartbeat_ms.or(f.heartbeat_ms).unwrap_or(1000).max(10)),
+        bridge: {
+            let b = a.bridge.or(f.bridge).unwrap_or_else(|| "vimbr0".into());
+            anyhow::ensure!(
+                (1..=15).contains(&b.len())
+                    && b.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                "--bridge {b:?}: 1-15 letters, digits, '-' or '_'"
+            );
+            b
+        },
     })
 }
 
@@ -210,12 +226,16 @@ impl Agent {
             drop(m);
             return;
         }
+        // Read and queued here, before anything awaits: commands for one VM reach its supervisor
+        // in the order they arrived (a migration's abort after the command it aborts). The
+        // stored result is a small file.
+        let stored = dirs.job_result(&job);
+        let queued = match (&stored, cmd.action) {
+            (Some(_), _) => None,
+            (None, Some(a)) => Some(Some(self.host.submit(a))),
+            (None, None) => Some(None),
+        };
         tokio::spawn(async move {
-            let j = job.clone();
-            let stored = tokio::task::spawn_blocking(move || dirs.job_result(&j))
-                .await
-                .ok()
-                .flatten();
             let ev = match stored {
                 Some(ev) => ev,
                 None => {
@@ -229,10 +249,11 @@ impl Agent {
                         kind: kind.into(),
                         vm: None,
                         migration: None,
+                        progress: None,
                     };
-                    let ev = match cmd.action {
+                    let ev = match queued.flatten() {
                         None => failed(EventKind::CommandRefused, "no action"),
-                        Some(a) => match me.host.submit(a).await {
+                        Some(outcome) => match outcome.await {
                             Ok(o) => supervisor::event(&me.cfg.host_id, &job, o),
                             // The agent is shutting down: no answer is stored, so the command
                             // comes again to the next agent.
@@ -302,7 +323,14 @@ async fn run(cfg: Config) -> Result<()> {
         tracing::info!("shutting down (the VMs keep running)");
         let _ = stop_tx.send(true);
     });
-    let dirs = Arc::new(vms::Dirs::new(&cfg.state_dir, &cfg.shared_dir, &cfg.vmm)?);
+    // Without it (no CAP_NET_ADMIN, no iproute2) the host still runs VMs without a NIC; one
+    // with a NIC fails to start, saying why.
+    if let Err(e) = net::ensure_bridge(&cfg.bridge) {
+        tracing::error!(bridge = cfg.bridge, error = %e, "cannot set up the VM bridge: VMs with a NIC cannot start here");
+    }
+    let mut dirs = vms::Dirs::new(&cfg.state_dir, &cfg.shared_dir, &cfg.vmm)?;
+    dirs.bridge = cfg.bridge.clone();
+    let dirs = Arc::new(dirs);
     let (exits_tx, mut exits) = mpsc::unbounded_channel();
     let host = Host::start(dirs, cfg.heartbeat, exits_tx, stop.clone()).await?;
     let client = vim_proto::nats_tls(opts, cfg.nats_ca.as_deref())
@@ -323,19 +351,46 @@ async fn run(cfg: Config) -> Result<()> {
     // VMMs that exited on their own.
     let a = agent.clone();
     tokio::spawn(async move {
-        while let Some(x) = exits.recv().await {
-            let ev = HostEvent {
-                version: PROTOCOL_VERSION,
-                host_id: a.cfg.host_id.clone(),
-                job_id: String::new(),
-                ok: false,
-                error: x.why,
-                kind: EventKind::VmFailure.into(),
-                vm: Some(x.report),
-                migration: None,
+        while let Some(n) = exits.recv().await {
+            let (vm, ev) = match n {
+                supervisor::Notice::Exited(x) => (
+                    x.vm_id,
+                    HostEvent {
+                        version: PROTOCOL_VERSION,
+                        host_id: a.cfg.host_id.clone(),
+                        job_id: String::new(),
+                        ok: false,
+                        error: x.why,
+                        kind: EventKind::VmFailure.into(),
+                        vm: Some(x.report),
+                        migration: None,
+                        progress: None,
+                    },
+                ),
+                supervisor::Notice::Migrating { vm_id, progress: p } => (
+                    vm_id.clone(),
+                    HostEvent {
+                        version: PROTOCOL_VERSION,
+                        host_id: a.cfg.host_id.clone(),
+                        ok: true,
+                        kind: EventKind::VmMigrationProgress.into(),
+                        progress: Some(vim_proto::MigrationProgress {
+                            vm_id,
+                            phase: serde_json::to_value(p.phase)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_string))
+                                .unwrap_or_default(),
+                            round: p.round,
+                            bytes_written: p.bytes_written,
+                            remaining_bytes: p.remaining_bytes,
+                            dirty_rate_mib_s: p.dirty_rate_mib_s,
+                        }),
+                        ..Default::default()
+                    },
+                ),
             };
             if let Err(e) = a.publish_event(&ev).await {
-                tracing::warn!(vm = x.vm_id, error = %e, "cannot report a VMM exit");
+                tracing::warn!(vm, kind = ev.kind().as_str(), error = %e, "cannot report to vimd");
             }
         }
     });

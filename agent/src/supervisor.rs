@@ -46,11 +46,22 @@ pub struct Exit {
     pub report: VmReport,
 }
 
+/// What a supervisor tells the agent unasked, for it to report as a host event.
+pub enum Notice {
+    /// `VM_Failure`.
+    Exited(Exit),
+    /// `VM_Migration_Progress`: where an outgoing migration is.
+    Migrating {
+        vm_id: String,
+        progress: vmm_api::MigrationProgress,
+    },
+}
+
 /// The host's VMs: one supervisor each.
 pub struct Host {
     dirs: Arc<Dirs>,
     vms: Arc<Mutex<HashMap<String, Handle>>>,
-    exits: mpsc::UnboundedSender<Exit>,
+    exits: mpsc::UnboundedSender<Notice>,
     every: Duration,
     shutdown: watch::Receiver<bool>,
 }
@@ -61,7 +72,7 @@ impl Host {
     pub async fn start(
         dirs: Arc<Dirs>,
         every: Duration,
-        exits: mpsc::UnboundedSender<Exit>,
+        exits: mpsc::UnboundedSender<Notice>,
         shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<Host> {
         let d = dirs.clone();
@@ -181,6 +192,7 @@ impl Host {
                 .map_or(VmState::Creating, |v| v.record.state)
                 .into(),
             pid: vm.as_ref().map_or(0, |v| v.record.pid),
+            seq: crate::vms::next_report_seq(),
             ..Default::default()
         }));
         lock(&self.vms).insert(
@@ -207,6 +219,7 @@ fn deleted_report(id: &str) -> VmReport {
     VmReport {
         vm_id: id.into(),
         state: VmState::Deleted.into(),
+        seq: crate::vms::next_report_seq(),
         ..Default::default()
     }
 }
@@ -252,7 +265,7 @@ struct Supervisor {
     dirs: Arc<Dirs>,
     report: Arc<Mutex<VmReport>>,
     registry: Arc<Mutex<HashMap<String, Handle>>>,
-    exits: mpsc::UnboundedSender<Exit>,
+    exits: mpsc::UnboundedSender<Notice>,
 }
 
 impl Supervisor {
@@ -384,6 +397,7 @@ impl Supervisor {
             }
         }
         let op = action.clone();
+        let notices = self.exits.clone();
         let r = self
             .blocking(move |vm| {
                 let mut migration = None;
@@ -394,7 +408,13 @@ impl Supervisor {
                     Action::Info(_) => Ok(()),
                     Action::MigrateIn(_) => vm.expect_incoming(),
                     Action::MigrateOut(m) => {
-                        match vm.migrate_out(m.downtime_ms, m.handover_timeout_ms) {
+                        let progress = |p| {
+                            let _ = notices.send(Notice::Migrating {
+                                vm_id: m.vm_id.clone(),
+                                progress: p,
+                            });
+                        };
+                        match vm.migrate_out(m.downtime_ms, m.handover_timeout_ms, &progress) {
                             Ok(o) => {
                                 let done = o.status == vmm_api::MigrationStatus::Completed;
                                 let why = o.error.clone().unwrap_or_else(|| {
@@ -464,11 +484,11 @@ impl Supervisor {
         *lock(&self.report) = report.clone();
         if let Some(why) = exited {
             tracing::warn!(vm = self.id, why, "VMM exited");
-            let _ = self.exits.send(Exit {
+            let _ = self.exits.send(Notice::Exited(Exit {
                 vm_id: self.id.clone(),
                 why,
                 report,
-            });
+            }));
         }
     }
 }
@@ -484,6 +504,7 @@ pub fn event(host_id: &str, job_id: &str, o: Outcome) -> HostEvent {
         kind: o.kind.into(),
         vm: if o.vm_id.is_empty() { None } else { o.report },
         migration: o.migration,
+        progress: None,
     }
 }
 
@@ -607,10 +628,13 @@ while True:
             .pid;
         // SAFETY: kill(2) on the fake VMM this test started.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        let x = tokio::time::timeout(Duration::from_secs(10), exits.recv())
+        let Notice::Exited(x) = tokio::time::timeout(Duration::from_secs(10), exits.recv())
             .await
             .expect("no exit reported")
-            .unwrap();
+            .unwrap()
+        else {
+            panic!("not an exit");
+        };
         assert_eq!(x.vm_id, "b");
         assert_eq!(x.report.state(), VmState::Failed);
 

@@ -37,6 +37,9 @@ pub struct SpecRecord {
     pub initrd: String,
     pub cmdline: String,
     pub disk: String,
+    /// Empty: no NIC.
+    #[serde(default)]
+    pub mac: String,
 }
 
 impl From<&VmSpec> for SpecRecord {
@@ -49,6 +52,7 @@ impl From<&VmSpec> for SpecRecord {
             initrd: s.initrd.clone(),
             cmdline: s.cmdline.clone(),
             disk: s.disk.clone(),
+            mac: s.mac.clone(),
         }
     }
 }
@@ -70,6 +74,8 @@ pub struct Dirs {
     pub state_dir: PathBuf,
     pub shared_dir: PathBuf,
     pub vmm: PathBuf,
+    /// The bridge VMs' taps join.
+    pub bridge: String,
 }
 
 /// One VM of this host: its record and, once started here, its `vmm` child. Owned by the VM's
@@ -80,6 +86,23 @@ pub struct Vm {
     pub record: VmRecord,
     child: Option<Child>,
     cpu: CpuSample,
+}
+
+/// A number for each VM report that only grows on this host: microseconds since the epoch when
+/// the agent started, then one more each report, so a restarted agent goes on above it (vimd
+/// applies a report only if it is newer than the last one it applied).
+pub fn next_report_seq() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let start = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_micros() as u64)
+    };
+    if SEQ.load(Ordering::Relaxed) == 0 {
+        let _ = SEQ.compare_exchange(0, start(), Ordering::SeqCst, Ordering::SeqCst);
+    }
+    SEQ.fetch_add(1, Ordering::SeqCst) + 1
 }
 
 fn alive(pid: u32) -> bool {
@@ -116,6 +139,7 @@ impl Dirs {
             state_dir: state_dir.into(),
             shared_dir: shared_dir.into(),
             vmm: vmm.into(),
+            bridge: "vimbr0".into(),
         })
     }
 
@@ -148,6 +172,11 @@ impl Dirs {
             "the kernel command line is too long or holds a NUL"
         );
         anyhow::ensure!(!s.kernel.is_empty(), "no kernel");
+        if !s.mac.is_empty() {
+            // It ends up in the VMM's `--net` argument: only a plain MAC may.
+            let mac: vmm_api::Mac = s.mac.parse()?;
+            anyhow::ensure!(mac.is_unicast(), "MAC {mac} is not unicast");
+        }
         let roots = [
             self.shared_dir.join("images"),
             self.shared_dir.join("vms").join(&s.vm_id),
@@ -330,13 +359,18 @@ impl Vm {
         let mut vm = Vm::new_record(dirs, spec, VmState::Incoming)?;
         let dir = dirs.migration_dir(&spec.vm_id);
         std::fs::create_dir_all(&dir)?;
+        // The VMM opens the VM's tap (by the name in the migrated state) when the guest comes.
+        if let Err(e) = vm.ensure_tap() {
+            vm.forget();
+            return Err(e);
+        }
         let mut cmd = Command::new(&dirs.vmm);
         cmd.arg("run")
             .arg("--incoming")
             .arg(&dir)
             .args(["--incoming-timeout-ms", &wait.as_millis().to_string()]);
-        if let Err(e) = vm.spawn_vmm(cmd, VmState::Incoming) {
-            let _ = std::fs::remove_file(dirs.record_path(&spec.vm_id));
+        if let Err(e) = vm.spawn_vmm(cmd, VmState::Incoming, Some(vmm_api::INCOMING_READY_LINE)) {
+            vm.forget();
             return Err(e);
         }
         Ok(vm)
@@ -388,6 +422,7 @@ impl Vm {
         let r = &self.record;
         let u = usage(r.pid, &mut self.cpu);
         VmReport {
+            seq: next_report_seq(),
             vm_id: r.spec.vm_id.clone(),
             state: r.state.into(),
             pid: r.pid,
@@ -423,13 +458,30 @@ impl Vm {
         if !s.disk.is_empty() {
             cmd.args(["--disk", &s.disk]);
         }
-        self.spawn_vmm(cmd, VmState::Running)
+        if let Some(tap) = self.ensure_tap()? {
+            cmd.args(["--net", &format!("tap={tap},mac={}", s.mac)]);
+        }
+        self.spawn_vmm(cmd, VmState::Running, None)
+    }
+
+    /// The VM's tap on the host bridge, if it has a NIC.
+    fn ensure_tap(&self) -> anyhow::Result<Option<String>> {
+        if self.record.spec.mac.is_empty() {
+            return Ok(None);
+        }
+        crate::net::ensure_tap(self.id(), &self.dirs.bridge).map(Some)
     }
 
     /// Starts `cmd` (a `vmm run …`) with the VM's console and API socket, in its own process
     /// group (it outlives an agent restart), and records it at once as `state`. A VMM that
     /// refuses its configuration exits at once: that is an error, and the record goes back.
-    fn spawn_vmm(&mut self, mut cmd: Command, state: VmState) -> anyhow::Result<()> {
+    /// With `ready`, the VMM says on stderr when it is ready, and is waited for no longer.
+    fn spawn_vmm(
+        &mut self,
+        mut cmd: Command,
+        state: VmState,
+        ready: Option<&str>,
+    ) -> anyhow::Result<()> {
         let id = self.id().to_string();
         let before = self.record.state;
         cmd.arg("--serial")
@@ -445,6 +497,7 @@ impl Vm {
             .create(true)
             .append(true)
             .open(&log_path)?;
+        let log_start = log.metadata()?.len();
         // Its own process group: the VMM outlives an agent restart.
         let child = cmd
             .stdin(Stdio::null())
@@ -459,13 +512,26 @@ impl Vm {
         self.record.pid = pid;
         self.record.state = state;
         self.save()?;
-        // A VMM that refuses its configuration exits at once: say so now.
-        std::thread::sleep(Duration::from_millis(50));
-        if let Some(st) = self
-            .child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
-        {
+        // A VMM that refuses its configuration exits at once: say so now. One that says when it
+        // is ready is waited for until then (bounded), the others for 50 ms.
+        let deadline =
+            Instant::now() + Duration::from_millis(if ready.is_some() { 2000 } else { 50 });
+        let exited = loop {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                break Some(st);
+            }
+            if Instant::now() >= deadline
+                || ready.is_some_and(|r| log_since(&log_path, log_start).contains(r))
+            {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        if let Some(st) = exited {
             self.child = None;
             self.record.pid = 0;
             self.record.state = before;
@@ -488,6 +554,9 @@ impl Vm {
     /// Graceful power-off through the VMM's API (the VMM forces it after `timeout`), then SIGKILL
     /// if the process is still there.
     pub fn stop(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        // A VMM that was waiting for a migration may run the VM by now: stopped like any other
+        // then; one still waiting is aborted.
+        self.refresh_incoming();
         if self.record.state == VmState::Incoming {
             return self.abort_incoming();
         }
@@ -561,10 +630,12 @@ impl Vm {
     /// another host, and waits for the outcome. On `completed` the VM lives elsewhere: its VMM
     /// has exited and this host forgets it (no tombstone: it may come back). Otherwise it runs
     /// here still (or, if the target claimed it and went silent, stays paused here).
+    /// `progress` hears where the migration is, about once a second, while it runs.
     pub fn migrate_out(
         &mut self,
         downtime_ms: u64,
         handover_timeout_ms: u64,
+        progress: &(dyn Fn(vmm_api::MigrationProgress) + Sync),
     ) -> Result<vmm_api::MigrationOutcome, String> {
         let r = self.record.clone();
         let dir = self.dirs.migration_dir(self.id());
@@ -591,7 +662,10 @@ impl Vm {
         self.record.outgoing = true;
         self.save().map_err(|e| format!("{e:#}"))?;
         let client = vmm_api::Client::new(&r.api_socket);
-        let outcome = match client.call::<vmm_api::MigrationOutcome>(&req, MAX_MIGRATION_WAIT) {
+        let answer = watch_progress(&r.api_socket, progress, || {
+            client.call::<vmm_api::MigrationOutcome>(&req, MAX_MIGRATION_WAIT)
+        });
+        let outcome = match answer {
             Ok(o) => o,
             // Asked already, by this agent before it restarted: that migration's end is awaited.
             Err(vmm_api::ClientError::Refused(e)) if e.contains("migration is in progress") => {
@@ -654,10 +728,22 @@ impl Vm {
 
     /// Drops the VM's record: it does not live on this host (any more).
     fn forget(&mut self) {
+        // What a VMM of ours may have written as a migration target that never took the VM
+        // (the source removes the rest of a failed migration's files).
+        if self.record.state == VmState::Incoming {
+            let _ = std::fs::remove_file(
+                self.dirs
+                    .migration_dir(self.id())
+                    .join(vmm_api::WATCHING_FILE),
+            );
+        }
         self.record.pid = 0;
         self.record.state = VmState::Deleted;
         let _ = std::fs::remove_file(self.dirs.record_path(self.id()));
         let _ = std::fs::remove_file(&self.record.api_socket);
+        if !self.record.spec.mac.is_empty() {
+            crate::net::remove_tap(self.id());
+        }
     }
 
     /// A `migrate_in` for a VM this host already keeps: fine while its VMM still waits (the
@@ -748,6 +834,47 @@ impl Vm {
 /// The outcome of a handover found in a migration directory: the target claimed the VM and
 /// resumed it (the files a source clears before it starts, so they are this migration's). Its
 /// figures are not known here; only that it completed.
+/// What was appended to `path` after its first `from` bytes (bounded: a readiness line is near).
+fn log_since(path: &Path, from: u64) -> String {
+    use std::io::{Read, Seek};
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        if f.seek(std::io::SeekFrom::Start(from)).is_ok() {
+            let _ = f.take(64 * 1024).read_to_string(&mut text);
+        }
+    }
+    text
+}
+
+/// Runs `f` (a migration the VMM carries out) while another connection reads the VMM's progress
+/// every second and hands it to `progress`.
+fn watch_progress<T>(
+    api_socket: &Path,
+    progress: &(dyn Fn(vmm_api::MigrationProgress) + Sync),
+    f: impl FnOnce() -> T,
+) -> T {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let client = vmm_api::Client::new(api_socket);
+            let mut next = Instant::now() + Duration::from_millis(500);
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+                if Instant::now() < next {
+                    continue;
+                }
+                next = Instant::now() + Duration::from_secs(1);
+                if let Ok(Some(p)) = client.info(Duration::from_secs(1)).map(|i| i.migration) {
+                    progress(p);
+                }
+            }
+        });
+        let r = f();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        r
+    })
+}
+
 fn handed_over(dir: &Path) -> Option<vmm_api::MigrationOutcome> {
     let claimed = std::fs::read_to_string(dir.join("claimed")).ok()?;
     if !claimed.starts_with("target") || !dir.join("resumed").exists() {

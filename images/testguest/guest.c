@@ -463,6 +463,170 @@ static void route_ged(u32 gsi) {
     mmio_write32(ioapic_addr + 0x10, lapic_id() << 24);
 }
 
+/* ---- network: a polled virtio-net (MMIO, version 2) driver that answers ARP and ping ---- */
+#define VQ_SIZE 16
+#define FRAME_BUF 1536
+#define NET_HDR 12 /* struct virtio_net_hdr with num_buffers (VIRTIO_F_VERSION_1) */
+
+struct vq_desc {
+    u64 addr;
+    u32 len;
+    u16 flags, next;
+};
+struct vq {
+    struct vq_desc desc[VQ_SIZE];
+    struct {
+        u16 flags, idx, ring[VQ_SIZE], used_event;
+    } avail;
+    struct {
+        u16 flags, idx;
+        struct {
+            u32 id, len;
+        } ring[VQ_SIZE];
+        u16 avail_event;
+    } used __attribute__((aligned(4)));
+    u16 last_used;
+} __attribute__((aligned(4096)));
+
+static struct vq rxq, txq;
+static u8 rx_buf[VQ_SIZE][FRAME_BUF], tx_buf[VQ_SIZE][FRAME_BUF];
+static u32 net_base, net_ip;
+static u8 net_mac[6];
+static u32 net_replies;
+
+static u32 be16(const u8 *p) { return (u32)p[0] << 8 | p[1]; }
+static u32 be32(const u8 *p) { return (u32)p[0] << 24 | (u32)p[1] << 16 | (u32)p[2] << 8 | p[3]; }
+
+/* `a.b.c.d` → the address in host order; 0 if malformed. */
+static u32 parse_ip(const char *v) {
+    u32 ip = 0;
+    for (int part = 0; part < 4; part++) {
+        if (*v < '0' || *v > '9') return 0;
+        u32 n = 0;
+        while (*v >= '0' && *v <= '9') n = n * 10 + (u32)(*v++ - '0');
+        if (n > 255 || (part < 3 && *v++ != '.')) return 0;
+        ip = ip << 8 | n;
+    }
+    return ip;
+}
+
+static int vq_setup(u32 base, u32 index, struct vq *q) {
+    mmio_write32(base + 0x030, index);
+    if (mmio_read32(base + 0x034) < VQ_SIZE) return 0;
+    mmio_write32(base + 0x038, VQ_SIZE);
+    mmio_write32(base + 0x080, (u32)q->desc);
+    mmio_write32(base + 0x084, 0);
+    mmio_write32(base + 0x090, (u32)&q->avail);
+    mmio_write32(base + 0x094, 0);
+    mmio_write32(base + 0x0a0, (u32)&q->used);
+    mmio_write32(base + 0x0a4, 0);
+    mmio_write32(base + 0x044, 1);
+    return 1;
+}
+
+/* Brings up the first virtio-net device: MAC feature only, receive buffers posted. */
+static int net_init(u32 ip) {
+    for (u32 i = 0; i < device_count && !net_base; i++)
+        if (sig_eq(devices[i].hid, "LNRO0005", 8) && mmio_read32(devices[i].mmio_base + 0x008) == 1)
+            net_base = devices[i].mmio_base;
+    if (!net_base) return 0;
+    u32 b = net_base;
+    mmio_write32(b + 0x070, 0);
+    mmio_write32(b + 0x070, 1 | 2); /* ACKNOWLEDGE, DRIVER */
+    mmio_write32(b + 0x024, 0);
+    mmio_write32(b + 0x020, 1u << 5); /* VIRTIO_NET_F_MAC */
+    mmio_write32(b + 0x024, 1);
+    mmio_write32(b + 0x020, 1); /* VIRTIO_F_VERSION_1 */
+    mmio_write32(b + 0x070, 1 | 2 | 8);
+    if (!(mmio_read32(b + 0x070) & 8) || !vq_setup(b, 0, &rxq) || !vq_setup(b, 1, &txq)) {
+        mmio_write32(b + 0x070, 0x80); /* FAILED */
+        net_base = 0;
+        return 0;
+    }
+    for (int i = 0; i < 6; i++) net_mac[i] = *(volatile u8 *)(b + 0x100 + (u32)i);
+    for (u32 i = 0; i < VQ_SIZE; i++) {
+        rxq.desc[i] = (struct vq_desc){(u32)rx_buf[i], FRAME_BUF, 2 /* device writes */, 0};
+        rxq.avail.ring[i] = (u16)i;
+    }
+    __atomic_store_n(&rxq.avail.idx, VQ_SIZE, __ATOMIC_RELEASE);
+    mmio_write32(b + 0x070, 1 | 2 | 8 | 4); /* DRIVER_OK */
+    mmio_write32(b + 0x050, 0);
+    net_ip = ip;
+    return 1;
+}
+
+static void net_send(const u8 *frame, u32 len) {
+    u16 idx = txq.avail.idx;
+    if ((u16)(idx - __atomic_load_n(&txq.used.idx, __ATOMIC_ACQUIRE)) >= VQ_SIZE) return; /* full: drop */
+    u32 slot = idx % VQ_SIZE;
+    memset(tx_buf[slot], 0, NET_HDR);
+    memcpy(tx_buf[slot] + NET_HDR, frame, len);
+    txq.desc[slot] = (struct vq_desc){(u32)tx_buf[slot], NET_HDR + len, 0, 0};
+    txq.avail.ring[slot] = (u16)slot;
+    __atomic_store_n(&txq.avail.idx, (u16)(idx + 1), __ATOMIC_RELEASE);
+    mmio_write32(net_base + 0x050, 1);
+    net_replies++;
+}
+
+static u32 csum(const u8 *p, u32 len) {
+    u32 sum = 0;
+    for (u32 i = 0; i + 1 < len; i += 2) sum += be16(p + i);
+    if (len & 1) sum += (u32)p[len - 1] << 8;
+    while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+    return ~sum & 0xffff;
+}
+
+/* One received Ethernet frame: an ARP request for our address, or an echo request to it. */
+static void net_frame(u8 *f, u32 len) {
+    static u8 out[FRAME_BUF];
+    if (len < 42) return;
+    u32 type = be16(f + 12);
+    if (type == 0x0806 && be16(f + 20) == 1 && be32(f + 38) == net_ip) {
+        memcpy(out, f + 6, 6);
+        memcpy(out + 6, net_mac, 6);
+        memcpy(out + 12, f + 12, 8); /* ethertype, htype, ptype, sizes */
+        out[20] = 0, out[21] = 2;    /* reply */
+        memcpy(out + 22, net_mac, 6);
+        memcpy(out + 28, f + 38, 4);
+        memcpy(out + 32, f + 22, 10); /* the asker's MAC and address */
+        net_send(out, 42);
+        return;
+    }
+    if (type != 0x0800 || (f[14] >> 4) != 4) return;
+    u32 ihl = (u32)(f[14] & 15) * 4, total = be16(f + 16);
+    if (ihl < 20 || total < ihl + 8 || 14 + total > len || f[23] != 1 || be32(f + 30) != net_ip) return;
+    u8 *icmp = f + 14 + ihl;
+    if (icmp[0] != 8) return;
+    memcpy(out, f + 6, 6);
+    memcpy(out + 6, net_mac, 6);
+    memcpy(out + 12, f + 12, 14 + total - 12);
+    memcpy(out + 26, f + 30, 4); /* addresses swapped: the IP checksum stays right */
+    memcpy(out + 30, f + 26, 4);
+    u8 *reply = out + 14 + ihl;
+    reply[0] = 0;
+    reply[2] = reply[3] = 0;
+    u32 c = csum(reply, total - ihl);
+    reply[2] = (u8)(c >> 8), reply[3] = (u8)c;
+    net_send(out, 14 + total);
+}
+
+/* Called every tick: handles what arrived and gives the buffers back. */
+static void net_poll(void) {
+    if (!net_base) return;
+    int posted = 0;
+    while (rxq.last_used != __atomic_load_n(&rxq.used.idx, __ATOMIC_ACQUIRE)) {
+        u32 id = rxq.used.ring[rxq.last_used % VQ_SIZE].id % VQ_SIZE;
+        u32 len = rxq.used.ring[rxq.last_used % VQ_SIZE].len;
+        if (len > NET_HDR && len <= FRAME_BUF) net_frame(rx_buf[id] + NET_HDR, len - NET_HDR);
+        u16 a = rxq.avail.idx;
+        rxq.avail.ring[a % VQ_SIZE] = (u16)id;
+        __atomic_store_n(&rxq.avail.idx, (u16)(a + 1), __ATOMIC_RELEASE);
+        rxq.last_used++;
+        posted = 1;
+    }
+    if (posted) mmio_write32(net_base + 0x050, 0);
+}
+
 static volatile u32 heartbeat; /* lives in guest memory: survives snapshot and migration */
 
 static void run(u32 ram_top) {
@@ -499,6 +663,7 @@ static void run(u32 ram_top) {
             if (++cursor == pages) cursor = 0;
         }
         dirtied_pages += per_tick;
+        net_poll();
         if ((int)(t - next_hb) >= 0) {
             next_hb += hb_ms / TICK_MS ? hb_ms / TICK_MS : 1;
             struct line l = {.len = 0};
@@ -509,6 +674,10 @@ static void run(u32 ram_top) {
             if (pages) {
                 put(&l, " dirtied_mib=");
                 put_u(&l, dirtied_pages / (MIB / PAGE));
+            }
+            if (net_base) {
+                put(&l, " net_replies=");
+                put_u(&l, net_replies);
             }
             emit(&l);
             if (stop_after && heartbeat >= stop_after) acpi_poweroff();
@@ -648,6 +817,19 @@ void bsp_main(const struct start_info *si) {
     start_timer();
     if (ged_gsi) route_ged(ged_gsi);
 
+    if (arg("tg.ip")) {
+        u32 ip = parse_ip(arg("tg.ip"));
+        if (ip && net_init(ip)) {
+            put(&l, "tg: net mac=");
+            for (int i = 0; i < 6; i++) {
+                if (i) put(&l, ":");
+                put(&l, (const char[]){"0123456789abcdef"[net_mac[i] >> 4], "0123456789abcdef"[net_mac[i] & 15], 0});
+            }
+            emit(&l);
+        } else {
+            say("net none");
+        }
+    }
     if (arg_is("tg.mode", "poweroff") || !arg("tg.mode")) acpi_poweroff();
     if (arg_is("tg.mode", "smp")) {
         start_aps();

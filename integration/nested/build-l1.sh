@@ -4,6 +4,8 @@
 #   - busybox, irqbypass.ko, kvm.ko, kvm-amd.ko (that order, from modules.dep), and tun.ko,
 #   - our vmm with the shared libraries ldd lists and the dynamic loader,
 #   - the L2 guest: images/out/vmlinuz + initramfs.cpio.gz,
+#   - with L1_VIM_BINS=DIR: the fleet (vimd, vimctl, vim-agent from DIR, nats-server) and
+#     iproute2's ip (network namespaces, bridges, taps) in place of busybox's,
 #   - /lib/l1.sh: the helpers scenarios use, and a base /init that only reports "no scenario".
 # A scenario is a second, small cpio whose /init replaces the base one (see run-l1.sh).
 #
@@ -28,8 +30,11 @@ for a in $("$root/bin/busybox" --list); do
     [ "$a" = busybox ] || ln -sf busybox "$root/bin/$a"
 done
 
-# kvm-amd for /dev/kvm; tun for the taps our vmm creates.
-for mod in kvm-amd tun; do
+# kvm-amd for /dev/kvm; tun for the taps our vmm creates; with the fleet, veth and bridge for its
+# hosts' network namespaces and VM bridges.
+mods="kvm-amd tun"
+[ -n "${L1_VIM_BINS:-}" ] && mods="$mods veth bridge"
+for mod in $mods; do
     for dep in $(modprobe -d "$images/modules" -S "$kver" --show-depends "$mod" | awk '/^insmod/{print $2}'); do
         [ -e "$root/modules/$(basename "$dep")" ] && continue
         cp "$dep" "$root/modules/"
@@ -37,11 +42,23 @@ for mod in kvm-amd tun; do
     done
 done
 
-install -m 0755 "$vmm" "$root/bin/vmm"
-for lib in $(ldd "$vmm" | awk '$3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
-    mkdir -p "$root$(dirname "$lib")"
-    cp -L "$lib" "$root$lib"
-done
+# A program and the shared libraries ldd lists for it.
+install_bin() { # path-in-host dest-in-root
+    install -D -m 0755 "$1" "$root$2"
+    for lib in $(ldd "$1" 2>/dev/null | awk '$3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
+        [ -e "$root$lib" ] && continue
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done
+}
+install_bin "$vmm" /bin/vmm
+if [ -n "${L1_VIM_BINS:-}" ]; then
+    for b in vimd vimctl vim-agent; do install_bin "$L1_VIM_BINS/$b" "/bin/$b"; done
+    install_bin "$(command -v nats-server)" /bin/nats-server
+    rm -f "$root/bin/ip"
+    install_bin "$(readlink -f "$(command -v ip)")" /bin/ip
+    mkdir -p "$root/var/run/netns" "$root/etc"
+fi
 
 cp "$images/vmlinuz" "$images/initramfs.cpio.gz" "$root/l2/"
 # The guest agent binary doubles as the host-side vsock client and echo server.

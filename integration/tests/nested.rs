@@ -31,7 +31,7 @@ fn run(cmd: &mut Command) -> String {
     text
 }
 
-/// Builds (once per test binary) the release vmm, the images and the L1 base image.
+/// Builds (once per test binary) the release vmm and fleet, the images and the L1 base image.
 fn l1_base() -> &'static Path {
     static BASE: OnceLock<PathBuf> = OnceLock::new();
     BASE.get_or_init(|| {
@@ -41,8 +41,12 @@ fn l1_base() -> &'static Path {
             "--release",
             "-p",
             "vmm",
-            "--bin",
-            "vmm",
+            "-p",
+            "vim",
+            "-p",
+            "vim-agent",
+            // vmm; vimd and vimctl; vim-agent (`--bin` would narrow all three packages to one).
+            "--bins",
         ]));
         run(&mut Command::new(repo.join("images/build.sh")));
         let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -50,6 +54,7 @@ fn l1_base() -> &'static Path {
             .unwrap_or(repo.join("target"));
         let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nested");
         run(Command::new(repo.join("integration/nested/build-l1.sh"))
+            .env("L1_VIM_BINS", target.join("release"))
             .arg(target.join("release/vmm"))
             .arg(&out));
         out.join("l1-base.cpio")
@@ -176,4 +181,23 @@ fn debian_guest_survives_snapshot_restore_and_live_migration() {
     }
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     expect_all_pass("migrate", 900, &names);
+}
+
+/// The VIM moves the Debian guest (disk and NIC) between two hosts' agents with `vimctl vm
+/// migrate` while it writes to its disk (issue 12).
+#[test]
+fn the_vim_migrates_the_debian_guest_between_hosts() {
+    expect_all_pass(
+        "vim-migrate",
+        1200,
+        &[
+            "vim-migrate",
+            "vim-counter",
+            "vim-net-h1",
+            "vim-net-h2",
+            "vim-disk-writes",
+            "vim-one-vmm",
+            "vim-disk-intact",
+        ],
+    );
 }

@@ -556,6 +556,13 @@ struct CreateVm {
     image: String,
     vcpus: u32,
     memory_mib: u64,
+    /// A NIC on its host's bridge (the default), with a MAC fixed for the VM's life.
+    #[serde(default = "yes")]
+    net: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 async fn create_vm(State(v): St, h: Req, b: Result<Json<CreateVm>, JsonRejection>) -> Response {
@@ -582,6 +589,13 @@ async fn create_vm(State(v): St, h: Req, b: Result<Json<CreateVm>, JsonRejection
             host_id: String::new(),
             state: db::VmState::Pending,
             created_at: now,
+            mac: if req.net {
+                // Bytes 0-5 of a v4 UUID are random.
+                let b = uuid::Uuid::new_v4().into_bytes();
+                vmm_api::Mac::local([b[0], b[1], b[2], b[3], b[4], b[5]]).to_string()
+            } else {
+                String::new()
+            },
             ..db::Vm::default()
         };
         let job = db::Job::new(db::JobKind::Create, &who.name, &vm.id);

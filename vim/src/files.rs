@@ -126,7 +126,17 @@ pub fn copy_sparse(src: &File, dst: &Path) -> std::io::Result<()> {
                     libc::copy_file_range(sfd, &mut from, dfd, &mut to, (hole - from) as usize, 0)
                 };
                 if n < 0 {
-                    return Err(std::io::Error::last_os_error());
+                    let e = std::io::Error::last_os_error();
+                    // Between filesystems (a local file to NFS shared storage) the kernel
+                    // refuses (EXDEV since 5.19): copy through a buffer.
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EXDEV | libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)
+                    ) {
+                        copy_range(src, &out, from as u64, hole as u64)?;
+                        break;
+                    }
+                    return Err(e);
                 }
                 if n == 0 {
                     break; // the source shrank under us
@@ -136,6 +146,22 @@ pub fn copy_sparse(src: &File, dst: &Path) -> std::io::Result<()> {
         }
     }
     out.sync_all()
+}
+
+/// Copies bytes `from..to` of `src` to the same place in `dst`, through a buffer.
+fn copy_range(src: &File, dst: &File, mut from: u64, to: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    while from < to {
+        let want = buf.len().min((to - from) as usize);
+        let n = src.read_at(&mut buf[..want], from)?;
+        if n == 0 {
+            break; // the source shrank under us
+        }
+        dst.write_all_at(&buf[..n], from)?;
+        from += n as u64;
+    }
+    Ok(())
 }
 
 /// At most the last `max` bytes of `path` (empty when it does not exist), starting at a line
@@ -226,6 +252,23 @@ mod tests {
             m.blocks() * 512
         );
         assert_eq!(m.mode() & 0o777, 0o600);
+    }
+
+    /// /dev/shm (tmpfs) to the temporary directory: another filesystem where the machine has one.
+    #[test]
+    fn sparse_copies_cross_filesystems() {
+        let Ok(a) = tempfile::tempdir_in("/dev/shm") else {
+            return;
+        };
+        let b = tempfile::tempdir().unwrap();
+        let src = a.path().join("src");
+        let mut f = std::fs::File::create(&src).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.seek(SeekFrom::Start(3 << 20)).unwrap();
+        f.write_all(&[0x5a; 3 << 20]).unwrap();
+        let dst = b.path().join("dst");
+        copy_sparse(&open_regular(&src).unwrap(), &dst).unwrap();
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
     }
 
     #[test]

@@ -341,12 +341,17 @@ pub fn stream_configs(replicas: usize) -> Vec<stream::Config> {
 
 /// Declares the streams (idempotent); a stream made by an older vimd gets today's limits.
 pub async fn declare_streams(js: &jetstream::Context, replicas: usize) -> Result<()> {
-    for want in stream_configs(replicas) {
+    let configs = stream_configs(replicas);
+    let reserved: i64 = configs.iter().map(|c| c.max_bytes).sum();
+    for want in configs {
         let name = want.name.clone();
-        let mut st = js
-            .get_or_create_stream(want.clone())
-            .await
-            .map_err(|e| anyhow::anyhow!("stream {name}: {e}"))?;
+        let mut st = js.get_or_create_stream(want.clone()).await.map_err(|e| {
+            // JetStream reserves each stream's limit up front, against the store's free space.
+            anyhow::anyhow!(
+                "stream {name}: {e} (vimd's streams reserve {} MiB of JetStream file storage)",
+                reserved >> 20
+            )
+        })?;
         let have = st
             .info()
             .await

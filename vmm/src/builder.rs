@@ -134,11 +134,11 @@ impl Machine {
             let mac = n
                 .mac
                 .as_deref()
-                .and_then(net::parse_mac)
+                .and_then(|m| m.parse::<vmm_api::Mac>().ok())
                 .unwrap_or_else(net::random_mac);
             // The MAC the guest saw travels with snapshots and migrations.
-            n.mac = Some(net::format_mac(&mac));
-            let dev = Net::new(Tap::open(&n.tap)?, mac);
+            n.mac = Some(mac.to_string());
+            let dev = Net::new(Tap::open(&n.tap)?, mac.0);
             virtio.attach(&vm.fd, &vm.memory, &mut mmio_bus, Box::new(dev))?;
         }
         if config.devices.rng {

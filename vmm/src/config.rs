@@ -86,8 +86,13 @@ impl std::str::FromStr for NetConfig {
         let (mut tap, mut mac) = (None, None);
         for kv in s.split(',') {
             match kv.split_once('=') {
-                Some(("tap", v)) if !v.is_empty() && v.len() <= 15 => tap = Some(v.to_string()),
-                Some(("mac", v)) if crate::devices::virtio::net::parse_mac(v).is_some() => {
+                // Each key once: a second `tap=` must not replace the first unnoticed.
+                Some(("tap", v)) if tap.is_none() && !v.is_empty() && v.len() <= 15 => {
+                    tap = Some(v.to_string())
+                }
+                Some(("mac", v))
+                    if mac.is_none() && v.parse::<vmm_api::Mac>().is_ok_and(|m| m.is_unicast()) =>
+                {
                     mac = Some(v.to_string())
                 }
                 _ => return Err(bad()),
@@ -387,6 +392,8 @@ mod tests {
         assert!("tap=".parse::<NetConfig>().is_err());
         assert!("mac=52:54:00:00:00:01".parse::<NetConfig>().is_err());
         assert!("tap=t,mac=zz".parse::<NetConfig>().is_err());
+        assert!("tap=t,tap=u".parse::<NetConfig>().is_err());
+        assert!("tap=t,mac=01:00:00:00:00:01".parse::<NetConfig>().is_err());
         assert!("tap=averyveryverylongname".parse::<NetConfig>().is_err());
     }
 

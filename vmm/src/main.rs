@@ -210,6 +210,8 @@ fn incoming(
     api_socket: Option<PathBuf>,
 ) -> Result<i32> {
     let kvm = vm::open_kvm()?;
+    // The readiness line a supervisor waits for (docs/migration.md).
+    eprintln!("{}{}", vmm_api::INCOMING_READY_LINE, dir.display());
     if !vmm::migrate::await_handover(dir, wait)? {
         anyhow::bail!("the source took the VM back before this target claimed it");
     }
@@ -224,6 +226,7 @@ fn incoming(
         }
     };
     vmm::migrate::report_resumed(dir)?;
+    machine.announce();
     let outcome = machine.run();
     if outcome.exit_code != 0 {
         eprintln!("vmm: {}", outcome.reason);

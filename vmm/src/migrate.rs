@@ -32,17 +32,40 @@ use crate::vm::Vm;
 pub const CLAIM_FILE: &str = "claimed";
 pub const RESUMED_FILE: &str = "resumed";
 pub const FAILED_FILE: &str = "failed";
+pub use crate::api::WATCHING_FILE;
+/// How long a source waits, before it pauses the guest, for a target to say it is watching: a
+/// target that still looks only every 20 ms would add that to the downtime. One that started
+/// late, or is gone, is not waited for longer.
+const WATCHING_WAIT: Duration = Duration::from_millis(100);
 /// What a previous migration through the same directory may have left, removed by the source in
 /// this order (`await_handover` relies on `state.bin` going first). `memory.bin` is unlinked, never
 /// truncated: a VM that came in through this directory still maps it privately.
-const STALE: [&str; 5] = [
+const STALE: [&str; 6] = [
     snapshot::STATE_FILE,
     CLAIM_FILE,
     RESUMED_FILE,
     FAILED_FILE,
     snapshot::MEMORY_FILE,
+    // After memory.bin: a target writes it only while memory.bin is there.
+    WATCHING_FILE,
 ];
 const PAGE: u64 = 4096;
+/// Where a handover the source took back leaves its state file.
+const ABORTED_STATE_FILE: &str = "state.bin.aborted";
+
+/// Removes a migration's files once it has failed or been cancelled with the guest running on
+/// this side (no target holds a claim): nothing is left on the shared storage, a full disk
+/// included. `state.bin` goes first, so no target can claim from here on.
+fn retire(dir: &Path) {
+    for f in STALE.iter().chain([&ABORTED_STATE_FILE]) {
+        match std::fs::remove_file(dir.join(f)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(file = f, error = %e, "cannot remove a migration file");
+            }
+            _ => {}
+        }
+    }
+}
 
 /// What `migrate` was asked for.
 #[derive(Debug, Clone)]
@@ -176,11 +199,15 @@ impl Source {
             ),
             Ok(None) => {
                 self.resume_here();
+                retire(&p.dir);
                 (outcome(MigrationStatus::Cancelled, None, None), None)
             }
             Err(e) => {
                 if e.resume {
                     self.resume_here();
+                }
+                if e.claimed.is_none() {
+                    retire(&p.dir);
                 }
                 let mut o = outcome(MigrationStatus::Failed, None, Some(e.message));
                 o.waiting_for_target = e.claimed.is_some();
@@ -199,6 +226,7 @@ impl Source {
             }
             if let Some(failure) = self.take_back_given_up(&claimed.dir, &claimed.state) {
                 self.resume_here();
+                retire(&claimed.dir);
                 return Late::TakenBack(failure.message);
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -294,6 +322,10 @@ impl Source {
         pending: &[(u64, u64, Vec<u64>)],
         written: &mut u64,
     ) -> Result<Option<f64>, Failure> {
+        let deadline = Instant::now() + WATCHING_WAIT;
+        while !p.dir.join(WATCHING_FILE).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let paused_ns = now_ns();
         // vCPUs, then devices (no new requests), before the last dirty log is read (what the
         // devices wrote is in it). A pause that fails leaves everything running.
@@ -365,10 +397,7 @@ impl Source {
     /// devices take their resources back. Returns the failure to report, with any device that could
     /// not be taken back named (an empty message for a clean cancel).
     fn take_back(&self, dir: &Path, state: &SnapshotState, why: String) -> Failure {
-        let _ = std::fs::rename(
-            dir.join(snapshot::STATE_FILE),
-            dir.join("state.bin.aborted"),
-        );
+        let _ = std::fs::rename(dir.join(snapshot::STATE_FILE), dir.join(ABORTED_STATE_FILE));
         // Each device finds its own state by id among all of them.
         let errors = self.parts.virtio.reacquire(&state.devices.virtio);
         let mut message = why;
@@ -472,6 +501,15 @@ impl Failure {
 /// notifications): slowly until the source has started copying memory, then every 200 µs, since
 /// this wait is part of the guest's downtime.
 pub fn await_handover(dir: &Path, wait: Duration) -> std::io::Result<bool> {
+    let r = wait_for_handover(dir, wait);
+    if !matches!(r, Ok(true)) {
+        // This target will not run the guest: its sign that it watches goes with it.
+        let _ = std::fs::remove_file(dir.join(WATCHING_FILE));
+    }
+    r
+}
+
+fn wait_for_handover(dir: &Path, wait: Duration) -> std::io::Result<bool> {
     std::fs::create_dir_all(dir)?;
     let deadline = Instant::now() + wait;
     loop {
@@ -490,6 +528,10 @@ pub fn await_handover(dir: &Path, wait: Duration) -> std::io::Result<bool> {
             ));
         }
         let copying = open && dir.join(snapshot::MEMORY_FILE).exists();
+        if copying && !dir.join(WATCHING_FILE).exists() {
+            // Tells the source this target looks often now (it waits for that before pausing).
+            let _ = std::fs::File::create(dir.join(WATCHING_FILE));
+        }
         std::thread::sleep(if copying {
             Duration::from_micros(200)
         } else {

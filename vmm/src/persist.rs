@@ -128,6 +128,11 @@ impl Machine {
         Self::assemble(config, kvm, Start::Restore(Box::new(state), memory), paused)
     }
 
+    /// The guest came in by live migration: its NICs tell the network where it is now.
+    pub fn announce(&self) {
+        self.parts.virtio.announce();
+    }
+
     /// Writes the paused VM's complete state and memory to `dir` (docs/snapshot.md). The state
     /// file is written last, so a directory without one holds no usable snapshot.
     pub(crate) fn snapshot(&mut self, dir: &std::path::Path) -> Result<SnapshotDone> {

@@ -242,6 +242,7 @@ names!(EventKind {
     VmIncomingReady => "VM_Incoming_Ready",
     VmMigrated => "VM_Migrated",
     VmIncomingAborted => "VM_Incoming_Aborted",
+    VmMigrationProgress => "VM_Migration_Progress",
     JobSent => "Job_Sent",
     JobFailed => "Job_Failed",
     HostRegistered => "Host_Registered",
@@ -283,6 +284,7 @@ impl EventKind {
                 | EventKind::VmIncomingReady
                 | EventKind::VmMigrated
                 | EventKind::VmIncomingAborted
+                | EventKind::VmMigrationProgress
         )
     }
 }

@@ -142,6 +142,9 @@ enum VmCmd {
         vcpus: u32,
         #[arg(long = "memory-mib", default_value_t = 256)]
         memory_mib: u64,
+        /// No NIC (by default a VM gets one on its host's bridge, with a MAC fixed for life).
+        #[arg(long = "no-net")]
+        no_net: bool,
         #[command(flatten)]
         wait: Wait,
     },
@@ -248,8 +251,22 @@ impl Api {
             let j = self.get(&format!("/jobs/{job_id}"))?;
             let state = j["state"].as_str().unwrap_or("");
             if !quiet {
+                // A migration says where it is: round, MiB written, dirty rate.
+                let p = &j["progress"];
+                let progress = if p.is_object() {
+                    format!(
+                        " {} round {}, {:.0} MiB sent, {:.0} MiB left, dirty {:.1} MiB/s",
+                        p["phase"].as_str().map(printable).unwrap_or_default(),
+                        p["round"].as_u64().unwrap_or(0),
+                        p["bytes_written"].as_f64().unwrap_or(0.0) / f64::from(1 << 20),
+                        p["remaining_bytes"].as_f64().unwrap_or(0.0) / f64::from(1 << 20),
+                        p["dirty_rate_mib_s"].as_f64().unwrap_or(0.0),
+                    )
+                } else {
+                    String::new()
+                };
                 eprint!(
-                    "\rjob {job_id}: {state} ({:.0} s)   ",
+                    "\rjob {job_id}: {state} ({:.0} s){progress}   ",
                     start.elapsed().as_secs_f64()
                 );
             }
@@ -262,7 +279,14 @@ impl Api {
             if Instant::now() > deadline {
                 anyhow::bail!("job {job_id} still {state} after {} s", w.timeout_s);
             }
-            std::thread::sleep(Duration::from_millis(200));
+            // Most jobs end within a second or two: look often then (the answer is what the
+            // user waits for), less often after.
+            let pause = if start.elapsed() < Duration::from_secs(5) {
+                20
+            } else {
+                200
+            };
+            std::thread::sleep(Duration::from_millis(pause));
         }
     }
 }
@@ -524,10 +548,12 @@ fn run(cli: Cli) -> Result<()> {
                 image,
                 vcpus,
                 memory_mib,
+                no_net,
                 wait,
             } => job_cmd(
                 "/vms".into(),
-                json!({"name": name, "image": image, "vcpus": vcpus, "memory_mib": memory_mib}),
+                json!({"name": name, "image": image, "vcpus": vcpus, "memory_mib": memory_mib,
+                       "net": !no_net}),
                 &wait,
             )?,
             VmCmd::List => {

@@ -163,9 +163,12 @@ impl Db {
             for v in hb.vms.iter().filter(|v| v.state() != VmState::Incoming) {
                 // The state and pid only if the report is newer than what set them last (an
                 // answer processed after this heartbeat arrived); the usage always.
+                // And only if no newer report (its agent's sequence number) was applied.
                 sqlx::query(
-                    "UPDATE vms SET state = CASE WHEN state_at <= $12 THEN $1 ELSE state END,
-                     pid = CASE WHEN state_at <= $12 THEN $2 ELSE pid END,
+                    "UPDATE vms SET
+                     state = CASE WHEN state_at <= $12 AND ($13 = 0 OR report_seq < $13) THEN $1 ELSE state END,
+                     pid = CASE WHEN state_at <= $12 AND ($13 = 0 OR report_seq < $13) THEN $2 ELSE pid END,
+                     report_seq = CASE WHEN state_at <= $12 AND $13 > report_seq THEN $13 ELSE report_seq END,
                      cpu_pct = $3, rss_kib = $4, vmm_cpu_pct = $7, balloon_mib = $8
                      WHERE id = $5 AND host_id = $6 AND state NOT IN ($9, $10, $11)",
                 )
@@ -182,6 +185,7 @@ impl Db {
                 // A migration's state is the migration's: the source still reports it running.
                 .bind(VmState::Migrating.as_str())
                 .bind(*at)
+                .bind(v.seq as i64)
                 .execute(&mut *tx)
                 .await?;
             }

@@ -71,6 +71,9 @@ pub struct Job {
     pub parent_id: String,
     /// What the job was asked for beyond its kind (a migration's target and downtime), as JSON.
     pub params: String,
+    /// A migration's latest progress as its source reported it (JSON), or null.
+    #[serde(serialize_with = "super::vms::json_or_null")]
+    pub progress: String,
 }
 
 impl Job {
@@ -91,6 +94,7 @@ impl Job {
             updated_at: now,
             parent_id: String::new(),
             params: String::new(),
+            progress: String::new(),
         }
     }
 
@@ -119,6 +123,7 @@ fn job(r: &AnyRow) -> Result<Job, sqlx::Error> {
         updated_at: r.try_get("updated_at")?,
         parent_id: r.try_get("parent_id")?,
         params: r.try_get("params")?,
+        progress: r.try_get("progress")?,
     })
 }
 
@@ -149,8 +154,8 @@ impl Db {
         let mut tx = self.writer.begin().await?;
         if let Some(v) = new_vm {
             sqlx::query(
-                "INSERT INTO vms (id, name, owner, image, vcpus, memory_mib, state, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                "INSERT INTO vms (id, name, owner, image, vcpus, memory_mib, state, created_at, mac)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             )
             .bind(&v.id)
             .bind(&v.name)
@@ -160,6 +165,7 @@ impl Db {
             .bind(v.memory_mib)
             .bind(v.state.as_str())
             .bind(v.created_at)
+            .bind(&v.mac)
             .execute(&mut *tx)
             .await?;
         }
@@ -241,6 +247,28 @@ impl Db {
         Ok((out, inc))
     }
 
+    /// Running migrations into `target` (their job records the target as its host).
+    pub async fn migrations_into(&self, target: &str) -> Result<Vec<Job>, DbError> {
+        let rows = sqlx::query(
+            "SELECT * FROM jobs WHERE host_id = $1 AND kind = $2 AND state = $3 AND parent_id = ''",
+        )
+        .bind(target)
+        .bind(JobKind::Migrate.as_str())
+        .bind(JobState::Running.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(job).collect::<Result<_, _>>()?)
+    }
+
+    /// The steps of job `parent`, oldest first.
+    pub async fn steps(&self, parent: &str) -> Result<Vec<Job>, DbError> {
+        let rows = sqlx::query("SELECT * FROM jobs WHERE parent_id = $1 ORDER BY created_at")
+            .bind(parent)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(job).collect::<Result<_, _>>()?)
+    }
+
     /// Jobs written but not confirmed published, older than `age_ms`.
     pub async fn unpublished_jobs(&self, age_ms: i64) -> Result<Vec<Job>, DbError> {
         let rows = sqlx::query(
@@ -279,6 +307,24 @@ impl Db {
             q.execute(&self.writer).await?;
         }
         Ok(jobs)
+    }
+
+    /// Records how VM `vm_id`'s running migration advances; false if none runs.
+    pub async fn set_migration_progress(
+        &self,
+        vm_id: &str,
+        progress: &str,
+    ) -> Result<bool, DbError> {
+        let r = sqlx::query(
+            "UPDATE jobs SET progress = $1 WHERE vm_id = $2 AND kind = $3 AND state = $4 AND parent_id = ''",
+        )
+        .bind(progress)
+        .bind(vm_id)
+        .bind(JobKind::Migrate.as_str())
+        .bind(JobState::Running.as_str())
+        .execute(&self.writer)
+        .await?;
+        Ok(r.rows_affected() > 0)
     }
 
     pub async fn job(&self, id: &str) -> Result<Option<Job>, DbError> {
@@ -352,21 +398,25 @@ mod tests {
     use crate::db::tests::databases;
     use crate::db::VmState;
 
+    /// A new VM of alice's, not placed yet.
+    fn pending_vm() -> Vm {
+        Vm {
+            id: new_id(),
+            name: "a".into(),
+            owner: "alice".into(),
+            image: "img".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            state: VmState::Pending,
+            created_at: now_ms(),
+            ..Vm::default()
+        }
+    }
+
     #[tokio::test]
     async fn jobs_move_once() {
         for (db, _dir) in databases().await {
-            let vm = Vm {
-                id: new_id(),
-                name: "a".into(),
-                owner: "alice".into(),
-                image: "img".into(),
-                vcpus: 1,
-                memory_mib: 64,
-                host_id: String::new(),
-                state: VmState::Pending,
-                created_at: now_ms(),
-                ..Vm::default()
-            };
+            let vm = pending_vm();
             let job = Job {
                 created_at: now_ms() - 10_000,
                 ..Job::new(JobKind::Create, "alice", &vm.id)
@@ -404,7 +454,10 @@ mod tests {
             );
             // Deleted is final: no report, late answer or placement brings it back.
             assert!(db.delete_unplaced_vm(&vm.id).await.unwrap());
-            assert!(!db.set_vm_state(&vm.id, VmState::Running, 7).await.unwrap());
+            assert!(!db
+                .set_vm_state(&vm.id, VmState::Running, 7, 0)
+                .await
+                .unwrap());
             assert!(!db.place_vm(&vm.id, "h1", "").await.unwrap());
             assert_eq!(
                 db.vm(&vm.id).await.unwrap().unwrap().state,
@@ -417,6 +470,64 @@ mod tests {
                 db.add_host("h1", "u", "p").await,
                 Err(DbError::Conflict(_))
             ));
+        }
+    }
+
+    /// A report taken before another (a heartbeat built before a create's answer) changes
+    /// nothing once the newer one is applied, whichever path each comes by; vimd's own
+    /// decisions (seq 0) always apply.
+    #[tokio::test]
+    async fn older_reports_do_not_undo_newer_ones() {
+        for (db, _dir) in databases().await {
+            let vm = pending_vm();
+            let job = Job::new(JobKind::Create, "alice", &vm.id);
+            db.add_job(&job, Some(&vm)).await.unwrap();
+            db.add_host("h1", "u", "p").await.unwrap();
+            assert!(db.place_vm(&vm.id, "h1", "").await.unwrap());
+            let state = || async { db.vm(&vm.id).await.unwrap().unwrap().state };
+            // The answer: running, report 200.
+            assert!(db
+                .set_vm_state(&vm.id, VmState::Running, 7, 200)
+                .await
+                .unwrap());
+            // A heartbeat built earlier (creating, report 100), received later.
+            let hb = |state: VmState, seq: u64| vim_proto::Heartbeat {
+                host_id: "h1".into(),
+                vms: vec![vim_proto::VmReport {
+                    vm_id: vm.id.clone(),
+                    state: state.into(),
+                    pid: 7,
+                    seq,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            let later = now_ms() + 1000;
+            db.record_heartbeats(&[(hb(VmState::Creating, 100), later)])
+                .await
+                .unwrap();
+            assert_eq!(state().await, VmState::Running);
+            assert!(!db
+                .set_vm_state(&vm.id, VmState::Creating, 7, 150)
+                .await
+                .unwrap());
+            assert_eq!(state().await, VmState::Running);
+            // Newer reports apply, by either path.
+            db.record_heartbeats(&[(hb(VmState::Stopped, 300), later)])
+                .await
+                .unwrap();
+            assert_eq!(state().await, VmState::Stopped);
+            assert!(db
+                .set_vm_state(&vm.id, VmState::Running, 7, 400)
+                .await
+                .unwrap());
+            assert_eq!(state().await, VmState::Running);
+            // vimd's own decision.
+            assert!(db
+                .set_vm_state(&vm.id, VmState::Failed, 0, 0)
+                .await
+                .unwrap());
+            assert_eq!(state().await, VmState::Failed);
         }
     }
 }

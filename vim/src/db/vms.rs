@@ -31,10 +31,12 @@ pub struct Vm {
     /// null.
     #[serde(serialize_with = "json_or_null")]
     pub last_migration: String,
+    /// Its NIC's MAC, the same on every host; empty: no NIC.
+    pub mac: String,
 }
 
 /// A JSON text column as the JSON it holds (null when empty or unreadable).
-fn json_or_null<S: serde::Serializer>(text: &str, s: S) -> Result<S::Ok, S::Error> {
+pub(super) fn json_or_null<S: serde::Serializer>(text: &str, s: S) -> Result<S::Ok, S::Error> {
     let v: serde_json::Value = serde_json::from_str(text).unwrap_or(serde_json::Value::Null);
     v.serialize(s)
 }
@@ -57,6 +59,7 @@ fn vm(r: &AnyRow) -> Result<Vm, sqlx::Error> {
         balloon_mib: r.try_get("balloon_mib")?,
         created_at: r.try_get("created_at")?,
         last_migration: r.try_get("last_migration")?,
+        mac: r.try_get("mac")?,
     })
 }
 
@@ -116,17 +119,28 @@ impl Db {
         Ok(r.rows_affected() == 1)
     }
 
-    /// A VM's state as its host reports it. States only move forward out of `deleted`: nothing
-    /// a host or a late answer says brings a deleted VM back.
-    pub async fn set_vm_state(&self, id: &str, state: VmState, pid: i64) -> Result<bool, DbError> {
+    /// A VM's state as its host reports it (`seq`: the report's sequence number; 0 for vimd's
+    /// own decisions, which always apply). A report older than the newest one applied changes
+    /// nothing. States only move forward out of `deleted`: nothing a host or a late answer says
+    /// brings a deleted VM back.
+    pub async fn set_vm_state(
+        &self,
+        id: &str,
+        state: VmState,
+        pid: i64,
+        seq: u64,
+    ) -> Result<bool, DbError> {
         let r = sqlx::query(
-            "UPDATE vms SET state = $1, pid = $2, state_at = $5 WHERE id = $3 AND state <> $4",
+            "UPDATE vms SET state = $1, pid = $2, state_at = $5,
+             report_seq = CASE WHEN $6 > report_seq THEN $6 ELSE report_seq END
+             WHERE id = $3 AND state <> $4 AND ($6 = 0 OR report_seq < $6)",
         )
         .bind(state.as_str())
         .bind(pid)
         .bind(id)
         .bind(VmState::Deleted.as_str())
         .bind(now_ms())
+        .bind(seq as i64)
         .execute(&self.writer)
         .await?;
         Ok(r.rows_affected() == 1)
@@ -171,7 +185,8 @@ impl Db {
         how: &str,
     ) -> Result<bool, DbError> {
         let r = sqlx::query(
-            "UPDATE vms SET host_id = $1, state = $2, pid = $3, last_migration = $4, state_at = $7
+            "UPDATE vms SET host_id = $1, state = $2, pid = $3, last_migration = $4, state_at = $7,
+             report_seq = 0
              WHERE id = $5 AND state = $6",
         )
         .bind(target)

@@ -30,6 +30,20 @@ impl Vimd {
                 return Ok(());
             }
         };
+        if let Some(p) = ev.progress.as_ref().filter(|_| checked.job.is_none()) {
+            // Not an answer, not kept as an event (one a second): the migration job shows it.
+            let progress = serde_json::json!({
+                "phase": p.phase,
+                "round": p.round,
+                "bytes_written": p.bytes_written,
+                "remaining_bytes": p.remaining_bytes,
+                "dirty_rate_mib_s": p.dirty_rate_mib_s,
+            });
+            self.db
+                .set_migration_progress(&checked.vm_id, &progress.to_string())
+                .await?;
+            return Ok(());
+        }
         // A migration step's report is about one side of the move; the migration decides the
         // VM's state and host.
         let step = checked
@@ -38,7 +52,7 @@ impl Vimd {
             .is_some_and(|j| !j.parent_id.is_empty());
         if let Some(v) = ev.vm.as_ref().filter(|_| !step) {
             self.db
-                .set_vm_state(&checked.vm_id, v.state(), i64::from(v.pid))
+                .set_vm_state(&checked.vm_id, v.state(), i64::from(v.pid), v.seq)
                 .await?;
         }
         if let Some(job) = &checked.job {
@@ -57,7 +71,7 @@ impl Vimd {
             if !ev.ok && job.kind == JobKind::Create && ev.vm.is_none() {
                 // Refused before the agent knew the VM (a bad spec): it will not run there.
                 self.db
-                    .set_vm_state(&checked.vm_id, VmState::Failed, 0)
+                    .set_vm_state(&checked.vm_id, VmState::Failed, 0, 0)
                     .await?;
             }
             if step {
@@ -145,19 +159,22 @@ impl Vimd {
                 job: Some(job),
             }));
         }
-        // Without a job: only a report that one of the sender's own VMs failed.
-        if ev.kind() != EventKind::VmFailure {
-            return Ok(Err(format!("{} without a job", ev.kind())));
-        }
-        let Some(r) = &ev.vm else {
-            return Ok(Err("VM_Failure without its VM".into()));
+        // Without a job: only a report that one of the sender's own VMs failed, or how its
+        // migration away advances.
+        let vm_id = match (ev.kind(), &ev.vm, &ev.progress) {
+            (EventKind::VmFailure, Some(r), None) => &r.vm_id,
+            (EventKind::VmMigrationProgress, None, Some(p)) => &p.vm_id,
+            (EventKind::VmFailure | EventKind::VmMigrationProgress, _, _) => {
+                return Ok(Err(format!("{} without its VM", ev.kind())));
+            }
+            _ => return Ok(Err(format!("{} without a job", ev.kind()))),
         };
-        match self.db.vm(&r.vm_id).await? {
+        match self.db.vm(vm_id).await? {
             Some(vm) if vm.host_id == sender => Ok(Ok(CheckedEvent {
                 vm_id: vm.id,
                 job: None,
             })),
-            _ => Ok(Err(format!("VM {:?} is not on {sender}", r.vm_id))),
+            _ => Ok(Err(format!("VM {vm_id:?} is not on {sender}"))),
         }
     }
 

@@ -88,7 +88,7 @@ struct Seen {
 impl Vimd {
     /// Writes what the monitor saw: heartbeat reports (the facts placement needs) before the
     /// states that make a host count, then the events.
-    async fn record_seen(&self, mut seen: Seen) {
+    async fn record_seen(self: &Arc<Self>, mut seen: Seen) {
         // Hosts registered since this vimd loaded them (perhaps through another vimd), looked up
         // together.
         let asked = self.liveness.pending();
@@ -149,6 +149,11 @@ impl Vimd {
             tracing::error!(error = %e, hosts = states.len(), "cannot record host states");
         }
         self.record_events(events).await;
+        for h in states.iter().filter(|c| c.state == HostState::Unreachable) {
+            if let Err(e) = self.target_went_silent(&h.host).await {
+                tracing::error!(host = h.host, error = %e, "cannot end the migrations into a silent host");
+            }
+        }
     }
 }
 

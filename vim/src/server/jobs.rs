@@ -252,6 +252,7 @@ fn vm_spec(vm: &db::Vm, image: db::Image, disk: String) -> vim_proto::VmSpec {
         initrd: image.initrd,
         cmdline: image.cmdline,
         disk,
+        mac: vm.mac.clone(),
     }
 }
 

@@ -86,6 +86,18 @@ impl Vimd {
     /// A migrate job taken by a worker: choose the target, mark the VM migrating, and send the
     /// first step to the target.
     pub(super) async fn start_migration(self: &Arc<Self>, job: &Job, vm: &db::Vm) -> Result<()> {
+        // One worker at a time decides, on fresh records: a second copy of this job (a waiting
+        // migration handed out again just as a worker took it) must find it taken and do
+        // nothing, not fail it because the VM is migrating by then. The slots are counted and
+        // claimed under the same lock, so this vimd starts no more than the limits.
+        let slots = self.migration_slots.lock().await;
+        let (Some(job), Some(vm)) = (self.db.job(&job.id).await?, self.db.vm(&vm.id).await?) else {
+            return Ok(());
+        };
+        if job.state != JobState::Pending {
+            return Ok(());
+        }
+        let (job, vm) = (&job, &vm);
         let mut p = MigrateParams::of(job);
         if vm.state != VmState::Running || vm.host_id.is_empty() {
             self.fail_job(job, &format!("the VM is {}, not running", vm.state))
@@ -111,8 +123,6 @@ impl Vimd {
             }
         };
         {
-            // Counted and claimed under one lock: this vimd starts no more than the limits.
-            let _slots = self.migration_slots.lock().await;
             let (out, inc) = self.db.migrations_at(&vm.host_id, &target).await?;
             if out >= self.migration_limits.outgoing || inc >= self.migration_limits.incoming {
                 // Stays pending: taken again when a migration ends (or by the reconciler).
@@ -146,6 +156,7 @@ impl Vimd {
                 .transition_job(&job.id, &[JobState::Pending], JobState::Running, "")
                 .await?;
         }
+        drop(slots);
         self.event(
             EventKind::VmMigrating,
             &p.source,
@@ -321,6 +332,27 @@ impl Vimd {
         if child.kind == JobKind::MigrateOut && runs_on_source {
             self.step(&parent, JobKind::AbortIncoming, &p.target)
                 .await?;
+        }
+        Ok(())
+    }
+
+    /// Host `host` went silent. A migration into it whose source has not been told to hand
+    /// over yet fails now (the VM never left its source, which keeps it), and the target is
+    /// told to drop its waiting VMM whenever it hears again. Once the handover was asked for,
+    /// the source's VMM decides (the target claims in time, or the source takes the VM back).
+    pub(super) async fn target_went_silent(self: &Arc<Self>, host: &str) -> Result<()> {
+        for parent in self.db.migrations_into(host).await? {
+            let steps = self.db.steps(&parent.id).await?;
+            if steps.iter().any(|s| s.kind == JobKind::MigrateOut) {
+                continue;
+            }
+            let Some(prepare) = steps.iter().find(|s| s.kind == JobKind::MigrateIn) else {
+                continue;
+            };
+            let why = format!("the target host {host} went silent before the handover");
+            self.fail_job(prepare, &why).await;
+            self.migration_failed(prepare, &why, true).await?;
+            self.step(&parent, JobKind::AbortIncoming, host).await?;
         }
         Ok(())
     }

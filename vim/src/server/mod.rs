@@ -170,7 +170,10 @@ impl Vimd {
             .await
         {
             if job.kind == JobKind::Create {
-                let _ = self.db.set_vm_state(&job.vm_id, VmState::Failed, 0).await;
+                let _ = self
+                    .db
+                    .set_vm_state(&job.vm_id, VmState::Failed, 0, 0)
+                    .await;
             }
             self.event(EventKind::JobFailed, "", &job.vm_id, &job.id, why)
                 .await;

@@ -3,8 +3,10 @@
 //! types, so the wire format (newline-delimited JSON, `docs/api.md`) is written down once.
 
 mod client;
+mod mac;
 
 pub use client::{Client, ClientError};
+pub use mac::{BadMac, Mac};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,6 +22,15 @@ pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 pub const DEFAULT_MAX_ROUNDS: u32 = 30;
 /// Live migration: how long the target has to claim and resume the VM once it is handed over.
 pub const DEFAULT_HANDOVER_TIMEOUT_MS: u64 = 10_000;
+
+/// What `vmm run --incoming DIR` prints on stderr (followed by DIR) once it waits for a
+/// handover: a supervisor that started it waits for this line, not a fixed time.
+pub const INCOMING_READY_LINE: &str = "vmm: waiting for a handover in ";
+
+/// The file a live-migration target writes in the migration directory once it sees the source
+/// copying (it looks often from then on). Its supervisor removes it after stopping a target
+/// that never took the VM.
+pub const WATCHING_FILE: &str = "watching";
 
 /// Longest request line the server reads; a longer one is refused and the connection closed.
 pub const MAX_REQUEST_LINE: usize = 64 * 1024;

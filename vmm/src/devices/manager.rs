@@ -132,6 +132,27 @@ impl VirtioDevices {
         Ok(())
     }
 
+    /// After an incoming migration: the devices announce where the guest is now, five times
+    /// over half a second (QEMU's schedule: a bridge or switch may miss the first).
+    pub fn announce(&self) {
+        let transports = self.transports.clone();
+        let spawned = std::thread::Builder::new()
+            .name("announce".into())
+            .spawn(move || {
+                for delay_ms in [0, 50, 100, 150, 200] {
+                    std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+                    for t in &transports {
+                        if let Err(e) = lock(t).announce() {
+                            tracing::warn!(error = %e, "cannot announce the migrated guest");
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the announcing thread");
+        }
+    }
+
     /// Migration handover: every device lets go of its host resources.
     pub fn release(&self) {
         self.transports.iter().for_each(|t| lock(t).release());

@@ -94,6 +94,9 @@ pub fn unlock_image(file: &File) -> std::io::Result<()> {
     }
 }
 
+/// How long a source whose migration failed waits for its disk's lock to be free again.
+const REACQUIRE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 pub struct Block {
     path: PathBuf,
     file: Arc<File>,
@@ -186,7 +189,18 @@ impl VirtioDevice for Block {
         }
     }
     fn reacquire_backend(&mut self) -> Result<(), String> {
-        lock_image(&self.file, &self.path, !self.read_only).map_err(|e| e.to_string())
+        // A target that failed may not have let go yet (its process is still exiting; on NFS a
+        // release takes a moment to show): the lock is waited for, briefly. The guest is paused
+        // meanwhile, and only on this failure path.
+        let deadline = std::time::Instant::now() + REACQUIRE_WAIT;
+        loop {
+            match lock_image(&self.file, &self.path, !self.read_only) {
+                Err(BlockError::Locked(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                r => return r.map_err(|e| e.to_string()),
+            }
+        }
     }
     worker_access!();
 }

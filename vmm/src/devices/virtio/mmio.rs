@@ -207,6 +207,10 @@ impl MmioTransport {
         self.device.device_type()
     }
 
+    pub fn announce(&self) -> std::io::Result<()> {
+        self.device.announce()
+    }
+
     pub fn device(&mut self) -> &mut dyn VirtioDevice {
         self.device.as_mut()
     }

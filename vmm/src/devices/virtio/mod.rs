@@ -159,6 +159,12 @@ pub trait VirtioDevice: Send {
     fn reacquire_backend(&mut self) -> Result<(), String> {
         Ok(())
     }
+    /// After a migration, tells the network where the guest is now (a NIC broadcasts a RARP
+    /// with its MAC, as QEMU does, so switches learn the new port). Other devices have nothing
+    /// to say.
+    fn announce(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Copies `bytes[offset..]` into `data` (config space reads), zero-filling past the end.

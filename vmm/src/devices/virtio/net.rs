@@ -121,7 +121,37 @@ impl VirtioDevice for Net {
         }
         Ok(())
     }
+    fn announce(&self) -> std::io::Result<()> {
+        let Some(tap) = &self.tap else {
+            return Ok(());
+        };
+        let frame = rarp_frame(&self.mac);
+        let iov = libc::iovec {
+            iov_base: frame.as_ptr() as *mut libc::c_void,
+            iov_len: frame.len(),
+        };
+        tap.writev(&[iov]).map(|_| ())
+    }
     worker_access!();
+}
+
+/// A RARP "reverse request" broadcast from `mac`, behind a zero virtio-net header (the tap
+/// expects one): the frame QEMU sends to announce a migrated guest. Padded to the 60-byte
+/// Ethernet minimum.
+fn rarp_frame(mac: &[u8; 6]) -> [u8; VNET_HDR_LEN + 60] {
+    let mut f = [0u8; VNET_HDR_LEN + 60];
+    let e = &mut f[VNET_HDR_LEN..];
+    e[0..6].fill(0xff);
+    e[6..12].copy_from_slice(mac);
+    e[12..14].copy_from_slice(&0x8035u16.to_be_bytes()); // RARP
+    e[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    e[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    e[18] = 6;
+    e[19] = 4;
+    e[20..22].copy_from_slice(&3u16.to_be_bytes()); // reverse request
+    e[22..28].copy_from_slice(mac); // sender (IP 0.0.0.0)
+    e[32..38].copy_from_slice(mac); // target (IP 0.0.0.0)
+    f
 }
 
 pub struct NetQueues {
@@ -218,36 +248,11 @@ impl QueueHandler for NetQueues {
     }
 }
 
-/// Parses `aa:bb:cc:dd:ee:ff`.
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 {
-        return None;
-    }
-    let mut mac = [0u8; 6];
-    for (m, p) in mac.iter_mut().zip(parts) {
-        if p.len() != 2 {
-            return None;
-        }
-        *m = u8::from_str_radix(p, 16).ok()?;
-    }
-    Some(mac)
-}
-
-/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// A random, locally administered unicast MAC.
-pub fn random_mac() -> [u8; 6] {
+pub fn random_mac() -> vmm_api::Mac {
     let mut mac = [0u8; 6];
     let _ = super::rng::fill_random(&mut mac);
-    mac[0] = (mac[0] & 0xfe) | 0x02;
-    mac
+    vmm_api::Mac::local(mac)
 }
 
 #[cfg(test)]
@@ -255,14 +260,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn macs() {
-        assert_eq!(
-            parse_mac("52:54:00:12:34:5f"),
-            Some([0x52, 0x54, 0, 0x12, 0x34, 0x5f])
-        );
-        assert_eq!(parse_mac("52:54:00:12:34"), None);
-        assert_eq!(parse_mac("52:54:00:12:34:zz"), None);
+    fn random_macs_are_local_unicast() {
         let m = random_mac();
-        assert_eq!(m[0] & 0x03, 0x02);
+        assert_eq!(m.0[0] & 0x03, 0x02);
+    }
+
+    #[test]
+    fn rarp_announces_the_mac() {
+        let mac = [0x52, 0x54, 0, 1, 2, 3];
+        let f = rarp_frame(&mac);
+        let (hdr, e) = f.split_at(VNET_HDR_LEN);
+        assert!(hdr.iter().all(|b| *b == 0));
+        assert_eq!(e.len(), 60);
+        assert_eq!(&e[..6], &[0xff; 6]);
+        assert_eq!(&e[6..12], &mac);
+        assert_eq!(&e[12..14], &[0x80, 0x35]);
+        assert_eq!(&e[20..22], &[0, 3]);
+        assert_eq!(&e[22..28], &mac);
+        assert_eq!(&e[32..38], &mac);
     }
 }
