@@ -22,7 +22,8 @@ nport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); p
 target/debug/vimd --state-dir "$state" --listen "127.0.0.1:$port" --nats-listen "127.0.0.1:$nport" \
     --plain-http --failed-logins-per-minute 1000000 2>"$state/vimd.log" &
 pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$state"' EXIT
+# vimd's nats-server outlives it (the hosts' leases depend on it): stopped by its pid file.
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; kill $(cat "$state/nats/nats.pid" 2>/dev/null) 2>/dev/null; rm -rf "$state"' EXIT
 for _ in $(seq 300); do
     curl -sf "http://127.0.0.1:$port/openapi.json" >/dev/null 2>&1 && [ -s "$state/admin.token" ] && break
     sleep 0.1

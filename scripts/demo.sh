@@ -19,6 +19,8 @@ made_bridge=
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    # vimd's nats-server outlives vimd (the hosts' leases depend on it): stopped by its pid file.
+    kill "$(cat "$state/vim/nats/nats.pid" 2>/dev/null)" 2>/dev/null || true
     if [ -n "$made_bridge" ]; then ip link del "$bridge" 2>/dev/null || true; fi
 }
 trap cleanup EXIT

@@ -2,6 +2,7 @@
 //! host's command stream (create, start, stop, delete, info), runs each VM as a `vmm` child and
 //! reports what happens to them (docs/protocol.md).
 
+mod lease;
 mod net;
 mod supervisor;
 mod vms;
@@ -329,6 +330,7 @@ async fn run(cfg: Config) -> Result<()> {
         tracing::error!(bridge = cfg.bridge, error = %e, "cannot set up the VM bridge: VMs with a NIC cannot start here");
     }
     let mut dirs = vms::Dirs::new(&cfg.state_dir, &cfg.shared_dir, &cfg.vmm)?;
+    lease::init(&cfg.state_dir).context("cannot write the lease file")?;
     dirs.bridge = cfg.bridge.clone();
     let dirs = Arc::new(dirs);
     let (exits_tx, mut exits) = mpsc::unbounded_channel();
@@ -347,6 +349,8 @@ async fn run(cfg: Config) -> Result<()> {
         in_flight: Default::default(),
     });
     tracing::info!(host = agent.cfg.host_id, "agent started");
+
+    tokio::spawn(lease::run(agent.clone(), stop.clone()));
 
     // VMMs that exited on their own.
     let a = agent.clone();

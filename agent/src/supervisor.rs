@@ -103,6 +103,16 @@ impl Host {
             .collect()
     }
 
+    /// Fencing, as a second guard behind the VMMs' own: kills every VMM this host runs (each
+    /// checked to be a vmm process). Their supervisors see them gone and report them failed.
+    /// Returns how many were killed.
+    pub fn fence(&self) -> usize {
+        self.reports()
+            .iter()
+            .filter(|r| crate::vms::kill_vmm(r.pid))
+            .count()
+    }
+
     /// Queues a command behind the earlier ones for the same VM; the receiver gets its outcome.
     /// Must be called in the order the commands arrived (it does not wait).
     pub fn submit(&self, action: Action) -> oneshot::Receiver<Outcome> {
@@ -165,9 +175,9 @@ impl Host {
                             }
                         }
                         // Nothing waits here for that VM: already aborted (a redelivery), or
-                        // its VMM gave up on its own.
-                        Action::AbortIncoming(id) => Outcome {
-                            kind: EventKind::VmIncomingAborted,
+                        // its VMM gave up on its own; or, for an eviction, not here at all.
+                        Action::AbortIncoming(id) | Action::Evict(id) => Outcome {
+                            kind: event_kind(&op.action),
                             vm_id: id.clone(),
                             result: Ok(()),
                             report: Some(deleted_report(id)),
@@ -234,6 +244,7 @@ fn event_kind(action: &Action) -> EventKind {
         Action::MigrateIn(_) => EventKind::VmIncomingReady,
         Action::MigrateOut(_) => EventKind::VmMigrated,
         Action::AbortIncoming(_) => EventKind::VmIncomingAborted,
+        Action::Evict(_) => EventKind::VmEvicted,
     }
 }
 
@@ -431,6 +442,7 @@ impl Supervisor {
                         }
                     }
                     Action::AbortIncoming(_) => vm.abort_incoming(),
+                    Action::Evict(_) => vm.evict(),
                 };
                 let report = if vm.gone() {
                     deleted_report(vm.id())

@@ -119,6 +119,15 @@ fn alive(pid: u32) -> bool {
     !matches!(state, Some("Z" | "X"))
 }
 
+/// SIGKILLs `pid` if it is a live vmm process; whether it was.
+pub fn kill_vmm(pid: u32) -> bool {
+    if pid == 0 || !alive(pid) || !is_vmm(pid) {
+        return false;
+    }
+    // SAFETY: kill(2) on a pid checked just now to be a live vmm process.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) == 0 }
+}
+
 /// Whether `pid` is a vmm process (a recycled pid is not adopted).
 fn is_vmm(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -277,7 +286,11 @@ pub fn action_vm(action: &vim_proto::host_command::Action) -> &str {
     use vim_proto::host_command::Action;
     match action {
         Action::Create(s) => &s.vm_id,
-        Action::Start(id) | Action::Delete(id) | Action::Info(id) | Action::AbortIncoming(id) => id,
+        Action::Start(id)
+        | Action::Delete(id)
+        | Action::Info(id)
+        | Action::AbortIncoming(id)
+        | Action::Evict(id) => id,
         Action::Stop(s) => &s.vm_id,
         Action::MigrateIn(m) => m.vm.as_ref().map_or("", |v| &v.vm_id),
         Action::MigrateOut(m) => &m.vm_id,
@@ -308,6 +321,14 @@ impl Vm {
                         pid = r.pid,
                         "re-adopted a VMM waiting for a migration"
                     );
+                    vms.push(vm);
+                } else if resumed_since(&dirs.migration_dir(&id), &dirs.record_path(&id)) {
+                    // The handover happened (the VM ran here), and then its VMM died with the
+                    // agent down, before the record said running.
+                    tracing::warn!(vm = id, "a migrated VM's VMM gone while the agent was down");
+                    r.state = VmState::Failed;
+                    r.pid = 0;
+                    vm.save()?;
                     vms.push(vm);
                 } else {
                     tracing::info!(vm = id, "a migration that never came here: forgotten");
@@ -484,7 +505,9 @@ impl Vm {
     ) -> anyhow::Result<()> {
         let id = self.id().to_string();
         let before = self.record.state;
-        cmd.arg("--serial")
+        cmd.arg("--lease")
+            .arg(crate::lease::file(&self.dirs.state_dir))
+            .arg("--serial")
             .arg(format!("file:{}", self.record.console.display()))
             .arg("--api-socket")
             .arg(&self.record.api_socket);
@@ -758,6 +781,25 @@ impl Vm {
         Ok(())
     }
 
+    /// The VM runs on another host now (restarted there while this one was cut off): its VMM,
+    /// if it still runs, is killed at once — a graceful stop would let the guest write a disk
+    /// that is another VMM's now — and the VM is forgotten, without a tombstone (it may come
+    /// back) and without touching its files on shared storage (they are the VM's).
+    pub fn evict(&mut self) -> anyhow::Result<()> {
+        let pid = self.record.pid;
+        if kill_vmm(pid) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while alive(pid) && Instant::now() < deadline {
+                self.reap();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            anyhow::ensure!(!alive(pid), "VMM {pid} did not die");
+        }
+        self.reap();
+        self.forget();
+        Ok(())
+    }
+
     /// Whether this host still keeps the VM.
     pub fn gone(&self) -> bool {
         self.record.state == VmState::Deleted
@@ -821,6 +863,10 @@ impl Vm {
         }
         let (state, why) = match status {
             Some(st) if st.success() => (VmState::Stopped, "the guest powered off".to_string()),
+            Some(st) if st.code() == Some(vmm_api::lease::FENCED_EXIT) => (
+                VmState::Failed,
+                "fenced: the host's lease lapsed, the VMM stopped the guest".to_string(),
+            ),
             Some(st) => (VmState::Failed, format!("the VMM exited: {st}")),
             None => (VmState::Failed, "the VMM process disappeared".to_string()),
         };
@@ -873,6 +919,17 @@ fn watch_progress<T>(
         done.store(true, std::sync::atomic::Ordering::SeqCst);
         r
     })
+}
+
+/// Whether a handover in `dir` resumed the guest after `record` was last written (an incoming
+/// record is written when its VMM starts waiting, so an older handover is another migration's).
+fn resumed_since(dir: &Path, record: &Path) -> bool {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    handed_over(dir).is_some()
+        && matches!(
+            (modified(&dir.join("resumed")), modified(record)),
+            (Some(r), Some(w)) if r >= w
+        )
 }
 
 fn handed_over(dir: &Path) -> Option<vmm_api::MigrationOutcome> {

@@ -70,6 +70,8 @@ fn wait_until_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 struct HostNet {
     ns: String,
     root_ip: String,
+    /// The root side of the veth: down, the host is cut off.
+    veth: String,
 }
 
 fn ip(args: &[&str]) {
@@ -109,7 +111,7 @@ impl HostNet {
         ]);
         ip(&["-n", &ns, "link", "set", &peer, "up"]);
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        HostNet { ns, root_ip }
+        HostNet { ns, root_ip, veth }
     }
 }
 
@@ -141,6 +143,8 @@ struct Fleet {
     /// A tmpfs the test mounted as the shared storage, unmounted at the end.
     shared_mount: Option<PathBuf>,
     cluster: Option<Cluster>,
+    /// vimd's heartbeat, lease and failover settings.
+    profile: Vec<String>,
 }
 
 /// A 3-node NATS JetStream cluster on this machine, run the way an operator would: each node's
@@ -246,7 +250,13 @@ fn create_args(name: &str) -> [&str; 8] {
 
 impl Fleet {
     fn start(database_url: Option<String>, hosts: &[&str]) -> Fleet {
-        Fleet::start_with(database_url, hosts, false, None)
+        Fleet::start_with(database_url, hosts, false, None, &[])
+    }
+
+    /// A fleet whose hosts hold a short lease (3 s; vimd's default is 30 s, which no other
+    /// test's pauses come near), so failover happens within seconds.
+    fn start_failover(hosts: &[&str]) -> Fleet {
+        Fleet::start_with(None, hosts, false, None, &["--lease-ms", "3000"])
     }
 
     /// With `cluster`, vimd uses a 3-node NATS cluster by URL (replicas 3) instead of its own.
@@ -257,6 +267,7 @@ impl Fleet {
         hosts: &[&str],
         cluster: bool,
         shared_mib: Option<u32>,
+        vimd_args: &[&str],
     ) -> Fleet {
         let bins = bins();
         let _ = bins;
@@ -273,6 +284,7 @@ impl Fleet {
             nets: Vec::new(),
             cluster,
             shared_mount: None,
+            profile: vimd_args.iter().map(|a| a.to_string()).collect(),
         };
         if let Some(mib) = shared_mib {
             let shared = f.state().join("shared");
@@ -425,6 +437,7 @@ impl Fleet {
             // Lost messages are sent again after 5 s (30 s by default), so every test also
             // exercises the handlers' idempotency.
             .args(["--job-resend-ms", "5000"])
+            .args(&self.profile)
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()
@@ -804,19 +817,24 @@ impl Fleet {
     }
 
     fn vmm_pids(&self, vm_id: &str) -> Vec<u32> {
-        let mut pids = Vec::new();
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.contains(&format!("{vm_id}.sock")) && cmd.contains("vmm") {
-                pids.push(pid);
-            }
-        }
-        pids
+        vmm_pids(vm_id)
     }
+}
+
+/// The VMM processes (on any host of any fleet) that run VM `vm_id` or wait for it.
+fn vmm_pids(vm_id: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains(&format!("{vm_id}.sock")) && cmd.contains("vmm") {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 impl Drop for Fleet {
@@ -848,8 +866,12 @@ impl Drop for Fleet {
             };
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let cmd = String::from_utf8_lossy(&cmd);
-            let is_vmm = cmd.split('\0').next().is_some_and(|a| a.ends_with("/vmm"));
-            if is_vmm && cmd.contains(&dir) && !vm_pids.contains(&pid) {
+            // vimd's nats-server too: it outlives vimd by design.
+            let ours = cmd
+                .split('\0')
+                .next()
+                .is_some_and(|a| a.ends_with("/vmm") || a.ends_with("nats-server"));
+            if ours && cmd.contains(&dir) && !vm_pids.contains(&pid) {
                 vm_pids.push(pid);
             }
         }
@@ -1418,7 +1440,7 @@ fn a_host_command_lost_by_nats_is_sent_again() {
 /// SIGKILL the clients fail over and work still flows; no job is lost or done twice.
 #[test]
 fn a_fleet_on_a_three_node_nats_cluster_survives_losing_a_node() {
-    let mut f = Fleet::start_with(None, &["h1"], true, None);
+    let mut f = Fleet::start_with(None, &["h1"], true, None, &[]);
     f.add_test_image();
     let (job, first) = f.create_no_wait("c1");
     f.create_done_once(&job, &first);
@@ -2342,7 +2364,7 @@ fn a_migration_whose_target_cannot_lock_the_disk_leaves_the_vm_on_the_source() {
 /// and the target keeps no VMM, record or tap.
 #[test]
 fn a_migration_that_fills_the_shared_storage_leaves_the_vm_on_the_source() {
-    let f = Fleet::start_with(None, &["h1", "h2"], false, Some(12));
+    let f = Fleet::start_with(None, &["h1", "h2"], false, Some(12), &[]);
     let id = f.create_dirty("full", 16, 64);
     // The guest has dirtied its 16 MiB at 16 MiB/s.
     wait_until("the guest's heartbeats", || f.beats(&id).len() >= 15);
@@ -2615,4 +2637,300 @@ fn a_migration_outlives_the_target_agent() {
         !f.has_event("VM_Failure", target),
         "the adopted VMM was reported as a failure"
     );
+}
+
+// Failover (docs/failover.md).
+
+/// Counts, every 20 ms until `check`, the VMMs running each of some VMs: invariant 1 of
+/// failover is that no VM ever has two.
+struct OneVmmEach {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    seen: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+use std::sync::Arc;
+
+impl OneVmmEach {
+    fn watch(ids: &[String]) -> OneVmmEach {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ids, s) = (ids.to_vec(), stop.clone());
+        let seen = std::thread::spawn(move || {
+            let mut twice = Vec::new();
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                for id in &ids {
+                    let p = vmm_pids(id);
+                    if p.len() > 1 {
+                        twice.push(format!("VM {id} ran in VMMs {p:?} at once"));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            twice
+        });
+        OneVmmEach {
+            stop,
+            seen: Some(seen),
+        }
+    }
+
+    fn check(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let twice = self.seen.take().unwrap().join().unwrap();
+        assert!(twice.is_empty(), "{}", twice.join("\n"));
+    }
+}
+
+/// Invariant 1 again, from the guest's side: every VMM of the VM appends to its console on
+/// shared storage, so two guests running at once would interleave their heartbeat counters.
+/// Each number must follow the one before, or start a new boot's count.
+fn assert_one_counter(id: &str, beats: &[u64]) {
+    for w in beats.windows(2) {
+        assert!(
+            w[1] == w[0] + 1 || w[1] <= 1,
+            "VM {id}: heartbeat {} after {}: two guests counted at once ({beats:?})",
+            w[1],
+            w[0]
+        );
+    }
+}
+
+impl Fleet {
+    /// An image whose guests beat every 100 ms and have a disk (its lock is failover's second
+    /// guard).
+    fn add_failover_image(&self) {
+        let guest = tmp().join("guest/testguest.elf");
+        let disk = self.dir.path().join("failover-disk.img");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        self.ctl_ok(&[
+            "image",
+            "add",
+            "tgha",
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--disk",
+            disk.to_str().unwrap(),
+            "--cmdline",
+            "tg.mode=hold tg.hb_ms=100",
+            "--json",
+        ]);
+    }
+
+    /// A running VM of that image on `host` (created, then migrated there if placement chose
+    /// another), with HA policy `ha`.
+    fn ha_vm_on(&self, name: &str, host: &str, ha: &str) -> String {
+        let (ok, out, err) = self.ctl(&[
+            "vm", "create", "--name", name, "--image", "tgha", "--memory-mib", "64", "--ha", ha,
+        ]);
+        assert!(ok, "{err}");
+        let id = out.trim().to_string();
+        if self.host_of(&id) != host {
+            self.ctl_ok(&["vm", "migrate", &id, "--to", host, "--json"]);
+            wait_until("the migration", || {
+                let v = self.ctl_ok(&["vm", "show", &id]);
+                v["host_id"] == host && v["state"] == "running"
+            });
+        }
+        wait_until("the guest's heartbeats", || self.beats(&id).len() >= 3);
+        id
+    }
+
+    /// Cuts host `host` off the network (its veth down), or joins it again.
+    fn cut(&self, host: &str, off: bool) {
+        let net = &self.nets.iter().find(|(h, _)| h == host).unwrap().1;
+        ip(&["link", "set", &net.veth, if off { "down" } else { "up" }]);
+    }
+
+    /// The events of `kind`, oldest first.
+    fn events_of(&self, kind: &str) -> Vec<Value> {
+        let mut e: Vec<Value> = self
+            .events()
+            .into_iter()
+            .filter(|e| e["kind"] == kind)
+            .collect();
+        e.reverse();
+        e
+    }
+
+    /// Waits until VM `id` runs on a host other than `not` (restarted there), and its guest
+    /// beats there.
+    fn wait_restarted(&self, id: &str, not: &str) -> String {
+        wait_until_for("the VM restarted elsewhere", Duration::from_secs(60), || {
+            let v = self.ctl_ok(&["vm", "show", id]);
+            v["state"] == "running" && v["host_id"] != not
+        });
+        let host = self.host_of(id);
+        let n = self.beats(id).len();
+        wait_until("the restarted guest's heartbeats", || {
+            self.beats(id).len() >= n + 3
+        });
+        host
+    }
+}
+
+/// A host that crashes (its agent and VMMs killed at once): each of its VMs with HA policy
+/// `restart` boots again on another host, with its id, MAC and disk — after vimd has judged the
+/// host's lease lapsed — while one with `off` stays where it was. No VM ever runs twice. When
+/// the host comes back, it keeps nothing of the VMs that moved, and starts none of them again.
+#[test]
+fn a_crashed_hosts_vms_run_again_elsewhere_and_never_twice() {
+    let mut f = Fleet::start_failover(&["h1", "h2", "h3"]);
+    f.add_failover_image();
+    let a = f.ha_vm_on("a", "h1", "restart");
+    let b = f.ha_vm_on("b", "h1", "restart");
+    let off = f.ha_vm_on("off", "h1", "off");
+    let mac = f.ctl_ok(&["vm", "show", &a])["mac"].clone();
+    let watch = OneVmmEach::watch(&[a.clone(), b.clone(), off.clone()]);
+    let vmms: Vec<u32> = [&a, &b, &off].iter().flat_map(|id| f.vmm_pids(id)).collect();
+    assert_eq!(vmms.len(), 3);
+    f.kill_agent("h1");
+    for p in &vmms {
+        let out = Command::new("ps").args(["-o", "pid,stat,etimes,args", "-p", &p.to_string()]).output().unwrap();
+        eprintln!("DEBUG {}", String::from_utf8_lossy(&out.stdout));
+        let _ = Command::new("kill").args(["-KILL", &p.to_string()]).status();
+    }
+    eprintln!("DEBUG agent log:\n{}", f.log_tail("agent-h1.log", 30));
+    let to_a = f.wait_restarted(&a, "h1");
+    let to_b = f.wait_restarted(&b, "h1");
+    assert_ne!(to_a, "h1");
+    assert_ne!(to_b, "h1");
+    let va = f.ctl_ok(&["vm", "show", &a]);
+    assert_eq!(va["mac"], mac, "the restarted VM has another MAC");
+    assert!(disk_locked(Path::new(va["disk_path"].as_str().unwrap())));
+    // The events tell the story, in order: the host silent, fenced, each VM's failover.
+    let fenced = f.events_of("Host_Fenced");
+    assert!(fenced.iter().any(|e| e["host_id"] == "h1"), "{fenced:?}");
+    for id in [&a, &b] {
+        let started = f.events_of("VM_Failover_Started");
+        assert!(started.iter().any(|e| e["vm_id"] == id.as_str()));
+        let done = f.events_of("VM_Restarted");
+        let e = done
+            .iter()
+            .find(|e| e["vm_id"] == id.as_str())
+            .expect("no VM_Restarted");
+        let d: Value = serde_json::from_str(e["detail"].as_str().unwrap()).unwrap();
+        assert_eq!(d["from"], "h1");
+        assert!(d["outage_s"].as_f64().unwrap() > 0.0, "{d}");
+    }
+    // HA off: left where it was, not running anywhere.
+    let v = f.ctl_ok(&["vm", "show", &off]);
+    assert_eq!(v["host_id"], "h1");
+    assert_eq!(v["state"], "unknown");
+    assert!(f.vmm_pids(&off).is_empty());
+
+    // h1 comes back: it forgets a and b (they run elsewhere), keeps `off` (failed: its VMM died)
+    // and starts nothing.
+    f.start_agent("h1");
+    f.wait_forgotten("h1", &a);
+    f.wait_forgotten("h1", &b);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while f.ctl_ok(&["vm", "show", &off])["state"] != "failed" {
+        assert!(
+            Instant::now() < deadline,
+            "the HA-off VM: {}\nagent:\n{}\nvimd:\n{}",
+            f.ctl_ok(&["vm", "show", &off]),
+            f.log_tail("agent-h1.log", 30),
+            f.log_tail("vimd.log", 30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    for (id, host) in [(&a, &to_a), (&b, &to_b)] {
+        assert_eq!(&f.host_of(id), host);
+        assert_eq!(f.vmm_pids(id).len(), 1);
+    }
+    assert!(f.vmm_pids(&off).is_empty());
+    watch.check();
+    for id in [&a, &b, &off] {
+        assert_one_counter(id, &f.beats(id));
+    }
+}
+
+/// A host cut off from the network (its link down) cannot renew its lease: its VMMs stop their
+/// guests by themselves, and only after that does the VM run on another host. When the link
+/// comes back the host starts nothing again and forgets the VM.
+#[test]
+fn a_partitioned_host_fences_itself_before_its_vm_runs_elsewhere() {
+    let f = Fleet::start_failover(&["h1", "h2", "h3"]);
+    f.add_failover_image();
+    let id = f.ha_vm_on("p", "h1", "restart");
+    let watch = OneVmmEach::watch(std::slice::from_ref(&id));
+    let first = f.vmm_pids(&id);
+    assert_eq!(first.len(), 1);
+    f.cut("h1", true);
+    // The VMM on h1 stops by itself (nothing reaches h1 to stop it), saying why.
+    wait_until_for("the cut-off VMM to fence itself", Duration::from_secs(30), || {
+        f.vmm_pids(&id).is_empty()
+    });
+    let log = std::fs::read_to_string(
+        f.dir.path().join(format!("agent-h1/vms/{id}.vmm.log")),
+    )
+    .unwrap_or_default();
+    assert!(log.contains("vmm: fenced"), "the VMM did not fence itself:\n{log}");
+    let to = f.wait_restarted(&id, "h1");
+    f.cut("h1", false);
+    f.wait_forgotten("h1", &id);
+    wait_until("h1 reachable again", || {
+        f.ctl_ok(&["hosts", "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["id"] == "h1" && h["state"] == "reachable")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(f.host_of(&id), to);
+    assert_eq!(f.vmm_pids(&id).len(), 1);
+    assert!(f.has_event("VM_Evicted", "h1") || !f.dir.path().join(format!("agent-h1/vms/{id}.json")).exists());
+    watch.check();
+    assert_one_counter(&id, &f.beats(&id));
+}
+
+/// vimd killed for 30 s: the hosts keep their leases (the queue outlives vimd) and their VMs;
+/// the vimd that starts again does not take its own silence for theirs: nothing is fenced or
+/// restarted, and the VMs run on in the same VMMs.
+#[test]
+fn vimd_down_for_30_s_fences_and_restarts_nothing() {
+    let mut f = Fleet::start_failover(&["h1", "h2"]);
+    f.add_failover_image();
+    let a = f.ha_vm_on("a", "h1", "restart");
+    let b = f.ha_vm_on("b", "h2", "restart");
+    let before: Vec<Vec<u32>> = [&a, &b].iter().map(|id| f.vmm_pids(id)).collect();
+    let beats = f.beats(&a).len();
+    f.kill_vimd();
+    std::thread::sleep(Duration::from_secs(30));
+    assert!(f.beats(&a).len() > beats + 100, "the guest stopped while vimd was down");
+    f.start_vimd();
+    // Detection (1.5 s) and the lease (3 s) many times over.
+    std::thread::sleep(Duration::from_secs(10));
+    let after: Vec<Vec<u32>> = [&a, &b].iter().map(|id| f.vmm_pids(id)).collect();
+    assert_eq!(before, after, "a VM was stopped or restarted");
+    for kind in ["Host_Fenced", "VM_Failover_Started", "VM_Restarted"] {
+        assert!(f.events_of(kind).is_empty(), "{kind}: {:?}", f.events_of(kind));
+    }
+    for id in [&a, &b] {
+        assert_eq!(f.ctl_ok(&["vm", "show", id])["state"], "running");
+    }
+}
+
+/// Two of three hosts silent at once: vimd suspects its own network, raises
+/// `Failover_Suspended`, and fences and restarts nothing.
+#[test]
+fn more_than_half_the_hosts_silent_suspends_failover() {
+    let f = Fleet::start_failover(&["h1", "h2", "h3"]);
+    f.add_failover_image();
+    let a = f.ha_vm_on("a", "h1", "restart");
+    let b = f.ha_vm_on("b", "h2", "restart");
+    f.cut("h1", true);
+    f.cut("h2", true);
+    wait_until_for("Failover_Suspended", Duration::from_secs(30), || {
+        !f.events_of("Failover_Suspended").is_empty()
+    });
+    // Long past the point where a single silent host's VMs would have been restarted.
+    std::thread::sleep(Duration::from_secs(8));
+    for kind in ["Host_Fenced", "VM_Failover_Started", "VM_Restarted"] {
+        assert!(f.events_of(kind).is_empty(), "{kind}: {:?}", f.events_of(kind));
+    }
+    assert_eq!(f.host_of(&a), "h1");
+    assert_eq!(f.host_of(&b), "h2");
+    f.cut("h1", false);
+    f.cut("h2", false);
 }

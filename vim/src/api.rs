@@ -244,6 +244,7 @@ pub fn router(v: Arc<Vimd>) -> Router {
         .route("/vms/:id/start", post(start_vm))
         .route("/vms/:id/stop", post(stop_vm))
         .route("/vms/:id/migrate", post(migrate_vm))
+        .route("/vms/:id/ha", axum::routing::put(set_ha))
         .route("/vms/:id/console", get(console))
         .route("/jobs", get(list_jobs))
         .route("/jobs/:id", get(show_job))
@@ -559,6 +560,9 @@ struct CreateVm {
     /// A NIC on its host's bridge (the default), with a MAC fixed for the VM's life.
     #[serde(default = "yes")]
     net: bool,
+    /// What failover does when its host fails (default `restart`).
+    #[serde(default)]
+    ha: db::HaPolicy,
 }
 
 fn yes() -> bool {
@@ -596,6 +600,7 @@ async fn create_vm(State(v): St, h: Req, b: Result<Json<CreateVm>, JsonRejection
             } else {
                 String::new()
             },
+            ha: req.ha,
             ..db::Vm::default()
         };
         let job = db::Job::new(db::JobKind::Create, &who.name, &vm.id);
@@ -698,6 +703,28 @@ async fn migrate_vm(
             ..Default::default()
         };
         accepted(queue_migration(&v, &who, &vm.id, &params).await?)
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetHa {
+    ha: db::HaPolicy,
+}
+
+/// Sets a VM's HA policy (`restart` or `off`): what failover does when its host fails.
+async fn set_ha(
+    State(v): St,
+    h: Req,
+    Path(id): Path<String>,
+    b: Result<Json<SetHa>, JsonRejection>,
+) -> Response {
+    call(&v, &h, "vms.set_ha", &id.clone(), |v, who| async move {
+        let req = body(b)?;
+        let vm = owned_vm(&v, &who, &id).await?;
+        v.db.set_ha(&vm.id, req.ha).await?;
+        ok(json!(owned_vm(&v, &who, &id).await?))
     })
     .await
 }

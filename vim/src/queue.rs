@@ -21,10 +21,52 @@ use crate::db::Host;
 /// is stored once).
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
 
-/// A `nats-server` child of vimd.
+/// vimd's own `nats-server`. It outlives vimd — a vimd that crashes or restarts must not take
+/// the queue with it, or every host's lease would lapse and its VMs stop (docs/failover.md) —
+/// and the next vimd adopts it by the pid file in its directory. To stop it, kill that pid.
 pub struct EmbeddedNats {
     server: Server,
-    child: std::sync::Mutex<Child>,
+    process: std::sync::Mutex<Process>,
+}
+
+/// The server process: started by this vimd, or adopted from an earlier one.
+enum Process {
+    Child(Child),
+    Adopted(u32),
+}
+
+impl Process {
+    fn pid(&self) -> u32 {
+        match self {
+            Process::Child(c) => c.id(),
+            Process::Adopted(p) => *p,
+        }
+    }
+
+    /// Whether it has exited (a child is reaped).
+    fn exited(&mut self, conf: &Path) -> Option<String> {
+        match self {
+            Process::Child(c) => c.try_wait().ok().flatten().map(|st| st.to_string()),
+            Process::Adopted(p) => (!serves(*p, conf)).then(|| "gone".to_string()),
+        }
+    }
+}
+
+/// Whether `pid` is a live nats-server run with configuration `conf`.
+fn serves(pid: u32, conf: &Path) -> bool {
+    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().next())
+        == Some("Z");
+    let cmd = String::from_utf8_lossy(&cmd);
+    let mut args = cmd.split('\0');
+    !zombie
+        && args.next().is_some_and(|a| a.ends_with("nats-server"))
+        && args.any(|a| Path::new(a) == conf)
 }
 
 /// Where the embedded server lives and how vimd reaches it.
@@ -69,17 +111,32 @@ impl EmbeddedNats {
             vimd_password,
         };
         server.write_config(hosts)?;
-        // A previous vimd's server may still be shutting down (it gets SIGTERM when its vimd
-        // dies): wait for the port, or the new server fails to bind and we would talk to the old.
-        let free_by = std::time::Instant::now() + Duration::from_secs(15);
-        while std::net::TcpListener::bind(listen).is_err() {
-            if std::time::Instant::now() > free_by {
-                anyhow::bail!("{listen} stays in use (another nats-server?)");
+        // The server an earlier vimd started runs on: adopted, with today's configuration.
+        let running = std::fs::read_to_string(dir.join("nats.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .filter(|p| serves(*p, &server.conf));
+        let process = match running {
+            Some(pid) => {
+                tracing::info!(pid, "adopting the running nats-server");
+                signal(pid, libc::SIGHUP)?;
+                Process::Adopted(pid)
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            None => {
+                // Whatever held the port before (a server being stopped) must let go first, or
+                // the new server fails to bind and we would talk to the old.
+                let free_by = std::time::Instant::now() + Duration::from_secs(15);
+                while std::net::TcpListener::bind(listen).is_err() {
+                    if std::time::Instant::now() > free_by {
+                        anyhow::bail!("{listen} stays in use (another nats-server?)");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Process::Child(server.spawn()?)
+            }
+        };
         let n = EmbeddedNats {
-            child: std::sync::Mutex::new(server.spawn()?),
+            process: std::sync::Mutex::new(process),
             server,
         };
         // Ready when it accepts connections.
@@ -89,7 +146,7 @@ impl EmbeddedNats {
                 drop(c);
                 break;
             }
-            if let Ok(Some(st)) = n.lock().try_wait() {
+            if let Some(st) = n.lock().exited(&n.server.conf) {
                 anyhow::bail!(
                     "nats-server exited ({st}); see {}",
                     dir.join("nats.log").display()
@@ -103,17 +160,17 @@ impl EmbeddedNats {
         Ok(n)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Child> {
-        crate::lock(&self.child)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Process> {
+        crate::lock(&self.process)
     }
 
     /// Restarts the server if it died (it keeps its data: JetStream recovers from its store).
     pub fn supervise(&self) {
         let mut c = self.lock();
-        if let Ok(Some(st)) = c.try_wait() {
+        if let Some(st) = c.exited(&self.server.conf) {
             tracing::error!(status = %st, "nats-server exited; restarting it");
             match self.server.spawn() {
-                Ok(n) => *c = n,
+                Ok(n) => *c = Process::Child(n),
                 Err(e) => tracing::error!(error = %e, "cannot restart nats-server"),
             }
         }
@@ -131,11 +188,16 @@ impl EmbeddedNats {
     /// Rewrites the users and tells the server to reload them.
     pub fn reload(&self, hosts: &[Host]) -> Result<()> {
         self.server.write_config(hosts)?;
-        // SAFETY: kill(2) with our own child's pid and SIGHUP (nats-server reloads its config).
-        let r = unsafe { libc::kill(self.lock().id() as i32, libc::SIGHUP) };
-        anyhow::ensure!(r == 0, "cannot signal nats-server to reload");
-        Ok(())
+        signal(self.lock().pid(), libc::SIGHUP)
     }
+}
+
+/// Signals our nats-server (SIGHUP: reload the configuration).
+fn signal(pid: u32, sig: i32) -> Result<()> {
+    // SAFETY: kill(2) on the nats-server vimd started or adopted (checked to be one).
+    let r = unsafe { libc::kill(pid as i32, sig) };
+    anyhow::ensure!(r == 0, "cannot signal nats-server {pid}");
+    Ok(())
 }
 
 impl Server {
@@ -151,11 +213,12 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        // SAFETY: prctl in the forked child before exec, async-signal-safe: the server goes when
-        // vimd goes, even on SIGKILL, so a restarted vimd finds its port free.
+        // SAFETY: setsid in the forked child before exec, async-signal-safe: a session of its
+        // own, so the signals of vimd's terminal or process group do not reach the queue the
+        // hosts' leases depend on.
         unsafe {
             cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -191,7 +254,9 @@ impl Server {
              listen: \"{listen}\"\n\
              max_payload: 1MB\n\
              tls {{ cert_file: \"{cert}\", key_file: \"{key}\", timeout: 5 }}\n\
+             pid_file: \"{pid}\"\n\
              jetstream {{ store_dir: \"{store}\" }}\n{accounts}",
+            pid = self.dir.join("nats.pid").display(),
             listen = self.listen,
             cert = self.pki.server_cert().display(),
             key = self.pki.server_key().display(),
@@ -253,14 +318,6 @@ impl AccountsFile {
     }
 }
 
-impl Drop for EmbeddedNats {
-    fn drop(&mut self) {
-        let mut c = self.lock();
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-}
-
 /// A host's NATS user: it may publish its heartbeats and events, pull from its own command
 /// consumer and ack those messages, and receive replies only on its own inbox prefix.
 fn host_user(h: &Host) -> String {
@@ -273,6 +330,9 @@ fn host_user(h: &Host) -> String {
         format!("$JS.API.CONSUMER.MSG.NEXT.{}.{consumer}", s::COMMAND_STREAM),
         format!("$JS.API.CONSUMER.INFO.{}.{consumer}", s::COMMAND_STREAM),
         format!("$JS.API.STREAM.INFO.{}", s::COMMAND_STREAM),
+        // Its lease: renewals on its own subject, and the stream's description (the length).
+        s::lease(id),
+        format!("$JS.API.STREAM.INFO.{}", s::LEASE_STREAM),
         format!("$JS.ACK.{}.{consumer}.>", s::COMMAND_STREAM),
         "$JS.API.INFO".to_string(),
     ];
@@ -297,6 +357,7 @@ fn host_user(h: &Host) -> String {
 /// oldest of its own messages go first).
 pub const STREAM_MAX_BYTES: i64 = 1 << 30;
 pub const DEAD_LETTER_MAX_BYTES: i64 = 256 << 20;
+pub const LEASE_MAX_BYTES: i64 = 64 << 20;
 /// Per host subject: events waiting for vimd, and dead letters kept.
 pub const EVENTS_PER_HOST: i64 = 100_000;
 pub const DEAD_LETTERS_PER_SUBJECT: i64 = 1_000;
@@ -305,7 +366,9 @@ pub const DEAD_LETTERS_PER_SUBJECT: i64 = 1_000;
 pub const STREAM_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The streams' configurations.
-pub fn stream_configs(replicas: usize) -> Vec<stream::Config> {
+/// `lease_ms` is the hosts' lease (docs/failover.md), which the lease stream's description hands
+/// to the agents.
+pub fn stream_configs(replicas: usize, lease_ms: u64) -> Vec<stream::Config> {
     let work = |name: &str, subjects: Vec<String>| stream::Config {
         name: name.into(),
         subjects,
@@ -336,12 +399,28 @@ pub fn stream_configs(replicas: usize) -> Vec<stream::Config> {
             discard: stream::DiscardPolicy::Old,
             ..Default::default()
         },
+        // The newest renewal of each host's lease, nothing older.
+        stream::Config {
+            name: s::LEASE_STREAM.into(),
+            description: Some(vim_proto::lease_description(lease_ms)),
+            subjects: vec![s::ALL_LEASES.into()],
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            max_bytes: LEASE_MAX_BYTES,
+            max_messages_per_subject: 1,
+            discard: stream::DiscardPolicy::Old,
+            ..Default::default()
+        },
     ]
 }
 
 /// Declares the streams (idempotent); a stream made by an older vimd gets today's limits.
-pub async fn declare_streams(js: &jetstream::Context, replicas: usize) -> Result<()> {
-    let configs = stream_configs(replicas);
+pub async fn declare_streams(
+    js: &jetstream::Context,
+    replicas: usize,
+    lease_ms: u64,
+) -> Result<()> {
+    let configs = stream_configs(replicas, lease_ms);
     let reserved: i64 = configs.iter().map(|c| c.max_bytes).sum();
     for want in configs {
         let name = want.name.clone();
@@ -362,7 +441,8 @@ pub async fn declare_streams(js: &jetstream::Context, replicas: usize) -> Result
             && have.max_bytes == want.max_bytes
             && have.max_age == want.max_age
             && have.max_messages_per_subject == want.max_messages_per_subject
-            && have.discard == want.discard;
+            && have.discard == want.discard
+            && have.description == want.description;
         if !same {
             tracing::info!(stream = name, "updating the stream's subjects and limits");
             js.update_stream(want)

@@ -21,6 +21,7 @@ pub mod arch;
 pub mod boot;
 pub mod builder;
 pub mod config;
+pub mod lease;
 pub mod devices;
 pub mod memory;
 pub mod migrate;

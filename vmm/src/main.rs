@@ -101,6 +101,10 @@ struct RunArgs {
     /// A virtio-vsock device, `cid=N,socket=PATH` (host side: see docs/vsock.md).
     #[arg(long)]
     vsock: Option<String>,
+    /// The host's lease file (written by the agent): the guest is stopped the moment the lease
+    /// lapses or the file cannot be read (docs/failover.md).
+    #[arg(long, value_name = "FILE")]
+    lease: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -154,6 +158,9 @@ enum CtlCommand {
 
 fn run(args: RunArgs) -> Result<i32> {
     let serial: SerialOutput = args.serial.parse()?;
+    if let Some(l) = args.lease.clone() {
+        vmm::lease::watch(l)?;
+    }
     if let Some(dir) = &args.incoming {
         let wait = Duration::from_millis(args.incoming_timeout_ms);
         return incoming(dir, wait, serial, args.api_socket);

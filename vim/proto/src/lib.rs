@@ -143,6 +143,14 @@ pub mod subjects {
         format!("agent-{host_id}")
     }
     pub const EVENT_CONSUMER: &str = "vimd-events";
+    /// Agents renew their leases here (stream `LEASE_STREAM`, the newest kept per host); the
+    /// stream's description carries the lease vimd sets (`lease_ms=N`).
+    pub const LEASE_STREAM: &str = "VIM_LEASES";
+    pub fn lease(host_id: &str) -> String {
+        format!("vim.lease.{host_id}")
+    }
+    pub const ALL_LEASES: &str = "vim.lease.*";
+    pub const LEASES_PREFIX: &str = "vim.lease";
     /// The inbox prefix a host's connection must use: its replies arrive there, and only there
     /// may it subscribe.
     pub fn inbox_prefix(host_id: &str) -> String {
@@ -227,6 +235,7 @@ names!(VmState {
     Unknown => "unknown",
     Migrating => "migrating",
     Incoming => "incoming",
+    PendingRestart => "pending_restart",
 });
 
 names!(EventKind {
@@ -243,6 +252,8 @@ names!(EventKind {
     VmMigrated => "VM_Migrated",
     VmIncomingAborted => "VM_Incoming_Aborted",
     VmMigrationProgress => "VM_Migration_Progress",
+    VmEvicted => "VM_Evicted",
+    HostSelfFenced => "Host_Self_Fenced",
     JobSent => "Job_Sent",
     JobFailed => "Job_Failed",
     HostRegistered => "Host_Registered",
@@ -251,6 +262,11 @@ names!(EventKind {
     PsUnreachable => "PS_Unreachable",
     VmMigrating => "VM_Migrating",
     VmMigrationFailed => "VM_Migration_Failed",
+    HostFenced => "Host_Fenced",
+    VmFailoverStarted => "VM_Failover_Started",
+    VmRestarted => "VM_Restarted",
+    VmFailoverFailed => "VM_Failover_Failed",
+    FailoverSuspended => "Failover_Suspended",
 });
 
 impl VmState {
@@ -285,6 +301,8 @@ impl EventKind {
                 | EventKind::VmMigrated
                 | EventKind::VmIncomingAborted
                 | EventKind::VmMigrationProgress
+                | EventKind::VmEvicted
+                | EventKind::HostSelfFenced
         )
     }
 }
@@ -311,7 +329,19 @@ macro_rules! versioned {
         }
     )*};
 }
-versioned!(HostCommand, Heartbeat, HostEvent, Job);
+versioned!(HostCommand, Heartbeat, HostEvent, Job, LeaseRenewal);
+
+/// The lease vimd sets, as the lease stream's description carries it to the agents: they read
+/// it there, so it reaches them while vimd is down too. `0` means no failover: hosts hold no
+/// lease and never fence themselves.
+pub fn lease_description(lease_ms: u64) -> String {
+    format!("lease_ms={lease_ms}")
+}
+
+/// The lease in a lease stream's description (`None`: not one vimd wrote).
+pub fn parse_lease_description(d: &str) -> Option<u64> {
+    d.strip_prefix("lease_ms=")?.parse().ok()
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum DecodeError {

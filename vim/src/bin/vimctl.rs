@@ -145,8 +145,17 @@ enum VmCmd {
         /// No NIC (by default a VM gets one on its host's bridge, with a MAC fixed for life).
         #[arg(long = "no-net")]
         no_net: bool,
+        /// When its host fails: `restart` it on another host (default) or leave it (`off`).
+        #[arg(long, default_value = "restart", value_parser = ["restart", "off"])]
+        ha: String,
         #[command(flatten)]
         wait: Wait,
+    },
+    /// Set a VM's HA policy: `restart` (on another host when its host fails) or `off`.
+    SetHa {
+        id: String,
+        #[arg(value_parser = ["restart", "off"])]
+        mode: String,
     },
     /// List the VMs (a consumer sees its own).
     List,
@@ -549,13 +558,19 @@ fn run(cli: Cli) -> Result<()> {
                 vcpus,
                 memory_mib,
                 no_net,
+                ha,
                 wait,
             } => job_cmd(
                 "/vms".into(),
                 json!({"name": name, "image": image, "vcpus": vcpus, "memory_mib": memory_mib,
-                       "net": !no_net}),
+                       "net": !no_net, "ha": ha}),
                 &wait,
             )?,
+            VmCmd::SetHa { id, mode } => print(&api.req(
+                reqwest::Method::PUT,
+                &format!("/vms/{id}/ha"),
+                Some(json!({"ha": mode})),
+            )?),
             VmCmd::List => {
                 listing(
                     "/vms",

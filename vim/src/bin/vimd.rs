@@ -82,6 +82,18 @@ struct Args {
     /// Missed heartbeats in a row before a host is unreachable.
     #[arg(long = "misses", default_value_t = 3)]
     misses: i64,
+    /// The hosts' lease: an agent that cannot renew it for this long stops its VMs, and only
+    /// then are they restarted elsewhere (docs/failover.md). 0: no failover.
+    #[arg(long = "lease-ms", default_value_t = 30_000)]
+    lease_ms: u64,
+    /// Time added to the lease before vimd counts it lapsed: clock-rate differences, and the
+    /// VMMs' 20 ms between looks at the lease.
+    #[arg(long = "lease-margin-ms", default_value_t = 500)]
+    lease_margin_ms: u64,
+    /// When more than this share of the hosts (percent) is silent at once, vimd suspects its own
+    /// network: it fences nothing and restarts nothing, and raises `Failover_Suspended`.
+    #[arg(long = "failover-max-silent-percent", default_value_t = 50)]
+    failover_max_silent_percent: u32,
     /// A job not taken by a worker, or not answered by its host, for this long has its message
     /// sent again (handlers are idempotent by job id).
     #[arg(long = "job-resend-ms", default_value_t = 30_000)]
@@ -284,7 +296,7 @@ async fn run(a: Args) -> Result<()> {
     let js = async_nats::jetstream::new(nats.clone());
     // A cluster that has just started elects its JetStream leader first: retry for a while.
     let mut tries = 0;
-    while let Err(e) = queue::declare_streams(&js, a.replicas).await {
+    while let Err(e) = queue::declare_streams(&js, a.replicas, a.lease_ms).await {
         tries += 1;
         anyhow::ensure!(tries < 60, "cannot declare the JetStream streams: {e:#}");
         tracing::info!(error = %e, "JetStream not ready; retrying");
@@ -317,6 +329,11 @@ async fn run(a: Args) -> Result<()> {
             misses_for_unreachable: a.misses.max(1),
         },
         job_resend: Duration::from_millis(a.job_resend_ms.max(100)),
+        failover: vim::server::failover::Failover::new(
+            Duration::from_millis(a.lease_ms),
+            Duration::from_millis(a.lease_margin_ms),
+            a.failover_max_silent_percent.min(100),
+        ),
         liveness: Default::default(),
         events,
         logins: vim::auth::LoginLimiter::new(a.failed_logins_per_minute),
@@ -337,6 +354,7 @@ async fn run(a: Args) -> Result<()> {
     server::run_job_workers(v.clone(), a.workers.max(1)).await?;
     server::run_event_consumer(v.clone()).await?;
     server::run_monitor(v.clone()).await?;
+    server::failover::run(v.clone()).await?;
     server::run_reconciler(v.clone()).await;
     server::run_housekeeping(v.clone());
     let listener = tokio::net::TcpListener::bind(&a.listen)
@@ -363,7 +381,7 @@ async fn run(a: Args) -> Result<()> {
         }
     })
     .await?;
-    // The embedded nats-server stops with `v` (its Drop).
+    // The embedded nats-server runs on (the hosts' leases depend on it); the next vimd adopts it.
     drop(v);
     Ok(())
 }

@@ -208,15 +208,17 @@ impl Db {
                     .await?;
                 // A migrating VM's fate is its migration's: the source's VMM may hand it over
                 // while the source's agent is silent.
+                // Only VMs that ran: failover restarts the `unknown` ones, never one that was
+                // stopped.
                 if c.state == HostState::Unreachable {
                     sqlx::query(
                         "UPDATE vms SET state = $2, state_at = $5
-                         WHERE host_id = $1 AND state NOT IN ($3, $4)",
+                         WHERE host_id = $1 AND state IN ($3, $4)",
                     )
                     .bind(&c.host)
                     .bind(VmState::Unknown.as_str())
-                    .bind(VmState::Deleted.as_str())
-                    .bind(VmState::Migrating.as_str())
+                    .bind(VmState::Running.as_str())
+                    .bind(VmState::Creating.as_str())
                     .bind(super::now_ms())
                     .execute(&mut *tx)
                     .await?;

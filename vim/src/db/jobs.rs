@@ -23,6 +23,10 @@ pub enum JobKind {
     MigrateOut,
     /// The target host stops its waiting VMM: the migration will not come.
     AbortIncoming,
+    /// Failover: the VM boots again on another host (its own failed).
+    Restart,
+    /// A host that was cut off stops and forgets a VM that runs elsewhere now.
+    Evict,
 }
 
 vim_proto::names!(JobKind {
@@ -34,6 +38,8 @@ vim_proto::names!(JobKind {
     MigrateIn => "migrate-in",
     MigrateOut => "migrate-out",
     AbortIncoming => "abort-incoming",
+    Restart => "restart",
+    Evict => "evict",
 });
 
 /// Where a job is: written (`pending`), its command sent (`running`), answered (`done` or
@@ -154,8 +160,8 @@ impl Db {
         let mut tx = self.writer.begin().await?;
         if let Some(v) = new_vm {
             sqlx::query(
-                "INSERT INTO vms (id, name, owner, image, vcpus, memory_mib, state, created_at, mac)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                "INSERT INTO vms (id, name, owner, image, vcpus, memory_mib, state, created_at, mac, ha)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             )
             .bind(&v.id)
             .bind(&v.name)
@@ -166,6 +172,7 @@ impl Db {
             .bind(v.state.as_str())
             .bind(v.created_at)
             .bind(&v.mac)
+            .bind(v.ha.as_str())
             .execute(&mut *tx)
             .await?;
         }

@@ -19,7 +19,7 @@ pub use images::Image;
 pub use jobs::Job;
 pub use jobs::{JobKind, JobState};
 pub use vim_proto::{EventKind, VmState};
-pub use vms::Vm;
+pub use vms::{HaPolicy, Vm};
 
 use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;

@@ -33,7 +33,24 @@ pub struct Vm {
     pub last_migration: String,
     /// Its NIC's MAC, the same on every host; empty: no NIC.
     pub mac: String,
+    /// What failover does with it when its host fails.
+    pub ha: HaPolicy,
 }
+
+/// A VM's high-availability policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HaPolicy {
+    /// Boot it again from its disk on another host when its host fails.
+    #[default]
+    Restart,
+    /// Leave it where it was.
+    Off,
+}
+
+vim_proto::names!(HaPolicy {
+    Restart => "restart",
+    Off => "off",
+});
 
 /// A JSON text column as the JSON it holds (null when empty or unreadable).
 pub(super) fn json_or_null<S: serde::Serializer>(text: &str, s: S) -> Result<S::Ok, S::Error> {
@@ -60,6 +77,7 @@ fn vm(r: &AnyRow) -> Result<Vm, sqlx::Error> {
         created_at: r.try_get("created_at")?,
         last_migration: r.try_get("last_migration")?,
         mac: r.try_get("mac")?,
+        ha: named(r, "ha")?,
     })
 }
 
@@ -198,6 +216,34 @@ impl Db {
         .bind(now_ms())
         .execute(&self.writer)
         .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// A restart's placement: the VM moves from `from` (its failed host) to `to`, to be created
+    /// there; false if it is no longer on `from` or was deleted.
+    pub async fn move_vm(&self, id: &str, from: &str, to: &str) -> Result<bool, DbError> {
+        let r = sqlx::query(
+            "UPDATE vms SET host_id = $1, state = $2, pid = 0, report_seq = 0, state_at = $3
+             WHERE id = $4 AND host_id = $5 AND state <> $6",
+        )
+        .bind(to)
+        .bind(VmState::Creating.as_str())
+        .bind(now_ms())
+        .bind(id)
+        .bind(from)
+        .bind(VmState::Deleted.as_str())
+        .execute(&self.writer)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Sets a VM's HA policy; false if there is no such VM.
+    pub async fn set_ha(&self, id: &str, ha: HaPolicy) -> Result<bool, DbError> {
+        let r = sqlx::query("UPDATE vms SET ha = $1 WHERE id = $2")
+            .bind(ha.as_str())
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
         Ok(r.rows_affected() == 1)
     }
 

@@ -46,10 +46,11 @@ impl Vimd {
         }
         // A migration step's report is about one side of the move; the migration decides the
         // VM's state and host.
+        // An eviction's report is about the copy on the host that came back, not the VM.
         let step = checked
             .job
             .as_ref()
-            .is_some_and(|j| !j.parent_id.is_empty());
+            .is_some_and(|j| !j.parent_id.is_empty() || j.kind == JobKind::Evict);
         if let Some(v) = ev.vm.as_ref().filter(|_| !step) {
             self.db
                 .set_vm_state(&checked.vm_id, v.state(), i64::from(v.pid), v.seq)
@@ -74,8 +75,16 @@ impl Vimd {
                     .set_vm_state(&checked.vm_id, VmState::Failed, 0, 0)
                     .await?;
             }
-            if step {
+            if step && job.kind != JobKind::Evict {
                 self.migration_answer(job, &ev).await?;
+            }
+            if job.kind == JobKind::Restart {
+                if !ev.ok {
+                    self.db
+                        .set_vm_state(&checked.vm_id, VmState::Failed, 0, 0)
+                        .await?;
+                }
+                self.restart_answer(job, &ev).await;
             }
             if ev.ok && job.kind == JobKind::Delete {
                 // Its disk copy goes with it (the image's disk stays).
@@ -88,7 +97,8 @@ impl Vimd {
             }
         }
         let kind = ev.kind();
-        let detail = if ev.ok { String::new() } else { ev.error };
+        // An answer's error, or what a report says (a fence's).
+        let detail = ev.error;
         self.event(kind, sender, &checked.vm_id, &ev.job_id, &detail)
             .await;
         Ok(())
@@ -164,6 +174,13 @@ impl Vimd {
         let vm_id = match (ev.kind(), &ev.vm, &ev.progress) {
             (EventKind::VmFailure, Some(r), None) => &r.vm_id,
             (EventKind::VmMigrationProgress, None, Some(p)) => &p.vm_id,
+            // About the host itself.
+            (EventKind::HostSelfFenced, None, None) => {
+                return Ok(Ok(CheckedEvent {
+                    vm_id: String::new(),
+                    job: None,
+                }))
+            }
             (EventKind::VmFailure | EventKind::VmMigrationProgress, _, _) => {
                 return Ok(Err(format!("{} without its VM", ev.kind())));
             }
@@ -223,6 +240,8 @@ fn answer_kind(kind: JobKind) -> Option<EventKind> {
         JobKind::MigrateIn => EventKind::VmIncomingReady,
         JobKind::MigrateOut => EventKind::VmMigrated,
         JobKind::AbortIncoming => EventKind::VmIncomingAborted,
+        JobKind::Restart => EventKind::VmCreated,
+        JobKind::Evict => EventKind::VmEvicted,
         JobKind::Migrate => return None,
     })
 }

@@ -104,6 +104,11 @@ impl Vimd {
         }
         let mut states = Vec::new();
         let mut events = Vec::new();
+        for (before, hb) in &seen.returned {
+            if *before == HostState::Unreachable {
+                self.evict_moved(hb).await;
+            }
+        }
         for (before, hb) in seen.returned {
             states.push(db::HostChange {
                 host: hb.host_id.clone(),

@@ -39,6 +39,16 @@ impl Vimd {
             JobKind::MigrateIn | JobKind::MigrateOut | JobKind::AbortIncoming => {
                 return self.dispatch(&job).await
             }
+            JobKind::Restart => return self.restart(&job, &vm).await,
+            // To the host the job names (the one that came back), not the VM's.
+            JobKind::Evict => {
+                self.send_to_host(&job.host_id, &job.id, Action::Evict(vm.id.clone()))
+                    .await?;
+                self.db
+                    .transition_job(&job.id, &[JobState::Pending], JobState::Running, "")
+                    .await?;
+                return Ok(());
+            }
             _ => {}
         }
         if job.kind == JobKind::Delete && vm.host_id.is_empty() {
@@ -156,6 +166,14 @@ impl Vimd {
                 })
             }
             JobKind::AbortIncoming => Action::AbortIncoming(vm.id.clone()),
+            // Its disk copy exists already: the VM boots from it, as it was.
+            JobKind::Restart => {
+                let Some(image) = self.db.image(&vm.image).await? else {
+                    return Ok(Step::Refuse(format!("image {} does not exist", vm.image)));
+                };
+                Action::Create(vm_spec(vm, image, vm.disk_path.clone()))
+            }
+            JobKind::Evict => Action::Evict(vm.id.clone()),
         };
         Ok(Step::Send(action))
     }

@@ -5,6 +5,7 @@
 //! first.
 
 mod events;
+pub mod failover;
 mod heartbeats;
 mod jobs;
 pub mod migrations;
@@ -60,6 +61,8 @@ pub struct Vimd {
     pub monitoring: Monitoring,
     /// A job not progressing for this long has its message sent again (see `run_reconciler`).
     pub job_resend: Duration,
+    /// Leases, fencing and restarts of a failed host's VMs.
+    pub failover: failover::Failover,
     pub liveness: Liveness,
     pub events: broadcast::Sender<Event>,
     /// Failed logins, for the limiter in the API.

@@ -3,6 +3,7 @@
 //! types, so the wire format (newline-delimited JSON, `docs/api.md`) is written down once.
 
 mod client;
+pub mod lease;
 mod mac;
 
 pub use client::{Client, ClientError};

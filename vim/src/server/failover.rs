@@ -1,0 +1,382 @@
+//! Failover with fencing (docs/failover.md): the VMs of a host that went silent run again on
+//! other hosts — but only once the host has certainly stopped them itself.
+//!
+//! Every agent renews a lease on the queue (`VIM_LEASES`, see `agent/src/lease.rs`); its VMMs stop
+//! their guests the moment it lapses. vimd counts a silent host's lease lapsed only when no
+//! renewal newer than the last one it saw is in the stream *and* the lease, plus a margin, has
+//! passed since that renewal *reached vimd* (which is after the agent sent it): no clock of two
+//! machines is compared, only durations. After its own start vimd counts every lease as renewed
+//! at that moment, so its downtime is never mistaken for the hosts' silence.
+//!
+//! When more than a set share of the hosts is silent at once, vimd suspects its own network and
+//! fences nothing and restarts nothing (`Failover_Suspended`).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use futures::StreamExt;
+use vim_proto::{subjects as s, Versioned};
+
+use super::Vimd;
+use crate::db::{self, EventKind, HostState, JobKind, VmState};
+
+/// Failover's settings and what it remembers (in memory: a restarted vimd starts afresh, with
+/// every lease counted as renewed at its start).
+pub struct Failover {
+    pub lease: Duration,
+    pub margin: Duration,
+    pub max_silent_percent: u32,
+    started: Instant,
+    /// The newest renewal seen of each host's lease, `(boot, seq)`, and when it arrived.
+    renewals: Mutex<HashMap<String, ((u64, u64), Instant)>>,
+    /// Hosts fenced (their VMs sent elsewhere) and silent since.
+    fenced: Mutex<HashSet<String>>,
+    /// Silent hosts that hold no lease, already reported.
+    leaseless: Mutex<HashSet<String>>,
+    suspended: AtomicBool,
+}
+
+/// Whether a silent host's lease has lapsed.
+enum Lapse {
+    /// Not yet: it may still run its VMs.
+    Holds,
+    /// Lapsed this long ago.
+    Lapsed(Duration),
+    /// The host never renewed a lease: it does not fence itself, so its VMs are not restarted.
+    NoLease,
+}
+
+impl Failover {
+    pub fn new(lease: Duration, margin: Duration, max_silent_percent: u32) -> Failover {
+        Failover {
+            lease,
+            margin,
+            max_silent_percent,
+            started: Instant::now(),
+            renewals: Default::default(),
+            fenced: Default::default(),
+            leaseless: Default::default(),
+            suspended: AtomicBool::new(false),
+        }
+    }
+
+    /// When renewal `id` of `host`'s lease reached vimd: when it was first seen, or now.
+    fn arrival(&self, host: &str, id: (u64, u64)) -> Instant {
+        let mut r = crate::lock(&self.renewals);
+        match r.get(host) {
+            Some((seen, at)) if *seen == id => *at,
+            _ => {
+                let now = Instant::now();
+                r.insert(host.to_string(), (id, now));
+                now
+            }
+        }
+    }
+
+    /// A host that heartbeats again is no longer fenced: if it goes silent again, it is judged
+    /// anew.
+    pub fn returned(&self, host: &str) {
+        crate::lock(&self.fenced).remove(host);
+        crate::lock(&self.leaseless).remove(host);
+    }
+}
+
+/// Watches lease renewals and silent hosts (nothing with `--lease-ms 0`).
+pub async fn run(v: Arc<Vimd>) -> Result<()> {
+    if v.failover.lease.is_zero() {
+        tracing::warn!("--lease-ms 0: hosts hold no lease and no VM is restarted elsewhere");
+        return Ok(());
+    }
+    let mut sub = v.nats.subscribe(s::ALL_LEASES).await?;
+    let v2 = v.clone();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let Some(host) = s::sender(&m.subject, s::LEASES_PREFIX) else {
+                continue;
+            };
+            if let Ok(r) = vim_proto::LeaseRenewal::decode_checked(&m.payload) {
+                v2.failover.arrival(host, (r.boot, r.seq));
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            if let Err(e) = v.failover_tick().await {
+                tracing::warn!(error = %e, "failover");
+            }
+        }
+    });
+    Ok(())
+}
+
+impl Vimd {
+    async fn failover_tick(self: &Arc<Self>) -> Result<()> {
+        let hosts = self.db.hosts().await?;
+        let silent: Vec<&db::Host> = hosts
+            .iter()
+            .filter(|h| h.state == HostState::Unreachable)
+            .collect();
+        let f = &self.failover;
+        let too_many = silent.len() * 100 > hosts.len() * f.max_silent_percent as usize;
+        if too_many {
+            if !f.suspended.swap(true, Ordering::SeqCst) {
+                let detail = format!(
+                    "{} of {} hosts are silent at once (more than {}%): vimd suspects its own \
+                     network and fences nothing, restarts nothing",
+                    silent.len(),
+                    hosts.len(),
+                    f.max_silent_percent
+                );
+                self.event(EventKind::FailoverSuspended, "", "", "", &detail)
+                    .await;
+            }
+            return Ok(());
+        }
+        f.suspended.store(false, Ordering::SeqCst);
+        for h in silent {
+            if crate::lock(&f.fenced).contains(&h.id) {
+                continue;
+            }
+            match self.lease_lapse(&h.id).await? {
+                Lapse::Holds => {}
+                Lapse::NoLease => {
+                    if crate::lock(&f.leaseless).insert(h.id.clone()) {
+                        for vm in self.restartable_vms(&h.id).await? {
+                            self.event(
+                                EventKind::VmFailoverFailed,
+                                &h.id,
+                                &vm.id,
+                                "",
+                                "its host never held a lease (an agent without failover): it \
+                                 may still run the VM, which is not restarted elsewhere",
+                            )
+                            .await;
+                        }
+                    }
+                }
+                Lapse::Lapsed(ago) => self.fence(h, ago).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether host `id`'s lease has lapsed, from the newest renewal in the stream.
+    async fn lease_lapse(&self, id: &str) -> Result<Lapse> {
+        let stream = self
+            .js
+            .get_stream(s::LEASE_STREAM)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let m = match stream.get_last_raw_message_by_subject(&s::lease(id)).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(Lapse::NoLease)
+            }
+            Err(e) => return Err(anyhow::anyhow!("lease of {id}: {e}")),
+        };
+        let r = vim_proto::LeaseRenewal::decode_checked(&m.payload)
+            .map_err(|e| anyhow::anyhow!("lease of {id}: {e}"))?;
+        if r.lease_ms == 0 {
+            return Ok(Lapse::NoLease);
+        }
+        let f = &self.failover;
+        let arrived = f.arrival(id, (r.boot, r.seq)).max(f.started);
+        let lapses = arrived + Duration::from_millis(r.lease_ms) + f.margin;
+        let now = Instant::now();
+        Ok(if now >= lapses {
+            Lapse::Lapsed(now - lapses)
+        } else {
+            Lapse::Holds
+        })
+    }
+
+    /// The VMs on `host` that failover restarts: running when it went silent (now `unknown`),
+    /// with HA policy `restart`.
+    async fn restartable_vms(&self, host: &str) -> Result<Vec<db::Vm>> {
+        Ok(self
+            .db
+            .vms_on(host)
+            .await?
+            .into_iter()
+            .filter(|vm| vm.state == VmState::Unknown && vm.ha == db::HaPolicy::Restart)
+            .collect())
+    }
+
+    /// Host `h` has stopped its VMs (its lease lapsed `ago`): each HA VM gets a restart job.
+    async fn fence(self: &Arc<Self>, h: &db::Host, ago: Duration) -> Result<()> {
+        crate::lock(&self.failover.fenced).insert(h.id.clone());
+        let detail = format!(
+            "its lease lapsed {} ms ago (no renewal for {} ms + {} ms margin)",
+            ago.as_millis(),
+            self.failover.lease.as_millis(),
+            self.failover.margin.as_millis()
+        );
+        self.event(EventKind::HostFenced, &h.id, "", "", &detail)
+            .await;
+        for vm in self.restartable_vms(&h.id).await? {
+            let mut job = db::Job::new(JobKind::Restart, "vimd", &vm.id);
+            job.params = serde_json::json!({
+                "from": h.id,
+                "silent_since_ms": h.last_heartbeat,
+            })
+            .to_string();
+            self.db.add_job(&job, None).await?;
+            self.event(
+                EventKind::VmFailoverStarted,
+                &h.id,
+                &vm.id,
+                &job.id,
+                "restarting it on another host",
+            )
+            .await;
+            self.outbox.push(&job.id);
+        }
+        Ok(())
+    }
+
+    /// A restart job: the VM boots again from its disk on a host placement chooses (never the
+    /// one it left), with the same id and MAC. No room anywhere: it waits `pending_restart`
+    /// and is tried again every few seconds.
+    pub(super) async fn restart(self: &Arc<Self>, job: &db::Job, vm: &db::Vm) -> Result<()> {
+        let from = restart_from(job);
+        if vm.host_id != from {
+            self.fail_job(job, "the VM is no longer on the host it is restarted from")
+                .await;
+            return Ok(());
+        }
+        let among = crate::placement::Among {
+            except: Some(&from),
+            ..Default::default()
+        };
+        let host = match crate::placement::choose(
+            &self.db,
+            &self.policy,
+            vm.vcpus,
+            vm.memory_mib,
+            among,
+        )
+        .await?
+        {
+            Ok(h) => h,
+            Err(why) => {
+                if vm.state != VmState::PendingRestart {
+                    self.db
+                        .transition_vm(&vm.id, vm.state, VmState::PendingRestart)
+                        .await?;
+                    self.event(EventKind::VmFailoverFailed, &from, &vm.id, &job.id, &why)
+                        .await;
+                }
+                let (v, id) = (self.clone(), job.id.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(RETRY_PLACEMENT).await;
+                    let ids = [(id.clone(), format!("{id}-{}", db::now_ms()))];
+                    if let Err(e) = crate::outbox::publish(&v.js, &v.db, &ids).await {
+                        tracing::warn!(job = id, error = %e, "restart not published again");
+                    }
+                });
+                return Ok(());
+            }
+        };
+        if !self.db.move_vm(&vm.id, &from, &host).await? {
+            self.fail_job(job, "the VM changed meanwhile").await;
+            return Ok(());
+        }
+        let mut vm = vm.clone();
+        vm.host_id = host.clone();
+        let action = match self.host_action(job, &vm, &host).await? {
+            super::jobs::Step::Send(a) => a,
+            super::jobs::Step::Later => return Ok(()),
+            super::jobs::Step::Refuse(why) => {
+                self.fail_job(job, &why).await;
+                return Ok(());
+            }
+        };
+        self.db.assign_job_host(&job.id, &host).await?;
+        self.send_to_host(&host, &job.id, action).await?;
+        self.db
+            .transition_job(&job.id, &[db::JobState::Pending], db::JobState::Running, "")
+            .await?;
+        Ok(())
+    }
+
+    /// A host that heartbeats again after being silent still keeps VMs that run elsewhere now
+    /// (restarted while it was cut off): each gets an eviction, so the host stops and forgets
+    /// it. VMs waiting for a migration into it are left to their migration.
+    pub(super) async fn evict_moved(self: &Arc<Self>, hb: &vim_proto::Heartbeat) {
+        self.failover.returned(&hb.host_id);
+        for r in &hb.vms {
+            if matches!(r.state(), VmState::Incoming | VmState::Deleted) {
+                continue;
+            }
+            let vm = match self.db.vm(&r.vm_id).await {
+                Ok(Some(vm)) => vm,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(vm = r.vm_id, error = %e, "cannot check a returning host's VM");
+                    continue;
+                }
+            };
+            if vm.host_id == hb.host_id || vm.state == VmState::Deleted {
+                continue;
+            }
+            let mut job = db::Job::new(JobKind::Evict, "vimd", &vm.id);
+            job.host_id = hb.host_id.clone();
+            if let Err(e) = self.db.add_job(&job, None).await {
+                tracing::warn!(vm = vm.id, error = %e, "cannot queue an eviction");
+                continue;
+            }
+            tracing::info!(
+                vm = vm.id,
+                host = hb.host_id,
+                runs_on = vm.host_id,
+                "a returning host keeps a VM that runs elsewhere: evicting it"
+            );
+            self.outbox.push(&job.id);
+        }
+    }
+
+    /// A restart's answer: the VM runs on its new host, or the restart failed.
+    pub(super) async fn restart_answer(&self, job: &db::Job, ev: &vim_proto::HostEvent) {
+        let from = restart_from(job);
+        if ev.ok {
+            let since: i64 = serde_json::from_str::<serde_json::Value>(&job.params)
+                .ok()
+                .and_then(|p| p["silent_since_ms"].as_i64())
+                .unwrap_or(job.created_at);
+            let detail = serde_json::json!({
+                "from": from,
+                "to": ev.host_id,
+                "outage_s": (db::now_ms() - since) as f64 / 1000.0,
+            })
+            .to_string();
+            self.event(EventKind::VmRestarted, &ev.host_id, &job.vm_id, &job.id, &detail)
+                .await;
+        } else {
+            self.event(
+                EventKind::VmFailoverFailed,
+                &ev.host_id,
+                &job.vm_id,
+                &job.id,
+                &ev.error,
+            )
+            .await;
+        }
+    }
+}
+
+/// The host a restart job moves its VM off.
+fn restart_from(job: &db::Job) -> String {
+    serde_json::from_str::<serde_json::Value>(&job.params)
+        .ok()
+        .and_then(|p| p["from"].as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+/// How often a VM waiting for room is tried again.
+const RETRY_PLACEMENT: Duration = Duration::from_secs(2);
