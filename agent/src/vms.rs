@@ -1051,17 +1051,29 @@ mod tests {
     use super::*;
     use std::sync::mpsc;
 
-    /// A thread with this name that burns about `ms` of CPU, then stays alive (its ticks stay
-    /// in /proc/PID/task) until the returned sender is dropped.
+    /// CPU time this thread has used.
+    fn thread_cpu() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into our own timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    /// A thread with this name that burns `ms` of CPU (its own CPU time, not wall time: on a
+    /// loaded machine 400 ms of wall time can be a fraction of that), then stays alive (its
+    /// ticks stay in /proc/PID/task) until the returned sender is dropped.
     fn burner(name: &str, ms: u64) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
         let (done_tx, done_rx) = mpsc::channel::<()>();
         let (burnt_tx, burnt_rx) = mpsc::channel::<()>();
         let h = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                let t = Instant::now();
+                let t = thread_cpu();
                 let mut x = 0u64;
-                while t.elapsed() < Duration::from_millis(ms) {
+                while thread_cpu() - t < Duration::from_millis(ms) {
                     x = std::hint::black_box(x.wrapping_add(1));
                 }
                 let _ = burnt_tx.send(());

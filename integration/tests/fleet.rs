@@ -2719,7 +2719,16 @@ impl Fleet {
     /// another), with HA policy `ha`.
     fn ha_vm_on(&self, name: &str, host: &str, ha: &str) -> String {
         let (ok, out, err) = self.ctl(&[
-            "vm", "create", "--name", name, "--image", "tgha", "--memory-mib", "64", "--ha", ha,
+            "vm",
+            "create",
+            "--name",
+            name,
+            "--image",
+            "tgha",
+            "--memory-mib",
+            "64",
+            "--ha",
+            ha,
         ]);
         assert!(ok, "{err}");
         let id = out.trim().to_string();
@@ -2730,7 +2739,10 @@ impl Fleet {
                 v["host_id"] == host && v["state"] == "running"
             });
         }
-        wait_until("the guest's heartbeats", || self.beats(&id).len() >= 3);
+        // Settled: one VMM (a migration's source is gone), and the guest beats on.
+        wait_until("one VMM", || self.vmm_pids(&id).len() == 1);
+        let n = self.beats(&id).len();
+        wait_until("the guest's heartbeats", || self.beats(&id).len() >= n + 3);
         id
     }
 
@@ -2754,10 +2766,14 @@ impl Fleet {
     /// Waits until VM `id` runs on a host other than `not` (restarted there), and its guest
     /// beats there.
     fn wait_restarted(&self, id: &str, not: &str) -> String {
-        wait_until_for("the VM restarted elsewhere", Duration::from_secs(60), || {
-            let v = self.ctl_ok(&["vm", "show", id]);
-            v["state"] == "running" && v["host_id"] != not
-        });
+        wait_until_for(
+            "the VM restarted elsewhere",
+            Duration::from_secs(60),
+            || {
+                let v = self.ctl_ok(&["vm", "show", id]);
+                v["state"] == "running" && v["host_id"] != not
+            },
+        );
         let host = self.host_of(id);
         let n = self.beats(id).len();
         wait_until("the restarted guest's heartbeats", || {
@@ -2780,15 +2796,15 @@ fn a_crashed_hosts_vms_run_again_elsewhere_and_never_twice() {
     let off = f.ha_vm_on("off", "h1", "off");
     let mac = f.ctl_ok(&["vm", "show", &a])["mac"].clone();
     let watch = OneVmmEach::watch(&[a.clone(), b.clone(), off.clone()]);
-    let vmms: Vec<u32> = [&a, &b, &off].iter().flat_map(|id| f.vmm_pids(id)).collect();
+    let vmms: Vec<u32> = [&a, &b, &off]
+        .iter()
+        .flat_map(|id| f.vmm_pids(id))
+        .collect();
     assert_eq!(vmms.len(), 3);
     f.kill_agent("h1");
     for p in &vmms {
-        let out = Command::new("ps").args(["-o", "pid,stat,etimes,args", "-p", &p.to_string()]).output().unwrap();
-        eprintln!("DEBUG {}", String::from_utf8_lossy(&out.stdout));
-        let _ = Command::new("kill").args(["-KILL", &p.to_string()]).status();
+        signal("-KILL", *p);
     }
-    eprintln!("DEBUG agent log:\n{}", f.log_tail("agent-h1.log", 30));
     let to_a = f.wait_restarted(&a, "h1");
     let to_b = f.wait_restarted(&b, "h1");
     assert_ne!(to_a, "h1");
@@ -2858,14 +2874,18 @@ fn a_partitioned_host_fences_itself_before_its_vm_runs_elsewhere() {
     assert_eq!(first.len(), 1);
     f.cut("h1", true);
     // The VMM on h1 stops by itself (nothing reaches h1 to stop it), saying why.
-    wait_until_for("the cut-off VMM to fence itself", Duration::from_secs(30), || {
-        f.vmm_pids(&id).is_empty()
-    });
-    let log = std::fs::read_to_string(
-        f.dir.path().join(format!("agent-h1/vms/{id}.vmm.log")),
-    )
-    .unwrap_or_default();
-    assert!(log.contains("vmm: fenced"), "the VMM did not fence itself:\n{log}");
+    wait_until_for(
+        "the cut-off VMM to fence itself",
+        Duration::from_secs(30),
+        || f.vmm_pids(&id).is_empty(),
+    );
+    let log = std::fs::read_to_string(f.dir.path().join(format!("agent-h1/vms/{id}.vmm.log")))
+        .unwrap_or_default();
+    assert!(
+        log.contains("vmm: fenced"),
+        "the VMM did not fence itself:\n{log}\nagent:\n{}",
+        f.log_tail("agent-h1.log", 20)
+    );
     let to = f.wait_restarted(&id, "h1");
     f.cut("h1", false);
     f.wait_forgotten("h1", &id);
@@ -2879,7 +2899,14 @@ fn a_partitioned_host_fences_itself_before_its_vm_runs_elsewhere() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(f.host_of(&id), to);
     assert_eq!(f.vmm_pids(&id).len(), 1);
-    assert!(f.has_event("VM_Evicted", "h1") || !f.dir.path().join(format!("agent-h1/vms/{id}.json")).exists());
+    assert!(
+        f.has_event("VM_Evicted", "h1")
+            || !f
+                .dir
+                .path()
+                .join(format!("agent-h1/vms/{id}.json"))
+                .exists()
+    );
     watch.check();
     assert_one_counter(&id, &f.beats(&id));
 }
@@ -2897,14 +2924,21 @@ fn vimd_down_for_30_s_fences_and_restarts_nothing() {
     let beats = f.beats(&a).len();
     f.kill_vimd();
     std::thread::sleep(Duration::from_secs(30));
-    assert!(f.beats(&a).len() > beats + 100, "the guest stopped while vimd was down");
+    assert!(
+        f.beats(&a).len() > beats + 100,
+        "the guest stopped while vimd was down"
+    );
     f.start_vimd();
     // Detection (1.5 s) and the lease (3 s) many times over.
     std::thread::sleep(Duration::from_secs(10));
     let after: Vec<Vec<u32>> = [&a, &b].iter().map(|id| f.vmm_pids(id)).collect();
     assert_eq!(before, after, "a VM was stopped or restarted");
     for kind in ["Host_Fenced", "VM_Failover_Started", "VM_Restarted"] {
-        assert!(f.events_of(kind).is_empty(), "{kind}: {:?}", f.events_of(kind));
+        assert!(
+            f.events_of(kind).is_empty(),
+            "{kind}: {:?}",
+            f.events_of(kind)
+        );
     }
     for id in [&a, &b] {
         assert_eq!(f.ctl_ok(&["vm", "show", id])["state"], "running");
@@ -2927,10 +2961,47 @@ fn more_than_half_the_hosts_silent_suspends_failover() {
     // Long past the point where a single silent host's VMs would have been restarted.
     std::thread::sleep(Duration::from_secs(8));
     for kind in ["Host_Fenced", "VM_Failover_Started", "VM_Restarted"] {
-        assert!(f.events_of(kind).is_empty(), "{kind}: {:?}", f.events_of(kind));
+        assert!(
+            f.events_of(kind).is_empty(),
+            "{kind}: {:?}",
+            f.events_of(kind)
+        );
     }
     assert_eq!(f.host_of(&a), "h1");
     assert_eq!(f.host_of(&b), "h2");
     f.cut("h1", false);
     f.cut("h2", false);
+}
+
+/// A VM whose VMM crashes on a healthy host boots again on that host (HA policy `restart`): a
+/// new VMM, its guest counting from a new boot, the failure and the restart in the events.
+#[test]
+fn a_vm_whose_vmm_crashes_is_restarted_in_place() {
+    let f = Fleet::start_failover(&["h1", "h2"]);
+    f.add_failover_image();
+    let id = f.ha_vm_on("c", "h1", "restart");
+    let first = f.vmm_pids(&id);
+    assert_eq!(first.len(), 1);
+    signal("-KILL", first[0]);
+    wait_until_for("the VM restarted in place", Duration::from_secs(30), || {
+        let p = f.vmm_pids(&id);
+        p.len() == 1 && p != first && f.ctl_ok(&["vm", "show", &id])["state"] == "running"
+    });
+    assert_eq!(f.host_of(&id), "h1");
+    let n = f.beats(&id).len();
+    wait_until("the restarted guest's heartbeats", || {
+        f.beats(&id).len() >= n + 3
+    });
+    for kind in ["VM_Failure", "VM_Failover_Started", "VM_Restarted"] {
+        assert!(
+            f.events_of(kind).iter().any(|e| e["vm_id"] == id.as_str()),
+            "no {kind}"
+        );
+    }
+    let beats = f.beats(&id);
+    assert!(
+        beats.windows(2).any(|w| w[1] < w[0]),
+        "the guest did not boot again"
+    );
+    assert_one_counter(&id, &beats);
 }

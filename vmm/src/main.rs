@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a VM and run it until it powers off.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Start a VM from a snapshot directory (memory is mapped, not copied).
     Restore(RestoreArgs),
     /// Send a command to a running VMM.
@@ -320,7 +320,7 @@ fn main() {
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     let result = match cli.command {
-        Command::Run(a) => run(a),
+        Command::Run(a) => run(*a),
         Command::Restore(a) => restore(a),
         Command::Ctl(a) => ctl(a),
         Command::Inspect(a) => inspect(a),

@@ -316,6 +316,24 @@ impl Db {
         Ok(jobs)
     }
 
+    /// How many jobs of `kind` VM `vm_id` has had since `since_ms`.
+    pub async fn count_jobs_since(
+        &self,
+        vm_id: &str,
+        kind: JobKind,
+        since_ms: i64,
+    ) -> Result<i64, DbError> {
+        let r = sqlx::query(
+            "SELECT COUNT(*) AS n FROM jobs WHERE vm_id = $1 AND kind = $2 AND created_at >= $3",
+        )
+        .bind(vm_id)
+        .bind(kind.as_str())
+        .bind(since_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(r.try_get("n")?)
+    }
+
     /// Records how VM `vm_id`'s running migration advances; false if none runs.
     pub async fn set_migration_progress(
         &self,

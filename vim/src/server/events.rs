@@ -101,6 +101,9 @@ impl Vimd {
         let detail = ev.error;
         self.event(kind, sender, &checked.vm_id, &ev.job_id, &detail)
             .await;
+        if kind == EventKind::VmFailure && checked.job.is_none() {
+            self.on_vm_failure(sender, &checked.vm_id).await?;
+        }
         Ok(())
     }
 

@@ -31,14 +31,17 @@ pub struct Failover {
     pub margin: Duration,
     pub max_silent_percent: u32,
     started: Instant,
-    /// The newest renewal seen of each host's lease, `(boot, seq)`, and when it arrived.
-    renewals: Mutex<HashMap<String, ((u64, u64), Instant)>>,
+    /// The newest renewal seen of each host's lease, and when it arrived.
+    renewals: Mutex<HashMap<String, (RenewalId, Instant)>>,
     /// Hosts fenced (their VMs sent elsewhere) and silent since.
     fenced: Mutex<HashSet<String>>,
     /// Silent hosts that hold no lease, already reported.
     leaseless: Mutex<HashSet<String>>,
     suspended: AtomicBool,
 }
+
+/// A renewal: the agent's start (`boot`) and its count since (`seq`).
+type RenewalId = (u64, u64);
 
 /// Whether a silent host's lease has lapsed.
 enum Lapse {
@@ -65,7 +68,7 @@ impl Failover {
     }
 
     /// When renewal `id` of `host`'s lease reached vimd: when it was first seen, or now.
-    fn arrival(&self, host: &str, id: (u64, u64)) -> Instant {
+    fn arrival(&self, host: &str, id: RenewalId) -> Instant {
         let mut r = crate::lock(&self.renewals);
         match r.get(host) {
             Some((seen, at)) if *seen == id => *at,
@@ -244,27 +247,36 @@ impl Vimd {
     /// one it left), with the same id and MAC. No room anywhere: it waits `pending_restart`
     /// and is tried again every few seconds.
     pub(super) async fn restart(self: &Arc<Self>, job: &db::Job, vm: &db::Vm) -> Result<()> {
-        let from = restart_from(job);
+        let (from, in_place) = restart_params(job);
         if vm.host_id != from {
             self.fail_job(job, "the VM is no longer on the host it is restarted from")
                 .await;
+            return Ok(());
+        }
+        // Claimed first: a second copy of the job (the reconciler's, or the retry below) finds
+        // it running and does nothing.
+        if !self
+            .db
+            .transition_job(&job.id, &[db::JobState::Pending], db::JobState::Running, "")
+            .await?
+        {
             return Ok(());
         }
         let among = crate::placement::Among {
             except: Some(&from),
             ..Default::default()
         };
-        let host = match crate::placement::choose(
-            &self.db,
-            &self.policy,
-            vm.vcpus,
-            vm.memory_mib,
-            among,
-        )
-        .await?
-        {
+        let chosen = if in_place {
+            Ok(from.clone())
+        } else {
+            crate::placement::choose(&self.db, &self.policy, vm.vcpus, vm.memory_mib, among).await?
+        };
+        let host = match chosen {
             Ok(h) => h,
             Err(why) => {
+                self.db
+                    .transition_job(&job.id, &[db::JobState::Running], db::JobState::Pending, "")
+                    .await?;
                 if vm.state != VmState::PendingRestart {
                     self.db
                         .transition_vm(&vm.id, vm.state, VmState::PendingRestart)
@@ -298,10 +310,49 @@ impl Vimd {
             }
         };
         self.db.assign_job_host(&job.id, &host).await?;
-        self.send_to_host(&host, &job.id, action).await?;
-        self.db
-            .transition_job(&job.id, &[db::JobState::Pending], db::JobState::Running, "")
+        // Not sent (NATS down): the reconciler sends the running job's command again.
+        if let Err(e) = self.send_to_host(&host, &job.id, action).await {
+            tracing::warn!(job = job.id, error = %e, "restart not sent yet");
+        }
+        Ok(())
+    }
+
+    /// A VM whose VMM died on a healthy host (`VM_Failure`): with HA policy `restart` it boots
+    /// again there, after 1, 2 then 4 s; a fourth failure within ten minutes sends it to another
+    /// host.
+    pub(super) async fn on_vm_failure(self: &Arc<Self>, host: &str, vm_id: &str) -> Result<()> {
+        let Some(vm) = self.db.vm(vm_id).await? else {
+            return Ok(());
+        };
+        if vm.ha != db::HaPolicy::Restart || vm.host_id != host || vm.state != VmState::Failed {
+            return Ok(());
+        }
+        let recent = self
+            .db
+            .count_jobs_since(vm_id, JobKind::Restart, db::now_ms() - FAILURE_WINDOW_MS)
             .await?;
+        let in_place = recent < IN_PLACE_RESTARTS;
+        let mut job = db::Job::new(JobKind::Restart, "vimd", vm_id);
+        job.params = serde_json::json!({
+            "from": host,
+            "in_place": in_place,
+            "silent_since_ms": db::now_ms(),
+        })
+        .to_string();
+        self.db.add_job(&job, None).await?;
+        let detail = if in_place {
+            format!("restarting it on {host} (attempt {})", recent + 1)
+        } else {
+            format!("it failed {recent} times in a row on {host}: restarting it on another host")
+        };
+        self.event(EventKind::VmFailoverStarted, host, vm_id, &job.id, &detail)
+            .await;
+        let delay = Duration::from_secs(1 << recent.min(IN_PLACE_RESTARTS - 1));
+        let (v, id) = (self.clone(), job.id);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            v.outbox.push(&id);
+        });
         Ok(())
     }
 
@@ -343,7 +394,7 @@ impl Vimd {
 
     /// A restart's answer: the VM runs on its new host, or the restart failed.
     pub(super) async fn restart_answer(&self, job: &db::Job, ev: &vim_proto::HostEvent) {
-        let from = restart_from(job);
+        let (from, _) = restart_params(job);
         if ev.ok {
             let since: i64 = serde_json::from_str::<serde_json::Value>(&job.params)
                 .ok()
@@ -355,8 +406,14 @@ impl Vimd {
                 "outage_s": (db::now_ms() - since) as f64 / 1000.0,
             })
             .to_string();
-            self.event(EventKind::VmRestarted, &ev.host_id, &job.vm_id, &job.id, &detail)
-                .await;
+            self.event(
+                EventKind::VmRestarted,
+                &ev.host_id,
+                &job.vm_id,
+                &job.id,
+                &detail,
+            )
+            .await;
         } else {
             self.event(
                 EventKind::VmFailoverFailed,
@@ -370,13 +427,18 @@ impl Vimd {
     }
 }
 
-/// The host a restart job moves its VM off.
-fn restart_from(job: &db::Job) -> String {
-    serde_json::from_str::<serde_json::Value>(&job.params)
-        .ok()
-        .and_then(|p| p["from"].as_str().map(String::from))
-        .unwrap_or_default()
+/// The host a restart job moves its VM off, and whether it restarts it there instead.
+fn restart_params(job: &db::Job) -> (String, bool) {
+    let p = serde_json::from_str::<serde_json::Value>(&job.params).unwrap_or_default();
+    (
+        p["from"].as_str().unwrap_or_default().to_string(),
+        p["in_place"].as_bool().unwrap_or(false),
+    )
 }
+
+/// In-place restarts of a failing VM within `FAILURE_WINDOW_MS` before it goes elsewhere.
+const IN_PLACE_RESTARTS: i64 = 3;
+const FAILURE_WINDOW_MS: i64 = 10 * 60 * 1000;
 
 /// How often a VM waiting for room is tried again.
 const RETRY_PLACEMENT: Duration = Duration::from_secs(2);
