@@ -108,7 +108,8 @@ pub fn document() -> Value {
                                           "vcpus": {"type": "integer", "minimum": 1, "maximum": 254},
                                           "memory_mib": {"type": "integer", "minimum": 16, "maximum": 4194304},
                                           "net": {"type": "boolean", "default": true,
-                                                  "description": "a NIC on its host's bridge, MAC fixed for life"}}})),
+                                                  "description": "a NIC on its host's bridge, MAC fixed for life"},
+                                          "ha": ha_policy()}})),
             },
             "/vms/{id}": {"get": with_id(op("Show a VM", "200")), "delete": with_id(op("Delete a VM", "202"))},
             "/vms/{id}/start": {"post": with_id(op("Start a VM", "202"))},
@@ -119,6 +120,10 @@ pub fn document() -> Value {
                 json!({"type": "object", "additionalProperties": false,
                        "properties": {"to": name(),
                                       "downtime_ms": {"type": "integer", "minimum": 1, "maximum": 60_000}}}))},
+            "/vms/{id}/ha": {"put": with_body(with_id(op(
+                "Set a VM's HA policy: what failover does when its host fails (docs/failover.md)", "200")),
+                json!({"type": "object", "required": ["ha"], "additionalProperties": false,
+                       "properties": {"ha": ha_policy()}}))},
             "/vms/{id}/console": {"get": console},
             "/jobs": {"get": with_limit(op("List jobs, newest first (a consumer sees its own)", "200"), 100, 10_000)},
             "/jobs/{id}": {"get": with_id(op("Show a job", "200"))},
@@ -128,4 +133,10 @@ pub fn document() -> Value {
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
         }
     })
+}
+
+/// A VM's HA policy, as requests carry it.
+fn ha_policy() -> Value {
+    json!({"enum": ["restart", "off"], "default": "restart",
+           "description": "when its host fails: boot it again on another host, or leave it"})
 }
