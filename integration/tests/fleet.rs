@@ -881,7 +881,10 @@ impl Drop for Fleet {
         self.nets.clear();
         for p in vm_pids {
             // The VMMs the agents started for this test (own process groups, by pid).
-            let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-9", &p.to_string()])
+                .stderr(Stdio::null())
+                .status();
         }
         if let Some(m) = self.shared_mount.take() {
             // Lazily: a VMM killed just now may not have closed its files yet.
@@ -2752,15 +2755,12 @@ impl Fleet {
         ip(&["link", "set", &net.veth, if off { "down" } else { "up" }]);
     }
 
-    /// The events of `kind`, oldest first.
+    /// The events of `kind`, oldest first (as vimd lists them).
     fn events_of(&self, kind: &str) -> Vec<Value> {
-        let mut e: Vec<Value> = self
-            .events()
+        self.events()
             .into_iter()
             .filter(|e| e["kind"] == kind)
-            .collect();
-        e.reverse();
-        e
+            .collect()
     }
 
     /// Waits until VM `id` runs on a host other than `not` (restarted there), and its guest
@@ -2794,6 +2794,9 @@ fn a_crashed_hosts_vms_run_again_elsewhere_and_never_twice() {
     let a = f.ha_vm_on("a", "h1", "restart");
     let b = f.ha_vm_on("b", "h1", "restart");
     let off = f.ha_vm_on("off", "h1", "off");
+    // b, created after a, restarts first: its priority is higher.
+    let v = f.ctl_ok(&["vm", "set-ha", &b, "restart", "--priority", "10"]);
+    assert_eq!((v["ha"].as_str(), v["ha_priority"].as_i64()), (Some("restart"), Some(10)));
     let mac = f.ctl_ok(&["vm", "show", &a])["mac"].clone();
     let watch = OneVmmEach::watch(&[a.clone(), b.clone(), off.clone()]);
     let vmms: Vec<u32> = [&a, &b, &off]
@@ -2827,6 +2830,12 @@ fn a_crashed_hosts_vms_run_again_elsewhere_and_never_twice() {
         assert_eq!(d["from"], "h1");
         assert!(d["outage_s"].as_f64().unwrap() > 0.0, "{d}");
     }
+    let order: Vec<Value> = f
+        .events_of("VM_Failover_Started")
+        .iter()
+        .map(|e| e["vm_id"].clone())
+        .collect();
+    assert_eq!(order, [b.as_str(), a.as_str()], "not in priority order");
     // HA off: left where it was, not running anywhere.
     let v = f.ctl_ok(&["vm", "show", &off]);
     assert_eq!(v["host_id"], "h1");
@@ -3004,4 +3013,28 @@ fn a_vm_whose_vmm_crashes_is_restarted_in_place() {
         "the guest did not boot again"
     );
     assert_one_counter(&id, &beats);
+}
+
+/// A failed host's VM that no other host has room for (here: the only other host is draining)
+/// waits `pending_restart`, and is placed as soon as room appears (the drain ends).
+#[test]
+fn a_vm_without_room_waits_pending_restart_until_room_appears() {
+    let mut f = Fleet::start_failover(&["h1", "h2"]);
+    f.add_failover_image();
+    let id = f.ha_vm_on("w", "h1", "restart");
+    f.ctl_ok(&["host", "drain", "h2", "--json"]);
+    let pids = f.vmm_pids(&id);
+    f.kill_agent("h1");
+    signal("-KILL", pids[0]);
+    wait_until_for("pending_restart", Duration::from_secs(30), || {
+        f.ctl_ok(&["vm", "show", &id])["state"] == "pending_restart"
+    });
+    assert!(f
+        .events_of("VM_Failover_Failed")
+        .iter()
+        .any(|e| e["vm_id"] == id.as_str()));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(f.vmm_pids(&id).is_empty());
+    f.ctl_ok(&["host", "undrain", "h2", "--json"]);
+    assert_eq!(f.wait_restarted(&id, "h1"), "h2");
 }

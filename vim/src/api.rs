@@ -563,6 +563,9 @@ struct CreateVm {
     /// What failover does when its host fails (default `restart`).
     #[serde(default)]
     ha: db::HaPolicy,
+    /// Among a failed host's VMs, the higher restart first (default 0).
+    #[serde(default)]
+    ha_priority: i64,
 }
 
 fn yes() -> bool {
@@ -601,6 +604,7 @@ async fn create_vm(State(v): St, h: Req, b: Result<Json<CreateVm>, JsonRejection
                 String::new()
             },
             ha: req.ha,
+            ha_priority: in_range("ha_priority", req.ha_priority, -1000, 1000)?,
             ..db::Vm::default()
         };
         let job = db::Job::new(db::JobKind::Create, &who.name, &vm.id);
@@ -711,6 +715,8 @@ async fn migrate_vm(
 #[serde(deny_unknown_fields)]
 struct SetHa {
     ha: db::HaPolicy,
+    /// Unchanged when absent.
+    priority: Option<i64>,
 }
 
 /// Sets a VM's HA policy (`restart` or `off`): what failover does when its host fails.
@@ -723,7 +729,11 @@ async fn set_ha(
     call(&v, &h, "vms.set_ha", &id.clone(), |v, who| async move {
         let req = body(b)?;
         let vm = owned_vm(&v, &who, &id).await?;
-        v.db.set_ha(&vm.id, req.ha).await?;
+        let priority = match req.priority {
+            Some(p) => in_range("priority", p, -1000, 1000)?,
+            None => vm.ha_priority,
+        };
+        v.db.set_ha(&vm.id, req.ha, priority).await?;
         ok(json!(owned_vm(&v, &who, &id).await?))
     })
     .await

@@ -109,7 +109,8 @@ pub fn document() -> Value {
                                           "memory_mib": {"type": "integer", "minimum": 16, "maximum": 4194304},
                                           "net": {"type": "boolean", "default": true,
                                                   "description": "a NIC on its host's bridge, MAC fixed for life"},
-                                          "ha": ha_policy()}})),
+                                          "ha": ha_policy(),
+                                          "ha_priority": ha_priority()}})),
             },
             "/vms/{id}": {"get": with_id(op("Show a VM", "200")), "delete": with_id(op("Delete a VM", "202"))},
             "/vms/{id}/start": {"post": with_id(op("Start a VM", "202"))},
@@ -123,7 +124,7 @@ pub fn document() -> Value {
             "/vms/{id}/ha": {"put": with_body(with_id(op(
                 "Set a VM's HA policy: what failover does when its host fails (docs/failover.md)", "200")),
                 json!({"type": "object", "required": ["ha"], "additionalProperties": false,
-                       "properties": {"ha": ha_policy()}}))},
+                       "properties": {"ha": ha_policy(), "priority": ha_priority()}}))},
             "/vms/{id}/console": {"get": console},
             "/jobs": {"get": with_limit(op("List jobs, newest first (a consumer sees its own)", "200"), 100, 10_000)},
             "/jobs/{id}": {"get": with_id(op("Show a job", "200"))},
@@ -139,4 +140,9 @@ pub fn document() -> Value {
 fn ha_policy() -> Value {
     json!({"enum": ["restart", "off"], "default": "restart",
            "description": "when its host fails: boot it again on another host, or leave it"})
+}
+
+fn ha_priority() -> Value {
+    json!({"type": "integer", "minimum": -1000, "maximum": 1000, "default": 0,
+           "description": "among a failed host's VMs, the higher restart first"})
 }

@@ -148,6 +148,13 @@ enum VmCmd {
         /// When its host fails: `restart` it on another host (default) or leave it (`off`).
         #[arg(long, default_value = "restart", value_parser = ["restart", "off"])]
         ha: String,
+        /// Among a failed host's VMs, the higher restart first (-1000 to 1000).
+        #[arg(
+            long = "ha-priority",
+            default_value_t = 0,
+            allow_negative_numbers = true
+        )]
+        ha_priority: i64,
         #[command(flatten)]
         wait: Wait,
     },
@@ -156,6 +163,9 @@ enum VmCmd {
         id: String,
         #[arg(value_parser = ["restart", "off"])]
         mode: String,
+        /// Its restart priority (unchanged without it).
+        #[arg(long, allow_negative_numbers = true)]
+        priority: Option<i64>,
     },
     /// List the VMs (a consumer sees its own).
     List,
@@ -559,18 +569,21 @@ fn run(cli: Cli) -> Result<()> {
                 memory_mib,
                 no_net,
                 ha,
+                ha_priority,
                 wait,
             } => job_cmd(
                 "/vms".into(),
                 json!({"name": name, "image": image, "vcpus": vcpus, "memory_mib": memory_mib,
-                       "net": !no_net, "ha": ha}),
+                       "net": !no_net, "ha": ha, "ha_priority": ha_priority}),
                 &wait,
             )?,
-            VmCmd::SetHa { id, mode } => print(&api.req(
-                reqwest::Method::PUT,
-                &format!("/vms/{id}/ha"),
-                Some(json!({"ha": mode})),
-            )?),
+            VmCmd::SetHa { id, mode, priority } => {
+                let mut body = json!({"ha": mode});
+                if let Some(p) = priority {
+                    body["priority"] = json!(p);
+                }
+                print(&api.req(reqwest::Method::PUT, &format!("/vms/{id}/ha"), Some(body))?)
+            }
             VmCmd::List => {
                 listing(
                     "/vms",

@@ -94,6 +94,10 @@ struct Args {
     /// network: it fences nothing and restarts nothing, and raises `Failover_Suspended`.
     #[arg(long = "failover-max-silent-percent", default_value_t = 50)]
     failover_max_silent_percent: u32,
+    /// VMs restarted at once by failover, at most; the rest wait their turn, highest priority
+    /// first.
+    #[arg(long = "restarts-at-once", default_value_t = 32)]
+    restarts_at_once: u32,
     /// A job not taken by a worker, or not answered by its host, for this long has its message
     /// sent again (handlers are idempotent by job id).
     #[arg(long = "job-resend-ms", default_value_t = 30_000)]
@@ -333,6 +337,7 @@ async fn run(a: Args) -> Result<()> {
             Duration::from_millis(a.lease_ms),
             Duration::from_millis(a.lease_margin_ms),
             a.failover_max_silent_percent.min(100),
+            a.restarts_at_once,
         ),
         liveness: Default::default(),
         events,

@@ -160,8 +160,9 @@ impl Db {
         let mut tx = self.writer.begin().await?;
         if let Some(v) = new_vm {
             sqlx::query(
-                "INSERT INTO vms (id, name, owner, image, vcpus, memory_mib, state, created_at, mac, ha)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                "INSERT INTO vms (id, name, owner, image, vcpus, memory_mib, state, created_at, mac, ha,
+                                  ha_priority)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             )
             .bind(&v.id)
             .bind(&v.name)
@@ -173,6 +174,7 @@ impl Db {
             .bind(v.created_at)
             .bind(&v.mac)
             .bind(v.ha.as_str())
+            .bind(v.ha_priority)
             .execute(&mut *tx)
             .await?;
         }
@@ -314,6 +316,16 @@ impl Db {
             q.execute(&self.writer).await?;
         }
         Ok(jobs)
+    }
+
+    /// How many jobs of `kind` are running.
+    pub async fn count_running(&self, kind: JobKind) -> Result<i64, DbError> {
+        let r = sqlx::query("SELECT COUNT(*) AS n FROM jobs WHERE kind = $1 AND state = $2")
+            .bind(kind.as_str())
+            .bind(JobState::Running.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(r.try_get("n")?)
     }
 
     /// How many jobs of `kind` VM `vm_id` has had since `since_ms`.

@@ -35,6 +35,8 @@ pub struct Vm {
     pub mac: String,
     /// What failover does with it when its host fails.
     pub ha: HaPolicy,
+    /// Among a failed host's VMs, the higher restart first.
+    pub ha_priority: i64,
 }
 
 /// A VM's high-availability policy.
@@ -78,6 +80,7 @@ fn vm(r: &AnyRow) -> Result<Vm, sqlx::Error> {
         last_migration: r.try_get("last_migration")?,
         mac: r.try_get("mac")?,
         ha: named(r, "ha")?,
+        ha_priority: r.try_get("ha_priority")?,
     })
 }
 
@@ -237,10 +240,11 @@ impl Db {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Sets a VM's HA policy; false if there is no such VM.
-    pub async fn set_ha(&self, id: &str, ha: HaPolicy) -> Result<bool, DbError> {
-        let r = sqlx::query("UPDATE vms SET ha = $1 WHERE id = $2")
+    /// Sets a VM's HA policy and restart priority; false if there is no such VM.
+    pub async fn set_ha(&self, id: &str, ha: HaPolicy, priority: i64) -> Result<bool, DbError> {
+        let r = sqlx::query("UPDATE vms SET ha = $1, ha_priority = $2 WHERE id = $3")
             .bind(ha.as_str())
+            .bind(priority)
             .bind(id)
             .execute(&self.writer)
             .await?;

@@ -30,6 +30,8 @@ pub struct Failover {
     pub lease: Duration,
     pub margin: Duration,
     pub max_silent_percent: u32,
+    /// Restarts under way at once, at most.
+    pub restarts_at_once: i64,
     started: Instant,
     /// The newest renewal seen of each host's lease, and when it arrived.
     renewals: Mutex<HashMap<String, (RenewalId, Instant)>>,
@@ -54,11 +56,17 @@ enum Lapse {
 }
 
 impl Failover {
-    pub fn new(lease: Duration, margin: Duration, max_silent_percent: u32) -> Failover {
+    pub fn new(
+        lease: Duration,
+        margin: Duration,
+        max_silent_percent: u32,
+        restarts_at_once: u32,
+    ) -> Failover {
         Failover {
             lease,
             margin,
             max_silent_percent,
+            restarts_at_once: i64::from(restarts_at_once.max(1)),
             started: Instant::now(),
             renewals: Default::default(),
             fenced: Default::default(),
@@ -199,16 +207,18 @@ impl Vimd {
         })
     }
 
-    /// The VMs on `host` that failover restarts: running when it went silent (now `unknown`),
-    /// with HA policy `restart`.
+    /// The VMs on `host` that failover restarts — running when it went silent (now `unknown`),
+    /// with HA policy `restart` — highest priority first, then oldest.
     async fn restartable_vms(&self, host: &str) -> Result<Vec<db::Vm>> {
-        Ok(self
+        let mut vms: Vec<db::Vm> = self
             .db
             .vms_on(host)
             .await?
             .into_iter()
             .filter(|vm| vm.state == VmState::Unknown && vm.ha == db::HaPolicy::Restart)
-            .collect())
+            .collect();
+        vms.sort_by_key(|vm| (std::cmp::Reverse(vm.ha_priority), vm.created_at));
+        Ok(vms)
     }
 
     /// Host `h` has stopped its VMs (its lease lapsed `ago`): each HA VM gets a restart job.
@@ -262,6 +272,15 @@ impl Vimd {
         {
             return Ok(());
         }
+        // Bounded: past the limit, the job waits its turn (in the order the jobs were queued,
+        // which is the VMs' priority order).
+        if self.db.count_running(JobKind::Restart).await? > self.failover.restarts_at_once {
+            self.db
+                .transition_job(&job.id, &[db::JobState::Running], db::JobState::Pending, "")
+                .await?;
+            self.publish_later(&job.id, RETRY_BUSY);
+            return Ok(());
+        }
         let among = crate::placement::Among {
             except: Some(&from),
             ..Default::default()
@@ -284,14 +303,7 @@ impl Vimd {
                     self.event(EventKind::VmFailoverFailed, &from, &vm.id, &job.id, &why)
                         .await;
                 }
-                let (v, id) = (self.clone(), job.id.clone());
-                tokio::spawn(async move {
-                    tokio::time::sleep(RETRY_PLACEMENT).await;
-                    let ids = [(id.clone(), format!("{id}-{}", db::now_ms()))];
-                    if let Err(e) = crate::outbox::publish(&v.js, &v.db, &ids).await {
-                        tracing::warn!(job = id, error = %e, "restart not published again");
-                    }
-                });
+                self.publish_later(&job.id, RETRY_PLACEMENT);
                 return Ok(());
             }
         };
@@ -315,6 +327,19 @@ impl Vimd {
             tracing::warn!(job = job.id, error = %e, "restart not sent yet");
         }
         Ok(())
+    }
+
+    /// Publishes pending job `id` again after `delay` (under a fresh message id: the first is in
+    /// the duplicate window). Lost with vimd, it is published by the reconciler.
+    fn publish_later(self: &Arc<Self>, id: &str, delay: Duration) {
+        let (v, id) = (self.clone(), id.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let ids = [(id.clone(), format!("{id}-{}", db::now_ms()))];
+            if let Err(e) = crate::outbox::publish(&v.js, &v.db, &ids).await {
+                tracing::warn!(job = id, error = %e, "job not published again");
+            }
+        });
     }
 
     /// A VM whose VMM died on a healthy host (`VM_Failure`): with HA policy `restart` it boots
@@ -348,11 +373,7 @@ impl Vimd {
         self.event(EventKind::VmFailoverStarted, host, vm_id, &job.id, &detail)
             .await;
         let delay = Duration::from_secs(1 << recent.min(IN_PLACE_RESTARTS - 1));
-        let (v, id) = (self.clone(), job.id);
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            v.outbox.push(&id);
-        });
+        self.publish_later(&job.id, delay);
         Ok(())
     }
 
@@ -442,3 +463,5 @@ const FAILURE_WINDOW_MS: i64 = 10 * 60 * 1000;
 
 /// How often a VM waiting for room is tried again.
 const RETRY_PLACEMENT: Duration = Duration::from_secs(2);
+/// How soon a restart waiting for its turn (`--restarts-at-once`) is tried again.
+const RETRY_BUSY: Duration = Duration::from_millis(200);
