@@ -2796,7 +2796,10 @@ fn a_crashed_hosts_vms_run_again_elsewhere_and_never_twice() {
     let off = f.ha_vm_on("off", "h1", "off");
     // b, created after a, restarts first: its priority is higher.
     let v = f.ctl_ok(&["vm", "set-ha", &b, "restart", "--priority", "10"]);
-    assert_eq!((v["ha"].as_str(), v["ha_priority"].as_i64()), (Some("restart"), Some(10)));
+    assert_eq!(
+        (v["ha"].as_str(), v["ha_priority"].as_i64()),
+        (Some("restart"), Some(10))
+    );
     let mac = f.ctl_ok(&["vm", "show", &a])["mac"].clone();
     let watch = OneVmmEach::watch(&[a.clone(), b.clone(), off.clone()]);
     let vmms: Vec<u32> = [&a, &b, &off]
