@@ -104,6 +104,9 @@ impl Vimd {
         if kind == EventKind::VmFailure && checked.job.is_none() {
             self.on_vm_failure(sender, &checked.vm_id).await?;
         }
+        if kind == EventKind::HostSelfFenced {
+            self.on_self_fenced(sender).await?;
+        }
         Ok(())
     }
 

@@ -349,7 +349,29 @@ impl Vimd {
         let Some(vm) = self.db.vm(vm_id).await? else {
             return Ok(());
         };
-        if vm.ha != db::HaPolicy::Restart || vm.host_id != host || vm.state != VmState::Failed {
+        self.restart_failed(host, &vm, &[VmState::Failed]).await
+    }
+
+    /// A host that fenced itself (its lease lapsed) reached the queue again: the VMs it stopped
+    /// that no other host took over (vimd had not fenced it yet, or suspended failover) boot
+    /// again there, as after a VMM failure. Its VMs read `failed`, or still `unknown` when its
+    /// heartbeat has not been written yet; none of them runs (its VMMs were all stopped).
+    pub(super) async fn on_self_fenced(self: &Arc<Self>, host: &str) -> Result<()> {
+        for vm in self.db.vms_on(host).await? {
+            self.restart_failed(host, &vm, &[VmState::Failed, VmState::Unknown])
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn restart_failed(
+        self: &Arc<Self>,
+        host: &str,
+        vm: &db::Vm,
+        states: &[VmState],
+    ) -> Result<()> {
+        let vm_id = vm.id.as_str();
+        if vm.ha != db::HaPolicy::Restart || vm.host_id != host || !states.contains(&vm.state) {
             return Ok(());
         }
         let recent = self
