@@ -157,6 +157,8 @@ const CLUSTER_VIMD_PASSWORD: &str = "vimd-test-secret";
 struct Cluster {
     dir: PathBuf,
     ports: Vec<u16>,
+    /// Each node's monitoring port (`/healthz`).
+    monitor: Vec<u16>,
     nodes: Vec<Option<Proc>>,
 }
 
@@ -166,6 +168,7 @@ impl Cluster {
         std::fs::create_dir_all(&dir).unwrap();
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let monitor: Vec<u16> = (0..3).map(|_| free_port()).collect();
         for i in 0..3 {
             let others: Vec<String> = (0..3)
                 .filter(|j| *j != i)
@@ -173,10 +176,12 @@ impl Cluster {
                 .collect();
             let conf = format!(
                 "server_name: n{i}\nlisten: \"0.0.0.0:{}\"\n\
+                 http: \"127.0.0.1:{}\"\n\
                  jetstream {{ store_dir: \"{}\" }}\n\
                  cluster {{ name: vimtest, listen: \"127.0.0.1:{}\", routes: [{}] }}\n\
                  include \"accounts.conf\"\n",
                 ports[i],
+                monitor[i],
                 dir.join(format!("n{i}")).display(),
                 routes[i],
                 others.join(", ")
@@ -186,6 +191,7 @@ impl Cluster {
         Cluster {
             dir,
             ports,
+            monitor,
             nodes: vec![None, None, None],
         }
     }
@@ -213,6 +219,25 @@ impl Cluster {
             .spawn()
             .unwrap();
         self.nodes[i] = Some(Proc(p));
+    }
+
+    /// Whether node `i` says it is healthy: up, and its JetStream streams and consumers caught
+    /// up with the cluster (`/healthz`, what an operator's rolling restart waits for).
+    fn healthy(&self, i: usize) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", self.monitor[i])) else {
+            return false;
+        };
+        let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+        if c
+            .write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut answer = String::new();
+        let _ = c.read_to_string(&mut answer);
+        answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200")
     }
 
     fn kill_node(&mut self, i: usize) {
@@ -839,6 +864,14 @@ fn vmm_pids(vm_id: &str) -> Vec<u32> {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failed test names its cause in CI's log: what vimd and each agent said last.
+            let mut logs = vec!["vimd.log".to_string()];
+            logs.extend(self.agents.iter().map(|(h, _)| format!("agent-{h}.log")));
+            for l in logs {
+                eprintln!("---- {l} (last 60 lines) ----\n{}", self.log_tail(&l, 60));
+            }
+        }
         let mut vm_pids = Vec::new();
         if let Ok(d) = std::fs::read_dir(self.dir.path()) {
             for a in d
@@ -1461,10 +1494,19 @@ fn a_fleet_on_a_three_node_nats_cluster_survives_losing_a_node() {
     });
     assert_eq!(replicas, 3);
     for i in 0..3 {
+        let t = Instant::now();
         f.cluster.as_mut().unwrap().kill_node(i);
         let (job, id) = f.create_no_wait(&format!("c2n{i}"));
         f.create_done_once(&job, &id);
+        eprintln!("node {i} down: the create took {:?}", t.elapsed());
         f.cluster.as_mut().unwrap().start_node(i);
+        // Losing *a* node: the next one goes only once this one has caught up, as in a rolling
+        // restart. Killing it sooner takes two of three away — JetStream loses its quorum, and
+        // once that lasts longer than the hosts' lease (30 s) they fence their VMs, by design.
+        wait_until("the restarted node healthy", || {
+            (0..3).all(|n| f.cluster.as_ref().unwrap().healthy(n))
+        });
+        eprintln!("node {i}: done, healthy again after {:?}", t.elapsed());
     }
     assert_eq!(f.vmm_pids(&first).len(), 1);
     let jobs = f.ctl_ok(&["jobs", "--json"]);
