@@ -91,7 +91,7 @@ if [ ! -s "$initramfs" ] || [ -n "$(find "${inputs[@]}" -newer "$initramfs" 2>/d
         [ "$a" = busybox ] || ln -sf busybox "$root/bin/$a"
     done
     # The virtio stack, in load order, with what modules.dep says each needs.
-    mods="virtio_ring virtio virtio_mmio virtio_blk failover net_failover virtio_net virtio_balloon virtio_rng vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport"
+    mods="virtio_ring virtio virtio_mmio virtio_blk failover net_failover virtio_net virtio_balloon virtio_rng vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport ext4"
     : > "$root/etc/modules"
     for m in $mods; do
         for dep in $(modprobe -d "$out/modules" -S "$kver" --show-depends "$m" 2>/dev/null | awk '/^insmod/{print $2}'); do
@@ -110,4 +110,28 @@ if [ ! -s "$initramfs" ] || [ -n "$(find "${inputs[@]}" -newer "$initramfs" 2>/d
     mv "$initramfs.tmp" "$initramfs"
     rm -rf "$root"
     log "initramfs.cpio.gz built ($(du -h "$initramfs" | cut -f1))"
+fi
+
+# --- the Debian root filesystem: bookworm from Debian's packages (mmdebstrap, minbase + systemd),
+# the guest agent and the power-loss scenario's disk writer as systemd services, on an ext4 image
+# (rootfs.ext4, 512 MiB, sparse). The initramfs mounts it with guest.root=/dev/vda and hands over
+# to systemd. No udev and an empty fstab: the root is mounted read-write already, and nothing
+# waits for a device unit udev would have announced.
+rootfs="$out/rootfs.ext4"
+rinputs=("$here/build.sh" "$here/rootfs" "$out/guest-agent")
+if [ ! -s "$rootfs" ] || [ -n "$(find "${rinputs[@]}" -newer "$rootfs" 2>/dev/null)" ]; then
+    rdir="$out/rootfs.dir"
+    rm -rf "$rdir"
+    mmdebstrap --quiet --variant=minbase --include=systemd-sysv bookworm "$rdir" \
+        --customize-hook="copy-in $out/guest-agent $here/rootfs/disk-writer /usr/local/bin" \
+        --customize-hook="copy-in $here/rootfs/disk-writer.service $here/rootfs/guest-agent.service /etc/systemd/system" \
+        --customize-hook='chroot "$1" systemctl enable disk-writer.service guest-agent.service' \
+        --customize-hook='chroot "$1" systemctl mask serial-getty@ttyS0.service getty@tty1.service' \
+        --customize-hook='echo debian-guest > "$1/etc/hostname"; : > "$1/etc/fstab"'
+    chmod 0755 "$rdir/usr/local/bin/guest-agent" "$rdir/usr/local/bin/disk-writer"
+    rm -f "$rootfs.tmp"
+    mkfs.ext4 -q -F -L root -d "$rdir" "$rootfs.tmp" 512M
+    mv "$rootfs.tmp" "$rootfs"
+    rm -rf "$rdir"
+    log "rootfs.ext4 built"
 fi

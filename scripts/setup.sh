@@ -12,6 +12,8 @@ packages=(
     iputils-ping             # the fleet test pings a VM across its migration
     nats-server              # the queue (vimd starts its own by default)
     postgresql               # the VIM's database on PostgreSQL (SQLite is built in)
+    mmdebstrap e2fsprogs     # the Debian root-filesystem disk image (images/build.sh)
+    nfs-ganesha nfs-ganesha-vfs   # NFS shared storage in the nested power-loss scenario
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -5,7 +5,8 @@
 #   - our vmm with the shared libraries ldd lists and the dynamic loader,
 #   - the L2 guest: images/out/vmlinuz + initramfs.cpio.gz,
 #   - with L1_VIM_BINS=DIR: the fleet (vimd, vimctl, vim-agent from DIR, nats-server) and
-#     iproute2's ip (network namespaces, bridges, taps) in place of busybox's,
+#     iproute2's ip (network namespaces, bridges, taps) in place of busybox's, and the modules
+#     for a virtio NIC and an NFS mount,
 #   - /lib/l1.sh: the helpers scenarios use, and a base /init that only reports "no scenario".
 # A scenario is a second, small cpio whose /init replaces the base one (see run-l1.sh).
 #
@@ -31,9 +32,10 @@ for a in $("$root/bin/busybox" --list); do
 done
 
 # kvm-amd for /dev/kvm; tun for the taps our vmm creates; with the fleet, veth and bridge for its
-# hosts' network namespaces and VM bridges.
+# hosts' network namespaces and VM bridges, and virtio_pci, virtio_net and nfsv4 for an L1 that is
+# a host of a fleet run outside it (power-loss: QEMU's user network, the NFS share).
 mods="kvm-amd tun"
-[ -n "${L1_VIM_BINS:-}" ] && mods="$mods veth bridge"
+[ -n "${L1_VIM_BINS:-}" ] && mods="$mods veth bridge virtio_pci virtio_net nfsv4"
 for mod in $mods; do
     for dep in $(modprobe -d "$images/modules" -S "$kver" --show-depends "$mod" | awk '/^insmod/{print $2}'); do
         [ -e "$root/modules/$(basename "$dep")" ] && continue

@@ -19,6 +19,9 @@
 # count), and the run fails. There is no second attempt: a freeze is a bug to find, not to retry.
 #
 # Usage: run-l1.sh L1_BASE_CPIO SCENARIO_SCRIPT TIMEOUT_S
+# For scenarios run from a host-side driver (power-loss.sh): L1_FILES_DIR, a directory whose files
+# go into the scenario cpio too (say /etc/scenario.env); L1_QEMU_ARGS, more QEMU arguments (a
+# network device); L1_PID_FILE, where QEMU's pid is written (the driver pulls L1's plug).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -34,6 +37,7 @@ cleanup() {
 }
 trap cleanup EXIT
 mkdir -p "$work/root"
+[ -n "${L1_FILES_DIR:-}" ] && cp -a "$L1_FILES_DIR/." "$work/root/"
 install -m 0755 "$scenario" "$work/root/init"
 (cd "$work/root" && find . | cpio -o -H newc --quiet) > "$work/scenario.cpio"
 cat "$base" "$work/scenario.cpio" > "$work/l1.cpio"
@@ -81,8 +85,10 @@ boot_l1() {
         -accel tcg -cpu max -m 2048 -smp 1 -nodefaults -display none -no-reboot \
         -serial "file:$log" -monitor "unix:$mon,server,nowait" \
         -kernel "$repo/images/out/vmlinuz" -initrd "$work/l1.cpio" \
-        -append "console=ttyS0 panic=-1 quiet loglevel=3 nohz=off highres=off" </dev/null &
+        -append "console=ttyS0 panic=-1 quiet loglevel=3 nohz=off highres=off" \
+        ${L1_QEMU_ARGS:-} </dev/null &
     qemu=$!
+    [ -n "${L1_PID_FILE:-}" ] && echo "$qemu" > "$L1_PID_FILE"
     while kill -0 "$qemu" 2>/dev/null; do
         size=$(stat -c %s "$log")
         if [ "$size" != "$last" ]; then

@@ -229,8 +229,7 @@ impl Cluster {
             return false;
         };
         let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
-        if c
-            .write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        if c.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
             .is_err()
         {
             return false;
@@ -3025,6 +3024,78 @@ fn more_than_half_the_hosts_silent_suspends_failover() {
     assert_eq!(f.host_of(&b), "h2");
     f.cut("h1", false);
     f.cut("h2", false);
+}
+
+/// Shared storage can keep a failed host's lock on a VM's disk a while after the host is gone
+/// (an NFS server holds a vanished client's locks until its lease there runs out; here another
+/// process holds it). The restart finds the disk locked: the VM waits `pending_restart` on the
+/// host chosen, which tries again until the lock goes, and then runs it — once.
+#[test]
+fn a_restart_waits_for_the_disk_lock_a_failed_host_left_behind() {
+    let mut f = Fleet::start_failover(&["h1", "h2"]);
+    f.add_failover_image();
+    let a = f.ha_vm_on("a", "h1", "restart");
+    let disk = f.ctl_ok(&["vm", "show", &a])["disk_path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vmms = f.vmm_pids(&a);
+    assert_eq!(vmms.len(), 1);
+    f.kill_agent("h1");
+    signal("-KILL", vmms[0]);
+    // The lock the dead VMM let go of, taken at once by a stand-in for the storage's stale one.
+    let mut holder = Command::new("python3")
+        .arg("-c")
+        .arg("import fcntl,sys,time\nf=open(sys.argv[1],'r+b')\nfcntl.lockf(f,fcntl.LOCK_EX)\nprint('held',flush=True)\ntime.sleep(600)")
+        .arg(&disk)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "held");
+    wait_until("the restart waiting for the disk", || {
+        f.events_of("VM_Failover_Started").iter().any(|e| {
+            e["vm_id"] == a.as_str() && e["detail"].as_str().unwrap_or("").contains("still locked")
+        })
+    });
+    let v = f.ctl_ok(&["vm", "show", &a]);
+    assert_eq!(
+        (v["state"].as_str(), v["host_id"].as_str()),
+        (Some("pending_restart"), Some("h2")),
+        "{v}"
+    );
+    assert!(
+        f.vmm_pids(&a).is_empty(),
+        "a VMM runs without the disk's lock"
+    );
+    // Still waiting a few tries later; then the lock goes and the VM runs on h2.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(f.ctl_ok(&["vm", "show", &a])["state"], "pending_restart");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert_eq!(f.wait_restarted(&a, "h1"), "h2");
+    assert_eq!(f.vmm_pids(&a).len(), 1);
+    assert!(disk_locked(Path::new(&disk)));
+    let restarted = f.events_of("VM_Restarted");
+    assert_eq!(
+        restarted
+            .iter()
+            .filter(|e| e["vm_id"] == a.as_str())
+            .count(),
+        1,
+        "{restarted:?}"
+    );
+    assert!(
+        f.events_of("VM_Failover_Failed")
+            .iter()
+            .all(|e| e["vm_id"] != a.as_str()),
+        "a wait for the disk is not a failure"
+    );
 }
 
 /// A VM whose VMM crashes on a healthy host boots again on that host (HA policy `restart`): a

@@ -98,6 +98,11 @@ struct Args {
     /// first.
     #[arg(long = "restarts-at-once", default_value_t = 32)]
     restarts_at_once: u32,
+    /// A restart whose disk is still locked is tried again on the same host, every 2 s, until
+    /// this long after the host went silent: a failed host's lock on shared storage outlives it
+    /// until its lease there runs out (90 s on a Linux NFS server by default).
+    #[arg(long = "failover-disk-wait-ms", default_value_t = 120_000)]
+    failover_disk_wait_ms: u64,
     /// A job not taken by a worker, or not answered by its host, for this long has its message
     /// sent again (handlers are idempotent by job id).
     #[arg(long = "job-resend-ms", default_value_t = 30_000)]
@@ -338,6 +343,7 @@ async fn run(a: Args) -> Result<()> {
             Duration::from_millis(a.lease_margin_ms),
             a.failover_max_silent_percent.min(100),
             a.restarts_at_once,
+            Duration::from_millis(a.failover_disk_wait_ms),
         ),
         liveness: Default::default(),
         events,

@@ -170,7 +170,7 @@ impl Db {
                      pid = CASE WHEN state_at <= $12 AND ($13 = 0 OR report_seq < $13) THEN $2 ELSE pid END,
                      report_seq = CASE WHEN state_at <= $12 AND $13 > report_seq THEN $13 ELSE report_seq END,
                      cpu_pct = $3, rss_kib = $4, vmm_cpu_pct = $7, balloon_mib = $8
-                     WHERE id = $5 AND host_id = $6 AND state NOT IN ($9, $10, $11)",
+                     WHERE id = $5 AND host_id = $6 AND state NOT IN ($9, $10, $11, $14)",
                 )
                 .bind(v.state().as_str())
                 .bind(i64::from(v.pid))
@@ -186,6 +186,9 @@ impl Db {
                 .bind(VmState::Migrating.as_str())
                 .bind(*at)
                 .bind(v.seq as i64)
+                // A restart waiting (for room, or for the disk's lock) is the restart's: the
+                // host it waits on reports its copy stopped meanwhile.
+                .bind(VmState::PendingRestart.as_str())
                 .execute(&mut *tx)
                 .await?;
             }

@@ -84,7 +84,7 @@ impl Vimd {
                         .set_vm_state(&checked.vm_id, VmState::Failed, 0, 0)
                         .await?;
                 }
-                self.restart_answer(job, &ev).await;
+                self.restart_answer(job, &ev).await?;
             }
             if ev.ok && job.kind == JobKind::Delete {
                 // Its disk copy goes with it (the image's disk stays).

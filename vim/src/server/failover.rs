@@ -32,6 +32,8 @@ pub struct Failover {
     pub max_silent_percent: u32,
     /// Restarts under way at once, at most.
     pub restarts_at_once: i64,
+    /// How long after its host went silent a restart waits for the VM's disk to be unlocked.
+    pub disk_wait: Duration,
     started: Instant,
     /// The newest renewal seen of each host's lease, and when it arrived.
     renewals: Mutex<HashMap<String, (RenewalId, Instant)>>,
@@ -61,12 +63,14 @@ impl Failover {
         margin: Duration,
         max_silent_percent: u32,
         restarts_at_once: u32,
+        disk_wait: Duration,
     ) -> Failover {
         Failover {
             lease,
             margin,
             max_silent_percent,
             restarts_at_once: i64::from(restarts_at_once.max(1)),
+            disk_wait,
             started: Instant::now(),
             renewals: Default::default(),
             fenced: Default::default(),
@@ -435,14 +439,25 @@ impl Vimd {
         }
     }
 
-    /// A restart's answer: the VM runs on its new host, or the restart failed.
-    pub(super) async fn restart_answer(&self, job: &db::Job, ev: &vim_proto::HostEvent) {
+    /// A restart's answer: the VM runs on its new host, or the restart failed — or its disk is
+    /// still locked, and it is tried again on the same host (see [`Self::wait_for_disk`]).
+    pub(super) async fn restart_answer(
+        self: &Arc<Self>,
+        job: &db::Job,
+        ev: &vim_proto::HostEvent,
+    ) -> Result<()> {
         let (from, _) = restart_params(job);
+        let since: i64 = serde_json::from_str::<serde_json::Value>(&job.params)
+            .ok()
+            .and_then(|p| p["silent_since_ms"].as_i64())
+            .unwrap_or(job.created_at);
+        if !ev.ok && ev.error.contains(vmm_api::DISK_IN_USE) {
+            let waited = Duration::from_millis((db::now_ms() - since).max(0) as u64);
+            if waited < self.failover.disk_wait {
+                return self.wait_for_disk(job, &ev.host_id, since).await;
+            }
+        }
         if ev.ok {
-            let since: i64 = serde_json::from_str::<serde_json::Value>(&job.params)
-                .ok()
-                .and_then(|p| p["silent_since_ms"].as_i64())
-                .unwrap_or(job.created_at);
             let detail = serde_json::json!({
                 "from": from,
                 "to": ev.host_id,
@@ -467,6 +482,45 @@ impl Vimd {
             )
             .await;
         }
+        Ok(())
+    }
+
+    /// The restart found the VM's disk locked. The lock belongs to the failed host's VMM, which
+    /// is gone (its lease lapsed before the restart began), but shared storage may hold its lock
+    /// a while longer: an NFS server keeps a vanished client's locks until that client's lease
+    /// on it runs out. The VM waits `pending_restart` on the host chosen, which tries again
+    /// every 2 s until `--failover-disk-wait-ms` after the silence began.
+    async fn wait_for_disk(
+        self: &Arc<Self>,
+        failed: &db::Job,
+        host: &str,
+        since: i64,
+    ) -> Result<()> {
+        let vm_id = failed.vm_id.as_str();
+        self.db
+            .set_vm_state(vm_id, VmState::PendingRestart, 0, 0)
+            .await?;
+        let first = !failed.params.contains("\"disk_wait\"");
+        let mut job = db::Job::new(JobKind::Restart, "vimd", vm_id);
+        job.params = serde_json::json!({
+            "from": host,
+            "in_place": true,
+            "silent_since_ms": since,
+            "disk_wait": true,
+        })
+        .to_string();
+        self.db.add_job(&job, None).await?;
+        if first {
+            let detail = format!(
+                "the VM's disk is still locked (by the failed host's VMM, until its lease on the \
+                 shared storage runs out): trying again on {host} every {} s",
+                DISK_RETRY.as_secs()
+            );
+            self.event(EventKind::VmFailoverStarted, host, vm_id, &job.id, &detail)
+                .await;
+        }
+        self.publish_later(&job.id, DISK_RETRY);
+        Ok(())
     }
 }
 
@@ -483,6 +537,8 @@ fn restart_params(job: &db::Job) -> (String, bool) {
 const IN_PLACE_RESTARTS: i64 = 3;
 const FAILURE_WINDOW_MS: i64 = 10 * 60 * 1000;
 
+/// How often a restart whose disk is still locked is tried again.
+const DISK_RETRY: Duration = Duration::from_secs(2);
 /// How often a VM waiting for room is tried again.
 const RETRY_PLACEMENT: Duration = Duration::from_secs(2);
 /// How soon a restart waiting for its turn (`--restarts-at-once`) is tried again.

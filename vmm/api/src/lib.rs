@@ -33,6 +33,12 @@ pub const INCOMING_READY_LINE: &str = "vmm: waiting for a handover in ";
 /// that never took the VM.
 pub const WATCHING_FILE: &str = "watching";
 
+/// What the VMM says (after the disk's path) when another VMM holds the disk's lock. After a
+/// host fails, its lock on shared storage can outlive it for a while (an NFS server keeps a
+/// vanished client's locks until that client's lease there runs out): vimd recognises this
+/// failure of a restart and tries again.
+pub const DISK_IN_USE: &str = "is in use by another VMM (it holds the image's lock)";
+
 /// Longest request line the server reads; a longer one is refused and the connection closed.
 pub const MAX_REQUEST_LINE: usize = 64 * 1024;
 

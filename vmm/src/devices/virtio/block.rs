@@ -44,7 +44,7 @@ const S_UNSUPP: u8 = 2;
 pub enum BlockError {
     #[error("cannot open disk image {0}: {1}")]
     Open(PathBuf, std::io::Error),
-    #[error("disk image {0} is in use by another VMM (it holds the image's lock)")]
+    #[error("disk image {} {}", .0.display(), vmm_api::DISK_IN_USE)]
     Locked(PathBuf),
     #[error("cannot lock disk image {0}: {1}")]
     Lock(PathBuf, std::io::Error),
@@ -100,6 +100,11 @@ const REACQUIRE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 pub struct Block {
     path: PathBuf,
     file: Arc<File>,
+    /// The image opened a second time, only to hold its lock. On NFS a read or write through the
+    /// descriptor that holds a byte-range lock goes out with that lock's state, and a server may
+    /// refuse it (nfs-ganesha 4.3 fails every such read with EIO); through a descriptor with no
+    /// lock it goes out with the open's state, which every server takes.
+    lock: File,
     read_only: bool,
     capacity: u64,
     worker: Option<Worker<BlockQueue>>,
@@ -107,12 +112,16 @@ pub struct Block {
 
 impl Block {
     pub fn open(path: &Path, read_only: bool) -> Result<Block, BlockError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|e| BlockError::Open(path.into(), e))?;
-        lock_image(&file, path, !read_only)?;
+        let open = || {
+            OpenOptions::new()
+                .read(true)
+                .write(!read_only)
+                .open(path)
+                .map_err(|e| BlockError::Open(path.into(), e))
+        };
+        let file = open()?;
+        let lock = open()?;
+        lock_image(&lock, path, !read_only)?;
         let len = file
             .metadata()
             .map_err(|e| BlockError::Open(path.into(), e))?
@@ -123,6 +132,7 @@ impl Block {
         Ok(Block {
             path: path.into(),
             file: Arc::new(file),
+            lock,
             read_only,
             capacity: len / SECTOR,
             worker: None,
@@ -184,7 +194,7 @@ impl VirtioDevice for Block {
         if let Err(e) = self.file.sync_data() {
             tracing::warn!(path = %self.path.display(), error = %e, "virtio-blk: flush before handover failed");
         }
-        if let Err(e) = unlock_image(&self.file) {
+        if let Err(e) = unlock_image(&self.lock) {
             tracing::warn!(path = %self.path.display(), error = %e, "virtio-blk: cannot release the image lock");
         }
     }
@@ -194,7 +204,7 @@ impl VirtioDevice for Block {
         // meanwhile, and only on this failure path.
         let deadline = std::time::Instant::now() + REACQUIRE_WAIT;
         loop {
-            match lock_image(&self.file, &self.path, !self.read_only) {
+            match lock_image(&self.lock, &self.path, !self.read_only) {
                 Err(BlockError::Locked(_)) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
