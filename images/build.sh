@@ -115,14 +115,14 @@ fi
 # --- the Debian root filesystem: bookworm from Debian's packages (mmdebstrap, minbase + systemd),
 # the guest agent and the power-loss scenario's disk writer as systemd services, on an ext4 image
 # (rootfs.ext4, 512 MiB, sparse). The initramfs mounts it with guest.root=/dev/vda and hands over
-# to systemd. No udev and an empty fstab: the root is mounted read-write already, and nothing
-# waits for a device unit udev would have announced.
+# to systemd. An empty fstab: the root is mounted read-write already. (No D-Bus, so no logind:
+# the guest ignores the ACPI power button and a VMM's stop is forced after its timeout.)
 rootfs="$out/rootfs.ext4"
 rinputs=("$here/build.sh" "$here/rootfs" "$out/guest-agent")
 if [ ! -s "$rootfs" ] || [ -n "$(find "${rinputs[@]}" -newer "$rootfs" 2>/dev/null)" ]; then
     rdir="$out/rootfs.dir"
     rm -rf "$rdir"
-    mmdebstrap --quiet --variant=minbase --include=systemd-sysv bookworm "$rdir" \
+    mmdebstrap --quiet --variant=minbase --include=systemd-sysv,udev bookworm "$rdir" \
         --customize-hook="copy-in $out/guest-agent $here/rootfs/disk-writer /usr/local/bin" \
         --customize-hook="copy-in $here/rootfs/disk-writer.service $here/rootfs/guest-agent.service /etc/systemd/system" \
         --customize-hook='chroot "$1" systemctl enable disk-writer.service guest-agent.service' \
