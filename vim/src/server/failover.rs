@@ -261,7 +261,7 @@ impl Vimd {
     /// one it left), with the same id and MAC. No room anywhere: it waits `pending_restart`
     /// and is tried again every few seconds.
     pub(super) async fn restart(self: &Arc<Self>, job: &db::Job, vm: &db::Vm) -> Result<()> {
-        let (from, in_place) = restart_params(job);
+        let RestartParams { from, in_place, .. } = restart_params(job);
         if vm.host_id != from {
             self.fail_job(job, "the VM is no longer on the host it is restarted from")
                 .await;
@@ -446,15 +446,18 @@ impl Vimd {
         job: &db::Job,
         ev: &vim_proto::HostEvent,
     ) -> Result<()> {
-        let (from, _) = restart_params(job);
-        let since: i64 = serde_json::from_str::<serde_json::Value>(&job.params)
-            .ok()
-            .and_then(|p| p["silent_since_ms"].as_i64())
-            .unwrap_or(job.created_at);
+        let RestartParams {
+            from,
+            silent_since_ms: since,
+            disk_wait,
+            ..
+        } = restart_params(job);
         if !ev.ok && ev.error.contains(vmm_api::DISK_IN_USE) {
             let waited = Duration::from_millis((db::now_ms() - since).max(0) as u64);
             if waited < self.failover.disk_wait {
-                return self.wait_for_disk(job, &ev.host_id, since).await;
+                return self
+                    .wait_for_disk(job, &ev.host_id, since, !disk_wait)
+                    .await;
             }
         }
         if ev.ok {
@@ -495,12 +498,12 @@ impl Vimd {
         failed: &db::Job,
         host: &str,
         since: i64,
+        first: bool,
     ) -> Result<()> {
         let vm_id = failed.vm_id.as_str();
         self.db
             .set_vm_state(vm_id, VmState::PendingRestart, 0, 0)
             .await?;
-        let first = !failed.params.contains("\"disk_wait\"");
         let mut job = db::Job::new(JobKind::Restart, "vimd", vm_id);
         job.params = serde_json::json!({
             "from": host,
@@ -525,12 +528,25 @@ impl Vimd {
 }
 
 /// The host a restart job moves its VM off, and whether it restarts it there instead.
-fn restart_params(job: &db::Job) -> (String, bool) {
+fn restart_params(job: &db::Job) -> RestartParams {
     let p = serde_json::from_str::<serde_json::Value>(&job.params).unwrap_or_default();
-    (
-        p["from"].as_str().unwrap_or_default().to_string(),
-        p["in_place"].as_bool().unwrap_or(false),
-    )
+    RestartParams {
+        from: p["from"].as_str().unwrap_or_default().to_string(),
+        in_place: p["in_place"].as_bool().unwrap_or(false),
+        silent_since_ms: p["silent_since_ms"].as_i64().unwrap_or(job.created_at),
+        disk_wait: p["disk_wait"].as_bool().unwrap_or(false),
+    }
+}
+
+/// A restart job's parameters (its `params` JSON).
+struct RestartParams {
+    /// The host it moves the VM off (or restarts it on, `in_place`).
+    from: String,
+    in_place: bool,
+    /// When the outage began: the host's silence, or the VMM's failure.
+    silent_since_ms: i64,
+    /// A retry of a restart that found the disk locked.
+    disk_wait: bool,
 }
 
 /// In-place restarts of a failing VM within `FAILURE_WINDOW_MS` before it goes elsewhere.
