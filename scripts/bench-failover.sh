@@ -52,7 +52,10 @@ class Fleet:
             self.nets[h] = (ns, veth, f"10.232.{k}.1")
         args = [f"{B}/vimd", "--state-dir", f"{self.d}/vim", "--listen", f"127.0.0.1:{port}",
                 "--nats-listen", f"0.0.0.0:{self.nats_port}", "--heartbeat-ms", "1000", "--misses", "3",
-                "--lease-ms", "2000"]
+                "--lease-ms", "2000",
+                # 20 one-vCPU test guests (idle but for a heartbeat) on one host, then on two, of
+                # a machine that may have 2 cores: placement's default (4 vCPUs per core) refuses.
+                "--cpu-overcommit", "16"]
         for (_, _, rip) in self.nets.values():
             args += ["--tls-name", rip]
         self.procs.append(subprocess.Popen(args, stderr=open(f"{self.d}/vimd.log", "w")))

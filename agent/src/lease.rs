@@ -10,6 +10,7 @@
 //! agent that starts cut off.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,10 @@ use crate::Agent;
 /// The agent's own fence comes this long after the lapse: the VMMs stop themselves first (they
 /// look every 20 ms); this is for one that does not. Well inside vimd's margin (500 ms).
 const BACKUP_FENCE_AFTER_NS: u64 = 200_000_000;
+
+/// A VMM still alive this long after the fence's SIGKILL is stuck in the kernel (say in I/O to
+/// a hung NFS server): the host is then not sound, and the watchdog, if there is one, resets it.
+const FENCE_GRACE: Duration = Duration::from_secs(2);
 
 /// How often the lease's length is read from the stream.
 const READ_LENGTH_EVERY: Duration = Duration::from_secs(5);
@@ -76,6 +81,8 @@ pub async fn run(a: Arc<Agent>, mut stop: watch::Receiver<bool>) {
     };
     let mut lapsed: Option<u64> = None;
     let mut failures = 0u32;
+    // The VMMs the fence killed, and when: each must be gone within FENCE_GRACE.
+    let mut fenced: Option<(Instant, Vec<u32>)> = None;
     loop {
         if length_read.is_none_or(|t| t.elapsed() >= READ_LENGTH_EVERY) {
             if let Some(ms) = read_length(&a).await {
@@ -141,11 +148,25 @@ pub async fn run(a: Arc<Agent>, mut stop: watch::Receiver<bool>) {
                 lapsed = Some(until);
                 // The VMMs stop themselves (they watch the file); a VMM that does not is
                 // stopped here all the same.
-                let n = a.host.fence();
+                let killed = a.host.fence();
                 tracing::error!(
-                    vmms = n,
+                    vmms = killed.len(),
                     "the host's lease lapsed: its VMs are stopped (fenced)"
                 );
+                fenced = Some((Instant::now(), killed));
+            }
+            if let Some((at, pids)) = &mut fenced {
+                if at.elapsed() >= FENCE_GRACE {
+                    pids.retain(|p| crate::vms::is_live_vmm(*p));
+                    let sound = pids.is_empty();
+                    if !sound && a.sound.load(Ordering::SeqCst) {
+                        tracing::error!(pids = ?pids, "VMMs outlived the fence's SIGKILL");
+                    }
+                    a.sound.store(sound, Ordering::SeqCst);
+                    if sound {
+                        fenced = None;
+                    }
+                }
             }
         }
         tokio::select! {

@@ -6,6 +6,7 @@ mod lease;
 mod net;
 mod supervisor;
 mod vms;
+mod watchdog;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -52,6 +53,14 @@ struct Args {
     /// The Linux bridge VMs' taps join (created if missing; default vimbr0).
     #[arg(long, env = "VIM_AGENT_BRIDGE")]
     bridge: Option<String>,
+    /// The host's watchdog device (say /dev/watchdog): fed while the agent runs and the host is
+    /// sound, it resets the host when the agent hangs or a VMM outlives the fence
+    /// (docs/failover.md). Off by default.
+    #[arg(long, env = "VIM_AGENT_WATCHDOG")]
+    watchdog: Option<PathBuf>,
+    /// The watchdog's timeout in seconds (default 30; the driver may round it).
+    #[arg(long = "watchdog-timeout-s", env = "VIM_AGENT_WATCHDOG_TIMEOUT_S")]
+    watchdog_timeout_s: Option<u32>,
     /// Check the configuration, print it and exit.
     #[arg(long)]
     check: bool,
@@ -70,6 +79,8 @@ struct FileConfig {
     vmm: Option<PathBuf>,
     heartbeat_ms: Option<u64>,
     bridge: Option<String>,
+    watchdog: Option<PathBuf>,
+    watchdog_timeout_s: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -83,6 +94,8 @@ struct Config {
     vmm: PathBuf,
     heartbeat: Duration,
     bridge: String,
+    watchdog: Option<PathBuf>,
+    watchdog_timeout_s: u32,
 }
 
 fn config(a: Args) -> Result<Config> {
@@ -125,12 +138,23 @@ fn config(a: Args) -> Result<Config> {
             );
             b
         },
+        watchdog: a.watchdog.or(f.watchdog),
+        watchdog_timeout_s: {
+            let t = a.watchdog_timeout_s.or(f.watchdog_timeout_s).unwrap_or(30);
+            anyhow::ensure!(
+                (1..=3600).contains(&t),
+                "--watchdog-timeout-s {t}: 1 to 3600 seconds"
+            );
+            t
+        },
     })
 }
 
 #[tokio::main]
 async fn main() {
     tracing_subscriber::fmt()
+        // Colour only on a terminal: logs go to files and the journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VIM_LOG")
                 .unwrap_or_else(|_| "info".into()),
@@ -202,6 +226,8 @@ struct Agent {
     /// Jobs being carried out: a second copy of one (a redelivery, or vimd sending it again)
     /// that arrives meanwhile is never run twice.
     in_flight: Mutex<std::collections::HashSet<String>>,
+    /// False while a VMM outlives the fence: the watchdog (if any) is then not fed.
+    sound: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Agent {
@@ -333,8 +359,34 @@ async fn run(cfg: Config) -> Result<()> {
     lease::init(&cfg.state_dir).context("cannot write the lease file")?;
     dirs.bridge = cfg.bridge.clone();
     let dirs = Arc::new(dirs);
-    let (exits_tx, mut exits) = mpsc::unbounded_channel();
+    let (exits_tx, exits) = mpsc::unbounded_channel();
     let host = Host::start(dirs, cfg.heartbeat, exits_tx, stop.clone()).await?;
+    // Armed before the queue is reached: a host whose agent hangs connecting is reset too. It is
+    // disarmed whenever the agent ends by itself, an error included (that is not a hang; the
+    // service manager starts it again); only a hung or killed agent leaves it armed.
+    let sound = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let Some(path) = cfg.watchdog.clone() else {
+        return serve(cfg, opts, host, exits, sound, stop).await;
+    };
+    let w = watchdog::Watchdog::open(&path, cfg.watchdog_timeout_s)?;
+    tracing::info!(device = %path.display(), timeout_s = w.timeout_s(), "watchdog armed");
+    let (wd_stop_tx, wd_stop) = watch::channel(false);
+    let wd = tokio::spawn(watchdog::run(w, sound.clone(), wd_stop));
+    let r = serve(cfg, opts, host, exits, sound, stop).await;
+    let _ = wd_stop_tx.send(true);
+    let _ = wd.await;
+    r
+}
+
+/// The agent's work once its host is set up: the queue, the lease, heartbeats and commands.
+async fn serve(
+    cfg: Config,
+    opts: async_nats::ConnectOptions,
+    host: Host,
+    mut exits: mpsc::UnboundedReceiver<supervisor::Notice>,
+    sound: Arc<std::sync::atomic::AtomicBool>,
+    stop: watch::Receiver<bool>,
+) -> Result<()> {
     let client = vim_proto::nats_tls(opts, cfg.nats_ca.as_deref())
         .custom_inbox_prefix(s::inbox_prefix(&cfg.host_id))
         .retry_on_initial_connect()
@@ -347,6 +399,7 @@ async fn run(cfg: Config) -> Result<()> {
         js,
         host,
         in_flight: Default::default(),
+        sound,
     });
     tracing::info!(host = agent.cfg.host_id, "agent started");
 

@@ -105,12 +105,13 @@ impl Host {
 
     /// Fencing, as a second guard behind the VMMs' own: kills every VMM this host runs (each
     /// checked to be a vmm process). Their supervisors see them gone and report them failed.
-    /// Returns how many were killed.
-    pub fn fence(&self) -> usize {
+    /// Returns the pids of those it killed.
+    pub fn fence(&self) -> Vec<u32> {
         self.reports()
             .iter()
-            .filter(|r| crate::vms::kill_vmm(r.pid))
-            .count()
+            .map(|r| r.pid)
+            .filter(|pid| crate::vms::kill_vmm(*pid))
+            .collect()
     }
 
     /// Queues a command behind the earlier ones for the same VM; the receiver gets its outcome.

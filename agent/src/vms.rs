@@ -121,11 +121,16 @@ fn alive(pid: u32) -> bool {
 
 /// SIGKILLs `pid` if it is a live vmm process; whether it was.
 pub fn kill_vmm(pid: u32) -> bool {
-    if pid == 0 || !alive(pid) || !is_vmm(pid) {
+    if !is_live_vmm(pid) {
         return false;
     }
     // SAFETY: kill(2) on a pid checked just now to be a live vmm process.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) == 0 }
+}
+
+/// Whether `pid` is a live vmm process.
+pub fn is_live_vmm(pid: u32) -> bool {
+    pid != 0 && alive(pid) && is_vmm(pid)
 }
 
 /// Whether `pid` is a vmm process (a recycled pid is not adopted).

@@ -6,7 +6,7 @@
 #   - the L2 guest: images/out/vmlinuz + initramfs.cpio.gz,
 #   - with L1_VIM_BINS=DIR: the fleet (vimd, vimctl, vim-agent from DIR, nats-server) and
 #     iproute2's ip (network namespaces, bridges, taps) in place of busybox's, and the modules
-#     for a virtio NIC and an NFS mount,
+#     for a virtio NIC and an NFS mount, and softdog (modules/watchdog/, loaded by its scenario),
 #   - /lib/l1.sh: the helpers scenarios use, and a base /init that only reports "no scenario".
 # A scenario is a second, small cpio whose /init replaces the base one (see run-l1.sh).
 #
@@ -43,6 +43,16 @@ for mod in $mods; do
         basename "$dep" >> "$root/modules/order"
     done
 done
+
+# With the fleet: softdog and the watchdog core for the watchdog scenario, which loads them itself
+# (with its own parameters), so they are not in modules/order.
+if [ -n "${L1_VIM_BINS:-}" ]; then
+    mkdir -p "$root/modules/watchdog"
+    for dep in $(modprobe -d "$images/modules" -S "$kver" --show-depends softdog | awk '/^insmod/{print $2}'); do
+        cp "$dep" "$root/modules/watchdog/"
+        basename "$dep" >> "$root/modules/watchdog/order"
+    done
+fi
 
 # A program and the shared libraries ldd lists for it.
 install_bin() { # path-in-host dest-in-root

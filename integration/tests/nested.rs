@@ -240,3 +240,37 @@ fn a_host_that_loses_power_has_its_debian_vm_boot_on_the_other() {
         ],
     );
 }
+
+/// Issue 13: the host's watchdog (softdog in L1). The agent arms it, feeds it while it runs (L1
+/// lives through three timeouts), disarms it on a clean exit (two more), and when the agent hangs
+/// (SIGSTOP) the watchdog resets L1 — softdog is loaded to panic, so the console names the cause.
+#[test]
+fn a_host_whose_agent_hangs_is_reset_by_its_watchdog() {
+    let console = scenario("watchdog", 400);
+    let results = results(&console);
+    for want in ["wd-armed", "wd-fed", "wd-disarmed"] {
+        match results.iter().find(|r| r.0 == want) {
+            Some((_, true, detail)) => eprintln!("{want}: pass ({detail})"),
+            Some((_, false, detail)) => panic!("{want} failed: {detail}\n{console}"),
+            None => panic!("{want} reported no result\n{console}"),
+        }
+    }
+    let hung = console
+        .find("WD-AGENT-HUNG")
+        .unwrap_or_else(|| panic!("the agent was never hung\n{console}"));
+    let after = &console[hung..];
+    assert!(
+        after.contains("Software Watchdog Timer expired"),
+        "no watchdog reset after the agent hung\n{console}"
+    );
+    assert!(
+        !after.contains("RESULT wd-reset"),
+        "L1 outlived the watchdog\n{console}"
+    );
+    for l in after
+        .lines()
+        .filter(|l| l.contains("WD-AGENT") || l.contains("Watchdog"))
+    {
+        eprintln!("{l}");
+    }
+}

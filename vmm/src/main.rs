@@ -306,6 +306,8 @@ fn main() {
         .and_then(|v| v.parse::<tracing::Level>().ok())
         .unwrap_or(tracing::Level::WARN);
     tracing_subscriber::fmt()
+        // Colour only on a terminal: logs go to files and the journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_max_level(level)
         .init();

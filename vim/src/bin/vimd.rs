@@ -144,6 +144,8 @@ struct Args {
 #[tokio::main]
 async fn main() {
     tracing_subscriber::fmt()
+        // Colour only on a terminal: logs go to files and the journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VIM_LOG")
                 .unwrap_or_else(|_| "info".into()),
