@@ -31,6 +31,8 @@ static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v
 static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" ::"a"(v), "Nd"(port)); }
 static inline void mmio_write32(u32 addr, u32 v) { *(volatile u32 *)addr = v; }
 static inline u32 mmio_read32(u32 addr) { return *(volatile u32 *)addr; }
+static inline void mmio_write8(u32 addr, u8 v) { *(volatile u8 *)addr = v; }
+static inline u8 mmio_read8(u32 addr) { return *(volatile u8 *)addr; }
 
 void *memcpy(void *d, const void *s, unsigned long n) {
     void *r = d;
@@ -421,6 +423,13 @@ void ap_main(u32 apic_id) {
 
 static u32 lapic_id(void) { return mmio_read32(LAPIC + 0x20) >> 24; }
 
+static void start_ap(u32 id) {
+    mmio_write32(LAPIC + 0x310, id << 24);
+    mmio_write32(LAPIC + 0x300, 0x4500); /* INIT */
+    mmio_write32(LAPIC + 0x310, id << 24);
+    mmio_write32(LAPIC + 0x300, 0x4600 | (TRAMPOLINE_ADDR >> 12)); /* SIPI */
+}
+
 static void start_aps(void) {
     memcpy((void *)TRAMPOLINE_ADDR, ap_trampoline, (u32)(ap_trampoline_end - ap_trampoline));
     u32 self = lapic_id();
@@ -429,10 +438,7 @@ static void start_aps(void) {
         u32 id = cpu_apic_ids[i];
         if (id == self) continue;
         expected++;
-        mmio_write32(LAPIC + 0x310, id << 24);
-        mmio_write32(LAPIC + 0x300, 0x4500); /* INIT */
-        mmio_write32(LAPIC + 0x310, id << 24);
-        mmio_write32(LAPIC + 0x300, 0x4600 | (TRAMPOLINE_ADDR >> 12)); /* SIPI */
+        start_ap(id);
     }
     /* Wait up to ~2 s of timer ticks for every AP. */
     u32 deadline = ticks + 200;
@@ -442,6 +448,34 @@ static void start_aps(void) {
     put_u(&l, aps_up + 1);
     put(&l, aps_up == expected ? " ok" : " missing");
     emit(&l);
+}
+
+/* ---- CPU hotplug: the VMM's controller (docs/hotplug.md), at its fixed address. What the
+ * DSDT's CSCN does for Linux, done by hand on the GED's CPU event: a slot inserted is started
+ * (INIT, SIPI), a slot asked to go is ejected at once (its AP only ever halts). ---- */
+#define CPU_HP 0xfeb01000u
+#define CPU_HP_STATUS (CPU_HP + 4)
+
+static void cpu_hotplug_scan(void) {
+    memcpy((void *)TRAMPOLINE_ADDR, ap_trampoline, (u32)(ap_trampoline_end - ap_trampoline));
+    for (u32 i = 0; i < cpu_slots; i++) {
+        mmio_write32(CPU_HP, i);
+        u8 st = mmio_read8(CPU_HP_STATUS);
+        struct line l = {.len = 0};
+        if (st & 2) {
+            mmio_write8(CPU_HP_STATUS, 2);
+            start_ap(i);
+            put(&l, "tg: cpu-added apic=");
+        } else if (st & 4) {
+            mmio_write8(CPU_HP_STATUS, 4);
+            mmio_write8(CPU_HP_STATUS, 8);
+            put(&l, "tg: cpu-ejected apic=");
+        } else {
+            continue;
+        }
+        put_u(&l, i);
+        emit(&l);
+    }
 }
 
 /* ---- workloads ---- */
@@ -646,6 +680,7 @@ static void run(u32 ram_top) {
     u32 cursor = 0;
     u32 dirtied_pages = 0;
     u32 ignore_button = arg_u("tg.ignore_button", 0);
+    u32 ignore_cpu_hotplug = arg_u("tg.ignore_cpu_hotplug", 0);
     u32 stop_after = arg_u("tg.stop_after", 0);
     u32 next_hb = ticks + hb_ms / TICK_MS;
     for (;;) {
@@ -657,6 +692,13 @@ static void run(u32 ram_top) {
         if (ged_pending & 1) {
             say("power-button");
             acpi_poweroff();
+        }
+        if (ged_pending & 2) {
+            __atomic_fetch_and(&ged_pending, ~2u, __ATOMIC_SEQ_CST);
+            if (ignore_cpu_hotplug)
+                say("cpu-hotplug ignored");
+            else
+                cpu_hotplug_scan();
         }
         for (u32 i = 0; i < per_tick; i++) {
             *(volatile u32 *)(region + cursor * PAGE) = t;

@@ -74,7 +74,8 @@ fn io_gas(port: u16) -> GAS {
     )
 }
 
-/// Builds the DSDT body: COM1, the power button and GED, the processors, virtio-mmio devices, \_S5.
+/// Builds the DSDT body: COM1, the power button and GED, the CPU hotplug controller and every
+/// vCPU slot's processor, virtio-mmio devices, \_S5.
 pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let mut body = Vec::new();
 
@@ -114,6 +115,12 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     );
     let pwrb = aml::Path::new("\\_SB_.PWRB");
     let notify = aml::Notify::new(&pwrb, &0x80u8);
+    let cpu_check = aml::And::new(
+        &aml::Local(2),
+        &aml::Local(0),
+        &crate::devices::ged::CPU_HOTPLUG_BIT,
+    );
+    let cpu_scan = aml::MethodCall::new("\\_SB_.PRES.CSCN".into(), vec![]);
     aml::Device::new(
         "_SB_.GED_".into(),
         vec![
@@ -144,32 +151,19 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
                         &aml::NotEqual::new(&aml::Local(1), &aml::ZERO),
                         vec![&notify],
                     ),
+                    &cpu_check,
+                    &aml::If::new(
+                        &aml::NotEqual::new(&aml::Local(2), &aml::ZERO),
+                        vec![&cpu_scan],
+                    ),
                 ],
             ),
         ],
     )
     .to_aml_bytes(&mut body);
 
-    // Processors: a container with one ACPI0007 device per present vCPU; `_UID` matches the MADT.
-    let cpus: Vec<RawAml> = (0..cfg.vcpus)
-        .map(|i| {
-            let uid = i as usize;
-            RawAml(bytes_of(&aml::Device::new(
-                format!("C{i:03X}").as_str().into(),
-                vec![
-                    &aml::Name::new("_HID".into(), &"ACPI0007"),
-                    &aml::Name::new("_UID".into(), &uid),
-                ],
-            )))
-        })
-        .collect();
-    let hid = aml::Name::new("_HID".into(), &"ACPI0010");
-    let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A05"));
-    let mut cpu_children: Vec<&dyn Aml> = vec![&hid, &cid];
-    for c in &cpus {
-        cpu_children.push(c);
-    }
-    aml::Device::new("_SB_.CPUS".into(), cpu_children).to_aml_bytes(&mut body);
+    cpu_hotplug_aml(cfg.max_vcpus).to_aml_bytes(&mut body);
+    processors_aml(cfg.max_vcpus).to_aml_bytes(&mut body);
 
     // virtio-mmio devices.
     for (i, d) in cfg.virtio.iter().enumerate() {
@@ -203,6 +197,169 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     dsdt.append_slice(&body);
     dsdt.as_slice().to_vec()
+}
+
+/// The CPU hotplug controller (devices/cpu_hotplug.rs, docs/hotplug.md): its registers and the
+/// methods the processors and the GED call. `CPLK` serialises every use of the selector.
+fn cpu_hotplug_aml(max_vcpus: u8) -> RawAml {
+    use crate::devices::cpu_hotplug::{CSEL_OFFSET, REGISTERS_LEN, STATUS_OFFSET};
+    let base = CPU_HOTPLUG_START as u32;
+    let window = aml::Memory32Fixed::new(true, base, REGISTERS_LEN as u32);
+    let crs = aml::ResourceTemplate::new(vec![&window]);
+    let (start, len) = (CPU_HOTPLUG_START as usize, REGISTERS_LEN as usize);
+    let lock = || aml::Acquire::new("CPLK".into(), 0xffff);
+    let unlock = || aml::Release::new("CPLK".into());
+    let (csel, cpen, cins, crmv, cej0_bit) = (
+        aml::Path::new("CSEL"),
+        aml::Path::new("CPEN"),
+        aml::Path::new("CINS"),
+        aml::Path::new("CRMV"),
+        aml::Path::new("CEJ0"),
+    );
+    let select = aml::Store::new(&csel, &aml::Arg(0));
+    let one = aml::ONE;
+
+    // CSTA(slot): 0xF when present, else 0.
+    let (lock_sta, unlock_sta) = (lock(), unlock());
+    let present = aml::Equal::new(&cpen, &one);
+    let set_f = aml::Store::new(&aml::Local(0), &0xfu8);
+    let if_present = aml::If::new(&present, vec![&set_f]);
+    let zero_l0 = aml::Store::new(&aml::Local(0), &aml::ZERO);
+    let ret = aml::Return::new(&aml::Local(0));
+    let csta = aml::Method::new(
+        "CSTA".into(),
+        1,
+        true,
+        vec![&lock_sta, &select, &zero_l0, &if_present, &unlock_sta, &ret],
+    );
+
+    // EJCT(slot): eject (the CEJ0 bit).
+    let (lock_ej, unlock_ej) = (lock(), unlock());
+    let eject = aml::Store::new(&cej0_bit, &one);
+    let cej0 = aml::Method::new(
+        "EJCT".into(),
+        1,
+        true,
+        vec![&lock_ej, &select, &eject, &unlock_ej],
+    );
+
+    // CSCN: every slot inserted (device check, 1) or asked to go (eject request, 3) is notified
+    // and its flag acknowledged.
+    let (lock_sc, unlock_sc) = (lock(), unlock());
+    let select_l0 = aml::Store::new(&csel, &aml::Local(0));
+    let inserting = aml::Equal::new(&cins, &one);
+    let tell_insert = aml::MethodCall::new("\\_SB_.CPUS.CTFY".into(), vec![&aml::Local(0), &one]);
+    let ack_insert = aml::Store::new(&cins, &one);
+    let if_inserting = aml::If::new(&inserting, vec![&tell_insert, &ack_insert]);
+    let removing = aml::Equal::new(&crmv, &one);
+    let three = 3u8;
+    let tell_remove = aml::MethodCall::new("\\_SB_.CPUS.CTFY".into(), vec![&aml::Local(0), &three]);
+    let ack_remove = aml::Store::new(&crmv, &one);
+    let if_removing = aml::If::new(&removing, vec![&tell_remove, &ack_remove]);
+    let next = aml::Add::new(&aml::Local(0), &aml::Local(0), &one);
+    let max = usize::from(max_vcpus);
+    let more = aml::LessThan::new(&aml::Local(0), &max);
+    let walk = aml::While::new(&more, vec![&select_l0, &if_inserting, &if_removing, &next]);
+    let cscn = aml::Method::new(
+        "CSCN".into(),
+        0,
+        true,
+        vec![&lock_sc, &zero_l0, &walk, &unlock_sc],
+    );
+
+    RawAml(bytes_of(&aml::Device::new(
+        "_SB_.PRES".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A06")),
+            &aml::Name::new("_UID".into(), &"CPU Hotplug Controller"),
+            &aml::Name::new("_CRS".into(), &crs),
+            &aml::Mutex::new("CPLK".into(), 0),
+            &aml::OpRegion::new(
+                "PRST".into(),
+                aml::OpRegionSpace::SystemMemory,
+                &start,
+                &len,
+            ),
+            &aml::Field::new(
+                "PRST".into(),
+                aml::FieldAccessType::Byte,
+                aml::FieldLockRule::NoLock,
+                aml::FieldUpdateRule::WriteAsZeroes,
+                vec![
+                    aml::FieldEntry::Reserved(STATUS_OFFSET as usize * 8),
+                    aml::FieldEntry::Named(*b"CPEN", 1),
+                    aml::FieldEntry::Named(*b"CINS", 1),
+                    aml::FieldEntry::Named(*b"CRMV", 1),
+                    aml::FieldEntry::Named(*b"CEJ0", 1),
+                    aml::FieldEntry::Reserved(4),
+                ],
+            ),
+            &aml::Field::new(
+                "PRST".into(),
+                aml::FieldAccessType::DWord,
+                aml::FieldLockRule::NoLock,
+                aml::FieldUpdateRule::WriteAsZeroes,
+                vec![
+                    aml::FieldEntry::Reserved(CSEL_OFFSET as usize * 8),
+                    aml::FieldEntry::Named(*b"CSEL", 32),
+                ],
+            ),
+            &csta,
+            &cej0,
+            &cscn,
+        ],
+    )))
+}
+
+/// The processor container: one ACPI0007 device per vCPU slot (`_UID` = the MADT's processor
+/// id), each with `_STA`, `_MAT` and `_EJ0` through the hotplug controller, and `CTFY`, which
+/// notifies slot Arg0's device with Arg1.
+fn processors_aml(max_vcpus: u8) -> RawAml {
+    let cpus: Vec<RawAml> = (0..max_vcpus)
+        .map(|i| {
+            let uid = usize::from(i);
+            let slot = usize::from(i);
+            let sta_call = aml::MethodCall::new("\\_SB_.PRES.CSTA".into(), vec![&slot]);
+            let sta_ret = aml::Return::new(&sta_call);
+            let sta = aml::Method::new("_STA".into(), 0, false, vec![&sta_ret]);
+            // The MADT's Processor Local APIC entry for this slot, enabled: what the guest
+            // maps a hot-added CPU with.
+            let lapic = aml::BufferData::new(vec![0, 8, i, i, 1, 0, 0, 0]);
+            let mat_ret = aml::Return::new(&lapic);
+            let mat = aml::Method::new("_MAT".into(), 0, false, vec![&mat_ret]);
+            let ej_call = aml::MethodCall::new("\\_SB_.PRES.EJCT".into(), vec![&slot]);
+            let ej0 = aml::Method::new("_EJ0".into(), 1, false, vec![&ej_call]);
+            RawAml(bytes_of(&aml::Device::new(
+                format!("C{i:03X}").as_str().into(),
+                vec![
+                    &aml::Name::new("_HID".into(), &"ACPI0007"),
+                    &aml::Name::new("_UID".into(), &uid),
+                    &sta,
+                    &mat,
+                    &ej0,
+                ],
+            )))
+        })
+        .collect();
+    let notifies: Vec<RawAml> = (0..max_vcpus)
+        .map(|i| {
+            let slot = usize::from(i);
+            let dev = aml::Path::new(format!("C{i:03X}").as_str());
+            let notify = aml::Notify::new(&dev, &aml::Arg(1));
+            let is_slot = aml::Equal::new(&aml::Arg(0), &slot);
+            RawAml(bytes_of(&aml::If::new(&is_slot, vec![&notify])))
+        })
+        .collect();
+    let notify_refs: Vec<&dyn Aml> = notifies.iter().map(|n| n as &dyn Aml).collect();
+    let ctfy = aml::Method::new("CTFY".into(), 2, false, notify_refs);
+    let hid = aml::Name::new("_HID".into(), &"ACPI0010");
+    let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A05"));
+    let mut children: Vec<&dyn Aml> = vec![&hid, &cid];
+    for c in &cpus {
+        children.push(c);
+    }
+    children.push(&ctfy);
+    RawAml(bytes_of(&aml::Device::new("_SB_.CPUS".into(), children)))
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {

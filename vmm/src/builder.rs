@@ -16,6 +16,7 @@ use crate::arch::layout::*;
 use crate::arch::regs;
 use crate::boot;
 use crate::config::{SerialOutput, VmConfig};
+use crate::devices::cpu_hotplug::CpuHotplug;
 use crate::devices::ged::Ged;
 use crate::devices::manager::VirtioDevices;
 use crate::devices::power::{AcpiPm, DebugExit, ExitSignal, I8042};
@@ -123,6 +124,17 @@ impl Machine {
             .context("cannot wire the GED interrupt")?;
         let ged = Arc::new(Mutex::new(Ged::new(ged_irq)));
         mmio_bus.insert(GED_START, GED_SIZE, ged.clone())?;
+        let cpu_hotplug = {
+            let tx = tx.clone();
+            Arc::new(Mutex::new(CpuHotplug::new(
+                config.max_vcpus,
+                config.vcpus,
+                Box::new(move |i| {
+                    let _ = tx.send(VmmEvent::VcpuEjected(i));
+                }),
+            )))
+        };
+        mmio_bus.insert(CPU_HOTPLUG_START, CPU_HOTPLUG_SIZE, cpu_hotplug.clone())?;
 
         // virtio devices, in the order the guest sees them.
         let mut virtio = VirtioDevices::default();
@@ -179,7 +191,7 @@ impl Machine {
                 regs::write_boot_tables(&vm.ram(), entry.mode)
                     .context("cannot write boot page tables")?;
                 let vcpus = (0..config.vcpus)
-                    .map(|i| Vcpu::new(&vm.fd, &supported_cpuid, i, config.max_vcpus, &entry))
+                    .map(|i| Vcpu::new(&vm.fd, &supported_cpuid, i, config.max_vcpus, Some(&entry)))
                     .collect::<Result<Vec<_>, _>>()?;
                 (vcpus, Some(entry.mode))
             }
@@ -187,20 +199,10 @@ impl Machine {
                 let state = *state;
                 // VM-wide state (interrupt controllers, PIT, clock) before the vCPUs' LAPICs.
                 vm.restore_snapshot(state.vm)?;
-                let placeholder = boot::BootEntry {
-                    entry: 0,
-                    boot_info: 0,
-                    mode: regs::EntryMode::Pvh,
-                };
                 let mut vcpus = Vec::new();
                 for (i, s) in state.vcpus.into_iter().enumerate() {
-                    let mut v = Vcpu::new(
-                        &vm.fd,
-                        &supported_cpuid,
-                        i as u8,
-                        config.max_vcpus,
-                        &placeholder,
-                    )?;
+                    let mut v =
+                        Vcpu::new(&vm.fd, &supported_cpuid, i as u8, config.max_vcpus, None)?;
                     v.restore_snapshot(s)?;
                     vcpus.push(v);
                 }
@@ -216,6 +218,7 @@ impl Machine {
             vcpus,
             serial,
             ged,
+            cpu_hotplug,
             virtio,
         };
         if let Some(devices) = restored_devices {
@@ -249,6 +252,8 @@ impl Machine {
             boot_mode,
             balloon,
             migration: None,
+            resize: None,
+            supported_cpuid,
             events_tx: tx,
         })
     }

@@ -132,6 +132,17 @@ enum CtlCommand {
     },
     /// The balloon's size and the guest's latest memory statistics.
     BalloonStats,
+    /// Change the running VM's size: vCPUs are hot-added or, once the guest ejects them, removed
+    /// (up to `--max-vcpus`). Waits for the guest; prints old, new and took_ms.
+    Resize {
+        #[arg(long)]
+        vcpus: Option<u32>,
+        #[arg(long = "memory-mib")]
+        memory_mib: Option<u64>,
+        /// How long to wait for the guest to take or give back the vCPUs.
+        #[arg(long = "timeout-ms", default_value_t = api::DEFAULT_RESIZE_TIMEOUT_MS)]
+        timeout_ms: u64,
+    },
     /// Save the paused VM's complete state and memory to DIR.
     Snapshot {
         #[arg(long)]
@@ -261,6 +272,15 @@ fn ctl(args: CtlArgs) -> Result<i32> {
         CtlCommand::Shutdown { timeout_ms } => Request::Shutdown { timeout_ms },
         CtlCommand::BalloonSet { mib } => Request::BalloonSet { mib },
         CtlCommand::BalloonStats => Request::BalloonStats {},
+        CtlCommand::Resize {
+            vcpus,
+            memory_mib,
+            timeout_ms,
+        } => Request::Resize {
+            vcpus,
+            memory_mib,
+            timeout_ms,
+        },
         CtlCommand::Migrate {
             dir,
             downtime_ms,

@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use crate::api::{RunState, SnapshotDone};
 use crate::builder::Start;
 use crate::config::{SerialOutput, VmConfig};
+use crate::devices::cpu_hotplug::CpuHotplug;
 use crate::devices::ged::Ged;
 use crate::devices::lock;
 use crate::devices::manager::VirtioDevices;
@@ -28,6 +29,7 @@ pub struct Components {
     pub vcpus: Arc<VcpuSet>,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub ged: Arc<Mutex<Ged>>,
+    pub cpu_hotplug: Arc<Mutex<CpuHotplug>>,
     pub virtio: VirtioDevices,
 }
 
@@ -41,6 +43,7 @@ impl Pausable for Components {
             .pause()
             .and_then(|()| lock(&self.serial).pause())
             .and_then(|()| lock(&self.ged).pause())
+            .and_then(|()| lock(&self.cpu_hotplug).pause())
             .and_then(|()| self.virtio.pause());
         if let Err(e) = devices {
             if let Err(r) = self.resume() {
@@ -57,6 +60,7 @@ impl Pausable for Components {
         let results = [
             self.virtio.resume(),
             lock(&self.ged).resume(),
+            lock(&self.cpu_hotplug).resume(),
             lock(&self.serial).resume(),
             self.vm.resume(),
             self.vcpus.resume(),
@@ -80,6 +84,7 @@ impl Components {
         Ok(DeviceStates {
             serial: lock(&self.serial).snapshot()?,
             ged: lock(&self.ged).snapshot()?,
+            cpu_hotplug: Some(lock(&self.cpu_hotplug).snapshot()?),
             virtio: self.virtio.save()?,
         })
     }
@@ -89,6 +94,10 @@ impl Components {
     pub fn restore_devices(&self, d: DeviceStates) -> Result<(), MigrationError> {
         lock(&self.serial).restore_snapshot(d.serial)?;
         lock(&self.ged).restore_snapshot(d.ged)?;
+        // A 2.0 snapshot has none: its slots are the configured vCPUs, as built.
+        if let Some(c) = d.cpu_hotplug {
+            lock(&self.cpu_hotplug).restore_snapshot(c)?;
+        }
         self.virtio.restore(d.virtio)
     }
 }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::config::VmConfig;
+use crate::devices::cpu_hotplug::CpuHotplugState;
 use crate::devices::ged::GedState;
 use crate::devices::serial::SerialSnapshot;
 use crate::devices::virtio::mmio::TransportState;
@@ -25,7 +26,7 @@ use crate::vm::VmState;
 
 pub const MAGIC: [u8; 8] = *b"FLEETSNP";
 /// major, minor, patch.
-pub const VERSION: [u16; 3] = [2, 0, 0];
+pub const VERSION: [u16; 3] = [2, 1, 0];
 const HEADER_LEN: usize = 8 + 6 + 8 + 4;
 /// A state file is small (registers and device state); refuse anything absurd before allocating.
 const MAX_BODY: u64 = 64 << 20;
@@ -79,6 +80,9 @@ pub struct SnapshotState {
 pub struct DeviceStates {
     pub serial: Versioned<SerialSnapshot>,
     pub ged: Versioned<GedState>,
+    /// Since 2.1: the CPU hotplug controller's slots.
+    #[serde(default)]
+    pub cpu_hotplug: Option<Versioned<CpuHotplugState>>,
     /// In the order the devices are attached (disks, nets, rng, vsock, balloon).
     pub virtio: Vec<Versioned<TransportState>>,
 }

@@ -7,6 +7,7 @@
 //! until every vCPU has acknowledged.
 
 use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use std::thread::JoinHandle;
@@ -51,14 +52,15 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    /// Creates vCPU `index` of `count` with CPUID, MSRs, LAPIC and FPU set; the boot vCPU (0) also
-    /// gets the entry registers. The others wait for INIT/SIPI from the guest.
+    /// Creates vCPU `index` of `slots` with CPUID, MSRs, LAPIC and FPU set; given the boot entry,
+    /// the boot vCPU (0) also gets the entry registers. The others (and every vCPU restored or
+    /// hot-added) wait for INIT/SIPI from the guest or get their registers restored.
     pub fn new(
         vm: &kvm_ioctls::VmFd,
         supported_cpuid: &CpuId,
         index: u8,
         slots: u8,
-        boot: &BootEntry,
+        boot: Option<&BootEntry>,
     ) -> Result<Vcpu, VcpuError> {
         let fd = vm
             .create_vcpu(u64::from(index))
@@ -72,7 +74,7 @@ impl Vcpu {
         }
         regs::setup_lapic(&fd).map_err(cfg("LAPIC"))?;
         regs::setup_fpu(&fd).map_err(cfg("FPU"))?;
-        if index == 0 {
+        if let (0, Some(boot)) = (index, boot) {
             regs::setup_vcpu(&fd, boot.entry, boot.boot_info, boot.mode)
                 .map_err(cfg("registers"))?;
         }
@@ -136,34 +138,52 @@ impl VcpuControl {
         crate::devices::lock(&self.state)
     }
 
-    /// Called by a vCPU thread between runs: parks while a pause is requested.
-    fn checkpoint(&self) {
+    /// Called by a vCPU thread between runs: parks while a pause is requested, unless this vCPU
+    /// is told to stop (it was removed).
+    fn checkpoint(&self, stop: &AtomicBool) {
         let mut s = self.lock();
         if s.requested == Requested::Run {
             return;
         }
         s.paused += 1;
         self.changed.notify_all();
-        while s.requested == Requested::Pause {
+        while s.requested == Requested::Pause && !stop.load(Ordering::SeqCst) {
             s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         s.paused -= 1;
     }
 }
 
-/// The running vCPU threads.
+/// One vCPU and the thread that runs it (none once it was removed).
+struct Slot {
+    vcpu: Arc<Mutex<Vcpu>>,
+    thread: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+/// What a vCPU thread needs besides its vCPU.
+#[derive(Clone)]
+struct Wiring {
+    io: Bus,
+    mmio: Bus,
+    exit: ExitSignal,
+}
+
+/// The vCPUs and their threads. vCPUs can be added (hotplug) and removed (after the guest
+/// ejected them) while the VM runs; KVM cannot destroy a vCPU, so a removed one keeps its
+/// descriptor and is run again if its slot is added back.
 pub struct VcpuSet {
     control: Arc<VcpuControl>,
-    threads: Vec<JoinHandle<()>>,
-    /// Each vCPU, locked by its thread only around one `KVM_RUN` and its exit, so a paused vCPU
-    /// can be saved from another thread.
-    vcpus: Vec<Arc<Mutex<Vcpu>>>,
+    /// By vCPU index: every vCPU created so far.
+    slots: Mutex<Vec<Slot>>,
+    wiring: Wiring,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 impl VcpuSet {
-    /// Starts one thread per vCPU; with `paused`, they wait for `resume` before the first run.
+    /// Starts one thread per vCPU (indexes 0..n, in order); with `paused`, they wait for `resume`
+    /// before the first run.
     pub fn start(
         vcpus: Vec<Vcpu>,
         io_bus: Bus,
@@ -176,74 +196,156 @@ impl VcpuSet {
         if paused {
             control.lock().requested = Requested::Pause;
         }
-        let vcpus: Vec<_> = vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
-        let mut threads = Vec::new();
-        for vcpu in &vcpus {
-            let (vcpu, control, io, mmio, exit) = (
-                vcpu.clone(),
-                control.clone(),
-                io_bus.clone(),
-                mmio_bus.clone(),
-                exit.clone(),
-            );
-            let index = crate::devices::lock(&vcpu).index;
-            let t = std::thread::Builder::new()
-                .name(format!("vcpu{index}"))
-                .spawn(move || run_loop(&vcpu, &control, &io, &mmio, &exit))
-                .map_err(VcpuError::Spawn)?;
-            threads.push(t);
-        }
         let set = VcpuSet {
             control,
-            threads,
-            vcpus,
+            slots: Mutex::new(Vec::new()),
+            wiring: Wiring {
+                io: io_bus,
+                mmio: mmio_bus,
+                exit,
+            },
         };
+        for vcpu in vcpus {
+            set.add(vcpu)?;
+        }
         if paused {
             set.pause_within(PAUSE_TIMEOUT)?;
         }
         Ok(set)
     }
 
-    /// Saves every vCPU, in index order; the vCPUs must be paused.
+    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+        crate::devices::lock(&self.slots)
+    }
+
+    /// Runs a new vCPU, whose index must be the next one (`created()`).
+    pub fn add(&self, vcpu: Vcpu) -> Result<(), VcpuError> {
+        let mut slots = self.slots();
+        debug_assert_eq!(usize::from(vcpu.index), slots.len());
+        let slot = Slot {
+            vcpu: Arc::new(Mutex::new(vcpu)),
+            thread: None,
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        slots.push(slot);
+        let last = slots.len() - 1;
+        self.spawn(&mut slots[last])
+    }
+
+    /// Runs vCPU `index` again, created before and removed since. False if there is no such
+    /// vCPU (it must be created and `add`ed).
+    pub fn readd(&self, index: u8) -> Result<bool, VcpuError> {
+        let mut slots = self.slots();
+        match slots.get_mut(usize::from(index)) {
+            Some(slot) if slot.thread.is_none() => {
+                slot.stop.store(false, Ordering::SeqCst);
+                self.spawn(slot).map(|()| true)
+            }
+            Some(_) => Ok(true),
+            None => Ok(false),
+        }
+    }
+
+    fn spawn(&self, slot: &mut Slot) -> Result<(), VcpuError> {
+        let (vcpu, control, stop, w) = (
+            slot.vcpu.clone(),
+            self.control.clone(),
+            slot.stop.clone(),
+            self.wiring.clone(),
+        );
+        let index = crate::devices::lock(&vcpu).index;
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || run_loop(&vcpu, &control, &stop, &w.io, &w.mmio, &w.exit))
+            .map_err(VcpuError::Spawn)?;
+        slot.thread = Some(t);
+        Ok(())
+    }
+
+    /// Stops vCPU `index`'s thread (the guest has ejected it) and waits for it to end.
+    pub fn remove(&self, index: u8) -> Result<(), VcpuError> {
+        let mut slots = self.slots();
+        let Some(slot) = slots.get_mut(usize::from(index)) else {
+            return Ok(());
+        };
+        let Some(thread) = slot.thread.take() else {
+            return Ok(());
+        };
+        slot.stop.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while !thread.is_finished() {
+            // A parked thread wakes on the condition variable; a running one on the signal
+            // (repeated: one sent just before it entered KVM_RUN is lost).
+            self.control.changed.notify_all();
+            // SAFETY: the pthread id belongs to a thread we own and have not joined.
+            unsafe { libc::pthread_kill(thread.as_pthread_t(), SIGRTMIN()) };
+            if Instant::now() >= deadline {
+                slot.thread = Some(thread);
+                return Err(VcpuError::PauseTimeout(PAUSE_TIMEOUT));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = thread.join();
+        Ok(())
+    }
+
+    /// vCPUs created so far, removed ones included: the next new one's index.
+    pub fn created(&self) -> usize {
+        self.slots().len()
+    }
+
+    /// Saves every running vCPU, in index order; the vCPUs must be paused. Running vCPUs are
+    /// always 0..count (vCPUs are added and removed from the top).
     pub fn save(&self) -> Result<Vec<Versioned<VcpuState>>, MigrationError> {
-        self.vcpus
+        self.slots()
             .iter()
-            .map(|v| crate::devices::lock(v).snapshot())
+            .filter(|s| s.thread.is_some())
+            .map(|s| crate::devices::lock(&s.vcpu).snapshot())
             .collect()
     }
 
+    /// vCPUs running (added and not removed).
     pub fn count(&self) -> usize {
-        self.threads.len()
+        self.slots().iter().filter(|s| s.thread.is_some()).count()
     }
 
     fn kick_all(&self) {
-        for t in &self.threads {
+        for t in self.slots().iter().filter_map(|s| s.thread.as_ref()) {
             // SAFETY: the pthread id belongs to a thread we own and have not joined.
             unsafe { libc::pthread_kill(t.as_pthread_t(), SIGRTMIN()) };
         }
     }
 
+    fn live(&self) -> usize {
+        self.slots()
+            .iter()
+            .filter_map(|s| s.thread.as_ref())
+            .filter(|t| !t.is_finished())
+            .count()
+    }
+
     /// Stops every vCPU outside `KVM_RUN`; returns when all have acknowledged.
     fn pause_within(&self, timeout: Duration) -> Result<(), VcpuError> {
         let deadline = Instant::now() + timeout;
-        let mut s = self.control.lock();
-        s.requested = Requested::Pause;
-        let live = self.threads.iter().filter(|t| !t.is_finished()).count();
-        while s.paused < live {
+        self.control.lock().requested = Requested::Pause;
+        loop {
+            let live = self.live();
+            let s = self.control.lock();
+            if s.paused >= live {
+                return Ok(());
+            }
             drop(s);
             self.kick_all();
-            s = self.control.lock();
             if Instant::now() >= deadline {
                 return Err(VcpuError::PauseTimeout(timeout));
             }
-            s = self
+            let s = self.control.lock();
+            let _ = self
                 .control
                 .changed
                 .wait_timeout(s, Duration::from_millis(1))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+                .unwrap_or_else(|p| p.into_inner());
         }
-        Ok(())
     }
 
     fn run_all(&self) {
@@ -271,9 +373,19 @@ impl Pausable for VcpuSet {
     }
 }
 
-fn run_loop(vcpu: &Mutex<Vcpu>, control: &VcpuControl, io: &Bus, mmio: &Bus, exit: &ExitSignal) {
+fn run_loop(
+    vcpu: &Mutex<Vcpu>,
+    control: &VcpuControl,
+    stop: &AtomicBool,
+    io: &Bus,
+    mmio: &Bus,
+    exit: &ExitSignal,
+) {
     loop {
-        control.checkpoint();
+        control.checkpoint(stop);
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
         let mut vcpu = crate::devices::lock(vcpu);
         let index = vcpu.index;
         let fatal = match vcpu.fd.run() {

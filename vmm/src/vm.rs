@@ -237,7 +237,7 @@ mod tests {
             mode: EntryMode::Pvh,
         };
         let a = Vm::new(kvm, 16 << 20).unwrap();
-        let va = Vcpu::new(&a.fd, &cpuid, 0, 1, &boot).unwrap();
+        let va = Vcpu::new(&a.fd, &cpuid, 0, 1, Some(&boot)).unwrap();
         let vm_state = a.snapshot().unwrap();
         let vcpu_state = va.snapshot().unwrap();
 
@@ -246,7 +246,7 @@ mod tests {
             entry: 0x20_0000,
             ..boot
         };
-        let mut vb = Vcpu::new(&b.fd, &cpuid, 0, 1, &other).unwrap();
+        let mut vb = Vcpu::new(&b.fd, &cpuid, 0, 1, Some(&other)).unwrap();
         b.restore_snapshot(vm_state).unwrap();
         vb.restore_snapshot(vcpu_state).unwrap();
         assert_eq!(vb.fd.get_regs().unwrap().rip, 0x10_0000);

@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 use crate::api::{
     self, BalloonStats, BalloonTarget, BootProtocol, Cancelling, Info, MigrationOutcome,
-    MigrationPhase, MigrationStatus, Reply, Request, Response, RunState, StateChanged, StopKind,
-    Stopped,
+    MigrationPhase, MigrationStatus, Reply, Request, Resized, Response, RunState, Size,
+    StateChanged, StopKind, Stopped,
 };
 use crate::arch::regs;
 use crate::config::VmConfig;
-use crate::devices::ged::POWER_BUTTON_BIT;
+use crate::devices::ged::{CPU_HOTPLUG_BIT, POWER_BUTTON_BIT};
 use crate::devices::lock;
 use crate::devices::power::ExitReason;
 use crate::devices::virtio::balloon::{BalloonControl, BALLOON_PAGE};
@@ -32,7 +32,15 @@ pub enum VmmEvent {
     MigrationLate(crate::migrate::Late),
     /// The migration thread asks for the guest to be paused or to run, and waits for the answer.
     Run(RunState, std::sync::mpsc::Sender<Result<(), String>>),
+    /// The guest ejected this vCPU (the hotplug controller): its thread can stop.
+    VcpuEjected(u8),
 }
+
+/// How often a resize under way looks at the guest's progress.
+const RESIZE_POLL: Duration = Duration::from_millis(2);
+/// How often the CPU event is raised again while the guest has not acted on it: one raised
+/// before the guest's GED driver was up (a guest still booting) is lost, and a scan is harmless.
+const RESIZE_RENOTIFY: Duration = Duration::from_secs(1);
 
 /// A built, running VM.
 pub struct Machine {
@@ -45,7 +53,21 @@ pub struct Machine {
     pub(crate) boot_mode: Option<regs::EntryMode>,
     pub(crate) balloon: Option<(Arc<Mutex<MmioTransport>>, Arc<BalloonControl>)>,
     pub(crate) migration: Option<Migration>,
+    pub(crate) resize: Option<Resize>,
+    /// What KVM supports, for vCPUs hot-added later.
+    pub(crate) supported_cpuid: kvm_bindings::CpuId,
     pub(crate) events_tx: Sender<VmmEvent>,
+}
+
+/// A resize under way: answered once the guest has taken (or ejected) every vCPU, or at the
+/// deadline with how far it got.
+pub(crate) struct Resize {
+    reply: Reply,
+    started: Instant,
+    deadline: Instant,
+    old: u8,
+    target: u8,
+    notified: Instant,
 }
 
 /// A live migration under way: who waits for the outcome (nobody once it has gone out while the
@@ -95,28 +117,46 @@ impl Machine {
         // A pending shutdown: when to force it, and who waits for the answer.
         let mut shutdown: Option<(Instant, Reply)> = None;
         loop {
-            let event = match &shutdown {
-                Some((deadline, _)) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match self.events.recv_timeout(left) {
-                        Ok(e) => e,
-                        Err(RecvTimeoutError::Timeout) => {
-                            if let Some((_, reply)) = shutdown.take() {
-                                reply.send_and_flush(Response::ok(&Stopped {
-                                    stopped: StopKind::Forced,
-                                }));
-                            }
-                            return self.finish(0, "forced stop after the shutdown timeout".into());
-                        }
+            // Woken by an event, the shutdown's deadline, or to look at a resize's progress.
+            let wake = [
+                shutdown.as_ref().map(|(deadline, _)| *deadline),
+                self.resize.as_ref().map(|_| Instant::now() + RESIZE_POLL),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let event = match wake {
+                Some(at) => {
+                    match self
+                        .events
+                        .recv_timeout(at.saturating_duration_since(Instant::now()))
+                    {
+                        Ok(e) => Some(e),
+                        Err(RecvTimeoutError::Timeout) => None,
                         Err(RecvTimeoutError::Disconnected) => {
                             return self.finish(1, "event channel closed".into())
                         }
                     }
                 }
                 None => match self.events.recv() {
-                    Ok(e) => e,
+                    Ok(e) => Some(e),
                     Err(_) => return self.finish(1, "event channel closed".into()),
                 },
+            };
+            if shutdown
+                .as_ref()
+                .is_some_and(|(deadline, _)| Instant::now() >= *deadline)
+            {
+                if let Some((_, reply)) = shutdown.take() {
+                    reply.send_and_flush(Response::ok(&Stopped {
+                        stopped: StopKind::Forced,
+                    }));
+                }
+                return self.finish(0, "forced stop after the shutdown timeout".into());
+            }
+            self.check_resize();
+            let Some(event) = event else {
+                continue;
             };
             match event {
                 VmmEvent::GuestExit(ExitReason::Failed(msg)) => {
@@ -201,6 +241,7 @@ impl Machine {
                 VmmEvent::Run(want, answer) => {
                     let _ = answer.send(self.set_run_state(want));
                 }
+                VmmEvent::VcpuEjected(index) => self.vcpu_ejected(index),
                 VmmEvent::Api(Request::Info {}, reply) => reply.send(Response::ok(&self.info())),
                 VmmEvent::Api(_, reply) if self.migration.is_some() => {
                     reply.send(Response::err("a migration is in progress"));
@@ -216,6 +257,17 @@ impl Machine {
                 ) => {
                     self.start_migration(dir, downtime_ms, max_rounds, timeout_ms, reply);
                 }
+                VmmEvent::Api(_, reply) if self.resize.is_some() => {
+                    reply.send(Response::err("a resize is in progress"));
+                }
+                VmmEvent::Api(
+                    Request::Resize {
+                        vcpus,
+                        memory_mib,
+                        timeout_ms,
+                    },
+                    reply,
+                ) => self.start_resize(vcpus, memory_mib, timeout_ms, reply),
                 VmmEvent::Api(Request::BalloonStats {}, reply) => self.balloon_stats(reply),
                 VmmEvent::Api(req, reply) => {
                     reply.send(self.handle(req));
@@ -289,7 +341,7 @@ impl Machine {
                 Ok(v) => Response::ok(&v),
                 Err(e) => Response::err(format!("{e:#}")),
             },
-            Request::Shutdown { .. } | Request::BalloonStats {} => {
+            Request::Shutdown { .. } | Request::BalloonStats {} | Request::Resize { .. } => {
                 Response::err("handled by the main loop")
             }
         }
@@ -356,6 +408,183 @@ impl Machine {
                 "cannot start the migration thread: {e}"
             ))),
         }
+    }
+
+    fn size(&self) -> Size {
+        Size {
+            vcpus: self.parts.vcpus.count() as u32,
+            memory_mib: self.config.memory_mib,
+        }
+    }
+
+    /// Starts a resize: hot-adds vCPUs (each runs, then the guest is told) or asks the guest to
+    /// give back the top one (the next once it is ejected). Answered by `check_resize`.
+    fn start_resize(
+        &mut self,
+        vcpus: Option<u32>,
+        memory_mib: Option<u64>,
+        timeout_ms: u64,
+        reply: Reply,
+    ) {
+        let started = Instant::now();
+        if memory_mib.is_some_and(|m| m != self.config.memory_mib) {
+            return reply.send(Response::err(
+                "memory hotplug (virtio-mem) is not supported yet: only the vCPUs can change",
+            ));
+        }
+        if self.state != RunState::Running {
+            return reply.send(Response::err(
+                "the VM is paused: resume it before resizing (the guest must take part)",
+            ));
+        }
+        let old = self.size();
+        let target = match vcpus {
+            None => old.vcpus,
+            Some(0) => return reply.send(Response::err("a VM needs at least 1 vCPU")),
+            Some(n) if n > u32::from(self.config.max_vcpus) => {
+                return reply.send(Response::err(format!(
+                    "{n} vCPUs is more than the VM's maximum, {} (vmm run --max-vcpus)",
+                    self.config.max_vcpus
+                )))
+            }
+            Some(n) => n,
+        };
+        // A removal an earlier resize gave up on is not honoured any more: the vCPUs the guest
+        // has stay 0..count.
+        lock(&self.parts.cpu_hotplug).cancel_removals();
+        let (old_n, target_n) = (old.vcpus as u8, target as u8);
+        if target_n == old_n {
+            return reply.send(Response::ok(&Resized {
+                old,
+                new: old,
+                took_ms: 0.0,
+            }));
+        }
+        if target_n > old_n {
+            for i in old_n..target_n {
+                if let Err(e) = self.add_vcpu(i) {
+                    let now = self.parts.vcpus.count();
+                    self.config.vcpus = now as u8;
+                    if now > usize::from(old_n) {
+                        self.notify_cpu_change();
+                    }
+                    return reply.send(Response::err(format!(
+                        "cannot add vCPU {i} ({e}); the VM has {now} vCPUs"
+                    )));
+                }
+            }
+            self.config.vcpus = target_n;
+        } else {
+            lock(&self.parts.cpu_hotplug).request_removal(old_n - 1);
+        }
+        self.notify_cpu_change();
+        tracing::info!(from = old_n, to = target_n, "resizing: vCPUs");
+        self.resize = Some(Resize {
+            reply,
+            started,
+            deadline: started + Duration::from_millis(timeout_ms),
+            old: old_n,
+            target: target_n,
+            notified: Instant::now(),
+        });
+    }
+
+    /// Runs vCPU `index` (created now, or run again if it was removed before) and marks its slot
+    /// inserted.
+    fn add_vcpu(&mut self, index: u8) -> Result<(), crate::vcpu::VcpuError> {
+        if !self.parts.vcpus.readd(index)? {
+            let v = crate::vcpu::Vcpu::new(
+                &self.parts.vm.fd,
+                &self.supported_cpuid,
+                index,
+                self.config.max_vcpus,
+                None,
+            )?;
+            self.parts.vcpus.add(v)?;
+        }
+        lock(&self.parts.cpu_hotplug).insert(index);
+        Ok(())
+    }
+
+    fn notify_cpu_change(&self) {
+        if let Err(e) = lock(&self.parts.ged).notify(CPU_HOTPLUG_BIT) {
+            tracing::warn!(error = %e, "cannot signal the CPU hotplug event");
+        }
+    }
+
+    /// The guest ejected vCPU `index`: its thread stops, and a resize under way asks for the
+    /// next one.
+    fn vcpu_ejected(&mut self, index: u8) {
+        if let Err(e) = self.parts.vcpus.remove(index) {
+            tracing::error!(vcpu = index, error = %e, "an ejected vCPU did not stop");
+        }
+        let count = self.parts.vcpus.count() as u8;
+        self.config.vcpus = count;
+        tracing::info!(vcpu = index, vcpus = count, "vCPU ejected by the guest");
+        if let Some(r) = &self.resize {
+            if r.target < count {
+                lock(&self.parts.cpu_hotplug).request_removal(count - 1);
+                self.notify_cpu_change();
+                if let Some(r) = &mut self.resize {
+                    r.notified = Instant::now();
+                }
+            }
+        }
+    }
+
+    /// Answers the resize under way once the guest has done its part, or at its deadline.
+    fn check_resize(&mut self) {
+        let Some(r) = &self.resize else {
+            return;
+        };
+        let count = self.parts.vcpus.count() as u8;
+        let done = if r.target > r.old {
+            let c = lock(&self.parts.cpu_hotplug);
+            (r.old..r.target).all(|i| !c.slot(i).inserting)
+        } else {
+            count == r.target
+        };
+        if !done && Instant::now() < r.deadline {
+            if r.notified.elapsed() >= RESIZE_RENOTIFY {
+                self.notify_cpu_change();
+                if let Some(r) = &mut self.resize {
+                    r.notified = Instant::now();
+                }
+            }
+            return;
+        }
+        let Some(r) = self.resize.take() else {
+            return;
+        };
+        let waited = r.deadline.duration_since(r.started).as_millis();
+        let answer = if done {
+            Response::ok(&Resized {
+                old: Size {
+                    vcpus: u32::from(r.old),
+                    memory_mib: self.config.memory_mib,
+                },
+                new: self.size(),
+                took_ms: r.started.elapsed().as_secs_f64() * 1000.0,
+            })
+        } else if r.target > r.old {
+            let c = lock(&self.parts.cpu_hotplug);
+            let waiting: Vec<u8> = (r.old..r.target).filter(|i| c.slot(*i).inserting).collect();
+            Response::err(format!(
+                "the guest has not taken vCPUs {waiting:?} within {waited} ms; they are present \
+                 (the VM has {count}) and the guest may still bring them online"
+            ))
+        } else {
+            lock(&self.parts.cpu_hotplug).cancel_removals();
+            Response::err(format!(
+                "the guest gave back {} of {} vCPUs within {waited} ms; the VM has {count}",
+                r.old - count,
+                r.old - r.target
+            ))
+        };
+        if let Some(e) = &answer.error {
+            tracing::warn!(error = %e, "resize incomplete");
+        }
+        r.reply.send(answer);
     }
 
     /// Stats need a round trip through the guest: answered from a thread of its own, so the main

@@ -68,8 +68,13 @@ fn acpi_walk_finds_exactly_the_configured_devices() {
         .lines()
         .filter(|l| l.starts_with("tg: device "))
         .collect();
-    // COM1, power button, GED, the processor container and one processor device per vCPU.
-    assert_eq!(devices.len(), 4 + 3, "{out}");
+    // COM1, power button, GED, the CPU hotplug controller, the processor container and one
+    // processor device per vCPU slot (here as many as vCPUs).
+    assert_eq!(devices.len(), 5 + 3, "{out}");
+    assert!(
+        devices.contains(&"tg: device hid=PNP0A06 mmio=0xfeb01000+0x8 irq=0"),
+        "{out}"
+    );
     assert!(
         devices.contains(&"tg: device hid=PNP0501 io=0x3f8 irq=4"),
         "{out}"

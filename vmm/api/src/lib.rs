@@ -79,6 +79,24 @@ pub enum Request {
     },
     /// Stop a running migration; the guest keeps running here: [`Cancelling`].
     MigrateCancel {},
+    /// Change a running VM's size: vCPUs by ACPI hotplug (docs/hotplug.md). Answered once the
+    /// guest has taken the new vCPUs or ejected the removed ones, or with an error saying how far
+    /// it got after `timeout_ms`: [`Resized`].
+    Resize {
+        #[serde(default)]
+        vcpus: Option<u32>,
+        #[serde(default)]
+        memory_mib: Option<u64>,
+        #[serde(default = "default_resize_timeout")]
+        timeout_ms: u64,
+    },
+}
+
+/// How long a resize waits for the guest to take or give back vCPUs.
+pub const DEFAULT_RESIZE_TIMEOUT_MS: u64 = 10_000;
+
+fn default_resize_timeout() -> u64 {
+    DEFAULT_RESIZE_TIMEOUT_MS
 }
 
 fn default_shutdown_timeout() -> u64 {
@@ -145,6 +163,9 @@ impl Request {
             }
             Request::Snapshot { .. } => Duration::from_secs(600),
             Request::Migrate { .. } => Duration::from_secs(24 * 3600),
+            Request::Resize { timeout_ms, .. } => {
+                Duration::from_millis(*timeout_ms) + Duration::from_secs(10)
+            }
             _ => Duration::from_secs(10),
         }
     }
@@ -247,6 +268,22 @@ pub enum StopKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stopped {
     pub stopped: StopKind,
+}
+
+/// A VM's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Size {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+/// A finished resize.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Resized {
+    pub old: Size,
+    pub new: Size,
+    /// From the request to the guest having taken (or ejected) every vCPU.
+    pub took_ms: f64,
 }
 
 /// The balloon's size: what the VMM asked for and what the guest holds.

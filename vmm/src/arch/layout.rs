@@ -50,6 +50,9 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// ACPI Generic Event Device (power button, later CPU/memory hotplug): one event register.
 pub const GED_START: u64 = 0xfeb0_0000;
 pub const GED_SIZE: u64 = 0x1000;
+/// The CPU hotplug controller's registers (devices/cpu_hotplug.rs).
+pub const CPU_HOTPLUG_START: u64 = GED_START + GED_SIZE;
+pub const CPU_HOTPLUG_SIZE: u64 = 0x1000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const LAPIC_START: u64 = 0xfee0_0000;
 /// KVM needs three pages for the TSS (Intel only) just below the BIOS area.

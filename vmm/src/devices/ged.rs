@@ -1,5 +1,5 @@
 //! ACPI Generic Event Device: a 32-bit event register the guest's `_EVT` method reads (and thereby
-//! clears) after the GED interrupt. Used for the power button now, CPU and memory hotplug later.
+//! clears) after the GED interrupt. Used for the power button and CPU hotplug (memory hotplug later).
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -10,6 +10,8 @@ use crate::migration::{MigrationError, Pausable, Snapshottable, State};
 
 /// Event bit: power button pressed. The DSDT's `_EVT` tests the same bit.
 pub const POWER_BUTTON_BIT: u32 = 1 << 0;
+/// Event bit: a vCPU was inserted or is asked to go; `_EVT` calls the CPU scan (`CSCN`).
+pub const CPU_HOTPLUG_BIT: u32 = 1 << 1;
 
 pub struct Ged {
     pending: u32,

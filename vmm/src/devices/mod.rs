@@ -5,6 +5,7 @@
 //! real hardware: a guest probing for absent devices is not an error.
 
 pub mod console_log;
+pub mod cpu_hotplug;
 pub mod ged;
 pub mod manager;
 pub mod power;

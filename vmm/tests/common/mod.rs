@@ -167,16 +167,7 @@ impl RunningVmm {
 
     /// `vmm ctl` with `args`; returns (success, stdout, stderr).
     pub fn ctl(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(vmm_bin())
-            .args(["ctl", "--api-socket", self.api.to_str().unwrap()])
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        ctl_at(&self.api, args)
     }
 
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
@@ -188,6 +179,37 @@ impl Drop for RunningVmm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// `vmm ctl` against the VMM at `api`; returns (success, stdout, stderr).
+pub fn ctl_at(api: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(vmm_bin())
+        .args(["ctl", "--api-socket", api.to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Waits until the file has a line containing `needle`.
+pub fn wait_for_line(path: &Path, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains(needle))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no line with {needle:?} in {} within {timeout:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -214,4 +236,57 @@ pub fn blank_disk(path: &Path) {
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
+}
+
+/// A paused VM's snapshot in `dir`; returns the last heartbeat printed before the pause.
+pub fn take_snapshot(vmm: &RunningVmm, dir: &Path) -> u64 {
+    let (ok, _, err) = vmm.ctl(&["pause"]);
+    assert!(ok, "{err}");
+    let last = last_heartbeat(&vmm.console_text());
+    let (ok, out, err) = vmm.ctl(&["snapshot", "--dir", dir.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("memory_bytes"), "{out}");
+    last
+}
+
+pub struct Restored {
+    pub vmm: RunningVmm,
+}
+
+pub fn restore(snap: &Path, extra: &[&str]) -> Restored {
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console.log");
+    let api = dir.path().join("api.sock");
+    let serial = format!("file:{}", console.display());
+    let child = Command::new(vmm_bin())
+        .args([
+            "restore",
+            "--snapshot",
+            snap.to_str().unwrap(),
+            "--serial",
+            &serial,
+            "--api-socket",
+        ])
+        .arg(&api)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let vmm = RunningVmm {
+        child,
+        dir,
+        console,
+        api,
+    };
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !vmm.api.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "restored VMM never opened its API socket"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Restored { vmm }
 }
