@@ -274,3 +274,23 @@ fn a_host_whose_agent_hangs_is_reset_by_its_watchdog() {
         eprintln!("{l}");
     }
 }
+
+/// Issue 14: vCPU hotplug with the unmodified Debian guest — added vCPUs come online, removed
+/// ones are offlined and ejected by the guest, and a snapshot's restore and a live migration keep
+/// the new size.
+#[test]
+fn the_debian_guest_takes_and_gives_back_vcpus() {
+    expect_all_pass(
+        "cpu-hotplug",
+        1200,
+        &[
+            "hp-boot",
+            "hp-add",
+            "hp-remove",
+            "hp-restored-size",
+            "hp-restore-add",
+            "hp-migrated-size",
+            "hp-migrated-remove",
+        ],
+    );
+}
