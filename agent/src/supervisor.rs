@@ -246,6 +246,7 @@ fn event_kind(action: &Action) -> EventKind {
         Action::MigrateOut(_) => EventKind::VmMigrated,
         Action::AbortIncoming(_) => EventKind::VmIncomingAborted,
         Action::Evict(_) => EventKind::VmEvicted,
+        Action::Resize(_) => EventKind::VmResized,
     }
 }
 
@@ -444,6 +445,7 @@ impl Supervisor {
                     }
                     Action::AbortIncoming(_) => vm.abort_incoming(),
                     Action::Evict(_) => vm.evict(),
+                    Action::Resize(r) => vm.resize(r.vcpus),
                 };
                 let report = if vm.gone() {
                     deleted_report(vm.id())

@@ -40,6 +40,9 @@ pub struct SpecRecord {
     /// Empty: no NIC.
     #[serde(default)]
     pub mac: String,
+    /// The most vCPUs it can be resized to while it runs (0: vcpus).
+    #[serde(default)]
+    pub max_vcpus: u32,
 }
 
 impl From<&VmSpec> for SpecRecord {
@@ -53,6 +56,7 @@ impl From<&VmSpec> for SpecRecord {
             cmdline: s.cmdline.clone(),
             disk: s.disk.clone(),
             mac: s.mac.clone(),
+            max_vcpus: s.max_vcpus,
         }
     }
 }
@@ -174,9 +178,17 @@ impl Dirs {
                 );
                 return Ok(());
             }
+            Action::Resize(r) => {
+                anyhow::ensure!((1..=254).contains(&r.vcpus), "vcpus must be 1 to 254");
+                return Ok(());
+            }
             _ => return Ok(()),
         };
         anyhow::ensure!((1..=254).contains(&s.vcpus), "vcpus must be 1 to 254");
+        anyhow::ensure!(
+            s.max_vcpus == 0 || (s.vcpus..=254).contains(&s.max_vcpus),
+            "max_vcpus must be vcpus to 254"
+        );
         anyhow::ensure!(
             (16..=1 << 22).contains(&s.memory_mib),
             "memory_mib must be 16 to 4194304"
@@ -299,6 +311,7 @@ pub fn action_vm(action: &vim_proto::host_command::Action) -> &str {
         Action::Stop(s) => &s.vm_id,
         Action::MigrateIn(m) => m.vm.as_ref().map_or("", |v| &v.vm_id),
         Action::MigrateOut(m) => &m.vm_id,
+        Action::Resize(r) => &r.vm_id,
     }
 }
 
@@ -456,7 +469,35 @@ impl Vm {
             rss_kib: u.rss_kib,
             vmm_cpu_pct: u.vmm_pct,
             balloon_mib: balloon_mib(&r.api_socket),
+            vcpus: r.spec.vcpus,
         }
+    }
+
+    /// Changes the running VM's vCPUs (its VMM waits for the guest). The record keeps what the
+    /// VM has afterwards, all of the resize or the part the guest did, so a restart boots it at
+    /// that size.
+    pub fn resize(&mut self, vcpus: u32) -> anyhow::Result<()> {
+        let r = &self.record;
+        anyhow::ensure!(
+            r.state == VmState::Running && alive(r.pid),
+            "the VM is not running here"
+        );
+        let max = r.spec.max_vcpus.max(r.spec.vcpus);
+        anyhow::ensure!(
+            vcpus <= max,
+            "{vcpus} vCPUs is more than the VM's maximum, {max}"
+        );
+        let client = vmm_api::Client::new(&r.api_socket);
+        let result = client.resize_vcpus(vcpus, vmm_api::DEFAULT_RESIZE_TIMEOUT_MS);
+        let now = match &result {
+            Ok(done) => Some(done.new.vcpus),
+            Err(_) => client.info(Duration::from_secs(5)).ok().map(|i| i.vcpus),
+        };
+        if let Some(n) = now.filter(|n| *n != self.record.spec.vcpus) {
+            self.record.spec.vcpus = n;
+            self.save()?;
+        }
+        result.map(|_| ()).map_err(anyhow::Error::from)
     }
 
     pub fn start(&mut self) -> anyhow::Result<()> {
@@ -474,6 +515,7 @@ impl Vm {
         cmd.arg("run")
             .args(["--kernel", &s.kernel])
             .args(["--vcpus", &s.vcpus.to_string()])
+            .args(["--max-vcpus", &s.max_vcpus.max(s.vcpus).to_string()])
             .args(["--memory-mib", &s.memory_mib.to_string()])
             .args(["--cmdline", &s.cmdline])
             // Every VM gets a balloon, so memory can be taken back from a running guest.

@@ -3154,3 +3154,98 @@ fn a_vm_without_room_waits_pending_restart_until_room_appears() {
     f.ctl_ok(&["host", "undrain", "h2", "--json"]);
     assert_eq!(f.wait_restarted(&id, "h1"), "h2");
 }
+
+/// The VM's console log on shared storage.
+fn console_text(f: &Fleet, id: &str) -> String {
+    std::fs::read_to_string(f.state().join("shared/vms").join(id).join("console.log"))
+        .unwrap_or_default()
+}
+
+/// Issue 14 through the VIM: `vimctl vm resize` changes a running VM's vCPUs by hotplug (the
+/// test guest starts the added ones and ejects the removed ones), without a restart: its
+/// heartbeat counter never goes back. Out of range, a VM not running, and a host without room
+/// are refused and change nothing.
+#[test]
+fn a_running_vm_is_resized_without_a_restart() {
+    let f = Fleet::start(None, &["h1"]);
+    f.add_test_image();
+    let mut args = create_args("r").to_vec();
+    args.extend(["--max-vcpus", "3"]);
+    let (ok, out, err) = f.ctl(&args);
+    assert!(ok, "{err}");
+    let id = out.trim().to_string();
+    wait_until("the guest's heartbeats", || f.beats(&id).len() >= 3);
+    let vm = f.ctl_ok(&["vm", "show", &id]);
+    assert_eq!(
+        (vm["vcpus"].as_i64(), vm["max_vcpus"].as_i64()),
+        (Some(1), Some(3)),
+        "{vm}"
+    );
+
+    let (ok, _, err) = f.ctl(&["vm", "resize", &id, "--vcpus", "3"]);
+    assert!(ok, "{err}");
+    assert_eq!(f.ctl_ok(&["vm", "show", &id])["vcpus"], 3);
+    let console = console_text(&f, &id);
+    for apic in [1, 2] {
+        assert!(
+            console.contains(&format!("tg: cpu-up apic={apic}")),
+            "{console}"
+        );
+    }
+    let resized = f.events_of("VM_Resized");
+    assert!(
+        resized
+            .iter()
+            .any(|e| e["vm_id"] == id.as_str() && e["detail"] == "vcpus 1 -> 3"),
+        "{resized:?}"
+    );
+
+    let (ok, _, err) = f.ctl(&["vm", "resize", &id, "--vcpus", "1"]);
+    assert!(ok, "{err}");
+    assert_eq!(f.ctl_ok(&["vm", "show", &id])["vcpus"], 1);
+    let console = console_text(&f, &id);
+    for apic in [1, 2] {
+        assert!(
+            console.contains(&format!("tg: cpu-ejected apic={apic}")),
+            "{console}"
+        );
+    }
+
+    // Refused: above max_vcpus, zero; nothing changes.
+    for (n, why) in [("4", "1 to 3"), ("0", "1 to 3")] {
+        let (ok, _, err) = f.ctl(&["vm", "resize", &id, "--vcpus", n]);
+        assert!(
+            !ok && err.contains("400") && err.contains(why),
+            "{n}: {err}"
+        );
+    }
+    // A host without room for the added vCPUs (2 cores x 4.0 = 8 vCPUs; this VM may grow to 20).
+    let mut args = create_args("big").to_vec();
+    args.extend(["--max-vcpus", "20"]);
+    let (ok, out, err) = f.ctl(&args);
+    assert!(ok, "{err}");
+    let big = out.trim().to_string();
+    let (ok, _, err) = f.ctl(&["vm", "resize", &big, "--vcpus", "20"]);
+    assert!(
+        !ok && err.contains("409") && err.contains("no room"),
+        "{err}"
+    );
+    assert_eq!(f.ctl_ok(&["vm", "show", &big])["vcpus"], 1);
+    // Not running.
+    f.ctl_ok(&["vm", "stop", &big, "--json"]);
+    wait_until("stopped", || {
+        f.ctl_ok(&["vm", "show", &big])["state"] == "stopped"
+    });
+    let (ok, _, err) = f.ctl(&["vm", "resize", &big, "--vcpus", "2"]);
+    assert!(
+        !ok && err.contains("409") && err.contains("not running"),
+        "{err}"
+    );
+
+    // The guest was never restarted: one counter, never going back.
+    let n = f.beats(&id).len();
+    wait_until("more heartbeats", || f.beats(&id).len() >= n + 3);
+    let beats = f.beats(&id);
+    assert!(beats.windows(2).all(|w| w[1] > w[0]), "{beats:?}");
+    assert_eq!(f.vmm_pids(&id).len(), 1);
+}

@@ -244,6 +244,7 @@ pub fn router(v: Arc<Vimd>) -> Router {
         .route("/vms/:id/start", post(start_vm))
         .route("/vms/:id/stop", post(stop_vm))
         .route("/vms/:id/migrate", post(migrate_vm))
+        .route("/vms/:id/resize", post(resize_vm))
         .route("/vms/:id/ha", axum::routing::put(set_ha))
         .route("/vms/:id/console", get(console))
         .route("/jobs", get(list_jobs))
@@ -566,7 +567,18 @@ struct CreateVm {
     /// Among a failed host's VMs, the higher restart first (default 0).
     #[serde(default)]
     ha_priority: i64,
+    /// The most vCPUs it can be resized to while it runs (default 4 x vcpus, at most 254).
+    #[serde(default)]
+    max_vcpus: Option<u32>,
 }
+
+/// What a VM may be resized to at most, unless its creator says otherwise.
+fn default_max_vcpus(vcpus: u32) -> u32 {
+    (vcpus * 4).min(MAX_VCPUS)
+}
+
+/// The most vCPUs a VM can have (the VMM's limit: its MADT ids are one byte, 255 is broadcast).
+const MAX_VCPUS: u32 = 254;
 
 fn yes() -> bool {
     true
@@ -576,8 +588,15 @@ async fn create_vm(State(v): St, h: Req, b: Result<Json<CreateVm>, JsonRejection
     call(&v, &h, "vms.create", "", |v, who| async move {
         let req = body(b)?;
         check_name("VM name", &req.name)?;
-        if req.vcpus == 0 || req.vcpus > 254 {
+        if req.vcpus == 0 || req.vcpus > MAX_VCPUS {
             return Err(bad("vcpus must be 1 to 254"));
+        }
+        let max_vcpus = req.max_vcpus.unwrap_or(default_max_vcpus(req.vcpus));
+        if max_vcpus < req.vcpus || max_vcpus > MAX_VCPUS {
+            return Err(bad(format!(
+                "max_vcpus must be {} to 254 (at least vcpus)",
+                req.vcpus
+            )));
         }
         if req.memory_mib < 16 || req.memory_mib > 1 << 22 {
             return Err(bad("memory_mib must be 16 to 4194304"));
@@ -605,6 +624,7 @@ async fn create_vm(State(v): St, h: Req, b: Result<Json<CreateVm>, JsonRejection
             },
             ha: req.ha,
             ha_priority: in_range("ha_priority", req.ha_priority, -1000, 1000)?,
+            max_vcpus: i64::from(max_vcpus),
             ..db::Vm::default()
         };
         let job = db::Job::new(db::JobKind::Create, &who.name, &vm.id);
@@ -735,6 +755,65 @@ async fn set_ha(
         };
         v.db.set_ha(&vm.id, req.ha, priority).await?;
         ok(json!(owned_vm(&v, &who, &id).await?))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResizeVm {
+    vcpus: u32,
+}
+
+/// Changes a running VM's vCPUs (docs/hotplug.md), from 1 to its `max_vcpus`; growing needs
+/// room on its host for the added vCPUs. A `resize` job: its host's answer (`VM_Resized`) holds
+/// the vCPUs the guest took or gave back.
+async fn resize_vm(
+    State(v): St,
+    h: Req,
+    Path(id): Path<String>,
+    b: Result<Json<ResizeVm>, JsonRejection>,
+) -> Response {
+    call(&v, &h, "vms.resize", &id.clone(), |v, who| async move {
+        let req = body(b)?;
+        let vm = owned_vm(&v, &who, &id).await?;
+        let ceiling = vm.vcpu_ceiling();
+        let vcpus = i64::from(req.vcpus);
+        if !(1..=ceiling).contains(&vcpus) {
+            return Err(bad(format!(
+                "vcpus must be 1 to {ceiling}, the VM's max_vcpus (set when it was created), not {vcpus}"
+            )));
+        }
+        if vm.state != db::VmState::Running {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("VM {id} is {}, not running", vm.state),
+            ));
+        }
+        if vcpus > vm.vcpus {
+            let only = crate::placement::Among {
+                only: Some(&vm.host_id),
+                ..Default::default()
+            };
+            let room = crate::placement::choose(&v.db, &v.policy, vcpus - vm.vcpus, 0, only)
+                .await?;
+            if let Err(why) = room {
+                return Err(ApiError(
+                    StatusCode::CONFLICT,
+                    format!("{why} (migrate the VM to a host with room first)"),
+                ));
+            }
+        }
+        let params = crate::server::ResizeParams {
+            vcpus: vcpus as u32,
+        };
+        let job = db::Job {
+            params: serde_json::to_string(&params).map_err(anyhow::Error::from)?,
+            ..db::Job::new(db::JobKind::Resize, &who.name, &vm.id)
+        };
+        v.db.add_job(&job, None).await?;
+        v.outbox.push(&job.id);
+        accepted(json!({"job_id": job.id, "vm_id": vm.id}))
     })
     .await
 }

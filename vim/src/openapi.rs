@@ -110,7 +110,10 @@ pub fn document() -> Value {
                                           "net": {"type": "boolean", "default": true,
                                                   "description": "a NIC on its host's bridge, MAC fixed for life"},
                                           "ha": ha_policy(),
-                                          "ha_priority": ha_priority()}})),
+                                          "ha_priority": ha_priority(),
+                                          "max_vcpus": {"type": "integer", "minimum": 1, "maximum": 254,
+                                                        "description": "the most vCPUs it can be resized to while it runs \
+                                                                        (default 4 x vcpus, at most 254; at least vcpus)"}}})),
             },
             "/vms/{id}": {"get": with_id(op("Show a VM", "200")), "delete": with_id(op("Delete a VM", "202"))},
             "/vms/{id}/start": {"post": with_id(op("Start a VM", "202"))},
@@ -121,6 +124,11 @@ pub fn document() -> Value {
                 json!({"type": "object", "additionalProperties": false,
                        "properties": {"to": name(),
                                       "downtime_ms": {"type": "integer", "minimum": 1, "maximum": 60_000}}}))},
+            "/vms/{id}/resize": {"post": with_body(with_id(op(
+                "Change a running VM's vCPUs by hotplug, from 1 to its max_vcpus (docs/hotplug.md); \
+                 growing needs room on its host. Its host's answer, VM_Resized, says what the guest took.", "202")),
+                json!({"type": "object", "required": ["vcpus"], "additionalProperties": false,
+                       "properties": {"vcpus": {"type": "integer", "minimum": 1, "maximum": 254}}}))},
             "/vms/{id}/ha": {"put": with_body(with_id(op(
                 "Set a VM's HA policy: what failover does when its host fails (docs/failover.md)", "200")),
                 json!({"type": "object", "required": ["ha"], "additionalProperties": false,

@@ -254,6 +254,7 @@ names!(EventKind {
     VmMigrationProgress => "VM_Migration_Progress",
     VmEvicted => "VM_Evicted",
     HostSelfFenced => "Host_Self_Fenced",
+    VmResized => "VM_Resized",
     JobSent => "Job_Sent",
     JobFailed => "Job_Failed",
     HostRegistered => "Host_Registered",
@@ -303,6 +304,7 @@ impl EventKind {
                 | EventKind::VmMigrationProgress
                 | EventKind::VmEvicted
                 | EventKind::HostSelfFenced
+                | EventKind::VmResized
         )
     }
 }

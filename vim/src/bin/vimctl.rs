@@ -155,6 +155,17 @@ enum VmCmd {
             allow_negative_numbers = true
         )]
         ha_priority: i64,
+        /// The most vCPUs it can be resized to while it runs (default 4 x --vcpus, at most 254).
+        #[arg(long = "max-vcpus")]
+        max_vcpus: Option<u32>,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Change a running VM's vCPUs (hotplug, up to its max_vcpus); waits for the guest.
+    Resize {
+        id: String,
+        #[arg(long)]
+        vcpus: u32,
         #[command(flatten)]
         wait: Wait,
     },
@@ -570,13 +581,20 @@ fn run(cli: Cli) -> Result<()> {
                 no_net,
                 ha,
                 ha_priority,
+                max_vcpus,
                 wait,
-            } => job_cmd(
-                "/vms".into(),
-                json!({"name": name, "image": image, "vcpus": vcpus, "memory_mib": memory_mib,
-                       "net": !no_net, "ha": ha, "ha_priority": ha_priority}),
-                &wait,
-            )?,
+            } => {
+                let mut body = json!({"name": name, "image": image, "vcpus": vcpus,
+                       "memory_mib": memory_mib, "net": !no_net, "ha": ha,
+                       "ha_priority": ha_priority});
+                if let Some(m) = max_vcpus {
+                    body["max_vcpus"] = json!(m);
+                }
+                job_cmd("/vms".into(), body, &wait)?
+            }
+            VmCmd::Resize { id, vcpus, wait } => {
+                job_cmd(format!("/vms/{id}/resize"), json!({"vcpus": vcpus}), &wait)?
+            }
             VmCmd::SetHa { id, mode, priority } => {
                 let mut body = json!({"ha": mode});
                 if let Some(p) = priority {

@@ -27,6 +27,8 @@ pub enum JobKind {
     Restart,
     /// A host that was cut off stops and forgets a VM that runs elsewhere now.
     Evict,
+    /// The VM's host changes its vCPUs while it runs (params: `{"vcpus": N}`).
+    Resize,
 }
 
 vim_proto::names!(JobKind {
@@ -40,6 +42,7 @@ vim_proto::names!(JobKind {
     AbortIncoming => "abort-incoming",
     Restart => "restart",
     Evict => "evict",
+    Resize => "resize",
 });
 
 /// Where a job is: written (`pending`), its command sent (`running`), answered (`done` or
@@ -161,8 +164,8 @@ impl Db {
         if let Some(v) = new_vm {
             sqlx::query(
                 "INSERT INTO vms (id, name, owner, image, vcpus, memory_mib, state, created_at, mac, ha,
-                                  ha_priority)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                                  ha_priority, max_vcpus)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             )
             .bind(&v.id)
             .bind(&v.name)
@@ -175,6 +178,7 @@ impl Db {
             .bind(&v.mac)
             .bind(v.ha.as_str())
             .bind(v.ha_priority)
+            .bind(v.max_vcpus)
             .execute(&mut *tx)
             .await?;
         }

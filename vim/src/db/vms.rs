@@ -37,6 +37,15 @@ pub struct Vm {
     pub ha: HaPolicy,
     /// Among a failed host's VMs, the higher restart first.
     pub ha_priority: i64,
+    /// The most vCPUs it can be resized to while it runs (0: `vcpus`, a VM made before).
+    pub max_vcpus: i64,
+}
+
+impl Vm {
+    /// The most vCPUs it can have while it runs.
+    pub fn vcpu_ceiling(&self) -> i64 {
+        self.max_vcpus.max(self.vcpus)
+    }
 }
 
 /// A VM's high-availability policy.
@@ -81,6 +90,7 @@ fn vm(r: &AnyRow) -> Result<Vm, sqlx::Error> {
         mac: r.try_get("mac")?,
         ha: named(r, "ha")?,
         ha_priority: r.try_get("ha_priority")?,
+        max_vcpus: r.try_get("max_vcpus")?,
     })
 }
 
@@ -249,6 +259,16 @@ impl Db {
             .execute(&self.writer)
             .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    /// Records the vCPUs a VM has now (a resize's answer).
+    pub async fn set_vm_vcpus(&self, id: &str, vcpus: i64) -> Result<(), DbError> {
+        sqlx::query("UPDATE vms SET vcpus = $1 WHERE id = $2")
+            .bind(vcpus)
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
     }
 
     /// Deletes a VM that was never placed, unless it has been placed meanwhile (false: send

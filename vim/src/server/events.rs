@@ -98,7 +98,10 @@ impl Vimd {
         }
         let kind = ev.kind();
         // An answer's error, or what a report says (a fence's).
-        let detail = ev.error;
+        let mut detail = ev.error.clone();
+        if let Some(job) = checked.job.as_ref().filter(|j| j.kind == JobKind::Resize) {
+            detail = self.resize_answer(job, &ev).await?;
+        }
         self.event(kind, sender, &checked.vm_id, &ev.job_id, &detail)
             .await;
         if kind == EventKind::VmFailure && checked.job.is_none() {
@@ -108,6 +111,22 @@ impl Vimd {
             self.on_self_fenced(sender).await?;
         }
         Ok(())
+    }
+
+    /// A resize's answer: the VM's vCPUs as its host reports them now (a resize the guest did
+    /// only part of changed some); the event's detail.
+    async fn resize_answer(&self, job: &db::Job, ev: &vim_proto::HostEvent) -> Result<String> {
+        let old = self.db.vm(&job.vm_id).await?.map_or(0, |vm| vm.vcpus);
+        let now = ev.vm.as_ref().map_or(0, |r| i64::from(r.vcpus));
+        if now > 0 && now != old {
+            self.db.set_vm_vcpus(&job.vm_id, now).await?;
+        }
+        let sizes = format!("vcpus {old} -> {}", if now > 0 { now } else { old });
+        Ok(if ev.ok {
+            sizes
+        } else {
+            format!("{}; {sizes}", ev.error)
+        })
     }
 
     /// What a host event may touch, or why it is refused.
@@ -248,6 +267,7 @@ fn answer_kind(kind: JobKind) -> Option<EventKind> {
         JobKind::AbortIncoming => EventKind::VmIncomingAborted,
         JobKind::Restart => EventKind::VmCreated,
         JobKind::Evict => EventKind::VmEvicted,
+        JobKind::Resize => EventKind::VmResized,
         JobKind::Migrate => return None,
     })
 }

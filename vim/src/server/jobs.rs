@@ -174,6 +174,16 @@ impl Vimd {
                 Action::Create(vm_spec(vm, image, vm.disk_path.clone()))
             }
             JobKind::Evict => Action::Evict(vm.id.clone()),
+            JobKind::Resize => {
+                let p: ResizeParams = match serde_json::from_str(&job.params) {
+                    Ok(p) => p,
+                    Err(e) => return Ok(Step::Refuse(format!("bad resize parameters: {e}"))),
+                };
+                Action::Resize(vim_proto::ResizeVm {
+                    vm_id: vm.id.clone(),
+                    vcpus: p.vcpus,
+                })
+            }
         };
         Ok(Step::Send(action))
     }
@@ -271,7 +281,14 @@ fn vm_spec(vm: &db::Vm, image: db::Image, disk: String) -> vim_proto::VmSpec {
         cmdline: image.cmdline,
         disk,
         mac: vm.mac.clone(),
+        max_vcpus: vm.vcpu_ceiling() as u32,
     }
+}
+
+/// What a resize job asks for.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ResizeParams {
+    pub vcpus: u32,
 }
 
 /// What handling a job does next.

@@ -13,7 +13,7 @@ mod upkeep;
 
 pub use events::run_event_consumer;
 pub use heartbeats::run_monitor;
-pub use jobs::run_job_workers;
+pub use jobs::{run_job_workers, ResizeParams};
 pub use upkeep::{run_housekeeping, run_reconciler};
 
 use std::path::PathBuf;

@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 use crate::{
-    BalloonStats, BalloonTarget, Cancelling, Info, Request, Response, SnapshotDone, StateChanged,
-    Stopped,
+    BalloonStats, BalloonTarget, Cancelling, Info, Request, Resized, Response, SnapshotDone,
+    StateChanged, Stopped,
 };
 
 #[derive(Debug, Error)]
@@ -106,6 +106,16 @@ impl Client {
 
     pub fn snapshot(&self, dir: impl Into<PathBuf>) -> Result<SnapshotDone, ClientError> {
         self.send(&Request::Snapshot { dir: dir.into() })
+    }
+
+    /// Changes the vCPUs; waits for the guest (at most `timeout_ms`, then an error saying how
+    /// far it got).
+    pub fn resize_vcpus(&self, vcpus: u32, timeout_ms: u64) -> Result<Resized, ClientError> {
+        self.send(&Request::Resize {
+            vcpus: Some(vcpus),
+            memory_mib: None,
+            timeout_ms,
+        })
     }
 
     pub fn migrate_cancel(&self) -> Result<Cancelling, ClientError> {
