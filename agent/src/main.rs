@@ -4,6 +4,7 @@
 
 mod lease;
 mod net;
+mod scaling;
 mod supervisor;
 mod vms;
 mod watchdog;
@@ -277,6 +278,7 @@ impl Agent {
                         vm: None,
                         migration: None,
                         progress: None,
+                        scale: None,
                     };
                     let ev = match queued.flatten() {
                         None => failed(EventKind::CommandRefused, "no action"),
@@ -422,6 +424,31 @@ async fn serve(
                         vm: Some(x.report),
                         migration: None,
                         progress: None,
+                        scale: None,
+                    },
+                ),
+                supervisor::Notice::Scale {
+                    vm_id,
+                    request,
+                    vcpus,
+                } => (
+                    vm_id.clone(),
+                    HostEvent {
+                        version: PROTOCOL_VERSION,
+                        host_id: a.cfg.host_id.clone(),
+                        ok: true,
+                        kind: match request.ask {
+                            scaling::Ask::Up => EventKind::ScaleUpRequested,
+                            scaling::Ask::Down => EventKind::ScaleDownRequested,
+                        }
+                        .into(),
+                        scale: Some(vim_proto::ScaleRequest {
+                            vm_id,
+                            cpu_pct: request.avg_pct,
+                            window_s: request.window.as_secs() as u32,
+                            vcpus,
+                        }),
+                        ..Default::default()
                     },
                 ),
                 supervisor::Notice::Migrating { vm_id, progress: p } => (

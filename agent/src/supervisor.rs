@@ -55,6 +55,13 @@ pub enum Notice {
         vm_id: String,
         progress: vmm_api::MigrationProgress,
     },
+    /// `Scale_Up_Requested` or `Scale_Down_Requested`: the VM's CPU use over its policy's
+    /// window.
+    Scale {
+        vm_id: String,
+        request: crate::scaling::Request,
+        vcpus: u32,
+    },
 }
 
 /// The host's VMs: one supervisor each.
@@ -220,6 +227,7 @@ impl Host {
             report,
             registry: self.vms.clone(),
             exits: self.exits.clone(),
+            scaling: crate::scaling::Watch::default(),
         };
         tokio::spawn(s.run(rx, self.every, self.shutdown.clone()));
         tx
@@ -247,6 +255,7 @@ fn event_kind(action: &Action) -> EventKind {
         Action::AbortIncoming(_) => EventKind::VmIncomingAborted,
         Action::Evict(_) => EventKind::VmEvicted,
         Action::Resize(_) => EventKind::VmResized,
+        Action::SetScaling(_) => EventKind::VmScalingSet,
     }
 }
 
@@ -279,6 +288,8 @@ struct Supervisor {
     report: Arc<Mutex<VmReport>>,
     registry: Arc<Mutex<HashMap<String, Handle>>>,
     exits: mpsc::UnboundedSender<Notice>,
+    /// The VM's CPU use against its scaling policy's thresholds.
+    scaling: crate::scaling::Watch,
 }
 
 impl Supervisor {
@@ -446,6 +457,7 @@ impl Supervisor {
                     Action::AbortIncoming(_) => vm.abort_incoming(),
                     Action::Evict(_) => vm.evict(),
                     Action::Resize(r) => vm.resize(r.vcpus),
+                    Action::SetScaling(s) => vm.set_scaling(s.scaling.as_ref()),
                 };
                 let report = if vm.gone() {
                     deleted_report(vm.id())
@@ -493,10 +505,30 @@ impl Supervisor {
 
     /// Between commands: a VMM that exited is reported once; the report is refreshed.
     async fn watch(&mut self) {
-        let Some((exited, report)) = self.blocking(|vm| (vm.exited(), vm.report())).await else {
+        let Some((exited, report, scaling)) = self
+            .blocking(|vm| (vm.exited(), vm.report(), vm.record.spec.scaling))
+            .await
+        else {
             return;
         };
         *lock(&self.report) = report.clone();
+        // Only a running VM's use counts (a VM starting, stopped or moving has none).
+        let running = report.state() == vim_proto::VmState::Running && report.vcpus > 0;
+        let watch = scaling
+            .filter(|_| running)
+            .map(vim_proto::ScalingWatch::from);
+        let pct = report.cpu_pct / f64::from(report.vcpus.max(1));
+        if let Some(request) =
+            self.scaling
+                .sample(watch.as_ref(), std::time::Instant::now(), pct, report.vcpus)
+        {
+            tracing::info!(vm = self.id, ?request, "asking for a resize");
+            let _ = self.exits.send(Notice::Scale {
+                vm_id: self.id.clone(),
+                request,
+                vcpus: report.vcpus,
+            });
+        }
         if let Some(why) = exited {
             tracing::warn!(vm = self.id, why, "VMM exited");
             let _ = self.exits.send(Notice::Exited(Exit {
@@ -520,6 +552,7 @@ pub fn event(host_id: &str, job_id: &str, o: Outcome) -> HostEvent {
         vm: if o.vm_id.is_empty() { None } else { o.report },
         migration: o.migration,
         progress: None,
+        scale: None,
     }
 }
 

@@ -43,6 +43,56 @@ pub struct SpecRecord {
     /// The most vCPUs it can be resized to while it runs (0: vcpus).
     #[serde(default)]
     pub max_vcpus: u32,
+    /// What the agent watches to ask for a resize (none: nothing).
+    #[serde(default)]
+    pub scaling: Option<WatchRecord>,
+}
+
+/// The serialisable copy of a `ScalingWatch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchRecord {
+    pub up_pct: u32,
+    pub up_window_s: u32,
+    pub down_pct: u32,
+    pub down_window_s: u32,
+    pub min_vcpus: u32,
+}
+
+impl From<&vim_proto::ScalingWatch> for WatchRecord {
+    fn from(w: &vim_proto::ScalingWatch) -> Self {
+        WatchRecord {
+            up_pct: w.up_pct,
+            up_window_s: w.up_window_s,
+            down_pct: w.down_pct,
+            down_window_s: w.down_window_s,
+            min_vcpus: w.min_vcpus,
+        }
+    }
+}
+
+impl From<WatchRecord> for vim_proto::ScalingWatch {
+    fn from(w: WatchRecord) -> Self {
+        vim_proto::ScalingWatch {
+            up_pct: w.up_pct,
+            up_window_s: w.up_window_s,
+            down_pct: w.down_pct,
+            down_window_s: w.down_window_s,
+            min_vcpus: w.min_vcpus,
+        }
+    }
+}
+
+/// A scaling watch that makes sense (a command is input like any other).
+fn check_watch(w: &vim_proto::ScalingWatch) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        w.down_pct < w.up_pct && w.up_pct <= 100,
+        "scaling thresholds must be 0 <= down < up <= 100"
+    );
+    anyhow::ensure!(
+        (1..=3600).contains(&w.up_window_s) && (1..=3600).contains(&w.down_window_s),
+        "scaling windows must be 1 to 3600 s"
+    );
+    Ok(())
 }
 
 impl From<&VmSpec> for SpecRecord {
@@ -57,6 +107,7 @@ impl From<&VmSpec> for SpecRecord {
             disk: s.disk.clone(),
             mac: s.mac.clone(),
             max_vcpus: s.max_vcpus,
+            scaling: s.scaling.as_ref().map(WatchRecord::from),
         }
     }
 }
@@ -182,6 +233,7 @@ impl Dirs {
                 anyhow::ensure!((1..=254).contains(&r.vcpus), "vcpus must be 1 to 254");
                 return Ok(());
             }
+            Action::SetScaling(s) => return s.scaling.as_ref().map_or(Ok(()), check_watch),
             _ => return Ok(()),
         };
         anyhow::ensure!((1..=254).contains(&s.vcpus), "vcpus must be 1 to 254");
@@ -189,6 +241,9 @@ impl Dirs {
             s.max_vcpus == 0 || (s.vcpus..=254).contains(&s.max_vcpus),
             "max_vcpus must be vcpus to 254"
         );
+        if let Some(w) = &s.scaling {
+            check_watch(w)?;
+        }
         anyhow::ensure!(
             (16..=1 << 22).contains(&s.memory_mib),
             "memory_mib must be 16 to 4194304"
@@ -312,6 +367,7 @@ pub fn action_vm(action: &vim_proto::host_command::Action) -> &str {
         Action::MigrateIn(m) => m.vm.as_ref().map_or("", |v| &v.vm_id),
         Action::MigrateOut(m) => &m.vm_id,
         Action::Resize(r) => &r.vm_id,
+        Action::SetScaling(s) => &s.vm_id,
     }
 }
 
@@ -471,6 +527,12 @@ impl Vm {
             balloon_mib: balloon_mib(&r.api_socket),
             vcpus: r.spec.vcpus,
         }
+    }
+
+    /// Watches new scaling thresholds (or none).
+    pub fn set_scaling(&mut self, w: Option<&vim_proto::ScalingWatch>) -> anyhow::Result<()> {
+        self.record.spec.scaling = w.map(WatchRecord::from);
+        self.save()
     }
 
     /// Changes the running VM's vCPUs (its VMM waits for the guest). The record keeps what the

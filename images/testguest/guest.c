@@ -682,6 +682,10 @@ static void run(u32 ram_top) {
     u32 ignore_button = arg_u("tg.ignore_button", 0);
     u32 ignore_cpu_hotplug = arg_u("tg.ignore_cpu_hotplug", 0);
     u32 stop_after = arg_u("tg.stop_after", 0);
+    /* tg.burn_s=N: the boot CPU spins instead of sleeping for the first N seconds (a guest that
+     * is busy, then idle: automatic scaling tests). */
+    u32 burn_end = ticks + arg_u("tg.burn_s", 0) * (1000 / TICK_MS);
+    u32 burning = burn_end != ticks;
     u32 next_hb = ticks + hb_ms / TICK_MS;
     for (;;) {
         u32 t = ticks;
@@ -724,8 +728,15 @@ static void run(u32 ram_top) {
             emit(&l);
             if (stop_after && heartbeat >= stop_after) acpi_poweroff();
         }
-        /* Sleep until the next interrupt. */
-        while (ticks == t && !(ged_pending & 1)) __asm__ volatile("sti; hlt; cli");
+        if (burning && (int)(ticks - burn_end) >= 0) {
+            burning = 0;
+            say("burn done");
+        }
+        /* Sleep until the next interrupt (or, while burning, spin until it). */
+        if (burning)
+            while (ticks == t && !(ged_pending & 1)) __asm__ volatile("sti; pause; cli");
+        else
+            while (ticks == t && !(ged_pending & 1)) __asm__ volatile("sti; hlt; cli");
     }
 }
 

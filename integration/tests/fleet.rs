@@ -3249,3 +3249,141 @@ fn a_running_vm_is_resized_without_a_restart() {
     assert!(beats.windows(2).all(|w| w[1] > w[0]), "{beats:?}");
     assert_eq!(f.vmm_pids(&id).len(), 1);
 }
+
+impl Fleet {
+    /// An image of the test guest whose boot CPU spins for its first `burn_s` seconds, then
+    /// idles (automatic scaling).
+    fn add_burn_image(&self, burn_s: u32) -> String {
+        let name = format!("burn{burn_s}");
+        let guest = tmp().join("guest/testguest.elf");
+        let cmdline = format!("tg.mode=hold tg.hb_ms=200 tg.burn_s={burn_s}");
+        let (ok, _, err) = self.ctl(&[
+            "image",
+            "add",
+            &name,
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+            "--json",
+        ]);
+        assert!(ok || err.contains("already exists"), "{err}");
+        name
+    }
+
+    /// A 64 MiB VM of `image` with `vcpus`; returns its id once it runs.
+    fn vm_of(&self, name: &str, image: &str, vcpus: u32) -> String {
+        let v = vcpus.to_string();
+        let (ok, out, err) = self.ctl(&[
+            "vm",
+            "create",
+            "--name",
+            name,
+            "--image",
+            image,
+            "--memory-mib",
+            "64",
+            "--vcpus",
+            &v,
+        ]);
+        assert!(ok, "{err}");
+        out.trim().to_string()
+    }
+
+    fn vcpus_of(&self, id: &str) -> i64 {
+        self.ctl_ok(&["vm", "show", id])["vcpus"].as_i64().unwrap()
+    }
+
+    fn has_vm_event(&self, kind: &str, id: &str, detail: &str) -> bool {
+        self.events_of(kind)
+            .iter()
+            .any(|e| e["vm_id"] == id && e["detail"].as_str().unwrap_or("").contains(detail))
+    }
+}
+
+/// Issue 14's scaling listener: a VM whose guest keeps its CPU busy past its policy's
+/// threshold for the window is doubled by the VIM without a restart; once idle, it is halved.
+/// (The up threshold is 30 %: on a 2-core machine running other tests, a spinning vCPU does not
+/// always get 80 % of a core.)
+#[test]
+fn a_busy_vm_is_doubled_and_an_idle_one_halved_without_a_restart() {
+    let f = Fleet::start(None, &["h1"]);
+    let image = f.add_burn_image(20);
+    let id = f.vm_of("busy", &image, 1);
+    f.ctl_ok(&[
+        "policy",
+        "set",
+        "--vm",
+        &id,
+        "--up",
+        "30:3",
+        "--down",
+        "15:3",
+        "--max",
+        "2:4096",
+        "--cooldown",
+        "1",
+        "--json",
+    ]);
+    wait_until_for("doubled", Duration::from_secs(30), || f.vcpus_of(&id) == 2);
+    assert!(f.has_vm_event("Scale_Up_Requested", &id, "of 1 vCPUs for 3 s"));
+    assert!(f.has_vm_event("VM_Resized", &id, "vcpus 1 -> 2"));
+    assert!(console_text(&f, &id).contains("tg: cpu-up apic=1"));
+    // The burn ends; idle for the down window, it is halved.
+    wait_until_for("halved", Duration::from_secs(60), || f.vcpus_of(&id) == 1);
+    assert!(f.has_vm_event("Scale_Down_Requested", &id, "of 2 vCPUs"));
+    assert!(f.has_vm_event("VM_Resized", &id, "vcpus 2 -> 1"));
+    assert!(console_text(&f, &id).contains("tg: burn done"));
+    // Never restarted: one counter that only goes up, one VMM.
+    let beats = f.beats(&id);
+    assert!(beats.windows(2).all(|w| w[1] > w[0]), "{beats:?}");
+    assert_eq!(f.vmm_pids(&id).len(), 1);
+}
+
+/// A busy VM whose host has no room for its next size is live-migrated to a host that has, then
+/// resized there; one at its policy's ceiling is refused with `Scaling_Refused`, and stays.
+#[test]
+fn a_full_host_makes_the_vim_migrate_first_and_the_ceiling_refuses() {
+    let f = Fleet::start(None, &["h1", "h2"]);
+    let image = f.add_burn_image(40);
+    let hosts = f.ctl_ok(&["hosts", "--json"]);
+    let cores = hosts[0]["cpu_cores"].as_i64().unwrap();
+    // h1 full but for one vCPU (4 vCPUs per core), with a VM that needs none of its own.
+    f.ctl_ok(&["host", "drain", "h2", "--json"]);
+    f.add_test_image();
+    let filler = f.vm_of("filler", "tg", (cores * 4 - 2) as u32);
+    let id = f.vm_of("grower", &image, 1);
+    let capped = f.vm_of("capped", &image, 1);
+    for v in [&filler, &id, &capped] {
+        assert_eq!(f.host_of(v), "h1");
+    }
+    f.ctl_ok(&["host", "undrain", "h2", "--json"]);
+    f.ctl_ok(&[
+        "policy", "set", "--vm", &capped, "--up", "30:3", "--max", "1:4096", "--json",
+    ]);
+    f.ctl_ok(&[
+        "policy",
+        "set",
+        "--vm",
+        &id,
+        "--up",
+        "30:3",
+        "--max",
+        "2:4096",
+        "--cooldown",
+        "1",
+        "--json",
+    ]);
+    wait_until_for("migrated and doubled", Duration::from_secs(60), || {
+        f.host_of(&id) == "h2" && f.vcpus_of(&id) == 2
+    });
+    assert!(f.has_vm_event("VM_Migrated", &id, "h1 -> h2"));
+    assert!(f.has_vm_event("VM_Resized", &id, "vcpus 1 -> 2"));
+    let beats = f.beats(&id);
+    assert!(beats.windows(2).all(|w| w[1] > w[0]), "{beats:?}");
+    wait_until_for("refused at the ceiling", Duration::from_secs(30), || {
+        f.has_vm_event("Scaling_Refused", &capped, "at its ceiling")
+    });
+    assert_eq!(f.vcpus_of(&capped), 1);
+    assert_eq!(f.host_of(&capped), "h1");
+}

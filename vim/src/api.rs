@@ -10,7 +10,7 @@ use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures::Stream;
 use serde::Deserialize;
@@ -245,7 +245,10 @@ pub fn router(v: Arc<Vimd>) -> Router {
         .route("/vms/:id/stop", post(stop_vm))
         .route("/vms/:id/migrate", post(migrate_vm))
         .route("/vms/:id/resize", post(resize_vm))
-        .route("/vms/:id/ha", axum::routing::put(set_ha))
+        .route("/vms/:id/scaling", put(set_vm_scaling))
+        .route("/consumers/:name/scaling", put(set_consumer_scaling))
+        .route("/scaling-policies", get(list_scaling))
+        .route("/vms/:id/ha", put(set_ha))
         .route("/vms/:id/console", get(console))
         .route("/jobs", get(list_jobs))
         .route("/jobs/:id", get(show_job))
@@ -591,7 +594,16 @@ async fn create_vm(State(v): St, h: Req, b: Result<Json<CreateVm>, JsonRejection
         if req.vcpus == 0 || req.vcpus > MAX_VCPUS {
             return Err(bad("vcpus must be 1 to 254"));
         }
-        let max_vcpus = req.max_vcpus.unwrap_or(default_max_vcpus(req.vcpus));
+        // A consumer with a scaling policy: its VMs may grow to the policy's ceiling.
+        let policy_max =
+            v.db.scaling_policy(&db::ScalingPolicy::consumer_scope(&who.name))
+                .await?
+                .filter(|p| p.enabled)
+                .map(|p| (p.max_vcpus as u32).clamp(req.vcpus, MAX_VCPUS));
+        let max_vcpus = req
+            .max_vcpus
+            .or(policy_max)
+            .unwrap_or(default_max_vcpus(req.vcpus));
         if max_vcpus < req.vcpus || max_vcpus > MAX_VCPUS {
             return Err(bad(format!(
                 "max_vcpus must be {} to 254 (at least vcpus)",
@@ -807,13 +819,159 @@ async fn resize_vm(
         let params = crate::server::ResizeParams {
             vcpus: vcpus as u32,
         };
-        let job = db::Job {
-            params: serde_json::to_string(&params).map_err(anyhow::Error::from)?,
-            ..db::Job::new(db::JobKind::Resize, &who.name, &vm.id)
-        };
-        v.db.add_job(&job, None).await?;
-        v.outbox.push(&job.id);
+        let job = v
+            .queue_job(db::JobKind::Resize, &who.name, &vm.id, &params)
+            .await?;
         accepted(json!({"job_id": job.id, "vm_id": vm.id}))
+    })
+    .await
+}
+
+/// A scaling policy as requests carry it: every field optional (the defaults of
+/// docs/scaling.md).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetScalingPolicy {
+    #[serde(default)]
+    enabled: Option<bool>,
+    up_pct: Option<i64>,
+    up_window_s: Option<i64>,
+    down_pct: Option<i64>,
+    down_window_s: Option<i64>,
+    min_vcpus: Option<i64>,
+    min_memory_mib: Option<i64>,
+    max_vcpus: Option<i64>,
+    max_memory_mib: Option<i64>,
+    cooldown_s: Option<i64>,
+}
+
+impl SetScalingPolicy {
+    fn checked(self, scope: String) -> Result<db::ScalingPolicy, ApiError> {
+        let d = db::ScalingPolicy::default();
+        let p = db::ScalingPolicy {
+            scope,
+            enabled: self.enabled.unwrap_or(true),
+            up_pct: in_range("up_pct", self.up_pct.unwrap_or(d.up_pct), 1, 100)?,
+            up_window_s: in_range(
+                "up_window_s",
+                self.up_window_s.unwrap_or(d.up_window_s),
+                1,
+                3600,
+            )?,
+            down_pct: in_range("down_pct", self.down_pct.unwrap_or(d.down_pct), 0, 99)?,
+            down_window_s: in_range(
+                "down_window_s",
+                self.down_window_s.unwrap_or(d.down_window_s),
+                1,
+                3600,
+            )?,
+            min_vcpus: in_range("min_vcpus", self.min_vcpus.unwrap_or(d.min_vcpus), 1, 254)?,
+            min_memory_mib: in_range(
+                "min_memory_mib",
+                self.min_memory_mib.unwrap_or(d.min_memory_mib),
+                16,
+                1 << 22,
+            )?,
+            max_vcpus: in_range("max_vcpus", self.max_vcpus.unwrap_or(d.max_vcpus), 1, 254)?,
+            max_memory_mib: in_range(
+                "max_memory_mib",
+                self.max_memory_mib.unwrap_or(d.max_memory_mib),
+                16,
+                1 << 22,
+            )?,
+            cooldown_s: in_range(
+                "cooldown_s",
+                self.cooldown_s.unwrap_or(d.cooldown_s),
+                0,
+                86_400,
+            )?,
+        };
+        if p.down_pct >= p.up_pct {
+            return Err(bad("down_pct must be below up_pct"));
+        }
+        if p.min_vcpus > p.max_vcpus || p.min_memory_mib > p.max_memory_mib {
+            return Err(bad("the minimum must not be above the maximum"));
+        }
+        Ok(p)
+    }
+}
+
+/// Sets a consumer's scaling policy (admins): it applies to every VM of the consumer without a
+/// policy of its own. Each running VM's host is told the new thresholds.
+async fn set_consumer_scaling(
+    State(v): St,
+    h: Req,
+    Path(name): Path<String>,
+    b: Result<Json<SetScalingPolicy>, JsonRejection>,
+) -> Response {
+    call(&v, &h, "scaling.set", &name.clone(), |v, who| async move {
+        admin(&who)?;
+        check_name("consumer", &name)?;
+        let p = body(b)?.checked(db::ScalingPolicy::consumer_scope(&name))?;
+        v.db.set_scaling_policy(&p).await?;
+        let vms = v.db.vms(Some(&name), None, i64::MAX).await?;
+        let jobs = tell_scaling(&v, &who, vms.iter().collect()).await?;
+        ok(json!({"policy": p, "jobs": jobs}))
+    })
+    .await
+}
+
+/// Sets one VM's scaling policy (its owner or an admin); it wins over its owner's.
+async fn set_vm_scaling(
+    State(v): St,
+    h: Req,
+    Path(id): Path<String>,
+    b: Result<Json<SetScalingPolicy>, JsonRejection>,
+) -> Response {
+    call(&v, &h, "vms.scaling", &id.clone(), |v, who| async move {
+        let req = body(b)?;
+        let vm = owned_vm(&v, &who, &id).await?;
+        let p = req.checked(db::ScalingPolicy::vm_scope(&vm.id))?;
+        v.db.set_scaling_policy(&p).await?;
+        let jobs = tell_scaling(&v, &who, vec![&vm]).await?;
+        ok(json!({"policy": p, "jobs": jobs}))
+    })
+    .await
+}
+
+/// A `set-scaling` job for each of `vms` that runs: its host watches the new thresholds.
+async fn tell_scaling(
+    v: &Vimd,
+    who: &Identity,
+    vms: Vec<&db::Vm>,
+) -> Result<Vec<String>, ApiError> {
+    let mut jobs = Vec::new();
+    for vm in vms
+        .into_iter()
+        .filter(|vm| vm.state == db::VmState::Running)
+    {
+        let job = v
+            .queue_job(db::JobKind::SetScaling, &who.name, &vm.id, &json!({}))
+            .await?;
+        jobs.push(job.id);
+    }
+    Ok(jobs)
+}
+
+/// The scaling policies: all of them for an admin; a consumer's own and its VMs' for it.
+async fn list_scaling(State(v): St, h: Req) -> Response {
+    call(&v, &h, "scaling.list", "", |v, who| async move {
+        let all = v.db.scaling_policies().await?;
+        let mine = if who.role == Role::Admin {
+            all
+        } else {
+            let own: std::collections::HashSet<String> =
+                v.db.vms(Some(&who.name), None, i64::MAX)
+                    .await?
+                    .into_iter()
+                    .map(|vm| db::ScalingPolicy::vm_scope(&vm.id))
+                    .collect();
+            let me = db::ScalingPolicy::consumer_scope(&who.name);
+            all.into_iter()
+                .filter(|p| p.scope == me || own.contains(&p.scope))
+                .collect()
+        };
+        ok(json!(mine))
     })
     .await
 }
@@ -825,12 +983,9 @@ async fn queue_migration(
     vm_id: &str,
     params: &crate::server::migrations::MigrateParams,
 ) -> Result<Value, ApiError> {
-    let job = db::Job {
-        params: serde_json::to_string(params).map_err(anyhow::Error::from)?,
-        ..db::Job::new(db::JobKind::Migrate, &who.name, vm_id)
-    };
-    v.db.add_job(&job, None).await?;
-    v.outbox.push(&job.id);
+    let job = v
+        .queue_job(db::JobKind::Migrate, &who.name, vm_id, params)
+        .await?;
     Ok(json!({"job_id": job.id, "vm_id": vm_id}))
 }
 

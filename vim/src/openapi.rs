@@ -48,6 +48,11 @@ pub fn document() -> Value {
         o["parameters"] = id.clone();
         o
     };
+    let with_name = |mut o: Value| {
+        o["parameters"] =
+            json!([{"name": "name", "in": "path", "required": true, "schema": name()}]);
+        o
+    };
     let mut list_vms = op(
         "List VMs, oldest first, a page at a time (a consumer sees its own)",
         "200",
@@ -129,6 +134,13 @@ pub fn document() -> Value {
                  growing needs room on its host. Its host's answer, VM_Resized, says what the guest took.", "202")),
                 json!({"type": "object", "required": ["vcpus"], "additionalProperties": false,
                        "properties": {"vcpus": {"type": "integer", "minimum": 1, "maximum": 254}}}))},
+            "/vms/{id}/scaling": {"put": with_body(with_id(op(
+                "Set a VM's automatic scaling policy (its owner or an admin; it wins over its owner's; docs/scaling.md)", "200")),
+                scaling_policy())},
+            "/consumers/{name}/scaling": {"put": with_body(with_name(op(
+                "Set a consumer's automatic scaling policy, for all its VMs (admin; docs/scaling.md)", "200")),
+                scaling_policy())},
+            "/scaling-policies": {"get": op("List scaling policies (a consumer sees its own and its VMs')", "200")},
             "/vms/{id}/ha": {"put": with_body(with_id(op(
                 "Set a VM's HA policy: what failover does when its host fails (docs/failover.md)", "200")),
                 json!({"type": "object", "required": ["ha"], "additionalProperties": false,
@@ -142,6 +154,22 @@ pub fn document() -> Value {
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
         }
     })
+}
+
+/// A scaling policy as requests carry it: every field optional.
+fn scaling_policy() -> Value {
+    let int = |lo: i64, hi: i64, d: &str| json!({"type": "integer", "minimum": lo, "maximum": hi, "description": d});
+    json!({"type": "object", "additionalProperties": false, "properties": {
+        "enabled": {"type": "boolean", "default": true},
+        "up_pct": int(1, 100, "grow when CPU use stays at or above this (default 80)"),
+        "up_window_s": int(1, 3600, "for this long (default 60)"),
+        "down_pct": int(0, 99, "shrink when CPU use stays at or below this, below up_pct (default 15)"),
+        "down_window_s": int(1, 3600, "for this long (default 60)"),
+        "min_vcpus": int(1, 254, "the floor (default 1)"),
+        "min_memory_mib": int(16, 4_194_304, "the floor (default 4096)"),
+        "max_vcpus": int(1, 254, "the ceiling (default 128)"),
+        "max_memory_mib": int(16, 4_194_304, "the ceiling (default 524288)"),
+        "cooldown_s": int(0, 86_400, "after a change, before the next (default 120)")}})
 }
 
 /// A VM's HA policy, as requests carry it.

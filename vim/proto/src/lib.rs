@@ -255,6 +255,9 @@ names!(EventKind {
     VmEvicted => "VM_Evicted",
     HostSelfFenced => "Host_Self_Fenced",
     VmResized => "VM_Resized",
+    ScaleUpRequested => "Scale_Up_Requested",
+    ScaleDownRequested => "Scale_Down_Requested",
+    VmScalingSet => "VM_Scaling_Set",
     JobSent => "Job_Sent",
     JobFailed => "Job_Failed",
     HostRegistered => "Host_Registered",
@@ -268,6 +271,7 @@ names!(EventKind {
     VmRestarted => "VM_Restarted",
     VmFailoverFailed => "VM_Failover_Failed",
     FailoverSuspended => "Failover_Suspended",
+    ScalingRefused => "Scaling_Refused",
 });
 
 impl VmState {
@@ -305,6 +309,9 @@ impl EventKind {
                 | EventKind::VmEvicted
                 | EventKind::HostSelfFenced
                 | EventKind::VmResized
+                | EventKind::ScaleUpRequested
+                | EventKind::ScaleDownRequested
+                | EventKind::VmScalingSet
         )
     }
 }

@@ -70,6 +70,56 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// Automatic vertical scaling policies (docs/scaling.md).
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Set a consumer's policy (admins; for all its VMs), or with --vm one VM's (it wins).
+    Set {
+        /// The consumer (omit with --vm).
+        #[arg(required_unless_present = "vm")]
+        consumer: Option<String>,
+        #[arg(long, conflicts_with = "consumer")]
+        vm: Option<String>,
+        /// Grow when CPU use stays at or above PCT % for S seconds (default 80:60).
+        #[arg(long, value_name = "PCT:S")]
+        up: Option<String>,
+        /// Shrink when CPU use stays at or below PCT % for S seconds (default 15:60).
+        #[arg(long, value_name = "PCT:S")]
+        down: Option<String>,
+        /// The floor: vCPUs and MiB (default 1:4096).
+        #[arg(long, value_name = "VCPUS:MIB")]
+        min: Option<String>,
+        /// The ceiling: vCPUs and MiB (default 128:524288).
+        #[arg(long, value_name = "VCPUS:MIB")]
+        max: Option<String>,
+        /// Seconds after a change before the next (default 120).
+        #[arg(long)]
+        cooldown: Option<i64>,
+        /// Keep the policy but do nothing automatically.
+        #[arg(long)]
+        off: bool,
+    },
+    /// List the policies.
+    List,
+}
+
+/// "A:B" as two numbers.
+fn pair(what: &str, s: &str) -> Result<(i64, i64)> {
+    let (a, b) = s
+        .split_once(':')
+        .ok_or_else(|| anyhow::anyhow!("--{what} {s}: expected two numbers, A:B"))?;
+    let n = |x: &str| {
+        x.trim()
+            .parse::<i64>()
+            .map_err(|e| anyhow::anyhow!("--{what} {s}: {x:?}: {e}"))
+    };
+    Ok((n(a)?, n(b)?))
 }
 
 #[derive(Subcommand)]
@@ -572,6 +622,55 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", r["token"].as_str().unwrap_or_default());
             }
         }
+        Cmd::Policy { cmd } => match cmd {
+            PolicyCmd::Set {
+                consumer,
+                vm,
+                up,
+                down,
+                min,
+                max,
+                cooldown,
+                off,
+            } => {
+                let mut body = json!({"enabled": !off});
+                for (what, v, a, b) in [
+                    ("up", &up, "up_pct", "up_window_s"),
+                    ("down", &down, "down_pct", "down_window_s"),
+                    ("min", &min, "min_vcpus", "min_memory_mib"),
+                    ("max", &max, "max_vcpus", "max_memory_mib"),
+                ] {
+                    if let Some(v) = v {
+                        let (x, y) = pair(what, v)?;
+                        body[a] = json!(x);
+                        body[b] = json!(y);
+                    }
+                }
+                if let Some(c) = cooldown {
+                    body["cooldown_s"] = json!(c);
+                }
+                let path = match (&vm, &consumer) {
+                    (Some(id), _) => format!("/vms/{id}/scaling"),
+                    (None, Some(c)) => format!("/consumers/{c}/scaling"),
+                    (None, None) => anyhow::bail!("name a consumer or --vm ID"),
+                };
+                print(&api.req(reqwest::Method::PUT, &path, Some(body))?)
+            }
+            PolicyCmd::List => listing(
+                "/scaling-policies",
+                &[
+                    "scope",
+                    "enabled",
+                    "up_pct",
+                    "up_window_s",
+                    "down_pct",
+                    "down_window_s",
+                    "min_vcpus",
+                    "max_vcpus",
+                    "cooldown_s",
+                ],
+            )?,
+        },
         Cmd::Vm { cmd } => match cmd {
             VmCmd::Create {
                 name,

@@ -29,6 +29,8 @@ pub enum JobKind {
     Evict,
     /// The VM's host changes its vCPUs while it runs (params: `{"vcpus": N}`).
     Resize,
+    /// The VM's host is told the scaling watch of the policy that applies to it now.
+    SetScaling,
 }
 
 vim_proto::names!(JobKind {
@@ -43,6 +45,7 @@ vim_proto::names!(JobKind {
     Restart => "restart",
     Evict => "evict",
     Resize => "resize",
+    SetScaling => "set-scaling",
 });
 
 /// Where a job is: written (`pending`), its command sent (`running`), answered (`done` or
@@ -329,6 +332,19 @@ impl Db {
             .bind(JobState::Running.as_str())
             .fetch_one(&self.pool)
             .await?;
+        Ok(r.try_get("n")?)
+    }
+
+    /// How many of VM `vm_id`'s jobs have not ended (pending or running).
+    pub async fn unfinished_jobs_for(&self, vm_id: &str) -> Result<i64, DbError> {
+        let r = sqlx::query(
+            "SELECT COUNT(*) AS n FROM jobs WHERE vm_id = $1 AND (state = $2 OR state = $3)",
+        )
+        .bind(vm_id)
+        .bind(JobState::Pending.as_str())
+        .bind(JobState::Running.as_str())
+        .fetch_one(&self.pool)
+        .await?;
         Ok(r.try_get("n")?)
     }
 

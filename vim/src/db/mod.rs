@@ -8,6 +8,7 @@ mod events;
 mod hosts;
 mod images;
 mod jobs;
+mod scaling;
 mod tokens;
 mod vms;
 
@@ -18,6 +19,7 @@ pub use hosts::{Host, HostState};
 pub use images::Image;
 pub use jobs::Job;
 pub use jobs::{JobKind, JobState};
+pub use scaling::ScalingPolicy;
 pub use vim_proto::{EventKind, VmState};
 pub use vms::{HaPolicy, Vm};
 

@@ -39,6 +39,8 @@ pub struct Vm {
     pub ha_priority: i64,
     /// The most vCPUs it can be resized to while it runs (0: `vcpus`, a VM made before).
     pub max_vcpus: i64,
+    /// When the VIM last resized it on its own (ms since the epoch; 0: never).
+    pub scaled_at: i64,
 }
 
 impl Vm {
@@ -91,6 +93,7 @@ fn vm(r: &AnyRow) -> Result<Vm, sqlx::Error> {
         ha: named(r, "ha")?,
         ha_priority: r.try_get("ha_priority")?,
         max_vcpus: r.try_get("max_vcpus")?,
+        scaled_at: r.try_get("scaled_at")?,
     })
 }
 

@@ -102,6 +102,12 @@ impl Vimd {
         if let Some(job) = checked.job.as_ref().filter(|j| j.kind == JobKind::Resize) {
             detail = self.resize_answer(job, &ev).await?;
         }
+        if let Some(r) = &ev.scale {
+            detail = format!(
+                "CPU {:.0} % of {} vCPUs for {} s",
+                r.cpu_pct, r.vcpus, r.window_s
+            );
+        }
         self.event(kind, sender, &checked.vm_id, &ev.job_id, &detail)
             .await;
         if kind == EventKind::VmFailure && checked.job.is_none() {
@@ -109,6 +115,10 @@ impl Vimd {
         }
         if kind == EventKind::HostSelfFenced {
             self.on_self_fenced(sender).await?;
+        }
+        if let (Some(r), None) = (&ev.scale, &checked.job) {
+            self.on_scale_request(&checked.vm_id, kind == EventKind::ScaleUpRequested, r)
+                .await?;
         }
         Ok(())
     }
@@ -199,6 +209,12 @@ impl Vimd {
         let vm_id = match (ev.kind(), &ev.vm, &ev.progress) {
             (EventKind::VmFailure, Some(r), None) => &r.vm_id,
             (EventKind::VmMigrationProgress, None, Some(p)) => &p.vm_id,
+            (EventKind::ScaleUpRequested | EventKind::ScaleDownRequested, None, None) => {
+                match &ev.scale {
+                    Some(r) => &r.vm_id,
+                    None => return Ok(Err(format!("{} without its request", ev.kind()))),
+                }
+            }
             // About the host itself.
             (EventKind::HostSelfFenced, None, None) => {
                 return Ok(Ok(CheckedEvent {
@@ -268,6 +284,7 @@ fn answer_kind(kind: JobKind) -> Option<EventKind> {
         JobKind::Restart => EventKind::VmCreated,
         JobKind::Evict => EventKind::VmEvicted,
         JobKind::Resize => EventKind::VmResized,
+        JobKind::SetScaling => EventKind::VmScalingSet,
         JobKind::Migrate => return None,
     })
 }

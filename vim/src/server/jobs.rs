@@ -115,6 +115,33 @@ impl Vimd {
         Ok(())
     }
 
+    /// What a VM is built from, as its host's agent needs it: with the scaling watch of the
+    /// policy that applies to it.
+    async fn vm_spec(
+        &self,
+        vm: &db::Vm,
+        image: db::Image,
+        disk: String,
+    ) -> Result<vim_proto::VmSpec> {
+        let scaling = self
+            .db
+            .scaling_policy_for(vm)
+            .await?
+            .and_then(|p| p.watch());
+        Ok(vim_proto::VmSpec {
+            vm_id: vm.id.clone(),
+            vcpus: vm.vcpus as u32,
+            memory_mib: vm.memory_mib as u64,
+            kernel: image.kernel,
+            initrd: image.initrd,
+            cmdline: image.cmdline,
+            disk,
+            mac: vm.mac.clone(),
+            max_vcpus: vm.vcpu_ceiling() as u32,
+            scaling,
+        })
+    }
+
     /// The host command that carries out `job` on `vm`, placed on `host_id`. Safe to call again
     /// for the same job (a resend): the disk copy is made once.
     pub(super) async fn host_action(
@@ -134,7 +161,7 @@ impl Vimd {
                 if !self.db.place_vm(&vm.id, host_id, &disk).await? {
                     return Ok(Step::Refuse("the VM has been deleted".into()));
                 }
-                Action::Create(vm_spec(vm, image, disk))
+                Action::Create(self.vm_spec(vm, image, disk).await?)
             }
             JobKind::Start => Action::Start(vm.id.clone()),
             JobKind::Stop => Action::Stop(vim_proto::StopVm {
@@ -149,7 +176,7 @@ impl Vimd {
                     return Ok(Step::Refuse(format!("image {} does not exist", vm.image)));
                 };
                 Action::MigrateIn(vim_proto::MigrateIn {
-                    vm: Some(vm_spec(vm, image, vm.disk_path.clone())),
+                    vm: Some(self.vm_spec(vm, image, vm.disk_path.clone()).await?),
                     wait_ms: super::migrations::INCOMING_WAIT_MS,
                 })
             }
@@ -171,9 +198,17 @@ impl Vimd {
                 let Some(image) = self.db.image(&vm.image).await? else {
                     return Ok(Step::Refuse(format!("image {} does not exist", vm.image)));
                 };
-                Action::Create(vm_spec(vm, image, vm.disk_path.clone()))
+                Action::Create(self.vm_spec(vm, image, vm.disk_path.clone()).await?)
             }
             JobKind::Evict => Action::Evict(vm.id.clone()),
+            JobKind::SetScaling => Action::SetScaling(vim_proto::SetScaling {
+                vm_id: vm.id.clone(),
+                scaling: self
+                    .db
+                    .scaling_policy_for(vm)
+                    .await?
+                    .and_then(|p| p.watch()),
+            }),
             JobKind::Resize => {
                 let p: ResizeParams = match serde_json::from_str(&job.params) {
                     Ok(p) => p,
@@ -267,21 +302,6 @@ impl Vimd {
                 Ok(())
             }
         }
-    }
-}
-
-/// What a VM is built from, as its host's agent needs it.
-fn vm_spec(vm: &db::Vm, image: db::Image, disk: String) -> vim_proto::VmSpec {
-    vim_proto::VmSpec {
-        vm_id: vm.id.clone(),
-        vcpus: vm.vcpus as u32,
-        memory_mib: vm.memory_mib as u64,
-        kernel: image.kernel,
-        initrd: image.initrd,
-        cmdline: image.cmdline,
-        disk,
-        mac: vm.mac.clone(),
-        max_vcpus: vm.vcpu_ceiling() as u32,
     }
 }
 

@@ -36,6 +36,10 @@ pub struct MigrateParams {
     pub source: String,
     #[serde(default)]
     pub target: String,
+    /// Set by the scaler: once the VM runs on the target, it is resized to this many vCPUs
+    /// (its own host had no room for them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub then_vcpus: Option<u32>,
 }
 
 impl MigrateParams {
@@ -269,6 +273,9 @@ impl Vimd {
             .transition_job(&parent.id, &[JobState::Running], JobState::Done, "")
             .await?;
         self.take_waiting_migrations().await;
+        if let Some(vcpus) = p.then_vcpus {
+            self.resize_after_migration(&parent, vcpus).await?;
+        }
         self.event(
             EventKind::VmMigrated,
             &p.target,

@@ -9,6 +9,7 @@ pub mod failover;
 mod heartbeats;
 mod jobs;
 pub mod migrations;
+mod scaling;
 mod upkeep;
 
 pub use events::run_event_consumer;

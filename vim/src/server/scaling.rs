@@ -1,0 +1,165 @@
+//! Automatic vertical scaling (docs/scaling.md): what vimd does with an agent's request to grow
+//! or shrink a VM. Up doubles its vCPUs, down halves them, along the ladder between the policy's
+//! floor and ceiling (and the VM's max_vcpus); a VM whose host has no room is live-migrated to a
+//! host that has, and resized there; a request over the ceiling is refused with
+//! `Scaling_Refused`. After a change, the policy's cool-down.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+
+use super::migrations::MigrateParams;
+use super::{ResizeParams, Vimd};
+use crate::db::{self, EventKind, JobKind, VmState};
+use crate::placement;
+
+/// The size a request asks for: double or half the vCPUs, within the floor and the ceiling.
+pub fn next_vcpus(vcpus: i64, up: bool, floor: i64, ceiling: i64) -> i64 {
+    let want = if up { vcpus * 2 } else { vcpus / 2 };
+    want.clamp(floor.max(1), ceiling.max(1))
+}
+
+impl Vimd {
+    pub(super) async fn on_scale_request(
+        self: &Arc<Self>,
+        vm_id: &str,
+        up: bool,
+        req: &vim_proto::ScaleRequest,
+    ) -> Result<()> {
+        let Some(vm) = self.db.vm(vm_id).await? else {
+            return Ok(());
+        };
+        let ignore = |why: &str| {
+            tracing::info!(vm = vm_id, up, why, "scaling request ignored");
+            Ok(())
+        };
+        if vm.state != VmState::Running {
+            return ignore("the VM is not running");
+        }
+        let Some(policy) = self.db.scaling_policy_for(&vm).await?.filter(|p| p.enabled) else {
+            return ignore("no scaling policy applies (any more)");
+        };
+        let now = db::now_ms();
+        if now - vm.scaled_at < policy.cooldown_s * 1000 {
+            return ignore("cooling down after the last change");
+        }
+        if self.db.unfinished_jobs_for(&vm.id).await? > 0 {
+            return ignore("the VM has a job under way");
+        }
+        let ceiling = policy.max_vcpus.min(vm.vcpu_ceiling());
+        let target = next_vcpus(vm.vcpus, up, policy.min_vcpus, ceiling);
+        if up && target <= vm.vcpus {
+            let why = format!(
+                "asked to grow (CPU {:.0} % for {} s) but it is at its ceiling: {} vCPUs (policy \
+                 {}, at most {}; the VM's max_vcpus {})",
+                req.cpu_pct,
+                req.window_s,
+                vm.vcpus,
+                policy.scope,
+                policy.max_vcpus,
+                vm.vcpu_ceiling()
+            );
+            self.event(EventKind::ScalingRefused, &vm.host_id, &vm.id, "", &why)
+                .await;
+            return Ok(());
+        }
+        if target == vm.vcpus {
+            return ignore("already at the policy's floor");
+        }
+        let on_host = placement::Among {
+            only: Some(&vm.host_id),
+            ..Default::default()
+        };
+        let room_here = !up
+            || placement::choose(&self.db, &self.policy, target - vm.vcpus, 0, on_host)
+                .await?
+                .is_ok();
+        let owner = format!("scaler:{}", policy.scope);
+        if room_here {
+            let params = ResizeParams {
+                vcpus: target as u32,
+            };
+            self.queue_job(JobKind::Resize, &owner, &vm.id, &params)
+                .await?;
+            self.db.set_scaled_at(&vm.id, now).await?;
+            tracing::info!(vm = vm.id, from = vm.vcpus, to = target, "scaling: resize");
+            return Ok(());
+        }
+        // No room here: to a host with room for the whole new size, then resized there.
+        let elsewhere = placement::Among {
+            except: Some(&vm.host_id),
+            ..Default::default()
+        };
+        match placement::choose(&self.db, &self.policy, target, vm.memory_mib, elsewhere).await? {
+            Ok(to) => {
+                let params = MigrateParams {
+                    to: Some(to.clone()),
+                    downtime_ms: super::migrations::DEFAULT_DOWNTIME_MS,
+                    then_vcpus: Some(target as u32),
+                    ..Default::default()
+                };
+                self.queue_job(JobKind::Migrate, &owner, &vm.id, &params)
+                    .await?;
+                self.db.set_scaled_at(&vm.id, now).await?;
+                tracing::info!(
+                    vm = vm.id,
+                    to,
+                    vcpus = target,
+                    "scaling: migrate, then resize"
+                );
+            }
+            Err(why) => {
+                let why = format!(
+                    "asked to grow to {target} vCPUs, but host {} has no room and {why}",
+                    vm.host_id
+                );
+                self.event(EventKind::ScalingRefused, &vm.host_id, &vm.id, "", &why)
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    /// A migration the scaler asked for has completed: the VM is resized on its new host.
+    pub(super) async fn resize_after_migration(&self, parent: &db::Job, vcpus: u32) -> Result<()> {
+        let params = ResizeParams { vcpus };
+        self.queue_job(JobKind::Resize, &parent.owner, &parent.vm_id, &params)
+            .await?;
+        Ok(())
+    }
+
+    /// Writes a job for VM `vm_id` with its parameters and queues it: the one way a job that
+    /// changes a running VM is made.
+    pub async fn queue_job(
+        &self,
+        kind: JobKind,
+        owner: &str,
+        vm_id: &str,
+        params: &impl serde::Serialize,
+    ) -> Result<db::Job> {
+        let job = db::Job {
+            params: serde_json::to_string(params)?,
+            ..db::Job::new(kind, owner, vm_id)
+        };
+        self.db.add_job(&job, None).await?;
+        self.outbox.push(&job.id);
+        Ok(job)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_vcpus;
+
+    #[test]
+    fn the_ladder_doubles_and_halves_within_floor_and_ceiling() {
+        assert_eq!(next_vcpus(1, true, 1, 128), 2);
+        assert_eq!(next_vcpus(48, true, 1, 64), 64);
+        assert_eq!(next_vcpus(64, true, 1, 64), 64);
+        assert_eq!(next_vcpus(8, false, 1, 128), 4);
+        assert_eq!(next_vcpus(3, false, 2, 128), 2);
+        assert_eq!(next_vcpus(1, false, 1, 128), 1);
+        // A VM above a lowered ceiling is brought down to it.
+        assert_eq!(next_vcpus(8, false, 1, 2), 2);
+    }
+}
