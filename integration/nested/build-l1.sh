@@ -76,7 +76,7 @@ cp "$images/vmlinuz" "$images/initramfs.cpio.gz" "$root/l2/"
 # The guest agent binary doubles as the host-side vsock client and echo server.
 install -m 0755 "$images/guest-agent" "$root/bin/guest-agent"
 # With L1_WITH_QEMU=1 (benchmarks): Debian's QEMU as a second L2 VMM, with its libraries, its TCG
-# accelerator module (QEMU loads it even with KVM) and the firmware microvm needs.
+# accelerator module (QEMU loads it even with KVM) and the firmware microvm and q35 need.
 if [ "${L1_WITH_QEMU:-0}" = 1 ]; then
     qemu=/usr/bin/qemu-system-x86_64
     install -D -m 0755 "$qemu" "$root/usr/bin/qemu-system-x86_64"
@@ -91,6 +91,9 @@ if [ "${L1_WITH_QEMU:-0}" = 1 ]; then
     for f in bios-microvm.bin pvh.bin linuxboot_dma.bin kvmvapic.bin; do
         cp -L "/usr/share/qemu/$f" "$root/usr/share/qemu/"
     done
+    # SeaBIOS for q35 (the CPU hotplug benchmark), where Debian's QEMU looks for it.
+    mkdir -p "$root/usr/share/seabios"
+    cp -L /usr/share/seabios/bios-256k.bin "$root/usr/share/seabios/"
 fi
 
 cp "$here/l1.sh" "$root/lib/l1.sh"
