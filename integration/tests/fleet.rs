@@ -640,36 +640,31 @@ impl Fleet {
     }
 
     fn add_test_image(&self) {
+        self.add_guest_image("tg", "tg.mode=hold tg.hb_ms=200");
+    }
+
+    /// An image `name` of the test guest with `cmdline` (one added before stands).
+    fn add_guest_image(&self, name: &str, cmdline: &str) {
         let guest = tmp().join("guest/testguest.elf");
-        self.ctl_ok(&[
+        let (ok, _, err) = self.ctl(&[
             "image",
             "add",
-            "tg",
+            name,
             "--kernel",
             guest.to_str().unwrap(),
             "--cmdline",
-            "tg.mode=hold tg.hb_ms=200",
+            cmdline,
             "--json",
         ]);
+        assert!(ok || err.contains("already exists"), "{err}");
     }
 
     /// A VM running the test guest that keeps dirtying `dirty_mib` of its memory (for live
     /// migration); returns its id once created.
     fn create_dirty(&self, name: &str, dirty_mib: u32, memory_mib: u32) -> String {
-        let guest = tmp().join("guest/testguest.elf");
         let image = format!("tgd{dirty_mib}");
         let cmdline = format!("tg.mode=dirty tg.dirty_mib={dirty_mib} tg.hb_ms=100");
-        let (ok, _, err) = self.ctl(&[
-            "image",
-            "add",
-            &image,
-            "--kernel",
-            guest.to_str().unwrap(),
-            "--cmdline",
-            &cmdline,
-            "--json",
-        ]);
-        assert!(ok || err.contains("already exists"), "{err}");
+        self.add_guest_image(&image, &cmdline);
         let mem = memory_mib.to_string();
         let (ok, out, err) = self.ctl(&[
             "vm",
@@ -3255,19 +3250,10 @@ impl Fleet {
     /// idles (automatic scaling).
     fn add_burn_image(&self, burn_s: u32) -> String {
         let name = format!("burn{burn_s}");
-        let guest = tmp().join("guest/testguest.elf");
-        let cmdline = format!("tg.mode=hold tg.hb_ms=200 tg.burn_s={burn_s}");
-        let (ok, _, err) = self.ctl(&[
-            "image",
-            "add",
+        self.add_guest_image(
             &name,
-            "--kernel",
-            guest.to_str().unwrap(),
-            "--cmdline",
-            &cmdline,
-            "--json",
-        ]);
-        assert!(ok || err.contains("already exists"), "{err}");
+            &format!("tg.mode=hold tg.hb_ms=200 tg.burn_s={burn_s}"),
+        );
         name
     }
 

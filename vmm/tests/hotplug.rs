@@ -34,6 +34,21 @@ fn count(console: &str, needle: &str) -> usize {
     console.lines().filter(|l| l.contains(needle)).count()
 }
 
+/// The test guest with `vcpus` of `max` vCPUs, 64 MiB.
+fn start(vcpus: u32, max: u32, cmdline: &str) -> RunningVmm {
+    let (v, m) = (vcpus.to_string(), max.to_string());
+    RunningVmm::start(&[
+        "--vcpus",
+        &v,
+        "--max-vcpus",
+        &m,
+        "--memory-mib",
+        "64",
+        "--cmdline",
+        cmdline,
+    ])
+}
+
 fn resize(api: &Path, n: u32) -> serde_json::Value {
     let (ok, out, err) = ctl_at(api, &["resize", "--vcpus", &n.to_string()]);
     assert!(ok, "resize to {n}: {err}");
@@ -42,16 +57,7 @@ fn resize(api: &Path, n: u32) -> serde_json::Value {
 
 #[test]
 fn vcpus_are_added_and_removed_while_the_guest_runs() {
-    let vmm = RunningVmm::start(&[
-        "--vcpus",
-        "1",
-        "--max-vcpus",
-        "3",
-        "--memory-mib",
-        "64",
-        "--cmdline",
-        "tg.mode=hold tg.hb_ms=50",
-    ]);
+    let vmm = start(1, 3, "tg.mode=hold tg.hb_ms=50");
     // The guest's interrupt handling is up once it counts (an event before that is raised
     // again by the VMM, a second later).
     vmm.wait_for_console("tg: hb n=1 ", TIMEOUT);
@@ -103,16 +109,7 @@ fn vcpus_are_added_and_removed_while_the_guest_runs() {
 
 #[test]
 fn bad_resizes_are_refused_and_change_nothing() {
-    let vmm = RunningVmm::start(&[
-        "--vcpus",
-        "2",
-        "--max-vcpus",
-        "3",
-        "--memory-mib",
-        "64",
-        "--cmdline",
-        "tg.mode=hold tg.hb_ms=50",
-    ]);
+    let vmm = start(2, 3, "tg.mode=hold tg.hb_ms=50");
     for (args, why) in [
         (&["resize", "--vcpus", "0"][..], "at least 1 vCPU"),
         (
@@ -141,16 +138,7 @@ fn bad_resizes_are_refused_and_change_nothing() {
 #[test]
 fn a_guest_that_never_ejects_gets_a_bounded_answer() {
     // The guest ignores the CPU event: the vCPU asked to go is never ejected.
-    let vmm = RunningVmm::start(&[
-        "--vcpus",
-        "2",
-        "--max-vcpus",
-        "2",
-        "--memory-mib",
-        "64",
-        "--cmdline",
-        "tg.mode=hold tg.hb_ms=50 tg.ignore_cpu_hotplug=1",
-    ]);
+    let vmm = start(2, 2, "tg.mode=hold tg.hb_ms=50 tg.ignore_cpu_hotplug=1");
     vmm.wait_for_console("tg: hb n=1 ", TIMEOUT);
     let (ok, _, err) = vmm.ctl(&["resize", "--vcpus", "1", "--timeout-ms", "300"]);
     assert!(!ok && err.contains("gave back 0 of 1 vCPUs"), "{err}");
@@ -164,16 +152,7 @@ fn a_guest_that_never_ejects_gets_a_bounded_answer() {
 
 #[test]
 fn a_resized_vm_restores_with_its_new_size() {
-    let first = RunningVmm::start(&[
-        "--vcpus",
-        "1",
-        "--max-vcpus",
-        "4",
-        "--memory-mib",
-        "64",
-        "--cmdline",
-        "tg.mode=hold tg.hb_ms=50",
-    ]);
+    let first = start(1, 4, "tg.mode=hold tg.hb_ms=50");
     first.wait_for_console("tg: hb n=1 ", TIMEOUT);
     resize(&first.api, 3);
     first.wait_for_console("tg: cpu-up apic=2", TIMEOUT);
@@ -221,16 +200,7 @@ fn a_resized_vm_keeps_its_size_through_live_migration() {
             .spawn()
             .unwrap(),
     );
-    let mut source = RunningVmm::start(&[
-        "--vcpus",
-        "1",
-        "--max-vcpus",
-        "3",
-        "--memory-mib",
-        "64",
-        "--cmdline",
-        "tg.mode=hold tg.hb_ms=50",
-    ]);
+    let mut source = start(1, 3, "tg.mode=hold tg.hb_ms=50");
     source.wait_for_console("tg: hb n=1 ", TIMEOUT);
     resize(&source.api, 3);
     source.wait_for_console("tg: cpu-up apic=2", TIMEOUT);

@@ -2,7 +2,8 @@
 # vCPU hotplug benchmark (not a test): the same Debian guest (guest.scenario=hotplug, which brings
 # every added CPU online and prints its online count every time it changes, looking every 0.1 s)
 # under our vmm and under QEMU q35 with KVM, in this one L1. For each VMM, RUNS times: add one
-# vCPU (ours: `vmm ctl resize --vcpus 2`; QEMU: HMP `device_add host-x86_64-cpu`) and take the
+# vCPU (ours: `vmm ctl resize --vcpus 2`; QEMU: HMP `device_add host-x86_64-cpu` in the slot of
+# core 1, as `info hotpluggable-cpus` lists it for -smp 1,maxcpus=4) and take the
 # time until the guest counts 2 online CPUs, then remove it again (`resize --vcpus 1`;
 # `device_del`) and take the time until it counts 1. Both measured the same way, by L1, from
 # just before the request to the guest's line in its console (L1's uptime, 10 ms resolution).
@@ -22,6 +23,11 @@ wait_nproc() { # log n polls (of 50 ms)
     return 1
 }
 append="console=ttyS0 panic=-1 guest.scenario=hotplug"
+diag() { # what the VMM and the guest said, when a step was not seen
+    [ "$kind" = qemu ] && { echo "info hotpluggable-cpus" >&3; sleep 2; grep -v "$(printf '\033')" /tmp/qmon.log | sed 's/^/L1:   monitor: /' | tail -n 40; }
+    tail -n 15 "$log" | sed 's/^/L1:   guest: /'
+    tail -n 5 /tmp/hp.err | sed 's/^/L1:   stderr: /'
+}
 run() { # kind
     kind=$1
     log=/tmp/hp-$kind.log
@@ -40,7 +46,7 @@ run() { # kind
             -chardev pipe,id=mon0,path=/tmp/qmon -mon chardev=mon0,mode=readline \
             -kernel /l2/vmlinuz -initrd /l2/initramfs.cpio.gz -append "$append" 2> /tmp/hp.err &
         exec 3> /tmp/qmon.in
-        add() { echo "device_add host-x86_64-cpu,id=hc1,socket-id=1,core-id=0,thread-id=0" >&3; }
+        add() { echo "device_add host-x86_64-cpu,id=hc1,socket-id=0,core-id=1,thread-id=0" >&3; }
         remove() { echo "device_del hc1" >&3; }
     fi
     pid=$!
@@ -52,10 +58,10 @@ run() { # kind
     n=0
     while [ $n -lt $RUNS ]; do
         t0=$(ms); add
-        if wait_nproc "$log" 2 1200; then echo "BENCH $kind add $(($(ms) - t0))"; else echo "L1: $kind: add not seen"; break; fi
+        if wait_nproc "$log" 2 1200; then echo "BENCH $kind add $(($(ms) - t0))"; else echo "L1: $kind: add not seen"; diag; break; fi
         sleep 1
         t0=$(ms); remove
-        if wait_nproc "$log" 1 1200; then echo "BENCH $kind remove $(($(ms) - t0))"; else echo "L1: $kind: remove not seen"; break; fi
+        if wait_nproc "$log" 1 1200; then echo "BENCH $kind remove $(($(ms) - t0))"; else echo "L1: $kind: remove not seen"; diag; break; fi
         sleep 1
         n=$((n + 1))
     done
