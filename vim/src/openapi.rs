@@ -116,9 +116,9 @@ pub fn document() -> Value {
                                                   "description": "a NIC on its host's bridge, MAC fixed for life"},
                                           "ha": ha_policy(),
                                           "ha_priority": ha_priority(),
-                                          "max_vcpus": {"type": "integer", "minimum": 1, "maximum": 254,
+                                          "max_vcpus": {"type": "integer", "minimum": 1, "maximum": 254, "nullable": true,
                                                         "description": "the most vCPUs it can be resized to while it runs \
-                                                                        (default 4 x vcpus, at most 254; at least vcpus)"}}})),
+                                                                        (null or absent: the owner's scaling policy's ceiling, else 4 x vcpus; at most 254; at least vcpus)"}}})),
             },
             "/vms/{id}": {"get": with_id(op("Show a VM", "200")), "delete": with_id(op("Delete a VM", "202"))},
             "/vms/{id}/start": {"post": with_id(op("Start a VM", "202"))},
@@ -158,9 +158,10 @@ pub fn document() -> Value {
 
 /// A scaling policy as requests carry it: every field optional.
 fn scaling_policy() -> Value {
-    let int = |lo: i64, hi: i64, d: &str| json!({"type": "integer", "minimum": lo, "maximum": hi, "description": d});
+    // null, like absent, means the default.
+    let int = |lo: i64, hi: i64, d: &str| json!({"type": "integer", "minimum": lo, "maximum": hi, "nullable": true, "description": d});
     json!({"type": "object", "additionalProperties": false, "properties": {
-        "enabled": {"type": "boolean", "default": true},
+        "enabled": {"type": "boolean", "default": true, "nullable": true},
         "up_pct": int(1, 100, "grow when CPU use stays at or above this (default 80)"),
         "up_window_s": int(1, 3600, "for this long (default 60)"),
         "down_pct": int(0, 99, "shrink when CPU use stays at or below this, below up_pct (default 15)"),
