@@ -682,8 +682,7 @@ impl Fleet {
 
     /// The test guest's heartbeat numbers in VM `id`'s console log (on shared storage).
     fn beats(&self, id: &str) -> Vec<u64> {
-        let console = self.state().join("shared/vms").join(id).join("console.log");
-        heartbeats(&std::fs::read_to_string(console).unwrap_or_default())
+        heartbeats(&console_text(self, id))
     }
 
     /// The network namespace host `host` runs in.

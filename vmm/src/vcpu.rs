@@ -218,7 +218,8 @@ impl VcpuSet {
         crate::devices::lock(&self.slots)
     }
 
-    /// Runs a new vCPU, whose index must be the next one (`created()`).
+    /// Runs a new vCPU, whose index must be the next one (every vCPU created before keeps its
+    /// slot; a removed one comes back with `readd`).
     pub fn add(&self, vcpu: Vcpu) -> Result<(), VcpuError> {
         let mut slots = self.slots();
         debug_assert_eq!(usize::from(vcpu.index), slots.len());
@@ -287,11 +288,6 @@ impl VcpuSet {
         }
         let _ = thread.join();
         Ok(())
-    }
-
-    /// vCPUs created so far, removed ones included: the next new one's index.
-    pub fn created(&self) -> usize {
-        self.slots().len()
     }
 
     /// Saves every running vCPU, in index order; the vCPUs must be paused. Running vCPUs are
