@@ -109,13 +109,15 @@ fn is_elf(file: &mut File) -> std::io::Result<bool> {
 }
 
 /// Loads the kernel, command line and initrd; writes the boot information structures. ACPI tables
-/// are written separately; `rsdp` is their root.
+/// are written separately; `rsdp` is their root. `mem_size` is the boot RAM, which the memory map
+/// lists (a hotplug region in `mem` is not the guest's until its device plugs it).
 pub fn load(
     mem: &GuestMemory,
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
     rsdp: u64,
+    mem_size: u64,
 ) -> Result<BootEntry, BootError> {
     let mut file = File::open(kernel).map_err(|e| BootError::OpenKernel(kernel.into(), e))?;
     let elf = is_elf(&mut file).map_err(|e| BootError::OpenKernel(kernel.into(), e))?;
@@ -135,14 +137,18 @@ pub fn load(
         })?
     };
     write_cmdline(mem, cmdline)?;
-    let mem_size = crate::memory::size(mem);
     // linux-loader reports `kernel_end` as an absolute guest address.
     let kernel_end = loaded.kernel_end;
 
     match (elf, loaded.pvh_boot_cap) {
         (true, PvhBootCapability::PvhEntryPresent(entry)) => {
             let initrd = match initrd {
-                Some(p) => Some(load_initrd(mem, p, kernel_end, u64::from(u32::MAX))?),
+                Some(p) => Some(load_initrd(
+                    mem,
+                    p,
+                    kernel_end,
+                    u64::from(u32::MAX).min(mem_size),
+                )?),
                 None => None,
             };
             write_start_info(mem, mem_size, rsdp, initrd)?;
@@ -165,7 +171,7 @@ pub fn load(
                 .unwrap_or(0)
                 .max(kernel_end);
             let initrd = match initrd {
-                Some(p) => Some(load_initrd(mem, p, kernel_end, limit)?),
+                Some(p) => Some(load_initrd(mem, p, kernel_end, limit.min(mem_size))?),
                 None => None,
             };
             let params = zero_page(&loaded, mem_size, cmdline, rsdp, initrd);
@@ -222,8 +228,7 @@ fn load_initrd(
         .metadata()
         .map_err(|e| BootError::ReadInitrd(path.into(), e))?
         .len();
-    let mem_size = crate::memory::size(mem);
-    let top = limit.min(mem_size.min(MMIO_HOLE_START));
+    let top = limit.min(MMIO_HOLE_START);
     let too_large = || BootError::InitrdTooLarge {
         path: path.into(),
         size,
@@ -334,12 +339,13 @@ mod tests {
 
     #[test]
     fn rejects_garbage_kernel() {
-        let (mem, _f) = crate::memory::create_guest_memory(16 << 20).unwrap();
+        let (mem, _f) =
+            crate::memory::create_guest_memory(crate::memory::Layout::fixed(16 << 20)).unwrap();
         let dir = std::env::temp_dir().join(format!("vmm-boot-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let k = dir.join("garbage");
         std::fs::write(&k, vec![0x42u8; 8192]).unwrap();
-        let e = load(&mem, &k, None, "", 0).unwrap_err();
+        let e = load(&mem, &k, None, "", 0, 16 << 20).unwrap_err();
         assert!(matches!(e, BootError::KernelFormat { .. }), "{e}");
         assert!(e.to_string().contains("garbage"));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -23,6 +23,7 @@ use crate::devices::power::{AcpiPm, DebugExit, ExitSignal, I8042};
 use crate::devices::serial::{self, SerialDevice};
 use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mem::Mem;
 use crate::devices::virtio::net::{self, Net};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::tap::Tap;
@@ -78,9 +79,9 @@ impl Machine {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .context("cannot read the CPUID KVM supports")?;
         let mut vm = match &start {
-            Start::Boot => Vm::new(kvm, config.memory_bytes())?,
+            Start::Boot => Vm::new(kvm, config.memory_layout())?,
             Start::Restore(_, file) => {
-                let mem = crate::memory::map_snapshot_memory(file, config.memory_bytes())?;
+                let mem = crate::memory::map_snapshot_memory(file, config.memory_layout())?;
                 Vm::with_memory(kvm, mem, Backing::Snapshot(file.try_clone()?))?
             }
         };
@@ -169,6 +170,16 @@ impl Machine {
             None => None,
         };
 
+        // virtio-mem last: devices keep their places in snapshots taken before it existed.
+        let mem = if config.max_memory_mib.is_some() {
+            let layout = config.memory_layout();
+            let (dev, control) = Mem::new(layout.hotplug_start(), layout.hotplug);
+            let transport = virtio.attach(&vm.fd, &vm.memory, &mut mmio_bus, Box::new(dev))?;
+            Some((transport, control))
+        } else {
+            None
+        };
+
         let mut restored_devices = None;
         let (vcpus, boot_mode) = match start {
             Start::Boot => {
@@ -187,6 +198,7 @@ impl Machine {
                     config.initrd.as_deref(),
                     &config.cmdline,
                     tables.rsdp_addr,
+                    config.memory_layout().boot,
                 )?;
                 regs::write_boot_tables(&vm.ram(), entry.mode)
                     .context("cannot write boot page tables")?;
@@ -251,6 +263,7 @@ impl Machine {
             started: Instant::now(),
             boot_mode,
             balloon,
+            mem,
             migration: None,
             resize: None,
             supported_cpuid,

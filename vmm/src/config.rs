@@ -26,6 +26,10 @@ pub enum ConfigError {
     NoMemory,
     #[error("--memory-mib {0} is too large")]
     MemoryTooLarge(u64),
+    #[error("--max-memory-mib {max} is less than --memory-mib {memory}")]
+    MaxMemoryBelow { max: u64, memory: u64 },
+    #[error("--max-memory-mib {max} is more than --memory-mib {memory} plus a whole number of {block} MiB blocks (the hot-pluggable part must be)", block = crate::devices::virtio::mem::BLOCK_SIZE >> 20)]
+    MaxMemoryNotBlocks { max: u64, memory: u64 },
     #[error("kernel {0}: {1}")]
     Kernel(PathBuf, std::io::Error),
     #[error("initrd {0}: {1}")]
@@ -165,7 +169,11 @@ pub struct VmConfig {
     /// vCPU slots the guest is told about (ACPI, CPUID topology): the most it can have once CPUs
     /// are hot-added. At least `vcpus`.
     pub max_vcpus: u8,
+    /// RAM at boot (the e820 map's); the VM's size is this plus what virtio-mem has plugged.
     pub memory_mib: u64,
+    /// The most the VM may grow to with virtio-mem (`--max-memory-mib`); `None`: it cannot grow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_mib: Option<u64>,
     pub serial: SerialOutput,
     pub api_socket: Option<PathBuf>,
     /// virtio devices.
@@ -218,10 +226,19 @@ impl VmConfig {
             vcpus: vcpus as u8,
             max_vcpus: max_vcpus as u8,
             memory_mib,
+            max_memory_mib: None,
             serial,
             api_socket,
             devices,
         })
+    }
+
+    /// `--max-memory-mib`: lets the VM grow to `max` MiB with virtio-mem (equal to the boot size,
+    /// or none: it cannot grow).
+    pub fn with_max_memory(mut self, max: Option<u64>) -> Result<Self, ConfigError> {
+        self.max_memory_mib = max.filter(|m| *m != self.memory_mib);
+        check_max_memory(self.memory_mib, self.max_memory_mib)?;
+        Ok(self)
     }
 
     /// The limits [`VmConfig::new`] checks, for a configuration read from a snapshot: a
@@ -235,12 +252,49 @@ impl VmConfig {
             self.memory_mib,
             &self.cmdline,
             host_max_vcpus,
-        )
+        )?;
+        check_max_memory(self.memory_mib, self.max_memory_mib)
     }
 
-    pub fn memory_bytes(&self) -> u64 {
-        self.memory_mib << 20
+    /// Where guest RAM lies: boot RAM, then the virtio-mem region (rounded up to the guest's
+    /// memory-block size, so none of it is unusable to Linux; only `max_memory_mib` is ever
+    /// plugged).
+    pub fn memory_layout(&self) -> crate::memory::Layout {
+        use crate::devices::virtio::mem::REGION_ALIGN;
+        let hotplug = self
+            .max_memory_mib
+            .map(|m| ((m - self.memory_mib) << 20).div_ceil(REGION_ALIGN) * REGION_ALIGN)
+            .unwrap_or(0);
+        crate::memory::Layout {
+            boot: self.memory_mib << 20,
+            hotplug,
+        }
     }
+
+    /// The size of the memory file: every region, the hotplug one included.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_layout().total()
+    }
+}
+
+fn check_max_memory(memory_mib: u64, max: Option<u64>) -> Result<(), ConfigError> {
+    let Some(max) = max else { return Ok(()) };
+    if max < memory_mib {
+        return Err(ConfigError::MaxMemoryBelow {
+            max,
+            memory: memory_mib,
+        });
+    }
+    if max > 1 << 20 {
+        return Err(ConfigError::MemoryTooLarge(max));
+    }
+    if ((max - memory_mib) << 20) % crate::devices::virtio::mem::BLOCK_SIZE != 0 {
+        return Err(ConfigError::MaxMemoryNotBlocks {
+            max,
+            memory: memory_mib,
+        });
+    }
+    Ok(())
 }
 
 fn check_limits(
@@ -305,6 +359,7 @@ mod tests {
             vcpus: 1,
             max_vcpus: 1,
             memory_mib: 64,
+            max_memory_mib: None,
             serial: SerialOutput::Stdio,
             api_socket: None,
             devices: DeviceConfig::default(),
@@ -327,6 +382,21 @@ mod tests {
         c.memory_mib = u64::MAX >> 10;
         assert!(matches!(c.check(8), Err(ConfigError::MemoryTooLarge(_))));
         c.memory_mib = 64;
+        c.max_memory_mib = Some(32);
+        assert!(matches!(
+            c.check(8),
+            Err(ConfigError::MaxMemoryBelow { .. })
+        ));
+        c.max_memory_mib = Some(65);
+        assert!(matches!(
+            c.check(8),
+            Err(ConfigError::MaxMemoryNotBlocks { .. })
+        ));
+        c.max_memory_mib = Some(96);
+        assert!(c.check(8).is_ok());
+        // The region is whole memory blocks; only 32 MiB of it is ever plugged.
+        assert_eq!(c.memory_layout().hotplug, 128 << 20);
+        c.max_memory_mib = None;
         c.cmdline = "x".repeat(MAX_CMDLINE_LEN);
         assert!(matches!(c.check(8), Err(ConfigError::CmdlineTooLong(_))));
     }

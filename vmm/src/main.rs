@@ -60,7 +60,7 @@ struct RunArgs {
     kernel: Option<PathBuf>,
     /// Be the target of a live migration through DIR on shared storage: wait for the source's
     /// state there (the VM's configuration comes from the source).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "disks", "nets", "vsock", "balloon", "rng", "max_vcpus"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "disks", "nets", "vsock", "balloon", "rng", "max_vcpus", "max_memory_mib"])]
     incoming: Option<PathBuf>,
     /// With --incoming: give up (exit 1) if no source has handed a VM over within this time.
     #[arg(
@@ -80,6 +80,10 @@ struct RunArgs {
     max_vcpus: Option<u32>,
     #[arg(long = "memory-mib", default_value_t = 128)]
     memory_mib: u64,
+    /// The most memory the VM can grow to (`ctl resize --memory-mib`), by 2 MiB blocks of a
+    /// virtio-mem device; default --memory-mib (it cannot grow).
+    #[arg(long = "max-memory-mib")]
+    max_memory_mib: Option<u64>,
     /// Unix socket for the control API.
     #[arg(long = "api-socket")]
     api_socket: Option<PathBuf>,
@@ -209,7 +213,8 @@ fn run(args: RunArgs) -> Result<i32> {
         args.api_socket,
         devices,
         host_max_vcpus,
-    )?;
+    )?
+    .with_max_memory(args.max_memory_mib)?;
     let machine = Machine::build(config, kvm)?;
     let outcome = machine.run();
     if outcome.exit_code == 0 {

@@ -1,5 +1,7 @@
 //! Guest RAM: one memfd (later a file on shared storage) mapped into the VMM and registered with KVM.
-//! RAM is split around the 32-bit MMIO hole, so the guest sees up to two RAM blocks.
+//! Boot RAM is split around the 32-bit MMIO hole, so the guest sees up to two RAM blocks; a VM that
+//! can grow (`--max-memory-mib`) has a third region above them, the virtio-mem device's, which the
+//! guest uses only as the device plugs blocks of it.
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
@@ -8,7 +10,7 @@ use thiserror::Error;
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::arch::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
+use crate::arch::layout::{memory_hotplug_start, MMIO_HOLE_END, MMIO_HOLE_START};
 
 /// Guest RAM with a dirty bitmap per region: every write the VMM makes through vm-memory (used
 /// rings, descriptor-chain writers) sets it, and [`mark_dirty`] covers the raw writes (vectored I/O
@@ -72,9 +74,45 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
     }
 }
 
-/// Creates `size` bytes of guest RAM backed by a memfd, mapped shared so that a snapshot or a
+/// Where guest RAM lies: the boot RAM and the hotplug (virtio-mem) region after it. The memory file
+/// holds the regions back to back in this order, so its size is [`Layout::total`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// RAM the guest has from boot (the e820 map lists it).
+    pub boot: u64,
+    /// Size of the virtio-mem region (0: the VM cannot grow).
+    pub hotplug: u64,
+}
+
+impl Layout {
+    /// A VM without a hotplug region.
+    pub fn fixed(boot: u64) -> Layout {
+        Layout { boot, hotplug: 0 }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.boot + self.hotplug
+    }
+
+    /// Where the hotplug region starts in guest physical memory.
+    pub fn hotplug_start(&self) -> u64 {
+        memory_hotplug_start(self.boot)
+    }
+
+    /// The guest physical ranges `(start, len)` of every region, in file order.
+    pub fn ranges(&self) -> Vec<(GuestAddress, usize)> {
+        let mut r = ram_ranges(self.boot);
+        if self.hotplug > 0 {
+            r.push((GuestAddress(self.hotplug_start()), self.hotplug as usize));
+        }
+        r
+    }
+}
+
+/// Creates guest RAM laid out as `layout`, backed by a memfd, mapped shared so that a snapshot or a
 /// migration can later hand the same pages over as a file.
-pub fn create_guest_memory(size: u64) -> Result<(GuestMemory, File), MemoryError> {
+pub fn create_guest_memory(layout: Layout) -> Result<(GuestMemory, File), MemoryError> {
+    let size = layout.total();
     // Memory is mapped lazily, so an impossible size would only fail when the guest touches it.
     if let Some(host) = host_memory_bytes() {
         if size > host {
@@ -95,7 +133,8 @@ pub fn create_guest_memory(size: u64) -> Result<(GuestMemory, File), MemoryError
         .map_err(|err| MemoryError::Truncate { size, err })?;
 
     let mut offset = 0u64;
-    let ranges: Vec<_> = ram_ranges(size)
+    let ranges: Vec<_> = layout
+        .ranges()
         .into_iter()
         .map(|(addr, len)| {
             let fo = file.try_clone().map(|f| FileOffset::new(f, offset));
@@ -114,12 +153,13 @@ pub fn create_guest_memory(size: u64) -> Result<(GuestMemory, File), MemoryError
 /// Maps a snapshot's memory file privately: pages load lazily on first touch and the guest's
 /// writes stay in this process, so restore cost does not grow with memory size and the snapshot is
 /// never modified.
-pub fn map_snapshot_memory(file: &File, size: u64) -> Result<GuestMemory, MemoryError> {
+pub fn map_snapshot_memory(file: &File, layout: Layout) -> Result<GuestMemory, MemoryError> {
+    let size = layout.total();
     use vm_memory::mmap::MmapRegionBuilder;
     use vm_memory::GuestRegionMmap;
     let mut offset = 0u64;
     let mut regions = Vec::new();
-    for (addr, len) in ram_ranges(size) {
+    for (addr, len) in layout.ranges() {
         let fo = FileOffset::new(file.try_clone().map_err(MemoryError::Memfd)?, offset);
         let map_err = |e: String| MemoryError::Map {
             size: size >> 20,
@@ -142,7 +182,41 @@ pub fn map_snapshot_memory(file: &File, size: u64) -> Result<GuestMemory, Memory
     })
 }
 
-/// Total guest RAM in bytes.
+/// Gives the host pages behind guest range `addr..addr+len` back (virtio-mem unplug, balloon
+/// inflate): afterwards it reads as zeros and uses no host memory until touched. Guest RAM is a
+/// shared memfd mapping, where `MADV_DONTNEED` would only drop the mapping and keep the file's
+/// pages, so `MADV_REMOVE` punches them out of the file; a restored VM's private mapping of its
+/// snapshot cannot punch the snapshot, so there its own copies are dropped instead. The range is
+/// marked dirty: a migration must carry the change over.
+pub fn discard(mem: &GuestMemory, addr: GuestAddress, len: usize) -> Result<(), String> {
+    let start = mem
+        .get_host_address(addr)
+        .map_err(|_| format!("{:#x} is outside guest memory", addr.0))?;
+    let last = addr
+        .0
+        .checked_add(len as u64 - 1)
+        .ok_or_else(|| "range overflows".to_string())?;
+    let end = mem
+        .get_host_address(GuestAddress(last))
+        .map_err(|_| format!("{last:#x} is outside guest memory"))?;
+    if end as usize != start as usize + len - 1 {
+        return Err(format!("{:#x}+{len:#x} straddles two regions", addr.0));
+    }
+    // SAFETY: `start..start+len` lies inside one live guest memory mapping (both ends checked
+    // above); discarding only changes the pages' contents to zeros, which the guest has given up.
+    let r = unsafe { libc::madvise(start.cast(), len, libc::MADV_REMOVE) };
+    if r != 0 {
+        // SAFETY: as above.
+        let r = unsafe { libc::madvise(start.cast(), len, libc::MADV_DONTNEED) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+    }
+    mark_dirty(mem, addr, len);
+    Ok(())
+}
+
+/// Total guest RAM in bytes (the hotplug region included).
 pub fn size(mem: &GuestMemory) -> u64 {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     mem.iter().map(GuestMemoryRegion::len).sum()
@@ -178,8 +252,43 @@ mod tests {
     }
 
     #[test]
+    fn the_hotplug_region_follows_boot_ram_in_the_file() {
+        let l = Layout {
+            boot: 64 << 20,
+            hotplug: 256 << 20,
+        };
+        assert_eq!(
+            l.ranges(),
+            vec![
+                (GuestAddress(0), 64 << 20),
+                (GuestAddress(MMIO_HOLE_END), 256 << 20)
+            ]
+        );
+        let (mem, _f) = create_guest_memory(l).unwrap();
+        assert_eq!(size(&mem), 320 << 20);
+    }
+
+    #[test]
+    fn discarded_memory_reads_as_zeros_and_leaves_the_file() {
+        let (mem, f) = create_guest_memory(Layout::fixed(8 << 20)).unwrap();
+        let blocks = |f: &File| {
+            use std::os::unix::fs::MetadataExt;
+            f.metadata().unwrap().blocks()
+        };
+        mem.write_slice(&[7u8; 2 << 20], GuestAddress(2 << 20))
+            .unwrap();
+        let before = blocks(&f);
+        take_vmm_dirty(&mem);
+        discard(&mem, GuestAddress(2 << 20), 2 << 20).unwrap();
+        assert!(blocks(&f) + 4000 <= before, "{} -> {}", before, blocks(&f));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(3 << 20)).unwrap(), 0);
+        assert!(take_vmm_dirty(&mem)[0].iter().any(|w| *w != 0));
+        assert!(discard(&mem, GuestAddress(7 << 20), 2 << 20).is_err());
+    }
+
+    #[test]
     fn memory_is_usable() {
-        let (mem, _f) = create_guest_memory(8 << 20).unwrap();
+        let (mem, _f) = create_guest_memory(Layout::fixed(8 << 20)).unwrap();
         mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
             .unwrap();
         assert_eq!(
@@ -191,7 +300,7 @@ mod tests {
 
     #[test]
     fn vmm_writes_are_tracked_dirty() {
-        let (mem, _f) = create_guest_memory(1 << 20).unwrap();
+        let (mem, _f) = create_guest_memory(Layout::fixed(1 << 20)).unwrap();
         assert!(take_vmm_dirty(&mem)[0].iter().all(|w| *w == 0));
         // Through vm-memory (as virtio-queue writes used rings) and by hand (raw vectored I/O).
         mem.write_obj(1u8, GuestAddress(0x5000)).unwrap();

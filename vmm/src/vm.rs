@@ -80,9 +80,9 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 }
 
 impl Vm {
-    /// A VM with fresh, memfd-backed memory of `mem_size` bytes.
-    pub fn new(kvm: Kvm, mem_size: u64) -> Result<Vm, VmError> {
-        let (memory, file) = crate::memory::create_guest_memory(mem_size)?;
+    /// A VM with fresh, memfd-backed memory laid out as `layout`.
+    pub fn new(kvm: Kvm, layout: crate::memory::Layout) -> Result<Vm, VmError> {
+        let (memory, file) = crate::memory::create_guest_memory(layout)?;
         Vm::with_memory(kvm, memory, Backing::Memfd(file))
     }
 
@@ -236,12 +236,12 @@ mod tests {
             boot_info: 0x6000,
             mode: EntryMode::Pvh,
         };
-        let a = Vm::new(kvm, 16 << 20).unwrap();
+        let a = Vm::new(kvm, crate::memory::Layout::fixed(16 << 20)).unwrap();
         let va = Vcpu::new(&a.fd, &cpuid, 0, 1, Some(&boot)).unwrap();
         let vm_state = a.snapshot().unwrap();
         let vcpu_state = va.snapshot().unwrap();
 
-        let mut b = Vm::new(open_kvm().unwrap(), 16 << 20).unwrap();
+        let mut b = Vm::new(open_kvm().unwrap(), crate::memory::Layout::fixed(16 << 20)).unwrap();
         let other = BootEntry {
             entry: 0x20_0000,
             ..boot

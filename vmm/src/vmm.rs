@@ -17,6 +17,7 @@ use crate::devices::ged::{CPU_HOTPLUG_BIT, POWER_BUTTON_BIT};
 use crate::devices::lock;
 use crate::devices::power::ExitReason;
 use crate::devices::virtio::balloon::{BalloonControl, BALLOON_PAGE};
+use crate::devices::virtio::mem::{MemControl, BLOCK_SIZE};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::migration::Pausable;
 use crate::persist::Components;
@@ -52,6 +53,8 @@ pub struct Machine {
     /// How the guest was started: a boot protocol, or `None` when restored from a snapshot.
     pub(crate) boot_mode: Option<regs::EntryMode>,
     pub(crate) balloon: Option<(Arc<Mutex<MmioTransport>>, Arc<BalloonControl>)>,
+    /// The virtio-mem device, when the VM can grow (`--max-memory-mib`).
+    pub(crate) mem: Option<(Arc<Mutex<MmioTransport>>, Arc<MemControl>)>,
     pub(crate) migration: Option<Migration>,
     pub(crate) resize: Option<Resize>,
     /// What KVM supports, for vCPUs hot-added later.
@@ -59,8 +62,8 @@ pub struct Machine {
     pub(crate) events_tx: Sender<VmmEvent>,
 }
 
-/// A resize under way: answered once the guest has taken (or ejected) every vCPU, or at the
-/// deadline with how far it got.
+/// A resize under way: answered once the guest has taken (or ejected) every vCPU and plugged (or
+/// unplugged) its memory, or at the deadline with how far it got.
 pub(crate) struct Resize {
     reply: Reply,
     started: Instant,
@@ -68,6 +71,10 @@ pub(crate) struct Resize {
     old: u8,
     target: u8,
     notified: Instant,
+    /// The VM's memory before, in MiB.
+    old_memory_mib: u64,
+    /// The bytes virtio-mem should hold at the end (`None`: memory does not change).
+    plugged_target: Option<u64>,
 }
 
 /// A live migration under way: who waits for the outcome (nobody once it has gone out while the
@@ -97,7 +104,7 @@ impl Machine {
             pid: std::process::id(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             vcpus: self.parts.vcpus.count() as u32,
-            memory_mib: self.config.memory_mib,
+            memory_mib: self.memory_mib(),
             boot_protocol: match self.boot_mode {
                 Some(regs::EntryMode::Pvh) => BootProtocol::Pvh,
                 Some(regs::EntryMode::Linux64) => BootProtocol::Linux64,
@@ -321,10 +328,10 @@ impl Machine {
                 let Some((transport, control)) = &self.balloon else {
                     return Response::err("this VM has no balloon (start it with --balloon)");
                 };
-                if mib > self.config.memory_mib {
+                if mib > self.memory_mib() {
                     return Response::err(format!(
                         "balloon target {mib} MiB is larger than the VM's memory ({} MiB)",
-                        self.config.memory_mib
+                        self.memory_mib()
                     ));
                 }
                 control.set_target_pages((mib << 20).div_ceil(BALLOON_PAGE) as u32);
@@ -413,7 +420,55 @@ impl Machine {
     fn size(&self) -> Size {
         Size {
             vcpus: self.parts.vcpus.count() as u32,
-            memory_mib: self.config.memory_mib,
+            memory_mib: self.memory_mib(),
+        }
+    }
+
+    /// The guest's memory now: boot RAM and what virtio-mem has plugged.
+    fn memory_mib(&self) -> u64 {
+        let plugged = self.mem.as_ref().map_or(0, |(_, c)| c.plugged_size());
+        self.config.memory_mib + (plugged >> 20)
+    }
+
+    /// Checks a memory resize to `mib` and returns the bytes virtio-mem must hold for it
+    /// (`None`: no change).
+    fn plugged_target(&self, mib: Option<u64>) -> Result<Option<u64>, String> {
+        let Some(mib) = mib.filter(|m| *m != self.memory_mib()) else {
+            return Ok(None);
+        };
+        let (boot, max) = (self.config.memory_mib, self.config.max_memory_mib);
+        if self.mem.is_none() {
+            return Err(format!(
+                "this VM cannot change its memory: it was started without --max-memory-mib \
+                 (it has {boot} MiB)"
+            ));
+        }
+        let max = max.unwrap_or(boot);
+        if mib < boot {
+            return Err(format!(
+                "{mib} MiB is less than the {boot} MiB the VM booted with, which cannot be unplugged"
+            ));
+        }
+        if mib > max {
+            return Err(format!(
+                "{mib} MiB is more than the VM's maximum, {max} MiB (vmm run --max-memory-mib)"
+            ));
+        }
+        let bytes = (mib - boot) << 20;
+        if bytes % BLOCK_SIZE != 0 {
+            return Err(format!(
+                "{mib} MiB is not {boot} MiB plus a whole number of {} MiB blocks",
+                BLOCK_SIZE >> 20
+            ));
+        }
+        Ok(Some(bytes))
+    }
+
+    /// Asks virtio-mem's driver to hold `bytes`.
+    fn request_memory(&self, bytes: u64) {
+        if let Some((transport, control)) = &self.mem {
+            control.set_requested_size(bytes);
+            lock(transport).config_changed();
         }
     }
 
@@ -427,11 +482,6 @@ impl Machine {
         reply: Reply,
     ) {
         let started = Instant::now();
-        if memory_mib.is_some_and(|m| m != self.config.memory_mib) {
-            return reply.send(Response::err(
-                "memory hotplug (virtio-mem) is not supported yet: only the vCPUs can change",
-            ));
-        }
         if self.state != RunState::Running {
             return reply.send(Response::err(
                 "the VM is paused: resume it before resizing (the guest must take part)",
@@ -449,16 +499,24 @@ impl Machine {
             }
             Some(n) => n,
         };
+        let plugged_target = match self.plugged_target(memory_mib) {
+            Ok(t) => t,
+            Err(e) => return reply.send(Response::err(e)),
+        };
         // A removal an earlier resize gave up on is not honoured any more: the vCPUs the guest
         // has stay 0..count.
         lock(&self.parts.cpu_hotplug).cancel_removals();
         let (old_n, target_n) = (old.vcpus as u8, target as u8);
-        if target_n == old_n {
+        if target_n == old_n && plugged_target.is_none() {
             return reply.send(Response::ok(&Resized {
                 old,
                 new: old,
                 took_ms: 0.0,
             }));
+        }
+        if let Some(bytes) = plugged_target {
+            self.request_memory(bytes);
+            tracing::info!(from = old.memory_mib, to = memory_mib, "resizing: memory");
         }
         if target_n > old_n {
             for i in old_n..target_n {
@@ -474,11 +532,13 @@ impl Machine {
                 }
             }
             self.config.vcpus = target_n;
-        } else {
+        } else if target_n < old_n {
             lock(&self.parts.cpu_hotplug).request_removal(old_n - 1);
         }
-        self.notify_cpu_change();
-        tracing::info!(from = old_n, to = target_n, "resizing: vCPUs");
+        if target_n != old_n {
+            self.notify_cpu_change();
+            tracing::info!(from = old_n, to = target_n, "resizing: vCPUs");
+        }
         self.resize = Some(Resize {
             reply,
             started,
@@ -486,6 +546,8 @@ impl Machine {
             old: old_n,
             target: target_n,
             notified: Instant::now(),
+            old_memory_mib: old.memory_mib,
+            plugged_target,
         });
     }
 
@@ -538,14 +600,17 @@ impl Machine {
             return;
         };
         let count = self.parts.vcpus.count() as u8;
-        let done = if r.target > r.old {
+        let cpus_done = if r.target > r.old {
             let c = lock(&self.parts.cpu_hotplug);
             (r.old..r.target).all(|i| !c.slot(i).inserting)
         } else {
             count == r.target
         };
+        let plugged = self.mem.as_ref().map_or(0, |(_, c)| c.plugged_size());
+        let memory_done = r.plugged_target.is_none_or(|t| t == plugged);
+        let done = cpus_done && memory_done;
         if !done && Instant::now() < r.deadline {
-            if r.notified.elapsed() >= RESIZE_RENOTIFY {
+            if !cpus_done && r.notified.elapsed() >= RESIZE_RENOTIFY {
                 self.notify_cpu_change();
                 if let Some(r) = &mut self.resize {
                     r.notified = Instant::now();
@@ -561,11 +626,35 @@ impl Machine {
             Response::ok(&Resized {
                 old: Size {
                     vcpus: u32::from(r.old),
-                    memory_mib: self.config.memory_mib,
+                    memory_mib: r.old_memory_mib,
                 },
                 new: self.size(),
                 took_ms: r.started.elapsed().as_secs_f64() * 1000.0,
             })
+        } else if !memory_done {
+            // The guest stops where it is (it may hold memory it cannot give up): the VM keeps
+            // what it has, and no change goes on behind the caller's back.
+            self.request_memory(plugged);
+            if !cpus_done && r.target < r.old {
+                lock(&self.parts.cpu_hotplug).cancel_removals();
+            }
+            let want = r.plugged_target.unwrap_or(0) >> 20;
+            let (had, now) = (r.old_memory_mib, self.memory_mib());
+            let verb = if want + self.config.memory_mib > had {
+                "plugged"
+            } else {
+                "unplugged"
+            };
+            Response::err(format!(
+                "the guest {verb} {} of {} MiB within {waited} ms; the VM has {now} MiB{}",
+                now.abs_diff(had),
+                (want + self.config.memory_mib).abs_diff(had),
+                if cpus_done {
+                    String::new()
+                } else {
+                    format!(" and {count} vCPUs")
+                }
+            ))
         } else if r.target > r.old {
             let c = lock(&self.parts.cpu_hotplug);
             let waiting: Vec<u8> = (r.old..r.target).filter(|i| c.slot(*i).inserting).collect();

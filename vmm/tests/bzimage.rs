@@ -28,9 +28,9 @@ fn debian_bzimage_fills_boot_params() {
     let initrd_bytes = std::fs::read(&initrd).unwrap();
     let cmdline = "console=ttyS0 reboot=k panic=-1 guest.scenario=poweroff";
     let mem_size = 512u64 << 20;
-    let (mem, _f) = vmm::memory::create_guest_memory(mem_size).unwrap();
+    let (mem, _f) = vmm::memory::create_guest_memory(vmm::memory::Layout::fixed(mem_size)).unwrap();
 
-    let entry = boot::load(&mem, &kernel, Some(&initrd), cmdline, ACPI_START).unwrap();
+    let entry = boot::load(&mem, &kernel, Some(&initrd), cmdline, ACPI_START, mem_size).unwrap();
     assert_eq!(entry.mode, EntryMode::Linux64);
     assert_eq!(entry.boot_info, ZERO_PAGE_START);
     assert_eq!(
@@ -108,8 +108,9 @@ fn debian_bzimage_fills_boot_params() {
 #[test]
 fn vmlinux_elf_uses_its_pvh_note() {
     let kernel = image("vmlinux");
-    let (mem, _f) = vmm::memory::create_guest_memory(256 << 20).unwrap();
-    let entry = boot::load(&mem, &kernel, None, "console=ttyS0", ACPI_START).unwrap();
+    let (mem, _f) =
+        vmm::memory::create_guest_memory(vmm::memory::Layout::fixed(256 << 20)).unwrap();
+    let entry = boot::load(&mem, &kernel, None, "console=ttyS0", ACPI_START, 256 << 20).unwrap();
     assert_eq!(entry.mode, EntryMode::Pvh);
     assert!(
         entry.entry > HIMEM_START && entry.entry < 1 << 32,

@@ -74,7 +74,7 @@ struct Harness {
 
 impl Harness {
     fn new(dev: Box<dyn VirtioDevice>) -> Harness {
-        let (mem, _f) = create_guest_memory(MEM).unwrap();
+        let (mem, _f) = create_guest_memory(vmm::memory::Layout::fixed(MEM)).unwrap();
         Harness::with_memory(dev, mem)
     }
 

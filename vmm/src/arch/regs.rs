@@ -194,7 +194,8 @@ mod tests {
 
     #[test]
     fn identity_map_covers_4g() {
-        let (mem, _f) = crate::memory::create_guest_memory(1 << 20).unwrap();
+        let (mem, _f) =
+            crate::memory::create_guest_memory(crate::memory::Layout::fixed(1 << 20)).unwrap();
         write_boot_tables(&mem, EntryMode::Linux64).unwrap();
         let pde: u64 = mem
             .read_obj(GuestAddress(PD_START + 3 * 0x1000 + 511 * 8))

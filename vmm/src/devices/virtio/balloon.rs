@@ -1,9 +1,7 @@
 //! virtio-balloon: the VMM sets a target size, the guest gives pages back (inflate) or takes them
 //! again (deflate), and reports memory statistics on the stats queue.
 //!
-//! Inflated pages are returned to the host with `MADV_REMOVE`: guest RAM is a shared memfd mapping,
-//! where `MADV_DONTNEED` would only drop the mapping and keep the file's pages, so the VMM's RSS
-//! would not fall.
+//! Inflated pages are returned to the host (`memory::discard`).
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -13,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::GuestAddress;
 
 use super::worker::{QueueHandler, Worker};
 use super::{
@@ -234,24 +232,8 @@ impl BalloonQueues {
                 continue;
             }
             let addr = GuestAddress(u64::from(u32::from_le_bytes(pfn)) * BALLOON_PAGE);
-            match mem.get_host_address(addr) {
-                Ok(host) => {
-                    // SAFETY: `host` is the start of a 4 KiB page inside a guest memory mapping
-                    // (get_host_address checked the address; pages never straddle regions, which
-                    // are page aligned). MADV_REMOVE only discards the page's contents.
-                    let r = unsafe {
-                        libc::madvise(host.cast(), BALLOON_PAGE as usize, libc::MADV_REMOVE)
-                    };
-                    if r != 0 {
-                        tracing::debug!(error = %std::io::Error::last_os_error(), "virtio-balloon: madvise failed");
-                    }
-                    // The page now reads as zeros: a migration must carry that over.
-                    crate::memory::mark_dirty(mem, addr, BALLOON_PAGE as usize);
-                }
-                Err(_) => tracing::debug!(
-                    pfn = u32::from_le_bytes(pfn),
-                    "virtio-balloon: PFN outside guest memory"
-                ),
+            if let Err(e) = crate::memory::discard(mem, addr, BALLOON_PAGE as usize) {
+                tracing::debug!(pfn = u32::from_le_bytes(pfn), error = %e, "virtio-balloon: page not given back");
             }
         }
     }

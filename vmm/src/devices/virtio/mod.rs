@@ -24,6 +24,7 @@ macro_rules! worker_access {
 
 pub mod balloon;
 pub mod block;
+pub mod mem;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -49,6 +50,7 @@ pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
 pub const TYPE_BALLOON: u32 = 5;
 pub const TYPE_VSOCK: u32 = 19;
+pub const TYPE_MEM: u32 = 24;
 
 /// InterruptStatus bits.
 pub const INT_USED_RING: u32 = 1;
@@ -118,6 +120,7 @@ pub enum DeviceState {
     #[default]
     None,
     Balloon(balloon::BalloonState),
+    Mem(mem::MemState),
 }
 
 /// A virtio device behind the MMIO transport.
