@@ -661,6 +661,147 @@ static void net_poll(void) {
     if (posted) mmio_write32(net_base + 0x050, 0);
 }
 
+/* ---- memory hotplug: a polled virtio-mem driver. It holds blocks [0, plugged) of the device's
+ * region and follows requested_size: plugs from the bottom, unplugs from the top.
+ * `tg.mem_keep_mib=N` makes it refuse to go below N MiB (memory "in use").
+ * The region lies above 4 GiB, out of reach of this 32-bit guest (and the host's PVM refuses
+ * guest paging, so no PAE window either): when the VM has a virtio-blk disk, each plugged block
+ * is filled by a 2 MiB disk read into it instead, so the host has to back every page. ---- */
+#define MEM_BLOCK (2u * MIB)
+
+static struct vq memq, blkq;
+static u8 blk_hdr[16], blk_status;
+static u32 blk_base;
+static u8 mem_req[24], mem_resp[10];
+static u32 mem_base;
+static u64 mem_addr;
+static u32 mem_plugged, mem_keep, mem_stuck;
+
+static u64 mem_cfg64(u32 off) {
+    return (u64)mmio_read32(mem_base + 0x100 + off) | (u64)mmio_read32(mem_base + 0x104 + off) << 32;
+}
+
+/* Fills block `b` of the region from the disk's first 2 MiB. */
+static void mem_fill(u32 b) {
+    memset(blk_hdr, 0, sizeof(blk_hdr)); /* VIRTIO_BLK_T_IN, sector 0 */
+    blk_status = 0xff;
+    blkq.desc[0] = (struct vq_desc){(u32)blk_hdr, sizeof(blk_hdr), 1, 1};
+    blkq.desc[1] = (struct vq_desc){mem_addr + (u64)b * MEM_BLOCK, MEM_BLOCK, 1 | 2, 2};
+    blkq.desc[2] = (struct vq_desc){(u32)&blk_status, 1, 2, 0};
+    u16 idx = blkq.avail.idx;
+    blkq.avail.ring[idx % VQ_SIZE] = 0;
+    __atomic_store_n(&blkq.avail.idx, (u16)(idx + 1), __ATOMIC_RELEASE);
+    mmio_write32(blk_base + 0x050, 0);
+    u32 deadline = ticks + 100;
+    while (__atomic_load_n(&blkq.used.idx, __ATOMIC_ACQUIRE) == blkq.last_used && (int)(ticks - deadline) < 0)
+        __asm__ volatile("sti; pause; cli");
+    if (__atomic_load_n(&blkq.used.idx, __ATOMIC_ACQUIRE) != blkq.last_used) blkq.last_used++;
+}
+
+static int blk_init(void) {
+    for (u32 i = 0; i < device_count && !blk_base; i++)
+        if (sig_eq(devices[i].hid, "LNRO0005", 8) && mmio_read32(devices[i].mmio_base + 0x008) == 2)
+            blk_base = devices[i].mmio_base;
+    if (!blk_base) return 0;
+    u32 b = blk_base;
+    mmio_write32(b + 0x070, 0);
+    mmio_write32(b + 0x070, 1 | 2);
+    mmio_write32(b + 0x024, 0);
+    mmio_write32(b + 0x020, 0);
+    mmio_write32(b + 0x024, 1);
+    mmio_write32(b + 0x020, 1); /* VIRTIO_F_VERSION_1 */
+    mmio_write32(b + 0x070, 1 | 2 | 8);
+    if (!(mmio_read32(b + 0x070) & 8) || !vq_setup(b, 0, &blkq)) {
+        mmio_write32(b + 0x070, 0x80);
+        blk_base = 0;
+        return 0;
+    }
+    mmio_write32(b + 0x070, 1 | 2 | 8 | 4);
+    return 1;
+}
+
+static int mem_init(void) {
+    for (u32 i = 0; i < device_count && !mem_base; i++)
+        if (sig_eq(devices[i].hid, "LNRO0005", 8) && mmio_read32(devices[i].mmio_base + 0x008) == 24)
+            mem_base = devices[i].mmio_base;
+    if (!mem_base) return 0;
+    u32 b = mem_base;
+    mmio_write32(b + 0x070, 0);
+    mmio_write32(b + 0x070, 1 | 2);
+    mmio_write32(b + 0x024, 0);
+    mmio_write32(b + 0x020, 1u << 1); /* VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE */
+    mmio_write32(b + 0x024, 1);
+    mmio_write32(b + 0x020, 1); /* VIRTIO_F_VERSION_1 */
+    mmio_write32(b + 0x070, 1 | 2 | 8);
+    if (!(mmio_read32(b + 0x070) & 8) || !vq_setup(b, 0, &memq)) {
+        mmio_write32(b + 0x070, 0x80);
+        mem_base = 0;
+        return 0;
+    }
+    mmio_write32(b + 0x070, 1 | 2 | 8 | 4);
+    mem_addr = mem_cfg64(16);
+    mem_keep = arg_u("tg.mem_keep_mib", 0) / 2;
+    blk_init();
+    return 1;
+}
+
+/* One request; returns the response type, or 0xffff if the device did not answer in 1 s. */
+static u32 mem_request(u16 type, u32 first, u32 n) {
+    u64 addr = mem_addr + (u64)first * MEM_BLOCK;
+    memset(mem_req, 0, sizeof(mem_req));
+    mem_req[0] = (u8)type;
+    for (int i = 0; i < 8; i++) mem_req[8 + i] = (u8)(addr >> (8 * i));
+    mem_req[16] = (u8)n;
+    mem_req[17] = (u8)(n >> 8);
+    memq.desc[0] = (struct vq_desc){(u32)mem_req, sizeof(mem_req), 1 /* next */, 1};
+    memq.desc[1] = (struct vq_desc){(u32)mem_resp, sizeof(mem_resp), 2 /* device writes */, 0};
+    u16 idx = memq.avail.idx;
+    memq.avail.ring[idx % VQ_SIZE] = 0;
+    __atomic_store_n(&memq.avail.idx, (u16)(idx + 1), __ATOMIC_RELEASE);
+    mmio_write32(mem_base + 0x050, 0);
+    u32 deadline = ticks + 100;
+    while (__atomic_load_n(&memq.used.idx, __ATOMIC_ACQUIRE) == memq.last_used && (int)(ticks - deadline) < 0)
+        __asm__ volatile("sti; pause; cli");
+    if (__atomic_load_n(&memq.used.idx, __ATOMIC_ACQUIRE) == memq.last_used) return 0xffff;
+    memq.last_used++;
+    return (u32)mem_resp[0] | (u32)mem_resp[1] << 8;
+}
+
+/* Follows requested_size; reports each change. */
+static void mem_poll(void) {
+    if (!mem_base) return;
+    u64 req = mem_cfg64(48);
+    u32 want = (u32)(req >> 21);
+    if (want < mem_keep && mem_plugged > want) want = mem_keep < mem_plugged ? mem_keep : mem_plugged;
+    if (want == mem_plugged) {
+        mem_stuck = 0;
+        return;
+    }
+    if (mem_stuck) return; /* refused once: wait for a new request */
+    struct line l = {.len = 0};
+    u32 r;
+    if (want > mem_plugged) {
+        r = mem_request(0, mem_plugged, want - mem_plugged);
+        if (r == 0) {
+            if (blk_base)
+                for (u32 b = mem_plugged; b < want; b++) mem_fill(b);
+            mem_plugged = want;
+        }
+    } else {
+        r = mem_request(1, want, mem_plugged - want);
+        if (r == 0) mem_plugged = want;
+    }
+    if (r != 0) {
+        mem_stuck = 1;
+        put(&l, "tg: mem error response=");
+        put_u(&l, r);
+    } else {
+        put(&l, "tg: mem plugged_mib=");
+        put_u(&l, mem_plugged * 2);
+    }
+    emit(&l);
+}
+
 static volatile u32 heartbeat; /* lives in guest memory: survives snapshot and migration */
 
 static void run(u32 ram_top) {
@@ -710,6 +851,7 @@ static void run(u32 ram_top) {
         }
         dirtied_pages += per_tick;
         net_poll();
+        mem_poll();
         if ((int)(t - next_hb) >= 0) {
             next_hb += hb_ms / TICK_MS ? hb_ms / TICK_MS : 1;
             struct line l = {.len = 0};
@@ -882,6 +1024,14 @@ void bsp_main(const struct start_info *si) {
         } else {
             say("net none");
         }
+    }
+    if (mem_init()) {
+        put(&l, "tg: mem region=");
+        put_x(&l, (u32)(mem_addr >> 20));
+        put(&l, "M size_mib=");
+        put_u(&l, (u32)(mem_cfg64(24) >> 20));
+        put(&l, blk_base ? " fill=disk" : " fill=none");
+        emit(&l);
     }
     if (arg_is("tg.mode", "poweroff") || !arg("tg.mode")) acpi_poweroff();
     if (arg_is("tg.mode", "smp")) {

@@ -275,11 +275,11 @@ fn a_host_whose_agent_hangs_is_reset_by_its_watchdog() {
     }
 }
 
-/// Issue 14: vCPU hotplug with the unmodified Debian guest — added vCPUs come online, removed
-/// ones are offlined and ejected by the guest, and a snapshot's restore and a live migration keep
-/// the new size.
+/// Issue 14: vCPU and memory hotplug with the unmodified Debian guest — added vCPUs come online,
+/// removed ones are offlined and ejected by the guest; virtio-mem grows MemTotal by 1 GiB and
+/// shrinks it back; a snapshot's restore and a live migration keep the new size.
 #[test]
-fn the_debian_guest_takes_and_gives_back_vcpus() {
+fn the_debian_guest_takes_and_gives_back_vcpus_and_memory() {
     expect_all_pass(
         "cpu-hotplug",
         1200,
@@ -287,10 +287,14 @@ fn the_debian_guest_takes_and_gives_back_vcpus() {
             "hp-boot",
             "hp-add",
             "hp-remove",
+            "mem-add",
+            "mem-remove",
+            "mem-add-again",
             "hp-restored-size",
             "hp-restore-add",
             "hp-migrated-size",
             "hp-migrated-remove",
+            "mem-migrated-remove",
         ],
     );
 }

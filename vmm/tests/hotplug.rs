@@ -116,7 +116,10 @@ fn bad_resizes_are_refused_and_change_nothing() {
             &["resize", "--vcpus", "4"][..],
             "more than the VM's maximum, 3",
         ),
-        (&["resize", "--memory-mib", "128"][..], "not supported yet"),
+        (
+            &["resize", "--memory-mib", "128"][..],
+            "started without --max-memory-mib",
+        ),
     ] {
         let (ok, _, err) = vmm.ctl(args);
         assert!(!ok && err.contains(why), "{args:?}: {err}");
