@@ -288,7 +288,7 @@ fn check_max_memory(memory_mib: u64, max: Option<u64>) -> Result<(), ConfigError
     if max > 1 << 20 {
         return Err(ConfigError::MemoryTooLarge(max));
     }
-    if ((max - memory_mib) << 20) % crate::devices::virtio::mem::BLOCK_SIZE != 0 {
+    if !((max - memory_mib) << 20).is_multiple_of(crate::devices::virtio::mem::BLOCK_SIZE) {
         return Err(ConfigError::MaxMemoryNotBlocks {
             max,
             memory: memory_mib,

@@ -112,7 +112,7 @@ impl MemControl {
                 };
                 let range = first..first + n;
                 // Plugging what is plugged, or unplugging what is not, is a driver error.
-                if b.plugged[range.clone()].iter().any(|p| *p == plug) {
+                if b.plugged[range.clone()].contains(&plug) {
                     return (RESP_ERROR, 0);
                 }
                 let len = n as u64 * BLOCK_SIZE;
