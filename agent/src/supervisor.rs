@@ -456,7 +456,9 @@ impl Supervisor {
                     }
                     Action::AbortIncoming(_) => vm.abort_incoming(),
                     Action::Evict(_) => vm.evict(),
-                    Action::Resize(r) => vm.resize(r.vcpus),
+                    Action::Resize(r) => {
+                        vm.resize(r.vcpus, (r.memory_mib > 0).then_some(r.memory_mib))
+                    }
                     Action::SetScaling(s) => vm.set_scaling(s.scaling.as_ref()),
                 };
                 let report = if vm.gone() {

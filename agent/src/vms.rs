@@ -43,6 +43,9 @@ pub struct SpecRecord {
     /// The most vCPUs it can be resized to while it runs (0: vcpus).
     #[serde(default)]
     pub max_vcpus: u32,
+    /// The most memory it can be resized to while it runs (0: memory_mib).
+    #[serde(default)]
+    pub max_memory_mib: u64,
     /// What the agent watches to ask for a resize (none: nothing).
     #[serde(default)]
     pub scaling: Option<WatchRecord>,
@@ -107,6 +110,7 @@ impl From<&VmSpec> for SpecRecord {
             disk: s.disk.clone(),
             mac: s.mac.clone(),
             max_vcpus: s.max_vcpus,
+            max_memory_mib: s.max_memory_mib,
             scaling: s.scaling.as_ref().map(WatchRecord::from),
         }
     }
@@ -231,6 +235,10 @@ impl Dirs {
             }
             Action::Resize(r) => {
                 anyhow::ensure!((1..=254).contains(&r.vcpus), "vcpus must be 1 to 254");
+                anyhow::ensure!(
+                    r.memory_mib == 0 || (16..=1 << 20).contains(&r.memory_mib),
+                    "memory_mib must be 16 to 1048576"
+                );
                 return Ok(());
             }
             Action::SetScaling(s) => return s.scaling.as_ref().map_or(Ok(()), check_watch),
@@ -247,6 +255,12 @@ impl Dirs {
         anyhow::ensure!(
             (16..=1 << 22).contains(&s.memory_mib),
             "memory_mib must be 16 to 4194304"
+        );
+        anyhow::ensure!(
+            s.max_memory_mib == 0
+                || ((s.memory_mib..=1 << 20).contains(&s.max_memory_mib)
+                    && (s.max_memory_mib - s.memory_mib) % 2 == 0),
+            "max_memory_mib must be memory_mib to 1048576, memory_mib plus whole 2 MiB blocks"
         );
         anyhow::ensure!(
             s.cmdline.len() <= 4096 && !s.cmdline.contains('\0'),
@@ -526,6 +540,7 @@ impl Vm {
             vmm_cpu_pct: u.vmm_pct,
             balloon_mib: balloon_mib(&r.api_socket),
             vcpus: r.spec.vcpus,
+            memory_mib: r.spec.memory_mib,
         }
     }
 
@@ -535,10 +550,10 @@ impl Vm {
         self.save()
     }
 
-    /// Changes the running VM's vCPUs (its VMM waits for the guest). The record keeps what the
-    /// VM has afterwards, all of the resize or the part the guest did, so a restart boots it at
-    /// that size.
-    pub fn resize(&mut self, vcpus: u32) -> anyhow::Result<()> {
+    /// Changes the running VM's vCPUs and, when `memory_mib` is given, its memory (its VMM waits
+    /// for the guest). The record keeps what the VM has afterwards, all of the resize or the part
+    /// the guest did, so a restart boots it at that size.
+    pub fn resize(&mut self, vcpus: u32, memory_mib: Option<u64>) -> anyhow::Result<()> {
         let r = &self.record;
         anyhow::ensure!(
             r.state == VmState::Running && alive(r.pid),
@@ -550,14 +565,24 @@ impl Vm {
             "{vcpus} vCPUs is more than the VM's maximum, {max}"
         );
         let client = vmm_api::Client::new(&r.api_socket);
-        let result = client.resize_vcpus(vcpus, vmm_api::DEFAULT_RESIZE_TIMEOUT_MS);
+        let result = client.resize(Some(vcpus), memory_mib, vmm_api::DEFAULT_RESIZE_TIMEOUT_MS);
         let now = match &result {
-            Ok(done) => Some(done.new.vcpus),
-            Err(_) => client.info(Duration::from_secs(5)).ok().map(|i| i.vcpus),
+            Ok(done) => Some(done.new),
+            Err(_) => client
+                .info(Duration::from_secs(5))
+                .ok()
+                .map(|i| vmm_api::Size {
+                    vcpus: i.vcpus,
+                    memory_mib: i.memory_mib,
+                }),
         };
-        if let Some(n) = now.filter(|n| *n != self.record.spec.vcpus) {
-            self.record.spec.vcpus = n;
-            self.save()?;
+        if let Some(n) = now {
+            let spec = &mut self.record.spec;
+            if (n.vcpus, n.memory_mib) != (spec.vcpus, spec.memory_mib) {
+                spec.vcpus = n.vcpus;
+                spec.memory_mib = n.memory_mib;
+                self.save()?;
+            }
         }
         result.map(|_| ()).map_err(anyhow::Error::from)
     }
@@ -579,6 +604,10 @@ impl Vm {
             .args(["--vcpus", &s.vcpus.to_string()])
             .args(["--max-vcpus", &s.max_vcpus.max(s.vcpus).to_string()])
             .args(["--memory-mib", &s.memory_mib.to_string()])
+            .args([
+                "--max-memory-mib",
+                &s.max_memory_mib.max(s.memory_mib).to_string(),
+            ])
             .args(["--cmdline", &s.cmdline])
             // Every VM gets a balloon, so memory can be taken back from a running guest.
             .args(["--balloon", "deflate-on-oom"]);

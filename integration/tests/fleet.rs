@@ -3244,6 +3244,63 @@ fn a_running_vm_is_resized_without_a_restart() {
     assert_eq!(f.vmm_pids(&id).len(), 1);
 }
 
+/// Issue 14: memory through the same job path — a running VM's virtio-mem grows and shrinks
+/// without a restart, within its max_memory_mib; bad sizes are refused before anything is sent.
+#[test]
+fn a_running_vm_gets_more_memory_and_gives_it_back() {
+    let f = Fleet::start(None, &["h1"]);
+    f.add_test_image();
+    let mut args = create_args("m").to_vec();
+    args.extend(["--max-memory-mib", "192"]);
+    let (ok, out, err) = f.ctl(&args);
+    assert!(ok, "{err}");
+    let id = out.trim().to_string();
+    wait_until("the guest's heartbeats", || f.beats(&id).len() >= 3);
+    let vm = f.ctl_ok(&["vm", "show", &id]);
+    assert_eq!(
+        (vm["memory_mib"].as_i64(), vm["max_memory_mib"].as_i64()),
+        (Some(64), Some(192)),
+        "{vm}"
+    );
+
+    let (ok, _, err) = f.ctl(&["vm", "resize", &id, "--memory-mib", "160"]);
+    assert!(ok, "{err}");
+    assert_eq!(f.ctl_ok(&["vm", "show", &id])["memory_mib"], 160);
+    assert!(console_text(&f, &id).contains("tg: mem plugged_mib=96"));
+    assert!(f.has_vm_event("VM_Resized", &id, "memory 64 -> 160 MiB"));
+
+    let (ok, _, err) = f.ctl(&["vm", "resize", &id, "--memory-mib", "96", "--vcpus", "1"]);
+    assert!(ok, "{err}");
+    assert_eq!(f.ctl_ok(&["vm", "show", &id])["memory_mib"], 96);
+    assert!(console_text(&f, &id).contains("tg: mem plugged_mib=32"));
+    assert!(f.has_vm_event("VM_Resized", &id, "memory 160 -> 96 MiB"));
+
+    // Refused by vimd: above max_memory_mib. Refused by the VMM, as a failed job with its
+    // reason: below what the VM booted with, off the 2 MiB blocks. Nothing changes.
+    let (ok, _, err) = f.ctl(&["vm", "resize", &id, "--memory-mib", "256"]);
+    assert!(
+        !ok && err.contains("400") && err.contains("at most 192"),
+        "{err}"
+    );
+    for (mib, why) in [("32", "booted with"), ("97", "2 MiB blocks")] {
+        let (ok, _, err) = f.ctl(&["vm", "resize", &id, "--memory-mib", mib]);
+        assert!(!ok && err.contains(why), "{mib}: {err}");
+    }
+    assert_eq!(f.ctl_ok(&["vm", "show", &id])["memory_mib"], 96);
+    // A VM made without a ceiling grows to 4 x its memory.
+    let (ok, out, err) = f.ctl(&create_args("d"));
+    assert!(ok, "{err}");
+    let d = out.trim().to_string();
+    assert_eq!(f.ctl_ok(&["vm", "show", &d])["max_memory_mib"], 256);
+
+    // The guest was never restarted: one counter, never going back.
+    let n = f.beats(&id).len();
+    wait_until("more heartbeats", || f.beats(&id).len() >= n + 3);
+    let beats = f.beats(&id);
+    assert!(beats.windows(2).all(|w| w[1] > w[0]), "{beats:?}");
+    assert_eq!(f.vmm_pids(&id).len(), 1);
+}
+
 impl Fleet {
     /// An image of the test guest whose boot CPU spins for its first `burn_s` seconds, then
     /// idles (automatic scaling).

@@ -573,6 +573,20 @@ struct CreateVm {
     /// The most vCPUs it can be resized to while it runs (default 4 x vcpus, at most 254).
     #[serde(default)]
     max_vcpus: Option<u32>,
+    /// The most memory it can be resized to while it runs, MiB (default: the consumer's scaling
+    /// ceiling, else 4 x memory_mib; at most 1 TiB). It costs no host memory until plugged.
+    #[serde(default)]
+    max_memory_mib: Option<u64>,
+}
+
+/// The most memory a VM can grow to (the VMM's limit).
+const MAX_MEMORY_MIB: u64 = 1 << 20;
+
+/// The memory ceiling a VM gets: `want` brought within memory_mib..1 TiB and onto the 2 MiB
+/// blocks memory is plugged in.
+fn memory_ceiling(memory_mib: u64, want: u64) -> u64 {
+    let max = want.clamp(memory_mib, MAX_MEMORY_MIB.max(memory_mib));
+    memory_mib + ((max - memory_mib) & !1)
 }
 
 /// What a VM may be resized to at most, unless its creator says otherwise.
@@ -598,11 +612,12 @@ async fn create_vm(State(v): St, h: Req, b: Result<Json<CreateVm>, JsonRejection
         let policy_max =
             v.db.scaling_policy(&db::ScalingPolicy::consumer_scope(&who.name))
                 .await?
-                .filter(|p| p.enabled)
-                .map(|p| (p.max_vcpus as u32).clamp(req.vcpus, MAX_VCPUS));
+                .filter(|p| p.enabled);
         let max_vcpus = req
             .max_vcpus
-            .or(policy_max)
+            .or(policy_max
+                .as_ref()
+                .map(|p| (p.max_vcpus as u32).clamp(req.vcpus, MAX_VCPUS)))
             .unwrap_or(default_max_vcpus(req.vcpus));
         if max_vcpus < req.vcpus || max_vcpus > MAX_VCPUS {
             return Err(bad(format!(
@@ -613,6 +628,26 @@ async fn create_vm(State(v): St, h: Req, b: Result<Json<CreateVm>, JsonRejection
         if req.memory_mib < 16 || req.memory_mib > 1 << 22 {
             return Err(bad("memory_mib must be 16 to 4194304"));
         }
+        let max_memory_mib = match req.max_memory_mib {
+            Some(m) if m < req.memory_mib || m > MAX_MEMORY_MIB.max(req.memory_mib) => {
+                return Err(bad(format!(
+                    "max_memory_mib must be {} to {MAX_MEMORY_MIB} (at least memory_mib)",
+                    req.memory_mib
+                )))
+            }
+            Some(m) if (m - req.memory_mib) % 2 != 0 => {
+                return Err(bad(
+                    "max_memory_mib must be memory_mib plus a whole number of 2 MiB blocks",
+                ))
+            }
+            Some(m) => m,
+            None => memory_ceiling(
+                req.memory_mib,
+                policy_max.map_or(req.memory_mib.saturating_mul(4), |p| {
+                    p.max_memory_mib.max(0) as u64
+                }),
+            ),
+        };
         if v.db.image(&req.image).await?.is_none() {
             return Err(not_found(&format!("image {}", req.image)));
         }
@@ -637,6 +672,7 @@ async fn create_vm(State(v): St, h: Req, b: Result<Json<CreateVm>, JsonRejection
             ha: req.ha,
             ha_priority: in_range("ha_priority", req.ha_priority, -1000, 1000)?,
             max_vcpus: i64::from(max_vcpus),
+            max_memory_mib: max_memory_mib as i64,
             ..db::Vm::default()
         };
         let job = db::Job::new(db::JobKind::Create, &who.name, &vm.id);
@@ -774,12 +810,15 @@ async fn set_ha(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ResizeVm {
-    vcpus: u32,
+    #[serde(default)]
+    vcpus: Option<u32>,
+    #[serde(default)]
+    memory_mib: Option<u64>,
 }
 
-/// Changes a running VM's vCPUs (docs/hotplug.md), from 1 to its `max_vcpus`; growing needs
-/// room on its host for the added vCPUs. A `resize` job: its host's answer (`VM_Resized`) holds
-/// the vCPUs the guest took or gave back.
+/// Changes a running VM's vCPUs, from 1 to its `max_vcpus`, and its memory, up to its
+/// `max_memory_mib` (docs/hotplug.md); growing needs room on its host for what is added. A
+/// `resize` job: its host's answer (`VM_Resized`) holds what the guest took or gave back.
 async fn resize_vm(
     State(v): St,
     h: Req,
@@ -788,12 +827,23 @@ async fn resize_vm(
 ) -> Response {
     call(&v, &h, "vms.resize", &id.clone(), |v, who| async move {
         let req = body(b)?;
+        if req.vcpus.is_none() && req.memory_mib.is_none() {
+            return Err(bad("say what to change: vcpus, memory_mib or both"));
+        }
         let vm = owned_vm(&v, &who, &id).await?;
         let ceiling = vm.vcpu_ceiling();
-        let vcpus = i64::from(req.vcpus);
+        let vcpus = req.vcpus.map_or(vm.vcpus, i64::from);
         if !(1..=ceiling).contains(&vcpus) {
             return Err(bad(format!(
                 "vcpus must be 1 to {ceiling}, the VM's max_vcpus (set when it was created), not {vcpus}"
+            )));
+        }
+        let mem_ceiling = vm.memory_ceiling();
+        let memory = req.memory_mib.map_or(vm.memory_mib, |m| m.min(i64::MAX as u64) as i64);
+        if !(16..=mem_ceiling).contains(&memory) {
+            return Err(bad(format!(
+                "memory_mib must be at most {mem_ceiling}, the VM's max_memory_mib (set when it \
+                 was created), not {memory}"
             )));
         }
         if vm.state != db::VmState::Running {
@@ -802,12 +852,13 @@ async fn resize_vm(
                 format!("VM {id} is {}, not running", vm.state),
             ));
         }
-        if vcpus > vm.vcpus {
+        if vcpus > vm.vcpus || memory > vm.memory_mib {
             let only = crate::placement::Among {
                 only: Some(&vm.host_id),
                 ..Default::default()
             };
-            let room = crate::placement::choose(&v.db, &v.policy, vcpus - vm.vcpus, 0, only)
+            let (more_vcpus, more_mib) = ((vcpus - vm.vcpus).max(0), (memory - vm.memory_mib).max(0));
+            let room = crate::placement::choose(&v.db, &v.policy, more_vcpus, more_mib, only)
                 .await?;
             if let Err(why) = room {
                 return Err(ApiError(
@@ -818,6 +869,7 @@ async fn resize_vm(
         }
         let params = crate::server::ResizeParams {
             vcpus: vcpus as u32,
+            memory_mib: (memory != vm.memory_mib).then_some(memory as u64),
         };
         let job = v
             .queue_job(db::JobKind::Resize, &who.name, &vm.id, &params)

@@ -118,7 +118,11 @@ pub fn document() -> Value {
                                           "ha_priority": ha_priority(),
                                           "max_vcpus": {"type": "integer", "minimum": 1, "maximum": 254, "nullable": true,
                                                         "description": "the most vCPUs it can be resized to while it runs \
-                                                                        (null or absent: the owner's scaling policy's ceiling, else 4 x vcpus; at most 254; at least vcpus)"}}})),
+                                                                        (null or absent: the owner's scaling policy's ceiling, else 4 x vcpus; at most 254; at least vcpus)"},
+                                          "max_memory_mib": {"type": "integer", "minimum": 16, "maximum": 1_048_576, "nullable": true,
+                                                             "description": "the most memory it can be resized to while it runs, MiB \
+                                                                             (null or absent: the owner's scaling policy's ceiling, else 4 x memory_mib; \
+                                                                             at least memory_mib, and memory_mib plus whole 2 MiB blocks)"}}})),
             },
             "/vms/{id}": {"get": with_id(op("Show a VM", "200")), "delete": with_id(op("Delete a VM", "202"))},
             "/vms/{id}/start": {"post": with_id(op("Start a VM", "202"))},
@@ -130,10 +134,12 @@ pub fn document() -> Value {
                        "properties": {"to": name(),
                                       "downtime_ms": {"type": "integer", "minimum": 1, "maximum": 60_000}}}))},
             "/vms/{id}/resize": {"post": with_body(with_id(op(
-                "Change a running VM's vCPUs by hotplug, from 1 to its max_vcpus (docs/hotplug.md); \
-                 growing needs room on its host. Its host's answer, VM_Resized, says what the guest took.", "202")),
-                json!({"type": "object", "required": ["vcpus"], "additionalProperties": false,
-                       "properties": {"vcpus": {"type": "integer", "minimum": 1, "maximum": 254}}}))},
+                "Change a running VM's vCPUs (1 to its max_vcpus) and memory (up to its max_memory_mib, \
+                 not below what it booted with) by hotplug (docs/hotplug.md); growing needs room on \
+                 its host. Its host's answer, VM_Resized, says what the guest took.", "202")),
+                json!({"type": "object", "minProperties": 1, "additionalProperties": false,
+                       "properties": {"vcpus": {"type": "integer", "minimum": 1, "maximum": 254},
+                                      "memory_mib": {"type": "integer", "minimum": 16, "maximum": 1_048_576}}}))},
             "/vms/{id}/scaling": {"put": with_body(with_id(op(
                 "Set a VM's automatic scaling policy (its owner or an admin; it wins over its owner's; docs/scaling.md)", "200")),
                 scaling_policy())},

@@ -114,10 +114,11 @@ impl Layout {
 pub fn create_guest_memory(layout: Layout) -> Result<(GuestMemory, File), MemoryError> {
     let size = layout.total();
     // Memory is mapped lazily, so an impossible size would only fail when the guest touches it.
+    // The hotplug region is only address space until plugged (placement decides what fits).
     if let Some(host) = host_memory_bytes() {
-        if size > host {
+        if layout.boot > host {
             return Err(MemoryError::MoreThanHost {
-                requested: size >> 20,
+                requested: layout.boot >> 20,
                 host: host >> 20,
             });
         }

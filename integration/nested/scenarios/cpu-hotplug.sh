@@ -66,7 +66,7 @@ vmm run $args --cmdline "console=ttyS0 panic=-1 memhp_default_state=online_movab
     --api-socket /tmp/a.sock 2>/tmp/a.err &
 a=$!
 if ! wait_nproc $L 1 200; then
-    result hp-boot fail "no guest count: $(tail -n 5 $L | tr -d '\r')"
+    result hp-boot fail "no guest count: $(tail -n 5 $L 2>/dev/null | tr -d '\r') vmm: $(tail -n 5 /tmp/a.err)"
     l1_poweroff
 fi
 result hp-boot pass "$(tr -d '\r' < $L | grep 'guest: ready')"

@@ -208,14 +208,21 @@ enum VmCmd {
         /// The most vCPUs it can be resized to while it runs (default 4 x --vcpus, at most 254).
         #[arg(long = "max-vcpus")]
         max_vcpus: Option<u32>,
+        /// The most memory it can be resized to while it runs (default: the consumer's scaling
+        /// ceiling, else 4 x --memory-mib).
+        #[arg(long = "max-memory-mib")]
+        max_memory_mib: Option<u64>,
         #[command(flatten)]
         wait: Wait,
     },
-    /// Change a running VM's vCPUs (hotplug, up to its max_vcpus); waits for the guest.
+    /// Change a running VM's vCPUs (up to its max_vcpus) and memory (up to its max_memory_mib)
+    /// by hotplug; waits for the guest.
     Resize {
         id: String,
-        #[arg(long)]
-        vcpus: u32,
+        #[arg(long, required_unless_present = "memory_mib")]
+        vcpus: Option<u32>,
+        #[arg(long = "memory-mib")]
+        memory_mib: Option<u64>,
         #[command(flatten)]
         wait: Wait,
     },
@@ -681,6 +688,7 @@ fn run(cli: Cli) -> Result<()> {
                 ha,
                 ha_priority,
                 max_vcpus,
+                max_memory_mib,
                 wait,
             } => {
                 let mut body = json!({"name": name, "image": image, "vcpus": vcpus,
@@ -689,10 +697,25 @@ fn run(cli: Cli) -> Result<()> {
                 if let Some(m) = max_vcpus {
                     body["max_vcpus"] = json!(m);
                 }
+                if let Some(m) = max_memory_mib {
+                    body["max_memory_mib"] = json!(m);
+                }
                 job_cmd("/vms".into(), body, &wait)?
             }
-            VmCmd::Resize { id, vcpus, wait } => {
-                job_cmd(format!("/vms/{id}/resize"), json!({"vcpus": vcpus}), &wait)?
+            VmCmd::Resize {
+                id,
+                vcpus,
+                memory_mib,
+                wait,
+            } => {
+                let mut body = json!({});
+                if let Some(v) = vcpus {
+                    body["vcpus"] = json!(v);
+                }
+                if let Some(m) = memory_mib {
+                    body["memory_mib"] = json!(m);
+                }
+                job_cmd(format!("/vms/{id}/resize"), body, &wait)?
             }
             VmCmd::SetHa { id, mode, priority } => {
                 let mut body = json!({"ha": mode});

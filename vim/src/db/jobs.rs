@@ -167,8 +167,8 @@ impl Db {
         if let Some(v) = new_vm {
             sqlx::query(
                 "INSERT INTO vms (id, name, owner, image, vcpus, memory_mib, state, created_at, mac, ha,
-                                  ha_priority, max_vcpus)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                                  ha_priority, max_vcpus, max_memory_mib)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
             )
             .bind(&v.id)
             .bind(&v.name)
@@ -182,6 +182,7 @@ impl Db {
             .bind(v.ha.as_str())
             .bind(v.ha_priority)
             .bind(v.max_vcpus)
+            .bind(v.max_memory_mib)
             .execute(&mut *tx)
             .await?;
         }

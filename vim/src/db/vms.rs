@@ -41,12 +41,19 @@ pub struct Vm {
     pub max_vcpus: i64,
     /// When the VIM last resized it on its own (ms since the epoch; 0: never).
     pub scaled_at: i64,
+    /// The most memory it can be resized to while it runs (0: `memory_mib`, a VM made before).
+    pub max_memory_mib: i64,
 }
 
 impl Vm {
     /// The most vCPUs it can have while it runs.
     pub fn vcpu_ceiling(&self) -> i64 {
         self.max_vcpus.max(self.vcpus)
+    }
+
+    /// The most memory it can have while it runs.
+    pub fn memory_ceiling(&self) -> i64 {
+        self.max_memory_mib.max(self.memory_mib)
     }
 }
 
@@ -94,6 +101,7 @@ fn vm(r: &AnyRow) -> Result<Vm, sqlx::Error> {
         ha_priority: r.try_get("ha_priority")?,
         max_vcpus: r.try_get("max_vcpus")?,
         scaled_at: r.try_get("scaled_at")?,
+        max_memory_mib: r.try_get("max_memory_mib")?,
     })
 }
 
@@ -265,9 +273,10 @@ impl Db {
     }
 
     /// Records the vCPUs a VM has now (a resize's answer).
-    pub async fn set_vm_vcpus(&self, id: &str, vcpus: i64) -> Result<(), DbError> {
-        sqlx::query("UPDATE vms SET vcpus = $1 WHERE id = $2")
+    pub async fn set_vm_size(&self, id: &str, vcpus: i64, memory_mib: i64) -> Result<(), DbError> {
+        sqlx::query("UPDATE vms SET vcpus = $1, memory_mib = $2 WHERE id = $3")
             .bind(vcpus)
+            .bind(memory_mib)
             .bind(id)
             .execute(&self.writer)
             .await?;

@@ -123,15 +123,27 @@ impl Vimd {
         Ok(())
     }
 
-    /// A resize's answer: the VM's vCPUs as its host reports them now (a resize the guest did
-    /// only part of changed some); the event's detail.
+    /// A resize's answer: the VM's vCPUs and memory as its host reports them now (a resize the
+    /// guest did only part of changed some); the event's detail.
     async fn resize_answer(&self, job: &db::Job, ev: &vim_proto::HostEvent) -> Result<String> {
-        let old = self.db.vm(&job.vm_id).await?.map_or(0, |vm| vm.vcpus);
-        let now = ev.vm.as_ref().map_or(0, |r| i64::from(r.vcpus));
-        if now > 0 && now != old {
-            self.db.set_vm_vcpus(&job.vm_id, now).await?;
+        let (old, old_mib) = self
+            .db
+            .vm(&job.vm_id)
+            .await?
+            .map_or((0, 0), |vm| (vm.vcpus, vm.memory_mib));
+        // 0: the host did not say (an older agent); the VIM's figure stands.
+        let reported = ev.vm.as_ref();
+        let now = reported.map_or(0, |r| i64::from(r.vcpus));
+        let now = if now > 0 { now } else { old };
+        let now_mib = reported.map_or(0, |r| r.memory_mib as i64);
+        let now_mib = if now_mib > 0 { now_mib } else { old_mib };
+        if (now, now_mib) != (old, old_mib) {
+            self.db.set_vm_size(&job.vm_id, now, now_mib).await?;
         }
-        let sizes = format!("vcpus {old} -> {}", if now > 0 { now } else { old });
+        let mut sizes = format!("vcpus {old} -> {now}");
+        if now_mib != old_mib {
+            sizes += &format!(", memory {old_mib} -> {now_mib} MiB");
+        }
         Ok(if ev.ok {
             sizes
         } else {

@@ -138,6 +138,7 @@ impl Vimd {
             disk,
             mac: vm.mac.clone(),
             max_vcpus: vm.vcpu_ceiling() as u32,
+            max_memory_mib: vm.memory_ceiling() as u64,
             scaling,
         })
     }
@@ -217,6 +218,7 @@ impl Vimd {
                 Action::Resize(vim_proto::ResizeVm {
                     vm_id: vm.id.clone(),
                     vcpus: p.vcpus,
+                    memory_mib: p.memory_mib.unwrap_or(0),
                 })
             }
         };
@@ -309,6 +311,9 @@ impl Vimd {
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct ResizeParams {
     pub vcpus: u32,
+    /// The memory wanted (MiB); absent: unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
 }
 
 /// What handling a job does next.

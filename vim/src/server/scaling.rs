@@ -78,6 +78,7 @@ impl Vimd {
         if room_here {
             let params = ResizeParams {
                 vcpus: target as u32,
+                memory_mib: None,
             };
             self.queue_job(JobKind::Resize, &owner, &vm.id, &params)
                 .await?;
@@ -122,7 +123,10 @@ impl Vimd {
 
     /// A migration the scaler asked for has completed: the VM is resized on its new host.
     pub(super) async fn resize_after_migration(&self, parent: &db::Job, vcpus: u32) -> Result<()> {
-        let params = ResizeParams { vcpus };
+        let params = ResizeParams {
+            vcpus,
+            memory_mib: None,
+        };
         self.queue_job(JobKind::Resize, &parent.owner, &parent.vm_id, &params)
             .await?;
         Ok(())

@@ -108,12 +108,17 @@ impl Client {
         self.send(&Request::Snapshot { dir: dir.into() })
     }
 
-    /// Changes the vCPUs; waits for the guest (at most `timeout_ms`, then an error saying how
-    /// far it got).
-    pub fn resize_vcpus(&self, vcpus: u32, timeout_ms: u64) -> Result<Resized, ClientError> {
+    /// Changes the vCPUs and the memory (each `None`: unchanged); waits for the guest (at most
+    /// `timeout_ms`, then an error saying how far it got).
+    pub fn resize(
+        &self,
+        vcpus: Option<u32>,
+        memory_mib: Option<u64>,
+        timeout_ms: u64,
+    ) -> Result<Resized, ClientError> {
         self.send(&Request::Resize {
-            vcpus: Some(vcpus),
-            memory_mib: None,
+            vcpus,
+            memory_mib,
             timeout_ms,
         })
     }
