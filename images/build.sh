@@ -91,7 +91,7 @@ if [ ! -s "$initramfs" ] || [ -n "$(find "${inputs[@]}" -newer "$initramfs" 2>/d
         [ "$a" = busybox ] || ln -sf busybox "$root/bin/$a"
     done
     # The virtio stack, in load order, with what modules.dep says each needs.
-    mods="virtio_ring virtio virtio_mmio virtio_blk failover net_failover virtio_net virtio_balloon virtio_mem virtio_rng vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport ext4"
+    mods="virtio_ring virtio virtio_mmio virtio_pci virtio_blk failover net_failover virtio_net virtio_balloon virtio_mem virtio_rng vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport ext4"
     : > "$root/etc/modules"
     for m in $mods; do
         for dep in $(modprobe -d "$out/modules" -S "$kver" --show-depends "$m" 2>/dev/null | awk '/^insmod/{print $2}'); do

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# vCPU hotplug benchmark in the nested lane: inside one L1 VM, the same Debian guest under our
-# vmm (`vmm ctl resize`) and under QEMU q35 with KVM (`device_add` of a CPU), one after the other:
-# time from the request to the guest seeing the new CPU online, and to the guest having given it
-# back (integration/nested/scenarios/bench-hotplug.sh says how it is measured). Memory hotplug
-# (virtio-mem) is not built, so only vCPUs are compared. Absolute numbers in L1 (emulated SVM)
-# say little; the ratio between the two VMMs does.
+# vCPU and memory hotplug benchmark in the nested lane: inside one L1 VM, the same Debian guest
+# under our vmm (`vmm ctl resize`) and under QEMU q35 with KVM (`device_add` of a CPU; a
+# virtio-mem-pci device's requested-size), one after the other: time from the request to the
+# guest seeing the new CPU online or 1 GiB more MemTotal, and to the guest having given it back
+# (integration/nested/scenarios/bench-hotplug.sh says how it is measured). Absolute numbers in L1
+# (emulated SVM) say little; the ratio between the two VMMs does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -25,13 +25,13 @@ for line in open(sys.argv[1], errors="replace"):
         rows.setdefault((p[1], p[2]), []).append(int(p[3]))
 if not rows:
     sys.exit("no figures: see the console above")
-print(f"\n{'step':8s} {'vmm median ms':>14s} {'qemu median ms':>15s} {'vmm/qemu':>9s}   (runs, min-max)")
-for step in ("add", "remove"):
+print(f"\n{'step':10s} {'vmm median ms':>14s} {'qemu median ms':>15s} {'vmm/qemu':>9s}   (runs, min-max)")
+for step in ("add", "remove", "mem-add", "mem-remove"):
     a, b = rows.get(("vmm", step), []), rows.get(("qemu", step), [])
     if not a or not b:
-        print(f"{step:8s} missing: vmm {a} qemu {b}")
+        print(f"{step:10s} missing: vmm {a} qemu {b}")
         continue
     ma, mb = statistics.median(a), statistics.median(b)
-    print(f"{step:8s} {ma:14.0f} {mb:15.0f} {ma / mb:9.2f}   vmm {len(a)} {min(a)}-{max(a)}, qemu {len(b)} {min(b)}-{max(b)}")
+    print(f"{step:10s} {ma:14.0f} {mb:15.0f} {ma / mb:9.2f}   vmm {len(a)} {min(a)}-{max(a)}, qemu {len(b)} {min(b)}-{max(b)}")
 print("target: vmm <= 0.5 x QEMU")
 PY

@@ -456,9 +456,7 @@ impl Supervisor {
                     }
                     Action::AbortIncoming(_) => vm.abort_incoming(),
                     Action::Evict(_) => vm.evict(),
-                    Action::Resize(r) => {
-                        vm.resize(r.vcpus, (r.memory_mib > 0).then_some(r.memory_mib))
-                    }
+                    Action::Resize(r) => vm.resize(r),
                     Action::SetScaling(s) => vm.set_scaling(s.scaling.as_ref()),
                 };
                 let report = if vm.gone() {

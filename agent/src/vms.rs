@@ -553,7 +553,8 @@ impl Vm {
     /// Changes the running VM's vCPUs and, when `memory_mib` is given, its memory (its VMM waits
     /// for the guest). The record keeps what the VM has afterwards, all of the resize or the part
     /// the guest did, so a restart boots it at that size.
-    pub fn resize(&mut self, vcpus: u32, memory_mib: Option<u64>) -> anyhow::Result<()> {
+    pub fn resize(&mut self, req: &vim_proto::ResizeVm) -> anyhow::Result<()> {
+        let (vcpus, mut memory_mib) = (req.vcpus, (req.memory_mib > 0).then_some(req.memory_mib));
         let r = &self.record;
         anyhow::ensure!(
             r.state == VmState::Running && alive(r.pid),
@@ -565,6 +566,16 @@ impl Vm {
             "{vcpus} vCPUs is more than the VM's maximum, {max}"
         );
         let client = vmm_api::Client::new(&r.api_socket);
+        if let (true, Some(m)) = (req.clamp_memory, memory_mib) {
+            // What the VMM booted with is its floor (its configuration says).
+            let booted = client
+                .info(Duration::from_secs(5))?
+                .config
+                .get("memory_mib")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0);
+            memory_mib = Some(m.max(booted));
+        }
         let result = client.resize(Some(vcpus), memory_mib, vmm_api::DEFAULT_RESIZE_TIMEOUT_MS);
         let now = match &result {
             Ok(done) => Some(done.new),

@@ -3401,7 +3401,8 @@ fn a_full_host_makes_the_vim_migrate_first_and_the_ceiling_refuses() {
     }
     f.ctl_ok(&["host", "undrain", "h2", "--json"]);
     f.ctl_ok(&[
-        "policy", "set", "--vm", &capped, "--up", "30:3", "--max", "1:4096", "--json",
+        "policy", "set", "--vm", &capped, "--up", "30:3", "--min", "1:64", "--max", "1:64",
+        "--json",
     ]);
     f.ctl_ok(&[
         "policy",

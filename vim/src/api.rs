@@ -870,6 +870,7 @@ async fn resize_vm(
         let params = crate::server::ResizeParams {
             vcpus: vcpus as u32,
             memory_mib: (memory != vm.memory_mib).then_some(memory as u64),
+            clamp_memory: false,
         };
         let job = v
             .queue_job(db::JobKind::Resize, &who.name, &vm.id, &params)

@@ -219,6 +219,7 @@ impl Vimd {
                     vm_id: vm.id.clone(),
                     vcpus: p.vcpus,
                     memory_mib: p.memory_mib.unwrap_or(0),
+                    clamp_memory: p.clamp_memory,
                 })
             }
         };
@@ -314,6 +315,10 @@ pub struct ResizeParams {
     /// The memory wanted (MiB); absent: unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mib: Option<u64>,
+    /// The scaler's request: memory below what the VM booted with (which it cannot give back)
+    /// is brought up to that instead of refusing the resize.
+    #[serde(default)]
+    pub clamp_memory: bool,
 }
 
 /// What handling a job does next.

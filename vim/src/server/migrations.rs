@@ -40,6 +40,9 @@ pub struct MigrateParams {
     /// (its own host had no room for them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub then_vcpus: Option<u32>,
+    /// And to this much memory, when that changes too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub then_memory_mib: Option<u64>,
 }
 
 impl MigrateParams {
@@ -274,7 +277,8 @@ impl Vimd {
             .await?;
         self.take_waiting_migrations().await;
         if let Some(vcpus) = p.then_vcpus {
-            self.resize_after_migration(&parent, vcpus).await?;
+            self.resize_after_migration(&parent, vcpus, p.then_memory_mib)
+                .await?;
         }
         self.event(
             EventKind::VmMigrated,
