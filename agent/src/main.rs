@@ -444,9 +444,10 @@ async fn serve(
                         .into(),
                         scale: Some(vim_proto::ScaleRequest {
                             vm_id,
-                            cpu_pct: request.avg_pct,
+                            cpu_pct: request.cpu_pct,
                             window_s: request.window.as_secs() as u32,
                             vcpus,
+                            memory_pct: request.memory_pct,
                         }),
                         ..Default::default()
                     },

@@ -55,8 +55,8 @@ pub enum Notice {
         vm_id: String,
         progress: vmm_api::MigrationProgress,
     },
-    /// `Scale_Up_Requested` or `Scale_Down_Requested`: the VM's CPU use over its policy's
-    /// window.
+    /// `Scale_Up_Requested` or `Scale_Down_Requested`: the VM's CPU and memory use over its
+    /// policy's window.
     Scale {
         vm_id: String,
         request: crate::scaling::Request,
@@ -517,11 +517,16 @@ impl Supervisor {
         let watch = scaling
             .filter(|_| running)
             .map(vim_proto::ScalingWatch::from);
-        let pct = report.cpu_pct / f64::from(report.vcpus.max(1));
-        if let Some(request) =
-            self.scaling
-                .sample(watch.as_ref(), std::time::Instant::now(), pct, report.vcpus)
-        {
+        let use_ = crate::scaling::Sample {
+            cpu_pct: report.cpu_pct / f64::from(report.vcpus.max(1)),
+            memory_pct: report.memory_used_pct,
+        };
+        if let Some(request) = self.scaling.sample(
+            watch.as_ref(),
+            std::time::Instant::now(),
+            use_,
+            report.vcpus,
+        ) {
             tracing::info!(vm = self.id, ?request, "asking for a resize");
             let _ = self.exits.send(Notice::Scale {
                 vm_id: self.id.clone(),

@@ -530,6 +530,8 @@ impl Vm {
         self.refresh_incoming();
         let r = &self.record;
         let u = usage(r.pid, &mut self.cpu);
+        // The balloon's count and the guest's memory use, without a round trip to the guest.
+        let balloon = vmm_info(&r.api_socket, Duration::from_millis(200)).and_then(|i| i.balloon);
         VmReport {
             seq: next_report_seq(),
             vm_id: r.spec.vm_id.clone(),
@@ -538,9 +540,10 @@ impl Vm {
             cpu_pct: u.vcpu_pct,
             rss_kib: u.rss_kib,
             vmm_cpu_pct: u.vmm_pct,
-            balloon_mib: balloon_mib(&r.api_socket),
+            balloon_mib: balloon.and_then(|b| b.actual_mib).unwrap_or(0),
             vcpus: r.spec.vcpus,
             memory_mib: r.spec.memory_mib,
+            memory_used_pct: balloon.and_then(|b| b.used_pct),
         }
     }
 
@@ -620,8 +623,9 @@ impl Vm {
                 &s.max_memory_mib.max(s.memory_mib).to_string(),
             ])
             .args(["--cmdline", &s.cmdline])
-            // Every VM gets a balloon, so memory can be taken back from a running guest.
-            .args(["--balloon", "deflate-on-oom"]);
+            // Every VM gets a balloon, so memory can be taken back from a running guest, and
+            // reports its memory use every second (the scaling watch's sample).
+            .args(["--balloon", "deflate-on-oom", "--balloon-stats-ms", "1000"]);
         if !s.initrd.is_empty() {
             cmd.args(["--initrd", &s.initrd]);
         }
@@ -1109,14 +1113,6 @@ struct Usage {
 /// The VMM's `info` over its API socket, if it answers within `timeout`.
 fn vmm_info(api_socket: &Path, timeout: Duration) -> Option<vmm_api::Info> {
     vmm_api::Client::new(api_socket).info(timeout).ok()
-}
-
-/// How much memory the guest has given back through its balloon; 0 if it has none or the VMM
-/// does not answer at once (a report never waits for a busy VMM).
-fn balloon_mib(api_socket: &Path) -> u64 {
-    vmm_info(api_socket, Duration::from_millis(200))
-        .and_then(|i| i.balloon?.actual_mib)
-        .unwrap_or(0)
 }
 
 /// The pid of a VMM already serving `api_socket` (started by an agent that died before it could

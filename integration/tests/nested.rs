@@ -153,6 +153,7 @@ fn virtio_balloon_returns_memory_to_the_host() {
         "balloon",
         400,
         &[
+            "balloon-polled",
             "balloon-guest-avail",
             "balloon-host-rss",
             "balloon-stats",

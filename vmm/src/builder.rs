@@ -163,7 +163,9 @@ impl Machine {
         }
         let balloon = match config.devices.balloon {
             Some(b) => {
-                let (dev, control) = Balloon::new(b.deflate_on_oom);
+                let every = (b.stats_interval_ms > 0)
+                    .then(|| std::time::Duration::from_millis(b.stats_interval_ms));
+                let (dev, control) = Balloon::new(b.deflate_on_oom, every);
                 let transport = virtio.attach(&vm.fd, &vm.memory, &mut mmio_bus, Box::new(dev))?;
                 Some((transport, control))
             }

@@ -194,6 +194,9 @@ pub struct DeviceConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BalloonConfig {
     pub deflate_on_oom: bool,
+    /// Ask the guest for memory statistics this often (0: only when the API asks).
+    #[serde(default)]
+    pub stats_interval_ms: u64,
 }
 
 impl VmConfig {

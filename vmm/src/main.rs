@@ -102,6 +102,10 @@ struct RunArgs {
     /// A virtio-balloon device; `--balloon deflate-on-oom` lets the guest deflate under pressure.
     #[arg(long, num_args = 0..=1, default_missing_value = "on", value_parser = ["on", "deflate-on-oom"])]
     balloon: Option<String>,
+    /// With --balloon: ask the guest for memory statistics every N ms, so `info` shows how much
+    /// of its memory the guest uses without a round trip (0: only `ctl balloon-stats` asks).
+    #[arg(long = "balloon-stats-ms", default_value_t = 0, requires = "balloon")]
+    balloon_stats_ms: u64,
     /// A virtio-vsock device, `cid=N,socket=PATH` (host side: see docs/vsock.md).
     #[arg(long)]
     vsock: Option<String>,
@@ -137,13 +141,15 @@ enum CtlCommand {
     /// The balloon's size and the guest's latest memory statistics.
     BalloonStats,
     /// Change the running VM's size: vCPUs are hot-added or, once the guest ejects them, removed
-    /// (up to `--max-vcpus`). Waits for the guest; prints old, new and took_ms.
+    /// (up to `--max-vcpus`); memory is plugged or unplugged by virtio-mem (from the boot size up
+    /// to `--max-memory-mib`). Waits for the guest; prints old, new and took_ms.
     Resize {
         #[arg(long)]
         vcpus: Option<u32>,
         #[arg(long = "memory-mib")]
         memory_mib: Option<u64>,
-        /// How long to wait for the guest to take or give back the vCPUs.
+        /// How long to wait for the guest to take or give back the vCPUs and memory (then the
+        /// rest of the change is withdrawn and the error says how far the guest got).
         #[arg(long = "timeout-ms", default_value_t = api::DEFAULT_RESIZE_TIMEOUT_MS)]
         timeout_ms: u64,
     },
@@ -197,6 +203,7 @@ fn run(args: RunArgs) -> Result<i32> {
         rng: args.rng,
         balloon: args.balloon.map(|b| BalloonConfig {
             deflate_on_oom: b == "deflate-on-oom",
+            stats_interval_ms: args.balloon_stats_ms,
         }),
         vsock: args.vsock.map(|v| v.parse::<VsockConfig>()).transpose()?,
     };

@@ -37,6 +37,8 @@ pub enum VmmEvent {
     VcpuEjected(u8),
 }
 
+/// How old the guest's memory statistics may be for `info` to show its memory use.
+const STATS_MAX_AGE: Duration = Duration::from_secs(5);
 /// How often a resize under way looks at the guest's progress.
 const RESIZE_POLL: Duration = Duration::from_millis(2);
 /// How often the CPU event is raised again while the guest has not acted on it: one raised
@@ -114,6 +116,7 @@ impl Machine {
             balloon: self.balloon.as_ref().map(|(_, c)| BalloonTarget {
                 target_mib: pages_to_mib(c.target_pages()),
                 actual_mib: Some(pages_to_mib(c.actual_pages())),
+                used_pct: c.used_pct(STATS_MAX_AGE),
             }),
             migration: self.migration.as_ref().map(|m| lock(&m.progress).clone()),
         }
@@ -339,6 +342,7 @@ impl Machine {
                 Response::ok(&BalloonTarget {
                     target_mib: mib,
                     actual_mib: None,
+                    used_pct: None,
                 })
             }
             Request::Migrate { .. } | Request::MigrateCancel {} => {

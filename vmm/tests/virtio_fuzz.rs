@@ -330,7 +330,7 @@ fn rng_survives_random_descriptors() {
 
 #[test]
 fn balloon_survives_random_descriptors() {
-    let (dev, _control) = Balloon::new(true);
+    let (dev, _control) = Balloon::new(true, None);
     // Deflate one PFN.
     let req = |mem: &GuestMemory| {
         mem.write_obj(0x20u32, GuestAddress(DATA)).unwrap();
@@ -428,7 +428,7 @@ fn restore_refuses_another_device_type() {
     h.setup(&mut rng, 0, false);
     h.t.pause().unwrap();
     let saved = h.t.snapshot().unwrap();
-    let (balloon, _c) = Balloon::new(false);
+    let (balloon, _c) = Balloon::new(false, None);
     let mut other = Harness::with_memory(Box::new(balloon), h.mem.clone());
     let err = other
         .t

@@ -1,6 +1,8 @@
 #!/bin/sh
 # Issue 3: virtio-balloon. Inflating by N MiB lowers the guest's MemAvailable and our vmm's RSS by
-# about N; deflating restores MemAvailable; the stats queue is readable over the API.
+# about N; deflating restores MemAvailable; the stats queue is readable over the API. Issue 14:
+# with --balloon-stats-ms the VMM polls the statistics itself, and `info` shows the guest's memory
+# use before anyone asked for statistics.
 . /lib/l1.sh
 l1_setup
 N=128
@@ -8,7 +10,7 @@ S=/tmp/vmm.sock
 L2_LOG=/tmp/balloon.log
 : > "$L2_LOG"
 vmm run --kernel /l2/vmlinuz --initrd /l2/initramfs.cpio.gz --serial "file:$L2_LOG" --api-socket $S \
-    --vcpus 1 --memory-mib 512 --balloon deflate-on-oom \
+    --vcpus 1 --memory-mib 512 --balloon deflate-on-oom --balloon-stats-ms 1000 \
     --cmdline "console=ttyS0 panic=-1 guest.scenario=balloon" 2> /tmp/balloon.err &
 pid=$!
 avail() { tr -d '\r' < "$L2_LOG" | sed -n 's/.*guest: mem avail_kb=//p' | tail -n 1; }
@@ -25,6 +27,12 @@ within() { # value expected percent
 i=0
 while ! grep -q "guest: mem" "$L2_LOG" && [ $i -lt 120 ]; do sleep 1; i=$((i + 1)); done
 sleep 3
+used() { vmm ctl --api-socket $S info | sed -n 's/.*"used_pct": \([0-9.]*\).*/\1/p'; }
+i=0
+while [ -z "$(used)" ] && [ $i -lt 30 ]; do sleep 1; i=$((i + 1)); done
+u=$(used)
+[ -n "$u" ] && awk "BEGIN{exit !($u > 0 && $u < 100)}" && result balloon-polled pass "info used_pct=$u without a stats request" \
+    || result balloon-polled fail "info: $(vmm ctl --api-socket $S info | grep -A4 balloon)"
 a0=$(avail); r0=$(rss)
 echo "L1: before: MemAvailable=${a0}kB vmm RSS=${r0}kB"
 

@@ -104,8 +104,13 @@ impl Vimd {
         }
         if let Some(r) = &ev.scale {
             detail = format!(
-                "CPU {:.0} % of {} vCPUs for {} s",
-                r.cpu_pct, r.vcpus, r.window_s
+                "CPU {:.0} % of {} vCPUs{} for {} s",
+                r.cpu_pct,
+                r.vcpus,
+                r.memory_pct
+                    .map(|m| format!(", memory {m:.0} %"))
+                    .unwrap_or_default(),
+                r.window_s
             );
         }
         self.event(kind, sender, &checked.vm_id, &ev.job_id, &detail)

@@ -287,12 +287,16 @@ pub struct Resized {
 }
 
 /// The balloon's size: what the VMM asked for and what the guest holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct BalloonTarget {
     pub target_mib: u64,
     /// Absent in the answer to `balloon-set` (the guest has not answered yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actual_mib: Option<u64>,
+    /// In `info`: the share of its memory the guest uses (total minus available), from its
+    /// latest statistics report if that is recent (`vmm run --balloon-stats-ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_pct: Option<f64>,
 }
 
 /// The guest's last statistics report.

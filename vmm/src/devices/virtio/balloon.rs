@@ -1,5 +1,7 @@
 //! virtio-balloon: the VMM sets a target size, the guest gives pages back (inflate) or takes them
-//! again (deflate), and reports memory statistics on the stats queue.
+//! again (deflate), and reports memory statistics on the stats queue: when asked (`balloon-stats`)
+//! and, with a polling interval, on its own every interval (as QEMU's
+//! `guest-stats-polling-interval`), so the latest figures are at hand without a round trip.
 //!
 //! Inflated pages are returned to the host (`memory::discard`).
 
@@ -12,6 +14,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestAddress;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::worker::{QueueHandler, Worker};
 use super::{
@@ -85,6 +89,18 @@ impl BalloonControl {
         self.actual.load(Ordering::SeqCst)
     }
 
+    /// The share of its memory the guest uses (total minus available, from its latest report),
+    /// if a report younger than `max_age` has both figures.
+    pub fn used_pct(&self, max_age: Duration) -> Option<f64> {
+        let s = lock(&self.stats);
+        if s.received?.elapsed() > max_age {
+            return None;
+        }
+        let total = *s.values.get("total_memory")?;
+        let available = *s.values.get("available_memory")?;
+        (total > 0).then(|| total.saturating_sub(available) as f64 * 100.0 / total as f64)
+    }
+
     /// Requests a fresh report and waits up to `timeout` for it; returns the newest stats.
     pub fn refresh_stats(&self, timeout: Duration) -> BalloonStats {
         let before = lock(&self.stats).reports;
@@ -111,16 +127,23 @@ impl BalloonControl {
 pub struct Balloon {
     control: Arc<BalloonControl>,
     deflate_on_oom: bool,
+    /// How often the guest is asked for statistics on the VMM's own initiative (none: only when
+    /// the API asks).
+    stats_interval: Option<Duration>,
     worker: Option<Worker<BalloonQueues>>,
 }
 
 impl Balloon {
-    pub fn new(deflate_on_oom: bool) -> (Balloon, Arc<BalloonControl>) {
+    pub fn new(
+        deflate_on_oom: bool,
+        stats_interval: Option<Duration>,
+    ) -> (Balloon, Arc<BalloonControl>) {
         let control = Arc::new(BalloonControl::default());
         (
             Balloon {
                 control: control.clone(),
                 deflate_on_oom,
+                stats_interval,
                 worker: None,
             },
             control,
@@ -163,6 +186,15 @@ impl VirtioDevice for Balloon {
         let stats = ctx.queues.pop().filter(|_| stats_on);
         let deflate = ctx.queues.remove(DEFLATE);
         let inflate = ctx.queues.remove(INFLATE);
+        let timer = match (self.stats_interval, &stats) {
+            (Some(every), Some(_)) => {
+                let mut t = TimerFd::new().map_err(|e| ActivateError::Worker(e.into()))?;
+                t.reset(every, Some(every))
+                    .map_err(|e| ActivateError::Worker(e.into()))?;
+                Some(t)
+            }
+            _ => None,
+        };
         let handler = BalloonQueues {
             mem: ctx.mem,
             inflate,
@@ -171,6 +203,7 @@ impl VirtioDevice for Balloon {
             held_stats: None,
             interrupt: ctx.interrupt,
             control: self.control.clone(),
+            timer,
         };
         let worker = Worker::spawn("virtio-balloon", ctx.queue_evts, handler)
             .map_err(ActivateError::Worker)?;
@@ -214,6 +247,8 @@ pub struct BalloonQueues {
     held_stats: Option<u16>,
     interrupt: Arc<Interrupt>,
     control: Arc<BalloonControl>,
+    /// Fires every stats interval: the held stats buffer goes back for a fresh report.
+    timer: Option<TimerFd>,
 }
 
 impl BalloonQueues {
@@ -308,6 +343,19 @@ impl BalloonQueues {
 }
 
 impl QueueHandler for BalloonQueues {
+    fn backend_fds(&self) -> Vec<(std::os::fd::RawFd, EventSet)> {
+        use std::os::fd::AsRawFd;
+        self.timer
+            .iter()
+            .map(|t| (t.as_raw_fd(), EventSet::IN))
+            .collect()
+    }
+    fn backend_event(&mut self, _index: usize, _events: EventSet) {
+        if let Some(t) = self.timer.as_mut() {
+            let _ = t.wait();
+        }
+        self.request_stats();
+    }
     fn queues(&self) -> Vec<(usize, &Queue)> {
         let mut q = vec![(INFLATE, &self.inflate), (DEFLATE, &self.deflate)];
         q.extend(self.stats.as_ref().map(|s| (STATS, s)));
@@ -327,5 +375,29 @@ impl QueueHandler for BalloonQueues {
     }
     fn control_event(&mut self) {
         self.request_stats();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn used_pct_comes_from_a_recent_report_with_both_figures() {
+        let c = BalloonControl::default();
+        assert_eq!(c.used_pct(Duration::from_secs(5)), None);
+        {
+            let mut s = lock(&c.stats);
+            s.values.insert("total_memory".into(), 1000);
+            s.values.insert("available_memory".into(), 250);
+            s.received = Some(Instant::now());
+        }
+        assert_eq!(c.used_pct(Duration::from_secs(5)), Some(75.0));
+        // Too old.
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(c.used_pct(Duration::from_millis(10)), None);
+        // A report without the available figure says nothing.
+        lock(&c.stats).values.remove("available_memory");
+        assert_eq!(c.used_pct(Duration::from_secs(5)), None);
     }
 }
