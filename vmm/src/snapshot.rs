@@ -182,50 +182,94 @@ pub fn write_memory(dir: &Path, mem: &GuestMemory, backing: &Backing) -> Result<
 pub fn copy_memory(mem: &GuestMemory, backing: &Backing, out: &File) -> std::io::Result<u64> {
     match backing {
         Backing::Memfd(memfd) => copy_extents(memfd, out, crate::memory::size(mem)),
-        Backing::Snapshot(_) => copy_nonzero_pages(mem, out),
+        Backing::Snapshot(file) => copy_nonzero_pages(mem, file, out),
     }
+}
+
+/// The `(start, end)` byte ranges of `file` that hold data (everything else is holes).
+fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
+    let mut extents = Vec::new();
+    let mut pos: i64 = 0;
+    while (pos as u64) < size {
+        // SAFETY: lseek on a descriptor we own.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: only holes remain
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) }.min(size as i64);
+        extents.push((data as u64, hole as u64));
+        pos = hole;
+    }
+    extents
 }
 
 fn copy_extents(src: &File, out: &File, size: u64) -> std::io::Result<u64> {
     use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; 1 << 20];
     let mut written = 0;
-    let mut pos: i64 = 0;
-    while (pos as u64) < size {
-        // SAFETY: lseek on a descriptor we own.
-        let data = unsafe { libc::lseek(src.as_raw_fd(), pos, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: only holes remain
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) }.min(size as i64);
-        let mut off = data as u64;
-        while off < hole as u64 {
-            let n = buf.len().min((hole as u64 - off) as usize);
+    for (start, end) in data_extents(src, size) {
+        let mut off = start;
+        while off < end {
+            let n = buf.len().min((end - off) as usize);
             src.read_exact_at(&mut buf[..n], off)?;
             out.write_all_at(&buf[..n], off)?;
             off += n as u64;
             written += n as u64;
         }
-        pos = hole;
     }
     Ok(written)
 }
 
-fn copy_nonzero_pages(mem: &GuestMemory, out: &File) -> std::io::Result<u64> {
+/// A restored VM's memory: a page the guest wrote since the restore is its own (resident, in the
+/// mapping); a page it never touched is still the snapshot file's, read from the file without
+/// faulting it in, and skipped where the file has a hole (a never-used page, or an unplugged
+/// virtio-mem block): faulting in every page of a mostly empty multi-GiB file would fill memory
+/// with zeros. Only non-zero pages are written.
+fn copy_nonzero_pages(mem: &GuestMemory, snapshot: &File, out: &File) -> std::io::Result<u64> {
     use std::os::unix::fs::FileExt;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-    let mut page = [0u8; 4096];
+    const PAGE: usize = 4096;
+    let extents = data_extents(snapshot, crate::memory::size(mem));
+    let in_file = |off: u64| {
+        extents
+            .binary_search_by(|&(a, b)| {
+                if off < a {
+                    std::cmp::Ordering::Greater
+                } else if off >= b {
+                    std::cmp::Ordering::Less
+                } else {
+                    std::cmp::Ordering::Equal
+                }
+            })
+            .is_ok()
+    };
+    let mut page = [0u8; PAGE];
     let mut file_off = 0u64;
     let mut written = 0;
     for region in mem.iter() {
         let base = region.start_addr().0;
-        for off in (0..region.len()).step_by(page.len()) {
-            mem.read_slice(&mut page, GuestAddress(base + off))
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let len = region.len() as usize;
+        let mut resident = vec![0u8; len.div_ceil(PAGE)];
+        // SAFETY: the region is one live, page-aligned mapping of `len` bytes; mincore only
+        // writes one byte per page into `resident`, which has that many.
+        let r = unsafe { libc::mincore(region.as_ptr().cast(), len, resident.as_mut_ptr()) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for (i, res) in resident.iter().enumerate() {
+            let off = (i * PAGE) as u64;
+            if res & 1 != 0 {
+                mem.read_slice(&mut page, GuestAddress(base + off))
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+            } else if in_file(file_off + off) {
+                snapshot.read_exact_at(&mut page, file_off + off)?;
+            } else {
+                continue;
+            }
             if page.iter().any(|&b| b != 0) {
                 out.write_all_at(&page, file_off + off)?;
-                written += page.len() as u64;
+                written += PAGE as u64;
             }
         }
         file_off += region.len();

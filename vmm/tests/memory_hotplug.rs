@@ -247,3 +247,40 @@ fn resized_memory_survives_a_snapshot_and_a_live_migration() {
     assert_eq!(r["new"]["memory_mib"], 192, "{r}");
     wait_for_file_line(&tconsole, "tg: mem plugged_mib=128");
 }
+
+#[test]
+fn a_restored_vm_snapshots_its_hotplug_region_without_reading_the_holes() {
+    use std::os::unix::fs::MetadataExt;
+    // 64 MiB boot and room for 4 GiB more, 64 MiB of it plugged and filled.
+    let first = start(4160, "tg.mode=hold tg.hb_ms=50");
+    first.wait_for_console("tg: hb n=1 ", TIMEOUT);
+    resize(&first.api, 128);
+    first.wait_for_console("tg: mem plugged_mib=64", TIMEOUT);
+    let snap = tempfile::tempdir().unwrap();
+    take_snapshot(&first, snap.path());
+    drop(first.vmm);
+
+    // The restored VM maps that snapshot privately; its own snapshot copies what is there and
+    // skips the rest, without faulting 4 GiB of holes in (which would fill memory with zeros).
+    let r = restore(snap.path(), &[]);
+    r.vmm.wait_for_console("tg: hb n=", TIMEOUT);
+    let again = tempfile::tempdir().unwrap();
+    take_snapshot(&r.vmm, again.path());
+    let file = again.path().join("memory.bin");
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_eq!(meta.len(), (64 + 4096) << 20);
+    let allocated_kib = (meta.blocks() * 512) >> 10;
+    let rss = rss_mib(&r.vmm);
+    eprintln!("second snapshot: {allocated_kib} KiB allocated; restored VMM RSS {rss} MiB");
+    // The guest's own pages are there (the plugged blocks were filled with zeros: skipped).
+    assert!(
+        allocated_kib > 0 && allocated_kib < 200 << 10,
+        "{allocated_kib} KiB allocated"
+    );
+    assert!(rss < 300, "RSS {rss} MiB");
+    // And it restores: the guest goes on with its plugged memory.
+    drop(r);
+    let r2 = restore(again.path(), &[]);
+    r2.vmm.wait_for_console("tg: hb n=", TIMEOUT);
+    assert_eq!(memory_mib(&r2.vmm.api), 128);
+}
