@@ -136,9 +136,13 @@ impl Host {
         let known = lock(&self.vms).get(&id).map(|h| h.tx.clone());
         let handle = match known {
             Some(tx) => Some(tx),
-            // A VM this host has no supervisor for: only a create (or a migration coming in)
-            // makes one.
-            None if matches!(action, Action::Create(_) | Action::MigrateIn(_)) => {
+            // A VM this host has no supervisor for: only a create (or a migration coming in, or
+            // a resume) makes one.
+            None if matches!(
+                action,
+                Action::Create(_) | Action::MigrateIn(_) | Action::Resume(_)
+            ) =>
+            {
                 Some(self.spawn(id.clone(), None))
             }
             None => None,
@@ -180,6 +184,21 @@ impl Host {
                                 result: Ok(()),
                                 report: Some(deleted_report(&m.vm_id)),
                                 migration: o.as_ref().map(migration_result),
+                            }
+                        }
+                        // Suspended already, and the answer was lost with the agent that did it.
+                        Action::Suspend(id)
+                            if dirs
+                                .suspend_dir(id)
+                                .join(vmm_api::SNAPSHOT_STATE_FILE)
+                                .is_file() =>
+                        {
+                            Outcome {
+                                kind: EventKind::VmSuspended,
+                                vm_id: id.clone(),
+                                result: Ok(()),
+                                report: Some(state_report(id, VmState::Suspended)),
+                                migration: None,
                             }
                         }
                         // Nothing waits here for that VM: already aborted (a redelivery), or
@@ -235,9 +254,14 @@ impl Host {
 }
 
 fn deleted_report(id: &str) -> VmReport {
+    state_report(id, VmState::Deleted)
+}
+
+/// A report of a VM that no longer runs here: its state only.
+fn state_report(id: &str, state: VmState) -> VmReport {
     VmReport {
         vm_id: id.into(),
-        state: VmState::Deleted.into(),
+        state: state.into(),
         seq: crate::vms::next_report_seq(),
         ..Default::default()
     }
@@ -255,6 +279,8 @@ fn event_kind(action: &Action) -> EventKind {
         Action::AbortIncoming(_) => EventKind::VmIncomingAborted,
         Action::Evict(_) => EventKind::VmEvicted,
         Action::Resize(_) => EventKind::VmResized,
+        Action::Suspend(_) => EventKind::VmSuspended,
+        Action::Resume(_) => EventKind::VmResumed,
         Action::SetScaling(_) => EventKind::VmScalingSet,
     }
 }
@@ -387,6 +413,7 @@ impl Supervisor {
         if self.vm.is_none() {
             let made = match &action {
                 Action::Create(spec) => Some(self.create(spec.clone(), None).await),
+                Action::Resume(spec) => Some(self.resume(spec.clone()).await),
                 Action::MigrateIn(m) => Some(match &m.vm {
                     Some(spec) => {
                         let wait = Duration::from_millis(m.wait_ms);
@@ -405,8 +432,8 @@ impl Supervisor {
                     migration: None,
                 };
             }
-            if matches!(action, Action::MigrateIn(_)) {
-                // Its VMM was started with the record: ready.
+            if matches!(action, Action::MigrateIn(_) | Action::Resume(_)) {
+                // Its VMM was started with the record: ready (a resumed VM runs).
                 let report = self.blocking(|vm| vm.report()).await;
                 if let Some(r) = &report {
                     *lock(&self.report) = r.clone();
@@ -427,6 +454,16 @@ impl Supervisor {
                 let mut migration = None;
                 let r = match &op {
                     Action::Create(_) | Action::Start(_) => vm.start(),
+                    // Here already: a redelivered resume, or a VM that never left.
+                    Action::Resume(_) => Ok(()),
+                    Action::Suspend(_) => vm.suspend().map(|done| {
+                        tracing::info!(
+                            vm = vm.id(),
+                            ms = done.ms,
+                            memory_bytes = done.memory_bytes,
+                            "suspended"
+                        );
+                    }),
                     Action::Stop(s) => vm.stop(Duration::from_millis(s.timeout_ms)),
                     Action::Delete(_) => vm.delete(),
                     Action::Info(_) => Ok(()),
@@ -459,10 +496,11 @@ impl Supervisor {
                     Action::Resize(r) => vm.resize(r),
                     Action::SetScaling(s) => vm.set_scaling(s.scaling.as_ref()),
                 };
-                let report = if vm.gone() {
-                    deleted_report(vm.id())
-                } else {
-                    vm.report()
+                let report = match (&op, vm.gone(), &r) {
+                    // Its state is on shared storage now, not on this host.
+                    (Action::Suspend(_), true, Ok(())) => state_report(vm.id(), VmState::Suspended),
+                    (_, true, _) => deleted_report(vm.id()),
+                    _ => vm.report(),
                 };
                 (r.map_err(|e| format!("{e:#}")), report, migration)
             })
@@ -482,6 +520,19 @@ impl Supervisor {
             result,
             report: Some(report),
             migration,
+        }
+    }
+
+    /// Makes the VM's record with a VMM restoring its suspended state.
+    async fn resume(&mut self, spec: VmSpec) -> Result<(), String> {
+        let dirs = self.dirs.clone();
+        match tokio::task::spawn_blocking(move || Vm::create_resumed(&dirs, &spec)).await {
+            Ok(Ok(vm)) => {
+                self.vm = Some(vm);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(format!("{e:#}")),
+            Err(e) => Err(e.to_string()),
         }
     }
 

@@ -224,7 +224,7 @@ impl Dirs {
         use vim_proto::host_command::Action;
         vim_proto::check_id("VM id", action_vm(action))?;
         let s = match action {
-            Action::Create(s) => s,
+            Action::Create(s) | Action::Resume(s) => s,
             Action::MigrateIn(m) => m.vm.as_ref().ok_or_else(|| anyhow::anyhow!("no VM"))?,
             Action::MigrateOut(m) => {
                 anyhow::ensure!(
@@ -339,6 +339,12 @@ impl Dirs {
         self.shared_dir.join("vms").join(id).join("migration")
     }
 
+    /// Where VM `id`'s state goes when it is suspended: its own directory on shared storage,
+    /// derived from the id on each host, so any host can resume it.
+    pub fn suspend_dir(&self, id: &str) -> PathBuf {
+        self.shared_dir.join("vms").join(id).join("suspended")
+    }
+
     // Handled jobs.
 
     pub fn job_result(&self, job_id: &str) -> Option<vim_proto::HostEvent> {
@@ -376,7 +382,9 @@ pub fn action_vm(action: &vim_proto::host_command::Action) -> &str {
         | Action::Delete(id)
         | Action::Info(id)
         | Action::AbortIncoming(id)
-        | Action::Evict(id) => id,
+        | Action::Evict(id)
+        | Action::Suspend(id) => id,
+        Action::Resume(s) => &s.vm_id,
         Action::Stop(s) => &s.vm_id,
         Action::MigrateIn(m) => m.vm.as_ref().map_or("", |v| &v.vm_id),
         Action::MigrateOut(m) => &m.vm_id,
@@ -483,6 +491,114 @@ impl Vm {
             return Err(e);
         }
         Ok(vm)
+    }
+
+    /// A suspended VM comes back here: a record for it and a VMM restoring its state from its
+    /// `suspended` directory on shared storage (memory mapped lazily, so the guest runs at
+    /// once). Ready once the restored VMM answers as running; an error (a missing or corrupt
+    /// state, which the VMM refuses at once) leaves nothing behind.
+    pub fn create_resumed(dirs: &Arc<Dirs>, spec: &VmSpec) -> anyhow::Result<Vm> {
+        let dir = dirs.suspend_dir(&spec.vm_id);
+        anyhow::ensure!(
+            dir.join(vmm_api::SNAPSHOT_STATE_FILE).is_file(),
+            "VM {} has no suspended state in {}",
+            spec.vm_id,
+            dir.display()
+        );
+        let mut vm = Vm::new_record(dirs, spec, VmState::Creating)?;
+        let started = vm.ensure_tap().and_then(|_| {
+            let mut cmd = Command::new(&dirs.vmm);
+            cmd.arg("restore").arg("--snapshot").arg(&dir);
+            vm.spawn_vmm(cmd, VmState::Running, None)?;
+            vm.wait_serving(Duration::from_secs(30))
+        });
+        if let Err(e) = started {
+            if kill_vmm(vm.record.pid) {
+                vm.reap();
+            }
+            vm.forget();
+            return Err(e);
+        }
+        Ok(vm)
+    }
+
+    /// Waits (at most `timeout`) for the VMM to answer as running; an error with the last line
+    /// of its log if it exits first.
+    fn wait_serving(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                let log = self
+                    .dirs
+                    .state_dir
+                    .join("vms")
+                    .join(format!("{}.vmm.log", self.id()));
+                let err = std::fs::read_to_string(log).unwrap_or_default();
+                anyhow::bail!("vmm exited ({st}): {}", err.lines().last().unwrap_or(""));
+            }
+            if vmm_info(&self.record.api_socket, Duration::from_millis(200))
+                .is_some_and(|i| i.state == vmm_api::RunState::Running)
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the restored VMM did not answer within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Suspends the VM to shared storage: paused, its complete state written to a new
+    /// directory which replaces its `suspended` one only once whole (a VM running from the old
+    /// one keeps its mapping of it), then its VMM stopped and the VM forgotten here. On an error
+    /// before the state is whole the guest runs on, unharmed.
+    pub fn suspend(&mut self) -> anyhow::Result<vmm_api::SnapshotDone> {
+        let r = self.record.clone();
+        anyhow::ensure!(
+            r.state == VmState::Running && alive(r.pid),
+            "the VM is not running here"
+        );
+        let client = vmm_api::Client::new(&r.api_socket);
+        client.pause()?;
+        let dir = self.dirs.suspend_dir(self.id());
+        let new = dir.with_extension("new");
+        let _ = std::fs::remove_dir_all(&new);
+        let done = match client.snapshot(&new) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&new);
+                if let Err(r) = client.resume() {
+                    tracing::error!(vm = self.id(), error = %r, "the VM did not resume after a failed suspend");
+                }
+                anyhow::bail!("the VM's state could not be written: {e}");
+            }
+        };
+        let old = dir.with_extension("old");
+        let _ = std::fs::remove_dir_all(&old);
+        if dir.exists() {
+            std::fs::rename(&dir, &old)?;
+        }
+        std::fs::rename(&new, &dir)?;
+        let _ = std::fs::remove_dir_all(&old);
+        // The state is whole: the VMM (paused) goes, taking its disk lock and tap with it.
+        let pid = r.pid;
+        if kill_vmm(pid) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while alive(pid) && Instant::now() < deadline {
+                self.reap();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            anyhow::ensure!(!alive(pid), "VMM {pid} did not die");
+        }
+        self.reap();
+        self.forget();
+        Ok(done)
     }
 
     fn new_record(dirs: &Arc<Dirs>, spec: &VmSpec, state: VmState) -> anyhow::Result<Vm> {

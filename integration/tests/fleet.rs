@@ -3301,6 +3301,167 @@ fn a_running_vm_gets_more_memory_and_gives_it_back() {
     assert_eq!(f.vmm_pids(&id).len(), 1);
 }
 
+/// Issue 20: a suspended VM's state goes to shared storage and its host's capacity is freed (a
+/// VM that did not fit now does); resumed on the other host, the guest goes on where it was: one
+/// boot, its heartbeat counter never going back.
+#[test]
+fn a_suspended_vm_frees_its_host_and_resumes_elsewhere_where_it_was() {
+    let f = Fleet::start(None, &["h1", "h2"]);
+    f.add_test_image();
+    f.ctl_ok(&["host", "drain", "h2", "--json"]);
+    // Sizes that fill a host by placement's count (memory is mapped lazily: the guests use
+    // little of it).
+    let hosts = f.ctl_ok(&["hosts", "--json"]);
+    let host_mib = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["id"] == "h1")
+        .and_then(|h| h["memory_mib"].as_i64())
+        .unwrap();
+    let big_mib = (host_mib * 2 / 3).to_string();
+    let second_mib = (host_mib / 2).to_string();
+    let create = |name: &str, mib: &str| {
+        f.ctl(&[
+            "vm",
+            "create",
+            "--name",
+            name,
+            "--image",
+            "tg",
+            "--memory-mib",
+            mib,
+            "--max-memory-mib",
+            mib,
+        ])
+    };
+    let (ok, out, err) = create("big", &big_mib);
+    assert!(ok, "{err}");
+    let id = out.trim().to_string();
+    assert_eq!(f.host_of(&id), "h1");
+    wait_until("the guest's heartbeats", || f.beats(&id).len() >= 3);
+    let (ok, _, err) = create("second", &second_mib);
+    assert!(!ok && err.contains("room"), "the second VM fitted: {err}");
+
+    let (ok, _, err) = f.ctl(&["vm", "suspend", &id]);
+    assert!(ok, "{err}");
+    let vm = f.ctl_ok(&["vm", "show", &id]);
+    assert_eq!(
+        (vm["state"].as_str(), vm["host_id"].as_str()),
+        (Some("suspended"), Some("")),
+        "{vm}"
+    );
+    assert!(f.vmm_pids(&id).is_empty(), "its VMM still runs");
+    let last = *f.beats(&id).last().unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        *f.beats(&id).last().unwrap(),
+        last,
+        "the guest ran on while suspended"
+    );
+    // Its capacity is free: the second VM fits now.
+    let (ok, _, err) = create("second", &second_mib);
+    assert!(ok, "{err}");
+    // Refused: suspending what is not running; resuming what runs.
+    let (ok, _, err) = f.ctl(&["vm", "suspend", &id]);
+    assert!(
+        !ok && err.contains("409") && err.contains("not running"),
+        "{err}"
+    );
+
+    f.ctl_ok(&["host", "undrain", "h2", "--json"]);
+    let (ok, _, err) = f.ctl(&["vm", "resume", &id]);
+    assert!(ok, "{err}");
+    assert_eq!(f.host_of(&id), "h2", "only h2 has room for it");
+    assert_eq!(f.ctl_ok(&["vm", "show", &id])["state"], "running");
+    wait_until("heartbeats after the resume", || {
+        f.beats(&id).last().is_some_and(|b| *b >= last + 3)
+    });
+    let beats = f.beats(&id);
+    assert!(beats.windows(2).all(|w| w[1] > w[0]), "{beats:?}");
+    let console = console_text(&f, &id);
+    assert_eq!(
+        console.matches("tg: ready").count(),
+        1,
+        "the guest booted again"
+    );
+    assert_eq!(f.vmm_pids(&id).len(), 1);
+    let (ok, _, err) = f.ctl(&["vm", "resume", &id]);
+    assert!(
+        !ok && err.contains("409") && err.contains("not suspended"),
+        "{err}"
+    );
+    assert!(f.has_vm_event("VM_Suspended", &id, ""));
+    assert!(f.has_vm_event("VM_Resumed", &id, ""));
+}
+
+/// Issue 20's bad cases: a corrupt state is refused with the VMM's reason and the VM stays
+/// suspended, nothing lost; with no host that has room a resume waits `pending_resume` and goes
+/// ahead once one has; `vm start` resumes a suspended VM; deleting one removes its state.
+#[test]
+fn a_resume_waits_for_room_and_a_corrupt_state_is_refused() {
+    let f = Fleet::start(None, &["h1"]);
+    f.add_test_image();
+    let id = f.create("s").unwrap();
+    wait_until("the guest's heartbeats", || f.beats(&id).len() >= 3);
+    let (ok, _, err) = f.ctl(&["vm", "suspend", &id]);
+    assert!(ok, "{err}");
+    let last = *f.beats(&id).last().unwrap();
+
+    let state = f
+        .state()
+        .join("shared/vms")
+        .join(&id)
+        .join("suspended/state.bin");
+    let good = std::fs::read(&state).unwrap();
+    std::fs::write(&state, b"not a snapshot").unwrap();
+    let (ok, _, err) = f.ctl(&["vm", "resume", &id]);
+    assert!(!ok && err.contains("state.bin"), "{err}");
+    let vm = f.ctl_ok(&["vm", "show", &id]);
+    assert_eq!(
+        (vm["state"].as_str(), vm["host_id"].as_str()),
+        (Some("suspended"), Some("")),
+        "{vm}"
+    );
+    assert!(f.vmm_pids(&id).is_empty());
+    std::fs::write(&state, &good).unwrap();
+
+    // No host with room: it waits, then goes ahead once h1 takes VMs again.
+    f.ctl_ok(&["host", "drain", "h1", "--json"]);
+    let r = f.ctl_ok(&["vm", "resume", &id, "--no-wait", "--json"]);
+    let job = r["job_id"].as_str().unwrap().to_string();
+    wait_until("pending_resume", || {
+        f.ctl_ok(&["vm", "show", &id])["state"] == "pending_resume"
+    });
+    assert!(f.has_vm_event("VM_Resume_Waiting", &id, "room"));
+    f.ctl_ok(&["host", "undrain", "h1", "--json"]);
+    f.wait_job(&job);
+    assert_eq!(f.ctl_ok(&["job", "show", &job])["state"], "done");
+    assert_eq!(f.ctl_ok(&["vm", "show", &id])["state"], "running");
+    wait_until("heartbeats after the resume", || {
+        f.beats(&id).last().is_some_and(|b| *b > last)
+    });
+    let beats = f.beats(&id);
+    assert!(beats.windows(2).all(|w| w[1] > w[0]), "{beats:?}");
+
+    // `vm start` of a suspended VM resumes it.
+    let (ok, _, err) = f.ctl(&["vm", "suspend", &id]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = f.ctl(&["vm", "start", &id]);
+    assert!(ok, "{err}");
+    assert_eq!(f.ctl_ok(&["vm", "show", &id])["state"], "running");
+    assert_eq!(console_text(&f, &id).matches("tg: ready").count(), 1);
+
+    // A suspended VM deleted: its files go with it.
+    let (ok, _, err) = f.ctl(&["vm", "suspend", &id]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = f.ctl(&["vm", "delete", &id]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = f.ctl(&["vm", "show", &id]);
+    assert!(!ok && err.contains("404"), "{err}");
+    assert!(!f.state().join("shared/vms").join(&id).exists());
+}
+
 impl Fleet {
     /// An image of the test guest whose boot CPU spins for its first `burn_s` seconds, then
     /// idles (automatic scaling).

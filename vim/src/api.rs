@@ -245,6 +245,8 @@ pub fn router(v: Arc<Vimd>) -> Router {
         .route("/vms/:id/stop", post(stop_vm))
         .route("/vms/:id/migrate", post(migrate_vm))
         .route("/vms/:id/resize", post(resize_vm))
+        .route("/vms/:id/suspend", post(suspend_vm))
+        .route("/vms/:id/resume", post(resume_vm))
         .route("/vms/:id/scaling", put(set_vm_scaling))
         .route("/consumers/:name/scaling", put(set_consumer_scaling))
         .route("/scaling-policies", get(list_scaling))
@@ -714,8 +716,84 @@ async fn vm_job(v: Arc<Vimd>, h: Req, id: String, kind: db::JobKind) -> Response
     .await
 }
 
+/// Starts a VM; a suspended one is resumed (its guest goes on where it was).
 async fn start_vm(State(v): St, h: Req, Path(id): Path<String>) -> Response {
+    let suspended = matches!(
+        v.db.vm(&id).await,
+        Ok(Some(vm)) if vm.state == db::VmState::Suspended
+    );
+    if suspended {
+        return resume_vm(State(v), h, Path(id), Ok(Json(ResumeVm::default()))).await;
+    }
     vm_job(v, h, id, db::JobKind::Start).await
+}
+
+/// Suspends a running VM to shared storage (docs/suspend.md): a job, refused while another
+/// job for the VM (a migration, a resize) is under way.
+async fn suspend_vm(State(v): St, h: Req, Path(id): Path<String>) -> Response {
+    call(&v, &h, "vms.suspend", &id.clone(), |v, who| async move {
+        let vm = owned_vm(&v, &who, &id).await?;
+        if vm.state != db::VmState::Running {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("VM {id} is {}, not running", vm.state),
+            ));
+        }
+        if v.db.unfinished_jobs_for(&vm.id).await? > 0 {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("VM {id} has a job under way; suspend it once that is done"),
+            ));
+        }
+        let job = v
+            .queue_job(db::JobKind::Suspend, &who.name, &vm.id, &json!({}))
+            .await?;
+        accepted(json!({"job_id": job.id, "vm_id": vm.id}))
+    })
+    .await
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ResumeVm {
+    /// The host to resume on; placement chooses without it.
+    #[serde(default)]
+    to: Option<String>,
+}
+
+/// Resumes a suspended VM on any host with room, or on `to` (a job; it waits `pending_resume`
+/// while no host has room).
+async fn resume_vm(
+    State(v): St,
+    h: Req,
+    Path(id): Path<String>,
+    b: Result<Json<ResumeVm>, JsonRejection>,
+) -> Response {
+    call(&v, &h, "vms.resume", &id.clone(), |v, who| async move {
+        let req = body(b)?;
+        if let Some(to) = &req.to {
+            check_name("host id", to)?;
+        }
+        let vm = owned_vm(&v, &who, &id).await?;
+        if vm.state != db::VmState::Suspended {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("VM {id} is {}, not suspended", vm.state),
+            ));
+        }
+        if v.db.unfinished_jobs_for(&vm.id).await? > 0 {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("VM {id} has a job under way"),
+            ));
+        }
+        let params = crate::server::suspend::ResumeParams { to: req.to };
+        let job = v
+            .queue_job(db::JobKind::Resume, &who.name, &vm.id, &params)
+            .await?;
+        accepted(json!({"job_id": job.id, "vm_id": vm.id}))
+    })
+    .await
 }
 
 async fn stop_vm(State(v): St, h: Req, Path(id): Path<String>) -> Response {

@@ -133,6 +133,14 @@ pub fn document() -> Value {
                 json!({"type": "object", "additionalProperties": false,
                        "properties": {"to": name(),
                                       "downtime_ms": {"type": "integer", "minimum": 1, "maximum": 60_000}}}))},
+            "/vms/{id}/suspend": {"post": with_id(op(
+                "Suspend a running VM to shared storage (docs/suspend.md): its host's capacity is freed and it \
+                 is `suspended`, on no host. 409 while it is not running or has a job under way.", "202"))},
+            "/vms/{id}/resume": {"post": with_body(with_id(op(
+                "Resume a suspended VM on any host with room, or `to` (docs/suspend.md); it waits \
+                 `pending_resume` while none has room. The guest goes on where it was.", "202")),
+                json!({"type": "object", "additionalProperties": false,
+                       "properties": {"to": name()}}))},
             "/vms/{id}/resize": {"post": with_body(with_id(op(
                 "Change a running VM's vCPUs (1 to its max_vcpus) and memory (up to its max_memory_mib, \
                  not below what it booted with) by hotplug (docs/hotplug.md); growing needs room on \

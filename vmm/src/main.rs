@@ -51,6 +51,9 @@ struct RestoreArgs {
     /// Stay paused until `vmm ctl resume`.
     #[arg(long)]
     paused: bool,
+    /// The host's lease file, as for `run`: the guest is stopped the moment the lease lapses.
+    #[arg(long, value_name = "FILE")]
+    lease: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -266,6 +269,9 @@ fn incoming(
 
 fn restore(args: RestoreArgs) -> Result<i32> {
     let serial: SerialOutput = args.serial.parse()?;
+    if let Some(l) = args.lease.clone() {
+        vmm::lease::watch(l)?;
+    }
     let kvm = vm::open_kvm()?;
     let machine = Machine::restore(&args.snapshot, serial, args.api_socket, args.paused, kvm)?;
     let outcome = machine.run();

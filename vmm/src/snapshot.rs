@@ -31,7 +31,7 @@ const HEADER_LEN: usize = 8 + 6 + 8 + 4;
 /// A state file is small (registers and device state); refuse anything absurd before allocating.
 const MAX_BODY: u64 = 64 << 20;
 
-pub const STATE_FILE: &str = "state.bin";
+pub const STATE_FILE: &str = vmm_api::SNAPSHOT_STATE_FILE;
 pub const MEMORY_FILE: &str = "memory.bin";
 
 #[derive(Debug, Error)]

@@ -236,6 +236,8 @@ names!(VmState {
     Migrating => "migrating",
     Incoming => "incoming",
     PendingRestart => "pending_restart",
+    Suspended => "suspended",
+    PendingResume => "pending_resume",
 });
 
 names!(EventKind {
@@ -272,6 +274,9 @@ names!(EventKind {
     VmFailoverFailed => "VM_Failover_Failed",
     FailoverSuspended => "Failover_Suspended",
     ScalingRefused => "Scaling_Refused",
+    VmSuspended => "VM_Suspended",
+    VmResumed => "VM_Resumed",
+    VmResumeWaiting => "VM_Resume_Waiting",
 });
 
 impl VmState {
@@ -285,6 +290,7 @@ impl VmState {
                 | VmState::Failed
                 | VmState::Deleted
                 | VmState::Incoming
+                | VmState::Suspended
         )
     }
 }
@@ -312,6 +318,8 @@ impl EventKind {
                 | EventKind::ScaleUpRequested
                 | EventKind::ScaleDownRequested
                 | EventKind::VmScalingSet
+                | EventKind::VmSuspended
+                | EventKind::VmResumed
         )
     }
 }

@@ -226,6 +226,21 @@ enum VmCmd {
         #[command(flatten)]
         wait: Wait,
     },
+    /// Suspend a running VM to shared storage: its host's capacity is freed; `resume` (or
+    /// `start`) brings it back on any host, the guest going on where it was.
+    Suspend {
+        id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Resume a suspended VM on a host with room (or HOST).
+    Resume {
+        id: String,
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        wait: Wait,
+    },
     /// Set a VM's HA policy: `restart` (on another host when its host fails) or `off`.
     SetHa {
         id: String,
@@ -716,6 +731,14 @@ fn run(cli: Cli) -> Result<()> {
                     body["memory_mib"] = json!(m);
                 }
                 job_cmd(format!("/vms/{id}/resize"), body, &wait)?
+            }
+            VmCmd::Suspend { id, wait } => job_cmd(format!("/vms/{id}/suspend"), json!({}), &wait)?,
+            VmCmd::Resume { id, to, wait } => {
+                let body = match to {
+                    Some(h) => json!({"to": h}),
+                    None => json!({}),
+                };
+                job_cmd(format!("/vms/{id}/resume"), body, &wait)?
             }
             VmCmd::SetHa { id, mode, priority } => {
                 let mut body = json!({"ha": mode});

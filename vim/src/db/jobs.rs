@@ -27,10 +27,14 @@ pub enum JobKind {
     Restart,
     /// A host that was cut off stops and forgets a VM that runs elsewhere now.
     Evict,
-    /// The VM's host changes its vCPUs while it runs (params: `{"vcpus": N}`).
+    /// The VM's host changes its vCPUs and memory while it runs (params: `ResizeParams`).
     Resize,
     /// The VM's host is told the scaling watch of the policy that applies to it now.
     SetScaling,
+    /// The VM's state goes to shared storage and its host's capacity is freed.
+    Suspend,
+    /// A suspended VM runs again, on a host placement picks (params: `{"to": HOST}`, optional).
+    Resume,
 }
 
 vim_proto::names!(JobKind {
@@ -46,6 +50,8 @@ vim_proto::names!(JobKind {
     Evict => "evict",
     Resize => "resize",
     SetScaling => "set-scaling",
+    Suspend => "suspend",
+    Resume => "resume",
 });
 
 /// Where a job is: written (`pending`), its command sent (`running`), answered (`done` or

@@ -261,6 +261,21 @@ impl Db {
         Ok(r.rows_affected() == 1)
     }
 
+    /// A VM whose state went to shared storage: on no host (its capacity is free), suspended.
+    pub async fn suspend_vm(&self, id: &str) -> Result<(), DbError> {
+        sqlx::query(
+            "UPDATE vms SET host_id = '', state = $1, pid = 0, report_seq = 0, state_at = $2
+             WHERE id = $3 AND state <> $4",
+        )
+        .bind(VmState::Suspended.as_str())
+        .bind(now_ms())
+        .bind(id)
+        .bind(VmState::Deleted.as_str())
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
     /// Sets a VM's HA policy and restart priority; false if there is no such VM.
     pub async fn set_ha(&self, id: &str, ha: HaPolicy, priority: i64) -> Result<bool, DbError> {
         let r = sqlx::query("UPDATE vms SET ha = $1, ha_priority = $2 WHERE id = $3")

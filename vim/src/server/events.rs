@@ -86,6 +86,10 @@ impl Vimd {
                 }
                 self.restart_answer(job, &ev).await?;
             }
+            // Suspended: on no host. A resume that failed leaves it so, its state untouched.
+            if (ev.ok && job.kind == JobKind::Suspend) || (!ev.ok && job.kind == JobKind::Resume) {
+                self.db.suspend_vm(&checked.vm_id).await?;
+            }
             if ev.ok && job.kind == JobKind::Delete {
                 // Its disk copy goes with it (the image's disk stays).
                 let dir = self.vm_dir(&checked.vm_id)?;
@@ -302,6 +306,8 @@ fn answer_kind(kind: JobKind) -> Option<EventKind> {
         JobKind::Evict => EventKind::VmEvicted,
         JobKind::Resize => EventKind::VmResized,
         JobKind::SetScaling => EventKind::VmScalingSet,
+        JobKind::Suspend => EventKind::VmSuspended,
+        JobKind::Resume => EventKind::VmResumed,
         JobKind::Migrate => return None,
     })
 }

@@ -335,7 +335,7 @@ impl Vimd {
 
     /// Publishes pending job `id` again after `delay` (under a fresh message id: the first is in
     /// the duplicate window). Lost with vimd, it is published by the reconciler.
-    fn publish_later(self: &Arc<Self>, id: &str, delay: Duration) {
+    pub(super) fn publish_later(self: &Arc<Self>, id: &str, delay: Duration) {
         let (v, id) = (self.clone(), id.to_string());
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;

@@ -40,6 +40,7 @@ impl Vimd {
                 return self.dispatch(&job).await
             }
             JobKind::Restart => return self.restart(&job, &vm).await,
+            JobKind::Resume => return self.resume(&job, &vm).await,
             // To the host the job names (the one that came back), not the VM's.
             JobKind::Evict => {
                 self.send_to_host(&job.host_id, &job.id, Action::Evict(vm.id.clone()))
@@ -54,11 +55,24 @@ impl Vimd {
         if job.kind == JobKind::Delete && vm.host_id.is_empty() {
             // Never placed (its create failed, or has not been handled yet): no host to ask.
             // The create, when it comes, finds the VM deleted and does nothing.
+            let suspended = matches!(vm.state, VmState::Suspended | VmState::PendingResume);
             if self.db.delete_unplaced_vm(&vm.id).await? {
+                if suspended {
+                    // Its disk copy and suspended state go with it (the image's disk stays).
+                    let dir = self.vm_dir(&vm.id)?;
+                    if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+                        tracing::warn!(vm = vm.id, dir = %dir.display(), error = %e, "cannot remove a deleted VM's files");
+                    }
+                }
                 self.db
                     .transition_job(&job.id, &[JobState::Pending], JobState::Done, "")
                     .await?;
-                self.event(EventKind::VmDeleted, "", &vm.id, &job.id, "never placed")
+                let detail = if suspended {
+                    "suspended, on no host"
+                } else {
+                    "never placed"
+                };
+                self.event(EventKind::VmDeleted, "", &vm.id, &job.id, detail)
                     .await;
                 return Ok(());
             }
@@ -210,6 +224,13 @@ impl Vimd {
                     .await?
                     .and_then(|p| p.watch()),
             }),
+            JobKind::Suspend => Action::Suspend(vm.id.clone()),
+            JobKind::Resume => {
+                let Some(image) = self.db.image(&vm.image).await? else {
+                    return Ok(Step::Refuse(format!("image {} does not exist", vm.image)));
+                };
+                Action::Resume(self.vm_spec(vm, image, vm.disk_path.clone()).await?)
+            }
             JobKind::Resize => {
                 let p: ResizeParams = match serde_json::from_str(&job.params) {
                     Ok(p) => p,

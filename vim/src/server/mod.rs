@@ -10,6 +10,7 @@ mod heartbeats;
 mod jobs;
 pub mod migrations;
 mod scaling;
+pub mod suspend;
 mod upkeep;
 
 pub use events::run_event_consumer;

@@ -28,6 +28,10 @@ pub const DEFAULT_HANDOVER_TIMEOUT_MS: u64 = 10_000;
 /// handover: a supervisor that started it waits for this line, not a fixed time.
 pub const INCOMING_READY_LINE: &str = "vmm: waiting for a handover in ";
 
+/// The file of a snapshot directory that holds everything but memory, written last: a directory
+/// without it holds no usable snapshot.
+pub const SNAPSHOT_STATE_FILE: &str = "state.bin";
+
 /// The file a live-migration target writes in the migration directory once it sees the source
 /// copying (it looks often from then on). Its supervisor removes it after stopping a target
 /// that never took the VM.

@@ -319,7 +319,15 @@ impl MemQueue {
         let mut req = [0u8; REQ_LEN];
         let mut reader = chain.clone().reader(mem).ok()?;
         std::io::Read::read_exact(&mut reader, &mut req).ok()?;
+        let r = Request::parse(&req);
         let (kind, state) = self.control.handle(mem, Request::parse(&req));
+        tracing::debug!(
+            request = r.kind,
+            addr = r.addr,
+            blocks = r.nb_blocks,
+            response = kind,
+            "virtio-mem request"
+        );
         let mut resp = [0u8; RESP_LEN];
         resp[0..2].copy_from_slice(&kind.to_le_bytes());
         resp[8..10].copy_from_slice(&state.to_le_bytes());

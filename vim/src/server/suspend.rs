@@ -1,0 +1,96 @@
+//! Suspend and resume anywhere (docs/suspend.md). A suspend job asks the VM's host to write the
+//! VM's state to its directory on shared storage and stop its VMM; once answered the VM is
+//! `suspended`, on no host, and its capacity is free. A resume job places it on any host with
+//! room (or the one asked for), whose agent restores it there, memory mapped lazily: the guest
+//! goes on where it was. With no room anywhere it waits `pending_resume` and is tried again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use super::Vimd;
+use crate::db::{self, EventKind, VmState};
+use crate::placement;
+
+/// What a resume job asks for.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ResumeParams {
+    /// The host to resume on; placement chooses without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+}
+
+/// How soon a resume waiting for room is tried again.
+const RETRY_PLACEMENT: Duration = Duration::from_secs(2);
+
+impl Vimd {
+    pub(super) async fn resume(self: &Arc<Self>, job: &db::Job, vm: &db::Vm) -> Result<()> {
+        if !matches!(vm.state, VmState::Suspended | VmState::PendingResume)
+            || !vm.host_id.is_empty()
+        {
+            self.fail_job(job, &format!("VM {} is {}, not suspended", vm.id, vm.state))
+                .await;
+            return Ok(());
+        }
+        // Claimed first: a second copy of the job (the reconciler's, or the retry below) finds
+        // it running and does nothing.
+        if !self
+            .db
+            .transition_job(&job.id, &[db::JobState::Pending], db::JobState::Running, "")
+            .await?
+        {
+            return Ok(());
+        }
+        let p: ResumeParams = serde_json::from_str(&job.params).unwrap_or_default();
+        let among = placement::Among {
+            only: p.to.as_deref(),
+            ..Default::default()
+        };
+        let host = match placement::choose(&self.db, &self.policy, vm.vcpus, vm.memory_mib, among)
+            .await?
+        {
+            Ok(h) => h,
+            Err(why) => {
+                self.db
+                    .transition_job(&job.id, &[db::JobState::Running], db::JobState::Pending, "")
+                    .await?;
+                if vm.state != VmState::PendingResume
+                    && self
+                        .db
+                        .transition_vm(&vm.id, vm.state, VmState::PendingResume)
+                        .await?
+                {
+                    self.event(EventKind::VmResumeWaiting, "", &vm.id, &job.id, &why)
+                        .await;
+                }
+                self.publish_later(&job.id, RETRY_PLACEMENT);
+                return Ok(());
+            }
+        };
+        if !self.db.move_vm(&vm.id, "", &host).await? {
+            self.fail_job(job, "the VM changed meanwhile").await;
+            return Ok(());
+        }
+        let mut vm = vm.clone();
+        vm.host_id = host.clone();
+        let action = match self.host_action(job, &vm, &host).await? {
+            super::jobs::Step::Send(a) => a,
+            super::jobs::Step::Later => return Ok(()),
+            super::jobs::Step::Refuse(why) => {
+                self.db.suspend_vm(&vm.id).await?;
+                self.fail_job(job, &why).await;
+                return Ok(());
+            }
+        };
+        self.db.assign_job_host(&job.id, &host).await?;
+        // Not sent (NATS down): the reconciler sends the running job's command again.
+        if let Err(e) = self.send_to_host(&host, &job.id, action).await {
+            tracing::warn!(job = job.id, error = %e, "resume not sent yet");
+        }
+        self.event(EventKind::JobSent, &host, &vm.id, &job.id, "resume")
+            .await;
+        Ok(())
+    }
+}
