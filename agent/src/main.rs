@@ -320,7 +320,24 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Guest memory is a memfd its VMM asks huge pages for; the host decides whether it gets them.
+const SHMEM_THP: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+
+/// Says when the host gives guest memory no huge pages (docs/hotplug.md): guests then run, boot
+/// and take hot-plugged memory more slowly, nested hosts most of all.
+fn check_huge_pages() {
+    if let Ok(setting) = std::fs::read_to_string(SHMEM_THP) {
+        if setting.contains("[never]") || setting.contains("[deny]") {
+            tracing::warn!(
+                setting = setting.trim(),
+                "guest memory gets no huge pages: echo advise > {SHMEM_THP}"
+            );
+        }
+    }
+}
+
 async fn run(cfg: Config) -> Result<()> {
+    check_huge_pages();
     let creds: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(&cfg.credentials)
             .with_context(|| format!("cannot read {}", cfg.credentials.display()))?,

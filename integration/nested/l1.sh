@@ -8,6 +8,12 @@ l1_setup() {
     mount -t devtmpfs dev /dev 2>/dev/null
     mount -t tmpfs tmp /tmp
     while read -r m; do insmod "/modules/$m" || echo "L1: insmod $m failed"; done < /modules/order
+    # Huge pages behind our VMM's guest memory (a memfd, which it marks MADV_HUGEPAGE), as QEMU's
+    # anonymous guest memory gets them by default (transparent_hugepage/enabled = always): the
+    # host setting docs/hotplug.md recommends. Under nested virtualization a 4 KiB page per
+    # fault makes a guest touching fresh memory several times slower.
+    echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null \
+        || echo "L1: cannot enable huge pages for shared memory"
     if [ -c /dev/kvm ]; then
         echo "L1: /dev/kvm ready after $(cut -d' ' -f1 /proc/uptime)s"
     else

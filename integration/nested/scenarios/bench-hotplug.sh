@@ -55,8 +55,8 @@ run() { # kind
             --cmdline "$append" 2> /tmp/hp.err &
         add() { vmm ctl --api-socket /tmp/hp.sock resize --vcpus 2 > /dev/null; }
         remove() { vmm ctl --api-socket /tmp/hp.sock resize --vcpus 1 > /dev/null; }
-        mem_add() { vmm ctl --api-socket /tmp/hp.sock resize --memory-mib 1536 > /dev/null; }
-        mem_remove() { vmm ctl --api-socket /tmp/hp.sock resize --memory-mib 512 > /dev/null; }
+        mem_add() { vmm ctl --api-socket /tmp/hp.sock resize --memory-mib 1536 --timeout-ms 100000 > /dev/null; }
+        mem_remove() { vmm ctl --api-socket /tmp/hp.sock resize --memory-mib 512 --timeout-ms 100000 > /dev/null; }
     else
         rm -f /tmp/qmon.in /tmp/qmon.out
         mkfifo /tmp/qmon.in /tmp/qmon.out
