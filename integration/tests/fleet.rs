@@ -3462,6 +3462,48 @@ fn a_resume_waits_for_room_and_a_corrupt_state_is_refused() {
     assert!(!f.state().join("shared/vms").join(&id).exists());
 }
 
+/// Issue 20's scale to zero: a VM with auto-suspend whose guest stays idle for the period is
+/// suspended by the VIM on its own (`VM_Idle`); `vm start` brings it back where it was. A busy
+/// guest is left alone.
+#[test]
+fn an_idle_vm_is_suspended_on_its_own_and_start_brings_it_back() {
+    let f = Fleet::start(None, &["h1"]);
+    f.add_test_image();
+    let burn = f.add_burn_image(600);
+    let id = f.create("idle").unwrap();
+    let busy = f.vm_of("busy", &burn, 1);
+    wait_until("the guest's heartbeats", || f.beats(&id).len() >= 3);
+    for vm in [&id, &busy] {
+        let r = f.ctl_ok(&["vm", "auto-suspend", vm, "--idle", "20:3", "--json"]);
+        assert_eq!(
+            (r["auto_suspend_pct"].as_i64(), r["auto_suspend_s"].as_i64()),
+            (Some(20), Some(3)),
+            "{r}"
+        );
+    }
+    wait_until_for("the idle VM suspended", Duration::from_secs(30), || {
+        f.ctl_ok(&["vm", "show", &id])["state"] == "suspended"
+    });
+    assert!(f.has_vm_event("VM_Idle", &id, "for 3 s"));
+    assert_eq!(f.ctl_ok(&["vm", "show", &busy])["state"], "running");
+    let last = *f.beats(&id).last().unwrap();
+    let (ok, _, err) = f.ctl(&["vm", "start", &id]);
+    assert!(ok, "{err}");
+    assert_eq!(f.ctl_ok(&["vm", "show", &id])["state"], "running");
+    wait_until("heartbeats after the start", || {
+        f.beats(&id).last().is_some_and(|b| *b > last)
+    });
+    assert_eq!(console_text(&f, &id).matches("tg: ready").count(), 1);
+    // Off: it stays up however idle.
+    f.ctl_ok(&["vm", "auto-suspend", &id, "--off", "--json"]);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(f.ctl_ok(&["vm", "show", &id])["state"], "running");
+    assert_eq!(f.ctl_ok(&["vm", "show", &busy])["state"], "running");
+    // Refused: a threshold out of range.
+    let (ok, _, err) = f.ctl(&["vm", "auto-suspend", &id, "--idle", "101:3"]);
+    assert!(!ok && err.contains("400"), "{err}");
+}
+
 impl Fleet {
     /// An image of the test guest whose boot CPU spins for its first `burn_s` seconds, then
     /// idles (automatic scaling).

@@ -251,6 +251,7 @@ pub fn router(v: Arc<Vimd>) -> Router {
         .route("/consumers/:name/scaling", put(set_consumer_scaling))
         .route("/scaling-policies", get(list_scaling))
         .route("/vms/:id/ha", put(set_ha))
+        .route("/vms/:id/auto-suspend", put(set_auto_suspend))
         .route("/vms/:id/console", get(console))
         .route("/jobs", get(list_jobs))
         .route("/jobs/:id", get(show_job))
@@ -882,6 +883,40 @@ async fn set_ha(
         v.db.set_ha(&vm.id, req.ha, priority).await?;
         ok(json!(owned_vm(&v, &who, &id).await?))
     })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetAutoSuspend {
+    /// CPU use per vCPU, in percent, at or below which the VM counts as idle.
+    idle_pct: i64,
+    /// How long it must stay idle to be suspended; 0: never.
+    idle_s: i64,
+}
+
+/// Sets when a VM is suspended for being idle (docs/suspend.md): scale to zero, `vm start`
+/// bringing it back.
+async fn set_auto_suspend(
+    State(v): St,
+    h: Req,
+    Path(id): Path<String>,
+    b: Result<Json<SetAutoSuspend>, JsonRejection>,
+) -> Response {
+    call(
+        &v,
+        &h,
+        "vms.auto_suspend",
+        &id.clone(),
+        |v, who| async move {
+            let req = body(b)?;
+            let pct = in_range("idle_pct", req.idle_pct, 0, 100)?;
+            let idle_s = in_range("idle_s", req.idle_s, 0, 30 * 24 * 3600)?;
+            let vm = owned_vm(&v, &who, &id).await?;
+            v.db.set_auto_suspend(&vm.id, pct, idle_s).await?;
+            ok(json!(owned_vm(&v, &who, &id).await?))
+        },
+    )
     .await
 }
 

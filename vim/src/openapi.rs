@@ -141,6 +141,12 @@ pub fn document() -> Value {
                  `pending_resume` while none has room. The guest goes on where it was.", "202")),
                 json!({"type": "object", "additionalProperties": false,
                        "properties": {"to": name()}}))},
+            "/vms/{id}/auto-suspend": {"put": with_body(with_id(op(
+                "Suspend the VM once its CPU use per vCPU stays at or below idle_pct for idle_s seconds \
+                 (0: never; docs/suspend.md). `vm start` resumes it.", "200")),
+                json!({"type": "object", "required": ["idle_pct", "idle_s"], "additionalProperties": false,
+                       "properties": {"idle_pct": {"type": "integer", "minimum": 0, "maximum": 100},
+                                      "idle_s": {"type": "integer", "minimum": 0, "maximum": 2_592_000}}}))},
             "/vms/{id}/resize": {"post": with_body(with_id(op(
                 "Change a running VM's vCPUs (1 to its max_vcpus) and memory (up to its max_memory_mib, \
                  not below what it booted with) by hotplug (docs/hotplug.md); growing needs room on \

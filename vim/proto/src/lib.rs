@@ -277,6 +277,7 @@ names!(EventKind {
     VmSuspended => "VM_Suspended",
     VmResumed => "VM_Resumed",
     VmResumeWaiting => "VM_Resume_Waiting",
+    VmIdle => "VM_Idle",
 });
 
 impl VmState {

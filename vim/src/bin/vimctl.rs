@@ -233,6 +233,21 @@ enum VmCmd {
         #[command(flatten)]
         wait: Wait,
     },
+    /// Suspend the VM once it has been idle (CPU per vCPU at or below PCT %) for S seconds;
+    /// `vm start` resumes it (scale to zero).
+    AutoSuspend {
+        id: String,
+        /// PCT:S
+        #[arg(
+            long,
+            value_name = "PCT:S",
+            conflicts_with = "off",
+            required_unless_present = "off"
+        )]
+        idle: Option<String>,
+        #[arg(long)]
+        off: bool,
+    },
     /// Resume a suspended VM on a host with room (or HOST).
     Resume {
         id: String,
@@ -733,6 +748,23 @@ fn run(cli: Cli) -> Result<()> {
                 job_cmd(format!("/vms/{id}/resize"), body, &wait)?
             }
             VmCmd::Suspend { id, wait } => job_cmd(format!("/vms/{id}/suspend"), json!({}), &wait)?,
+            VmCmd::AutoSuspend { id, idle, off } => {
+                let (pct, secs) = match (idle, off) {
+                    (Some(v), false) => {
+                        let (p, s) = v
+                            .split_once(':')
+                            .ok_or_else(|| anyhow::anyhow!("--idle wants PCT:S, not {v}"))?;
+                        (p.parse::<i64>()?, s.parse::<i64>()?)
+                    }
+                    _ => (0, 0),
+                };
+                let body = json!({"idle_pct": pct, "idle_s": secs});
+                print(&api.req(
+                    reqwest::Method::PUT,
+                    &format!("/vms/{id}/auto-suspend"),
+                    Some(body),
+                )?)
+            }
             VmCmd::Resume { id, to, wait } => {
                 let body = match to {
                     Some(h) => json!({"to": h}),

@@ -43,6 +43,10 @@ pub struct Vm {
     pub scaled_at: i64,
     /// The most memory it can be resized to while it runs (0: `memory_mib`, a VM made before).
     pub max_memory_mib: i64,
+    /// Suspended once its CPU use per vCPU stays at or below this percentage...
+    pub auto_suspend_pct: i64,
+    /// ...for this many seconds (0: never).
+    pub auto_suspend_s: i64,
 }
 
 impl Vm {
@@ -102,6 +106,8 @@ fn vm(r: &AnyRow) -> Result<Vm, sqlx::Error> {
         max_vcpus: r.try_get("max_vcpus")?,
         scaled_at: r.try_get("scaled_at")?,
         max_memory_mib: r.try_get("max_memory_mib")?,
+        auto_suspend_pct: r.try_get("auto_suspend_pct")?,
+        auto_suspend_s: r.try_get("auto_suspend_s")?,
     })
 }
 
@@ -274,6 +280,28 @@ impl Db {
         .execute(&self.writer)
         .await?;
         Ok(())
+    }
+
+    /// Sets when a VM is suspended for being idle (`idle_s` 0: never); false if there is no
+    /// such VM.
+    pub async fn set_auto_suspend(&self, id: &str, pct: i64, idle_s: i64) -> Result<bool, DbError> {
+        let r =
+            sqlx::query("UPDATE vms SET auto_suspend_pct = $1, auto_suspend_s = $2 WHERE id = $3")
+                .bind(pct)
+                .bind(idle_s)
+                .bind(id)
+                .execute(&self.writer)
+                .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Running VMs that are suspended when idle.
+    pub async fn auto_suspend_vms(&self) -> Result<Vec<Vm>, DbError> {
+        let rows = sqlx::query("SELECT * FROM vms WHERE auto_suspend_s > 0 AND state = $1")
+            .bind(VmState::Running.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(vm).collect::<Result<_, _>>()?)
     }
 
     /// Sets a VM's HA policy and restart priority; false if there is no such VM.

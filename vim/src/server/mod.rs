@@ -16,6 +16,7 @@ mod upkeep;
 pub use events::run_event_consumer;
 pub use heartbeats::run_monitor;
 pub use jobs::{run_job_workers, ResizeParams};
+pub use suspend::run_auto_suspend;
 pub use upkeep::{run_housekeeping, run_reconciler};
 
 use std::path::PathBuf;

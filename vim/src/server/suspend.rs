@@ -4,6 +4,7 @@
 //! room (or the one asked for), whose agent restores it there, memory mapped lazily: the guest
 //! goes on where it was. With no room anywhere it waits `pending_resume` and is tried again.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,10 +23,68 @@ pub struct ResumeParams {
     pub to: Option<String>,
 }
 
+/// How often idle VMs are looked for.
+const AUTO_SUSPEND_EVERY: Duration = Duration::from_secs(1);
+
+/// Auto-suspend ("scale to zero"): every second, each running VM with an auto-suspend setting
+/// whose CPU use per vCPU (from its host's reports) is at or below its threshold is timed; one
+/// idle for its whole period, with no job under way, is suspended. `vm start` brings it back.
+/// The timing lives in vimd's memory: a vimd restart starts every period again.
+pub fn run_auto_suspend(v: Arc<Vimd>) {
+    tokio::spawn(async move {
+        let mut idle_since: HashMap<String, i64> = HashMap::new();
+        let mut tick = tokio::time::interval(AUTO_SUSPEND_EVERY);
+        loop {
+            tick.tick().await;
+            if let Err(e) = v.auto_suspend_round(&mut idle_since).await {
+                tracing::warn!(error = %e, "auto-suspend");
+            }
+        }
+    });
+}
+
 /// How soon a resume waiting for room is tried again.
 const RETRY_PLACEMENT: Duration = Duration::from_secs(2);
 
 impl Vimd {
+    async fn auto_suspend_round(
+        self: &Arc<Self>,
+        idle_since: &mut HashMap<String, i64>,
+    ) -> Result<()> {
+        let now = db::now_ms();
+        let vms = self.db.auto_suspend_vms().await?;
+        idle_since.retain(|id, _| vms.iter().any(|vm| &vm.id == id));
+        for vm in vms {
+            let pct = vm.cpu_pct / vm.vcpus.max(1) as f64;
+            if pct > vm.auto_suspend_pct as f64 {
+                idle_since.remove(&vm.id);
+                continue;
+            }
+            let since = *idle_since.entry(vm.id.clone()).or_insert(now);
+            if now - since < vm.auto_suspend_s * 1000
+                || self.db.unfinished_jobs_for(&vm.id).await? > 0
+            {
+                continue;
+            }
+            idle_since.remove(&vm.id);
+            let job = self
+                .queue_job(
+                    db::JobKind::Suspend,
+                    "auto-suspend",
+                    &vm.id,
+                    &serde_json::json!({}),
+                )
+                .await?;
+            let why = format!(
+                "CPU at or below {} % for {} s: suspending",
+                vm.auto_suspend_pct, vm.auto_suspend_s
+            );
+            self.event(EventKind::VmIdle, &vm.host_id, &vm.id, &job.id, &why)
+                .await;
+        }
+        Ok(())
+    }
+
     pub(super) async fn resume(self: &Arc<Self>, job: &db::Job, vm: &db::Vm) -> Result<()> {
         if !matches!(vm.state, VmState::Suspended | VmState::PendingResume)
             || !vm.host_id.is_empty()
