@@ -125,7 +125,14 @@ struct CpuSample {
     ticks: u64,
     vcpu_ticks: u64,
     at: Option<Instant>,
+    /// What the last long enough interval measured (vCPU %, VMM %).
+    pct: (f64, f64),
 }
+
+/// The shortest interval CPU use is measured over. Ticks are 10 ms: a report sent right after
+/// another (an answer to a command between two heartbeats) would otherwise read two ticks in
+/// 11 ms as 180 % of a core, or a busy guest as idle.
+const MIN_CPU_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Where the agent keeps things, and the checks every command passes: shared by all VMs.
 #[derive(Debug)]
@@ -1280,8 +1287,18 @@ fn usage(pid: u32, last: &mut CpuSample) -> Usage {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0);
-    let (vcpu, all) = thread_ticks(pid);
     let now = Instant::now();
+    if last
+        .at
+        .is_some_and(|at| now.duration_since(at) < MIN_CPU_INTERVAL)
+    {
+        return Usage {
+            vcpu_pct: last.pct.0,
+            vmm_pct: last.pct.1,
+            rss_kib,
+        };
+    }
+    let (vcpu, all) = thread_ticks(pid);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let (vcpu_pct, vmm_pct) = match last.at {
@@ -1299,6 +1316,7 @@ fn usage(pid: u32, last: &mut CpuSample) -> Usage {
         ticks: all,
         vcpu_ticks: vcpu,
         at: Some(now),
+        pct: (vcpu_pct, vmm_pct),
     };
     Usage {
         vcpu_pct,
@@ -1310,6 +1328,27 @@ fn usage(pid: u32, last: &mut CpuSample) -> Usage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// CPU use is measured over half a second at least: a report right after another repeats
+    /// the last figure instead of reading a few ticks over a few milliseconds.
+    #[test]
+    fn cpu_use_is_measured_over_a_long_enough_interval() {
+        let me = std::process::id();
+        let mut last = CpuSample::default();
+        usage(me, &mut last);
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(600) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let busy = usage(me, &mut last);
+        assert!(busy.vmm_pct > 50.0, "{busy:?}");
+        let again = usage(me, &mut last);
+        assert_eq!(
+            (again.vcpu_pct, again.vmm_pct),
+            (busy.vcpu_pct, busy.vmm_pct)
+        );
+    }
     use std::sync::mpsc;
 
     /// CPU time this thread has used.

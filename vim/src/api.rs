@@ -253,6 +253,8 @@ pub fn router(v: Arc<Vimd>) -> Router {
         .route("/vms/:id/ha", put(set_ha))
         .route("/vms/:id/auto-suspend", put(set_auto_suspend))
         .route("/vms/:id/console", get(console))
+        .route("/cluster/balance", get(show_balance).put(set_balance))
+        .route("/cluster/balance/plan", get(plan_balance))
         .route("/jobs", get(list_jobs))
         .route("/jobs/:id", get(show_job))
         .route("/events", get(list_events))
@@ -366,6 +368,7 @@ async fn drain_host(State(v): St, h: Req, Path(id): Path<String>) -> Response {
             }
             let params = crate::server::migrations::MigrateParams {
                 downtime_ms: crate::server::migrations::DEFAULT_DOWNTIME_MS,
+                reason: Some("drain".into()),
                 ..Default::default()
             };
             jobs.push(queue_migration(&v, &who, &vm.id, &params).await?);
@@ -580,6 +583,9 @@ struct CreateVm {
     /// ceiling, else 4 x memory_mib; at most 1 TiB). It costs no host memory until plugged.
     #[serde(default)]
     max_memory_mib: Option<u64>,
+    /// Its anti-affinity group: the caller's VMs of one group are kept on different hosts.
+    #[serde(default)]
+    group: Option<String>,
 }
 
 /// The most memory a VM can grow to (the VMM's limit).
@@ -608,6 +614,9 @@ async fn create_vm(State(v): St, h: Req, b: Result<Json<CreateVm>, JsonRejection
     call(&v, &h, "vms.create", "", |v, who| async move {
         let req = body(b)?;
         check_name("VM name", &req.name)?;
+        if let Some(g) = &req.group {
+            check_name("group", g)?;
+        }
         if req.vcpus == 0 || req.vcpus > MAX_VCPUS {
             return Err(bad("vcpus must be 1 to 254"));
         }
@@ -676,6 +685,7 @@ async fn create_vm(State(v): St, h: Req, b: Result<Json<CreateVm>, JsonRejection
             ha_priority: in_range("ha_priority", req.ha_priority, -1000, 1000)?,
             max_vcpus: i64::from(max_vcpus),
             max_memory_mib: max_memory_mib as i64,
+            group: req.group.unwrap_or_default(),
             ..db::Vm::default()
         };
         let job = db::Job::new(db::JobKind::Create, &who.name, &vm.id);
@@ -1153,6 +1163,79 @@ async fn queue_migration(
         .queue_job(db::JobKind::Migrate, &who.name, vm_id, params)
         .await?;
     Ok(json!({"job_id": job.id, "vm_id": vm_id}))
+}
+
+/// A change to the balancer's settings: what is given replaces what was set.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BalanceChange {
+    #[serde(default)]
+    on: Option<bool>,
+    #[serde(default)]
+    threshold: Option<f64>,
+    #[serde(default)]
+    interval_s: Option<u64>,
+    #[serde(default)]
+    rounds: Option<u32>,
+    #[serde(default)]
+    min_gain: Option<f64>,
+    #[serde(default)]
+    settle_s: Option<u64>,
+}
+
+/// The balancer's settings, the imbalance now, and each host's load (docs/balance.md).
+async fn show_balance(State(v): St, h: Req) -> Response {
+    call(&v, &h, "cluster.balance.show", "", |v, who| async move {
+        admin(&who)?;
+        let s = v.balance_settings().await?;
+        let model = v.balance_model(&s).await?;
+        ok(json!({"settings": s, "imbalance": model.imbalance(), "hosts": model.hosts()}))
+    })
+    .await
+}
+
+async fn set_balance(
+    State(v): St,
+    h: Req,
+    b: Result<Json<BalanceChange>, JsonRejection>,
+) -> Response {
+    call(&v, &h, "cluster.balance.set", "", |v, who| async move {
+        admin(&who)?;
+        let c = body(b)?;
+        let old = v.balance_settings().await?;
+        let s = crate::balance::Settings {
+            on: c.on.unwrap_or(old.on),
+            threshold: c.threshold.unwrap_or(old.threshold),
+            interval_s: c.interval_s.unwrap_or(old.interval_s),
+            rounds: c.rounds.unwrap_or(old.rounds),
+            min_gain: c.min_gain.unwrap_or(old.min_gain),
+            settle_s: c.settle_s.unwrap_or(old.settle_s),
+        };
+        s.check().map_err(bad)?;
+        v.set_balance_settings(&s).await?;
+        ok(json!(s))
+    })
+    .await
+}
+
+/// The dry run: the moves the balancer would make, one after another, from the load now
+/// (whatever the setting of `on` and however long the imbalance has lasted); nothing changes.
+async fn plan_balance(State(v): St, h: Req) -> Response {
+    call(&v, &h, "cluster.balance.plan", "", |v, who| async move {
+        admin(&who)?;
+        let s = v.balance_settings().await?;
+        let mut model = v.balance_model(&s).await?;
+        let before = model.imbalance();
+        let moves = model.plan(&s, crate::server::balancer::PLAN_MAX, false);
+        ok(json!({
+            "imbalance_before": before,
+            "imbalance_after": model.imbalance(),
+            "threshold": s.threshold,
+            "moves": moves,
+            "hosts_after": model.hosts(),
+        }))
+    })
+    .await
 }
 
 #[derive(Deserialize)]

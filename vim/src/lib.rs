@@ -5,6 +5,7 @@
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod balance;
 pub mod db;
 pub mod files;
 pub mod hosts;

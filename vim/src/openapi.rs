@@ -122,7 +122,9 @@ pub fn document() -> Value {
                                           "max_memory_mib": {"type": "integer", "minimum": 16, "maximum": 1_048_576, "nullable": true,
                                                              "description": "the most memory it can be resized to while it runs, MiB \
                                                                              (null or absent: the owner's scaling policy's ceiling, else 4 x memory_mib; \
-                                                                             at least memory_mib, and memory_mib plus whole 2 MiB blocks)"}}})),
+                                                                             at least memory_mib, and memory_mib plus whole 2 MiB blocks)"},
+                                          "group": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,63}$", "nullable": true,
+                                                    "description": "anti-affinity group: the caller's VMs of one group are kept on different hosts"}}})),
             },
             "/vms/{id}": {"get": with_id(op("Show a VM", "200")), "delete": with_id(op("Delete a VM", "202"))},
             "/vms/{id}/start": {"post": with_id(op("Start a VM", "202"))},
@@ -166,6 +168,18 @@ pub fn document() -> Value {
                 json!({"type": "object", "required": ["ha"], "additionalProperties": false,
                        "properties": {"ha": ha_policy(), "priority": ha_priority()}}))},
             "/vms/{id}/console": {"get": console},
+            "/cluster/balance": {
+                "get": op("The balancer's settings, the imbalance now and each host's load (admin; docs/balance.md)", "200"),
+                "put": with_body(op("Change the balancer's settings; what is absent stays (admin)", "200"),
+                    json!({"type": "object", "additionalProperties": false, "properties": {
+                        "on": {"type": "boolean"},
+                        "threshold": {"type": "number", "minimum": 0, "maximum": 10},
+                        "interval_s": {"type": "integer", "minimum": 1, "maximum": 86_400},
+                        "rounds": {"type": "integer", "minimum": 1, "maximum": 100},
+                        "min_gain": {"type": "number", "minimum": 0, "maximum": 1},
+                        "settle_s": {"type": "integer", "minimum": 0, "maximum": 86_400}}})),
+            },
+            "/cluster/balance/plan": {"get": op("Dry run: the moves the balancer would make now, with the imbalance and loads before and after; changes nothing (admin)", "200")},
             "/jobs": {"get": with_limit(op("List jobs, newest first (a consumer sees its own)", "200"), 100, 10_000)},
             "/jobs/{id}": {"get": with_id(op("Show a job", "200"))},
             "/events": {"get": events},

@@ -24,11 +24,24 @@ impl Default for Policy {
 }
 
 /// Which hosts a placement may choose from: all reachable ones, one named host, or all but
-/// one (a migration's source).
+/// one (a migration's source); with `group` (owner, group), only hosts that run no VM of that
+/// owner's anti-affinity group.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Among<'a> {
     pub only: Option<&'a str>,
     pub except: Option<&'a str>,
+    pub group: Option<(&'a str, &'a str)>,
+}
+
+impl<'a> Among<'a> {
+    /// Anywhere but `except`, away from the other members of `vm`'s group.
+    pub fn for_vm(vm: &'a crate::db::Vm, only: Option<&'a str>, except: Option<&'a str>) -> Self {
+        Among {
+            only,
+            except,
+            group: (!vm.group.is_empty()).then_some((vm.owner.as_str(), vm.group.as_str())),
+        }
+    }
 }
 
 /// The chosen host, or why none fits (`Ok(Err(why))`). The database does the choosing
@@ -44,14 +57,22 @@ pub async fn choose(
         return Ok(Ok(h));
     }
     if let Some(only) = among.only {
+        let member = among
+            .group
+            .map(|(_, g)| format!(", or runs a VM of group {g}"))
+            .unwrap_or_default();
         return Ok(Err(format!(
-            "host {only} is not reachable or has no room for {vcpus} vCPUs and {memory_mib} MiB"
+            "host {only} is not reachable or has no room for {vcpus} vCPUs and {memory_mib} MiB{member}"
         )));
     }
+    let apart = among
+        .group
+        .map(|(_, g)| format!(" and no VM of group {g}"))
+        .unwrap_or_default();
     let reachable = db.count_hosts(crate::db::HostState::Reachable).await?;
     Ok(Err(format!(
-        "no host has room for {vcpus} vCPUs and {memory_mib} MiB ({reachable} reachable host(s); \
-         overcommit cpu {} memory {}, {} MiB reserved per host)",
+        "no host has room for {vcpus} vCPUs and {memory_mib} MiB{apart} ({reachable} reachable \
+         host(s); overcommit cpu {} memory {}, {} MiB reserved per host)",
         policy.cpu_ratio, policy.memory_ratio, policy.reserved_memory_mib
     )))
 }
@@ -145,6 +166,48 @@ mod tests {
             };
             let e = choose(&db, &p, 1, 64, only_c).await.unwrap().unwrap_err();
             assert!(e.contains("host c is not reachable"), "{e}");
+        }
+    }
+
+    /// A VM of group g runs on a: the next member goes to b even though a is chosen otherwise,
+    /// is refused when only a is asked for, and another owner's g does not count.
+    #[tokio::test]
+    async fn members_of_a_group_are_placed_apart() {
+        for (db, _dir) in databases().await {
+            fleet(&db).await;
+            let member = Vm {
+                id: "g1".into(),
+                owner: "o".into(),
+                vcpus: 1,
+                memory_mib: 64,
+                state: VmState::Running,
+                group: "g".into(),
+                ..Vm::default()
+            };
+            db.add_job(&Job::new(JobKind::Create, "o", "g1"), Some(&member))
+                .await
+                .unwrap();
+            db.place_vm("g1", "b", "").await.unwrap();
+            let p = Policy::default();
+            let next = Vm {
+                id: "g2".into(),
+                ..member.clone()
+            };
+            // b is the roomiest, but runs g1.
+            let among = Among::for_vm(&next, None, None);
+            assert_eq!(choose(&db, &p, 1, 64, among).await.unwrap().unwrap(), "a");
+            let only_b = Among::for_vm(&next, Some("b"), None);
+            let e = choose(&db, &p, 1, 64, only_b).await.unwrap().unwrap_err();
+            assert!(e.contains("runs a VM of group g"), "{e}");
+            let except_a = Among::for_vm(&next, None, Some("a"));
+            let e = choose(&db, &p, 1, 64, except_a).await.unwrap().unwrap_err();
+            assert!(e.contains("and no VM of group g"), "{e}");
+            let stranger = Vm {
+                owner: "p".into(),
+                ..next.clone()
+            };
+            let among = Among::for_vm(&stranger, None, None);
+            assert_eq!(choose(&db, &p, 1, 64, among).await.unwrap().unwrap(), "b");
         }
     }
 }

@@ -13,6 +13,10 @@ l1_setup
 /bin/ip addr add 10.0.2.15/24 dev eth0
 /bin/ip route add default via 10.0.2.2
 mkdir -p "$EXPORT"
+# Each L1 must present its own NFSv4 client identity. Linux builds it from the node name, which is
+# "(none)" in both L1s unless set: the server then took the second mount for the first client
+# rebooted, and one of the two mounts failed with EIO (or, worse, one host's locks went with it).
+echo "$HOST_ID" > /proc/sys/kernel/hostname
 # Hard mount: a write waits for the server rather than failing (what a VM's disk wants).
 if ! mount -t nfs4 -o "vers=4.1,port=$NFS_PORT,addr=10.0.2.2,clientaddr=10.0.2.15,hard,timeo=100" \
     10.0.2.2:/share "$EXPORT"; then

@@ -278,6 +278,7 @@ names!(EventKind {
     VmResumed => "VM_Resumed",
     VmResumeWaiting => "VM_Resume_Waiting",
     VmIdle => "VM_Idle",
+    RebalancePlanned => "Rebalance_Planned",
 });
 
 impl VmState {

@@ -75,6 +75,43 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// The cluster as a whole: its balancer (docs/balance.md).
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// The load balancer (admins): without options, its settings and each host's load; with
+    /// --on/--off or a setting, changes them; --dry-run prints the moves it would make now.
+    Balance {
+        /// Let it live-migrate VMs on its own.
+        #[arg(long, conflicts_with = "off")]
+        on: bool,
+        #[arg(long)]
+        off: bool,
+        /// Act on an imbalance (coefficient of variation of the hosts' loads) above this
+        /// (default 0.3).
+        #[arg(long)]
+        threshold: Option<f64>,
+        /// Seconds between its rounds (default 60).
+        #[arg(long)]
+        interval: Option<u64>,
+        /// Rounds in a row the imbalance must last before it acts (default 3).
+        #[arg(long)]
+        rounds: Option<u32>,
+        /// The least a move must lower the imbalance by, a fraction of it (default 0.1).
+        #[arg(long = "min-gain")]
+        min_gain: Option<f64>,
+        /// Seconds a moved VM stays put (default 300).
+        #[arg(long)]
+        settle: Option<u64>,
+        /// Print the moves it would make now, with the figures before and after; change nothing.
+        #[arg(long = "dry-run", conflicts_with_all = ["on", "off"])]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -212,6 +249,9 @@ enum VmCmd {
         /// ceiling, else 4 x --memory-mib).
         #[arg(long = "max-memory-mib")]
         max_memory_mib: Option<u64>,
+        /// Its anti-affinity group: your VMs of one group are kept on different hosts.
+        #[arg(long)]
+        group: Option<String>,
         #[command(flatten)]
         wait: Wait,
     },
@@ -434,6 +474,36 @@ fn printable(s: &str) -> String {
             }
         })
         .collect()
+}
+
+/// A dry run's moves, a line each, then the imbalance it would leave.
+fn print_plan(r: &Value) {
+    let f = |v: &Value| v.as_f64().unwrap_or_default();
+    let moves = r["moves"].as_array().map_or(&[][..], |v| v);
+    println!(
+        "imbalance now {:.2} (threshold {:.2}); {} move(s)",
+        f(&r["imbalance_before"]),
+        f(&r["threshold"]),
+        moves.len()
+    );
+    for m in moves {
+        println!(
+            "  {}  {} -> {}  ({})  imbalance {:.2} -> {:.2}  {} {:.2} -> {:.2}  {} {:.2} -> {:.2}",
+            m["vm_id"].as_str().unwrap_or_default(),
+            m["from"].as_str().unwrap_or_default(),
+            m["to"].as_str().unwrap_or_default(),
+            m["reason"].as_str().unwrap_or_default(),
+            f(&m["imbalance_before"]),
+            f(&m["imbalance_after"]),
+            m["from"].as_str().unwrap_or_default(),
+            f(&m["from_load"][0]),
+            f(&m["from_load"][1]),
+            m["to"].as_str().unwrap_or_default(),
+            f(&m["to_load"][0]),
+            f(&m["to_load"][1]),
+        );
+    }
+    println!("imbalance after: {:.2}", f(&r["imbalance_after"]));
 }
 
 fn table(rows: &[Value], cols: &[&str]) {
@@ -708,6 +778,65 @@ fn run(cli: Cli) -> Result<()> {
                 ],
             )?,
         },
+        Cmd::Cluster {
+            cmd:
+                ClusterCmd::Balance {
+                    on,
+                    off,
+                    threshold,
+                    interval,
+                    rounds,
+                    min_gain,
+                    settle,
+                    dry_run,
+                },
+        } => {
+            let mut change = json!({});
+            if on || off {
+                change["on"] = json!(on);
+            }
+            for (k, v) in [
+                ("threshold", threshold.map(|x| json!(x))),
+                ("interval_s", interval.map(|x| json!(x))),
+                ("rounds", rounds.map(|x| json!(x))),
+                ("min_gain", min_gain.map(|x| json!(x))),
+                ("settle_s", settle.map(|x| json!(x))),
+            ] {
+                if let Some(v) = v {
+                    change[k] = v;
+                }
+            }
+            let changing = change.as_object().is_some_and(|o| !o.is_empty());
+            if changing {
+                let r = api.req(reqwest::Method::PUT, "/cluster/balance", Some(change))?;
+                if json_out || !dry_run {
+                    print(&r);
+                }
+            }
+            if dry_run {
+                let r = api.get("/cluster/balance/plan")?;
+                if json_out {
+                    print(&r);
+                } else {
+                    print_plan(&r);
+                }
+            } else if !changing {
+                let r = api.get("/cluster/balance")?;
+                if json_out {
+                    print(&r);
+                } else {
+                    println!("settings: {}", r["settings"]);
+                    println!(
+                        "imbalance: {:.2}",
+                        r["imbalance"].as_f64().unwrap_or_default()
+                    );
+                    table(
+                        r["hosts"].as_array().map_or(&[][..], |v| v),
+                        &["id", "cpu", "memory", "load"],
+                    );
+                }
+            }
+        }
         Cmd::Vm { cmd } => match cmd {
             VmCmd::Create {
                 name,
@@ -719,6 +848,7 @@ fn run(cli: Cli) -> Result<()> {
                 ha_priority,
                 max_vcpus,
                 max_memory_mib,
+                group,
                 wait,
             } => {
                 let mut body = json!({"name": name, "image": image, "vcpus": vcpus,
@@ -729,6 +859,9 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 if let Some(m) = max_memory_mib {
                     body["max_memory_mib"] = json!(m);
+                }
+                if let Some(g) = group {
+                    body["group"] = json!(g);
                 }
                 job_cmd("/vms".into(), body, &wait)?
             }

@@ -371,6 +371,7 @@ async fn run(a: Args) -> Result<()> {
     server::run_reconciler(v.clone()).await;
     server::run_housekeeping(v.clone());
     server::run_auto_suspend(v.clone());
+    server::run_balancer(v.clone());
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;

@@ -252,7 +252,7 @@ impl Db {
 
     /// The reachable host with the most free memory that has room for `vcpus` and `memory_mib`
     /// under `p` (overcommit ratios, memory reserved for the host), counting the VMs placed on it
-    /// that are not deleted.
+    /// that are not deleted, and (with `among.group`) that runs no VM of that owner's group.
     pub async fn roomiest_host(
         &self,
         p: &crate::placement::Policy,
@@ -268,6 +268,9 @@ impl Db {
                  WHERE host_id <> '' AND state <> $6 GROUP BY host_id
              ) u ON u.host_id = h.id
              WHERE h.state = $7 AND h.draining = 0 AND h.id <> $8 AND ($9 = '' OR h.id = $9)
+               AND ($10 = '' OR NOT EXISTS (
+                   SELECT 1 FROM vms g WHERE g.host_id = h.id AND g.affinity_group = $10
+                                         AND g.owner = $11 AND g.state <> $6))
                AND COALESCE(u.vcpus, 0) + $3 <= h.cpu_cores * $4
                AND $5 <= (h.memory_mib - $1) * $2 - COALESCE(u.memory_mib, 0)
              ORDER BY free_mib DESC, h.id LIMIT 1",
@@ -281,6 +284,8 @@ impl Db {
         .bind(HostState::Reachable.as_str())
         .bind(among.except.unwrap_or(""))
         .bind(among.only.unwrap_or(""))
+        .bind(among.group.map_or("", |(_, g)| g))
+        .bind(among.group.map_or("", |(o, _)| o))
         .fetch_optional(&self.pool)
         .await?;
         Ok(match r {

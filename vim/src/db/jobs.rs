@@ -173,8 +173,8 @@ impl Db {
         if let Some(v) = new_vm {
             sqlx::query(
                 "INSERT INTO vms (id, name, owner, image, vcpus, memory_mib, state, created_at, mac, ha,
-                                  ha_priority, max_vcpus, max_memory_mib)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                                  ha_priority, max_vcpus, max_memory_mib, affinity_group)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
             )
             .bind(&v.id)
             .bind(&v.name)
@@ -189,6 +189,7 @@ impl Db {
             .bind(v.ha_priority)
             .bind(v.max_vcpus)
             .bind(v.max_memory_mib)
+            .bind(&v.group)
             .execute(&mut *tx)
             .await?;
         }
@@ -340,6 +341,16 @@ impl Db {
             .fetch_one(&self.pool)
             .await?;
         Ok(r.try_get("n")?)
+    }
+
+    /// Every job that has not ended (pending or running), steps included.
+    pub async fn unfinished_jobs(&self) -> Result<Vec<Job>, DbError> {
+        let rows = sqlx::query("SELECT * FROM jobs WHERE state = $1 OR state = $2")
+            .bind(JobState::Pending.as_str())
+            .bind(JobState::Running.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(job).collect::<Result<_, _>>()?)
     }
 
     /// How many of VM `vm_id`'s jobs have not ended (pending or running).

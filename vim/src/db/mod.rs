@@ -4,6 +4,7 @@
 //! (TEXT, BIGINT, `$n` placeholders).
 
 mod audit;
+mod cluster;
 mod events;
 mod hosts;
 mod images;
@@ -160,7 +161,14 @@ pub(crate) mod tests {
             let lock = POSTGRES.lock().await;
             let db = Db::open(&pg).await.unwrap();
             for t in [
-                "hosts", "images", "vms", "jobs", "events", "audit", "tokens",
+                "hosts",
+                "images",
+                "vms",
+                "jobs",
+                "events",
+                "audit",
+                "tokens",
+                "cluster_settings",
             ] {
                 sqlx::query(&format!("DELETE FROM {t}"))
                     .execute(&db.pool)

@@ -47,6 +47,8 @@ pub struct Vm {
     pub auto_suspend_pct: i64,
     /// ...for this many seconds (0: never).
     pub auto_suspend_s: i64,
+    /// Its anti-affinity group: VMs of one group are kept on different hosts ('' for none).
+    pub group: String,
 }
 
 impl Vm {
@@ -108,6 +110,7 @@ fn vm(r: &AnyRow) -> Result<Vm, sqlx::Error> {
         max_memory_mib: r.try_get("max_memory_mib")?,
         auto_suspend_pct: r.try_get("auto_suspend_pct")?,
         auto_suspend_s: r.try_get("auto_suspend_s")?,
+        group: r.try_get("affinity_group")?,
     })
 }
 
@@ -293,6 +296,15 @@ impl Db {
                 .execute(&self.writer)
                 .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    /// VMs placed on a host (any state but deleted): what the balancer weighs.
+    pub async fn placed_vms(&self) -> Result<Vec<Vm>, DbError> {
+        let rows = sqlx::query("SELECT * FROM vms WHERE host_id <> '' AND state <> $1")
+            .bind(VmState::Deleted.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(vm).collect::<Result<_, _>>()?)
     }
 
     /// Running VMs that are suspended when idle.

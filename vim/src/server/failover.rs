@@ -285,14 +285,23 @@ impl Vimd {
             self.publish_later(&job.id, RETRY_BUSY);
             return Ok(());
         }
-        let among = crate::placement::Among {
-            except: Some(&from),
-            ..Default::default()
-        };
+        let apart = crate::placement::Among::for_vm(vm, None, Some(&from));
         let chosen = if in_place {
             Ok(from.clone())
         } else {
-            crate::placement::choose(&self.db, &self.policy, vm.vcpus, vm.memory_mib, among).await?
+            let (db, p) = (&self.db, &self.policy);
+            match crate::placement::choose(db, p, vm.vcpus, vm.memory_mib, apart).await? {
+                // Running again matters more than anti-affinity: with no host free of the VM's
+                // group, it shares one (the balancer parts them later, when it can).
+                Err(_) if apart.group.is_some() => {
+                    let anywhere = crate::placement::Among {
+                        group: None,
+                        ..apart
+                    };
+                    crate::placement::choose(db, p, vm.vcpus, vm.memory_mib, anywhere).await?
+                }
+                chosen => chosen,
+            }
         };
         let host = match chosen {
             Ok(h) => h,

@@ -88,7 +88,7 @@ impl Vimd {
                 &self.policy,
                 vm.vcpus,
                 vm.memory_mib,
-                placement::Among::default(),
+                placement::Among::for_vm(&vm, None, None),
             )
             .await?
             {

@@ -43,6 +43,9 @@ pub struct MigrateParams {
     /// And to this much memory, when that changes too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub then_memory_mib: Option<u64>,
+    /// Why the VIM moves it on its own (`rebalance`, `drain`, `scaling`); none: a caller asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl MigrateParams {
@@ -116,10 +119,7 @@ impl Vimd {
                 .await;
             return Ok(());
         }
-        let among = placement::Among {
-            only: p.to.as_deref(),
-            except: Some(&vm.host_id),
-        };
+        let among = placement::Among::for_vm(vm, p.to.as_deref(), Some(&vm.host_id));
         let target = match placement::choose(&self.db, &self.policy, vm.vcpus, vm.memory_mib, among)
             .await?
         {
@@ -254,6 +254,7 @@ impl Vimd {
         let p = MigrateParams::of(&parent);
         let m = ev.migration.clone().unwrap_or_default();
         let how = serde_json::json!({
+            "reason": p.reason,
             "source": p.source,
             "target": p.target,
             "downtime_ms": m.downtime_ms,
@@ -286,13 +287,16 @@ impl Vimd {
             &child.vm_id,
             &parent.id,
             &format!(
-                "{} -> {}: downtime {:.1} ms, total {:.1} ms, {} rounds, {} MiB",
+                "{} -> {}: downtime {:.1} ms, total {:.1} ms, {} rounds, {} MiB{}",
                 p.source,
                 p.target,
                 m.downtime_ms,
                 m.total_ms,
                 m.rounds,
-                m.bytes_written >> 20
+                m.bytes_written >> 20,
+                p.reason
+                    .map(|r| format!("; reason {r}"))
+                    .unwrap_or_default()
             ),
         )
         .await;

@@ -4,6 +4,7 @@
 //! reconciler, housekeeping). Here: what they all share. All state changes go to the database
 //! first.
 
+pub mod balancer;
 mod events;
 pub mod failover;
 mod heartbeats;
@@ -13,6 +14,7 @@ mod scaling;
 pub mod suspend;
 mod upkeep;
 
+pub use balancer::run_balancer;
 pub use events::run_event_consumer;
 pub use heartbeats::run_monitor;
 pub use jobs::{run_job_workers, ResizeParams};

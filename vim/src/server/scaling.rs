@@ -119,10 +119,7 @@ impl Vimd {
             return Ok(());
         }
         // No room here: to a host with room for the whole new size, then resized there.
-        let elsewhere = placement::Among {
-            except: Some(&vm.host_id),
-            ..Default::default()
-        };
+        let elsewhere = placement::Among::for_vm(&vm, None, Some(&vm.host_id));
         match placement::choose(&self.db, &self.policy, target, memory, elsewhere).await? {
             Ok(to) => {
                 let params = MigrateParams {
@@ -130,6 +127,7 @@ impl Vimd {
                     downtime_ms: super::migrations::DEFAULT_DOWNTIME_MS,
                     then_vcpus: Some(target as u32),
                     then_memory_mib: memory_mib,
+                    reason: Some("scaling".into()),
                     ..Default::default()
                 };
                 self.queue_job(JobKind::Migrate, &owner, &vm.id, &params)

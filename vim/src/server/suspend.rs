@@ -103,10 +103,7 @@ impl Vimd {
             return Ok(());
         }
         let p: ResumeParams = serde_json::from_str(&job.params).unwrap_or_default();
-        let among = placement::Among {
-            only: p.to.as_deref(),
-            ..Default::default()
-        };
+        let among = placement::Among::for_vm(vm, p.to.as_deref(), None);
         let host = match placement::choose(&self.db, &self.policy, vm.vcpus, vm.memory_mib, among)
             .await?
         {
