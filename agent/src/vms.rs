@@ -566,11 +566,8 @@ impl Vm {
     /// one keeps its mapping of it), then its VMM stopped and the VM forgotten here. On an error
     /// before the state is whole the guest runs on, unharmed.
     pub fn suspend(&mut self) -> anyhow::Result<vmm_api::SnapshotDone> {
+        anyhow::ensure!(self.running_here(), "the VM is not running here");
         let r = self.record.clone();
-        anyhow::ensure!(
-            r.state == VmState::Running && alive(r.pid),
-            "the VM is not running here"
-        );
         let client = vmm_api::Client::new(&r.api_socket);
         client.pause()?;
         let dir = self.dirs.suspend_dir(self.id());
@@ -681,11 +678,8 @@ impl Vm {
     /// the guest did, so a restart boots it at that size.
     pub fn resize(&mut self, req: &vim_proto::ResizeVm) -> anyhow::Result<()> {
         let (vcpus, mut memory_mib) = (req.vcpus, (req.memory_mib > 0).then_some(req.memory_mib));
+        anyhow::ensure!(self.running_here(), "the VM is not running here");
         let r = &self.record;
-        anyhow::ensure!(
-            r.state == VmState::Running && alive(r.pid),
-            "the VM is not running here"
-        );
         let max = r.spec.max_vcpus.max(r.spec.vcpus);
         anyhow::ensure!(
             vcpus <= max,
@@ -912,6 +906,13 @@ impl Vm {
 
     /// An incoming VMM whose guest has been handed over and resumed serves its API as a running
     /// VM: the record follows.
+    /// Whether the VM runs here: its VMM alive and the guest running (a VM that just migrated
+    /// in counts once its VMM says the guest runs, before any report has noticed).
+    fn running_here(&mut self) -> bool {
+        self.refresh_incoming();
+        self.record.state == VmState::Running && alive(self.record.pid)
+    }
+
     pub fn refresh_incoming(&mut self) {
         if self.record.state != VmState::Incoming {
             return;
@@ -949,7 +950,7 @@ impl Vm {
                 return Ok(outcome);
             }
         }
-        if r.state != VmState::Running || !alive(r.pid) {
+        if !self.running_here() {
             return Err(format!("VM {} is not running here", r.spec.vm_id));
         }
         let req = vmm_api::Request::Migrate {

@@ -3810,3 +3810,43 @@ fn vms_of_one_group_are_kept_on_different_hosts() {
     ]);
     assert!(!ok && err.contains("group"), "{err}");
 }
+
+/// Issue 20: a suspend racing a migration or a resize is refused, never both done. While a
+/// migration is under way a suspend is refused (409); while a suspend is under way (or done) a
+/// resize is refused, and the VM ends suspended at its old size.
+#[test]
+fn a_suspend_racing_a_migration_or_a_resize_is_refused_never_both() {
+    let f = Fleet::start(None, &["h1", "h2"]);
+    f.add_test_image();
+    let id = f.create("r").unwrap();
+    wait_until("the guest's heartbeats", || f.beats(&id).len() >= 3);
+    let from = f.host_of(&id);
+    f.ctl_ok(&["vm", "migrate", &id, "--no-wait", "--json"]);
+    let (ok, _, err) = f.ctl(&["vm", "suspend", &id]);
+    assert!(
+        !ok && err.contains("409"),
+        "a suspend went ahead of the migration: {err}"
+    );
+    wait_until("the migration done", || f.host_of(&id) != from);
+    wait_until("no job under way", || {
+        f.ctl_ok(&["jobs", "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["state"] == "done" || j["state"] == "failed")
+    });
+    assert_eq!(f.ctl_ok(&["vm", "show", &id])["state"], "running");
+
+    f.ctl_ok(&["vm", "suspend", &id, "--no-wait", "--json"]);
+    let (ok, _, err) = f.ctl(&["vm", "resize", &id, "--vcpus", "2"]);
+    assert!(
+        !ok && err.contains("409"),
+        "a resize went ahead of the suspend: {err}"
+    );
+    wait_until("suspended", || {
+        f.ctl_ok(&["vm", "show", &id])["state"] == "suspended"
+    });
+    let vm = f.ctl_ok(&["vm", "show", &id]);
+    assert_eq!(vm["vcpus"], 1, "{vm}");
+    f.assert_never_rebooted(&id);
+}

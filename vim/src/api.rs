@@ -703,6 +703,27 @@ async fn owned_vm(v: &Vimd, who: &Identity, id: &str) -> Result<db::Vm, ApiError
     }
 }
 
+/// Refuses (409) a change to a VM that is not in `state`, or that has a job under way: one
+/// change at a time (a suspend racing a migration or a resize is refused, never both done).
+async fn ready_for_change(v: &Vimd, vm: &db::Vm, state: db::VmState) -> Result<(), ApiError> {
+    if vm.state != state {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("VM {} is {}, not {state}", vm.id, vm.state),
+        ));
+    }
+    if v.db.unfinished_jobs_for(&vm.id).await? > 0 {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "VM {} has a job under way; try again once it is done",
+                vm.id
+            ),
+        ));
+    }
+    Ok(())
+}
+
 async fn show_vm(State(v): St, h: Req, Path(id): Path<String>) -> Response {
     call(&v, &h, "vms.show", &id.clone(), |v, who| async move {
         ok(json!(owned_vm(&v, &who, &id).await?))
@@ -744,18 +765,7 @@ async fn start_vm(State(v): St, h: Req, Path(id): Path<String>) -> Response {
 async fn suspend_vm(State(v): St, h: Req, Path(id): Path<String>) -> Response {
     call(&v, &h, "vms.suspend", &id.clone(), |v, who| async move {
         let vm = owned_vm(&v, &who, &id).await?;
-        if vm.state != db::VmState::Running {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                format!("VM {id} is {}, not running", vm.state),
-            ));
-        }
-        if v.db.unfinished_jobs_for(&vm.id).await? > 0 {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                format!("VM {id} has a job under way; suspend it once that is done"),
-            ));
-        }
+        ready_for_change(&v, &vm, db::VmState::Running).await?;
         let job = v
             .queue_job(db::JobKind::Suspend, &who.name, &vm.id, &json!({}))
             .await?;
@@ -786,18 +796,7 @@ async fn resume_vm(
             check_name("host id", to)?;
         }
         let vm = owned_vm(&v, &who, &id).await?;
-        if vm.state != db::VmState::Suspended {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                format!("VM {id} is {}, not suspended", vm.state),
-            ));
-        }
-        if v.db.unfinished_jobs_for(&vm.id).await? > 0 {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                format!("VM {id} has a job under way"),
-            ));
-        }
+        ready_for_change(&v, &vm, db::VmState::Suspended).await?;
         let params = crate::server::suspend::ResumeParams { to: req.to };
         let job = v
             .queue_job(db::JobKind::Resume, &who.name, &vm.id, &params)
@@ -852,12 +851,7 @@ async fn migrate_vm(
             m::MAX_DOWNTIME_MS,
         )?;
         let vm = owned_vm(&v, &who, &id).await?;
-        if vm.state != db::VmState::Running {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                format!("VM {id} is {}, not running", vm.state),
-            ));
-        }
+        ready_for_change(&v, &vm, db::VmState::Running).await?;
         let params = m::MigrateParams {
             to: req.to,
             downtime_ms,
@@ -969,12 +963,7 @@ async fn resize_vm(
                  was created), not {memory}"
             )));
         }
-        if vm.state != db::VmState::Running {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                format!("VM {id} is {}, not running", vm.state),
-            ));
-        }
+        ready_for_change(&v, &vm, db::VmState::Running).await?;
         if vcpus > vm.vcpus || memory > vm.memory_mib {
             let only = crate::placement::Among {
                 only: Some(&vm.host_id),

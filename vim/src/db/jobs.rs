@@ -343,6 +343,25 @@ impl Db {
         Ok(r.try_get("n")?)
     }
 
+    /// The oldest of VM `of.vm_id`'s other jobs (not steps) that has not ended and was queued
+    /// before `of`, if any.
+    pub async fn earlier_unfinished_job(&self, of: &Job) -> Result<Option<Job>, DbError> {
+        let r = sqlx::query(
+            "SELECT * FROM jobs WHERE vm_id = $1 AND id <> $2 AND parent_id = ''
+               AND (state = $3 OR state = $4)
+               AND (created_at < $5 OR (created_at = $5 AND id < $2))
+             ORDER BY created_at, id LIMIT 1",
+        )
+        .bind(&of.vm_id)
+        .bind(&of.id)
+        .bind(JobState::Pending.as_str())
+        .bind(JobState::Running.as_str())
+        .bind(of.created_at)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(r.as_ref().map(job).transpose()?)
+    }
+
     /// Every job that has not ended (pending or running), steps included.
     pub async fn unfinished_jobs(&self) -> Result<Vec<Job>, DbError> {
         let rows = sqlx::query("SELECT * FROM jobs WHERE state = $1 OR state = $2")
@@ -485,6 +504,52 @@ mod tests {
             state: VmState::Pending,
             created_at: now_ms(),
             ..Vm::default()
+        }
+    }
+
+    /// A change queued behind an unfinished one for the same VM sees it; the first sees none;
+    /// steps, other VMs' jobs and ended jobs do not count.
+    #[tokio::test]
+    async fn a_later_change_sees_the_earlier_one_under_way() {
+        for (db, _dir) in databases().await {
+            let vm = pending_vm();
+            let at = now_ms();
+            let create = Job {
+                created_at: at - 10,
+                ..Job::new(JobKind::Create, "alice", &vm.id)
+            };
+            db.add_job(&create, Some(&vm)).await.unwrap();
+            db.transition_job(&create.id, &[JobState::Pending], JobState::Done, "")
+                .await
+                .unwrap();
+            let suspend = Job {
+                created_at: at,
+                ..Job::new(JobKind::Suspend, "alice", &vm.id)
+            };
+            let resize = Job {
+                created_at: at,
+                ..Job::new(JobKind::Resize, "alice", &vm.id)
+            };
+            let other = Job::new(JobKind::Stop, "alice", "another-vm");
+            for j in [&suspend, &resize, &other] {
+                db.add_job(j, None).await.unwrap();
+            }
+            db.add_step(&Job::child(&suspend, JobKind::MigrateIn, "h"))
+                .await
+                .unwrap();
+            // Same millisecond: the id orders them.
+            let (first, second) = if suspend.id < resize.id {
+                (&suspend, &resize)
+            } else {
+                (&resize, &suspend)
+            };
+            assert_eq!(db.earlier_unfinished_job(first).await.unwrap(), None);
+            let seen = db.earlier_unfinished_job(second).await.unwrap().unwrap();
+            assert_eq!(seen.id, first.id);
+            db.transition_job(&first.id, &[JobState::Pending], JobState::Failed, "x")
+                .await
+                .unwrap();
+            assert_eq!(db.earlier_unfinished_job(second).await.unwrap(), None);
         }
     }
 

@@ -33,6 +33,19 @@ impl Vimd {
             self.fail_job(&job, "the VM has been deleted").await;
             return Ok(());
         }
+        // One change at a time: a suspend, resize or migration queued behind another one for
+        // the same VM that has not ended (from the scaler, a drain, the balancer, a caller) is
+        // refused; the earlier one goes ahead. Never both.
+        if matches!(
+            job.kind,
+            JobKind::Suspend | JobKind::Resize | JobKind::Migrate
+        ) {
+            if let Some(first) = self.db.earlier_unfinished_job(&job).await? {
+                let why = format!("the VM's {} job {} is under way", first.kind, first.id);
+                self.fail_job(&job, &why).await;
+                return Ok(());
+            }
+        }
         match job.kind {
             JobKind::Migrate => return self.start_migration(&job, &vm).await,
             // A migration's step the reconciler found written but not sent.
