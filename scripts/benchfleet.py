@@ -92,6 +92,7 @@ class Fleet:
                 out.append(int(pid))
         return out
     def close(self):
+        keep = os.environ.get("BENCH_KEEP")  # a directory: the logs are copied there first
         for a in self.agents.values():
             a.kill(); a.wait()
         for p in self.procs:
@@ -104,4 +105,12 @@ class Fleet:
                 pass
         for (ns, _, _) in self.nets.values():
             subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
+        if keep:
+            for root, _, files in os.walk(self.d):
+                for name in files:
+                    if name.endswith(".log"):
+                        src = os.path.join(root, name)
+                        dst = os.path.join(keep, os.path.relpath(src, self.d))
+                        os.makedirs(os.path.dirname(dst), exist_ok=True)
+                        shutil.copy(src, dst)
         shutil.rmtree(self.d, ignore_errors=True)

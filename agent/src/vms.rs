@@ -177,12 +177,18 @@ fn alive(pid: u32) -> bool {
         return false;
     }
     // A VMM whose agent died is a child of init (or a subreaper) once it exits; until that
-    // reaps it, it is a zombie: it has exited.
+    // reaps it, it is a zombie: it has exited. But only once its last thread has: the main
+    // thread of a killed VMM is a zombie while its vCPU threads still tear down its memory (tens
+    // of ms for a GiB), and until the last one is gone its files, and so its disk's lock, are
+    // held (a resume on this host right after a suspend found the disk locked).
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let state = stat
         .rsplit_once(')')
         .and_then(|(_, r)| r.split_whitespace().next());
-    !matches!(state, Some("Z" | "X"))
+    if !matches!(state, Some("Z" | "X")) {
+        return true;
+    }
+    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|t| t.count() > 1)
 }
 
 /// SIGKILLs `pid` if it is a live vmm process; whether it was.
@@ -1329,6 +1335,31 @@ fn usage(pid: u32, last: &mut CpuSample) -> Usage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A process whose main thread has exited (a zombie) while another of its threads still
+    /// runs is alive: it holds its files. Once the last thread is gone, it is not, reaped or not.
+    #[test]
+    fn a_zombie_leader_with_threads_left_is_alive() {
+        let script = "import threading, time, ctypes\n\
+                      threading.Thread(target=time.sleep, args=(1.5,)).start()\n\
+                      time.sleep(0.2)\n\
+                      ctypes.CDLL(None).pthread_exit(None)\n";
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        std::thread::sleep(Duration::from_millis(700));
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        assert!(
+            stat.contains(") Z "),
+            "the main thread has not exited: {stat}"
+        );
+        assert!(alive(pid), "a thread still runs");
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(!alive(pid), "every thread has exited");
+        child.wait().unwrap();
+    }
 
     /// CPU use is measured over half a second at least: a report right after another repeats
     /// the last figure instead of reading a few ticks over a few milliseconds.
