@@ -3239,8 +3239,7 @@ fn a_running_vm_is_resized_without_a_restart() {
     // The guest was never restarted: one counter, never going back.
     let n = f.beats(&id).len();
     wait_until("more heartbeats", || f.beats(&id).len() >= n + 3);
-    let beats = f.beats(&id);
-    assert!(beats.windows(2).all(|w| w[1] > w[0]), "{beats:?}");
+    f.assert_never_rebooted(&id);
     assert_eq!(f.vmm_pids(&id).len(), 1);
 }
 
@@ -3296,8 +3295,7 @@ fn a_running_vm_gets_more_memory_and_gives_it_back() {
     // The guest was never restarted: one counter, never going back.
     let n = f.beats(&id).len();
     wait_until("more heartbeats", || f.beats(&id).len() >= n + 3);
-    let beats = f.beats(&id);
-    assert!(beats.windows(2).all(|w| w[1] > w[0]), "{beats:?}");
+    f.assert_never_rebooted(&id);
     assert_eq!(f.vmm_pids(&id).len(), 1);
 }
 
@@ -3377,14 +3375,7 @@ fn a_suspended_vm_frees_its_host_and_resumes_elsewhere_where_it_was() {
     wait_until("heartbeats after the resume", || {
         f.beats(&id).last().is_some_and(|b| *b >= last + 3)
     });
-    let beats = f.beats(&id);
-    assert!(beats.windows(2).all(|w| w[1] > w[0]), "{beats:?}");
-    let console = console_text(&f, &id);
-    assert_eq!(
-        console.matches("tg: ready").count(),
-        1,
-        "the guest booted again"
-    );
+    f.assert_never_rebooted(&id);
     assert_eq!(f.vmm_pids(&id).len(), 1);
     let (ok, _, err) = f.ctl(&["vm", "resume", &id]);
     assert!(
@@ -3441,8 +3432,7 @@ fn a_resume_waits_for_room_and_a_corrupt_state_is_refused() {
     wait_until("heartbeats after the resume", || {
         f.beats(&id).last().is_some_and(|b| *b > last)
     });
-    let beats = f.beats(&id);
-    assert!(beats.windows(2).all(|w| w[1] > w[0]), "{beats:?}");
+    f.assert_never_rebooted(&id);
 
     // `vm start` of a suspended VM resumes it.
     let (ok, _, err) = f.ctl(&["vm", "suspend", &id]);
@@ -3450,7 +3440,7 @@ fn a_resume_waits_for_room_and_a_corrupt_state_is_refused() {
     let (ok, _, err) = f.ctl(&["vm", "start", &id]);
     assert!(ok, "{err}");
     assert_eq!(f.ctl_ok(&["vm", "show", &id])["state"], "running");
-    assert_eq!(console_text(&f, &id).matches("tg: ready").count(), 1);
+    f.assert_never_rebooted(&id);
 
     // A suspended VM deleted: its files go with it.
     let (ok, _, err) = f.ctl(&["vm", "suspend", &id]);
@@ -3493,7 +3483,7 @@ fn an_idle_vm_is_suspended_on_its_own_and_start_brings_it_back() {
     wait_until("heartbeats after the start", || {
         f.beats(&id).last().is_some_and(|b| *b > last)
     });
-    assert_eq!(console_text(&f, &id).matches("tg: ready").count(), 1);
+    f.assert_never_rebooted(&id);
     // Off: it stays up however idle.
     f.ctl_ok(&["vm", "auto-suspend", &id, "--off", "--json"]);
     std::thread::sleep(Duration::from_secs(5));
@@ -3580,8 +3570,7 @@ fn a_busy_vm_is_doubled_and_an_idle_one_halved_without_a_restart() {
     assert!(f.has_vm_event("VM_Resized", &id, "vcpus 2 -> 1"));
     assert!(console_text(&f, &id).contains("tg: burn done"));
     // Never restarted: one counter that only goes up, one VMM.
-    let beats = f.beats(&id);
-    assert!(beats.windows(2).all(|w| w[1] > w[0]), "{beats:?}");
+    f.assert_never_rebooted(&id);
     assert_eq!(f.vmm_pids(&id).len(), 1);
 }
 
@@ -3625,8 +3614,7 @@ fn a_full_host_makes_the_vim_migrate_first_and_the_ceiling_refuses() {
     });
     assert!(f.has_vm_event("VM_Migrated", &id, "h1 -> h2"));
     assert!(f.has_vm_event("VM_Resized", &id, "vcpus 1 -> 2"));
-    let beats = f.beats(&id);
-    assert!(beats.windows(2).all(|w| w[1] > w[0]), "{beats:?}");
+    f.assert_never_rebooted(&id);
     wait_until_for("refused at the ceiling", Duration::from_secs(30), || {
         f.has_vm_event("Scaling_Refused", &capped, "at its ceiling")
     });
@@ -3663,7 +3651,7 @@ impl Fleet {
 #[test]
 fn the_balancer_spreads_busy_vms_over_idle_hosts_then_stops() {
     let f = Fleet::start(None, &["h1", "h2"]);
-    let image = f.add_burn_image(90);
+    let image = f.add_burn_image(150);
     f.ctl_ok(&["host", "drain", "h2", "--json"]);
     let ids: Vec<String> = (1..=3)
         .map(|i| f.vm_of(&format!("b{i}"), &image, 1))
@@ -3738,11 +3726,28 @@ fn the_balancer_spreads_busy_vms_over_idle_hosts_then_stops() {
             "{id}"
         );
     }
-    // Then it stops: ten more rounds plan nothing new (a VM that moved stays put; moving
-    // another only swaps the loads).
-    std::thread::sleep(Duration::from_secs(10));
-    assert_eq!(f.events_of("Rebalance_Planned").len(), planned.len());
-    assert!(!f.vms_on("h1").is_empty() && !f.vms_on("h2").is_empty());
+    // Then it stops while the guests still burn: ten rounds in a row plan nothing new (a VM
+    // that moved stays put; with three VMs on two hosts, moving another at best swaps the
+    // loads). Noisy figures on a shared machine may justify a second move first.
+    let quiet = || {
+        let n = f.events_of("Rebalance_Planned").len();
+        std::thread::sleep(Duration::from_secs(10));
+        f.events_of("Rebalance_Planned").len() == n
+    };
+    wait_until_for("ten quiet rounds", Duration::from_secs(50), quiet);
+    for id in &ids {
+        assert!(
+            !console_text(&f, id).contains("tg: burn done"),
+            "{id} stopped burning"
+        );
+    }
+    let planned = f.events_of("Rebalance_Planned").len();
+    assert!((1..=2).contains(&planned), "{planned} moves");
+    let (on_h1, on_h2) = (f.vms_on("h1").len(), f.vms_on("h2").len());
+    assert!(
+        on_h1 + on_h2 == 3 && on_h1 >= 1 && on_h2 >= 1,
+        "{on_h1} + {on_h2}"
+    );
     for id in &ids {
         f.assert_never_rebooted(id);
     }

@@ -186,23 +186,7 @@ fn a_resized_vm_keeps_its_size_through_live_migration() {
         tdir.path().join("console.log"),
         tdir.path().join("api.sock"),
     );
-    let _target = KillOnDrop(
-        std::process::Command::new(vmm_bin())
-            .args([
-                "run",
-                "--incoming",
-                shared.path().to_str().unwrap(),
-                "--serial",
-            ])
-            .arg(format!("file:{}", tconsole.display()))
-            .arg("--api-socket")
-            .arg(&tapi)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _target = incoming_vmm(shared.path(), &tconsole, &tapi);
     let mut source = start(1, 3, "tg.mode=hold tg.hb_ms=50");
     source.wait_for_console("tg: hb n=1 ", TIMEOUT);
     resize(&source.api, 3);

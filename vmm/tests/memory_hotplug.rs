@@ -211,23 +211,7 @@ fn resized_memory_survives_a_snapshot_and_a_live_migration() {
         tdir.path().join("console.log"),
         tdir.path().join("api.sock"),
     );
-    let _target = KillOnDrop(
-        std::process::Command::new(vmm_bin())
-            .args([
-                "run",
-                "--incoming",
-                shared.path().to_str().unwrap(),
-                "--serial",
-            ])
-            .arg(format!("file:{}", tconsole.display()))
-            .arg("--api-socket")
-            .arg(&tapi)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _target = incoming_vmm(shared.path(), &tconsole, &tapi);
     let mut source = r.vmm;
     let (ok, out, err) = source.ctl(&["migrate", "--dir", shared.path().to_str().unwrap()]);
     assert!(ok && out.contains("completed"), "{out}{err}");

@@ -5,23 +5,8 @@ mod common;
 use common::*;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
-
-/// `vmm run --incoming DIR` with its console in `console`.
-fn target(dir: &Path, console: &Path, api: &Path) -> KillOnDrop {
-    let child = Command::new(vmm_bin())
-        .args(["run", "--incoming", dir.to_str().unwrap(), "--serial"])
-        .arg(format!("file:{}", console.display()))
-        .arg("--api-socket")
-        .arg(api)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    KillOnDrop(child)
-}
 
 /// Runs `vmm ctl migrate` against the VMM at `api`; returns its exit success and the parsed last
 /// line.
@@ -83,7 +68,7 @@ fn a_dirtying_two_vcpu_guest_moves_and_keeps_counting() {
         tdir.path().join("console.log"),
         tdir.path().join("api.sock"),
     );
-    let mut t = target(shared.path(), &tconsole, &tapi);
+    let mut t = incoming_vmm(shared.path(), &tconsole, &tapi);
     let mut source = RunningVmm::start(&[
         "--vcpus",
         "2",
@@ -150,7 +135,7 @@ fn a_late_target_in_a_reused_directory_takes_the_handover() {
     let tdir = tempfile::tempdir().unwrap();
     let (b_console, b_api) = (tdir.path().join("b.log"), tdir.path().join("b.sock"));
     let (c_console, c_api) = (tdir.path().join("c.log"), tdir.path().join("c.sock"));
-    let mut b = target(shared.path(), &b_console, &b_api);
+    let mut b = incoming_vmm(shared.path(), &b_console, &b_api);
     let mut a = RunningVmm::start(&[
         "--memory-mib",
         "128",
@@ -174,7 +159,7 @@ fn a_late_target_in_a_reused_directory_takes_the_handover() {
         );
         std::thread::sleep(Duration::from_millis(2));
     }
-    let mut c = target(shared.path(), &c_console, &c_api);
+    let mut c = incoming_vmm(shared.path(), &c_console, &c_api);
     let (ok, result, err) = hop.join().unwrap();
     assert!(ok && result["status"] == "completed", "{result} {err}");
     assert!(wait_bounded(&mut b, TIMEOUT).success());
@@ -196,7 +181,7 @@ fn a_late_target_in_a_reused_directory_takes_the_handover() {
 fn a_dead_target_leaves_the_guest_running_on_the_source() {
     let shared = tempfile::tempdir().unwrap();
     let tdir = tempfile::tempdir().unwrap();
-    let mut t = target(
+    let mut t = incoming_vmm(
         shared.path(),
         &tdir.path().join("c.log"),
         &tdir.path().join("a.sock"),
@@ -322,7 +307,7 @@ fn a_dead_target_gives_the_devices_back_to_the_source() {
     let disk = shared.path().join("disk.img");
     blank_disk(&disk);
     let sock = shared.path().join("v.sock");
-    let mut t = target(
+    let mut t = incoming_vmm(
         &shared.path().join("mig"),
         &shared.path().join("c.log"),
         &shared.path().join("a.sock"),
@@ -377,7 +362,7 @@ fn a_target_that_cannot_start_gives_the_guest_back() {
     blank_disk(&disk);
     let mig = shared.path().join("mig");
     let (tconsole, tapi) = (shared.path().join("c.log"), shared.path().join("a.sock"));
-    let mut t = target(&mig, &tconsole, &tapi);
+    let mut t = incoming_vmm(&mig, &tconsole, &tapi);
     let source = RunningVmm::start(&[
         "--memory-mib",
         "64",
@@ -415,7 +400,7 @@ fn claim_when_handed_over(dir: &Path) {
 
 /// Starts a guest and migrates it to `dir`, whose "target" (the test) claims and stays silent
 /// past the timeout. The guest must then stay paused and the VM refuse to resume or cancel.
-fn source_with_a_silent_target(dir: &Path) -> RunningVmm {
+fn source_with_a_silent_incoming_vmm(dir: &Path) -> RunningVmm {
     let source = RunningVmm::start(&[
         "--memory-mib",
         "64",
@@ -454,7 +439,7 @@ fn source_with_a_silent_target(dir: &Path) -> RunningVmm {
 #[test]
 fn a_slow_target_that_resumes_late_still_gets_the_guest() {
     let shared = tempfile::tempdir().unwrap();
-    let mut source = source_with_a_silent_target(shared.path());
+    let mut source = source_with_a_silent_incoming_vmm(shared.path());
     std::fs::write(shared.path().join("resumed"), "0").unwrap();
     assert!(
         source.wait(TIMEOUT).success(),
@@ -467,7 +452,7 @@ fn a_slow_target_that_resumes_late_still_gets_the_guest() {
 #[test]
 fn a_slow_target_that_gives_up_late_leaves_the_guest_on_the_source() {
     let shared = tempfile::tempdir().unwrap();
-    let source = source_with_a_silent_target(shared.path());
+    let source = source_with_a_silent_incoming_vmm(shared.path());
     // What `give_back` does: the reason first, then the claim is released.
     std::fs::write(shared.path().join("failed"), "no room").unwrap();
     std::fs::remove_file(shared.path().join("claimed")).unwrap();

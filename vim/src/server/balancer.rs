@@ -2,7 +2,8 @@
 //! hosts (`balance::Cluster`), and once the imbalance has stayed above the threshold for
 //! `rounds` rounds in a row, or two VMs of one anti-affinity group share a host, it live-migrates
 //! the VMs whose moves help most: one move per host at a time, never a VM that moved within
-//! `settle_s`, never onto a draining host. Each move is a migrate job (reason `rebalance`) and a
+//! `settle_s`, never onto a draining host, never between hosts a VM moved to or from within two
+//! intervals (at least 5 s: their figures have not settled). Each move is a migrate job (reason `rebalance`) and a
 //! `Rebalance_Planned` event.
 
 use std::collections::HashSet;
@@ -20,6 +21,8 @@ use crate::db::{self, EventKind, JobKind};
 const SETTING: &str = "balance";
 /// The owner of the balancer's jobs.
 pub const OWNER: &str = "balancer";
+/// How long, at least, a host takes part in no move after a VM moved to or from it.
+const FIGURES_SETTLE_MS: u64 = 5_000;
 /// How many moves a dry run lists at most.
 pub const PLAN_MAX: usize = 32;
 
@@ -88,8 +91,20 @@ impl Vimd {
             }
             busy_vms.insert(job.vm_id);
         }
+        // A host a VM moved to or from lately has no settled figures yet: the moved VM's first
+        // report from its new host reads no CPU (no interval measured there yet).
+        let now = db::now_ms();
+        let fresh_ms = (2 * s.interval_s * 1000).max(FIGURES_SETTLE_MS) as i64;
+        for vm in &vms {
+            let m: serde_json::Value = serde_json::from_str(&vm.last_migration).unwrap_or_default();
+            if m["at"].as_i64().is_some_and(|at| now - at < fresh_ms) {
+                for end in ["source", "target"] {
+                    busy_hosts.extend(m[end].as_str().map(String::from));
+                }
+            }
+        }
         let cx = Context {
-            now_ms: db::now_ms(),
+            now_ms: now,
             settle_s: s.settle_s,
             busy_vms: &busy_vms,
             busy_hosts: &busy_hosts,

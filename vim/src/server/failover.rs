@@ -320,24 +320,8 @@ impl Vimd {
                 return Ok(());
             }
         };
-        if !self.db.move_vm(&vm.id, &from, &host).await? {
-            self.fail_job(job, "the VM changed meanwhile").await;
-            return Ok(());
-        }
-        let mut vm = vm.clone();
-        vm.host_id = host.clone();
-        let action = match self.host_action(job, &vm, &host).await? {
-            super::jobs::Step::Send(a) => a,
-            super::jobs::Step::Later => return Ok(()),
-            super::jobs::Step::Refuse(why) => {
-                self.fail_job(job, &why).await;
-                return Ok(());
-            }
-        };
-        self.db.assign_job_host(&job.id, &host).await?;
-        // Not sent (NATS down): the reconciler sends the running job's command again.
-        if let Err(e) = self.send_to_host(&host, &job.id, action).await {
-            tracing::warn!(job = job.id, error = %e, "restart not sent yet");
+        if let Some(why) = self.send_placed(job, vm, &from, &host).await?.failure() {
+            self.fail_job(job, why).await;
         }
         Ok(())
     }

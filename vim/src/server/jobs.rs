@@ -363,6 +363,59 @@ pub(super) enum Step {
     Refuse(String),
 }
 
+/// How [`Vimd::send_placed`] went.
+pub(super) enum Placed {
+    /// The command is on its way (or, NATS down, the reconciler sends it again).
+    Sent,
+    /// Work for it is under way elsewhere, which handles it again.
+    Later,
+    /// The VM was not where the job found it (it changed meanwhile): nothing done.
+    Changed,
+    /// The command was refused: the VM records its new host; the caller undoes what it must.
+    Refused(String),
+}
+
+impl Placed {
+    /// Why the job fails, if it does.
+    pub(super) fn failure(&self) -> Option<&str> {
+        match self {
+            Placed::Changed => Some("the VM changed meanwhile"),
+            Placed::Refused(why) => Some(why),
+            Placed::Sent | Placed::Later => None,
+        }
+    }
+}
+
+impl Vimd {
+    /// A claimed job that places its VM anew (a restart, a resume): records the VM on `host`
+    /// (moved from `from`, '' for none), then sends the job's command there.
+    pub(super) async fn send_placed(
+        self: &Arc<Self>,
+        job: &db::Job,
+        vm: &db::Vm,
+        from: &str,
+        host: &str,
+    ) -> Result<Placed> {
+        if !self.db.move_vm(&vm.id, from, host).await? {
+            return Ok(Placed::Changed);
+        }
+        let vm = db::Vm {
+            host_id: host.to_string(),
+            ..vm.clone()
+        };
+        let action = match self.host_action(job, &vm, host).await? {
+            Step::Send(a) => a,
+            Step::Later => return Ok(Placed::Later),
+            Step::Refuse(why) => return Ok(Placed::Refused(why)),
+        };
+        self.db.assign_job_host(&job.id, host).await?;
+        if let Err(e) = self.send_to_host(host, &job.id, action).await {
+            tracing::warn!(job = job.id, kind = job.kind.as_str(), error = %e, "command not sent yet");
+        }
+        Ok(Placed::Sent)
+    }
+}
+
 /// Job workers: `n` tasks on the shared durable consumer. A job is acked after it is handled;
 /// while a long one runs, in-progress acks keep it from being redelivered.
 pub async fn run_job_workers(v: Arc<Vimd>, n: usize) -> Result<()> {

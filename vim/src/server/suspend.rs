@@ -125,28 +125,17 @@ impl Vimd {
                 return Ok(());
             }
         };
-        if !self.db.move_vm(&vm.id, "", &host).await? {
-            self.fail_job(job, "the VM changed meanwhile").await;
-            return Ok(());
+        let placed = self.send_placed(job, vm, "", &host).await?;
+        if let super::jobs::Placed::Refused(_) = placed {
+            // Back on no host, as it was.
+            self.db.suspend_vm(&vm.id).await?;
         }
-        let mut vm = vm.clone();
-        vm.host_id = host.clone();
-        let action = match self.host_action(job, &vm, &host).await? {
-            super::jobs::Step::Send(a) => a,
-            super::jobs::Step::Later => return Ok(()),
-            super::jobs::Step::Refuse(why) => {
-                self.db.suspend_vm(&vm.id).await?;
-                self.fail_job(job, &why).await;
-                return Ok(());
-            }
-        };
-        self.db.assign_job_host(&job.id, &host).await?;
-        // Not sent (NATS down): the reconciler sends the running job's command again.
-        if let Err(e) = self.send_to_host(&host, &job.id, action).await {
-            tracing::warn!(job = job.id, error = %e, "resume not sent yet");
+        if let Some(why) = placed.failure() {
+            self.fail_job(job, why).await;
+        } else if let super::jobs::Placed::Sent = placed {
+            self.event(EventKind::JobSent, &host, &vm.id, &job.id, "resume")
+                .await;
         }
-        self.event(EventKind::JobSent, &host, &vm.id, &job.id, "resume")
-            .await;
         Ok(())
     }
 }

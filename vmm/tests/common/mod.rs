@@ -104,6 +104,26 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// `vmm run --incoming DIR`, the target of a live migration through `dir`, with its console in
+/// `console` and its API at `api`; killed on drop.
+pub fn incoming_vmm(
+    dir: &std::path::Path,
+    console: &std::path::Path,
+    api: &std::path::Path,
+) -> KillOnDrop {
+    let child = std::process::Command::new(vmm_bin())
+        .args(["run", "--incoming", dir.to_str().unwrap(), "--serial"])
+        .arg(format!("file:{}", console.display()))
+        .arg("--api-socket")
+        .arg(api)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    KillOnDrop(child)
+}
+
 /// A VMM running in the background with its console in a file and an API socket; killed on drop.
 pub struct RunningVmm {
     pub child: Child,
