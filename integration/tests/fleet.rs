@@ -3484,10 +3484,38 @@ fn an_idle_vm_is_suspended_on_its_own_and_start_brings_it_back() {
         f.beats(&id).last().is_some_and(|b| *b > last)
     });
     f.assert_never_rebooted(&id);
-    // Off: it stays up however idle.
+    // Off: it stays up however idle, even with its consumer's policy saying otherwise.
     f.ctl_ok(&["vm", "auto-suspend", &id, "--off", "--json"]);
+    let r = f.ctl_ok(&[
+        "vm",
+        "auto-suspend",
+        "--consumer",
+        "admin",
+        "--idle",
+        "20:3",
+        "--json",
+    ]);
+    assert_eq!(
+        (r["idle_pct"].as_i64(), r["idle_s"].as_i64()),
+        (Some(20), Some(3)),
+        "{r}"
+    );
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(f.ctl_ok(&["vm", "show", &id])["state"], "running");
+    assert_eq!(f.ctl_ok(&["vm", "show", &busy])["state"], "running");
+    // Following its consumer's policy, it is suspended by that; a new VM of the consumer too.
+    let r = f.ctl_ok(&["vm", "auto-suspend", &id, "--inherit", "--json"]);
+    assert_eq!(r["auto_suspend_s"], 0, "{r}");
+    let newcomer = f.create("newcomer").unwrap();
+    wait_until_for(
+        "both suspended by the consumer's policy",
+        Duration::from_secs(30),
+        || {
+            [&id, &newcomer]
+                .iter()
+                .all(|v| f.ctl_ok(&["vm", "show", v])["state"] == "suspended")
+        },
+    );
     assert_eq!(f.ctl_ok(&["vm", "show", &busy])["state"], "running");
     // Refused: a threshold out of range.
     let (ok, _, err) = f.ctl(&["vm", "auto-suspend", &id, "--idle", "101:3"]);

@@ -5,3 +5,10 @@ CREATE TABLE cluster_settings (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+-- Auto-suspend per consumer (docs/suspend.md): for the consumer's VMs that have no setting of
+-- their own (vms.auto_suspend_s 0; -1 there is "never", whatever the consumer's).
+CREATE TABLE auto_suspend_policies (
+    consumer TEXT PRIMARY KEY,
+    idle_pct BIGINT NOT NULL,
+    idle_s BIGINT NOT NULL
+);

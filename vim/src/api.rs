@@ -249,6 +249,10 @@ pub fn router(v: Arc<Vimd>) -> Router {
         .route("/vms/:id/resume", post(resume_vm))
         .route("/vms/:id/scaling", put(set_vm_scaling))
         .route("/consumers/:name/scaling", put(set_consumer_scaling))
+        .route(
+            "/consumers/:name/auto-suspend",
+            put(set_consumer_auto_suspend),
+        )
         .route("/scaling-policies", get(list_scaling))
         .route("/vms/:id/ha", put(set_ha))
         .route("/vms/:id/auto-suspend", put(set_auto_suspend))
@@ -894,13 +898,54 @@ async fn set_ha(
 #[serde(deny_unknown_fields)]
 struct SetAutoSuspend {
     /// CPU use per vCPU, in percent, at or below which the VM counts as idle.
+    #[serde(default)]
     idle_pct: i64,
     /// How long it must stay idle to be suspended; 0: never.
+    #[serde(default)]
     idle_s: i64,
+    /// A VM's: follow its consumer's policy instead (the other fields are ignored).
+    #[serde(default)]
+    inherit: bool,
+}
+
+impl SetAutoSuspend {
+    fn checked(&self) -> Result<(i64, i64), ApiError> {
+        Ok((
+            in_range("idle_pct", self.idle_pct, 0, 100)?,
+            in_range("idle_s", self.idle_s, 0, 30 * 24 * 3600)?,
+        ))
+    }
 }
 
 /// Sets when a VM is suspended for being idle (docs/suspend.md): scale to zero, `vm start`
-/// bringing it back.
+/// bringing it back. Its own setting wins over its consumer's; `inherit` goes back to that.
+/// Sets a consumer's auto-suspend policy, for its VMs without one of their own (admin).
+async fn set_consumer_auto_suspend(
+    State(v): St,
+    h: Req,
+    Path(name): Path<String>,
+    b: Result<Json<SetAutoSuspend>, JsonRejection>,
+) -> Response {
+    call(
+        &v,
+        &h,
+        "consumers.auto_suspend",
+        &name.clone(),
+        |v, who| async move {
+            admin(&who)?;
+            check_name("consumer", &name)?;
+            let req = body(b)?;
+            if req.inherit {
+                return Err(bad("inherit is for a VM's setting"));
+            }
+            let (pct, idle_s) = req.checked()?;
+            v.db.set_consumer_auto_suspend(&name, pct, idle_s).await?;
+            ok(json!({"consumer": name, "idle_pct": pct, "idle_s": idle_s}))
+        },
+    )
+    .await
+}
+
 async fn set_auto_suspend(
     State(v): St,
     h: Req,
@@ -914,8 +959,14 @@ async fn set_auto_suspend(
         &id.clone(),
         |v, who| async move {
             let req = body(b)?;
-            let pct = in_range("idle_pct", req.idle_pct, 0, 100)?;
-            let idle_s = in_range("idle_s", req.idle_s, 0, 30 * 24 * 3600)?;
+            let (pct, idle_s) = match req.inherit {
+                true => (0, 0),
+                // Stored -1: never, whatever the consumer's policy says.
+                false => match req.checked()? {
+                    (pct, 0) => (pct, -1),
+                    set => set,
+                },
+            };
             let vm = owned_vm(&v, &who, &id).await?;
             v.db.set_auto_suspend(&vm.id, pct, idle_s).await?;
             ok(json!(owned_vm(&v, &who, &id).await?))

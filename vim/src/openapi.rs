@@ -145,10 +145,13 @@ pub fn document() -> Value {
                        "properties": {"to": name()}}))},
             "/vms/{id}/auto-suspend": {"put": with_body(with_id(op(
                 "Suspend the VM once its CPU use per vCPU stays at or below idle_pct for idle_s seconds \
-                 (0: never; docs/suspend.md). `vm start` resumes it.", "200")),
-                json!({"type": "object", "required": ["idle_pct", "idle_s"], "additionalProperties": false,
-                       "properties": {"idle_pct": {"type": "integer", "minimum": 0, "maximum": 100},
-                                      "idle_s": {"type": "integer", "minimum": 0, "maximum": 2_592_000}}}))},
+                 (0: never, whatever its consumer's policy; inherit: follow its consumer's policy; \
+                 docs/suspend.md). `vm start` resumes it.", "200")),
+                auto_suspend(true))},
+            "/consumers/{name}/auto-suspend": {"put": with_body(with_name(op(
+                "Set a consumer's auto-suspend policy, for its VMs without one of their own \
+                 (idle_s 0: none; admin; docs/suspend.md)", "200")),
+                auto_suspend(false))},
             "/vms/{id}/resize": {"post": with_body(with_id(op(
                 "Change a running VM's vCPUs (1 to its max_vcpus) and memory (up to its max_memory_mib, \
                  not below what it booted with) by hotplug (docs/hotplug.md); growing needs room on \
@@ -171,13 +174,7 @@ pub fn document() -> Value {
             "/cluster/balance": {
                 "get": op("The balancer's settings, the imbalance now and each host's load (admin; docs/balance.md)", "200"),
                 "put": with_body(op("Change the balancer's settings; what is absent stays (admin)", "200"),
-                    json!({"type": "object", "additionalProperties": false, "properties": {
-                        "on": {"type": "boolean"},
-                        "threshold": {"type": "number", "minimum": 0, "maximum": 10},
-                        "interval_s": {"type": "integer", "minimum": 1, "maximum": 86_400},
-                        "rounds": {"type": "integer", "minimum": 1, "maximum": 100},
-                        "min_gain": {"type": "number", "minimum": 0, "maximum": 1},
-                        "settle_s": {"type": "integer", "minimum": 0, "maximum": 86_400}}})),
+                    balance_settings()),
             },
             "/cluster/balance/plan": {"get": op("Dry run: the moves the balancer would make now, with the imbalance and loads before and after; changes nothing (admin)", "200")},
             "/jobs": {"get": with_limit(op("List jobs, newest first (a consumer sees its own)", "200"), 100, 10_000)},
@@ -205,6 +202,28 @@ fn scaling_policy() -> Value {
         "max_vcpus": int(1, 254, "the ceiling (default 128)"),
         "max_memory_mib": int(16, 4_194_304, "the ceiling (default 524288)"),
         "cooldown_s": int(0, 86_400, "after a change, before the next (default 120)")}})
+}
+
+/// A change to the balancer's settings.
+fn balance_settings() -> Value {
+    json!({"type": "object", "additionalProperties": false, "properties": {
+        "on": {"type": "boolean"},
+        "threshold": {"type": "number", "minimum": 0, "maximum": 10},
+        "interval_s": {"type": "integer", "minimum": 1, "maximum": 86_400},
+        "rounds": {"type": "integer", "minimum": 1, "maximum": 100},
+        "min_gain": {"type": "number", "minimum": 0, "maximum": 1},
+        "settle_s": {"type": "integer", "minimum": 0, "maximum": 86_400}}})
+}
+
+/// An auto-suspend setting; a VM's may `inherit` its consumer's.
+fn auto_suspend(vm: bool) -> Value {
+    let mut o = json!({"type": "object", "additionalProperties": false,
+        "properties": {"idle_pct": {"type": "integer", "minimum": 0, "maximum": 100, "default": 0},
+                       "idle_s": {"type": "integer", "minimum": 0, "maximum": 2_592_000, "default": 0}}});
+    if vm {
+        o["properties"]["inherit"] = json!({"type": "boolean", "default": false});
+    }
+    o
 }
 
 /// A VM's HA policy, as requests carry it.

@@ -276,17 +276,21 @@ enum VmCmd {
     /// Suspend the VM once it has been idle (CPU per vCPU at or below PCT %) for S seconds;
     /// `vm start` resumes it (scale to zero).
     AutoSuspend {
-        id: String,
-        /// PCT:S
-        #[arg(
-            long,
-            value_name = "PCT:S",
-            conflicts_with = "off",
-            required_unless_present = "off"
-        )]
+        /// The VM (or --consumer).
+        #[arg(required_unless_present = "consumer")]
+        id: Option<String>,
+        /// Set a consumer's policy instead (admins): for its VMs without one of their own.
+        #[arg(long, conflicts_with_all = ["id", "inherit"])]
+        consumer: Option<String>,
+        /// Suspend once CPU use per vCPU stays at or below PCT % for S seconds.
+        #[arg(long, value_name = "PCT:S", required_unless_present_any = ["off", "inherit"])]
         idle: Option<String>,
-        #[arg(long)]
+        /// Never (for a VM: whatever its consumer's policy says).
+        #[arg(long, conflicts_with_all = ["idle", "inherit"])]
         off: bool,
+        /// A VM: follow its consumer's policy.
+        #[arg(long, conflicts_with = "idle")]
+        inherit: bool,
     },
     /// Resume a suspended VM on a host with room (or HOST).
     Resume {
@@ -881,22 +885,31 @@ fn run(cli: Cli) -> Result<()> {
                 job_cmd(format!("/vms/{id}/resize"), body, &wait)?
             }
             VmCmd::Suspend { id, wait } => job_cmd(format!("/vms/{id}/suspend"), json!({}), &wait)?,
-            VmCmd::AutoSuspend { id, idle, off } => {
-                let (pct, secs) = match (idle, off) {
-                    (Some(v), false) => {
-                        let (p, s) = v
-                            .split_once(':')
-                            .ok_or_else(|| anyhow::anyhow!("--idle wants PCT:S, not {v}"))?;
-                        (p.parse::<i64>()?, s.parse::<i64>()?)
-                    }
-                    _ => (0, 0),
+            VmCmd::AutoSuspend {
+                id,
+                consumer,
+                idle,
+                off: _,
+                inherit,
+            } => {
+                let (pct, secs) = match idle {
+                    Some(v) => pair("idle", &v)?,
+                    None => (0, 0),
                 };
-                let body = json!({"idle_pct": pct, "idle_s": secs});
-                print(&api.req(
-                    reqwest::Method::PUT,
-                    &format!("/vms/{id}/auto-suspend"),
-                    Some(body),
-                )?)
+                let (path, body) = match (consumer, id) {
+                    (Some(c), _) => (format!("/consumers/{c}/auto-suspend"), json!({})),
+                    (None, Some(id)) => (
+                        format!("/vms/{id}/auto-suspend"),
+                        json!({"inherit": inherit}),
+                    ),
+                    (None, None) => anyhow::bail!("name a VM or --consumer C"),
+                };
+                let mut body = body;
+                if !inherit {
+                    body["idle_pct"] = json!(pct);
+                    body["idle_s"] = json!(secs);
+                }
+                print(&api.req(reqwest::Method::PUT, &path, Some(body))?)
             }
             VmCmd::Resume { id, to, wait } => {
                 let body = match to {

@@ -169,6 +169,7 @@ pub(crate) mod tests {
                 "audit",
                 "tokens",
                 "cluster_settings",
+                "auto_suspend_policies",
             ] {
                 sqlx::query(&format!("DELETE FROM {t}"))
                     .execute(&db.pool)

@@ -45,7 +45,7 @@ pub struct Vm {
     pub max_memory_mib: i64,
     /// Suspended once its CPU use per vCPU stays at or below this percentage...
     pub auto_suspend_pct: i64,
-    /// ...for this many seconds (0: never).
+    /// ...for this many seconds (0: as its consumer's policy says, if it has one; -1: never).
     pub auto_suspend_s: i64,
     /// Its anti-affinity group: VMs of one group are kept on different hosts ('' for none).
     pub group: String,
@@ -285,8 +285,8 @@ impl Db {
         Ok(())
     }
 
-    /// Sets when a VM is suspended for being idle (`idle_s` 0: never); false if there is no
-    /// such VM.
+    /// Sets when a VM is suspended for being idle (`idle_s` 0: as its consumer's policy says;
+    /// -1: never); false if there is no such VM.
     pub async fn set_auto_suspend(&self, id: &str, pct: i64, idle_s: i64) -> Result<bool, DbError> {
         let r =
             sqlx::query("UPDATE vms SET auto_suspend_pct = $1, auto_suspend_s = $2 WHERE id = $3")
@@ -307,13 +307,47 @@ impl Db {
         Ok(rows.iter().map(vm).collect::<Result<_, _>>()?)
     }
 
-    /// Running VMs that are suspended when idle.
+    /// Running VMs that are suspended when idle, by their own setting or, without one, their
+    /// consumer's (the setting that applies is in `auto_suspend_pct` and `auto_suspend_s`).
     pub async fn auto_suspend_vms(&self) -> Result<Vec<Vm>, DbError> {
-        let rows = sqlx::query("SELECT * FROM vms WHERE auto_suspend_s > 0 AND state = $1")
-            .bind(VmState::Running.as_str())
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(vm).collect::<Result<_, _>>()?)
+        let rows = sqlx::query(
+            "SELECT v.*, p.idle_pct AS consumer_pct, p.idle_s AS consumer_s
+             FROM vms v LEFT JOIN auto_suspend_policies p ON p.consumer = v.owner
+             WHERE v.state = $1 AND (v.auto_suspend_s > 0 OR (v.auto_suspend_s = 0 AND p.idle_s > 0))",
+        )
+        .bind(VmState::Running.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let mut v = vm(r)?;
+            if v.auto_suspend_s == 0 {
+                v.auto_suspend_pct = r.try_get("consumer_pct")?;
+                v.auto_suspend_s = r.try_get("consumer_s")?;
+            }
+            out.push(v);
+        }
+        Ok(out)
+    }
+
+    /// Sets consumer `consumer`'s auto-suspend policy, for its VMs without one of their own
+    /// (`idle_s` 0: none).
+    pub async fn set_consumer_auto_suspend(
+        &self,
+        consumer: &str,
+        pct: i64,
+        idle_s: i64,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO auto_suspend_policies (consumer, idle_pct, idle_s) VALUES ($1, $2, $3)
+             ON CONFLICT (consumer) DO UPDATE SET idle_pct = excluded.idle_pct, idle_s = excluded.idle_s",
+        )
+        .bind(consumer)
+        .bind(pct)
+        .bind(idle_s)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
     }
 
     /// Sets a VM's HA policy and restart priority; false if there is no such VM.
