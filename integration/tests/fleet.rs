@@ -1197,6 +1197,15 @@ fn malformed_requests_get_4xx_and_change_nothing() {
             None,
             401,
         ),
+        // An array is not an object, even where every field may be left out.
+        ("PUT", "/cluster/balance", "[null, null]", Some(&t), 422),
+        (
+            "PUT",
+            "/cluster/balance",
+            r#"{"threshold": 11}"#,
+            Some(&t),
+            400,
+        ),
         ("GET", "/vms?limit=many", "", Some(&t), 400),
         ("GET", "/vms?after=no-such-vm", "", Some(&t), 404),
         ("GET", "/vms?after=../x", "", Some(&t), 404),
@@ -1221,6 +1230,15 @@ fn malformed_requests_get_4xx_and_change_nothing() {
     );
     let (code, _) = f.http("POST", "/vms", &big, Some(&t));
     assert_eq!(code, 413, "oversized body");
+    let balance = f.ctl_ok(&["cluster", "balance", "--json"]);
+    assert_eq!(
+        (
+            &balance["settings"]["on"],
+            &balance["settings"]["threshold"]
+        ),
+        (&json!(false), &json!(0.3)),
+        "a bad request changed the balancer: {balance}"
+    );
     assert_eq!(
         f.ctl_ok(&["vm", "list", "--json"]),
         json!([]),
@@ -2023,6 +2041,25 @@ fn a_running_vm_moves_between_hosts_and_back() {
         host = to;
     }
     assert!(f.has_event("VM_Migrating", "h1") || f.has_event("VM_Migrating", "h2"));
+    // The metrics count what happened and show what is (issue 16); admins only.
+    let (code, text) = f.http("GET", "/metrics", "", Some(&f.admin_token()));
+    assert_eq!(code, 200, "{text}");
+    for want in [
+        "vim_jobs_total{kind=\"migrate\",outcome=\"done\"} 2".to_string(),
+        "vim_jobs_total{kind=\"migrate\",outcome=\"failed\"} 1".to_string(),
+        "vim_migration_downtime_seconds_count 2".to_string(),
+        "vim_job_duration_seconds_count{kind=\"create\"} 1".to_string(),
+        "vim_hosts{state=\"reachable\"} 2".to_string(),
+        "vim_vms{state=\"running\"} 1".to_string(),
+        format!("vim_vm_cpu_percent{{vm=\"{id}\",host=\"{host}\"}}"),
+        "vim_queue_pending_messages{consumer=\"vimd-workers\"}".to_string(),
+        "vim_host_heartbeat_age_seconds{host=\"h1\"}".to_string(),
+    ] {
+        assert!(text.contains(&want), "{want} missing from:\n{text}");
+    }
+    let alice_token = std::fs::read_to_string(&alice).unwrap();
+    let (code, _) = f.http("GET", "/metrics", "", Some(alice_token.trim()));
+    assert_eq!(code, 403);
     // Moved once more and deleted at once: the new host's agent may not have seen its waiting
     // VMM take the VM over yet; the delete stops that VMM all the same.
     let (ok, _, err) = f.ctl(&["vm", "migrate", &id]);

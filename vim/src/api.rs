@@ -75,9 +75,35 @@ fn not_found(what: &str) -> ApiError {
 
 /// A JSON body; a rejection keeps axum's status (400 syntax, 413 too large, 415 not JSON, 422
 /// wrong shape) with its message.
-fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    b.map(|Json(v)| v)
-        .map_err(|e| ApiError(e.status(), e.body_text()))
+fn body<T>(b: Result<Body<T>, ApiError>) -> Result<T, ApiError> {
+    b.map(|Body(v)| v)
+}
+
+/// A request body: a JSON object (not an array, which serde would take for a struct's fields
+/// in order), of the handler's type. Taken as `Result<Body<T>, ApiError>`, so that the caller is
+/// authenticated before its body is judged.
+pub struct Body<T>(pub T);
+
+#[axum::async_trait]
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let Json(v) = Json::<Value>::from_request(req, state)
+            .await
+            .map_err(|e: JsonRejection| ApiError(e.status(), e.body_text()))?;
+        if !v.is_object() {
+            return Err(ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "the body must be a JSON object".into(),
+            ));
+        }
+        serde_json::from_value(v).map(Body).map_err(|e| {
+            ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("Failed to deserialize the JSON body into the target type: {e}"),
+            )
+        })
+    }
 }
 
 /// A query string, parsed strictly like bodies (unknown parameters are errors).
@@ -259,6 +285,7 @@ pub fn router(v: Arc<Vimd>) -> Router {
         .route("/vms/:id/console", get(console))
         .route("/cluster/balance", get(show_balance).put(set_balance))
         .route("/cluster/balance/plan", get(plan_balance))
+        .route("/metrics", get(metrics))
         .route("/jobs", get(list_jobs))
         .route("/jobs/:id", get(show_job))
         .route("/events", get(list_events))
@@ -324,8 +351,8 @@ fn credentials_answer(
     }))
 }
 
-async fn add_host(State(v): St, h: Req, b: Result<Json<AddHost>, JsonRejection>) -> Response {
-    let target = b.as_ref().map(|Json(r)| r.id.clone()).unwrap_or_default();
+async fn add_host(State(v): St, h: Req, b: Result<Body<AddHost>, ApiError>) -> Response {
+    let target = b.as_ref().map(|Body(r)| r.id.clone()).unwrap_or_default();
     call(&v, &h, "hosts.add", &target, |v, who| async move {
         admin(&who)?;
         let req = body(b)?;
@@ -411,8 +438,8 @@ struct AddImage {
 /// Copies an image's files to shared storage (`SHARED/images/NAME/`). A source must be a
 /// regular file (no symlink, FIFO or device: a FIFO used to hang the call forever), inside the
 /// import directory when vimd has one; copies keep a disk's holes.
-async fn add_image(State(v): St, h: Req, b: Result<Json<AddImage>, JsonRejection>) -> Response {
-    let target = b.as_ref().map(|Json(r)| r.name.clone()).unwrap_or_default();
+async fn add_image(State(v): St, h: Req, b: Result<Body<AddImage>, ApiError>) -> Response {
+    let target = b.as_ref().map(|Body(r)| r.name.clone()).unwrap_or_default();
     call(&v, &h, "images.add", &target, |v, who| async move {
         admin(&who)?;
         let req = body(b)?;
@@ -520,8 +547,8 @@ struct AddToken {
     role: Role,
 }
 
-async fn add_token(State(v): St, h: Req, b: Result<Json<AddToken>, JsonRejection>) -> Response {
-    let target = b.as_ref().map(|Json(r)| r.name.clone()).unwrap_or_default();
+async fn add_token(State(v): St, h: Req, b: Result<Body<AddToken>, ApiError>) -> Response {
+    let target = b.as_ref().map(|Body(r)| r.name.clone()).unwrap_or_default();
     call(&v, &h, "tokens.add", &target, |v, who| async move {
         admin(&who)?;
         let req = body(b)?;
@@ -614,7 +641,7 @@ fn yes() -> bool {
     true
 }
 
-async fn create_vm(State(v): St, h: Req, b: Result<Json<CreateVm>, JsonRejection>) -> Response {
+async fn create_vm(State(v): St, h: Req, b: Result<Body<CreateVm>, ApiError>) -> Response {
     call(&v, &h, "vms.create", "", |v, who| async move {
         let req = body(b)?;
         check_name("VM name", &req.name)?;
@@ -759,7 +786,7 @@ async fn start_vm(State(v): St, h: Req, Path(id): Path<String>) -> Response {
         Ok(Some(vm)) if vm.state == db::VmState::Suspended
     );
     if suspended {
-        return resume_vm(State(v), h, Path(id), Ok(Json(ResumeVm::default()))).await;
+        return resume_vm(State(v), h, Path(id), Ok(Body(ResumeVm::default()))).await;
     }
     vm_job(v, h, id, db::JobKind::Start).await
 }
@@ -792,7 +819,7 @@ async fn resume_vm(
     State(v): St,
     h: Req,
     Path(id): Path<String>,
-    b: Result<Json<ResumeVm>, JsonRejection>,
+    b: Result<Body<ResumeVm>, ApiError>,
 ) -> Response {
     call(&v, &h, "vms.resume", &id.clone(), |v, who| async move {
         let req = body(b)?;
@@ -834,7 +861,7 @@ async fn migrate_vm(
     State(v): St,
     h: Req,
     Path(id): Path<String>,
-    b: Result<Json<MigrateVm>, JsonRejection>,
+    b: Result<Body<MigrateVm>, ApiError>,
 ) -> Response {
     call(&v, &h, "vms.migrate", &id.clone(), |v, who| async move {
         let req = body(b)?;
@@ -879,7 +906,7 @@ async fn set_ha(
     State(v): St,
     h: Req,
     Path(id): Path<String>,
-    b: Result<Json<SetHa>, JsonRejection>,
+    b: Result<Body<SetHa>, ApiError>,
 ) -> Response {
     call(&v, &h, "vms.set_ha", &id.clone(), |v, who| async move {
         let req = body(b)?;
@@ -924,7 +951,7 @@ async fn set_consumer_auto_suspend(
     State(v): St,
     h: Req,
     Path(name): Path<String>,
-    b: Result<Json<SetAutoSuspend>, JsonRejection>,
+    b: Result<Body<SetAutoSuspend>, ApiError>,
 ) -> Response {
     call(
         &v,
@@ -950,7 +977,7 @@ async fn set_auto_suspend(
     State(v): St,
     h: Req,
     Path(id): Path<String>,
-    b: Result<Json<SetAutoSuspend>, JsonRejection>,
+    b: Result<Body<SetAutoSuspend>, ApiError>,
 ) -> Response {
     call(
         &v,
@@ -991,7 +1018,7 @@ async fn resize_vm(
     State(v): St,
     h: Req,
     Path(id): Path<String>,
-    b: Result<Json<ResizeVm>, JsonRejection>,
+    b: Result<Body<ResizeVm>, ApiError>,
 ) -> Response {
     call(&v, &h, "vms.resize", &id.clone(), |v, who| async move {
         let req = body(b)?;
@@ -1118,7 +1145,7 @@ async fn set_consumer_scaling(
     State(v): St,
     h: Req,
     Path(name): Path<String>,
-    b: Result<Json<SetScalingPolicy>, JsonRejection>,
+    b: Result<Body<SetScalingPolicy>, ApiError>,
 ) -> Response {
     call(&v, &h, "scaling.set", &name.clone(), |v, who| async move {
         admin(&who)?;
@@ -1137,7 +1164,7 @@ async fn set_vm_scaling(
     State(v): St,
     h: Req,
     Path(id): Path<String>,
-    b: Result<Json<SetScalingPolicy>, JsonRejection>,
+    b: Result<Body<SetScalingPolicy>, ApiError>,
 ) -> Response {
     call(&v, &h, "vms.scaling", &id.clone(), |v, who| async move {
         let req = body(b)?;
@@ -1205,6 +1232,17 @@ async fn queue_migration(
     Ok(json!({"job_id": job.id, "vm_id": vm_id}))
 }
 
+/// Prometheus metrics, in the text exposition format (admin; docs/api.md).
+async fn metrics(State(v): St, h: Req) -> Response {
+    call(&v, &h, "metrics", "", |v, who| async move {
+        admin(&who)?;
+        let text = v.metrics_text().await?;
+        let kind = "text/plain; version=0.0.4; charset=utf-8";
+        Ok(([(axum::http::header::CONTENT_TYPE, kind)], text).into_response())
+    })
+    .await
+}
+
 /// A change to the balancer's settings: what is given replaces what was set.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1234,11 +1272,7 @@ async fn show_balance(State(v): St, h: Req) -> Response {
     .await
 }
 
-async fn set_balance(
-    State(v): St,
-    h: Req,
-    b: Result<Json<BalanceChange>, JsonRejection>,
-) -> Response {
+async fn set_balance(State(v): St, h: Req, b: Result<Body<BalanceChange>, ApiError>) -> Response {
     call(&v, &h, "cluster.balance.set", "", |v, who| async move {
         admin(&who)?;
         let c = body(b)?;

@@ -10,6 +10,7 @@ pub mod db;
 pub mod files;
 pub mod hosts;
 pub mod http;
+pub mod metrics;
 pub mod monitor;
 pub mod openapi;
 pub mod outbox;

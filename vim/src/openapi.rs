@@ -177,6 +177,7 @@ pub fn document() -> Value {
                     balance_settings()),
             },
             "/cluster/balance/plan": {"get": op("Dry run: the moves the balancer would make now, with the imbalance and loads before and after; changes nothing (admin)", "200")},
+            "/metrics": {"get": op("Prometheus metrics, text exposition format (admin): hosts and VMs by state, jobs by kind and outcome with latency histograms, queue lag, heartbeat age, migration downtime and failover RTO histograms, each VM's CPU and memory", "200")},
             "/jobs": {"get": with_limit(op("List jobs, newest first (a consumer sees its own)", "200"), 100, 10_000)},
             "/jobs/{id}": {"get": with_id(op("Show a job", "200"))},
             "/events": {"get": events},
@@ -204,15 +205,15 @@ fn scaling_policy() -> Value {
         "cooldown_s": int(0, 86_400, "after a change, before the next (default 120)")}})
 }
 
-/// A change to the balancer's settings.
+/// A change to the balancer's settings: a field absent or null stays as it was.
 fn balance_settings() -> Value {
     json!({"type": "object", "additionalProperties": false, "properties": {
-        "on": {"type": "boolean"},
-        "threshold": {"type": "number", "minimum": 0, "maximum": 10},
-        "interval_s": {"type": "integer", "minimum": 1, "maximum": 86_400},
-        "rounds": {"type": "integer", "minimum": 1, "maximum": 100},
-        "min_gain": {"type": "number", "minimum": 0, "maximum": 1},
-        "settle_s": {"type": "integer", "minimum": 0, "maximum": 86_400}}})
+        "on": {"type": "boolean", "nullable": true},
+        "threshold": {"type": "number", "minimum": 0, "maximum": 10, "nullable": true},
+        "interval_s": {"type": "integer", "minimum": 1, "maximum": 86_400, "nullable": true},
+        "rounds": {"type": "integer", "minimum": 1, "maximum": 100, "nullable": true},
+        "min_gain": {"type": "number", "minimum": 0, "maximum": 1, "nullable": true},
+        "settle_s": {"type": "integer", "minimum": 0, "maximum": 86_400, "nullable": true}}})
 }
 
 /// An auto-suspend setting; a VM's may `inherit` its consumer's.

@@ -359,6 +359,7 @@ async fn run(a: Args) -> Result<()> {
             incoming: i64::from(a.migrations_in_per_host.max(1)),
         },
         migration_slots: Default::default(),
+        metrics: Default::default(),
         retention: Retention {
             events: Duration::from_secs(a.event_retention_days.max(1) * 86_400),
             audit: Duration::from_secs(a.audit_retention_days.max(1) * 86_400),

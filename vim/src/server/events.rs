@@ -69,6 +69,7 @@ impl Vimd {
             if !moved {
                 return Ok(()); // a redelivered answer
             }
+            self.job_ended(job, to);
             if !ev.ok && job.kind == JobKind::Create && ev.vm.is_none() {
                 // Refused before the agent knew the VM (a bad spec): it will not run there.
                 self.db

@@ -454,10 +454,12 @@ impl Vimd {
             }
         }
         if ev.ok {
+            let outage_s = (db::now_ms() - since) as f64 / 1000.0;
+            self.metrics.restarted(outage_s);
             let detail = serde_json::json!({
                 "from": from,
                 "to": ev.host_id,
-                "outage_s": (db::now_ms() - since) as f64 / 1000.0,
+                "outage_s": outage_s,
             })
             .to_string();
             self.event(

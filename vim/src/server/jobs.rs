@@ -77,9 +77,13 @@ impl Vimd {
                         tracing::warn!(vm = vm.id, dir = %dir.display(), error = %e, "cannot remove a deleted VM's files");
                     }
                 }
-                self.db
+                if self
+                    .db
                     .transition_job(&job.id, &[JobState::Pending], JobState::Done, "")
-                    .await?;
+                    .await?
+                {
+                    self.job_ended(&job, JobState::Done);
+                }
                 let detail = if suspended {
                     "suspended, on no host"
                 } else {

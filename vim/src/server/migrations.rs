@@ -273,9 +273,14 @@ impl Vimd {
                 "a migration completed for a VM no longer migrating"
             );
         }
-        self.db
+        if self
+            .db
             .transition_job(&parent.id, &[JobState::Running], JobState::Done, "")
-            .await?;
+            .await?
+        {
+            self.job_ended(&parent, JobState::Done);
+            self.metrics.migrated(m.downtime_ms);
+        }
         self.take_waiting_migrations().await;
         if let Some(vcpus) = p.then_vcpus {
             self.resize_after_migration(&parent, vcpus, p.then_memory_mib)
@@ -324,6 +329,7 @@ impl Vimd {
         if !moved {
             return Ok(()); // already ended
         }
+        self.job_ended(&parent, JobState::Failed);
         self.take_waiting_migrations().await;
         let detail = if child.kind == JobKind::MigrateIn || runs_on_source {
             self.db

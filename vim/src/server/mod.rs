@@ -86,6 +86,8 @@ pub struct Vimd {
     pub migration_limits: migrations::MigrationLimits,
     /// Held while a migration is counted against the limits and started.
     pub migration_slots: tokio::sync::Mutex<()>,
+    /// What `GET /metrics` reports.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// How long the event log and the audit log keep their rows.
@@ -166,6 +168,40 @@ impl Vimd {
         Ok(())
     }
 
+    /// Counts a job that has just ended (moved to `state`) for the metrics.
+    fn job_ended(&self, job: &db::Job, state: JobState) {
+        let secs = (db::now_ms() - job.created_at) as f64 / 1000.0;
+        self.metrics
+            .job_ended(job.kind.as_str(), state.as_str(), secs);
+    }
+
+    /// The metrics text, with the inventory and queue figures read now.
+    pub async fn metrics_text(&self) -> Result<String> {
+        let hosts = self.db.hosts().await?;
+        let vms = self.db.live_vms().await?;
+        self.metrics.set_inventory(&hosts, &vms, db::now_ms());
+        for (stream, consumer) in [
+            (s::JOB_STREAM, s::JOB_CONSUMER),
+            (s::EVENT_STREAM, s::EVENT_CONSUMER),
+        ] {
+            match self
+                .js
+                .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+                    consumer, stream,
+                )
+                .await
+            {
+                Ok(mut c) => {
+                    if let Ok(info) = c.info().await {
+                        self.metrics.set_pending(consumer, info.num_pending);
+                    }
+                }
+                Err(e) => tracing::debug!(consumer, error = %e, "no consumer info for the metrics"),
+            }
+        }
+        Ok(self.metrics.encode())
+    }
+
     async fn fail_job(&self, job: &db::Job, why: &str) {
         if let Ok(true) = self
             .db
@@ -177,6 +213,7 @@ impl Vimd {
             )
             .await
         {
+            self.job_ended(job, JobState::Failed);
             if job.kind == JobKind::Create {
                 let _ = self
                     .db
