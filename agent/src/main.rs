@@ -3,6 +3,7 @@
 //! reports what happens to them (docs/protocol.md).
 
 mod lease;
+mod metrics;
 mod net;
 mod scaling;
 mod supervisor;
@@ -62,6 +63,9 @@ struct Args {
     /// The watchdog's timeout in seconds (default 30; the driver may round it).
     #[arg(long = "watchdog-timeout-s", env = "VIM_AGENT_WATCHDOG_TIMEOUT_S")]
     watchdog_timeout_s: Option<u32>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP; off by default).
+    #[arg(long = "metrics-listen", env = "VIM_AGENT_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Check the configuration, print it and exit.
     #[arg(long)]
     check: bool,
@@ -82,6 +86,7 @@ struct FileConfig {
     bridge: Option<String>,
     watchdog: Option<PathBuf>,
     watchdog_timeout_s: Option<u32>,
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug)]
@@ -97,6 +102,7 @@ struct Config {
     bridge: String,
     watchdog: Option<PathBuf>,
     watchdog_timeout_s: u32,
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn config(a: Args) -> Result<Config> {
@@ -148,6 +154,7 @@ fn config(a: Args) -> Result<Config> {
             );
             t
         },
+        metrics_listen: a.metrics_listen.or(f.metrics_listen),
     })
 }
 
@@ -423,6 +430,14 @@ async fn serve(
     tracing::info!(host = agent.cfg.host_id, "agent started");
 
     tokio::spawn(lease::run(agent.clone(), stop.clone()));
+    if let Some(addr) = agent.cfg.metrics_listen {
+        let a = agent.clone();
+        metrics::serve(addr, move || {
+            let sound = a.sound.load(std::sync::atomic::Ordering::Relaxed);
+            metrics::encode(&a.host.reports(), sound)
+        })
+        .await?;
+    }
 
     // VMMs that exited on their own.
     let a = agent.clone();

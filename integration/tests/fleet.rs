@@ -42,6 +42,9 @@ fn bins() -> &'static Path {
     })
 }
 
+/// Where each agent serves its metrics, in its host's network namespace.
+const AGENT_METRICS: &str = "127.0.0.1:9464";
+
 fn tmp() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("fleet-{}", std::process::id()))
 }
@@ -533,12 +536,25 @@ impl Fleet {
             .arg("--vmm")
             .arg(bins().join("vmm"))
             .args(["--heartbeat-ms", "300"])
+            // In the host's own namespace: every agent can have the same port.
+            .args(["--metrics-listen", AGENT_METRICS])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
         let slot = self.agents.iter_mut().find(|(h, _)| h == host).unwrap();
         slot.1 = Some(Proc(p));
+    }
+
+    /// Host `host`'s agent's metrics text (`--metrics-listen`, in the host's namespace).
+    fn agent_metrics(&self, host: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", self.ns(host), "curl", "-sf"])
+            .arg(format!("http://{AGENT_METRICS}/metrics"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "no metrics from {host}'s agent");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// The last `n` lines of a log in the test's directory (`vimd.log`, `agent-HOST.log`).
@@ -2057,6 +2073,19 @@ fn a_running_vm_moves_between_hosts_and_back() {
     ] {
         assert!(text.contains(&want), "{want} missing from:\n{text}");
     }
+    let agent = f.agent_metrics(&host);
+    for want in [
+        format!("vim_agent_vm_cpu_percent{{vm=\"{id}\"}}"),
+        "vim_agent_vms{state=\"running\"} 1".to_string(),
+        "vim_agent_sound 1".to_string(),
+    ] {
+        assert!(agent.contains(&want), "{want} missing from:\n{agent}");
+    }
+    let source = if host == "h1" { "h2" } else { "h1" };
+    assert!(
+        !f.agent_metrics(source).contains(&id),
+        "the source still reports the VM"
+    );
     let alice_token = std::fs::read_to_string(&alice).unwrap();
     let (code, _) = f.http("GET", "/metrics", "", Some(alice_token.trim()));
     assert_eq!(code, 403);
