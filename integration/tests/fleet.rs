@@ -3949,3 +3949,176 @@ fn a_suspend_racing_a_migration_or_a_resize_is_refused_never_both() {
     assert_eq!(vm["vcpus"], 1, "{vm}");
     f.assert_never_rebooted(&id);
 }
+
+/// An HTTP receiver on loopback for webhooks: it records each request (headers and body) and
+/// answers 500 to the first `fail_first`, then 204.
+struct Receiver {
+    url: String,
+    got: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+impl Receiver {
+    fn start(fail_first: usize) -> Receiver {
+        use std::io::{BufRead, Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", l.local_addr().unwrap());
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let g = got.clone();
+        std::thread::spawn(move || {
+            for (n, c) in l.incoming().enumerate() {
+                let Ok(mut c) = c else { return };
+                let mut r = std::io::BufReader::new(c.try_clone().unwrap());
+                let mut head = String::new();
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    head.push_str(&line);
+                }
+                let mut body = vec![0; len];
+                let _ = r.read_exact(&mut body);
+                g.lock()
+                    .unwrap()
+                    .push((head, String::from_utf8_lossy(&body).into_owned()));
+                let status = if n < fail_first {
+                    "500 Internal Server Error"
+                } else {
+                    "204 No Content"
+                };
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                );
+            }
+        });
+        Receiver { url, got }
+    }
+
+    fn requests(&self) -> Vec<(String, String)> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+/// A header's value in a recorded request head.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Issue 16's webhooks: events of the kinds asked for are POSTed, signed with the secret the
+/// add answered (HMAC-SHA256 of "TS.BODY"); a failed delivery is tried again; a consumer's
+/// webhook hears only its own VMs; bad URLs and kinds are refused; a deleted webhook is gone.
+#[test]
+fn webhooks_deliver_signed_events_and_retry() {
+    use hmac::{Hmac, Mac};
+    let f = Fleet::start(None, &["h1"]);
+    f.add_test_image();
+    let admin = Receiver::start(1);
+    let theirs = Receiver::start(0);
+    let hook = f.ctl_ok(&[
+        "webhook",
+        "add",
+        &admin.url,
+        "--events",
+        "VM_Created,VM_Stopped",
+        "--json",
+    ]);
+    let secret = hook["secret"].as_str().unwrap().to_string();
+    assert!(secret.len() >= 32, "{hook}");
+    let alice = f.token("alice");
+    let (ok, out, err) = f.ctl_as(
+        &alice,
+        &[
+            "webhook",
+            "add",
+            &theirs.url,
+            "--events",
+            "VM_Created",
+            "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let theirs_id = serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (args, what) in [
+        (
+            vec![
+                "webhook",
+                "add",
+                "ftp://127.0.0.1/x",
+                "--events",
+                "VM_Created",
+            ],
+            "url",
+        ),
+        (
+            vec!["webhook", "add", &admin.url, "--events", "VM_Nonsense"],
+            "not an event kind",
+        ),
+    ] {
+        let (ok, _, err) = f.ctl(&args);
+        assert!(!ok && err.contains("400") && err.contains(what), "{err}");
+    }
+    // Webhooks are read again every 2 s.
+    std::thread::sleep(Duration::from_millis(2500));
+    let id = f.create("hooked").unwrap();
+    wait_until_for("the delivery, tried twice", Duration::from_secs(20), || {
+        admin.requests().len() >= 2
+    });
+    let reqs = admin.requests();
+    let (first, second) = (&reqs[0], &reqs[1]);
+    assert_eq!(first.1, second.1, "the retry sent another body");
+    assert_eq!(
+        header(&first.0, "x-vim-delivery"),
+        header(&second.0, "x-vim-delivery")
+    );
+    let (head, body) = second;
+    let ev: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        (ev["kind"].as_str(), ev["vm_id"].as_str()),
+        (Some("VM_Created"), Some(id.as_str())),
+        "{ev}"
+    );
+    assert_eq!(header(head, "x-vim-event"), Some("VM_Created"));
+    let sig = header(head, "x-vim-signature").unwrap();
+    let (ts, v1) = sig
+        .strip_prefix("t=")
+        .and_then(|s| s.split_once(",v1="))
+        .unwrap_or_else(|| panic!("{sig}"));
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{ts}.{body}").as_bytes());
+    assert_eq!(
+        hex::encode(mac.finalize().into_bytes()),
+        v1,
+        "bad signature"
+    );
+    // Alice's webhook heard nothing of the admin's VM; she lists only hers.
+    assert!(theirs.requests().is_empty(), "{:?}", theirs.requests());
+    let (ok, out, _) = f.ctl_as(&alice, &["webhook", "list", "--json"]);
+    assert!(ok);
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert!(!out.contains(&secret), "a listing shows a secret");
+    // Deleted: nothing more arrives.
+    let (ok, _, err) = f.ctl_as(&alice, &["webhook", "delete", hook["id"].as_str().unwrap()]);
+    assert!(
+        !ok && err.contains("404"),
+        "alice deleted the admin's webhook: {err}"
+    );
+    f.ctl_ok(&["webhook", "delete", hook["id"].as_str().unwrap()]);
+    f.ctl_ok(&["webhook", "delete", &theirs_id]);
+    std::thread::sleep(Duration::from_millis(2500));
+    let n = admin.requests().len();
+    f.ctl_ok(&["vm", "stop", &id, "--json"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(admin.requests().len(), n, "a deleted webhook was called");
+}

@@ -12,3 +12,15 @@ CREATE TABLE auto_suspend_policies (
     idle_pct BIGINT NOT NULL,
     idle_s BIGINT NOT NULL
 );
+-- Webhooks (issue 16): events of the kinds listed (comma-separated) are POSTed to url, signed
+-- with secret (HMAC-SHA256); an admin's get every event (all_vms 1), a consumer's only its own
+-- VMs'.
+CREATE TABLE webhooks (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    all_vms BIGINT NOT NULL,
+    url TEXT NOT NULL,
+    events TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);

@@ -286,6 +286,8 @@ pub fn router(v: Arc<Vimd>) -> Router {
         .route("/cluster/balance", get(show_balance).put(set_balance))
         .route("/cluster/balance/plan", get(plan_balance))
         .route("/metrics", get(metrics))
+        .route("/webhooks", get(list_webhooks).post(add_webhook))
+        .route("/webhooks/:id", axum::routing::delete(delete_webhook))
         .route("/jobs", get(list_jobs))
         .route("/jobs/:id", get(show_job))
         .route("/events", get(list_events))
@@ -1230,6 +1232,67 @@ async fn queue_migration(
         .queue_job(db::JobKind::Migrate, &who.name, vm_id, params)
         .await?;
     Ok(json!({"job_id": job.id, "vm_id": vm_id}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddWebhook {
+    url: String,
+    events: Vec<String>,
+}
+
+/// Adds a webhook (docs/webhooks.md): an admin's hears every event of its kinds, a consumer's
+/// only its own VMs'. The answer has the signing secret, shown this once.
+async fn add_webhook(State(v): St, h: Req, b: Result<Body<AddWebhook>, ApiError>) -> Response {
+    call(&v, &h, "webhooks.add", "", |v, who| async move {
+        let req = body(b)?;
+        crate::webhooks::check_url(&req.url).map_err(bad)?;
+        crate::webhooks::check_events(&req.events).map_err(bad)?;
+        if v.db.webhooks(Some(&who.name)).await?.len() >= 100 {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                "at most 100 webhooks per caller".into(),
+            ));
+        }
+        let w = db::Webhook {
+            id: db::new_id(),
+            owner: who.name.clone(),
+            all_vms: who.role == Role::Admin,
+            url: req.url,
+            events: req.events,
+            secret: auth::random_secret(),
+            created_at: db::now_ms(),
+        };
+        v.db.add_webhook(&w).await?;
+        let mut out = json!(w);
+        out["secret"] = json!(w.secret);
+        ok(out)
+    })
+    .await
+}
+
+async fn list_webhooks(State(v): St, h: Req) -> Response {
+    call(&v, &h, "webhooks.list", "", |v, who| async move {
+        ok(json!(v.db.webhooks(who.owner_filter()).await?))
+    })
+    .await
+}
+
+async fn delete_webhook(State(v): St, h: Req, Path(id): Path<String>) -> Response {
+    call(
+        &v,
+        &h,
+        "webhooks.delete",
+        &id.clone(),
+        |v, who| async move {
+            check_name("webhook id", &id)?;
+            if !v.db.delete_webhook(&id, who.owner_filter()).await? {
+                return Err(not_found(&format!("webhook {id}")));
+            }
+            ok(json!({"deleted": id}))
+        },
+    )
+    .await
 }
 
 /// Prometheus metrics, in the text exposition format (admin; docs/api.md).

@@ -2,6 +2,9 @@
 //! truth), takes API calls, and turns them into jobs that travel through NATS JetStream to its
 //! workers and on to the host agents (docs/protocol.md).
 
+// The OpenAPI document is one json! literal, deeper than the default limit allows.
+#![recursion_limit = "256"]
+
 pub mod api;
 pub mod audit;
 pub mod auth;
@@ -18,6 +21,7 @@ pub mod placement;
 pub mod queue;
 pub mod server;
 pub mod tls;
+pub mod webhooks;
 
 /// Locks a mutex, going on with its data if a thread panicked while holding it (the data are
 /// plain maps and sets that a panic cannot leave half-changed).

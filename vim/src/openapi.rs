@@ -178,6 +178,16 @@ pub fn document() -> Value {
             },
             "/cluster/balance/plan": {"get": op("Dry run: the moves the balancer would make now, with the imbalance and loads before and after; changes nothing (admin)", "200")},
             "/metrics": {"get": op("Prometheus metrics, text exposition format (admin): hosts and VMs by state, jobs by kind and outcome with latency histograms, queue lag, heartbeat age, migration downtime and failover RTO histograms, each VM's CPU and memory", "200")},
+            "/webhooks": {
+                "get": op("List webhooks (a consumer sees its own)", "200"),
+                "post": with_body(op("Add a webhook: events of the kinds listed are POSTed to url, signed \
+                    (X-Vim-Signature); a consumer's hears only its own VMs'. The answer has the secret, once.", "200"),
+                    json!({"type": "object", "required": ["url", "events"], "additionalProperties": false,
+                           "properties": {"url": {"type": "string", "pattern": "^https?://", "maxLength": 2048},
+                                          "events": {"type": "array", "minItems": 1, "maxItems": 64,
+                                                     "items": {"type": "string"}}}})),
+            },
+            "/webhooks/{id}": {"delete": with_id(op("Delete a webhook", "200"))},
             "/jobs": {"get": with_limit(op("List jobs, newest first (a consumer sees its own)", "200"), 100, 10_000)},
             "/jobs/{id}": {"get": with_id(op("Show a job", "200"))},
             "/events": {"get": events},

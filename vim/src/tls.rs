@@ -128,6 +128,15 @@ fn server_params(names: &[String]) -> Result<CertificateParams> {
 
 /// The host part of a URL or `host:port` (`nats://a:4222` → `a`), for the certificate's names;
 /// none for a wildcard address.
+/// Debian's trusted roots (ca-certificates): for servers a public CA certified (a vimd behind
+/// one, for vimctl; a webhook's receiver, for vimd).
+pub fn system_roots() -> Vec<reqwest::Certificate> {
+    std::fs::read("/etc/ssl/certs/ca-certificates.crt")
+        .ok()
+        .and_then(|pem| reqwest::Certificate::from_pem_bundle(&pem).ok())
+        .unwrap_or_default()
+}
+
 pub fn host_of(addr: &str) -> Option<String> {
     let rest = addr.split("://").last().unwrap_or(addr);
     let hostport = rest.split('/').next().unwrap_or(rest);

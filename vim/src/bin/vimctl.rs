@@ -70,6 +70,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// Webhooks: events POSTed to a URL, signed (docs/webhooks.md).
+    Webhook {
+        #[command(subcommand)]
+        cmd: WebhookCmd,
+    },
     /// Automatic vertical scaling policies (docs/scaling.md).
     Policy {
         #[command(subcommand)]
@@ -189,6 +194,22 @@ enum HostCmd {
     },
     /// The host takes new VMs again.
     Undrain { id: String },
+}
+
+#[derive(Subcommand)]
+enum WebhookCmd {
+    /// POST events of these kinds to URL (yours, or every VM's for an admin); prints the
+    /// signing secret, once.
+    Add {
+        url: String,
+        /// Event kinds, comma-separated (VM_Restarted,Scaling_Refused,...).
+        #[arg(long, value_delimiter = ',', required = true)]
+        events: Vec<String>,
+    },
+    List,
+    Delete {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -453,7 +474,7 @@ impl Api {
 }
 
 /// Columns that hold milliseconds since the Unix epoch (the API's time unit).
-const TIME_COLUMNS: [&str; 2] = ["ts", "last_heartbeat"];
+const TIME_COLUMNS: [&str; 3] = ["ts", "last_heartbeat", "created_at"];
 
 /// A time in milliseconds since the epoch as UTC for people: `2026-12-01 19:36:21.357`.
 fn utc_ms(ms: i64) -> String {
@@ -562,20 +583,12 @@ fn http_client(ca: Option<&std::path::Path>) -> Result<reqwest::blocking::Client
             b = b.tls_built_in_root_certs(false).add_root_certificate(cert);
         }
         None => {
-            for c in system_roots() {
+            for c in vim::tls::system_roots() {
                 b = b.add_root_certificate(c);
             }
         }
     }
     Ok(b.build()?)
-}
-
-/// Debian's trusted roots (ca-certificates), for a vimd whose certificate a public CA issued.
-fn system_roots() -> Vec<reqwest::Certificate> {
-    std::fs::read("/etc/ssl/certs/ca-certificates.crt")
-        .ok()
-        .and_then(|pem| reqwest::Certificate::from_pem_bundle(&pem).ok())
-        .unwrap_or_default()
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -1026,6 +1039,26 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Cmd::Webhook { cmd } => match cmd {
+            WebhookCmd::Add { url, events } => {
+                let r = api.post("/webhooks", json!({"url": url, "events": events}))?;
+                if json_out {
+                    print(&r);
+                } else {
+                    println!(
+                        "id {}\nsecret {}",
+                        r["id"].as_str().unwrap_or_default(),
+                        r["secret"].as_str().unwrap_or_default()
+                    );
+                }
+            }
+            WebhookCmd::List => {
+                listing("/webhooks", &["id", "owner", "url", "events", "created_at"])?
+            }
+            WebhookCmd::Delete { id } => {
+                print(&api.req(reqwest::Method::DELETE, &format!("/webhooks/{id}"), None)?)
+            }
+        },
         Cmd::Audit => {
             listing(
                 "/audit",

@@ -12,6 +12,7 @@ mod jobs;
 mod scaling;
 mod tokens;
 mod vms;
+mod webhooks;
 
 pub use audit::AuditEntry;
 pub use events::Event;
@@ -23,6 +24,7 @@ pub use jobs::{JobKind, JobState};
 pub use scaling::ScalingPolicy;
 pub use vim_proto::{EventKind, VmState};
 pub use vms::{HaPolicy, Vm};
+pub use webhooks::Webhook;
 
 use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;
@@ -170,6 +172,7 @@ pub(crate) mod tests {
                 "tokens",
                 "cluster_settings",
                 "auto_suspend_policies",
+                "webhooks",
             ] {
                 sqlx::query(&format!("DELETE FROM {t}"))
                     .execute(&db.pool)
