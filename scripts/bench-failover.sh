@@ -15,13 +15,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-5}
-scripts/setup.sh
-cargo build --release -p vmm -p vim -p vim-agent >/dev/null 2>&1
-images/build.sh >/dev/null
 python3 -u - "$runs" <<'PY'
 import os, signal, statistics, sys, time
 sys.path.insert(0, "scripts")
-from benchfleet import Fleet, ip
+from benchfleet import Fleet, ip, prepare
+
+prepare()
 
 runs = int(sys.argv[1])
 

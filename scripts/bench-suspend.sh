@@ -11,13 +11,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-5}
-scripts/setup.sh
-cargo build --release -p vmm -p vim -p vim-agent >/dev/null 2>&1
-images/build.sh >/dev/null
 python3 -u - "$runs" <<'PY'
 import os, re, statistics, sys, time
 sys.path.insert(0, "scripts")
-from benchfleet import Fleet
+from benchfleet import Fleet, prepare
+
+prepare()
 
 runs = int(sys.argv[1])
 

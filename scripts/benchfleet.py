@@ -6,6 +6,15 @@ B = os.path.abspath("target/release")
 guest = os.path.abspath("images/out/testguest.elf")
 
 
+def prepare():
+    """What every fleet benchmark needs first, idempotently: the packages, the release binaries,
+    the guest images."""
+    subprocess.run(["scripts/setup.sh"], check=True)
+    subprocess.run(["cargo", "build", "--release", "-p", "vmm", "-p", "vim", "-p", "vim-agent"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(["images/build.sh"], check=True, stdout=subprocess.DEVNULL)
+
+
 def ip(*a):
     subprocess.run(["ip", *a], check=True)
 

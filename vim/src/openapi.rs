@@ -185,7 +185,7 @@ pub fn document() -> Value {
                     json!({"type": "object", "required": ["url", "events"], "additionalProperties": false,
                            "properties": {"url": {"type": "string", "pattern": "^https?://", "maxLength": 2048},
                                           "events": {"type": "array", "minItems": 1, "maxItems": 64,
-                                                     "items": {"type": "string"}}}})),
+                                                     "items": {"enum": event_kinds()}}}})),
             },
             "/webhooks/{id}": {"delete": with_id(op("Delete a webhook", "200"))},
             "/jobs": {"get": with_limit(op("List jobs, newest first (a consumer sees its own)", "200"), 100, 10_000)},
@@ -213,6 +213,14 @@ fn scaling_policy() -> Value {
         "max_vcpus": int(1, 254, "the ceiling (default 128)"),
         "max_memory_mib": int(16, 4_194_304, "the ceiling (default 524288)"),
         "cooldown_s": int(0, 86_400, "after a change, before the next (default 120)")}})
+}
+
+/// Every event kind's name.
+fn event_kinds() -> Vec<&'static str> {
+    (1..256)
+        .filter_map(|i| vim_proto::EventKind::try_from(i).ok())
+        .map(|k| k.as_str())
+        .collect()
 }
 
 /// A change to the balancer's settings: a field absent or null stays as it was.

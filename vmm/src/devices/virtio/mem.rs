@@ -170,6 +170,7 @@ impl MemControl {
     }
 }
 
+#[derive(Clone, Copy)]
 struct Request {
     kind: u16,
     addr: u64,
@@ -320,7 +321,7 @@ impl MemQueue {
         let mut reader = chain.clone().reader(mem).ok()?;
         std::io::Read::read_exact(&mut reader, &mut req).ok()?;
         let r = Request::parse(&req);
-        let (kind, state) = self.control.handle(mem, Request::parse(&req));
+        let (kind, state) = self.control.handle(mem, r);
         tracing::debug!(
             request = r.kind,
             addr = r.addr,
