@@ -167,24 +167,44 @@ pub struct Cluster {
 }
 
 /// What the model needs besides hosts and VMs: the time, which VMs and hosts a job is busy
-/// with, and how long a moved VM stays put.
+/// with, how long a moved VM stays put, and how long the hosts of a move take no part in
+/// another (their figures have not settled: the moved VM's first report from its new host
+/// reads no CPU).
 pub struct Context<'a> {
     pub now_ms: i64,
     pub settle_s: u64,
+    pub fresh_ms: i64,
     pub busy_vms: &'a HashSet<String>,
     pub busy_hosts: &'a HashSet<String>,
 }
 
-/// When a VM last finished a live migration (ms since the epoch), from its record.
-fn last_moved_ms(vm: &Vm) -> i64 {
-    serde_json::from_str::<serde_json::Value>(&vm.last_migration)
-        .ok()
-        .and_then(|v| v["at"].as_i64())
-        .unwrap_or(0)
+/// A VM's last finished live migration, from its record: when (ms since the epoch), and
+/// between which hosts.
+struct LastMove {
+    at: i64,
+    source: String,
+    target: String,
+}
+
+fn last_move(vm: &Vm) -> Option<LastMove> {
+    let v: serde_json::Value = serde_json::from_str(&vm.last_migration).ok()?;
+    let host = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+    Some(LastMove {
+        at: v["at"].as_i64()?,
+        source: host("source"),
+        target: host("target"),
+    })
 }
 
 impl Cluster {
     pub fn new(hosts: &[Host], vms: &[Vm], policy: &Policy, cx: &Context<'_>) -> Cluster {
+        let moves: Vec<Option<LastMove>> = vms.iter().map(last_move).collect();
+        let unsettled: HashSet<&str> = moves
+            .iter()
+            .flatten()
+            .filter(|m| cx.now_ms - m.at < cx.fresh_ms)
+            .flat_map(|m| [m.source.as_str(), m.target.as_str()])
+            .collect();
         let mut index = HashMap::new();
         let mut out = Vec::new();
         for h in hosts {
@@ -206,11 +226,11 @@ impl Cluster {
                 used_cores: 0.0,
                 vcpus: 0,
                 memory_mib: 0,
-                busy: cx.busy_hosts.contains(&h.id),
+                busy: cx.busy_hosts.contains(&h.id) || unsettled.contains(h.id.as_str()),
             });
         }
         let mut guests = Vec::new();
-        for vm in vms {
+        for (vm, last) in vms.iter().zip(&moves) {
             if vm.state == VmState::Deleted {
                 continue;
             }
@@ -226,7 +246,9 @@ impl Cluster {
             h.used_cores += used_cores;
             h.vcpus += vm.vcpus;
             h.memory_mib += vm.memory_mib;
-            let settled = cx.now_ms - last_moved_ms(vm) >= cx.settle_s as i64 * 1000;
+            let settled = last
+                .as_ref()
+                .is_none_or(|m| cx.now_ms - m.at >= cx.settle_s as i64 * 1000);
             guests.push(Guest {
                 id: vm.id.clone(),
                 host,
@@ -449,6 +471,7 @@ mod tests {
         let cx = Context {
             now_ms: 1_000_000_000,
             settle_s: 300,
+            fresh_ms: 5000,
             busy_vms: &busy_vms,
             busy_hosts: &busy_hosts,
         };

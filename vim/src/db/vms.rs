@@ -298,18 +298,9 @@ impl Db {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Every VM not deleted (the metrics' inventory).
+    /// Every VM not deleted (the metrics' inventory, the balancer's model).
     pub async fn live_vms(&self) -> Result<Vec<Vm>, DbError> {
         let rows = sqlx::query("SELECT * FROM vms WHERE state <> $1")
-            .bind(VmState::Deleted.as_str())
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(vm).collect::<Result<_, _>>()?)
-    }
-
-    /// VMs placed on a host (any state but deleted): what the balancer weighs.
-    pub async fn placed_vms(&self) -> Result<Vec<Vm>, DbError> {
-        let rows = sqlx::query("SELECT * FROM vms WHERE host_id <> '' AND state <> $1")
             .bind(VmState::Deleted.as_str())
             .fetch_all(&self.pool)
             .await?;

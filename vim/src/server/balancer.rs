@@ -78,7 +78,7 @@ impl Vimd {
     /// migration is under way from or to, take part in no move.
     pub async fn balance_model(&self, s: &Settings) -> Result<Cluster> {
         let hosts = self.db.hosts().await?;
-        let vms = self.db.placed_vms().await?;
+        let vms = self.db.live_vms().await?;
         let mut busy_vms = HashSet::new();
         let mut busy_hosts = HashSet::new();
         for job in self.db.unfinished_jobs().await? {
@@ -91,21 +91,10 @@ impl Vimd {
             }
             busy_vms.insert(job.vm_id);
         }
-        // A host a VM moved to or from lately has no settled figures yet: the moved VM's first
-        // report from its new host reads no CPU (no interval measured there yet).
-        let now = db::now_ms();
-        let fresh_ms = (2 * s.interval_s * 1000).max(FIGURES_SETTLE_MS) as i64;
-        for vm in &vms {
-            let m: serde_json::Value = serde_json::from_str(&vm.last_migration).unwrap_or_default();
-            if m["at"].as_i64().is_some_and(|at| now - at < fresh_ms) {
-                for end in ["source", "target"] {
-                    busy_hosts.extend(m[end].as_str().map(String::from));
-                }
-            }
-        }
         let cx = Context {
-            now_ms: now,
+            now_ms: db::now_ms(),
             settle_s: s.settle_s,
+            fresh_ms: (2 * s.interval_s * 1000).max(FIGURES_SETTLE_MS) as i64,
             busy_vms: &busy_vms,
             busy_hosts: &busy_hosts,
         };
