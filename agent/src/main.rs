@@ -5,6 +5,7 @@
 mod lease;
 mod metrics;
 mod net;
+mod probe;
 mod scaling;
 mod supervisor;
 mod vms;
@@ -66,6 +67,10 @@ struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP; off by default).
     #[arg(long = "metrics-listen", env = "VIM_AGENT_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Polls (one per heartbeat interval) without a new guest heartbeat on a VM's console
+    /// before it is reported unreachable (default 5; docs/sla.md).
+    #[arg(long = "probe-misses", env = "VIM_AGENT_PROBE_MISSES")]
+    probe_misses: Option<u32>,
     /// Check the configuration, print it and exit.
     #[arg(long)]
     check: bool,
@@ -87,6 +92,7 @@ struct FileConfig {
     watchdog: Option<PathBuf>,
     watchdog_timeout_s: Option<u32>,
     metrics_listen: Option<std::net::SocketAddr>,
+    probe_misses: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -103,6 +109,7 @@ struct Config {
     watchdog: Option<PathBuf>,
     watchdog_timeout_s: u32,
     metrics_listen: Option<std::net::SocketAddr>,
+    probe_misses: u32,
 }
 
 fn config(a: Args) -> Result<Config> {
@@ -155,6 +162,11 @@ fn config(a: Args) -> Result<Config> {
             t
         },
         metrics_listen: a.metrics_listen.or(f.metrics_listen),
+        probe_misses: {
+            let m = a.probe_misses.or(f.probe_misses).unwrap_or(5);
+            anyhow::ensure!((1..=1000).contains(&m), "--probe-misses {m}: 1 to 1000");
+            m
+        },
     })
 }
 
@@ -386,7 +398,14 @@ async fn run(cfg: Config) -> Result<()> {
     dirs.bridge = cfg.bridge.clone();
     let dirs = Arc::new(dirs);
     let (exits_tx, exits) = mpsc::unbounded_channel();
-    let host = Host::start(dirs, cfg.heartbeat, exits_tx, stop.clone()).await?;
+    let host = Host::start(
+        dirs,
+        cfg.heartbeat,
+        cfg.probe_misses,
+        exits_tx,
+        stop.clone(),
+    )
+    .await?;
     // Armed before the queue is reached: a host whose agent hangs connecting is reset too. It is
     // disarmed whenever the agent ends by itself, an error included (that is not a hang; the
     // service manager starts it again); only a hung or killed agent leaves it armed.
@@ -481,6 +500,28 @@ async fn serve(
                             vcpus,
                             memory_pct: request.memory_pct,
                         }),
+                        ..Default::default()
+                    },
+                ),
+                supervisor::Notice::Reachability { report, change } => (
+                    report.vm_id.clone(),
+                    HostEvent {
+                        version: PROTOCOL_VERSION,
+                        host_id: a.cfg.host_id.clone(),
+                        ok: true,
+                        kind: match change {
+                            probe::Change::Unreachable { .. } => EventKind::VmUnreachable,
+                            probe::Change::Reachable => EventKind::VmReachable,
+                        }
+                        .into(),
+                        error: match change {
+                            probe::Change::Unreachable { silent_polls } => format!(
+                                "no guest heartbeat for {silent_polls} polls ({} ms)",
+                                a.cfg.heartbeat.as_millis() * u128::from(silent_polls)
+                            ),
+                            probe::Change::Reachable => "guest heartbeat again".into(),
+                        },
+                        vm: Some(report),
                         ..Default::default()
                     },
                 ),

@@ -50,6 +50,11 @@ pub struct Exit {
 pub enum Notice {
     /// `VM_Failure`.
     Exited(Exit),
+    /// `VM_Unreachable` or `VM_Reachable`: the guest's heartbeat stopped, or came back.
+    Reachability {
+        report: VmReport,
+        change: crate::probe::Change,
+    },
     /// `VM_Migration_Progress`: where an outgoing migration is.
     Migrating {
         vm_id: String,
@@ -70,15 +75,18 @@ pub struct Host {
     vms: Arc<Mutex<HashMap<String, Handle>>>,
     exits: mpsc::UnboundedSender<Notice>,
     every: Duration,
+    probe_misses: u32,
     shutdown: watch::Receiver<bool>,
 }
 
 impl Host {
     /// Supervises the VMs recorded in the state directory (re-adopting running VMMs). VMMs that
-    /// exit on their own are sent to `exits`; `every` is how often each supervisor looks.
+    /// exit on their own are sent to `exits`; `every` is how often each supervisor looks, and
+    /// `probe_misses` how many looks without a guest heartbeat make a VM unreachable.
     pub async fn start(
         dirs: Arc<Dirs>,
         every: Duration,
+        probe_misses: u32,
         exits: mpsc::UnboundedSender<Notice>,
         shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<Host> {
@@ -89,6 +97,7 @@ impl Host {
             vms: Default::default(),
             exits,
             every,
+            probe_misses,
             shutdown,
         };
         for vm in vms {
@@ -247,6 +256,8 @@ impl Host {
             registry: self.vms.clone(),
             exits: self.exits.clone(),
             scaling: crate::scaling::Watch::default(),
+            probe: Default::default(),
+            probe_misses: self.probe_misses,
         };
         tokio::spawn(s.run(rx, self.every, self.shutdown.clone()));
         tx
@@ -316,6 +327,9 @@ struct Supervisor {
     exits: mpsc::UnboundedSender<Notice>,
     /// The VM's CPU use against its scaling policy's thresholds.
     scaling: crate::scaling::Watch,
+    /// The guest's heartbeat.
+    probe: crate::probe::Probe,
+    probe_misses: u32,
 }
 
 impl Supervisor {
@@ -556,13 +570,33 @@ impl Supervisor {
 
     /// Between commands: a VMM that exited is reported once; the report is refreshed.
     async fn watch(&mut self) {
-        let Some((exited, report, scaling)) = self
-            .blocking(|vm| (vm.exited(), vm.report(), vm.record.spec.scaling))
+        let misses = self.probe_misses;
+        let mut probe = std::mem::take(&mut self.probe);
+        let Some((exited, report, scaling, probe, reachability)) = self
+            .blocking(move |vm| {
+                let (exited, report) = (vm.exited(), vm.report());
+                let reachability =
+                    if exited.is_none() && report.state() == vim_proto::VmState::Running {
+                        probe.poll(&vm.record.console, misses)
+                    } else {
+                        probe.pause();
+                        None
+                    };
+                (exited, report, vm.record.spec.scaling, probe, reachability)
+            })
             .await
         else {
             return;
         };
+        self.probe = probe;
         *lock(&self.report) = report.clone();
+        if let Some(change) = reachability {
+            tracing::warn!(vm = self.id, ?change, "guest reachability changed");
+            let _ = self.exits.send(Notice::Reachability {
+                report: report.clone(),
+                change,
+            });
+        }
         // Only a running VM's use counts (a VM starting, stopped or moving has none).
         let running = report.state() == vim_proto::VmState::Running && report.vcpus > 0;
         let watch = scaling
@@ -689,7 +723,7 @@ while True:
             Arc::new(Dirs::new(&d.path().join("state"), &shared, &fake_vmm(d.path())).unwrap());
         let (exits_tx, mut exits) = mpsc::unbounded_channel();
         let (stop_tx, stop) = watch::channel(false);
-        let host = Host::start(dirs, Duration::from_millis(50), exits_tx, stop)
+        let host = Host::start(dirs, Duration::from_millis(50), 5, exits_tx, stop)
             .await
             .unwrap();
         for id in ["a", "b"] {

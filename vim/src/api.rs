@@ -20,6 +20,10 @@ use crate::auth::{self, Identity, Role};
 use crate::db::{self, AuditEntry};
 use crate::server::Vimd;
 
+mod accounting;
+
+pub use accounting::parse_time;
+
 pub const MAX_BODY: usize = 64 * 1024;
 
 /// An API error: status and message, as `{"error": "..."}`.
@@ -286,6 +290,11 @@ pub fn router(v: Arc<Vimd>) -> Router {
         .route("/cluster/balance", get(show_balance).put(set_balance))
         .route("/cluster/balance/plan", get(plan_balance))
         .route("/metrics", get(metrics))
+        .route("/prices", get(accounting::list_prices))
+        .route("/prices/:plan", put(accounting::set_price))
+        .route("/consumers/:name/plan", put(accounting::set_consumer_plan))
+        .route("/bill", get(accounting::bill))
+        .route("/sla/report", get(accounting::sla_report))
         .route("/webhooks", get(list_webhooks).post(add_webhook))
         .route("/webhooks/:id", axum::routing::delete(delete_webhook))
         .route("/jobs", get(list_jobs))
@@ -619,7 +628,14 @@ struct CreateVm {
     /// Its anti-affinity group: the caller's VMs of one group are kept on different hosts.
     #[serde(default)]
     group: Option<String>,
+    /// Its availability target, percent of the time it is meant to run (default 99.95); a month
+    /// below it is an `SLA_Violated` event.
+    #[serde(default)]
+    sla_target: Option<f64>,
 }
+
+/// The availability target of a VM that names none.
+pub const DEFAULT_SLA_TARGET: f64 = 99.95;
 
 /// The most memory a VM can grow to (the VMM's limit).
 const MAX_MEMORY_MIB: u64 = 1 << 20;
@@ -719,6 +735,12 @@ async fn create_vm(State(v): St, h: Req, b: Result<Body<CreateVm>, ApiError>) ->
             max_vcpus: i64::from(max_vcpus),
             max_memory_mib: max_memory_mib as i64,
             group: req.group.unwrap_or_default(),
+            sla_target: in_range(
+                "sla_target",
+                req.sla_target.unwrap_or(DEFAULT_SLA_TARGET),
+                50.0,
+                100.0,
+            )?,
             ..db::Vm::default()
         };
         let job = db::Job::new(db::JobKind::Create, &who.name, &vm.id);

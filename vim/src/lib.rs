@@ -9,6 +9,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod balance;
+pub mod billing;
 pub mod db;
 pub mod files;
 pub mod hosts;
@@ -20,6 +21,7 @@ pub mod outbox;
 pub mod placement;
 pub mod queue;
 pub mod server;
+pub mod sla;
 pub mod tls;
 pub mod webhooks;
 

@@ -279,6 +279,12 @@ names!(EventKind {
     VmResumeWaiting => "VM_Resume_Waiting",
     VmIdle => "VM_Idle",
     RebalancePlanned => "Rebalance_Planned",
+    UsageStarted => "Usage_Started",
+    UsageChanged => "Usage_Changed",
+    UsageFinished => "Usage_Finished",
+    VmUnreachable => "VM_Unreachable",
+    VmReachable => "VM_Reachable",
+    SlaViolated => "SLA_Violated",
 });
 
 impl VmState {
@@ -322,6 +328,8 @@ impl EventKind {
                 | EventKind::VmScalingSet
                 | EventKind::VmSuspended
                 | EventKind::VmResumed
+                | EventKind::VmUnreachable
+                | EventKind::VmReachable
         )
     }
 }

@@ -1,5 +1,8 @@
 //! vimctl: the VIM's command line. Human tables by default, one JSON document with `--json`.
 
+#[path = "vimctl/accounting.rs"]
+mod accounting;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -85,6 +88,72 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ClusterCmd,
     },
+    /// Availability against SLA targets, from the event log (docs/sla.md).
+    Sla {
+        #[command(subcommand)]
+        cmd: SlaCmd,
+    },
+    /// Pricing plans (docs/billing.md).
+    Price {
+        #[command(subcommand)]
+        cmd: PriceCmd,
+    },
+    /// The fee for what VMs used over a period, per VM and per consumer (docs/billing.md).
+    Bill {
+        /// Only this consumer's (a consumer's token sees only its own anyway).
+        #[arg(long)]
+        consumer: Option<String>,
+        /// RFC 3339, e.g. 2026-12-01T00:00:00Z.
+        #[arg(long)]
+        from: String,
+        /// RFC 3339 (default now).
+        #[arg(long)]
+        to: Option<String>,
+        /// One row per period, for spreadsheets.
+        #[arg(long, conflicts_with = "json")]
+        csv: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SlaCmd {
+    /// Uptime, outages, MTTR and whether the target was met, per VM and for them all.
+    Report {
+        #[arg(long, conflicts_with = "consumer")]
+        vm: Option<String>,
+        #[arg(long)]
+        consumer: Option<String>,
+        /// RFC 3339, e.g. 2026-12-01T00:00:00Z.
+        #[arg(long)]
+        from: String,
+        /// RFC 3339 (default now).
+        #[arg(long)]
+        to: Option<String>,
+        /// Percent; without it, each VM's own target.
+        #[arg(long)]
+        target: Option<f64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PriceCmd {
+    /// Set a plan's prices (per vCPU-hour and per GiB-hour), from now or --since on.
+    Set {
+        plan: String,
+        #[arg(long = "vcpu-hour")]
+        vcpu_hour: String,
+        #[arg(long = "gib-hour")]
+        gib_hour: String,
+        #[arg(long)]
+        currency: Option<String>,
+        /// RFC 3339 (default now).
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Every plan's price history and who pays by which (a consumer: its own plan).
+    List,
+    /// Make a consumer pay by a plan (the rest pay by `default`).
+    Assign { consumer: String, plan: String },
 }
 
 #[derive(Subcommand)]
@@ -273,6 +342,10 @@ enum VmCmd {
         /// Its anti-affinity group: your VMs of one group are kept on different hosts.
         #[arg(long)]
         group: Option<String>,
+        /// Its availability target, percent (default 99.95); a month below it is an
+        /// SLA_Violated event.
+        #[arg(long = "sla-target")]
+        sla_target: Option<f64>,
         #[command(flatten)]
         wait: Wait,
     },
@@ -866,6 +939,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_vcpus,
                 max_memory_mib,
                 group,
+                sla_target,
                 wait,
             } => {
                 let mut body = json!({"name": name, "image": image, "vcpus": vcpus,
@@ -879,6 +953,9 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 if let Some(g) = group {
                     body["group"] = json!(g);
+                }
+                if let Some(t) = sla_target {
+                    body["sla_target"] = json!(t);
                 }
                 job_cmd("/vms".into(), body, &wait)?
             }
@@ -1059,6 +1136,102 @@ fn run(cli: Cli) -> Result<()> {
                 print(&api.req(reqwest::Method::DELETE, &format!("/webhooks/{id}"), None)?)
             }
         },
+        Cmd::Sla {
+            cmd:
+                SlaCmd::Report {
+                    vm,
+                    consumer,
+                    from,
+                    to,
+                    target,
+                },
+        } => {
+            let path = accounting::query(
+                "/sla/report",
+                &[
+                    ("vm", vm),
+                    ("consumer", consumer),
+                    ("from", Some(from)),
+                    ("to", to),
+                    ("target", target.map(|t| t.to_string())),
+                ],
+            );
+            let r = api.get(&path)?;
+            if json_out {
+                print(&r);
+            } else {
+                accounting::print_sla(&r);
+            }
+        }
+        Cmd::Price { cmd } => match cmd {
+            PriceCmd::Set {
+                plan,
+                vcpu_hour,
+                gib_hour,
+                currency,
+                since,
+            } => {
+                let mut body = json!({"vcpu_hour": vcpu_hour, "gib_hour": gib_hour});
+                if let Some(c) = currency {
+                    body["currency"] = json!(c);
+                }
+                if let Some(t) = since {
+                    body["since"] = json!(t);
+                }
+                print(&api.req(reqwest::Method::PUT, &format!("/prices/{plan}"), Some(body))?)
+            }
+            PriceCmd::List => {
+                let r = api.get("/prices")?;
+                if json_out {
+                    print(&r);
+                } else {
+                    let rows: Vec<Value> = r["prices"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|p| {
+                            let mut p = p.clone();
+                            p["since"] = json!(utc_ms(p["since"].as_i64().unwrap_or_default()));
+                            p
+                        })
+                        .collect();
+                    table(
+                        &rows,
+                        &["plan", "since", "vcpu_hour", "gib_hour", "currency"],
+                    );
+                    if let Some(c) = r["consumers"].as_object().filter(|c| !c.is_empty()) {
+                        println!();
+                        for (consumer, plan) in c {
+                            println!("{consumer} pays by {}", plan.as_str().unwrap_or_default());
+                        }
+                    }
+                }
+            }
+            PriceCmd::Assign { consumer, plan } => print(&api.req(
+                reqwest::Method::PUT,
+                &format!("/consumers/{consumer}/plan"),
+                Some(json!({ "plan": plan })),
+            )?),
+        },
+        Cmd::Bill {
+            consumer,
+            from,
+            to,
+            csv,
+        } => {
+            let path = accounting::query(
+                "/bill",
+                &[("consumer", consumer), ("from", Some(from)), ("to", to)],
+            );
+            let r = api.get(&path)?;
+            if json_out {
+                print(&r);
+            } else if csv {
+                accounting::print_bill_csv(&r);
+            } else {
+                accounting::print_bill(&r);
+            }
+        }
         Cmd::Audit => {
             listing(
                 "/audit",

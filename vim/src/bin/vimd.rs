@@ -317,6 +317,15 @@ async fn run(a: Args) -> Result<()> {
         queue::declare_host_consumer(&js, &h.id).await?;
     }
     let (events, _) = tokio::sync::broadcast::channel(1024);
+    db.tell_events(events.clone());
+    // VMs that ran before usage was metered (an upgraded VIM) start being billed now.
+    let metered = db.meter_all().await?;
+    if metered > 0 {
+        tracing::info!(
+            records = metered,
+            "usage records written for VMs billed differently"
+        );
+    }
     let v = Arc::new(Vimd {
         tokens: Default::default(),
         audit: vim::audit::Audit::start(db.clone()),

@@ -4,7 +4,7 @@ use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::{named, new_id, now_ms, Db, DbError, EventKind, HEARTBEAT_CHUNK};
+use super::{marks, named, new_id, now_ms, Db, DbError, EventKind, HEARTBEAT_CHUNK};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Event {
@@ -43,25 +43,34 @@ fn event(r: &AnyRow) -> Result<Event, sqlx::Error> {
     })
 }
 
+/// Writes one event inside a transaction of the change it tells of.
+pub(super) async fn insert_event(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    e: &Event,
+) -> Result<(), DbError> {
+    sqlx::query(
+        "INSERT INTO events (id, ts, kind, host_id, vm_id, job_id, detail)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&e.id)
+    .bind(e.ts)
+    .bind(e.kind.as_str())
+    .bind(&e.host_id)
+    .bind(&e.vm_id)
+    .bind(&e.job_id)
+    .bind(&e.detail)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 impl Db {
     /// Stores events, a few hundred to a transaction.
     pub async fn add_events(&self, events: &[Event]) -> Result<(), DbError> {
         for chunk in events.chunks(HEARTBEAT_CHUNK) {
             let mut tx = self.writer.begin().await?;
             for e in chunk {
-                sqlx::query(
-                    "INSERT INTO events (id, ts, kind, host_id, vm_id, job_id, detail)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                )
-                .bind(&e.id)
-                .bind(e.ts)
-                .bind(e.kind.as_str())
-                .bind(&e.host_id)
-                .bind(&e.vm_id)
-                .bind(&e.job_id)
-                .bind(&e.detail)
-                .execute(&mut *tx)
-                .await?;
+                insert_event(&mut tx, e).await?;
             }
             tx.commit().await?;
         }
@@ -90,6 +99,79 @@ impl Db {
             out.reverse();
         }
         Ok(out)
+    }
+
+    /// What the availability of `vm_ids` is computed from (`sla::availability`): their events
+    /// and the hosts' reachability and fencing events, before `to`, oldest first.
+    pub async fn availability_events(
+        &self,
+        vm_ids: &[String],
+        to: i64,
+    ) -> Result<Vec<Event>, DbError> {
+        let kinds = [
+            EventKind::PsUnreachable,
+            EventKind::PsReachable,
+            EventKind::HostFenced,
+            EventKind::HostSelfFenced,
+        ];
+        let mut q = sqlx::query(
+            "SELECT * FROM events WHERE ts < $1 AND vm_id = '' AND kind IN ($2, $3, $4, $5)",
+        )
+        .bind(to);
+        for k in kinds {
+            q = q.bind(k.as_str());
+        }
+        let mut rows = q.fetch_all(&self.pool).await?;
+        for chunk in vm_ids.chunks(500) {
+            let sql = format!(
+                "SELECT * FROM events WHERE ts < $1 AND vm_id IN ({})",
+                marks(2, chunk.len())
+            );
+            let q = chunk
+                .iter()
+                .fold(sqlx::query(&sql).bind(to), |q, id| q.bind(id));
+            rows.extend(q.fetch_all(&self.pool).await?);
+        }
+        let mut out: Vec<Event> = rows.iter().map(event).collect::<Result<_, _>>()?;
+        // Stable: events of one instant keep the order they were written in.
+        out.sort_by_key(|e| e.ts);
+        Ok(out)
+    }
+
+    /// VMs with an event since `since` that may have cost them availability.
+    pub async fn vms_with_outages_since(&self, since: i64) -> Result<Vec<String>, DbError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT vm_id FROM events WHERE ts >= $1 AND vm_id <> ''
+             AND kind IN ($2, $3, $4)",
+        )
+        .bind(since)
+        .bind(EventKind::VmFailure.as_str())
+        .bind(EventKind::VmUnreachable.as_str())
+        .bind(EventKind::VmFailoverStarted.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| r.try_get("vm_id"))
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Says `SLA_Violated` for a VM once for `month` (YYYY-MM): the event and the mark that it
+    /// was said, together. False if it was said already.
+    pub async fn record_sla_violation(&self, month: &str, e: &Event) -> Result<bool, DbError> {
+        let mut tx = self.writer.begin().await?;
+        let r = sqlx::query(
+            "UPDATE vms SET sla_violated_month = $1 WHERE id = $2 AND sla_violated_month <> $1",
+        )
+        .bind(month)
+        .bind(&e.vm_id)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() == 1 {
+            insert_event(&mut tx, e).await?;
+        }
+        tx.commit().await?;
+        Ok(r.rows_affected() == 1)
     }
 
     /// Drops events and audit entries older than their retention (ms since the epoch), a

@@ -4,6 +4,7 @@ use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
+use super::usage::{meter, Scope};
 use super::{marks, named, now_ms, Db, DbError, VmState, HEARTBEAT_CHUNK};
 
 /// Whether a host's heartbeats arrive: not yet since it was added, yes, or not for the number
@@ -144,6 +145,7 @@ impl Db {
         beats: &[(vim_proto::Heartbeat, i64)],
     ) -> Result<(), DbError> {
         let mut tx = self.writer.begin().await?;
+        let mut reported = Vec::new();
         for (hb, at) in beats {
             sqlx::query(
                 "UPDATE hosts SET hostname = $1, cpu_cores = $2, memory_mib = $3,
@@ -191,15 +193,19 @@ impl Db {
                 .bind(VmState::PendingRestart.as_str())
                 .execute(&mut *tx)
                 .await?;
+                reported.push(v.vm_id.clone());
             }
         }
+        let usage = meter(&mut tx, Scope::Vms(&reported)).await?;
         tx.commit().await?;
+        self.announce(usage);
         Ok(())
     }
 
     /// Host state changes seen by the monitor, with the missed-heartbeat count each host has now;
     /// an unreachable host's VMs become `unknown`. Chunked like heartbeats.
     pub async fn set_host_states(&self, changes: &[HostChange]) -> Result<(), DbError> {
+        let mut usage = Vec::new();
         for chunk in changes.chunks(HEARTBEAT_CHUNK) {
             let mut tx = self.writer.begin().await?;
             for c in chunk {
@@ -225,9 +231,11 @@ impl Db {
                     .bind(super::now_ms())
                     .execute(&mut *tx)
                     .await?;
+                    usage.extend(meter(&mut tx, Scope::Host(&c.host)).await?);
                 }
             }
             tx.commit().await?;
+            self.announce(std::mem::take(&mut usage));
         }
         Ok(())
     }

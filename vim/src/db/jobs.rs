@@ -173,8 +173,8 @@ impl Db {
         if let Some(v) = new_vm {
             sqlx::query(
                 "INSERT INTO vms (id, name, owner, image, vcpus, memory_mib, state, created_at, mac, ha,
-                                  ha_priority, max_vcpus, max_memory_mib, affinity_group)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                                  ha_priority, max_vcpus, max_memory_mib, affinity_group, sla_target)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
             )
             .bind(&v.id)
             .bind(&v.name)
@@ -190,6 +190,7 @@ impl Db {
             .bind(v.max_vcpus)
             .bind(v.max_memory_mib)
             .bind(&v.group)
+            .bind(v.sla_target)
             .execute(&mut *tx)
             .await?;
         }
@@ -489,23 +490,8 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::tests::databases;
+    use crate::db::tests::{databases, pending_vm};
     use crate::db::VmState;
-
-    /// A new VM of alice's, not placed yet.
-    fn pending_vm() -> Vm {
-        Vm {
-            id: new_id(),
-            name: "a".into(),
-            owner: "alice".into(),
-            image: "img".into(),
-            vcpus: 1,
-            memory_mib: 64,
-            state: VmState::Pending,
-            created_at: now_ms(),
-            ..Vm::default()
-        }
-    }
 
     /// A change queued behind an unfinished one for the same VM sees it; the first sees none;
     /// steps, other VMs' jobs and ended jobs do not count.

@@ -11,6 +11,7 @@ mod images;
 mod jobs;
 mod scaling;
 mod tokens;
+mod usage;
 mod vms;
 mod webhooks;
 
@@ -22,6 +23,7 @@ pub use images::Image;
 pub use jobs::Job;
 pub use jobs::{JobKind, JobState};
 pub use scaling::ScalingPolicy;
+pub use usage::{PriceRow, UsageRecord, BILLED_STATES};
 pub use vim_proto::{EventKind, VmState};
 pub use vms::{HaPolicy, Vm};
 pub use webhooks::Webhook;
@@ -61,6 +63,8 @@ pub fn new_id() -> String {
 pub struct Db {
     pool: AnyPool,
     writer: AnyPool,
+    /// Where events the database writes itself (usage) are told, once committed.
+    listeners: std::sync::Arc<std::sync::OnceLock<tokio::sync::broadcast::Sender<Event>>>,
 }
 
 /// How many heartbeat rows one transaction writes: a batch of 10,000 is split so other writers
@@ -135,7 +139,31 @@ impl Db {
         } else {
             writer.clone()
         };
-        Ok(Db { pool, writer })
+        Ok(Db {
+            pool,
+            writer,
+            listeners: Default::default(),
+        })
+    }
+
+    /// Tells `to` the events the database writes inside other changes' transactions (usage),
+    /// after they commit; set once.
+    pub fn tell_events(&self, to: tokio::sync::broadcast::Sender<Event>) {
+        let _ = self.listeners.set(to);
+    }
+
+    fn announce(&self, events: Vec<Event>) {
+        for e in events {
+            tracing::info!(
+                kind = e.kind.as_str(),
+                vm_id = e.vm_id,
+                detail = e.detail,
+                "event"
+            );
+            if let Some(l) = self.listeners.get() {
+                let _ = l.send(e);
+            }
+        }
     }
 }
 
@@ -149,6 +177,21 @@ pub(crate) mod tests {
     pub enum Keep {
         Dir(tempfile::TempDir),
         Lock(tokio::sync::MutexGuard<'static, ()>),
+    }
+
+    /// A new VM of alice's, not placed yet.
+    pub fn pending_vm() -> super::Vm {
+        Vm {
+            id: new_id(),
+            name: "a".into(),
+            owner: "alice".into(),
+            image: "img".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            state: VmState::Pending,
+            created_at: now_ms(),
+            ..super::Vm::default()
+        }
     }
 
     static POSTGRES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -173,6 +216,9 @@ pub(crate) mod tests {
                 "cluster_settings",
                 "auto_suspend_policies",
                 "webhooks",
+                "usage_records",
+                "prices",
+                "consumer_plans",
             ] {
                 sqlx::query(&format!("DELETE FROM {t}"))
                     .execute(&db.pool)

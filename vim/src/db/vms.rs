@@ -4,6 +4,7 @@ use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
+use super::usage::Scope;
 use super::{named, now_ms, Db, DbError, VmState};
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -49,6 +50,8 @@ pub struct Vm {
     pub auto_suspend_s: i64,
     /// Its anti-affinity group: VMs of one group are kept on different hosts ('' for none).
     pub group: String,
+    /// Its availability target, percent (docs/sla.md).
+    pub sla_target: f64,
 }
 
 impl Vm {
@@ -111,6 +114,7 @@ fn vm(r: &AnyRow) -> Result<Vm, sqlx::Error> {
         auto_suspend_pct: r.try_get("auto_suspend_pct")?,
         auto_suspend_s: r.try_get("auto_suspend_s")?,
         group: r.try_get("affinity_group")?,
+        sla_target: r.try_get("sla_target")?,
     })
 }
 
@@ -181,7 +185,7 @@ impl Db {
         pid: i64,
         seq: u64,
     ) -> Result<bool, DbError> {
-        let r = sqlx::query(
+        let q = sqlx::query(
             "UPDATE vms SET state = $1, pid = $2, state_at = $5,
              report_seq = CASE WHEN $6 > report_seq THEN $6 ELSE report_seq END
              WHERE id = $3 AND state <> $4 AND ($6 = 0 OR report_seq < $6)",
@@ -191,10 +195,8 @@ impl Db {
         .bind(id)
         .bind(VmState::Deleted.as_str())
         .bind(now_ms())
-        .bind(seq as i64)
-        .execute(&self.writer)
-        .await?;
-        Ok(r.rows_affected() == 1)
+        .bind(seq as i64);
+        Ok(self.metered(q, Scope::Vm(id)).await? == 1)
     }
 
     /// The VMs placed on `host` (not deleted).
@@ -215,15 +217,13 @@ impl Db {
         from: VmState,
         to: VmState,
     ) -> Result<bool, DbError> {
-        let r =
+        let q =
             sqlx::query("UPDATE vms SET state = $1, state_at = $4 WHERE id = $2 AND state = $3")
                 .bind(to.as_str())
                 .bind(id)
                 .bind(from.as_str())
-                .bind(now_ms())
-                .execute(&self.writer)
-                .await?;
-        Ok(r.rows_affected() == 1)
+                .bind(now_ms());
+        Ok(self.metered(q, Scope::Vm(id)).await? == 1)
     }
 
     /// A migration completed: in one statement the VM runs on `target` (its disk path is the
@@ -235,7 +235,7 @@ impl Db {
         pid: i64,
         how: &str,
     ) -> Result<bool, DbError> {
-        let r = sqlx::query(
+        let q = sqlx::query(
             "UPDATE vms SET host_id = $1, state = $2, pid = $3, last_migration = $4, state_at = $7,
              report_seq = 0
              WHERE id = $5 AND state = $6",
@@ -246,16 +246,14 @@ impl Db {
         .bind(how)
         .bind(id)
         .bind(VmState::Migrating.as_str())
-        .bind(now_ms())
-        .execute(&self.writer)
-        .await?;
-        Ok(r.rows_affected() == 1)
+        .bind(now_ms());
+        Ok(self.metered(q, Scope::Vm(id)).await? == 1)
     }
 
     /// A restart's placement: the VM moves from `from` (its failed host) to `to`, to be created
     /// there; false if it is no longer on `from` or was deleted.
     pub async fn move_vm(&self, id: &str, from: &str, to: &str) -> Result<bool, DbError> {
-        let r = sqlx::query(
+        let q = sqlx::query(
             "UPDATE vms SET host_id = $1, state = $2, pid = 0, report_seq = 0, state_at = $3
              WHERE id = $4 AND host_id = $5 AND state <> $6",
         )
@@ -264,24 +262,21 @@ impl Db {
         .bind(now_ms())
         .bind(id)
         .bind(from)
-        .bind(VmState::Deleted.as_str())
-        .execute(&self.writer)
-        .await?;
-        Ok(r.rows_affected() == 1)
+        .bind(VmState::Deleted.as_str());
+        Ok(self.metered(q, Scope::Vm(id)).await? == 1)
     }
 
     /// A VM whose state went to shared storage: on no host (its capacity is free), suspended.
     pub async fn suspend_vm(&self, id: &str) -> Result<(), DbError> {
-        sqlx::query(
+        let q = sqlx::query(
             "UPDATE vms SET host_id = '', state = $1, pid = 0, report_seq = 0, state_at = $2
              WHERE id = $3 AND state <> $4",
         )
         .bind(VmState::Suspended.as_str())
         .bind(now_ms())
         .bind(id)
-        .bind(VmState::Deleted.as_str())
-        .execute(&self.writer)
-        .await?;
+        .bind(VmState::Deleted.as_str());
+        self.metered(q, Scope::Vm(id)).await?;
         Ok(())
     }
 
@@ -361,26 +356,43 @@ impl Db {
         Ok(r.rows_affected() == 1)
     }
 
+    /// The VMs an availability report covers: made before `to`, deleted or not; a consumer's
+    /// (`owner`), or one (`id`), or all.
+    pub async fn vms_for_report(
+        &self,
+        owner: Option<&str>,
+        id: Option<&str>,
+        to: i64,
+    ) -> Result<Vec<Vm>, DbError> {
+        let rows = sqlx::query(
+            "SELECT * FROM vms WHERE created_at < $1 AND ($2 = '' OR owner = $2)
+             AND ($3 = '' OR id = $3) ORDER BY id",
+        )
+        .bind(to)
+        .bind(owner.unwrap_or(""))
+        .bind(id.unwrap_or(""))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(vm).collect::<Result<_, _>>()?)
+    }
+
     /// Records the vCPUs a VM has now (a resize's answer).
     pub async fn set_vm_size(&self, id: &str, vcpus: i64, memory_mib: i64) -> Result<(), DbError> {
-        sqlx::query("UPDATE vms SET vcpus = $1, memory_mib = $2 WHERE id = $3")
+        let q = sqlx::query("UPDATE vms SET vcpus = $1, memory_mib = $2 WHERE id = $3")
             .bind(vcpus)
             .bind(memory_mib)
-            .bind(id)
-            .execute(&self.writer)
-            .await?;
+            .bind(id);
+        self.metered(q, Scope::Vm(id)).await?;
         Ok(())
     }
 
     /// Deletes a VM that was never placed, unless it has been placed meanwhile (false: send
     /// the delete to its host instead).
     pub async fn delete_unplaced_vm(&self, id: &str) -> Result<bool, DbError> {
-        let r = sqlx::query("UPDATE vms SET state = $2, pid = 0 WHERE id = $1 AND host_id = ''")
+        let q = sqlx::query("UPDATE vms SET state = $2, pid = 0 WHERE id = $1 AND host_id = ''")
             .bind(id)
-            .bind(VmState::Deleted.as_str())
-            .execute(&self.writer)
-            .await?;
-        Ok(r.rows_affected() == 1)
+            .bind(VmState::Deleted.as_str());
+        Ok(self.metered(q, Scope::Vm(id)).await? == 1)
     }
 }
 

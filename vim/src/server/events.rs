@@ -226,10 +226,14 @@ impl Vimd {
                 job: Some(job),
             }));
         }
-        // Without a job: only a report that one of the sender's own VMs failed, or how its
-        // migration away advances.
+        // Without a job: only a report that one of the sender's own VMs failed or stopped or
+        // resumed heartbeating, or how its migration away advances.
         let vm_id = match (ev.kind(), &ev.vm, &ev.progress) {
-            (EventKind::VmFailure, Some(r), None) => &r.vm_id,
+            (
+                EventKind::VmFailure | EventKind::VmUnreachable | EventKind::VmReachable,
+                Some(r),
+                None,
+            ) => &r.vm_id,
             (EventKind::VmMigrationProgress, None, Some(p)) => &p.vm_id,
             (EventKind::ScaleUpRequested | EventKind::ScaleDownRequested, None, None) => {
                 match &ev.scale {
@@ -244,7 +248,14 @@ impl Vimd {
                     job: None,
                 }))
             }
-            (EventKind::VmFailure | EventKind::VmMigrationProgress, _, _) => {
+            (
+                EventKind::VmFailure
+                | EventKind::VmUnreachable
+                | EventKind::VmReachable
+                | EventKind::VmMigrationProgress,
+                _,
+                _,
+            ) => {
                 return Ok(Err(format!("{} without its VM", ev.kind())));
             }
             _ => return Ok(Err(format!("{} without a job", ev.kind()))),

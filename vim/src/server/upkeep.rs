@@ -1,5 +1,5 @@
 //! Background upkeep: the outbox reconciler (jobs published again, commands sent again) and
-//! housekeeping (login summaries, expiry of old events and audit entries).
+//! housekeeping (login summaries, expiry of old events and audit entries, the SLA watch).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +59,9 @@ pub fn run_housekeeping(v: Arc<Vimd>) {
         loop {
             tick.tick().await;
             crate::api::audit_login_summary(&v).await;
+            if let Err(e) = watch_sla(&v).await {
+                tracing::warn!(error = %e, "cannot check availability against SLA targets");
+            }
             if n.is_multiple_of(360) {
                 let now = db::now_ms();
                 let before = |d: Duration| now - d.as_millis() as i64;
@@ -75,6 +78,32 @@ pub fn run_housekeeping(v: Arc<Vimd>) {
             n += 1;
         }
     });
+}
+
+/// Says `SLA_Violated` (once a month per VM) for each VM whose availability since the month
+/// began is below its target. Only VMs with an event this month that can cost availability
+/// are looked at: the rest are at 100 %.
+async fn watch_sla(v: &Vimd) -> anyhow::Result<()> {
+    let now = db::now_ms();
+    let (month_start, month) = crate::sla::month_of(now);
+    for id in v.db.vms_with_outages_since(month_start).await? {
+        let r = crate::sla::report(&v.db, None, Some(&id), month_start, now, None).await?;
+        for line in r.vms.iter().filter(|l| !l.met) {
+            let detail = format!(
+                "{month}: {:.3} % up against a target of {} % ({} outages, {:.1} s down)",
+                line.uptime_pct,
+                line.target,
+                line.outages.len(),
+                line.down_s
+            );
+            let e = db::Event::new(db::EventKind::SlaViolated, "", &line.vm_id, "", &detail);
+            if v.db.record_sla_violation(&month, &e).await? {
+                tracing::warn!(vm_id = line.vm_id, detail, "event SLA_Violated");
+                let _ = v.events.send(e);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Publishes `jobs` again through the outbox's path. `fresh` gives each a new message id, for a
