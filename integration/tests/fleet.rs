@@ -428,7 +428,13 @@ impl Fleet {
     }
 
     fn start_vimd(&mut self) {
+        self.start_vimd_with(&[]);
+    }
+
+    /// Starts vimd with extra environment (`FAILPOINTS`, for crash tests).
+    fn start_vimd_with(&mut self, env: &[(&str, &str)]) {
         let mut c = Command::new(bins().join("vimd"));
+        c.envs(env.iter().copied());
         c.arg("--state-dir")
             .arg(self.state())
             .args(["--listen", self.api.trim_start_matches("https://")])
@@ -536,6 +542,9 @@ impl Fleet {
             .arg("--vmm")
             .arg(bins().join("vmm"))
             .args(["--heartbeat-ms", "300"])
+            // 3 s without a guest heartbeat before VM_Unreachable: guests on two busy cores
+            // can be late by a second.
+            .args(["--probe-misses", "10"])
             // In the host's own namespace: every agent can have the same port.
             .args(["--metrics-listen", AGENT_METRICS])
             .stdout(Stdio::null())
@@ -4121,4 +4130,336 @@ fn webhooks_deliver_signed_events_and_retry() {
     f.ctl_ok(&["vm", "stop", &id, "--json"]);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(admin.requests().len(), n, "a deleted webhook was called");
+}
+
+/// ms since the epoch as RFC 3339 (UTC, to the millisecond), the form vimctl takes.
+fn rfc3339(ms: i64) -> String {
+    let out = Command::new("date")
+        .args(["-u", "-d", &format!("@{}.{:03}", ms / 1000, ms % 1000)])
+        .arg("+%Y-%m-%dT%H:%M:%S.%3NZ")
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Issue 16's SLA monitor and pay-per-use, end to end on a real guest:
+/// - the agent's probe sees the guest's heartbeat stop (its VMM paused, still answering) and
+///   come back: `VM_Unreachable`, `VM_Reachable`; the report's outage is exactly that stretch,
+///   the uptime what the events give by hand, and `SLA_Violated` is said for the month;
+/// - vimd aborted right after recording a resize, before the answer was acknowledged: the
+///   answer delivered again after the restart adds no usage record and the bill counts the
+///   resize once;
+/// - a price change mid-period applies from its time; the bill is worked out here by hand
+///   from the usage events, to the cent;
+/// - consumers see only their own bills and reports; only admins set prices.
+#[test]
+fn availability_and_the_bill_follow_what_the_vm_did() {
+    let mut f = Fleet::start(None, &["h1"]);
+    f.add_test_image();
+    let t0 = now_ms() - 1000;
+    // 3600/vCPU-h = 1000 µEUR per vCPU-ms; 36864/GiB-h = 640 µEUR per ms for 64 MiB.
+    let since = rfc3339(t0 - 60_000);
+    f.ctl_ok(&[
+        "price",
+        "set",
+        "gold",
+        "--vcpu-hour",
+        "3600",
+        "--gib-hour",
+        "36864",
+        "--since",
+        &since,
+        "--json",
+    ]);
+    f.ctl_ok(&["price", "assign", "alice", "gold", "--json"]);
+    let alice = f.token("alice");
+    let bob = f.token("bob");
+    let (ok, _, err) = f.ctl_as(
+        &alice,
+        &[
+            "price",
+            "set",
+            "gold",
+            "--vcpu-hour",
+            "0",
+            "--gib-hour",
+            "0",
+        ],
+    );
+    assert!(!ok && err.contains("403"), "{err}");
+    let (ok, _, err) = f.ctl(&["price", "assign", "bob", "nosuchplan"]);
+    assert!(
+        !ok && err.contains("400") && err.contains("no prices"),
+        "{err}"
+    );
+    let (ok, _, err) = f.ctl(&[
+        "price",
+        "set",
+        "gold",
+        "--vcpu-hour",
+        "1e3",
+        "--gib-hour",
+        "0",
+    ]);
+    assert!(
+        !ok && err.contains("400") && err.contains("decimal"),
+        "{err}"
+    );
+
+    let mut args = create_args("metered").to_vec();
+    args.extend(["--max-vcpus", "2"]);
+    let (ok, out, err) = f.ctl_as(&alice, &args);
+    assert!(ok, "{err}");
+    let id = out.trim().to_string();
+    wait_until("the guest's heartbeats", || f.beats(&id).len() >= 3);
+
+    // The guest stops beating while its VMM still answers.
+    let sock = f
+        .dir
+        .path()
+        .join(format!("agent-{}/vms/{id}.sock", f.host_of(&id)));
+    let vmm_ctl = |cmd: &str| {
+        let out = Command::new(bins().join("vmm"))
+            .args(["ctl", "--api-socket"])
+            .arg(&sock)
+            .arg(cmd)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "vmm ctl {cmd}: {out:?}");
+    };
+    vmm_ctl("pause");
+    wait_until_for("VM_Unreachable", Duration::from_secs(20), || {
+        f.has_vm_event("VM_Unreachable", &id, "no guest heartbeat")
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    vmm_ctl("resume");
+    wait_until_for("VM_Reachable", Duration::from_secs(20), || {
+        f.has_vm_event("VM_Reachable", &id, "")
+    });
+    let at = |kind: &str| -> i64 {
+        f.events_of(kind)
+            .iter()
+            .find(|e| e["vm_id"] == id.as_str())
+            .unwrap_or_else(|| panic!("no {kind} for {id}"))["ts"]
+            .as_i64()
+            .unwrap()
+    };
+    let (created, unreachable, reachable) =
+        (at("VM_Created"), at("VM_Unreachable"), at("VM_Reachable"));
+
+    // The report, against the events by hand.
+    let to = now_ms();
+    let report = |who: &Path, extra: &[&str]| {
+        let (from, to) = (rfc3339(t0), rfc3339(to));
+        let mut a = vec!["sla", "report", "--from", &from, "--to", &to, "--json"];
+        a.extend(extra);
+        f.ctl_as(who, &a)
+    };
+    let (ok, out, err) = report(&alice, &["--vm", &id]);
+    assert!(ok, "{err}");
+    let r: Value = serde_json::from_str(&out).unwrap();
+    let vm = &r["vms"][0];
+    let expected_ms = to - created;
+    let down_ms = reachable - unreachable;
+    assert_eq!(
+        vm["expected_s"].as_f64().unwrap(),
+        expected_ms as f64 / 1000.0,
+        "{r}"
+    );
+    assert_eq!(
+        vm["down_s"].as_f64().unwrap(),
+        down_ms as f64 / 1000.0,
+        "{r}"
+    );
+    let o = &vm["outages"][0];
+    assert_eq!(
+        (o["from"].as_i64(), o["to"].as_i64(), o["cause"].as_str()),
+        (Some(unreachable), Some(reachable), Some("VM_Unreachable")),
+        "{r}"
+    );
+    let pct = 100.0 * (expected_ms - down_ms) as f64 / expected_ms as f64;
+    assert!(
+        (vm["uptime_pct"].as_f64().unwrap() - pct).abs() < 1e-9,
+        "{r}"
+    );
+    assert_eq!(vm["met"], false, "{r}");
+    // The text report says the same.
+    let (ok, text, err) = f.ctl_as(
+        &alice,
+        &[
+            "sla",
+            "report",
+            "--vm",
+            &id,
+            "--from",
+            &rfc3339(t0),
+            "--target",
+            "50",
+        ],
+    );
+    assert!(
+        ok && text.contains("1 outage(s)") && text.contains("VM_Unreachable"),
+        "{err}{text}"
+    );
+    wait_until_for("SLA_Violated", Duration::from_secs(30), || {
+        f.has_vm_event("SLA_Violated", &id, "against a target of 99.95 %")
+    });
+    // Bob sees neither alice's VM nor her bill.
+    let (ok, _, err) = report(&bob, &["--vm", &id]);
+    assert!(!ok && err.contains("404"), "{err}");
+    let (ok, _, err) = report(&bob, &["--consumer", "alice"]);
+    assert!(!ok && err.contains("403"), "{err}");
+
+    // A resize that vimd records, then dies before acknowledging.
+    f.kill_vimd();
+    f.start_vimd_with(&[("FAILPOINTS", "vimd-resize-recorded=return")]);
+    let (ok, out, err) = f.ctl_as(
+        &alice,
+        &["vm", "resize", &id, "--vcpus", "2", "--no-wait", "--json"],
+    );
+    assert!(ok, "{err}");
+    let job = serde_json::from_str::<Value>(&out).unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_until_for(
+        "vimd to abort at the failpoint",
+        Duration::from_secs(30),
+        || {
+            f.vimd
+                .as_mut()
+                .is_some_and(|p| p.0.try_wait().unwrap().is_some())
+        },
+    );
+    assert!(f
+        .log_tail("vimd.log", 50)
+        .contains("failpoint vimd-resize-recorded"));
+    f.vimd = None;
+    f.start_vimd();
+    f.wait_job(&job);
+    assert_eq!(f.ctl_ok(&["job", "show", &job])["state"], "done");
+    assert_eq!(f.vcpus_of(&id), 2);
+    let usage: Vec<(String, i64, i64)> = f
+        .events()
+        .iter()
+        .filter(|e| e["vm_id"] == id.as_str())
+        .filter(|e| e["kind"].as_str().unwrap().starts_with("Usage_"))
+        .map(|e| {
+            let d = e["detail"].as_str().unwrap();
+            let vcpus = d.split(", ").nth(1).unwrap().split(' ').next().unwrap();
+            (
+                e["kind"].as_str().unwrap().to_string(),
+                e["ts"].as_i64().unwrap(),
+                vcpus.parse().unwrap(),
+            )
+        })
+        .collect();
+    let kinds: Vec<(&str, i64)> = usage.iter().map(|(k, _, v)| (k.as_str(), *v)).collect();
+    assert_eq!(
+        kinds,
+        [("Usage_Started", 1), ("Usage_Changed", 2)],
+        "{usage:?}"
+    );
+
+    // Prices double from now on.
+    std::thread::sleep(Duration::from_millis(1500));
+    let price_change = now_ms();
+    f.ctl_ok(&[
+        "price",
+        "set",
+        "gold",
+        "--vcpu-hour",
+        "7200",
+        "--gib-hour",
+        "73728",
+        "--since",
+        &rfc3339(price_change),
+        "--json",
+    ]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let end = now_ms();
+    // By hand, in µEUR: each stretch's ms × (vCPUs × 1000 + 640) × the price factor.
+    let (started, changed) = (usage[0].1, usage[1].1);
+    let micro = (changed - started) as i128 * (1000 + 640)
+        + (price_change - changed) as i128 * (2 * 1000 + 640)
+        + (end - price_change) as i128 * (2 * 1000 + 640) * 2;
+    let cents = (micro + 5_000) / 10_000;
+    let fee = format!("{}.{:02}", cents / 100, cents % 100);
+    let bill = |who: &Path, extra: &[&str]| {
+        let (from, to) = (rfc3339(t0), rfc3339(end));
+        let mut a = vec!["bill", "--from", &from, "--to", &to, "--json"];
+        a.extend(extra);
+        let (ok, out, err) = f.ctl_as(who, &a);
+        assert!(ok, "{err}");
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    let b = bill(&alice, &[]);
+    let c = &b["consumers"][0];
+    assert_eq!(
+        (c["consumer"].as_str(), c["plan"].as_str()),
+        (Some("alice"), Some("gold"))
+    );
+    let v = &c["vms"][0];
+    assert_eq!(v["fee"].as_str(), Some(fee.as_str()), "{b}");
+    assert_eq!(c["total"].as_str(), Some(fee.as_str()), "{b}");
+    let spans: Vec<(i64, i64, i64)> = v["periods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["from"].as_i64().unwrap(),
+                p["to"].as_i64().unwrap(),
+                p["vcpus"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        spans,
+        [
+            (started, changed, 1),
+            (changed, price_change, 2),
+            (price_change, end, 2)
+        ],
+        "{b}"
+    );
+    // The admin's bill has alice's too; bob's has nothing, and not alice's.
+    let all = bill(&f.state().join("admin.token"), &["--consumer", "alice"]);
+    assert_eq!(all["consumers"][0]["total"], c["total"]);
+    assert_eq!(bill(&bob, &[])["consumers"], json!([]));
+    let (ok, _, err) = f.ctl_as(
+        &bob,
+        &["bill", "--consumer", "alice", "--from", &rfc3339(t0)],
+    );
+    assert!(!ok && err.contains("403"), "{err}");
+    let (ok, csv, err) = f.ctl_as(
+        &alice,
+        &[
+            "bill",
+            "--from",
+            &rfc3339(t0),
+            "--to",
+            &rfc3339(end),
+            "--csv",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    assert!(
+        csv.lines().nth(1).unwrap().starts_with("alice,gold,EUR,"),
+        "{csv}"
+    );
+    // Bad periods are refused.
+    for (from, why) in [("yesterday", "RFC 3339"), ("2030-01-01T00:00:00Z", "after")] {
+        let (ok, _, err) = f.ctl_as(&alice, &["bill", "--from", from]);
+        assert!(!ok && err.contains("400") && err.contains(why), "{err}");
+    }
+    f.assert_never_rebooted(&id);
 }

@@ -152,6 +152,9 @@ async fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Fault injection for crash tests: FAILPOINTS=name=return (docs/billing.md); nothing
+    // without the variable.
+    let _faults = fail::FailScenario::setup();
     if let Err(e) = run(Args::parse()).await {
         eprintln!("vimd: error: {e:#}");
         std::process::exit(1);

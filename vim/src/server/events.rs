@@ -56,6 +56,21 @@ impl Vimd {
                 .set_vm_state(&checked.vm_id, v.state(), i64::from(v.pid), v.seq)
                 .await?;
         }
+        // A resize's new size is recorded before its job ends, so an answer delivered again
+        // after a crash in between records it (idempotently: the same size bills nothing new)
+        // instead of finding the job ended and dropping it.
+        let resized = match checked.job.as_ref().filter(|j| j.kind == JobKind::Resize) {
+            Some(job) if job.state == JobState::Running || job.state == JobState::Pending => {
+                let detail = self.resize_answer(job, &ev).await?;
+                // Crash tests (docs/billing.md): vimd dies here, its answer not acknowledged.
+                if fail::eval("vimd-resize-recorded", |_| ()).is_some() {
+                    tracing::error!(job = job.id, "failpoint vimd-resize-recorded: aborting");
+                    std::process::abort();
+                }
+                Some(detail)
+            }
+            _ => None,
+        };
         if let Some(job) = &checked.job {
             let (to, err) = if ev.ok {
                 (JobState::Done, String::new())
@@ -104,8 +119,8 @@ impl Vimd {
         let kind = ev.kind();
         // An answer's error, or what a report says (a fence's).
         let mut detail = ev.error.clone();
-        if let Some(job) = checked.job.as_ref().filter(|j| j.kind == JobKind::Resize) {
-            detail = self.resize_answer(job, &ev).await?;
+        if let Some(d) = resized {
+            detail = d;
         }
         if let Some(r) = &ev.scale {
             detail = format!(
