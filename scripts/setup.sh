@@ -14,6 +14,7 @@ packages=(
     postgresql               # the VIM's database on PostgreSQL (SQLite is built in)
     mmdebstrap e2fsprogs     # the Debian root-filesystem disk image (images/build.sh)
     nfs-ganesha nfs-ganesha-vfs   # NFS shared storage in the nested power-loss scenario
+    chromium chromium-driver python3-selenium   # the dashboard, tested in a real browser
 )
 missing=()
 for p in "${packages[@]}"; do

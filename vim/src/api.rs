@@ -302,6 +302,7 @@ pub fn router(v: Arc<Vimd>) -> Router {
         .route("/events", get(list_events))
         .route("/events/stream", get(stream_events))
         .route("/audit", get(list_audit))
+        .merge(crate::ui::router())
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(v)
 }

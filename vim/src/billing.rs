@@ -160,8 +160,11 @@ pub struct ConsumerBill {
 /// memory_mib × gib_hour)` over this.
 const PER_HOUR_AND_GIB: i64 = 3_600_000 * 1024;
 
+/// Rounded to the cent, always written with two decimals ("0.00", "1.50").
 fn cents(d: Decimal) -> Decimal {
-    d.round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero)
+    let mut c = d.round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero);
+    c.rescale(2);
+    c
 }
 
 /// The bills for `from`..`to` (ms): `usage` by VM then time (`Db::usage`), each consumer paying
@@ -318,7 +321,7 @@ mod tests {
         let b = &bills[0];
         assert_eq!(b.plan, "gold");
         assert_eq!(b.vms[0].seconds, d("1.5"));
-        assert_eq!(b.vms[0].fee, d("0.00"));
+        assert_eq!(b.vms[0].fee.to_string(), "0.00");
         assert_eq!(b.vms[1].fee, d("1.00"));
         assert_eq!(b.total, d("1.00"));
     }

@@ -23,6 +23,7 @@ pub mod queue;
 pub mod server;
 pub mod sla;
 pub mod tls;
+pub mod ui;
 pub mod webhooks;
 
 /// Locks a mutex, going on with its data if a thread panicked while holding it (the data are

@@ -124,7 +124,9 @@ pub fn document() -> Value {
                                                                              (null or absent: the owner's scaling policy's ceiling, else 4 x memory_mib; \
                                                                              at least memory_mib, and memory_mib plus whole 2 MiB blocks)"},
                                           "group": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,63}$", "nullable": true,
-                                                    "description": "anti-affinity group: the caller's VMs of one group are kept on different hosts"}}})),
+                                                    "description": "anti-affinity group: the caller's VMs of one group are kept on different hosts"},
+                                          "sla_target": {"type": "number", "minimum": 50, "maximum": 100, "nullable": true,
+                                                         "description": "availability target, percent (default 99.95; docs/sla.md)"}}})),
             },
             "/vms/{id}": {"get": with_id(op("Show a VM", "200")), "delete": with_id(op("Delete a VM", "202"))},
             "/vms/{id}/start": {"post": with_id(op("Start a VM", "202"))},
@@ -178,6 +180,30 @@ pub fn document() -> Value {
             },
             "/cluster/balance/plan": {"get": op("Dry run: the moves the balancer would make now, with the imbalance and loads before and after; changes nothing (admin)", "200")},
             "/metrics": {"get": op("Prometheus metrics, text exposition format (admin): hosts and VMs by state, jobs by kind and outcome with latency histograms, queue lag, heartbeat age, migration downtime and failover RTO histograms, each VM's CPU and memory", "200")},
+            "/prices": {"get": op("Pricing plans' price histories and which consumer pays by which \
+                (a consumer: its own plan's; docs/billing.md)", "200")},
+            "/prices/{plan}": {"put": with_body(with_plan(op(
+                "Set a plan's prices per vCPU-hour and per GiB-hour, from `since` (default now) on; a plan keeps \
+                 the currency it was first priced in (409 otherwise; admin; docs/billing.md)", "200")),
+                json!({"type": "object", "required": ["vcpu_hour", "gib_hour"], "additionalProperties": false,
+                       "properties": {"vcpu_hour": amount(), "gib_hour": amount(),
+                                      "currency": {"type": "string", "pattern": "^[A-Z]{3}$", "default": "EUR", "nullable": true},
+                                      "since": {"type": "string", "format": "date-time", "nullable": true,
+                                                "description": "from when (null or absent: now)"}}}))},
+            "/consumers/{name}/plan": {"put": with_body(with_name(op(
+                "Make a consumer pay by a plan that has prices (400 otherwise; admin; docs/billing.md)", "200")),
+                json!({"type": "object", "required": ["plan"], "additionalProperties": false,
+                       "properties": {"plan": plan()}}))},
+            "/bill": {"get": with_period(op(
+                "The fee for `from` to `to` (RFC 3339; to: now) per consumer and per VM, with the periods at each \
+                 size and price; exact decimals as strings (a consumer: its own; docs/billing.md)", "200"),
+                &[("consumer", name())])},
+            "/sla/report": {"get": with_period(op(
+                "Availability from the event log over `from` to `to` (RFC 3339; to: now): uptime, outages, MTTR \
+                 and whether the target was met, per VM and together, for one VM, a consumer or all \
+                 (a consumer: its own; docs/sla.md)", "200"),
+                &[("vm", name()), ("consumer", name()),
+                  ("target", json!({"type": "number", "minimum": 0, "maximum": 100}))])},
             "/webhooks": {
                 "get": op("List webhooks (a consumer sees its own)", "200"),
                 "post": with_body(op("Add a webhook: events of the kinds listed are POSTed to url, signed \
@@ -196,6 +222,36 @@ pub fn document() -> Value {
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
         }
     })
+}
+
+/// A path's pricing plan.
+fn with_plan(mut o: Value) -> Value {
+    o["parameters"] = json!([{"name": "plan", "in": "path", "required": true, "schema": plan()}]);
+    o
+}
+
+fn plan() -> Value {
+    json!({"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"})
+}
+
+/// An amount of money per hour: plain decimal text, 0 to 1,000,000, at most 10 decimals.
+fn amount() -> Value {
+    json!({"type": "string", "pattern": "^([0-9]{1,6}(\\.[0-9]{1,10})?|1000000(\\.0{1,10})?)$",
+           "example": "0.0125"})
+}
+
+/// A report's period (`from` required, `to` optional) and `more` query parameters.
+fn with_period(mut o: Value, more: &[(&str, Value)]) -> Value {
+    let time = json!({"type": "string", "format": "date-time"});
+    let mut p = vec![
+        json!({"name": "from", "in": "query", "required": true, "schema": time}),
+        json!({"name": "to", "in": "query", "schema": time}),
+    ];
+    for (n, schema) in more {
+        p.push(json!({"name": n, "in": "query", "schema": schema}));
+    }
+    o["parameters"] = json!(p);
+    o
 }
 
 /// A scaling policy as requests carry it: every field optional.

@@ -36,6 +36,8 @@ pub struct Availability {
     pub expected_ms: i64,
     pub down_ms: i64,
     pub outages: Vec<Outage>,
+    /// The stretches it was expected up (from, to), outages included: what a chart draws.
+    pub expected: Vec<(i64, i64)>,
 }
 
 impl Availability {
@@ -61,6 +63,7 @@ impl Availability {
         self.expected_ms += other.expected_ms;
         self.down_ms += other.down_ms;
         self.outages.extend(other.outages);
+        self.expected.extend(other.expected);
     }
 }
 
@@ -98,6 +101,10 @@ pub fn availability(vm_id: &str, events: &[Event], from: i64, to: i64) -> Availa
         let (a, b) = ((*since).max(from), t.min(to));
         if expected && a < b {
             out.expected_ms += b - a;
+            match out.expected.last_mut() {
+                Some(span) if span.1 == a => span.1 = b,
+                _ => out.expected.push((a, b)),
+            }
             if *down != Down::Up {
                 out.down_ms += b - a;
                 // An outage split by a planned change continues in the same record.
@@ -228,6 +235,7 @@ mod tests {
         ];
         let a = availability("v", &h, 0, 1000 * S);
         assert_eq!(a.expected_ms, 900 * S);
+        assert_eq!(a.expected, [(0, 600 * S), (700 * S, 1000 * S)]);
         assert_eq!(a.down_ms, 170 * S);
         let spans: Vec<(i64, i64, bool, &str)> = a
             .outages
@@ -293,6 +301,8 @@ pub struct VmReport {
     pub down_s: f64,
     pub mttr_s: f64,
     pub outages: Vec<Outage>,
+    /// The stretches it was expected up (ms), outages included.
+    pub expected: Vec<(i64, i64)>,
 }
 
 /// An availability report: each VM's, and all of them together.
@@ -344,6 +354,7 @@ pub async fn report(
             down_s: a.down_ms as f64 / 1000.0,
             mttr_s: a.mttr_ms() as f64 / 1000.0,
             outages: a.outages.clone(),
+            expected: a.expected.clone(),
         });
         total.add(a);
     }
