@@ -15,6 +15,7 @@ packages=(
     mmdebstrap e2fsprogs     # the Debian root-filesystem disk image (images/build.sh)
     nfs-ganesha nfs-ganesha-vfs   # NFS shared storage in the nested power-loss scenario
     chromium chromium-driver python3-selenium   # the dashboard, tested in a real browser
+    python3-prometheus-client   # its text-format parser checks /metrics in the fleet tests
 )
 missing=()
 for p in "${packages[@]}"; do

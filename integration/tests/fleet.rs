@@ -2069,6 +2069,14 @@ fn a_running_vm_moves_between_hosts_and_back() {
     // The metrics count what happened and show what is (issue 16); admins only.
     let (code, text) = f.http("GET", "/metrics", "", Some(&f.admin_token()));
     assert_eq!(code, 200, "{text}");
+    prometheus_parses(
+        &text,
+        &[
+            "vim_jobs",
+            "vim_vm_cpu_percent",
+            "vim_migration_downtime_seconds",
+        ],
+    );
     for want in [
         "vim_jobs_total{kind=\"migrate\",outcome=\"done\"} 2".to_string(),
         "vim_jobs_total{kind=\"migrate\",outcome=\"failed\"} 1".to_string(),
@@ -2083,6 +2091,7 @@ fn a_running_vm_moves_between_hosts_and_back() {
         assert!(text.contains(&want), "{want} missing from:\n{text}");
     }
     let agent = f.agent_metrics(&host);
+    prometheus_parses(&agent, &["vim_agent_vm_cpu_percent", "vim_agent_sound"]);
     for want in [
         format!("vim_agent_vm_cpu_percent{{vm=\"{id}\"}}"),
         "vim_agent_vms{state=\"running\"} 1".to_string(),
@@ -4132,6 +4141,36 @@ fn webhooks_deliver_signed_events_and_retry() {
     assert_eq!(admin.requests().len(), n, "a deleted webhook was called");
 }
 
+/// `text` parses with Prometheus's own Python client's text-format parser (Debian's
+/// python3-prometheus-client) and has the metric families `families`.
+fn prometheus_parses(text: &str, families: &[&str]) {
+    use std::io::Write;
+    let mut p = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import sys\n\
+             from prometheus_client.parser import text_string_to_metric_families as parse\n\
+             for f in parse(sys.stdin.read()):\n    print(f.name, len(f.samples))",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = p.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the metrics do not parse: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names: Vec<&str> = said.lines().filter_map(|l| l.split(' ').next()).collect();
+    for f in families {
+        assert!(names.contains(f), "no family {f} in {names:?}");
+    }
+}
+
 /// ms since the epoch as RFC 3339 (UTC, to the millisecond), the form vimctl takes.
 fn rfc3339(ms: i64) -> String {
     let out = Command::new("date")
@@ -4311,6 +4350,25 @@ fn availability_and_the_bill_follow_what_the_vm_did() {
     wait_until_for("SLA_Violated", Duration::from_secs(30), || {
         f.has_vm_event("SLA_Violated", &id, "against a target of 99.95 %")
     });
+    // Per consumer: the admin's report on alice is her one VM's; bob's own is empty.
+    let (ok, out, err) = report(&f.state().join("admin.token"), &["--consumer", "alice"]);
+    assert!(ok, "{err}");
+    let all: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (
+            all["vms"].as_array().unwrap().len(),
+            all["outages"].as_u64()
+        ),
+        (1, Some(1)),
+        "{all}"
+    );
+    assert_eq!(all["down_s"], vm["down_s"]);
+    let (ok, out, err) = report(&bob, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["vms"],
+        json!([])
+    );
     // Bob sees neither alice's VM nor her bill.
     let (ok, _, err) = report(&bob, &["--vm", &id]);
     assert!(!ok && err.contains("404"), "{err}");
