@@ -4375,9 +4375,10 @@ fn availability_and_the_bill_follow_what_the_vm_did() {
     let (ok, _, err) = report(&bob, &["--consumer", "alice"]);
     assert!(!ok && err.contains("403"), "{err}");
 
-    // A resize that vimd records, then dies before acknowledging.
+    // A resize that vimd records, then is SIGKILLed before it ends the job and acknowledges the
+    // answer: held at the failpoint until the test sees the size recorded and the job running.
     f.kill_vimd();
-    f.start_vimd_with(&[("FAILPOINTS", "vimd-resize-recorded=return")]);
+    f.start_vimd_with(&[("FAILPOINTS", "vimd-resize-recorded=pause")]);
     let (ok, out, err) = f.ctl_as(
         &alice,
         &["vm", "resize", &id, "--vcpus", "2", "--no-wait", "--json"],
@@ -4388,18 +4389,12 @@ fn availability_and_the_bill_follow_what_the_vm_did() {
         .unwrap()
         .to_string();
     wait_until_for(
-        "vimd to abort at the failpoint",
-        Duration::from_secs(30),
-        || {
-            f.vimd
-                .as_mut()
-                .is_some_and(|p| p.0.try_wait().unwrap().is_some())
-        },
+        "the resize recorded, its job not ended",
+        Duration::from_secs(60),
+        || f.vcpus_of(&id) == 2,
     );
-    assert!(f
-        .log_tail("vimd.log", 50)
-        .contains("failpoint vimd-resize-recorded"));
-    f.vimd = None;
+    assert_eq!(f.ctl_ok(&["job", "show", &job])["state"], "running");
+    f.kill_vimd();
     f.start_vimd();
     f.wait_job(&job);
     assert_eq!(f.ctl_ok(&["job", "show", &job])["state"], "done");

@@ -62,11 +62,9 @@ impl Vimd {
         let resized = match checked.job.as_ref().filter(|j| j.kind == JobKind::Resize) {
             Some(job) if job.state == JobState::Running || job.state == JobState::Pending => {
                 let detail = self.resize_answer(job, &ev).await?;
-                // Crash tests (docs/billing.md): vimd dies here, its answer not acknowledged.
-                if fail::eval("vimd-resize-recorded", |_| ()).is_some() {
-                    tracing::error!(job = job.id, "failpoint vimd-resize-recorded: aborting");
-                    std::process::abort();
-                }
+                // Crash tests (docs/billing.md): vimd held here (FAILPOINTS=…=pause) and killed,
+                // the size recorded, the job not ended, the answer not acknowledged.
+                fail::fail_point!("vimd-resize-recorded");
                 Some(detail)
             }
             _ => None,
