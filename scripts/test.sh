@@ -8,6 +8,8 @@ cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 images/build.sh
 cargo build --release -p vmm
+# The Debian packages (cargo-deb): the package tests install them, the join test serves them.
+scripts/package.sh
 # PostgreSQL for the VIM's tests (they run on SQLite and on this): Debian's cluster, a test role
 # and database on the local socket.
 if [ -z "${VIM_TEST_DATABASE_URL:-}" ]; then

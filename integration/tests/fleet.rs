@@ -148,6 +148,9 @@ struct Fleet {
     cluster: Option<Cluster>,
     /// vimd's heartbeat, lease and failover settings.
     profile: Vec<String>,
+    /// Where vimd's API listens, when not only where `api` reaches it (a joining host's
+    /// namespace reaches it over its veth).
+    api_listen: Option<String>,
 }
 
 /// A 3-node NATS JetStream cluster on this machine, run the way an operator would: each node's
@@ -312,6 +315,7 @@ impl Fleet {
             cluster,
             shared_mount: None,
             profile: vimd_args.iter().map(|a| a.to_string()).collect(),
+            api_listen: None,
         };
         if let Some(mib) = shared_mib {
             let shared = f.state().join("shared");
@@ -437,7 +441,12 @@ impl Fleet {
         c.envs(env.iter().copied());
         c.arg("--state-dir")
             .arg(self.state())
-            .args(["--listen", self.api.trim_start_matches("https://")])
+            .args([
+                "--listen",
+                self.api_listen
+                    .as_deref()
+                    .unwrap_or(self.api.trim_start_matches("https://")),
+            ])
             .args(["--nats-advertise", &self.agent_nats_url("10.231.0.1")]);
         for (_, net) in &self.nets {
             c.args(["--tls-name", &net.root_ip]);
@@ -4557,4 +4566,182 @@ fn the_dashboard_works_in_a_real_browser() {
         let png = std::fs::read(out.join(format!("{page}.png"))).unwrap();
         assert!(png.starts_with(b"\x89PNG") && png.len() > 5000, "{page}");
     }
+}
+
+/// Issue 19's join, end to end with the real package: `vimctl host add h2 --join` prints one
+/// command; run in h2's network namespace (installing under a root directory of its own, as
+/// `VIM_JOIN_ROOT` allows), it fetches the join script over TLS pinned to vimd's key, installs
+/// fleet-agent from vimd, and writes the configuration and fresh credentials, which never appear
+/// in the command. The agent started from that root joins, becomes reachable and runs a VM. The
+/// command used again, and an expired one, are refused; a host with a VM cannot be removed, an
+/// empty one can, and loses its credentials.
+#[test]
+fn a_host_joins_with_one_command_and_leaves() {
+    let deb = repo().join("target/debian");
+    assert!(
+        deb.join("fleet-agent.deb").exists(),
+        "no target/debian/fleet-agent.deb: run scripts/package.sh (scripts/test.sh does)"
+    );
+    let mut f = Fleet::start_with(
+        None,
+        &["h1"],
+        false,
+        None,
+        &["--packages-dir", deb.to_str().unwrap()],
+    );
+    f.add_test_image();
+    // h2's namespace, reaching vimd's API over its veth.
+    let net = HostNet::new();
+    let (ns, root_ip) = (net.ns.clone(), net.root_ip.clone());
+    f.nets.push(("h2".into(), net));
+    let port = f.api.rsplit(':').next().unwrap().to_string();
+    f.api_listen = Some(format!("0.0.0.0:{port}"));
+    f.kill_vimd();
+    f.start_vimd();
+    let shared = f.state().join("shared");
+    let join_url = format!("https://{root_ip}:{port}");
+    let (ok, out, err) = f.ctl(&[
+        "host",
+        "add",
+        "h2",
+        "--join",
+        "--join-url",
+        &join_url,
+        "--shared-dir",
+        shared.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let command = out
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("curl "))
+        .unwrap_or_else(|| panic!("no command in:\n{out}"))
+        .to_string();
+    assert!(command.contains("--pinnedpubkey 'sha256//"), "{command}");
+    // Short: a VM's API socket under it must fit a socket address (108 bytes).
+    let root_dir = tempfile::Builder::new()
+        .prefix("join")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let root = root_dir.path().to_path_buf();
+    let run = |command: &str| {
+        Command::new("ip")
+            .args(["netns", "exec", &ns, "env"])
+            .arg(format!("VIM_JOIN_ROOT={}", root.display()))
+            .args(["timeout", "120", "sh", "-c", command])
+            .output()
+            .unwrap()
+    };
+    let joined = run(&command);
+    let said = String::from_utf8_lossy(&joined.stdout).to_string()
+        + &String::from_utf8_lossy(&joined.stderr);
+    assert!(joined.status.success(), "the join failed: {said}");
+    assert!(said.contains("join: host h2 installed under"), "{said}");
+    // What it installed and wrote.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &str| {
+        std::fs::metadata(root.join(p))
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("usr/bin/vim-agent"), 0o755);
+    assert_eq!(mode("usr/bin/vmm"), 0o755);
+    assert_eq!(mode("etc/vim-agent/credentials.json"), 0o600);
+    assert_eq!(mode("etc/vim-agent"), 0o700);
+    let creds: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("etc/vim-agent/credentials.json")).unwrap(),
+    )
+    .unwrap();
+    let password = creds["password"].as_str().unwrap();
+    assert_eq!(creds["user"], "host-h2");
+    assert!(!command.contains(password) && !out.contains(password));
+    let config = std::fs::read_to_string(root.join("etc/vim-agent/agent.toml")).unwrap();
+    assert!(config.contains("host_id = \"h2\""), "{config}");
+    // Used again: refused, and says so.
+    let again = run(&command);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("join: this join token was used already"),
+        "{again:?}"
+    );
+    // The agent from the installed root: the NATS address is this namespace's way to vimd's
+    // server (the advertised one is nominal in this test), beats as fast as the fleet's.
+    let log = std::fs::File::create(f.dir.path().join("agent-h2.log")).unwrap();
+    let agent = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(root.join("usr/bin/vim-agent"))
+        .arg("--config")
+        .arg(root.join("etc/vim-agent/agent.toml"))
+        .args(["--nats-url", &f.agent_nats_url(&root_ip)])
+        .args(["--heartbeat-ms", "300", "--probe-misses", "10"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    f.agents.push(("h2".into(), Some(Proc(agent))));
+    wait_until("h2 reachable", || {
+        f.ctl_ok(&["hosts", "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["id"] == "h2" && h["state"] == "reachable")
+    });
+    // h1 takes no new VMs: the VM goes to the joined host.
+    f.ctl_ok(&["host", "drain", "h1", "--json"]);
+    let id = f.create("joined").unwrap();
+    assert_eq!(f.host_of(&id), "h2");
+    wait_until("the guest's heartbeats on h2", || f.beats(&id).len() >= 3);
+
+    // An expired command is refused.
+    let (ok, out, err) = f.ctl(&[
+        "host",
+        "add",
+        "h3",
+        "--join",
+        "--join-ttl-s",
+        "1",
+        "--join-url",
+        &join_url,
+    ]);
+    assert!(ok, "{err}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let expired = out
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("curl "))
+        .unwrap();
+    let late = run(expired);
+    assert!(
+        !late.status.success()
+            && String::from_utf8_lossy(&late.stderr).contains("join: this join token has expired"),
+        "{late:?}"
+    );
+
+    // Leaving: refused with a VM on it; once the VM is gone, removed, credentials revoked.
+    let (ok, _, err) = f.ctl(&["host", "remove", "h2"]);
+    assert!(!ok && err.contains("409") && err.contains("VMs"), "{err}");
+    f.ctl_ok(&["vm", "delete", &id, "--json"]);
+    f.ctl_ok(&["host", "remove", "h2", "--json"]);
+    f.ctl_ok(&["host", "remove", "h3", "--json"]);
+    let hosts = f.ctl_ok(&["hosts", "--json"]);
+    let ids: Vec<&str> = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["h1"]);
+    let (ok, _, err) = f.ctl(&["host", "remove", "h2"]);
+    assert!(!ok && err.contains("404"), "{err}");
+    wait_until_for(
+        "h2's agent refused by NATS",
+        Duration::from_secs(30),
+        || {
+            f.log_tail("agent-h2.log", 40)
+                .to_lowercase()
+                .contains("authorization")
+        },
+    );
 }

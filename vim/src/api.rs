@@ -21,6 +21,7 @@ use crate::db::{self, AuditEntry};
 use crate::server::Vimd;
 
 mod accounting;
+mod join;
 
 pub use accounting::parse_time;
 
@@ -264,7 +265,10 @@ pub fn router(v: Arc<Vimd>) -> Router {
             get(|| async { Json(crate::openapi::document()) }),
         )
         .route("/hosts", get(list_hosts).post(add_host))
+        .route("/hosts/:id", axum::routing::delete(join::remove_host))
         .route("/hosts/:id/credentials", post(reissue_host_credentials))
+        .route("/join/:token", get(join::join))
+        .route("/packages/:name", get(join::package))
         .route("/hosts/:id/drain", post(drain_host))
         .route("/hosts/:id/undrain", post(undrain_host))
         .route("/images", post(add_image))
@@ -327,6 +331,16 @@ async fn list_hosts(State(v): St, h: Req) -> Response {
 #[serde(deny_unknown_fields)]
 struct AddHost {
     id: String,
+    /// Also make a join token: the answer's `join` has it, for `vimctl host add --join` to
+    /// print the one command the new host runs (docs/packages.md).
+    #[serde(default)]
+    join: bool,
+    /// How long the join token lives (default 3600 s).
+    #[serde(default)]
+    join_ttl_s: Option<u64>,
+    /// The shared storage's path on the new host (default vimd's own).
+    #[serde(default)]
+    shared_dir: Option<String>,
 }
 
 /// Names and ids go into paths and NATS subjects: one format (`vim_proto::check_id`).
@@ -340,6 +354,7 @@ impl From<crate::hosts::HostError> for ApiError {
         match e {
             E::Exists(_) => ApiError(StatusCode::CONFLICT, e.to_string()),
             E::NotFound(id) => not_found(&format!("host {id}")),
+            E::Busy(m) => ApiError(StatusCode::CONFLICT, m),
             E::Other(e) => e.into(),
         }
     }
@@ -350,17 +365,21 @@ fn credentials_answer(
     id: &str,
     c: crate::hosts::Credentials,
 ) -> Result<Response, ApiError> {
+    ok(credentials_json(v, id, c))
+}
+
+fn credentials_json(v: &Vimd, id: &str, c: crate::hosts::Credentials) -> Value {
     // The CA is public: the agent's host gets it inline (to write beside its credentials) and
     // by path (for an agent on this machine).
     let (ca_file, ca_pem) = v.nats_ca.clone().unzip();
-    ok(json!({
+    json!({
         "host_id": id,
         "nats_url": v.nats_url,
         "nats_user": c.user,
         "credentials_file": c.file,
         "nats_ca_file": ca_file,
         "nats_ca_pem": ca_pem,
-    }))
+    })
 }
 
 async fn add_host(State(v): St, h: Req, b: Result<Body<AddHost>, ApiError>) -> Response {
@@ -369,8 +388,21 @@ async fn add_host(State(v): St, h: Req, b: Result<Body<AddHost>, ApiError>) -> R
         admin(&who)?;
         let req = body(b)?;
         check_name("host id", &req.id)?;
+        let ttl = in_range(
+            "join_ttl_s",
+            req.join_ttl_s.unwrap_or(join::DEFAULT_JOIN_TTL_S),
+            1,
+            7 * 86_400,
+        )?;
+        if !req.join && (req.join_ttl_s.is_some() || req.shared_dir.is_some()) {
+            return Err(bad("join_ttl_s and shared_dir go with join"));
+        }
         let c = crate::hosts::add(&v, &req.id).await?;
-        credentials_answer(&v, &req.id, c)
+        let mut answer = credentials_json(&v, &req.id, c);
+        if req.join {
+            answer["join"] = join::new_token(&v, &req.id, ttl, req.shared_dir).await?;
+        }
+        ok(answer)
     })
     .await
 }

@@ -15,6 +15,8 @@ pub enum HostError {
     Exists(String),
     #[error("host {0} not found")]
     NotFound(String),
+    #[error("{0}")]
+    Busy(String),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -61,6 +63,23 @@ pub async fn reissue(v: &Vimd, id: &str) -> Result<Credentials, HostError> {
     Ok(write_credentials(v, id, &password).await?)
 }
 
+/// Removes host `id` (it must run no VM) and revokes its queue credentials: the NATS users are
+/// rewritten without it and its command consumer is deleted.
+pub async fn remove(v: &Vimd, id: &str) -> Result<(), HostError> {
+    match v.db.remove_host(id).await {
+        Ok(true) => {}
+        Ok(false) => return Err(HostError::NotFound(id.into())),
+        Err(crate::db::DbError::Conflict(m)) => return Err(HostError::Busy(m)),
+        Err(e) => return Err(e.into()),
+    }
+    v.liveness.forget(id);
+    rewrite_users(v).await?;
+    if let Err(e) = crate::queue::delete_host_consumer(&v.js, id).await {
+        tracing::warn!(host = id, error = %e, "cannot delete a removed host's command consumer");
+    }
+    Ok(())
+}
+
 async fn hash(password: &str) -> anyhow::Result<String> {
     let p = password.to_string();
     tokio::task::spawn_blocking(move || crate::auth::hash_password(&p)).await?
@@ -70,15 +89,7 @@ async fn hash(password: &str) -> anyhow::Result<String> {
 /// the host's command consumer exists. One writer at a time: two hosts added at once would
 /// otherwise each write a list the other is missing from.
 async fn publish_users(v: &Vimd, id: &str) -> anyhow::Result<()> {
-    {
-        let _one = v.users_lock.lock().await;
-        let hosts = v.db.hosts().await?;
-        if let Some(n) = &v.embedded {
-            n.reload(&hosts)?;
-        } else if let Some(f) = &v.accounts_file {
-            f.write(&hosts)?;
-        }
-    }
+    rewrite_users(v).await?;
     // Right after a reload the account's JetStream may briefly answer "not found".
     let mut tries = 0;
     while let Err(e) = crate::queue::declare_host_consumer(&v.js, id).await {
@@ -87,6 +98,18 @@ async fn publish_users(v: &Vimd, id: &str) -> anyhow::Result<()> {
             return Err(e);
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Writes the NATS users from the database and has the server load them.
+async fn rewrite_users(v: &Vimd) -> anyhow::Result<()> {
+    let _one = v.users_lock.lock().await;
+    let hosts = v.db.hosts().await?;
+    if let Some(n) = &v.embedded {
+        n.reload(&hosts)?;
+    } else if let Some(f) = &v.accounts_file {
+        f.write(&hosts)?;
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ pub mod db;
 pub mod files;
 pub mod hosts;
 pub mod http;
+pub mod join;
 pub mod metrics;
 pub mod monitor;
 pub mod openapi;

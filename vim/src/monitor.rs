@@ -181,6 +181,11 @@ impl Liveness {
         });
     }
 
+    /// A host removed: no longer watched.
+    pub fn forget(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
     pub fn beat(&self, hb: Heartbeat, now: i64) -> Beat {
         let mut m = self.lock();
         let Some(l) = m.get_mut(&hb.host_id) else {

@@ -466,6 +466,19 @@ pub fn pull_config(name: &str, filter: &str, ack_wait: Duration) -> consumer::pu
 }
 
 /// Creates the command consumer of a host (vimd does it, so the host's user needs no right to).
+/// Deletes a removed host's command consumer (its undelivered commands go with it).
+pub async fn delete_host_consumer(js: &jetstream::Context, host_id: &str) -> Result<()> {
+    let stream = js
+        .get_stream(s::COMMAND_STREAM)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    stream
+        .delete_consumer(&s::host_consumer(host_id))
+        .await
+        .map_err(|e| anyhow::anyhow!("consumer for host {host_id}: {e}"))?;
+    Ok(())
+}
+
 pub async fn declare_host_consumer(js: &jetstream::Context, host_id: &str) -> Result<()> {
     let stream = js
         .get_stream(s::COMMAND_STREAM)

@@ -57,9 +57,18 @@ impl Pki {
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, KeyPair::from_pem(&ca_key)?)
             .with_context(|| format!("{} is not a CA certificate", pki.ca_cert().display()))?;
 
-        let key = KeyPair::generate()?;
+        // The key is kept across starts (the certificate is issued anew for today's names), so a
+        // join command's pin of it (`spki_pin`) holds while vimd restarts.
+        let key = match std::fs::read_to_string(pki.server_key()) {
+            Ok(pem) => KeyPair::from_pem(&pem)
+                .with_context(|| format!("{} is not a private key", pki.server_key().display()))?,
+            Err(_) => {
+                let key = KeyPair::generate()?;
+                crate::files::replace_private(&pki.server_key(), key.serialize_pem().as_bytes())?;
+                key
+            }
+        };
         let cert = server_params(names)?.signed_by(&key, &issuer)?;
-        crate::files::replace_private(&pki.server_key(), key.serialize_pem().as_bytes())?;
         write_public(&pki.server_cert(), cert.pem().as_bytes())?;
         Ok(pki)
     }
@@ -151,6 +160,25 @@ pub fn host_of(addr: &str) -> Option<String> {
     }
 }
 
+/// The pin of the first certificate in a PEM file, as curl's `--pinnedpubkey` takes it:
+/// `sha256//` and the base64 of the SHA-256 of its SubjectPublicKeyInfo.
+pub fn spki_pin(cert: &Path) -> Result<String> {
+    use base64::Engine;
+    use sha2::Digest;
+    let pem = std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?;
+    let der = rustls_pemfile::certs(&mut pem.as_slice())
+        .next()
+        .with_context(|| format!("{}: no certificate in it", cert.display()))?
+        .with_context(|| format!("{}: not a PEM certificate", cert.display()))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?;
+    let digest = sha2::Sha256::digest(parsed.public_key().raw);
+    Ok(format!(
+        "sha256//{}",
+        base64::engine::general_purpose::STANDARD.encode(digest)
+    ))
+}
+
 /// A rustls server configuration from PEM files (HTTP/1.1 only, as the API serves).
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>> {
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
@@ -203,7 +231,12 @@ mod tests {
         let ca1 = std::fs::read(p.ca_cert()).unwrap();
         let s1 = std::fs::read(p.server_cert()).unwrap();
         server_config(&p.server_cert(), &p.server_key()).unwrap();
+        let pin = spki_pin(&p.server_cert()).unwrap();
+        assert!(pin.starts_with("sha256//") && pin.len() == 8 + 44, "{pin}");
         let p = Pki::init(dir.path(), &[]).unwrap();
+        // A new certificate for the same key: the pin holds.
+        assert_eq!(spki_pin(&p.server_cert()).unwrap(), pin);
+        assert!(spki_pin(&p.ca_cert()).unwrap() != pin);
         assert_eq!(
             std::fs::read(p.ca_cert()).unwrap(),
             ca1,

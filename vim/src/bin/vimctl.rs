@@ -251,8 +251,31 @@ enum ImageCmd {
 
 #[derive(Subcommand)]
 enum HostCmd {
-    /// Register a host; prints what its agent needs (NATS URL, credentials file).
-    Add { id: String },
+    /// Register a host; prints what its agent needs (NATS URL, credentials file), or with
+    /// --join the one command to run on the new host (docs/packages.md).
+    Add {
+        id: String,
+        /// Print a join command: it installs the agent package from vimd, writes the host's
+        /// configuration and credentials, and starts the agent. Its token works once.
+        #[arg(long)]
+        join: bool,
+        /// How long the join command works (default 3600).
+        #[arg(long = "join-ttl-s", requires = "join")]
+        join_ttl_s: Option<u64>,
+        /// The shared storage's path on the new host (default vimd's).
+        #[arg(long = "shared-dir", requires = "join")]
+        shared_dir: Option<String>,
+        /// The address the new host reaches vimd at (default --api).
+        #[arg(long = "join-url", requires = "join")]
+        join_url: Option<String>,
+    },
+    /// Remove a host and revoke its queue credentials; refused while VMs are placed on it,
+    /// unless --drain moves the running ones away first.
+    Remove {
+        id: String,
+        #[arg(long)]
+        drain: bool,
+    },
     /// Issue a host new queue credentials (the old ones stop working).
     Credentials { id: String },
     /// Take no new VMs on the host and migrate every VM running there away.
@@ -804,7 +827,59 @@ fn run(cli: Cli) -> Result<()> {
                     println!("host {id} takes new VMs again");
                 }
             }
-            HostCmd::Add { id } => host_credentials(&api.post("/hosts", json!({"id": id}))?),
+            HostCmd::Add {
+                id,
+                join,
+                join_ttl_s,
+                shared_dir,
+                join_url,
+            } => {
+                let mut body = json!({"id": id, "join": join});
+                if let Some(t) = join_ttl_s {
+                    body["join_ttl_s"] = json!(t);
+                }
+                if let Some(d) = shared_dir {
+                    body["shared_dir"] = json!(d);
+                }
+                let r = api.post("/hosts", body)?;
+                if !join {
+                    host_credentials(&r);
+                } else if json_out {
+                    print(&r);
+                } else {
+                    let j = &r["join"];
+                    let base = join_url.unwrap_or_else(|| api.base.clone());
+                    println!(
+                        "host {id} registered. Run this on the new host, as root (it works once, until {} UTC):\n\n  {}\n",
+                        utc_ms(j["expires_at"].as_i64().unwrap_or_default()),
+                        vim::join::command(
+                            base.trim_end_matches('/'),
+                            j["token"].as_str().unwrap_or_default(),
+                            j["pin"].as_str()
+                        )
+                    );
+                }
+            }
+            HostCmd::Remove { id, drain } => {
+                if drain {
+                    let r = api.post(&format!("/hosts/{id}/drain"), json!({}))?;
+                    let wait = Wait {
+                        no_wait: false,
+                        timeout_s: 600,
+                    };
+                    for j in r["jobs"].as_array().into_iter().flatten() {
+                        let done =
+                            api.wait(j["job_id"].as_str().unwrap_or_default(), &wait, true)?;
+                        anyhow::ensure!(
+                            done["state"] == "done",
+                            "VM {} did not move: {}; host {id} stays",
+                            j["vm_id"],
+                            done["error"]
+                        );
+                    }
+                }
+                print(&api.req(reqwest::Method::DELETE, &format!("/hosts/{id}"), None)?)
+            }
             HostCmd::Credentials { id } => {
                 host_credentials(&api.post(&format!("/hosts/{id}/credentials"), json!({}))?)
             }

@@ -103,6 +103,14 @@ struct Args {
     /// until its lease there runs out (90 s on a Linux NFS server by default).
     #[arg(long = "failover-disk-wait-ms", default_value_t = 120_000)]
     failover_disk_wait_ms: u64,
+    /// Where the fleet-agent package joining hosts download is (`GET /packages/fleet-agent.deb`;
+    /// the fleet-vim package installs it there).
+    #[arg(
+        long = "packages-dir",
+        env = "VIMD_PACKAGES_DIR",
+        default_value = "/usr/share/fleet-vim/packages"
+    )]
+    packages_dir: PathBuf,
     /// A job not taken by a worker, or not answered by its host, for this long has its message
     /// sent again (handlers are idempotent by job id).
     #[arg(long = "job-resend-ms", default_value_t = 30_000)]
@@ -235,14 +243,20 @@ async fn run(a: Args) -> Result<()> {
         names.extend(vim::tls::host_of(addr));
     }
     let pki = vim::tls::Pki::init(&a.state_dir, &names)?;
-    let api_tls = if a.plain_http {
-        None
+    let (api_tls, api_pin) = if a.plain_http {
+        (None, None)
     } else {
         let (cert, key) = match (&a.tls_cert, &a.tls_key) {
             (Some(c), Some(k)) => (c.clone(), k.clone()),
             _ => (pki.server_cert(), pki.server_key()),
         };
-        Some(vim::tls::server_config(&cert, &key)?)
+        // Join commands pin vimd's own key; an operator's certificate is checked by the
+        // joining host's system roots instead.
+        let pin = match &a.tls_cert {
+            Some(_) => None,
+            None => Some(vim::tls::spki_pin(&cert)?),
+        };
+        (Some(vim::tls::server_config(&cert, &key)?), pin)
     };
     let mut accounts_file = None;
     let nats_ca = match &a.nats_url {
@@ -364,6 +378,9 @@ async fn run(a: Args) -> Result<()> {
         logins: vim::auth::LoginLimiter::new(a.failed_logins_per_minute),
         users_lock: Default::default(),
         image_import_dir: a.image_import_dir,
+        packages_dir: a.packages_dir,
+        api_https: api_tls.is_some(),
+        api_pin,
         copying: Default::default(),
         consumers_may_migrate: a.consumers_may_migrate,
         migration_limits: vim::server::migrations::MigrationLimits {

@@ -91,6 +91,36 @@ impl Db {
         }
     }
 
+    /// Removes a host that runs no VM (any VM placed on it that is not deleted, stopped ones
+    /// included, keeps it: Conflict); false if there is no such host. Its join tokens go too.
+    pub async fn remove_host(&self, id: &str) -> Result<bool, DbError> {
+        let mut tx = self.writer.begin().await?;
+        let vms: i64 =
+            sqlx::query("SELECT COUNT(*) AS n FROM vms WHERE host_id = $1 AND state <> $2")
+                .bind(id)
+                .bind(VmState::Deleted.as_str())
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("n")?;
+        if vms > 0 {
+            return Err(DbError::Conflict(format!(
+                "host {id} has {vms} VMs: move or delete them first (vimctl host remove {id} --drain)"
+            )));
+        }
+        let gone = sqlx::query("DELETE FROM hosts WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        sqlx::query("DELETE FROM join_tokens WHERE host_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(gone)
+    }
+
     /// Replaces a host's NATS password hash (new credentials, or a plaintext password stored by
     /// an older vimd).
     pub async fn set_host_password_hash(&self, id: &str, hash: &str) -> Result<bool, DbError> {

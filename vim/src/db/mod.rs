@@ -9,6 +9,7 @@ mod events;
 mod hosts;
 mod images;
 mod jobs;
+mod join;
 mod scaling;
 mod tokens;
 mod usage;
@@ -22,6 +23,7 @@ pub use hosts::{Host, HostState};
 pub use images::Image;
 pub use jobs::Job;
 pub use jobs::{JobKind, JobState};
+pub use join::JoinRefused;
 pub use scaling::ScalingPolicy;
 pub use usage::{PriceRow, UsageRecord, BILLED_STATES};
 pub use vim_proto::{EventKind, VmState};
@@ -219,6 +221,7 @@ pub(crate) mod tests {
                 "usage_records",
                 "prices",
                 "consumer_plans",
+                "join_tokens",
             ] {
                 sqlx::query(&format!("DELETE FROM {t}"))
                     .execute(&db.pool)

@@ -76,6 +76,12 @@ pub struct Vimd {
     pub users_lock: tokio::sync::Mutex<()>,
     /// Where `image add` may read files from (anywhere the caller names, without it).
     pub image_import_dir: Option<PathBuf>,
+    /// The fleet-agent package joining hosts download.
+    pub packages_dir: PathBuf,
+    /// Whether the API is HTTPS (join scripts fetch the package the same way).
+    pub api_https: bool,
+    /// curl's pin of vimd's API key, for join commands (None: not pinned).
+    pub api_pin: Option<String>,
     /// VMs whose disk is being copied (by a task of its own, not a job worker).
     pub copying: std::sync::Mutex<std::collections::HashSet<String>>,
     /// How long events and audit entries are kept.
