@@ -335,10 +335,10 @@ struct AddHost {
     /// print the one command the new host runs (docs/packages.md).
     #[serde(default)]
     join: bool,
-    /// How long the join token lives (default 3600 s).
+    /// How long the join token lives (default 3600 s; without join, unused).
     #[serde(default)]
     join_ttl_s: Option<u64>,
-    /// The shared storage's path on the new host (default vimd's own).
+    /// The shared storage's path on the new host (default vimd's own; without join, unused).
     #[serde(default)]
     shared_dir: Option<String>,
 }
@@ -394,8 +394,8 @@ async fn add_host(State(v): St, h: Req, b: Result<Body<AddHost>, ApiError>) -> R
             1,
             7 * 86_400,
         )?;
-        if !req.join && (req.join_ttl_s.is_some() || req.shared_dir.is_some()) {
-            return Err(bad("join_ttl_s and shared_dir go with join"));
+        if let Some(d) = &req.shared_dir {
+            join::check_shared_dir(d)?;
         }
         let c = crate::hosts::add(&v, &req.id).await?;
         let mut answer = credentials_json(&v, &req.id, c);

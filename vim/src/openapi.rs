@@ -89,10 +89,25 @@ pub fn document() -> Value {
         "paths": {
             "/hosts": {
                 "get": op("List hosts", "200"),
-                "post": with_body(op("Register a host and mint its NATS credentials (admin)", "200"),
+                "post": with_body(op("Register a host and mint its NATS credentials; with `join`, also a \
+                    single-use join token for the one command the new host runs (admin; docs/packages.md)", "200"),
                     json!({"type": "object", "required": ["id"], "additionalProperties": false,
-                           "properties": {"id": name()}})),
+                           "properties": {"id": name(),
+                                          "join": {"type": "boolean", "default": false},
+                                          "join_ttl_s": {"type": "integer", "minimum": 1, "maximum": 604_800, "nullable": true,
+                                                         "description": "how long the join token works (default 3600; used with join only)"},
+                                          "shared_dir": {"type": "string", "pattern": "^/[A-Za-z0-9._/-]{0,1023}$", "nullable": true,
+                                                         "description": "the shared storage's path on the new host (default vimd's; used with join only)"}}})),
             },
+            "/hosts/{id}": {"delete": with_id(op("Remove a host and revoke its NATS credentials; 409 while VMs are placed on it (admin)", "200"))},
+            "/join/{token}": {"get": {"summary": "The join script for a join token, once (no API token: the join token is the proof); \
+                a refusal is a script that says why and fails",
+                "parameters": [{"name": "token", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "a shell script"}, "404": {"description": "no such join token"},
+                              "410": {"description": "the join token was used or has expired"}}}},
+            "/packages/{name}": {"get": {"summary": "A package joining hosts install (public)",
+                "parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "a Debian package"}, "404": {"description": "no such package"}}}},
             "/hosts/{id}/credentials": {"post": with_id(op("Issue a host new NATS credentials; the old stop working (admin)", "200"))},
             "/hosts/{id}/drain": {"post": with_id(op("Take no new VMs on the host and migrate its running VMs away; answers their job ids (admin)", "202"))},
             "/hosts/{id}/undrain": {"post": with_id(op("The host takes new VMs again (admin)", "200"))},

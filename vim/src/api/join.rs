@@ -25,16 +25,26 @@ pub(super) async fn new_token(
         Some(d) => d,
         None => v.shared_dir.display().to_string(),
     };
-    if !shared.starts_with('/') || shared.contains(['\'', '"', '$', '`', '\\', '\n', ' ']) {
-        return Err(super::bad(
-            "shared_dir must be an absolute path without spaces or quotes",
-        ));
-    }
+    check_shared_dir(&shared)?;
     let token = crate::auth::random_secret();
     let expires_at = db::now_ms() + (ttl_s as i64) * 1000;
     v.db.add_join_token(&crate::auth::hash_token(&token), host, &shared, expires_at)
         .await?;
     Ok(json!({"token": token, "expires_at": expires_at, "pin": v.api_pin, "shared_dir": shared}))
+}
+
+/// A shared directory goes into the join script: an absolute path of plain characters.
+pub(super) fn check_shared_dir(d: &str) -> Result<(), ApiError> {
+    let plain = d
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b));
+    if d.starts_with('/') && plain && d.len() <= 1024 {
+        Ok(())
+    } else {
+        Err(super::bad(
+            "shared_dir must be an absolute path of letters, digits, '.', '_', '-' and '/'",
+        ))
+    }
 }
 
 fn plain_text(status: StatusCode, body: String) -> Response {
