@@ -17,5 +17,7 @@ if [ -z "${VIM_TEST_DATABASE_URL:-}" ]; then
     export VIM_TEST_DATABASE_URL="postgres://vimtest:vimtest@127.0.0.1:5432/vimtest"
 fi
 cargo test --workspace
+# Coverage-guided fuzzing of what guests, clients and hosts feed us: 20 s per target.
+scripts/fuzz.sh 20
 # vimd's REST API against its own OpenAPI document (Schemathesis).
 scripts/api-fuzz.sh

@@ -238,6 +238,28 @@ pub struct BlockQueue {
 }
 
 impl BlockQueue {
+    /// A queue handler over `file` with no device or worker thread around it: what the fuzz
+    /// targets (`vmm/fuzz`) drive, one kick at a time.
+    #[doc(hidden)]
+    pub fn detached(
+        mem: SharedMemory,
+        queue: Queue,
+        interrupt: Arc<Interrupt>,
+        file: File,
+        read_only: bool,
+    ) -> std::io::Result<BlockQueue> {
+        let capacity = file.metadata()?.len() / SECTOR;
+        Ok(BlockQueue {
+            mem,
+            queue,
+            interrupt,
+            file: Arc::new(file),
+            read_only,
+            capacity,
+            id: [0; 20],
+        })
+    }
+
     /// Executes one request; returns the bytes written into the chain (the used length). Data moves
     /// straight between the image and guest memory (preadv/pwritev on the chain's buffers).
     fn execute(&self, chain: DescriptorChain<&GuestMemory>) -> u32 {
