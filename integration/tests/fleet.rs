@@ -437,16 +437,25 @@ impl Fleet {
 
     /// Starts vimd with extra environment (`FAILPOINTS`, for crash tests).
     fn start_vimd_with(&mut self, env: &[(&str, &str)]) {
-        let mut c = Command::new(bins().join("vimd"));
+        let listen = self
+            .api_listen
+            .clone()
+            .unwrap_or(self.api.trim_start_matches("https://").to_string());
+        let mut c = self.vimd_command(&self.state(), &listen, "vimd.log");
         c.envs(env.iter().copied());
+        self.vimd = Some(Proc(c.spawn().unwrap()));
+        self.wait_vimd_ready();
+    }
+
+    /// A vimd of this fleet: `state` its own, `listen` its API; the database, the queue, the
+    /// shared storage and the settings the fleet's. Its log goes to `log` in the test's dir.
+    fn vimd_command(&self, state: &Path, listen: &str, log: &str) -> Command {
+        let mut c = Command::new(bins().join("vimd"));
         c.arg("--state-dir")
-            .arg(self.state())
-            .args([
-                "--listen",
-                self.api_listen
-                    .as_deref()
-                    .unwrap_or(self.api.trim_start_matches("https://")),
-            ])
+            .arg(state)
+            .args(["--listen", listen])
+            .arg("--shared-dir")
+            .arg(self.state().join("shared"))
             .args(["--nats-advertise", &self.agent_nats_url("10.231.0.1")]);
         for (_, net) in &self.nets {
             c.args(["--tls-name", &net.root_ip]);
@@ -485,13 +494,18 @@ impl Fleet {
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(self.dir.path().join("vimd.log"))
+                    .open(self.dir.path().join(log))
                     .unwrap(),
             );
         if let Some(u) = &self.database_url {
             c.args(["--database-url", u]);
         }
-        self.vimd = Some(Proc(c.spawn().unwrap()));
+        c
+    }
+
+    /// Waits for the fleet's vimd to answer (and, on a cluster, starts the NATS nodes once vimd
+    /// has written the accounts file they include).
+    fn wait_vimd_ready(&mut self) {
         if let Some(cl) = &mut self.cluster {
             // vimd writes the users file the nodes include, then waits for them.
             wait_until("vimd's NATS accounts file", || cl.accounts().exists());
@@ -961,6 +975,12 @@ fn databases() -> Vec<Option<String>> {
     d
 }
 
+/// One test at a time on the shared PostgreSQL database.
+fn postgres_lock() -> std::sync::MutexGuard<'static, ()> {
+    static POSTGRES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    POSTGRES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Clears a shared PostgreSQL database between runs (SQLite starts fresh in a temp dir).
 fn reset_database(url: &Option<String>) {
     if let Some(u) = url {
@@ -979,6 +999,7 @@ fn reset_database(url: &Option<String>) {
 
 #[test]
 fn vms_are_created_stopped_started_and_deleted_and_owners_are_kept_apart() {
+    let _pg = postgres_lock();
     for db in databases() {
         reset_database(&db);
         let f = Fleet::start(db.clone(), &["h1", "h2"]);
@@ -4744,4 +4765,97 @@ fn a_host_joins_with_one_command_and_leaves() {
                 .contains("authorization")
         },
     );
+}
+
+/// Issue 15's VIM without a single point of failure: two vimd on one PostgreSQL database and a
+/// 3-node NATS cluster. Both serve the API and take jobs; only the one holding the leader lock
+/// monitors hosts. SIGKILL the leader: the other leads within seconds, and a host that then
+/// crashes has its VM restarted elsewhere by it.
+#[test]
+fn two_vimds_share_the_work_and_the_survivor_takes_over_as_leader() {
+    let _pg = postgres_lock();
+    let url = std::env::var("VIM_TEST_DATABASE_URL")
+        .expect("VIM_TEST_DATABASE_URL: a PostgreSQL database (scripts/test.sh starts one)");
+    reset_database(&Some(url.clone()));
+    let mut f = Fleet::start_with(
+        Some(url),
+        &["h1", "h2", "h3"],
+        true,
+        None,
+        &["--lease-ms", "3000"],
+    );
+    f.add_failover_image();
+    // The second vimd: its own state directory, with the first one's CA and API key, so the
+    // fleet's vimctl trusts either.
+    let state2 = f.dir.path().join("vim2");
+    std::fs::create_dir_all(state2.join("tls")).unwrap();
+    for file in ["ca.pem", "ca.key", "server.key"] {
+        std::fs::copy(
+            f.state().join("tls").join(file),
+            state2.join("tls").join(file),
+        )
+        .unwrap();
+    }
+    let api2 = format!("https://127.0.0.1:{}", free_port());
+    let vimd2 = Proc(
+        f.vimd_command(&state2, api2.trim_start_matches("https://"), "vimd2.log")
+            .spawn()
+            .unwrap(),
+    );
+    let (ca, token) = (f.ca(), f.admin_token());
+    let status = |api: &str| -> Option<Value> {
+        let out = Command::new("curl")
+            .args(["-sf", "--cacert"])
+            .arg(&ca)
+            .args(["-H", &format!("authorization: Bearer {}", token.trim())])
+            .arg(format!("{api}/cluster/status"))
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).ok()
+    };
+    wait_until("the second vimd answers", || status(&api2).is_some());
+    // The first leads (it took the lock first); the second does not.
+    wait_until("one leader", || {
+        status(&f.api).is_some_and(|s| s["leader"] == true)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(status(&api2).unwrap()["leader"], false);
+    assert_eq!(status(&f.api).unwrap()["leader"], true);
+    // The second serves the API, and jobs are taken whichever vimd's workers get them.
+    let api1 = f.api.clone();
+    f.api = api2.clone();
+    let a = f.ha_vm_on("a", "h1", "restart");
+    f.api = api1;
+    let b = f.ha_vm_on("b", "h2", "restart");
+
+    // The leader is killed; the second takes over.
+    let killed = Instant::now();
+    f.kill_vimd();
+    f.api = api2.clone();
+    wait_until_for("the second vimd to lead", Duration::from_secs(20), || {
+        status(&api2).is_some_and(|s| s["leader"] == true)
+    });
+    eprintln!(
+        "the second vimd leads {:?} after the first was killed",
+        killed.elapsed()
+    );
+    // It monitors: h1 crashes (its agent and VMM killed), and its VM runs again elsewhere.
+    let vmms = f.vmm_pids(&a);
+    f.kill_agent("h1");
+    for p in vmms {
+        signal("-KILL", p);
+    }
+    let to = f.wait_restarted(&a, "h1");
+    assert_ne!(to, "h1");
+    let restarted = f.events_of("VM_Restarted");
+    assert!(
+        restarted.iter().any(|e| e["vm_id"] == a.as_str()),
+        "{restarted:?}"
+    );
+    // The other VM was never touched.
+    assert_eq!(f.host_of(&b), "h2");
+    assert_eq!(f.vmm_pids(&b).len(), 1);
+    let log2 = std::fs::read_to_string(f.dir.path().join("vimd2.log")).unwrap();
+    assert!(log2.contains("this vimd is the leader now"), "{log2}");
+    drop(vimd2);
 }

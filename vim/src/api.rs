@@ -293,6 +293,7 @@ pub fn router(v: Arc<Vimd>) -> Router {
         .route("/vms/:id/console", get(console))
         .route("/cluster/balance", get(show_balance).put(set_balance))
         .route("/cluster/balance/plan", get(plan_balance))
+        .route("/cluster/status", get(cluster_status))
         .route("/metrics", get(metrics))
         .route("/prices", get(accounting::list_prices))
         .route("/prices/:plan", put(accounting::set_price))
@@ -1380,6 +1381,15 @@ struct BalanceChange {
 }
 
 /// The balancer's settings, the imbalance now, and each host's load (docs/balance.md).
+/// This vimd: whether it leads (docs/ha.md), and its process.
+async fn cluster_status(State(v): St, h: Req) -> Response {
+    call(&v, &h, "cluster.status", "", |v, who| async move {
+        admin(&who)?;
+        ok(json!({"leader": v.is_leader(), "pid": std::process::id()}))
+    })
+    .await
+}
+
 async fn show_balance(State(v): St, h: Req) -> Response {
     call(&v, &h, "cluster.balance.show", "", |v, who| async move {
         admin(&who)?;

@@ -15,6 +15,7 @@ pub mod files;
 pub mod hosts;
 pub mod http;
 pub mod join;
+pub mod leader;
 pub mod metrics;
 pub mod monitor;
 pub mod openapi;

@@ -194,6 +194,7 @@ pub fn document() -> Value {
                     balance_settings()),
             },
             "/cluster/balance/plan": {"get": op("Dry run: the moves the balancer would make now, with the imbalance and loads before and after; changes nothing (admin)", "200")},
+            "/cluster/status": {"get": op("This vimd: whether it is the leader (the one that monitors hosts and fails them over; docs/ha.md) and its pid (admin)", "200")},
             "/metrics": {"get": op("Prometheus metrics, text exposition format (admin): hosts and VMs by state, jobs by kind and outcome with latency histograms, queue lag, heartbeat age, migration downtime and failover RTO histograms, each VM's CPU and memory", "200")},
             "/prices": {"get": op("Pricing plans' price histories and which consumer pays by which \
                 (a consumer: its own plan's; docs/billing.md)", "200")},

@@ -214,6 +214,14 @@ async fn run(a: Args) -> Result<()> {
     let db = db::Db::open(&url)
         .await
         .with_context(|| format!("cannot open the database {url}"))?;
+    // With PostgreSQL several vimd can share the database and the queue: one leads (docs/ha.md).
+    let leadership = if url.starts_with("postgres") {
+        let l = Arc::new(vim::leader::Leadership::contended());
+        vim::leader::run(l.clone(), url.clone());
+        l
+    } else {
+        Arc::new(vim::leader::Leadership::alone())
+    };
     if db.count_tokens().await? == 0 {
         let t = auth::random_secret();
         db.add_token(&auth::hash_token(&t), "admin", "admin")
@@ -389,6 +397,7 @@ async fn run(a: Args) -> Result<()> {
         },
         migration_slots: Default::default(),
         metrics: Default::default(),
+        leadership,
         retention: Retention {
             events: Duration::from_secs(a.event_retention_days.max(1) * 86_400),
             audit: Duration::from_secs(a.audit_retention_days.max(1) * 86_400),

@@ -33,6 +33,11 @@ pub fn run_balancer(v: Arc<Vimd>) {
         let mut above = 0u32;
         loop {
             tick.tick().await;
+            if !v.is_leader() {
+                above = 0;
+                last_round = None;
+                continue;
+            }
             let s = match v.balance_settings().await {
                 Ok(s) => s,
                 Err(e) => {

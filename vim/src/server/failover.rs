@@ -122,6 +122,9 @@ pub async fn run(v: Arc<Vimd>) -> Result<()> {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             tick.tick().await;
+            if !v.is_leader() {
+                continue;
+            }
             if let Err(e) = v.failover_tick().await {
                 tracing::warn!(error = %e, "failover");
             }

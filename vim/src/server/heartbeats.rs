@@ -27,10 +27,29 @@ pub async fn run_monitor(v: Arc<Vimd>) -> Result<()> {
         let mut flush = tokio::time::interval(HEARTBEAT_BATCH.min(every));
         let mut clock = tokio::time::interval(every);
         let mut seen = Seen::default();
+        // A vimd that becomes the leader starts from the database, as a vimd starting does: what
+        // it heard as a standby is not what the old leader recorded.
+        let mut leading = v2.is_leader();
         loop {
+            let lead = v2.is_leader();
+            if lead && !leading {
+                match v2.db.hosts().await {
+                    Ok(hosts) => v2.liveness.load(&hosts),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot load hosts on taking the lead");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+                seen = Seen::default();
+            }
+            leading = lead;
             tokio::select! {
                 m = sub.next() => {
                     let Some(m) = m else { break };
+                    if !lead {
+                        continue; // the leader records heartbeats
+                    }
                     // The subject names the sender (its permissions allow only its own); what
                     // a host sends wrong goes to its own share of the dead letters.
                     let Some(sender) = s::sender(&m.subject, s::HEARTBEATS_PREFIX) else {
@@ -56,11 +75,17 @@ pub async fn run_monitor(v: Arc<Vimd>) -> Result<()> {
                     }
                 }
                 _ = flush.tick() => {
+                    if !lead {
+                        continue;
+                    }
                     if tx.send(std::mem::take(&mut seen)).is_err() {
                         break;
                     }
                 }
                 _ = clock.tick() => {
+                    if !lead {
+                        continue;
+                    }
                     let misses = v2.liveness.tick(db::now_ms(), every, v2.monitoring.misses_for_unreachable);
                     if !misses.is_empty() && tx.send(Seen { misses, ..Default::default() }).is_err() {
                         break;

@@ -22,6 +22,7 @@ pub use suspend::run_auto_suspend;
 pub use upkeep::{run_housekeeping, run_reconciler};
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -94,6 +95,8 @@ pub struct Vimd {
     pub migration_slots: tokio::sync::Mutex<()>,
     /// What `GET /metrics` reports.
     pub metrics: crate::metrics::Metrics,
+    /// Whether this vimd does the work that must happen once (docs/ha.md).
+    pub leadership: Arc<crate::leader::Leadership>,
 }
 
 /// How long the event log and the audit log keep their rows.
@@ -104,6 +107,12 @@ pub struct Retention {
 }
 
 impl Vimd {
+    /// Whether this vimd leads: only the leader monitors hosts, fails them over and runs the
+    /// periodic tasks.
+    pub fn is_leader(&self) -> bool {
+        self.leadership.is_leader()
+    }
+
     /// A VM's directory on shared storage: its disk copy and console log. The id is checked
     /// first: an id is never a path of its own (`..`, `/etc`).
     pub fn vm_dir(&self, vm_id: &str) -> Result<PathBuf, vim_proto::BadId> {

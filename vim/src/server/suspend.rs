@@ -36,6 +36,10 @@ pub fn run_auto_suspend(v: Arc<Vimd>) {
         let mut tick = tokio::time::interval(AUTO_SUSPEND_EVERY);
         loop {
             tick.tick().await;
+            if !v.is_leader() {
+                idle_since.clear();
+                continue;
+            }
             if let Err(e) = v.auto_suspend_round(&mut idle_since).await {
                 tracing::warn!(error = %e, "auto-suspend");
             }

@@ -22,6 +22,9 @@ pub async fn run_reconciler(v: Arc<Vimd>) {
             if let Some(n) = &v.embedded {
                 n.supervise();
             }
+            if !v.is_leader() {
+                continue;
+            }
             match v.db.unpublished_jobs(2000).await {
                 Ok(jobs) => republish(&v, jobs, false, "republishing unconfirmed jobs").await,
                 Err(e) => tracing::warn!(error = %e, "reconciler"),
@@ -59,6 +62,9 @@ pub fn run_housekeeping(v: Arc<Vimd>) {
         loop {
             tick.tick().await;
             crate::api::audit_login_summary(&v).await;
+            if !v.is_leader() {
+                continue;
+            }
             if let Err(e) = watch_sla(&v).await {
                 tracing::warn!(error = %e, "cannot check availability against SLA targets");
             }
