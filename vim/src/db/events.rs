@@ -102,29 +102,17 @@ impl Db {
     }
 
     /// What the availability of `vm_ids` is computed from (`sla::availability`): their events
-    /// and the hosts' reachability and fencing events, before `to`, oldest first.
+    /// and the reachability and fencing events of the hosts they were on, before `to`, oldest
+    /// first.
     pub async fn availability_events(
         &self,
         vm_ids: &[String],
         to: i64,
     ) -> Result<Vec<Event>, DbError> {
-        let kinds = [
-            EventKind::PsUnreachable,
-            EventKind::PsReachable,
-            EventKind::HostFenced,
-            EventKind::HostSelfFenced,
-        ];
-        let mut q = sqlx::query(
-            "SELECT * FROM events WHERE ts < $1 AND vm_id = '' AND kind IN ($2, $3, $4, $5)",
-        )
-        .bind(to);
-        for k in kinds {
-            q = q.bind(k.as_str());
-        }
-        let mut rows = q.fetch_all(&self.pool).await?;
+        let mut rows = Vec::new();
         for chunk in vm_ids.chunks(500) {
             let sql = format!(
-                "SELECT * FROM events WHERE ts < $1 AND vm_id IN ({})",
+                "SELECT * FROM events WHERE ts < $1 AND vm_id IN ({}) ORDER BY ts",
                 marks(2, chunk.len())
             );
             let q = chunk
@@ -133,6 +121,33 @@ impl Db {
             rows.extend(q.fetch_all(&self.pool).await?);
         }
         let mut out: Vec<Event> = rows.iter().map(event).collect::<Result<_, _>>()?;
+        let mut hosts: Vec<String> = out
+            .iter()
+            .filter(|e| !e.host_id.is_empty())
+            .map(|e| e.host_id.clone())
+            .collect();
+        hosts.sort();
+        hosts.dedup();
+        let kinds = [
+            EventKind::PsUnreachable,
+            EventKind::PsReachable,
+            EventKind::HostFenced,
+            EventKind::HostSelfFenced,
+        ];
+        for chunk in hosts.chunks(500) {
+            let sql = format!(
+                "SELECT * FROM events WHERE ts < $1 AND vm_id = '' AND kind IN ($2, $3, $4, $5)
+                 AND host_id IN ({})",
+                marks(6, chunk.len())
+            );
+            let q = kinds
+                .iter()
+                .fold(sqlx::query(&sql).bind(to), |q, k| q.bind(k.as_str()));
+            let q = chunk.iter().fold(q, |q, h| q.bind(h));
+            for r in q.fetch_all(&self.pool).await? {
+                out.push(event(&r)?);
+            }
+        }
         // Stable: events of one instant keep the order they were written in.
         out.sort_by_key(|e| e.ts);
         Ok(out)
@@ -199,6 +214,39 @@ mod tests {
     use super::*;
     use crate::db::tests::databases;
     use crate::db::AuditEntry;
+
+    /// A VM's availability events are its own and those of the hosts it was on, nothing else.
+    #[tokio::test]
+    async fn availability_events_are_the_vms_and_its_hosts() {
+        for (db, _dir) in databases().await {
+            let at = |ts, kind, host: &str, vm: &str| Event {
+                ts,
+                ..Event::new(kind, host, vm, "", "")
+            };
+            db.add_events(&[
+                at(1, EventKind::VmCreated, "h1", "v"),
+                at(2, EventKind::PsUnreachable, "h1", ""),
+                at(3, EventKind::PsUnreachable, "h2", ""),
+                at(4, EventKind::VmCreated, "h2", "w"),
+                at(5, EventKind::HostFenced, "h1", ""),
+                at(6, EventKind::PsTimeout, "h1", ""),
+                at(9, EventKind::PsReachable, "h1", ""),
+            ])
+            .await
+            .unwrap();
+            let got: Vec<(i64, &str)> = db
+                .availability_events(&["v".to_string()], 9)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| (e.ts, e.kind.as_str()))
+                .collect();
+            assert_eq!(
+                got,
+                [(1, "VM_Created"), (2, "PS_Unreachable"), (5, "Host_Fenced")]
+            );
+        }
+    }
 
     /// Events and audit rows past their retention go, newer ones stay; a listing without
     /// `since` is the newest rows, oldest first.
