@@ -64,6 +64,7 @@ pub struct Metrics {
     vm_cpu: Family<VmLabels, FloatGauge>,
     vm_rss: Family<VmLabels, Gauge>,
     queue_pending: Family<ConsumerLabel, Gauge>,
+    leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -80,6 +81,7 @@ impl Default for Metrics {
             vm_cpu: Family::default(),
             vm_rss: Family::default(),
             queue_pending: Family::default(),
+            leader: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("jobs", "Jobs ended, by kind and outcome", m.jobs.clone());
@@ -124,11 +126,20 @@ impl Default for Metrics {
             "Messages waiting for vimd's consumers (queue lag)",
             m.queue_pending.clone(),
         );
+        registry.register(
+            "leader",
+            "1 while this vimd leads (monitors hosts, fails them over), else 0",
+            m.leader.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
 
 impl Metrics {
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
+    }
+
     /// A job ended (`done` or `failed`) `seconds` after it was queued.
     pub fn job_ended(&self, kind: &str, outcome: &str, seconds: f64) {
         self.jobs
@@ -239,6 +250,7 @@ mod tests {
         };
         m.set_inventory(&hosts, &[vm], 10_000);
         m.set_pending("vimd-workers", 3);
+        m.set_leader(true);
         let text = m.encode();
         for want in [
             "vim_jobs_total{kind=\"create\",outcome=\"done\"} 2",
@@ -253,6 +265,7 @@ mod tests {
             "vim_vm_cpu_percent{vm=\"v1\",host=\"h1\"} 42.5",
             "vim_vm_rss_bytes{vm=\"v1\",host=\"h1\"} 2048",
             "vim_queue_pending_messages{consumer=\"vimd-workers\"} 3",
+            "vim_leader 1",
         ] {
             assert!(text.contains(want), "{want} missing from:\n{text}");
         }

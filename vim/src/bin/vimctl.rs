@@ -158,6 +158,8 @@ enum PriceCmd {
 
 #[derive(Subcommand)]
 enum ClusterCmd {
+    /// The vimd answering: whether it leads (docs/ha.md) and its pid.
+    Status,
     /// The load balancer (admins): without options, its settings and each host's load; with
     /// --on/--off or a setting, changes them; --dry-run prints the moves it would make now.
     Balance {
@@ -943,6 +945,9 @@ fn run(cli: Cli) -> Result<()> {
                 ],
             )?,
         },
+        Cmd::Cluster {
+            cmd: ClusterCmd::Status,
+        } => print(&api.get("/cluster/status")?),
         Cmd::Cluster {
             cmd:
                 ClusterCmd::Balance {

@@ -195,6 +195,7 @@ impl Vimd {
         let hosts = self.db.hosts().await?;
         let vms = self.db.live_vms().await?;
         self.metrics.set_inventory(&hosts, &vms, db::now_ms());
+        self.metrics.set_leader(self.is_leader());
         for (stream, consumer) in [
             (s::JOB_STREAM, s::JOB_CONSUMER),
             (s::EVENT_STREAM, s::EVENT_CONSUMER),
