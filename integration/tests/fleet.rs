@@ -4839,6 +4839,9 @@ fn two_vimds_share_the_work_and_the_survivor_takes_over_as_leader() {
         "the second vimd leads {:?} after the first was killed",
         killed.elapsed()
     );
+    assert_eq!(f.ctl_ok(&["cluster", "status"])["leader"], true);
+    let (code, text) = f.http("GET", "/metrics", "", Some(&f.admin_token()));
+    assert!(code == 200 && text.contains("vim_leader 1"), "{text}");
     // It monitors: h1 crashes (its agent and VMM killed), and its VM runs again elsewhere.
     let vmms = f.vmm_pids(&a);
     f.kill_agent("h1");
