@@ -16,6 +16,7 @@ import urllib.request
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -48,7 +49,9 @@ driver.set_page_load_timeout(30)
 
 def wait(what, cond, timeout=30):
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: cond())
+        # An element found just before the page redrew it is stale: look again.
+        return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                             ignored_exceptions=[StaleElementReferenceException]).until(lambda d: cond())
     except Exception:
         shot("failed")
         raise SystemExit(f"dashboard: timed out waiting for {what}")
@@ -59,7 +62,21 @@ def shot(name):
 
 
 def text(css):
-    return " ".join(e.text for e in driver.find_elements(By.CSS_SELECTOR, css))
+    # In the page, at once: no element can go stale between finding it and reading it.
+    return driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map(e => e.textContent).join(' ')", css)
+
+
+def click(css):
+    # The real click, looked up again if the page redrew the element in between.
+    wait(f"{css} clickable", lambda: driver.find_element(By.CSS_SELECTOR, css).is_enabled())
+    for _ in range(5):
+        try:
+            driver.find_element(By.CSS_SELECTOR, css).click()
+            return
+        except StaleElementReferenceException:
+            time.sleep(0.1)
+    raise SystemExit(f"dashboard: {css} kept being redrawn")
 
 
 try:
@@ -93,13 +110,13 @@ try:
     print(f"dashboard: the VM appeared {seen:.2f} s after the API answered")
     wait("the VM running", lambda: "running" in text(row + " td.state"), timeout=60)
     shot("3-vms")
-    driver.find_element(By.CSS_SELECTOR, f'button[data-action="stop"][data-vm="{vm}"]').click()
+    click(f'button[data-action="stop"][data-vm="{vm}"]')
     wait("the VM stopped", lambda: "stopped" in text(row + " td.state"), timeout=90)
     if call("GET", f"/vms/{vm}")["state"] != "stopped":
         raise SystemExit("dashboard: the page says stopped, the API does not")
     shot("4-stopped")
 
-    driver.find_element(By.CSS_SELECTOR, row + " a.vm-link").click()
+    click(row + " a.vm-link")
     wait("the availability chart", lambda: driver.find_elements(By.CSS_SELECTOR, "#availability svg rect.up"))
     if driver.execute_script("return window.__no_reload") != 1:
         raise SystemExit("dashboard: opening a VM reloaded the page")

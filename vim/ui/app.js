@@ -140,12 +140,33 @@ async function vmsView(v) {
     const r = await api("GET", `/sla/report?from=${encodeURIComponent(iso(monthStart()))}`);
     availability = Object.fromEntries(r.vms.map((x) => [x.vm_id, x]));
   });
+  table.append(el("tr", {}, ...["name", "id", "owner", "state", "host", "vCPUs", "memory", "availability (month)", ""].map((h) => el("th", { text: h }))));
   every(1000, async () => {
     const vms = (await api("GET", "/vms")).filter((x) => x.state !== "deleted");
-    table.replaceChildren(el("tr", {}, ...["name", "id", "owner", "state", "host", "vCPUs", "memory", "availability (month)", ""].map((h) => el("th", { text: h }))));
+    // Rows are replaced only when what they show changed: a button is not swapped for a new
+    // one under the pointer every second.
+    const old = new Map([...table.querySelectorAll("tr[data-vm]")].map((r) => [r.dataset.vm, r]));
+    let after = table.firstChild;
     for (const vm of vms) {
       const a = availability[vm.id];
-      table.append(el("tr", { "data-vm": vm.id },
+      const shown = JSON.stringify([vm.name, vm.owner, vm.state, vm.host_id, vm.vcpus, vm.memory_mib, a ? a.uptime_pct.toFixed(3) : ""]);
+      let row = old.get(vm.id);
+      old.delete(vm.id);
+      if (!row || row.dataset.shown !== shown) {
+        const fresh = vmRow(vm, a, shown);
+        if (row) row.replaceWith(fresh); else after.after(fresh);
+        row = fresh;
+      } else if (row.previousSibling !== after) {
+        after.after(row);
+      }
+      after = row;
+    }
+    for (const gone of old.values()) gone.remove();
+  });
+}
+
+function vmRow(vm, a, shown) {
+  return el("tr", { "data-vm": vm.id, "data-shown": shown },
         el("td", {}, el("a", { href: `#vm/${vm.id}`, class: "vm-link", text: vm.name })),
         el("td", { text: vm.id.slice(0, 12) }),
         el("td", { text: vm.owner }),
@@ -154,9 +175,7 @@ async function vmsView(v) {
         el("td", { class: "num", text: vm.vcpus }),
         el("td", { class: "num", text: `${vm.memory_mib} MiB` }),
         el("td", { class: "num", text: a ? `${a.uptime_pct.toFixed(3)} %` : "100 %" }),
-        el("td", {}, ...actions(vm))));
-    }
-  });
+        el("td", {}, ...actions(vm)));
 }
 
 // Start, stop, migrate, resize: each a job; the table shows its effect at the next refresh.
