@@ -4743,8 +4743,11 @@ fn a_host_joins_with_one_command_and_leaves() {
     // Leaving: refused with a VM on it; once the VM is gone, removed, credentials revoked.
     let (ok, _, err) = f.ctl(&["host", "remove", "h2"]);
     assert!(!ok && err.contains("409") && err.contains("VMs"), "{err}");
+    // --drain moves the VM away first (to h1, taking VMs again), then removes the host.
+    f.ctl_ok(&["host", "undrain", "h1", "--json"]);
+    f.ctl_ok(&["host", "remove", "h2", "--drain", "--json"]);
+    assert_eq!(f.host_of(&id), "h1");
     f.ctl_ok(&["vm", "delete", &id, "--json"]);
-    f.ctl_ok(&["host", "remove", "h2", "--json"]);
     f.ctl_ok(&["host", "remove", "h3", "--json"]);
     let hosts = f.ctl_ok(&["hosts", "--json"]);
     let ids: Vec<&str> = hosts

@@ -524,6 +524,23 @@ impl Api {
     }
 
     /// Waits for a job to end, with a progress line on stderr.
+    /// Drains a host: each running VM's migration is a job; waits for all of
+    /// them (unless --no-wait) and returns the drain answer with the VMs that
+    /// did not move, as "vm: error".
+    fn drain(&self, id: &str, wait: &Wait) -> Result<(Value, Vec<String>)> {
+        let r = self.post(&format!("/hosts/{id}/drain"), json!({}))?;
+        let mut failed = Vec::new();
+        if !wait.no_wait {
+            for j in r["jobs"].as_array().into_iter().flatten() {
+                let done = self.wait(j["job_id"].as_str().unwrap_or_default(), wait, true)?;
+                if done["state"] != "done" {
+                    failed.push(format!("{}: {}", j["vm_id"], done["error"]));
+                }
+            }
+        }
+        Ok((r, failed))
+    }
+
     fn wait(&self, job_id: &str, w: &Wait, quiet: bool) -> Result<Value> {
         let deadline = Instant::now() + Duration::from_secs(w.timeout_s);
         let start = Instant::now();
@@ -795,23 +812,12 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Host { cmd } => match cmd {
             HostCmd::Drain { id, wait } => {
-                let r = api.post(&format!("/hosts/{id}/drain"), json!({}))?;
-                let jobs: Vec<Value> = r["jobs"].as_array().cloned().unwrap_or_default();
-                // Each VM's migration is a job; wait for all of them (unless --no-wait).
-                let mut failed = Vec::new();
-                if !wait.no_wait {
-                    for j in &jobs {
-                        let job_id = j["job_id"].as_str().unwrap_or_default();
-                        let done = api.wait(job_id, &wait, true)?;
-                        if done["state"] != "done" {
-                            failed.push(format!("{}: {}", j["vm_id"], done["error"]));
-                        }
-                    }
-                }
+                let (r, failed) = api.drain(&id, &wait)?;
                 if json_out {
                     print(&r);
                 } else {
-                    println!("host {id} draining: {} VM(s) migrating away", jobs.len());
+                    let moving = r["jobs"].as_array().map_or(0, Vec::len);
+                    println!("host {id} draining: {moving} VM(s) migrating away");
                     for s in r["staying"].as_array().into_iter().flatten() {
                         println!("stays (not running): {} ({})", s["vm_id"], s["state"]);
                     }
@@ -864,21 +870,16 @@ fn run(cli: Cli) -> Result<()> {
             }
             HostCmd::Remove { id, drain } => {
                 if drain {
-                    let r = api.post(&format!("/hosts/{id}/drain"), json!({}))?;
                     let wait = Wait {
                         no_wait: false,
                         timeout_s: 600,
                     };
-                    for j in r["jobs"].as_array().into_iter().flatten() {
-                        let done =
-                            api.wait(j["job_id"].as_str().unwrap_or_default(), &wait, true)?;
-                        anyhow::ensure!(
-                            done["state"] == "done",
-                            "VM {} did not move: {}; host {id} stays",
-                            j["vm_id"],
-                            done["error"]
-                        );
-                    }
+                    let (_, failed) = api.drain(&id, &wait)?;
+                    anyhow::ensure!(
+                        failed.is_empty(),
+                        "not moved: {}; host {id} stays",
+                        failed.join(", ")
+                    );
                 }
                 print(&api.req(reqwest::Method::DELETE, &format!("/hosts/{id}"), None)?)
             }
