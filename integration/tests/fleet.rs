@@ -4740,7 +4740,7 @@ fn a_host_joins_with_one_command_and_leaves() {
         "{late:?}"
     );
 
-    // Leaving: refused with a VM on it; once the VM is gone, removed, credentials revoked.
+    // Leaving: refused with a VM on it unless --drain; removed hosts' credentials are revoked.
     let (ok, _, err) = f.ctl(&["host", "remove", "h2"]);
     assert!(!ok && err.contains("409") && err.contains("VMs"), "{err}");
     // --drain moves the VM away first (to h1, taking VMs again), then removes the host.

@@ -523,7 +523,6 @@ impl Api {
         self.req(reqwest::Method::POST, path, Some(body))
     }
 
-    /// Waits for a job to end, with a progress line on stderr.
     /// Drains a host: each running VM's migration is a job; waits for all of
     /// them (unless --no-wait) and returns the drain answer with the VMs that
     /// did not move, as "vm: error".
@@ -541,6 +540,7 @@ impl Api {
         Ok((r, failed))
     }
 
+    /// Waits for a job to end, with a progress line on stderr.
     fn wait(&self, job_id: &str, w: &Wait, quiet: bool) -> Result<Value> {
         let deadline = Instant::now() + Duration::from_secs(w.timeout_s);
         let start = Instant::now();
