@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing (cargo-fuzz, libFuzzer, nightly) of what a guest, a client or a host
-# can feed us: vmm/fuzz/fuzz_targets/ (virtio-blk queue handling, the snapshot state decoder,
-# the VMM API request parser, the queue's protobuf messages). Each target starts from its seed
+# can feed us: vmm/fuzz/fuzz_targets/ (virtio-blk's queue handling; that of rng, balloon, mem, net
+# and vsock; the snapshot state decoder; the VMM API request parser; the queue's protobuf
+# messages). Each target starts from its seed
 # corpus in vmm/fuzz/seeds/ (crashes found once are kept there: each run replays them) and runs
 # SECONDS (default 20); a crash fails the script and leaves its input in
 # target/fuzz-artifacts/TARGET/. Prints each target's executions and coverage.
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-20}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(api_request snapshot_state proto_decode virtio_block)
+[ ${#targets[@]} -gt 0 ] || targets=(api_request snapshot_state proto_decode virtio_block virtio_devices)
 version=0.13.2
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 if ! cargo fuzz --version 2>/dev/null | grep -q "$version"; then

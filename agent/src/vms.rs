@@ -229,6 +229,17 @@ impl Dirs {
         })
     }
 
+    /// VM `id`'s own directory on shared storage: its disk, its suspended state, its migration
+    /// handovers; the only place its VMM may be asked to write state (`--state-root`).
+    pub fn vm_dir(&self, id: &str) -> PathBuf {
+        self.shared_dir.join("vms").join(id)
+    }
+
+    /// Where VM `id`'s VMM writes its log (stderr).
+    pub fn vmm_log(&self, id: &str) -> PathBuf {
+        self.state_dir.join("vms").join(format!("{id}.vmm.log"))
+    }
+
     /// Refuses a command this host must not carry out, whoever sent it: an id that is not of
     /// the one format (it becomes a path), a size out of range, or a file outside the shared
     /// image store (`SHARED/images/…`, or the VM's own `SHARED/vms/ID/…`) or not a regular
@@ -285,10 +296,7 @@ impl Dirs {
             let mac: vmm_api::Mac = s.mac.parse()?;
             anyhow::ensure!(mac.is_unicast(), "MAC {mac} is not unicast");
         }
-        let roots = [
-            self.shared_dir.join("images"),
-            self.shared_dir.join("vms").join(&s.vm_id),
-        ];
+        let roots = [self.shared_dir.join("images"), self.vm_dir(&s.vm_id)];
         for (what, path) in [
             ("kernel", &s.kernel),
             ("initrd", &s.initrd),
@@ -349,13 +357,13 @@ impl Dirs {
     /// Where VM `id` is handed over in a live migration: its own directory on shared storage,
     /// derived from the id on each host (no path travels in a command).
     pub fn migration_dir(&self, id: &str) -> PathBuf {
-        self.shared_dir.join("vms").join(id).join("migration")
+        self.vm_dir(id).join("migration")
     }
 
     /// Where VM `id`'s state goes when it is suspended: its own directory on shared storage,
     /// derived from the id on each host, so any host can resume it.
     pub fn suspend_dir(&self, id: &str) -> PathBuf {
-        self.shared_dir.join("vms").join(id).join("suspended")
+        self.vm_dir(id).join("suspended")
     }
 
     // Handled jobs.
@@ -546,12 +554,7 @@ impl Vm {
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 self.child = None;
-                let log = self
-                    .dirs
-                    .state_dir
-                    .join("vms")
-                    .join(format!("{}.vmm.log", self.id()));
-                let err = std::fs::read_to_string(log).unwrap_or_default();
+                let err = std::fs::read_to_string(self.dirs.vmm_log(self.id())).unwrap_or_default();
                 anyhow::bail!("vmm exited ({st}): {}", err.lines().last().unwrap_or(""));
             }
             if vmm_info(&self.record.api_socket, Duration::from_millis(200))
@@ -617,7 +620,7 @@ impl Vm {
             "VM {} has been deleted",
             spec.vm_id
         );
-        let dir = dirs.shared_dir.join("vms").join(&spec.vm_id);
+        let dir = dirs.vm_dir(&spec.vm_id);
         std::fs::create_dir_all(&dir)?;
         let vm = Vm {
             dirs: dirs.clone(),
@@ -781,17 +784,17 @@ impl Vm {
     ) -> anyhow::Result<()> {
         let id = self.id().to_string();
         let before = self.record.state;
-        cmd.arg("--lease")
+        let vm_dir = self.dirs.vm_dir(&id);
+        std::fs::create_dir_all(&vm_dir)?;
+        cmd.arg("--state-root")
+            .arg(&vm_dir)
+            .arg("--lease")
             .arg(crate::lease::file(&self.dirs.state_dir))
             .arg("--serial")
             .arg(format!("file:{}", self.record.console.display()))
             .arg("--api-socket")
             .arg(&self.record.api_socket);
-        let log_path = self
-            .dirs
-            .state_dir
-            .join("vms")
-            .join(format!("{id}.vmm.log"));
+        let log_path = self.dirs.vmm_log(&id);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -1150,6 +1153,18 @@ impl Vm {
                 VmState::Failed,
                 "fenced: the host's lease lapsed, the VMM stopped the guest".to_string(),
             ),
+            Some(st) if st.code() == Some(vmm_api::SECCOMP_EXIT) => {
+                // The line that names the thread and the call: a VMM a guest may have taken over.
+                let log = std::fs::read_to_string(self.dirs.vmm_log(self.id())).unwrap_or_default();
+                let line = log
+                    .lines()
+                    .rfind(|l| l.contains("vmm: seccomp:"))
+                    .unwrap_or("no seccomp line in its log");
+                (
+                    VmState::Failed,
+                    format!("the VMM broke its seccomp filter and was stopped: {line}"),
+                )
+            }
             Some(st) => (VmState::Failed, format!("the VMM exited: {st}")),
             None => (VmState::Failed, "the VMM process disappeared".to_string()),
         };

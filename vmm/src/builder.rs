@@ -224,6 +224,8 @@ impl Machine {
                 (vcpus, None)
             }
         };
+        // From here on the guest runs: the main thread gives up what only building needed.
+        crate::seccomp::apply(crate::seccomp::Kind::Vmm)?;
         // Restored devices start (their workers) with the vCPUs, not before: a vCPU that fails
         // to start leaves nothing running.
         let vcpus = Arc::new(VcpuSet::start(vcpus, io_bus, mmio_bus, exit, true)?);
@@ -270,6 +272,7 @@ impl Machine {
             resize: None,
             supported_cpuid,
             events_tx: tx,
+            state_roots: Default::default(),
         })
     }
 }

@@ -17,12 +17,10 @@ pub const POLL: Duration = Duration::from_millis(20);
 /// returning, so a VMM never starts a guest under a lapsed lease.
 pub fn watch(path: PathBuf) -> std::io::Result<()> {
     check(&path);
-    std::thread::Builder::new()
-        .name("lease".into())
-        .spawn(move || loop {
-            std::thread::sleep(POLL);
-            check(&path);
-        })?;
+    crate::seccomp::spawn(crate::seccomp::Kind::Vmm, "lease".into(), move || loop {
+        std::thread::sleep(POLL);
+        check(&path);
+    })?;
     Ok(())
 }
 

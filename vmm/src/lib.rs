@@ -13,7 +13,9 @@
 //! - [`builder`]: builds a machine, booted or from a snapshot's state;
 //! - [`persist`]: the machine's components as one tree (pause, save, restore), and snapshots;
 //! - [`migrate`]: live migration through a directory on shared storage;
-//! - [`vmm`]: the control loop that runs the machine to its end.
+//! - [`vmm`]: the control loop that runs the machine to its end;
+//! - [`seccomp`]: the system calls each kind of thread may make;
+//! - [`state_roots`]: the directories API requests may name.
 
 pub mod acpi;
 pub mod api;
@@ -27,7 +29,9 @@ pub mod memory;
 pub mod migrate;
 pub mod migration;
 pub mod persist;
+pub mod seccomp;
 pub mod snapshot;
+pub mod state_roots;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

@@ -10,6 +10,7 @@ use vmm::api::{self, Request};
 use vmm::config::{
     BalloonConfig, DeviceConfig, DiskConfig, NetConfig, SerialOutput, VmConfig, VsockConfig,
 };
+use vmm::state_roots::StateRoots;
 use vmm::{vm, vmm::Machine};
 
 #[derive(Parser)]
@@ -40,6 +41,36 @@ struct InspectArgs {
     part: Option<String>,
 }
 
+/// The VMM's confinement, for `run` and `restore`.
+#[derive(Args)]
+struct SandboxArgs {
+    /// Run without seccomp filters (for debugging: every thread may make any system call).
+    #[arg(long = "no-seccomp")]
+    no_seccomp: bool,
+    /// Test hook: the first thread of this kind makes a forbidden call once filtered.
+    #[arg(long = "seccomp-selftest", hide = true, conflicts_with = "no_seccomp")]
+    seccomp_selftest: Option<vmm::seccomp::Kind>,
+    /// The only directories (and what is under them) `snapshot` and `migrate` requests may
+    /// name; repeatable. Without it, any.
+    #[arg(long = "state-root", value_name = "DIR")]
+    state_roots: Vec<PathBuf>,
+}
+
+impl SandboxArgs {
+    /// Turns the filters on, before the first thread starts.
+    fn enable(&self) -> Result<()> {
+        if self.no_seccomp {
+            tracing::warn!("seccomp filters are off (--no-seccomp)");
+            return Ok(());
+        }
+        Ok(vmm::seccomp::enable(self.seccomp_selftest)?)
+    }
+
+    fn state_roots(&self) -> Result<StateRoots> {
+        Ok(StateRoots::new(&self.state_roots)?)
+    }
+}
+
 #[derive(Args)]
 struct RestoreArgs {
     #[arg(long)]
@@ -54,6 +85,8 @@ struct RestoreArgs {
     /// The host's lease file, as for `run`: the guest is stopped the moment the lease lapses.
     #[arg(long, value_name = "FILE")]
     lease: Option<PathBuf>,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 #[derive(Args)]
@@ -116,6 +149,8 @@ struct RunArgs {
     /// lapses or the file cannot be read (docs/failover.md).
     #[arg(long, value_name = "FILE")]
     lease: Option<PathBuf>,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 #[derive(Args)]
@@ -182,12 +217,14 @@ enum CtlCommand {
 
 fn run(args: RunArgs) -> Result<i32> {
     let serial: SerialOutput = args.serial.parse()?;
+    args.sandbox.enable()?;
+    let roots = args.sandbox.state_roots()?;
     if let Some(l) = args.lease.clone() {
         vmm::lease::watch(l)?;
     }
     if let Some(dir) = &args.incoming {
         let wait = Duration::from_millis(args.incoming_timeout_ms);
-        return incoming(dir, wait, serial, args.api_socket);
+        return incoming(dir, wait, serial, args.api_socket, roots);
     }
     let Some(kernel) = args.kernel else {
         anyhow::bail!("--kernel is required");
@@ -225,7 +262,7 @@ fn run(args: RunArgs) -> Result<i32> {
         host_max_vcpus,
     )?
     .with_max_memory(args.max_memory_mib)?;
-    let machine = Machine::build(config, kvm)?;
+    let machine = Machine::build(config, kvm)?.with_state_roots(roots);
     let outcome = machine.run();
     if outcome.exit_code == 0 {
         tracing::info!(reason = %outcome.reason, "VM stopped");
@@ -241,6 +278,7 @@ fn incoming(
     wait: Duration,
     serial: SerialOutput,
     api_socket: Option<PathBuf>,
+    roots: StateRoots,
 ) -> Result<i32> {
     let kvm = vm::open_kvm()?;
     // The readiness line a supervisor waits for (docs/migration.md).
@@ -249,7 +287,7 @@ fn incoming(
         anyhow::bail!("the source took the VM back before this target claimed it");
     }
     let machine = match Machine::restore(dir, serial, api_socket, false, kvm) {
-        Ok(m) => m,
+        Ok(m) => m.with_state_roots(roots),
         Err(e) => {
             let why = format!("{e:#}");
             if let Err(g) = vmm::migrate::give_back(dir, &why) {
@@ -269,11 +307,14 @@ fn incoming(
 
 fn restore(args: RestoreArgs) -> Result<i32> {
     let serial: SerialOutput = args.serial.parse()?;
+    args.sandbox.enable()?;
+    let roots = args.sandbox.state_roots()?;
     if let Some(l) = args.lease.clone() {
         vmm::lease::watch(l)?;
     }
     let kvm = vm::open_kvm()?;
-    let machine = Machine::restore(&args.snapshot, serial, args.api_socket, args.paused, kvm)?;
+    let machine = Machine::restore(&args.snapshot, serial, args.api_socket, args.paused, kvm)?
+        .with_state_roots(roots);
     let outcome = machine.run();
     if outcome.exit_code != 0 {
         eprintln!("vmm: {}", outcome.reason);

@@ -27,6 +27,7 @@ use crate::boot::BootEntry;
 use crate::devices::power::{ExitReason, ExitSignal};
 use crate::devices::Bus;
 use crate::migration::{MigrationError, Pausable, Snapshottable, State, Versioned};
+use crate::seccomp::Kind;
 
 #[derive(Debug, Error)]
 pub enum VcpuError {
@@ -255,10 +256,10 @@ impl VcpuSet {
             self.wiring.clone(),
         );
         let index = crate::devices::lock(&vcpu).index;
-        let t = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || run_loop(&vcpu, &control, &stop, &w.io, &w.mmio, &w.exit))
-            .map_err(VcpuError::Spawn)?;
+        let t = crate::seccomp::spawn(Kind::Vcpu, format!("vcpu{index}"), move || {
+            run_loop(&vcpu, &control, &stop, &w.io, &w.mmio, &w.exit)
+        })
+        .map_err(VcpuError::Spawn)?;
         slot.thread = Some(t);
         Ok(())
     }

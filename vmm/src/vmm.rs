@@ -21,6 +21,7 @@ use crate::devices::virtio::mem::{MemControl, BLOCK_SIZE};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::migration::Pausable;
 use crate::persist::Components;
+use crate::state_roots::StateRoots;
 
 /// Everything the main loop reacts to.
 pub enum VmmEvent {
@@ -62,6 +63,8 @@ pub struct Machine {
     /// What KVM supports, for vCPUs hot-added later.
     pub(crate) supported_cpuid: kvm_bindings::CpuId,
     pub(crate) events_tx: Sender<VmmEvent>,
+    /// Where snapshot and migration requests may point (`--state-root`).
+    pub(crate) state_roots: StateRoots,
 }
 
 /// A resize under way: answered once the guest has taken (or ejected) every vCPU and plugged (or
@@ -94,6 +97,12 @@ pub struct Outcome {
 }
 
 impl Machine {
+    /// Confines snapshot and migration requests to `roots` (none: anywhere).
+    pub fn with_state_roots(mut self, roots: StateRoots) -> Machine {
+        self.state_roots = roots;
+        self
+    }
+
     fn resume_all(&self) {
         if let Err(e) = self.parts.resume() {
             tracing::error!(error = %e, "a device did not resume");
@@ -348,7 +357,12 @@ impl Machine {
             Request::Migrate { .. } | Request::MigrateCancel {} => {
                 Response::err("handled by the main loop")
             }
-            Request::Snapshot { dir } => match self.snapshot(&dir) {
+            Request::Snapshot { dir } => match self
+                .state_roots
+                .check(&dir)
+                .map_err(anyhow::Error::from)
+                .and_then(|dir| self.snapshot(&dir))
+            {
                 Ok(v) => Response::ok(&v),
                 Err(e) => Response::err(format!("{e:#}")),
             },
@@ -373,6 +387,10 @@ impl Machine {
                 "the VM must be running to migrate (resume it first)",
             ));
         }
+        let dir = match self.state_roots.check(&dir) {
+            Ok(d) => d,
+            Err(e) => return reply.send(Response::err(e.to_string())),
+        };
         let progress = Arc::new(Mutex::new(api::MigrationProgress::default()));
         let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tx = self.events_tx.clone();

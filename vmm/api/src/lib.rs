@@ -46,6 +46,11 @@ pub const DISK_IN_USE: &str = "is in use by another VMM (it holds the image's lo
 /// Longest request line the server reads; a longer one is refused and the connection closed.
 pub const MAX_REQUEST_LINE: usize = 64 * 1024;
 
+/// Exit status of a VMM one of whose threads made a system call its seccomp filter forbids
+/// (128 + SIGSYS, as a shell reports a process killed by it); the last `vmm: seccomp:` line of
+/// its stderr names the thread and the call.
+pub const SECCOMP_EXIT: i32 = 159;
+
 /// One request. On the wire: `{"command":"<kebab-case name>", ...fields}`; unknown and
 /// duplicate fields are refused, so a typo never passes silently.
 ///

@@ -4,42 +4,39 @@
 //! guest wrote: requests complete or fail with a status, the VMM never panics or touches memory
 //! outside the guest's.
 #![no_main]
-use std::sync::{Arc, OnceLock};
+use std::sync::{Mutex, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
-use vmm::devices::virtio::block::BlockQueue;
-use vmm::devices::virtio::worker::QueueHandler;
-use vmm::devices::virtio::Interrupt;
-use vmm::memory::{create_guest_memory, GuestMemory, Layout, SharedMemory};
-use vmm_sys_util::eventfd::EventFd;
+use vmm::devices::virtio::block::Block;
+use vmm::devices::virtio::{ActivateContext, VirtioDevice};
+use vmm::memory::{GuestMemory, SharedMemory};
 
-const MEM: u64 = 1 << 16;
-// The rings low in memory, so that short inputs reach them: the available ring first (at most
-// 518 bytes; not at 0, which virtio-queue takes for "not set"), the descriptor table (at most
-// 4 KiB), the used ring; buffers anywhere.
-const AVAIL: u64 = 0x40;
-const DESC: u64 = 0x300;
-const USED: u64 = 0x1300;
+#[path = "guest.rs"]
+mod guest;
 
 struct Fixture {
     mem: GuestMemory,
-    disk: std::fs::File,
+    /// A 64 KiB disk, read-write and read-only.
+    disks: [Mutex<Block>; 2],
 }
 
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let (mem, _) = create_guest_memory(Layout::fixed(MEM)).expect("guest memory");
-        // A 64 KiB disk in memory.
-        // SAFETY: memfd_create with a valid C string; the fd is owned by the File below.
-        let fd = unsafe { libc::memfd_create(c"fuzz-disk".as_ptr(), 0) };
-        assert!(fd >= 0);
-        // SAFETY: fd was just created and is not owned elsewhere.
-        let disk = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        disk.set_len(64 * 1024).expect("disk size");
-        Fixture { mem, disk }
+        let (mem, _) = guest::memory();
+        let path = std::env::temp_dir().join(format!("fuzz-disk-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 64 * 1024]).expect("disk");
+        let rw = Block::open(&path, false).expect("disk rw");
+        let copy = path.with_extension("ro");
+        std::fs::copy(&path, &copy).expect("disk copy");
+        let ro = Block::open(&copy, true).expect("disk ro");
+        // Open, they need no name any more.
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&copy);
+        Fixture {
+            mem,
+            disks: [Mutex::new(rw), Mutex::new(ro)],
+        }
     })
 }
 
@@ -48,31 +45,15 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let f = fixture();
-    // The guest's memory: the input, then zeros.
-    let n = rest.len().min(MEM as usize);
-    let mut image = vec![0u8; MEM as usize];
-    image[..n].copy_from_slice(&rest[..n]);
-    f.mem
-        .write_slice(&image, GuestAddress(0))
-        .expect("guest write");
-    let size = 1u16 << (size_sel % 9); // 1 to 256, as the driver may program
-    let mut q = Queue::new(256).expect("queue");
-    q.set_size(size);
-    q.set_desc_table_address(Some(DESC as u32), Some(0));
-    q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-    q.set_used_ring_address(Some(USED as u32), Some(0));
-    q.set_ready(true);
-    let irq = Arc::new(Interrupt::new(
-        EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
-    ));
-    let disk = f.disk.try_clone().expect("dup");
-    let mut h = BlockQueue::detached(
-        SharedMemory::new(f.mem.clone()),
-        q,
-        irq,
-        disk,
-        size_sel & 0x80 != 0,
-    )
-    .expect("handler");
+    guest::fill(&f.mem, rest);
+    let mut disk = f.disks[usize::from(size_sel >> 7)].lock().expect("disk");
+    let ctx = ActivateContext {
+        mem: SharedMemory::new(f.mem.clone()),
+        queues: vec![guest::queue(0, size_sel)],
+        queue_evts: Vec::new(),
+        interrupt: guest::interrupt(),
+        acked_features: disk.features(),
+    };
+    let mut h = disk.detached(ctx).expect("handler");
     h.queue_event(0);
 });

@@ -45,39 +45,38 @@ pub type Submit = Arc<dyn Fn(Request, Reply) -> bool + Send + Sync>;
 pub fn spawn(listener: UnixListener, submit: Submit) -> std::io::Result<()> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let open = Arc::new(AtomicUsize::new(0));
-    std::thread::Builder::new()
-        .name("api".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(mut stream) => {
-                        if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-                            open.fetch_sub(1, Ordering::SeqCst);
-                            let out = Response::err(format!(
-                                "more than {MAX_CONNECTIONS} API connections at once"
-                            ))
-                            .to_line();
-                            let _ = stream.write_all(&out);
-                            continue;
-                        }
-                        let submit = submit.clone();
-                        let count = open.clone();
-                        let spawned =
-                            std::thread::Builder::new()
-                                .name("api-conn".into())
-                                .spawn(move || {
-                                    serve(stream, &submit);
-                                    count.fetch_sub(1, Ordering::SeqCst);
-                                });
-                        if let Err(e) = spawned {
-                            open.fetch_sub(1, Ordering::SeqCst);
-                            tracing::warn!(error = %e, "cannot serve API connection");
-                        }
+    // Connection threads inherit the API thread's filter.
+    crate::seccomp::spawn(crate::seccomp::Kind::Api, "api".into(), move || {
+        for conn in listener.incoming() {
+            match conn {
+                Ok(mut stream) => {
+                    if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                        open.fetch_sub(1, Ordering::SeqCst);
+                        let out = Response::err(format!(
+                            "more than {MAX_CONNECTIONS} API connections at once"
+                        ))
+                        .to_line();
+                        let _ = stream.write_all(&out);
+                        continue;
                     }
-                    Err(e) => tracing::warn!(error = %e, "API accept failed"),
+                    let submit = submit.clone();
+                    let count = open.clone();
+                    let spawned =
+                        std::thread::Builder::new()
+                            .name("api-conn".into())
+                            .spawn(move || {
+                                serve(stream, &submit);
+                                count.fetch_sub(1, Ordering::SeqCst);
+                            });
+                    if let Err(e) = spawned {
+                        open.fetch_sub(1, Ordering::SeqCst);
+                        tracing::warn!(error = %e, "cannot serve API connection");
+                    }
                 }
+                Err(e) => tracing::warn!(error = %e, "API accept failed"),
             }
-        })?;
+        }
+    })?;
     Ok(())
 }
 

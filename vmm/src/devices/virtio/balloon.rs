@@ -134,6 +134,32 @@ pub struct Balloon {
 }
 
 impl Balloon {
+    fn handler(&mut self, ctx: &mut ActivateContext) -> Result<BalloonQueues, ActivateError> {
+        let stats_on = ctx.acked_features & VIRTIO_BALLOON_F_STATS_VQ != 0;
+        let stats = ctx.queues.pop().filter(|_| stats_on);
+        let deflate = ctx.queues.remove(DEFLATE);
+        let inflate = ctx.queues.remove(INFLATE);
+        let timer = match (self.stats_interval, &stats) {
+            (Some(every), Some(_)) => {
+                let mut t = TimerFd::new().map_err(|e| ActivateError::Worker(e.into()))?;
+                t.reset(every, Some(every))
+                    .map_err(|e| ActivateError::Worker(e.into()))?;
+                Some(t)
+            }
+            _ => None,
+        };
+        Ok(BalloonQueues {
+            mem: ctx.mem.clone(),
+            inflate,
+            deflate,
+            stats,
+            held_stats: None,
+            interrupt: ctx.interrupt.clone(),
+            control: self.control.clone(),
+            timer,
+        })
+    }
+
     pub fn new(
         deflate_on_oom: bool,
         stats_interval: Option<Duration>,
@@ -182,29 +208,7 @@ impl VirtioDevice for Balloon {
         }
     }
     fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
-        let stats_on = ctx.acked_features & VIRTIO_BALLOON_F_STATS_VQ != 0;
-        let stats = ctx.queues.pop().filter(|_| stats_on);
-        let deflate = ctx.queues.remove(DEFLATE);
-        let inflate = ctx.queues.remove(INFLATE);
-        let timer = match (self.stats_interval, &stats) {
-            (Some(every), Some(_)) => {
-                let mut t = TimerFd::new().map_err(|e| ActivateError::Worker(e.into()))?;
-                t.reset(every, Some(every))
-                    .map_err(|e| ActivateError::Worker(e.into()))?;
-                Some(t)
-            }
-            _ => None,
-        };
-        let handler = BalloonQueues {
-            mem: ctx.mem,
-            inflate,
-            deflate,
-            stats,
-            held_stats: None,
-            interrupt: ctx.interrupt,
-            control: self.control.clone(),
-            timer,
-        };
+        let handler = self.handler(&mut ctx)?;
         let worker = Worker::spawn("virtio-balloon", ctx.queue_evts, handler)
             .map_err(ActivateError::Worker)?;
         let poker = worker.poker().map_err(ActivateError::Worker)?;

@@ -111,6 +111,18 @@ pub struct Block {
 }
 
 impl Block {
+    fn handler(&mut self, ctx: &mut ActivateContext) -> Result<BlockQueue, ActivateError> {
+        Ok(BlockQueue {
+            mem: ctx.mem.clone(),
+            queue: ctx.queues.remove(0),
+            interrupt: ctx.interrupt.clone(),
+            file: self.file.clone(),
+            read_only: self.read_only,
+            capacity: self.capacity,
+            id: id_bytes(&self.path),
+        })
+    }
+
     pub fn open(path: &Path, read_only: bool) -> Result<Block, BlockError> {
         let open = || {
             OpenOptions::new()
@@ -167,16 +179,7 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config(), offset, data);
     }
     fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
-        let queue = ctx.queues.remove(0);
-        let handler = BlockQueue {
-            mem: ctx.mem,
-            queue,
-            interrupt: ctx.interrupt,
-            file: self.file.clone(),
-            read_only: self.read_only,
-            capacity: self.capacity,
-            id: id_bytes(&self.path),
-        };
+        let handler = self.handler(&mut ctx)?;
         self.worker = Some(
             Worker::spawn("virtio-blk", ctx.queue_evts, handler).map_err(ActivateError::Worker)?,
         );
@@ -238,28 +241,6 @@ pub struct BlockQueue {
 }
 
 impl BlockQueue {
-    /// A queue handler over `file` with no device or worker thread around it: what the fuzz
-    /// targets (`vmm/fuzz`) drive, one kick at a time.
-    #[doc(hidden)]
-    pub fn detached(
-        mem: SharedMemory,
-        queue: Queue,
-        interrupt: Arc<Interrupt>,
-        file: File,
-        read_only: bool,
-    ) -> std::io::Result<BlockQueue> {
-        let capacity = file.metadata()?.len() / SECTOR;
-        Ok(BlockQueue {
-            mem,
-            queue,
-            interrupt,
-            file: Arc::new(file),
-            read_only,
-            capacity,
-            id: [0; 20],
-        })
-    }
-
     /// Executes one request; returns the bytes written into the chain (the used length). Data moves
     /// straight between the image and guest memory (preadv/pwritev on the chain's buffers).
     fn execute(&self, chain: DescriptorChain<&GuestMemory>) -> u32 {

@@ -193,6 +193,15 @@ pub struct Mem {
 }
 
 impl Mem {
+    fn handler(&mut self, ctx: &mut ActivateContext) -> Result<MemQueue, ActivateError> {
+        Ok(MemQueue {
+            mem: ctx.mem.clone(),
+            queue: ctx.queues.remove(0),
+            interrupt: ctx.interrupt.clone(),
+            control: self.control.clone(),
+        })
+    }
+
     /// A device for the region at guest address `addr`, `region_size` bytes (a multiple of
     /// [`BLOCK_SIZE`]), nothing plugged.
     pub fn new(addr: u64, region_size: u64) -> (Mem, Arc<MemControl>) {
@@ -243,13 +252,7 @@ impl VirtioDevice for Mem {
                 "the driver did not accept VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE".into(),
             ));
         }
-        let queue = ctx.queues.remove(0);
-        let handler = MemQueue {
-            mem: ctx.mem,
-            queue,
-            interrupt: ctx.interrupt,
-            control: self.control.clone(),
-        };
+        let handler = self.handler(&mut ctx)?;
         self.worker = Some(
             Worker::spawn("virtio-mem", ctx.queue_evts, handler).map_err(ActivateError::Worker)?,
         );

@@ -5,10 +5,17 @@
 //! queue (KVM ioeventfds on QueueNotify, so a kick never exits to userspace) and the interrupt, and
 //! processes them on a worker thread of its own ([`worker`]), off the vCPU threads.
 
-/// The two [`VirtioDevice`] methods that hand out a device's `worker: Option<Worker<_>>` field,
-/// the same in every device.
+/// The [`VirtioDevice`] methods that hand out a device's `worker: Option<Worker<_>>` field and
+/// its queue handler without a worker (built by the device's own `handler` method, which
+/// `activate` runs on the worker), the same in every device.
 macro_rules! worker_access {
     () => {
+        fn detached(
+            &mut self,
+            mut ctx: super::ActivateContext,
+        ) -> Result<Box<dyn super::worker::QueueHandler>, super::ActivateError> {
+            Ok(Box::new(self.handler(&mut ctx)?))
+        }
         fn worker(&self) -> Option<&dyn super::worker::WorkerControl> {
             self.worker
                 .as_ref()
@@ -140,6 +147,13 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// A short name for logs and snapshots.
     fn name(&self) -> &'static str;
+    /// The queue handler [`VirtioDevice::activate`] runs on the device's worker thread, with no
+    /// thread around it: what the fuzz targets (`vmm/fuzz`) drive, one event at a time.
+    #[doc(hidden)]
+    fn detached(
+        &mut self,
+        ctx: ActivateContext,
+    ) -> Result<Box<dyn worker::QueueHandler>, ActivateError>;
     /// The worker, once activated: pause/resume and the queues' positions.
     fn worker(&self) -> Option<&dyn WorkerControl>;
     fn worker_mut(&mut self) -> Option<&mut dyn WorkerControl>;

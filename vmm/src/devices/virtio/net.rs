@@ -39,6 +39,24 @@ pub struct Net {
 }
 
 impl Net {
+    fn handler(&mut self, ctx: &mut ActivateContext) -> Result<NetQueues, ActivateError> {
+        let tap = self
+            .tap
+            .as_ref()
+            .ok_or_else(|| ActivateError::Device(format!("tap {} is released", self.tap_name)))?
+            .try_clone()
+            .map_err(ActivateError::Worker)?;
+        let tx = ctx.queues.remove(TX);
+        let rx = ctx.queues.remove(RX);
+        Ok(NetQueues {
+            mem: ctx.mem.clone(),
+            rx,
+            tx,
+            tap,
+            interrupt: ctx.interrupt.clone(),
+        })
+    }
+
     pub fn new(tap: Tap, mac: [u8; 6]) -> Net {
         Net {
             tap_name: tap.name().to_string(),
@@ -69,14 +87,6 @@ impl VirtioDevice for Net {
         read_config_bytes(&self.mac, offset, data);
     }
     fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
-        let tx = ctx.queues.remove(TX);
-        let rx = ctx.queues.remove(RX);
-        let tap = self
-            .tap
-            .as_ref()
-            .ok_or_else(|| ActivateError::Device(format!("tap {} is released", self.tap_name)))?
-            .try_clone()
-            .map_err(ActivateError::Worker)?;
         // What the tap may send the guest follows what the driver accepted.
         let acked = ctx.acked_features;
         let mut offload = 0;
@@ -89,16 +99,10 @@ impl VirtioDevice for Net {
                 offload |= TUN_F_TSO6;
             }
         }
-        tap.set_offload(offload).map_err(|e| {
-            ActivateError::Device(format!("tap {}: cannot set offloads: {e}", tap.name()))
+        let q = self.handler(&mut ctx)?;
+        q.tap.set_offload(offload).map_err(|e| {
+            ActivateError::Device(format!("tap {}: cannot set offloads: {e}", q.tap.name()))
         })?;
-        let q = NetQueues {
-            mem: ctx.mem,
-            rx,
-            tx,
-            tap,
-            interrupt: ctx.interrupt,
-        };
         self.worker =
             Some(Worker::spawn("virtio-net", ctx.queue_evts, q).map_err(ActivateError::Worker)?);
         Ok(())

@@ -33,11 +33,7 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
     fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
-        let q = RngQueue {
-            mem: ctx.mem,
-            queue: ctx.queues.remove(0),
-            interrupt: ctx.interrupt,
-        };
+        let q = self.handler(&mut ctx)?;
         self.worker =
             Some(Worker::spawn("virtio-rng", ctx.queue_evts, q).map_err(ActivateError::Worker)?);
         Ok(())
@@ -50,6 +46,16 @@ impl VirtioDevice for Rng {
         "virtio-rng"
     }
     worker_access!();
+}
+
+impl Rng {
+    fn handler(&mut self, ctx: &mut ActivateContext) -> Result<RngQueue, ActivateError> {
+        Ok(RngQueue {
+            mem: ctx.mem.clone(),
+            queue: ctx.queues.remove(0),
+            interrupt: ctx.interrupt.clone(),
+        })
+    }
 }
 
 /// Fills `buf` from getrandom(2).

@@ -83,6 +83,16 @@ impl Tap {
         })
     }
 
+    /// A "tap" over a descriptor that is already open and behaves like one (a datagram
+    /// socketpair in the fuzz targets, which have no tap to attach to).
+    #[doc(hidden)]
+    pub fn from_file(file: File, name: &str) -> Tap {
+        Tap {
+            file,
+            name: name.into(),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -150,6 +150,43 @@ fn bind(path: &Path) -> Result<UnixListener, VsockError> {
 }
 
 impl Vsock {
+    fn handler(&mut self, ctx: &mut ActivateContext) -> Result<VsockQueues, ActivateError> {
+        let event = ctx.queues.remove(EVENT);
+        let tx = ctx.queues.remove(TX);
+        let rx = ctx.queues.remove(RX);
+        let listener = self
+            .listener
+            .as_ref()
+            .ok_or_else(|| ActivateError::Device("the vsock socket is released".into()))?
+            .try_clone()
+            .map_err(ActivateError::Worker)?;
+        let inner = Epoll::new().map_err(ActivateError::Worker)?;
+        inner
+            .ctl(
+                ControlOperation::Add,
+                listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+            )
+            .map_err(ActivateError::Worker)?;
+        Ok(VsockQueues {
+            mem: ctx.mem.clone(),
+            rx,
+            tx,
+            event,
+            reset_pending: std::mem::take(&mut self.reset_pending),
+            interrupt: ctx.interrupt.clone(),
+            cid: self.cid,
+            path: self.path.clone(),
+            listener,
+            inner,
+            conns: HashMap::new(),
+            by_token: HashMap::new(),
+            next_token: 1,
+            next_port: FIRST_LOCAL_PORT,
+            control: VecDeque::new(),
+        })
+    }
+
     /// Binds the host-side socket now, so a bad path is an error at start.
     pub fn new(cid: u64, path: &Path) -> Result<Vsock, VsockError> {
         if cid < 3 || cid > u64::from(u32::MAX) {
@@ -185,40 +222,7 @@ impl VirtioDevice for Vsock {
         read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
     fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
-        let event = ctx.queues.remove(EVENT);
-        let tx = ctx.queues.remove(TX);
-        let rx = ctx.queues.remove(RX);
-        let listener = self
-            .listener
-            .as_ref()
-            .ok_or_else(|| ActivateError::Device("the vsock socket is released".into()))?
-            .try_clone()
-            .map_err(ActivateError::Worker)?;
-        let inner = Epoll::new().map_err(ActivateError::Worker)?;
-        inner
-            .ctl(
-                ControlOperation::Add,
-                listener.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
-            )
-            .map_err(ActivateError::Worker)?;
-        let handler = VsockQueues {
-            mem: ctx.mem,
-            rx,
-            tx,
-            event,
-            reset_pending: std::mem::take(&mut self.reset_pending),
-            interrupt: ctx.interrupt,
-            cid: self.cid,
-            path: self.path.clone(),
-            listener,
-            inner,
-            conns: HashMap::new(),
-            by_token: HashMap::new(),
-            next_token: 1,
-            next_port: FIRST_LOCAL_PORT,
-            control: VecDeque::new(),
-        };
+        let handler = self.handler(&mut ctx)?;
         self.worker = Some(
             Worker::spawn("virtio-vsock", ctx.queue_evts, handler)
                 .map_err(ActivateError::Worker)?,

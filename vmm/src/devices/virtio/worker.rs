@@ -12,6 +12,8 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::seccomp::Kind;
+
 /// What a device does on its worker thread.
 pub trait QueueHandler: Send + 'static {
     /// Backend descriptors to watch besides the queues, with the events wanted.
@@ -203,9 +205,7 @@ impl<H: QueueHandler> WorkerControl for Worker<H> {
             return Ok(());
         };
         // On failure the loop is lost with the closure; the device then needs a reset.
-        let t = std::thread::Builder::new()
-            .name(self.name.clone())
-            .spawn(move || lp.run())?;
+        let t = crate::seccomp::spawn(Kind::Device, self.name.clone(), move || lp.run())?;
         self.state = State::Running(t);
         Ok(())
     }
