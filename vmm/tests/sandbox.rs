@@ -189,3 +189,28 @@ fn a_state_root_that_is_not_a_directory_is_refused_at_start() {
     assert_eq!(status.code(), Some(1));
     assert!(err.contains("state root /nonexistent/state"), "{err}");
 }
+
+/// Many threads at once (vCPUs, device workers, an API connection each): glibc reads the CPU
+/// count from /sys once a thread needs a ninth malloc arena, which a filtered thread may not do;
+/// the VMM fixes the arena count before any thread starts.
+#[test]
+fn many_api_connections_at_once_do_not_trip_the_filters() {
+    use std::io::{BufRead, BufReader, Write};
+    let (vmm, _dir) = guest_with_devices(&["--vcpus", "4"]);
+    // One less than the VMM's limit, so that `ctl` still gets through.
+    let conns: Vec<_> = (0..vmm::api::server::MAX_CONNECTIONS - 1)
+        .map(|_| {
+            let mut s = std::os::unix::net::UnixStream::connect(&vmm.api).unwrap();
+            s.write_all(b"{\"command\":\"info\"}\n").unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            assert!(line.contains("\"running\""), "{line}");
+            s
+        })
+        .collect();
+    let (ok, _, err) = vmm.ctl(&["pause"]);
+    drop(conns);
+    assert!(ok, "{err}");
+    let threads = threads(vmm.child.id());
+    assert!(threads.iter().all(|(_, mode, _)| *mode == 2), "{threads:?}");
+}

@@ -19,6 +19,7 @@ pub(super) enum Allow {
 use Allow::{Any, Only};
 
 const PR_SET_NAME: u64 = 15;
+const PR_GET_NAME: u64 = 16;
 const PR_SET_NO_NEW_PRIVS: u64 = 38;
 const SECCOMP_SET_MODE_FILTER: u64 = 1;
 const AF_UNIX: u64 = 1;
@@ -68,7 +69,8 @@ const BASE: &[Allow] = &[
     Any("getrandom"),
     Any("exit"),
     Any("exit_group"),
-    Only("prctl", 0, &[PR_SET_NAME]),
+    // Naming the thread; the SIGSYS handler reads the name back.
+    Only("prctl", 0, &[PR_SET_NAME, PR_GET_NAME]),
 ];
 
 /// Starting threads (`clone3` is answered ENOSYS so glibc uses `clone`, whose flags a filter can

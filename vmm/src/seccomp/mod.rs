@@ -93,6 +93,9 @@ struct Enabled {
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// glibc malloc arenas, at most (`enable`).
+const MALLOC_ARENAS: libc::c_int = 4;
+
 static ENABLED: OnceLock<Enabled> = OnceLock::new();
 
 /// Compiles every filter, installs the SIGSYS handler and starts the spawner. Threads started
@@ -110,6 +113,11 @@ pub fn enable(selftest: Option<Kind>) -> Result<(), SeccompError> {
     )
     .and_then(BpfProgram::try_from)
     .map_err(|e| SeccompError::Build("all", e))?;
+    // glibc sizes its malloc arenas by the CPU count, read from /sys the first time a thread
+    // needs an arena beyond the eighth: from whichever thread that is, under its filter. A fixed
+    // maximum means it never looks (and a VMM's few threads need no more).
+    // SAFETY: mallopt only sets a malloc parameter; no thread has started yet.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS) };
     install_handler()?;
     let (tx, rx) = channel::<Job>();
     if ENABLED
@@ -141,7 +149,7 @@ pub fn apply(kind: Kind) -> Result<(), SeccompError> {
     let Some((_, program)) = e.programs.iter().find(|(k, _)| *k == kind) else {
         return Ok(());
     };
-    remember_thread(kind);
+    KIND.with(|k| k.set(Some(kind)));
     let creates_threads = matches!(kind, Kind::Vmm | Kind::Api | Kind::Spawner);
     if creates_threads {
         seccompiler::apply_filter(&e.no_clone3).map_err(|err| SeccompError::Install("all", err))?;
@@ -241,18 +249,9 @@ fn name_of(nr: i64) -> &'static str {
 }
 
 thread_local! {
-    /// The thread's kind and name, for the SIGSYS handler (which must not allocate or lock).
-    static THREAD: std::cell::Cell<(Option<Kind>, [u8; 16])> =
-        const { std::cell::Cell::new((None, [0; 16])) };
-}
-
-fn remember_thread(kind: Kind) {
-    let mut name = [0u8; 16];
-    let current = std::thread::current();
-    let n = current.name().unwrap_or("main").as_bytes();
-    let len = n.len().min(15);
-    name[..len].copy_from_slice(&n[..len]);
-    THREAD.with(|t| t.set((Some(kind), name)));
+    /// The filter the thread installed itself, for the SIGSYS handler (which must not allocate or
+    /// lock); `None` in a thread that only inherited its creator's.
+    static KIND: std::cell::Cell<Option<Kind>> = const { std::cell::Cell::new(None) };
 }
 
 fn install_handler() -> Result<(), SeccompError> {
@@ -301,8 +300,19 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     // SAFETY: the kernel passes a valid siginfo; for SIGSYS its union holds the call address (a
     // pointer) and then the system call number (an int): the seventh int of the structure.
     let nr = unsafe { *(info as *const i32).add(6) };
-    let (kind, name) = THREAD.with(|t| t.get());
-    let name_len = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+    let kind = KIND.with(|k| k.get());
+    // The kernel's name of the thread (what `std::thread::Builder::name` set), which threads
+    // that inherited their filter have too.
+    let mut name = [0u8; 17];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes into the buffer, which has 17.
+    unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
+    let mut name_len = name.iter().position(|b| *b == 0).unwrap_or(16);
+    // SAFETY: gettid and getpid have no arguments and cannot fail.
+    if unsafe { libc::gettid() == libc::getpid() } {
+        // The main thread's kernel name is the program's.
+        name[..4].copy_from_slice(b"main");
+        name_len = 4;
+    }
     let mut line = Line {
         buf: [0; 256],
         len: 0,
@@ -310,7 +320,7 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     line.push(b"vmm: seccomp: thread ");
     line.push(&name[..name_len]);
     line.push(b" (");
-    line.push(kind.map_or("unfiltered", Kind::name).as_bytes());
+    line.push(kind.map_or("inherited", Kind::name).as_bytes());
     line.push(b" filter) made the forbidden system call ");
     line.push(name_of(i64::from(nr)).as_bytes());
     line.push(b" (");
