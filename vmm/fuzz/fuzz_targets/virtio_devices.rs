@@ -45,6 +45,8 @@ fn fixture() -> &'static Fixture {
         let dir = std::env::temp_dir().join(format!("fuzz-vsock-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("vsock dir");
         let vsock = Vsock::new(3, &dir.join("v.sock")).expect("vsock");
+        // Bound, it needs no name any more.
+        let _ = std::fs::remove_dir_all(&dir);
         let devices: Vec<Box<dyn VirtioDevice>> = vec![
             Box::new(Rng::default()),
             Box::new(balloon),
@@ -97,7 +99,7 @@ fuzz_target!(|data: &[u8]| {
     if which == NET {
         // What the guest sent, so the next input starts from an empty wire.
         let mut buf = [0u8; 65536];
-        let mut wire = f.wire.lock().expect("wire");
+        let wire = f.wire.lock().expect("wire");
         while wire.recv(&mut buf).is_ok() {}
     }
 });
