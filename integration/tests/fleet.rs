@@ -77,6 +77,60 @@ struct HostNet {
     veth: String,
 }
 
+/// Chromium aborts page loads and requests with ERR_NETWORK_CHANGED when an IP address appears on
+/// or leaves this machine, which every other test's veth does (seen in CI: the dashboard test's
+/// first page load failed that way). Each [`HostNet`] holds this shared while its address is on
+/// the machine; the browser test holds it exclusively ([`no_address_changes`]), so no address
+/// comes or goes while the browser runs.
+static ADDRESSES: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+thread_local! {
+    /// This thread holds [`ADDRESSES`] exclusively: its own host networks take no share.
+    static ADDRESSES_HELD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// This thread's host networks, and the one share of [`ADDRESSES`] they hold together (a
+    /// second share could wait behind a waiting writer while the first blocks it).
+    static ADDRESS_SHARE: std::cell::RefCell<(u32, Option<std::sync::RwLockReadGuard<'static, ()>>)> =
+        const { std::cell::RefCell::new((0, None)) };
+}
+
+/// A host network of this thread begins: the thread's share of [`ADDRESSES`] is taken if it was
+/// not.
+fn address_share_take() {
+    let held = ADDRESSES_HELD.with(|h| h.get());
+    ADDRESS_SHARE.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.0 == 0 && !held {
+            s.1 = Some(ADDRESSES.read().unwrap_or_else(|e| e.into_inner()));
+        }
+        s.0 += 1;
+    });
+}
+
+/// A host network of this thread is gone: the share goes with the last one.
+fn address_share_give_back() {
+    ADDRESS_SHARE.with(|s| {
+        let mut s = s.borrow_mut();
+        s.0 = s.0.saturating_sub(1);
+        if s.0 == 0 {
+            s.1 = None;
+        }
+    });
+}
+
+/// Waits until no other test's host network exists, and keeps new ones from being made until the
+/// guard is dropped. Host networks this thread makes meanwhile are not held back.
+fn no_address_changes() -> impl Drop {
+    struct Held(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>);
+    impl Drop for Held {
+        fn drop(&mut self) {
+            ADDRESSES_HELD.with(|h| h.set(false));
+        }
+    }
+    let guard = ADDRESSES.write().unwrap_or_else(|e| e.into_inner());
+    ADDRESSES_HELD.with(|h| h.set(true));
+    Held(guard)
+}
+
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().unwrap();
     assert!(
@@ -88,6 +142,7 @@ fn ip(args: &[&str]) {
 
 impl HostNet {
     fn new() -> HostNet {
+        address_share_take();
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let tag = format!("{}{k}", std::process::id() % 100_000);
@@ -120,8 +175,21 @@ impl HostNet {
 
 impl Drop for HostNet {
     fn drop(&mut self) {
-        // Removing the namespace destroys the veth inside it, and with it the root-side peer.
+        // Removing the namespace destroys the veth inside it, and with it the root-side peer
+        // (the kernel does that after `ip` returns): the share of ADDRESSES goes once it has.
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline
+            && Command::new("ip")
+                .args(["link", "show", "dev", &self.veth])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        address_share_give_back();
     }
 }
 
@@ -4554,6 +4622,7 @@ fn availability_and_the_bill_follow_what_the_vm_did() {
 /// to `target/ui-screenshots/`.
 #[test]
 fn the_dashboard_works_in_a_real_browser() {
+    let _quiet = no_address_changes();
     let f = Fleet::start(None, &["h1"]);
     f.add_test_image();
     let out = repo().join("target/ui-screenshots");
