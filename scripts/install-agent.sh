@@ -80,6 +80,11 @@ echo "$config" > "$root/etc/vim-agent/agent.toml"
 install -m 0600 "$creds" "$root/etc/vim-agent/credentials.json"
 [ -z "$ca" ] || install -m 0644 "$ca" "$root/etc/vim-agent/nats-ca.pem"
 echo "$unit" > "$root/etc/systemd/system/vim-agent.service"
+# The user the agent runs its VMMs as (docs/sandbox.md), as the fleet-agent package makes it.
+if [ -z "$root" ] && ! getent passwd vim-vmm >/dev/null; then
+    getent group kvm >/dev/null || groupadd --system kvm
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin --gid kvm vim-vmm
+fi
 # The configuration must be one the agent accepts.
 "$root$prefix/bin/vim-agent" --config "$root/etc/vim-agent/agent.toml" --check >/dev/null
 if [ -z "$root" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then

@@ -38,3 +38,11 @@ if [ ! -c /dev/kvm ]; then
     echo "setup: /dev/kvm is missing: this machine cannot run KVM guests" >&2
     exit 1
 fi
+# The user vim-agent runs its VMMs as (docs/sandbox.md), made as the fleet-agent package makes it.
+if ! getent passwd vim-vmm >/dev/null; then
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO=sudo
+    getent group kvm >/dev/null || $SUDO groupadd --system kvm
+    $SUDO useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+        --gid kvm vim-vmm
+fi

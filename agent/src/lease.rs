@@ -9,6 +9,7 @@
 //! seconds (so it reaches the agent while vimd is down) and kept in the state directory for an
 //! agent that starts cut off.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -32,8 +33,20 @@ const FENCE_GRACE: Duration = Duration::from_secs(2);
 /// How often the lease's length is read from the stream.
 const READ_LENGTH_EVERY: Duration = Duration::from_secs(5);
 
+/// The directory of the lease file VMMs watch: all a jailed VMM sees of the agent's state
+/// (the file is replaced by a rename, so its directory is what is bound into the jail).
+pub fn dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("fence")
+}
+
 /// The lease file VMMs watch.
 pub fn file(state_dir: &Path) -> PathBuf {
+    dir(state_dir).join("lease")
+}
+
+/// Where agents before the jail kept the lease: VMMs they started, re-adopted after an
+/// upgrade, still watch it, so it is written too while it exists.
+fn legacy_file(state_dir: &Path) -> PathBuf {
     state_dir.join("lease")
 }
 
@@ -45,8 +58,15 @@ fn length_file(state_dir: &Path) -> PathBuf {
 /// until its instant, whoever wrote it); without one, a host that has held a lease starts with
 /// it lapsed (renewing it is the first thing done), and one that never has holds none.
 pub fn init(state_dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir(state_dir))?;
+    // The lease is readable by the VMM user (it holds no secret: an instant).
+    std::fs::set_permissions(dir(state_dir), std::fs::Permissions::from_mode(0o755))?;
     let f = file(state_dir);
     if lease::read(&f).is_ok() {
+        return Ok(());
+    }
+    if let Ok(l) = lease::read(&legacy_file(state_dir)) {
+        lease::write(&f, l)?;
         return Ok(());
     }
     let l = match stored_length(state_dir) {
@@ -180,6 +200,16 @@ fn write(f: &Path, l: Lease) {
     if let Err(e) = lease::write(f, l) {
         // The VMMs cannot read a lease they are not shown: they stop when the old one lapses.
         tracing::error!(file = %f.display(), error = %e, "cannot write the lease file");
+    }
+    let legacy = f
+        .parent()
+        .and_then(Path::parent)
+        .map(legacy_file)
+        .filter(|p| p.exists());
+    if let Some(legacy) = legacy {
+        if let Err(e) = lease::write(&legacy, l) {
+            tracing::error!(file = %legacy.display(), error = %e, "cannot write the lease file");
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 //! host's command stream (create, start, stop, delete, info), runs each VM as a `vmm` child and
 //! reports what happens to them (docs/protocol.md).
 
+mod cgroup;
+mod jail;
 mod lease;
 mod metrics;
 mod net;
@@ -71,6 +73,12 @@ struct Args {
     /// before it is reported unreachable (default 5; docs/sla.md).
     #[arg(long = "probe-misses", env = "VIM_AGENT_PROBE_MISSES")]
     probe_misses: Option<u32>,
+    /// The user VMMs run as, jailed (docs/sandbox.md): a name or UID:GID (default vim-vmm).
+    #[arg(long = "vmm-user", env = "VIM_AGENT_VMM_USER")]
+    vmm_user: Option<String>,
+    /// Run VMMs as the agent's own user, without the jail (development only).
+    #[arg(long = "no-jail")]
+    no_jail: bool,
     /// Check the configuration, print it and exit.
     #[arg(long)]
     check: bool,
@@ -93,6 +101,9 @@ struct FileConfig {
     watchdog_timeout_s: Option<u32>,
     metrics_listen: Option<std::net::SocketAddr>,
     probe_misses: Option<u32>,
+    vmm_user: Option<String>,
+    /// false: `--no-jail`.
+    jail: Option<bool>,
 }
 
 #[derive(Debug)]
@@ -110,6 +121,8 @@ struct Config {
     watchdog_timeout_s: u32,
     metrics_listen: Option<std::net::SocketAddr>,
     probe_misses: u32,
+    /// The VMM user's (uid, gid); None: VMMs are not jailed.
+    vmm_user: Option<(u32, u32)>,
 }
 
 fn config(a: Args) -> Result<Config> {
@@ -131,6 +144,13 @@ fn config(a: Args) -> Result<Config> {
             .ok()
             .and_then(|p| p.parent().map(|d| d.join("vmm")))
             .filter(|p| p.exists())
+            .or_else(|| {
+                std::env::var_os("PATH").and_then(|paths| {
+                    std::env::split_paths(&paths)
+                        .map(|d| d.join("vmm"))
+                        .find(|p| p.is_file())
+                })
+            })
             .unwrap_or_else(|| "vmm".into())
     });
     Ok(Config {
@@ -166,6 +186,15 @@ fn config(a: Args) -> Result<Config> {
             let m = a.probe_misses.or(f.probe_misses).unwrap_or(5);
             anyhow::ensure!((1..=1000).contains(&m), "--probe-misses {m}: 1 to 1000");
             m
+        },
+        vmm_user: if a.no_jail || f.jail == Some(false) {
+            None
+        } else {
+            let u = a
+                .vmm_user
+                .or(f.vmm_user)
+                .unwrap_or_else(|| "vim-vmm".into());
+            Some(jail::resolve_user(&u)?)
         },
     })
 }
@@ -396,6 +425,19 @@ async fn run(cfg: Config) -> Result<()> {
     let mut dirs = vms::Dirs::new(&cfg.state_dir, &cfg.shared_dir, &cfg.vmm)?;
     lease::init(&cfg.state_dir).context("cannot write the lease file")?;
     dirs.bridge = cfg.bridge.clone();
+    if let Some((uid, gid)) = cfg.vmm_user {
+        let cgroups = cgroup::Hierarchy::detect(&cfg.host_id)
+            .context("the VMMs' cgroups (or run with --no-jail)")?;
+        anyhow::ensure!(
+            dirs.vmm.is_absolute(),
+            "the vmm binary must be given by its absolute path to be jailed: {}",
+            dirs.vmm.display()
+        );
+        tracing::info!(uid, gid, cgroups = ?cgroups, "VMMs run jailed");
+        dirs.jail = Some(jail::Jail::new(uid, gid, cgroups, &cfg.state_dir)?);
+    } else {
+        tracing::warn!("VMMs run as this agent's user, without the jail (--no-jail)");
+    }
     let dirs = Arc::new(dirs);
     let (exits_tx, exits) = mpsc::unbounded_channel();
     let host = Host::start(

@@ -40,10 +40,34 @@ pub fn ensure_bridge(bridge: &str) -> Result<()> {
 }
 
 /// The VM's tap, on the bridge and up (created if missing: a restarted agent finds it there).
-pub fn ensure_tap(id: &str, bridge: &str) -> Result<String> {
+/// With `owner`, the tap belongs to that user, whose VMM attaches to it without CAP_NET_ADMIN;
+/// one left with another owner (by an agent before the jail) is made again, as no VMM of the
+/// VM runs while its tap is ensured.
+pub fn ensure_tap(id: &str, bridge: &str, owner: Option<u32>) -> Result<String> {
     let tap = tap_name(id);
+    let owned_by = |uid: u32| {
+        std::fs::read_to_string(Path::new("/sys/class/net").join(&tap).join("owner"))
+            .is_ok_and(|o| o.trim() == uid.to_string())
+    };
+    if let Some(uid) = owner {
+        if exists(&tap) && !owned_by(uid) {
+            ip(&["link", "del", &tap])?;
+        }
+    }
     if !exists(&tap) {
-        ip(&["tuntap", "add", "dev", &tap, "mode", "tap"])?;
+        match owner {
+            Some(uid) => ip(&[
+                "tuntap",
+                "add",
+                "dev",
+                &tap,
+                "mode",
+                "tap",
+                "user",
+                &uid.to_string(),
+            ])?,
+            None => ip(&["tuntap", "add", "dev", &tap, "mode", "tap"])?,
+        }
     }
     ip(&["link", "set", &tap, "master", bridge, "up"])?;
     Ok(tap)

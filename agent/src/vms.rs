@@ -142,6 +142,8 @@ pub struct Dirs {
     pub vmm: PathBuf,
     /// The bridge VMs' taps join.
     pub bridge: String,
+    /// How VMMs are confined; None: they run as the agent's user, unconfined (`--no-jail`).
+    pub jail: Option<crate::jail::Jail>,
 }
 
 /// One VM of this host: its record and, once started here, its `vmm` child. Owned by the VM's
@@ -226,7 +228,18 @@ impl Dirs {
             shared_dir: shared_dir.into(),
             vmm: vmm.into(),
             bridge: "vimbr0".into(),
+            jail: None,
         })
+    }
+
+    /// VM `id`'s directory on this host that its VMM may write: its API socket.
+    pub fn run_dir(&self, id: &str) -> PathBuf {
+        self.state_dir.join("run").join(id)
+    }
+
+    /// VM `id`'s VMM's API socket.
+    pub fn api_socket(&self, id: &str) -> PathBuf {
+        self.run_dir(id).join("api.sock")
     }
 
     /// VM `id`'s own directory on shared storage: its disk, its suspended state, its migration
@@ -628,10 +641,7 @@ impl Vm {
                 spec: spec.into(),
                 pid: 0,
                 state,
-                api_socket: dirs
-                    .state_dir
-                    .join("vms")
-                    .join(format!("{}.sock", spec.vm_id)),
+                api_socket: dirs.api_socket(&spec.vm_id),
                 console: dir.join("console.log"),
                 outgoing: false,
             },
@@ -705,6 +715,12 @@ impl Vm {
                 .unwrap_or(0);
             memory_mib = Some(m.max(booted));
         }
+        // The cgroup's limits grow before the guest does, and shrink after it has.
+        let (old_vcpus, old_mib) = (r.spec.vcpus, r.spec.memory_mib);
+        self.set_limits(
+            vcpus.max(old_vcpus),
+            memory_mib.unwrap_or(old_mib).max(old_mib),
+        );
         let result = client.resize(Some(vcpus), memory_mib, vmm_api::DEFAULT_RESIZE_TIMEOUT_MS);
         let now = match &result {
             Ok(done) => Some(done.new),
@@ -717,6 +733,7 @@ impl Vm {
                 }),
         };
         if let Some(n) = now {
+            self.set_limits(n.vcpus, n.memory_mib);
             let spec = &mut self.record.spec;
             if (n.vcpus, n.memory_mib) != (spec.vcpus, spec.memory_mib) {
                 spec.vcpus = n.vcpus;
@@ -725,6 +742,15 @@ impl Vm {
             }
         }
         result.map(|_| ()).map_err(anyhow::Error::from)
+    }
+
+    /// The VM's cgroup limits for a size (a VM not jailed has none).
+    fn set_limits(&self, vcpus: u32, memory_mib: u64) {
+        if let Some(jail) = &self.dirs.jail {
+            if let Err(e) = jail.cgroups.set_limits(self.id(), vcpus, memory_mib) {
+                tracing::warn!(vm = self.id(), error = %e, "cannot set the VM's cgroup limits");
+            }
+        }
     }
 
     pub fn start(&mut self) -> anyhow::Result<()> {
@@ -769,7 +795,8 @@ impl Vm {
         if self.record.spec.mac.is_empty() {
             return Ok(None);
         }
-        crate::net::ensure_tap(self.id(), &self.dirs.bridge).map(Some)
+        let owner = self.dirs.jail.as_ref().map(|j| j.uid);
+        crate::net::ensure_tap(self.id(), &self.dirs.bridge, owner).map(Some)
     }
 
     /// Starts `cmd` (a `vmm run …`) with the VM's console and API socket, in its own process
@@ -786,6 +813,42 @@ impl Vm {
         let before = self.record.state;
         let vm_dir = self.dirs.vm_dir(&id);
         std::fs::create_dir_all(&vm_dir)?;
+        // No VMM of this VM runs here now: its socket goes where this agent keeps them (a
+        // record from an older agent may name another place).
+        let run_dir = self.dirs.run_dir(&id);
+        std::fs::create_dir_all(&run_dir)?;
+        self.record.api_socket = self.dirs.api_socket(&id);
+        let _ = std::fs::remove_file(&self.record.api_socket);
+        if let Some(jail) = &self.dirs.jail {
+            let s = &self.record.spec;
+            let existing = |p: &str| (!p.is_empty() && Path::new(p).exists()).then(|| p.into());
+            let mut writable = vec![vm_dir.clone(), run_dir.clone()];
+            writable.extend(existing(&s.disk));
+            for p in &writable {
+                jail.own(p)?;
+            }
+            let mut read_only = vec![
+                self.dirs.vmm.clone(),
+                crate::lease::dir(&self.dirs.state_dir),
+                // The lease's clock is this boot's (vmm_api::lease); the host's memory size
+                // bounds a VM's.
+                "/proc/sys/kernel/random/boot_id".into(),
+                "/proc/meminfo".into(),
+            ];
+            for p in [&s.kernel, &s.initrd]
+                .into_iter()
+                .filter_map(|p| existing(p))
+            {
+                jail.let_read(&p)?;
+                read_only.push(p);
+            }
+            let plan = crate::jail::Plan {
+                read_only,
+                writable,
+                net: !s.mac.is_empty(),
+            };
+            jail.confine(&mut cmd, &id, &plan, (s.vcpus, s.memory_mib))?;
+        }
         cmd.arg("--state-root")
             .arg(&vm_dir)
             .arg("--lease")
@@ -807,7 +870,15 @@ impl Vm {
             .stderr(log)
             .process_group(0)
             .spawn()
-            .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", self.dirs.vmm.display()))?;
+            .map_err(|e| {
+                // A jail that could not be set up said which step failed on the log.
+                let why = log_since(&log_path, log_start);
+                anyhow::anyhow!(
+                    "cannot start {}: {e} {}",
+                    self.dirs.vmm.display(),
+                    why.lines().last().unwrap_or("")
+                )
+            })?;
         let pid = child.id();
         self.child = Some(child);
         // Recorded at once: an agent that dies from here on finds it at restart.
@@ -1050,6 +1121,10 @@ impl Vm {
         self.record.state = VmState::Deleted;
         let _ = std::fs::remove_file(self.dirs.record_path(self.id()));
         let _ = std::fs::remove_file(&self.record.api_socket);
+        let _ = std::fs::remove_dir(self.dirs.run_dir(self.id()));
+        if let Some(jail) = &self.dirs.jail {
+            jail.remove(self.id());
+        }
         if !self.record.spec.mac.is_empty() {
             crate::net::remove_tap(self.id());
         }

@@ -97,6 +97,7 @@ if [ "${L1_WITH_QEMU:-0}" = 1 ]; then
 fi
 
 cp "$here/l1.sh" "$root/lib/l1.sh"
+install -m 0755 "$here/../netns-exec.sh" "$root/bin/netns-exec"
 cat > "$root/init" <<'INIT'
 #!/bin/sh
 . /lib/l1.sh

@@ -7,6 +7,8 @@ l1_setup() {
     mount -t sysfs sys /sys
     mount -t devtmpfs dev /dev 2>/dev/null
     mount -t tmpfs tmp /tmp
+    # The unified cgroup hierarchy: vim-agent gives each VMM a cgroup with cpu and memory limits.
+    mount -t cgroup2 cgroup2 /sys/fs/cgroup || echo "L1: cannot mount cgroup2"
     while read -r m; do insmod "/modules/$m" || echo "L1: insmod $m failed"; done < /modules/order
     # Huge pages behind our VMM's guest memory (a memfd, which it marks MADV_HUGEPAGE), as QEMU's
     # anonymous guest memory gets them by default (transparent_hugepage/enabled = always): the

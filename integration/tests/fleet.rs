@@ -332,6 +332,15 @@ impl Cluster {
     }
 }
 
+/// A command run in network namespace `ns` by `ip netns exec`, by way of netns-exec.sh, which
+/// gives it the host's cgroup hierarchies back (an agent there cgroups its VMMs). Both exec:
+/// the child's pid is the command's.
+fn netns_exec(ns: &str) -> Command {
+    let mut c = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("netns-exec.sh"));
+    c.arg(ns);
+    c
+}
+
 /// `vimctl` arguments creating a 64 MiB test-guest VM.
 fn create_args(name: &str) -> [&str; 8] {
     [
@@ -613,9 +622,7 @@ impl Fleet {
             .open(self.dir.path().join(format!("agent-{host}.log")))
             .unwrap();
         let net = &self.nets.iter().find(|(h, _)| h == host).unwrap().1;
-        // `ip netns exec` execs the agent: the child's pid is the agent's.
-        let p = Command::new("ip")
-            .args(["netns", "exec", &net.ns])
+        let p = netns_exec(&net.ns)
             .arg(bins().join("vim-agent"))
             .args(["--host-id", host])
             .args(["--nats-url", &self.agent_nats_url(&net.root_ip)])
@@ -644,6 +651,13 @@ impl Fleet {
             .unwrap();
         let slot = self.agents.iter_mut().find(|(h, _)| h == host).unwrap();
         slot.1 = Some(Proc(p));
+    }
+
+    /// The API socket of VM `id`'s VMM on `host` (where the agent keeps it).
+    fn api_socket(&self, host: &str, id: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join(format!("agent-{host}/run/{id}/api.sock"))
     }
 
     /// Host `host`'s agent's metrics text (`--metrics-listen`, in the host's namespace).
@@ -964,7 +978,7 @@ fn vmm_pids(vm_id: &str) -> Vec<u32> {
         };
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains(&format!("{vm_id}.sock")) && cmd.contains("vmm") {
+        if cmd.contains(&format!("/run/{vm_id}/api.sock")) && cmd.contains("vmm") {
             pids.push(pid);
         }
     }
@@ -1665,10 +1679,7 @@ fn a_host_cannot_act_outside_its_remit_and_secrets_are_private() {
     let attacker = if owner == "h1" { "h2" } else { "h1" };
     {
         use std::os::unix::fs::MetadataExt;
-        let sock = f
-            .dir
-            .path()
-            .join(format!("agent-{owner}/vms/{victim}.sock"));
+        let sock = f.api_socket(&owner, &victim);
         let m = std::fs::metadata(&sock).unwrap().mode();
         assert_eq!(m & 0o077, 0, "the VMM's API socket is {:o}", m & 0o777);
     }
@@ -2749,7 +2760,7 @@ fn a_migration_outlives_the_source_agent() {
     let id = f.create_dirty("m", 32, 128);
     wait_until("the guest's heartbeats", || f.beats(&id).len() >= 3);
     let source = f.host_of(&id);
-    let sock = f.dir.path().join(format!("agent-{source}/vms/{id}.sock"));
+    let sock = f.api_socket(&source, &id);
     // Every pre-copy round runs (1 ms downtime limit): the migration takes a while.
     let r = f.ctl_ok(&[
         "vm",
@@ -3423,6 +3434,182 @@ fn a_running_vm_is_resized_without_a_restart() {
     wait_until("more heartbeats", || f.beats(&id).len() >= n + 3);
     f.assert_never_rebooted(&id);
     assert_eq!(f.vmm_pids(&id).len(), 1);
+}
+
+/// Issue 18: the agent starts each VMM jailed — as the unprivileged `vim-vmm` user with no
+/// capabilities, in a mount namespace that holds only the VM's own files, in a cgroup per VM
+/// whose CPU and memory limits follow a resize — and the VM lives through a migration so.
+#[test]
+fn a_vmm_runs_unprivileged_in_its_own_jail_and_cgroup() {
+    let f = Fleet::start(None, &["h1", "h2"]);
+    f.add_test_image();
+    let mut args = create_args("j").to_vec();
+    args.extend(["--max-vcpus", "2"]);
+    let (ok, out, err) = f.ctl(&args);
+    assert!(ok, "{err}");
+    let id = out.trim().to_string();
+    wait_until("the guest's heartbeats", || f.beats(&id).len() >= 3);
+    let host = f.host_of(&id);
+    let [pid] = f.vmm_pids(&id)[..] else {
+        panic!("not one VMM: {:?}", f.vmm_pids(&id));
+    };
+    let out = Command::new("id").args(["-u", "vim-vmm"]).output().unwrap();
+    let uid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(out.status.success() && uid != "0", "no vim-vmm user: {uid}");
+
+    // Every thread: the VMM user, no capability at all (effective, permitted, bounding).
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let st = std::fs::read_to_string(t.path().join("status")).unwrap();
+        let field = |k: &str| {
+            st.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap_or_default()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(field("Uid:"), [uid.as_str(); 4].join(" "), "{st}");
+        for cap in ["CapEff:", "CapPrm:", "CapBnd:", "CapAmb:"] {
+            assert_eq!(field(cap), "0000000000000000", "{cap} {st}");
+        }
+    }
+
+    // Its own mount namespace, whose root holds only what the VM needs.
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
+    assert_ne!(ns(&pid.to_string()), ns("self"));
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let mut top: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    // The system's libraries, and the top directories of the paths the VM's files are at.
+    let first = |p: &Path| {
+        p.components()
+            .nth(1)
+            .unwrap()
+            .as_os_str()
+            .to_string_lossy()
+            .into_owned()
+    };
+    let mut allowed = vec!["dev", "etc", "lib", "lib64", "proc", "usr"]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    allowed.push(first(bins()));
+    allowed.push(first(f.dir.path()));
+    for t in &top {
+        assert!(allowed.contains(t), "unexpected /{t} in the jail: {top:?}");
+    }
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap());
+    let mut dev: Vec<String> = std::fs::read_dir(root.join("dev"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    dev.sort();
+    assert!(dev == ["kvm"] || dev == ["kvm", "net"], "{dev:?}");
+    assert_eq!(
+        std::fs::read_dir(root.join("etc")).unwrap().count(),
+        1,
+        "only ld.so.cache"
+    );
+    assert!(!inside(Path::new("/etc/passwd")).exists());
+    assert!(
+        !inside(Path::new("/proc/1")).exists(),
+        "no process of the host"
+    );
+    let state = f.dir.path().join(format!("agent-{host}"));
+    // Its API socket and the lease, but no record of any VM, no credentials.
+    assert!(inside(&f.api_socket(&host, &id)).exists());
+    assert!(inside(&state.join("fence/lease")).exists());
+    assert!(!inside(&state.join("vms")).exists());
+    assert!(!inside(&f.state().join("hosts")).exists());
+    // The VM's own directory on shared storage, not another's.
+    assert!(inside(&f.state().join("shared/vms").join(&id).join("console.log")).exists());
+    assert_eq!(
+        std::fs::read_dir(inside(&f.state().join("shared/vms")))
+            .unwrap()
+            .count(),
+        1
+    );
+
+    // Its cgroups: one per VM, limits for 1 vCPU and 64 MiB (plus the VMM's allowance).
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let group = format!("/vim-vms/{host}/{id}");
+    let limits = || {
+        let (mut cpu, mut mem) = (None, None);
+        for l in cg.lines() {
+            let mut p = l.splitn(3, ':');
+            let (_, ctl, path) = (p.next(), p.next().unwrap(), p.next().unwrap());
+            assert!(
+                !(ctl.split(',').any(|c| c == "cpu" || c == "memory")) || path == group,
+                "{cg}"
+            );
+            let read = |f: &str| {
+                std::fs::read_to_string(format!("/sys/fs/cgroup/{ctl}{path}/{f}"))
+                    .map(|s| s.trim().to_string())
+                    .ok()
+            };
+            if ctl.split(',').any(|c| c == "cpu") {
+                cpu = read("cpu.cfs_quota_us");
+            }
+            if ctl.split(',').any(|c| c == "memory") {
+                mem = read("memory.limit_in_bytes");
+            }
+            if ctl.is_empty() {
+                cpu = cpu.or(read("cpu.max"));
+                mem = mem.or(read("memory.max"));
+            }
+        }
+        (cpu.expect("a cpu limit"), mem.expect("a memory limit"))
+    };
+    assert!(cg.contains(&group), "{cg}");
+    assert_eq!(limits(), ("100000".into(), ((64 + 128) << 20).to_string()));
+    let (ok, _, err) = f.ctl(&["vm", "resize", &id, "--vcpus", "2"]);
+    assert!(ok, "{err}");
+    assert_eq!(limits(), ("200000".into(), ((64 + 128) << 20).to_string()));
+
+    // Its tap belongs to the VMM user (attached without CAP_NET_ADMIN).
+    if f.has_tap(&host, &id) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", f.ns(&host), "cat"])
+            .arg(format!("/sys/class/net/vt{}/owner", &id[..13]))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), uid);
+    }
+
+    // Moved to the other host: jailed there too, and nothing of it is left on the first.
+    let r = f.ctl_ok(&["vm", "migrate", &id, "--json"]);
+    assert_eq!(r["job"]["state"], "done", "{r}");
+    let target = f.host_of(&id);
+    assert_ne!(target, host);
+    wait_until("the source VMM gone", || f.vmm_pids(&id).len() == 1);
+    let pid = f.vmm_pids(&id)[0];
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(cg.contains(&format!("/vim-vms/{target}/{id}")), "{cg}");
+    let source_groups = || {
+        let v2 = Path::new("/sys/fs/cgroup").to_path_buf();
+        std::fs::read_dir("/sys/fs/cgroup")
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .chain([v2])
+            .map(|d| d.join(format!("vim-vms/{host}/{id}")))
+            .filter(|d| d.exists())
+            .collect::<Vec<_>>()
+    };
+    wait_until("the source's cgroups removed", || {
+        source_groups().is_empty()
+    });
+    let n = f.beats(&id).len();
+    wait_until("heartbeats on the target", || f.beats(&id).len() >= n + 3);
+    f.assert_never_rebooted(&id);
 }
 
 /// Issue 14: memory through the same job path — a running VM's virtio-mem grows and shrinks
@@ -4358,10 +4545,7 @@ fn availability_and_the_bill_follow_what_the_vm_did() {
     wait_until("the guest's heartbeats", || f.beats(&id).len() >= 3);
 
     // The guest stops beating while its VMM still answers.
-    let sock = f
-        .dir
-        .path()
-        .join(format!("agent-{}/vms/{id}.sock", f.host_of(&id)));
+    let sock = f.api_socket(&f.host_of(&id), &id);
     let vmm_ctl = |cmd: &str| {
         let out = Command::new(bins().join("vmm"))
             .args(["ctl", "--api-socket"])
@@ -4759,8 +4943,7 @@ fn a_host_joins_with_one_command_and_leaves() {
     // The agent from the installed root: the NATS address is this namespace's way to vimd's
     // server (the advertised one is nominal in this test), beats as fast as the fleet's.
     let log = std::fs::File::create(f.dir.path().join("agent-h2.log")).unwrap();
-    let agent = Command::new("ip")
-        .args(["netns", "exec", &ns])
+    let agent = netns_exec(&ns)
         .arg(root.join("usr/bin/vim-agent"))
         .arg("--config")
         .arg(root.join("etc/vim-agent/agent.toml"))

@@ -27,7 +27,7 @@ echo "L1: $HOST_ID: share mounted after $(cut -d' ' -f1 /proc/uptime)s"
 mkdir -p "$EXPORT/logs"
 vim-agent --host-id "$HOST_ID" --nats-url "nats://10.0.2.2:$NATS_PORT" \
     --credentials "$EXPORT/conf/$HOST_ID.json" --nats-ca "$EXPORT/conf/ca.pem" \
-    --state-dir /tmp/agent --shared-dir "$EXPORT/shared" --vmm /bin/vmm \
+    --state-dir /tmp/agent --shared-dir "$EXPORT/shared" --vmm /bin/vmm --vmm-user 64000:64000 \
     --heartbeat-ms 1000 2>"$EXPORT/logs/agent-$HOST_ID.log" &
 # The VMMs' logs go to the share every 2 s (for the driver to show), a line every 20 s keeps
 # run-l1.sh's stall watch quiet; the driver ends it.

@@ -19,7 +19,7 @@ mkdir -p /tmp/shared /tmp/agent
 echo '{"user":"none","password":"none"}' > /tmp/creds
 start_agent() {
     vim-agent --host-id wd --nats-url nats://127.0.0.1:9 --credentials /tmp/creds \
-        --state-dir /tmp/agent --shared-dir /tmp/shared --vmm /bin/vmm \
+        --state-dir /tmp/agent --shared-dir /tmp/shared --vmm /bin/vmm --vmm-user 64000:64000 \
         --watchdog /dev/watchdog --watchdog-timeout-s $timeout_s 2>>/tmp/agent.log &
     AGENT=$!
 }

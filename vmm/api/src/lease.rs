@@ -82,6 +82,10 @@ pub fn write(path: &Path, lease: Lease) -> std::io::Result<()> {
     };
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)?;
+    // Readable by a VMM running as another user (an instant is no secret), whatever the
+    // writer's umask.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
     std::fs::rename(&tmp, path)
 }
 
