@@ -7,7 +7,11 @@
 # POSIX sh: the fleet tests and the nested lane's busybox L1 both run it.
 ns=$1
 shift
-exec ip netns exec "$ns" sh -c '
+# iproute2's ip by its path: busybox sh (the L1's) would run its own applet, which has no netns.
+for ip in /bin/ip /sbin/ip /usr/bin/ip /usr/sbin/ip; do
+    [ -x "$ip" ] && break
+done
+exec "$ip" netns exec "$ns" sh -c '
 grep -E "^[^ ]+ [^ ]+ cgroup2? " /proc/1/mounts | {
     tmpfs=
     while read -r _ dir type opts _; do

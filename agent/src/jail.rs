@@ -383,17 +383,33 @@ impl Child {
             libc::umask(umask);
             check(libc::chdir(self.root.as_ptr()), "enter", &self.root)?;
             let dot = c".";
-            check(
-                libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) as libc::c_int,
-                "pivot to",
-                &self.root,
-            )?;
-            // The host's tree was stacked under the new root: gone from this namespace.
-            check(
-                libc::umount2(dot.as_ptr(), libc::MNT_DETACH),
-                "detach the host from",
-                &self.root,
-            )?;
+            if libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) == 0 {
+                // The host's tree was stacked under the new root: gone from this namespace.
+                check(
+                    libc::umount2(dot.as_ptr(), libc::MNT_DETACH),
+                    "detach the host from",
+                    &self.root,
+                )?;
+            } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                // A host running from its initramfs (rootfs cannot be pivoted away, like the
+                // nested lane's L1): the jail's root is moved over `/` and made the root, as
+                // switch_root does. The host's tree stays below it, out of reach of a process
+                // without CAP_SYS_ADMIN or CAP_SYS_CHROOT (which the VMM will not have).
+                check(
+                    libc::mount(
+                        dot.as_ptr(),
+                        slash.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_MOVE,
+                        std::ptr::null(),
+                    ),
+                    "move over / the jail",
+                    &self.root,
+                )?;
+                check(libc::chroot(dot.as_ptr()), "chroot to", &self.root)?;
+            } else {
+                return Err(fail("pivot to", &self.root));
+            }
             check(libc::chdir(slash.as_ptr()), "enter", &self.root)?;
             for cap in 0..64 {
                 libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);

@@ -5117,3 +5117,351 @@ fn two_vimds_share_the_work_and_the_survivor_takes_over_as_leader() {
     assert!(log2.contains("this vimd is the leader now"), "{log2}");
     drop(vimd2);
 }
+
+/// A small deterministic generator (xorshift64*): the fault suite's choices follow its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// From the high half: xorshift64*'s low bits are its weak ones.
+    fn below(&mut self, n: u64) -> u64 {
+        (self.next() >> 32) % n.max(1)
+    }
+
+    fn millis(&mut self, from: u64, to: u64) -> Duration {
+        Duration::from_millis(from + self.below(to - from))
+    }
+}
+
+/// The VM id of a vmm process of the fleet in `dir` (from its API socket's path
+/// `…/agent-HOST/run/ID/api.sock`), with the host.
+fn fleet_vmms(dir: &Path) -> Vec<(u32, String, String)> {
+    let mut out = Vec::new();
+    let marker = dir.to_string_lossy().into_owned();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !args.first().is_some_and(|a| a.ends_with("/vmm")) {
+            continue;
+        }
+        let Some(sock) = args
+            .iter()
+            .find(|a| a.starts_with(&marker) && a.ends_with("/api.sock"))
+        else {
+            continue;
+        };
+        let parts: Vec<&str> = sock.rsplit('/').collect();
+        // api.sock, ID, run, agent-HOST
+        if let [_, id, "run", agent, ..] = parts[..] {
+            let host = agent.trim_start_matches("agent-").to_string();
+            // A zombie (exited, not yet reaped) runs nothing.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(')')
+                .map(|(_, r)| r.trim_start().chars().next());
+            if !matches!(state, Some(Some('Z' | 'X')) | None) {
+                out.push((pid, id.to_string(), host));
+            }
+        }
+    }
+    out
+}
+
+/// Issue 18: the fault suite. A mixed workload — creates, stops, starts, deletes, migrations and
+/// resizes — runs while vimd, agents, nats-server and VMMs are SIGKILLed at points chosen by a
+/// seed and hosts' links are cut and restored. Then: every acknowledged request's job exists and
+/// ended (done or failed), its result was applied at most once (exactly once when done), no guest
+/// ever ran twice at once (its heartbeat counter on shared storage never interleaves), and the
+/// database and the hosts agree (each running VM in exactly one VMM, on its host; no VMM for any
+/// other). `VIM_FAULT_SEED=N` repeats a run (`random` picks one), `VIM_FAULT_ROUNDS` lengthens
+/// it (a soak).
+#[test]
+fn a_mixed_workload_under_kills_and_cuts_loses_nothing_and_runs_nothing_twice() {
+    let seed = match std::env::var("VIM_FAULT_SEED").ok().as_deref() {
+        Some("random") => {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        }
+        Some(s) => s.parse().expect("VIM_FAULT_SEED: a number or random"),
+        None => 18,
+    };
+    let rounds: u32 = std::env::var("VIM_FAULT_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(24);
+    eprintln!("fault suite: seed {seed}, {rounds} rounds (VIM_FAULT_SEED={seed} repeats it)");
+    let mut rng = Rng(seed);
+    let hosts = ["h1", "h2"];
+    let mut f = Fleet::start_failover(&hosts);
+    f.add_test_image();
+    let nats_conf = f.state().join("nats/nats.conf");
+    let nats_pid = || -> Option<u32> {
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (cmd.starts_with("nats-server") && cmd.contains(nats_conf.to_str()?)).then_some(pid)
+        })
+    };
+    let kill = |pid: u32| {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    };
+    // (job, kind, vm) of every request vimd acknowledged.
+    let mut acked: Vec<(String, String, String)> = Vec::new();
+    let mut vms: Vec<String> = Vec::new();
+    let mut log = Vec::new();
+    for round in 0..rounds {
+        // A request: refused ones (409: the VM is busy or in the wrong state; 5xx: vimd is
+        // restarting) are not acknowledged and owe nothing.
+        let op = rng.below(12);
+        let vm = (!vms.is_empty()).then(|| vms[rng.below(vms.len() as u64) as usize].clone());
+        let (kind, args): (&str, Vec<String>) = match (op, vm) {
+            (0..=2, _) | (_, None) if vms.len() < 5 => {
+                let mut a: Vec<String> = create_args(&format!("f{round}"))
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+                a.extend(["--max-vcpus".into(), "2".into()]);
+                ("create", a)
+            }
+            (_, None) => ("none", vec![]),
+            (3..=4, Some(v)) => ("stop", vec!["vm".into(), "stop".into(), v]),
+            (5..=6, Some(v)) => ("start", vec!["vm".into(), "start".into(), v]),
+            (7, Some(v)) => ("delete", vec!["vm".into(), "delete".into(), v]),
+            (8..=9, Some(v)) => ("migrate", vec!["vm".into(), "migrate".into(), v]),
+            (_, Some(v)) => {
+                let n = (1 + rng.below(2)).to_string();
+                (
+                    "resize",
+                    vec!["vm".into(), "resize".into(), v, "--vcpus".into(), n],
+                )
+            }
+        };
+        if kind != "none" {
+            let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+            a.extend(["--no-wait", "--json"]);
+            let (ok, out, err) = f.ctl(&a);
+            let reply: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+            let job = reply["job_id"]
+                .as_str()
+                .or(reply["job"]["id"].as_str())
+                .map(String::from);
+            match (ok, job) {
+                (true, Some(job)) => {
+                    let vm = reply["vm_id"]
+                        .as_str()
+                        .map(String::from)
+                        .unwrap_or_else(|| args[2].clone());
+                    if kind == "create" {
+                        vms.push(vm.clone());
+                    }
+                    log.push(format!("round {round}: {kind} {vm} -> job {job}"));
+                    acked.push((job, kind.to_string(), vm));
+                }
+                (true, None) => panic!("{kind}: acknowledged without a job: {out}"),
+                (false, _) => log.push(format!("round {round}: {kind} refused: {}", err.trim())),
+            }
+        }
+        // A fault, most rounds.
+        std::thread::sleep(rng.millis(200, 1500));
+        match rng.below(7) {
+            0 => {
+                log.push(format!("round {round}: kill vimd"));
+                f.kill_vimd();
+                std::thread::sleep(rng.millis(200, 2000));
+                f.start_vimd();
+            }
+            1 => {
+                let h = hosts[rng.below(2) as usize];
+                log.push(format!("round {round}: kill agent {h}"));
+                f.kill_agent(h);
+                std::thread::sleep(rng.millis(200, 1500));
+                f.start_agent(h);
+            }
+            2 => {
+                if let Some(p) = nats_pid() {
+                    log.push(format!("round {round}: kill nats-server"));
+                    kill(p);
+                }
+            }
+            3 => {
+                let all = fleet_vmms(f.dir.path());
+                if !all.is_empty() {
+                    let (pid, id, host) = &all[rng.below(all.len() as u64) as usize];
+                    log.push(format!("round {round}: kill the VMM of {id} on {host}"));
+                    kill(*pid);
+                }
+            }
+            4 => {
+                let h = hosts[rng.below(2) as usize];
+                let d = rng.millis(500, 5000);
+                log.push(format!("round {round}: cut {h} for {d:?}"));
+                f.cut(h, true);
+                std::thread::sleep(d);
+                f.cut(h, false);
+            }
+            _ => {}
+        }
+    }
+    eprintln!("{}", log.join("\n"));
+
+    // Recovery: everything is up again; every acknowledged job ends.
+    let show = |job: &str| -> Option<Value> {
+        let (ok, out, _) = f.ctl(&["job", "show", job]);
+        ok.then(|| serde_json::from_str(&out).ok()).flatten()
+    };
+    let ended = |j: &Value| j["state"] == "done" || j["state"] == "failed";
+    wait_until_for(
+        "every acknowledged job to end",
+        Duration::from_secs(240),
+        || {
+            acked
+                .iter()
+                .all(|(job, _, _)| show(job).is_some_and(|j| ended(&j)))
+        },
+    );
+    let events = f.events();
+    let mut wrong = Vec::new();
+    for (job, kind, vm) in &acked {
+        let j = show(job).unwrap();
+        let answer = match kind.as_str() {
+            "create" => "VM_Created",
+            "start" => "VM_Started",
+            "stop" => "VM_Stopped",
+            "delete" => "VM_Deleted",
+            "resize" => "VM_Resized",
+            _ => "VM_Migrated",
+        };
+        let count = |k: &str| {
+            events
+                .iter()
+                .filter(|e| e["kind"] == k && e["job_id"] == job.as_str())
+                .count()
+        };
+        let (applied, failed) = (count(answer), count("Job_Failed"));
+        let done = j["state"] == "done";
+        // An agent's answer ends a job under its own kind (a failed one too, with the error);
+        // vimd ends the others with Job_Failed: one or the other, once.
+        let answered = matches!(
+            kind.as_str(),
+            "create" | "start" | "stop" | "delete" | "resize"
+        );
+        if applied + failed > 1 || (done && failed > 0) || (done && answered && applied != 1) {
+            let mine: Vec<&Value> = events
+                .iter()
+                .filter(|e| e["job_id"] == job.as_str() || e["vm_id"] == vm.as_str())
+                .collect();
+            wrong.push(format!(
+                "{kind} of {vm} (job {job}, {}): {applied} {answer}, {failed} Job_Failed; {j}; \
+                 the VM's events: {mine:?}",
+                j["state"]
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "jobs not applied exactly once:\n{}",
+        wrong.join("\n")
+    );
+
+    // What each VM's owner last asked for and was told was done: a stopped VM stays stopped,
+    // a deleted one stays gone (a failover or a late answer must not undo it).
+    let mut intent: std::collections::HashMap<&str, (i64, &str)> = Default::default();
+    for (job, kind, vm) in &acked {
+        let j = show(job).unwrap();
+        if j["state"] != "done" || !matches!(kind.as_str(), "create" | "start" | "stop" | "delete")
+        {
+            continue;
+        }
+        let at = j["updated_at"].as_i64().unwrap_or(0);
+        if intent.get(vm.as_str()).is_none_or(|(t, _)| at >= *t) {
+            intent.insert(vm, (at, kind));
+        }
+    }
+    let list = f.ctl_ok(&["vm", "list", "--json"]);
+    let mut lost = Vec::new();
+    for (vm, (_, kind)) in &intent {
+        let v = list.as_array().unwrap().iter().find(|v| v["id"] == *vm);
+        let state = v.map_or("deleted", |v| v["state"].as_str().unwrap_or_default());
+        let ok = match *kind {
+            "stop" => state != "running",
+            "delete" => state == "deleted",
+            _ => true,
+        };
+        if !ok {
+            let mine: Vec<&Value> = events.iter().filter(|e| e["vm_id"] == *vm).collect();
+            lost.push(format!(
+                "{vm}: {kind} was done, yet it is {state}; its events: {mine:?}"
+            ));
+        }
+    }
+    assert!(lost.is_empty(), "requests undone:\n{}", lost.join("\n"));
+
+    // The database and the hosts agree, once the transient states are over.
+    let disagreement = || -> Vec<String> {
+        let list = f.ctl_ok(&["vm", "list", "--json"]);
+        let procs = fleet_vmms(f.dir.path());
+        let mut d = Vec::new();
+        let listed: Vec<&Value> = list.as_array().unwrap().iter().collect();
+        for v in &listed {
+            let id = v["id"].as_str().unwrap();
+            let state = v["state"].as_str().unwrap_or_default();
+            let mine: Vec<&(u32, String, String)> = procs.iter().filter(|p| p.1 == id).collect();
+            match state {
+                "running" => {
+                    let host = v["host_id"].as_str().unwrap_or_default();
+                    if mine.len() != 1 || mine[0].2 != host {
+                        d.push(format!("{id} running on {host}, VMMs {mine:?}"));
+                    }
+                }
+                "stopped" | "failed" | "deleted" | "suspended" => {
+                    if !mine.is_empty() {
+                        d.push(format!("{id} {state}, VMMs {mine:?}"));
+                    }
+                }
+                other => d.push(format!("{id} still {other}")),
+            }
+        }
+        for p in &procs {
+            if !listed.iter().any(|v| v["id"] == p.1.as_str()) {
+                d.push(format!("a VMM {p:?} for a VM vimd does not list"));
+            }
+        }
+        d
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last = disagreement();
+    while !last.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(1));
+        last = disagreement();
+    }
+    assert!(
+        last.is_empty(),
+        "vimd and the hosts disagree:\n{}",
+        last.join("\n")
+    );
+    // No guest ever ran twice at once: its counter on shared storage never interleaves.
+    for id in &vms {
+        assert_one_counter(id, &f.beats(id));
+    }
+    eprintln!(
+        "fault suite: seed {seed}: {} requests acknowledged, all ended once; {} VMs agree",
+        acked.len(),
+        vms.len()
+    );
+}

@@ -828,6 +828,20 @@ async fn vm_job(v: Arc<Vimd>, h: Req, id: String, kind: db::JobKind) -> Response
         &id.clone(),
         move |v, who| async move {
             let vm = owned_vm(&v, &who, &id).await?;
+            // A stop, start or delete racing the VIM's own move of the VM would be undone by it
+            // (a failover restart answered after the stop runs the VM again): refused until the
+            // move is over.
+            if let Some(moving) = v.db.moving_job(&vm.id).await? {
+                let what = if moving == db::JobKind::Restart {
+                    "being restarted by failover"
+                } else {
+                    "being migrated"
+                };
+                return Err(ApiError(
+                    StatusCode::CONFLICT,
+                    format!("VM {} is {what}; try again once that is done", vm.id),
+                ));
+            }
             let job = db::Job::new(kind, &who.name, &vm.id);
             v.db.add_job(&job, None).await?;
             v.outbox.push(&job.id);

@@ -386,6 +386,23 @@ impl Db {
         Ok(r.try_get("n")?)
     }
 
+    /// The kind of the VIM's own unfinished job moving VM `vm_id` (a failover restart or a
+    /// live migration), if there is one: the owner's lifecycle requests wait until it ends.
+    pub async fn moving_job(&self, vm_id: &str) -> Result<Option<JobKind>, DbError> {
+        let r = sqlx::query(
+            "SELECT kind FROM jobs WHERE vm_id = $1 AND (state = $2 OR state = $3) \
+             AND (kind = $4 OR kind = $5) LIMIT 1",
+        )
+        .bind(vm_id)
+        .bind(JobState::Pending.as_str())
+        .bind(JobState::Running.as_str())
+        .bind(JobKind::Restart.as_str())
+        .bind(JobKind::Migrate.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(r.map(|row| super::named(&row, "kind")).transpose()?)
+    }
+
     /// How many jobs of `kind` VM `vm_id` has had since `since_ms`.
     pub async fn count_jobs_since(
         &self,
@@ -536,6 +553,32 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(db.earlier_unfinished_job(second).await.unwrap(), None);
+        }
+    }
+
+    /// A failover restart or a migration under way is the VIM moving the VM; the owner's own
+    /// jobs, other VMs' and ended ones are not.
+    #[tokio::test]
+    async fn the_vims_own_moves_are_seen_until_they_end() {
+        for (db, _dir) in databases().await {
+            let vm = pending_vm();
+            let create = Job::new(JobKind::Create, "alice", &vm.id);
+            db.add_job(&create, Some(&vm)).await.unwrap();
+            let stop = Job::new(JobKind::Stop, "alice", &vm.id);
+            db.add_job(&stop, None).await.unwrap();
+            assert_eq!(db.moving_job(&vm.id).await.unwrap(), None);
+            for kind in [JobKind::Restart, JobKind::Migrate] {
+                let j = Job::new(kind, "vimd", &vm.id);
+                db.add_job(&j, None).await.unwrap();
+                db.add_job(&Job::new(kind, "vimd", "another-vm"), None)
+                    .await
+                    .unwrap();
+                assert_eq!(db.moving_job(&vm.id).await.unwrap(), Some(kind));
+                db.transition_job(&j.id, &[JobState::Pending], JobState::Done, "")
+                    .await
+                    .unwrap();
+                assert_eq!(db.moving_job(&vm.id).await.unwrap(), None);
+            }
         }
     }
 
