@@ -210,6 +210,7 @@ fn the_vim_migrates_the_debian_guest_between_hosts() {
             "vim-net-h2",
             "vim-disk-writes",
             "vim-one-vmm",
+            "vim-jail",
             "vim-disk-intact",
         ],
     );

@@ -123,6 +123,20 @@ on_disk=$(dd if="$disk" bs=512 skip=16384 count=1 2>/dev/null | tr -d '\000' | s
 vmms=$(ps -o args | grep -c "^/bin/vmm run.*$id")
 [ "$vmms" = 1 ] && result vim-one-vmm pass "one VMM runs VM $id" \
     || result vim-one-vmm fail "$vmms VMMs for VM $id: $(ps -o pid,args | grep "[v]mm run")"
+# Jailed (docs/sandbox.md): the VMM user, no capabilities, the VM's cgroup v2 with its limits.
+pid=$(ps -o pid,args | grep "[/]bin/vmm run.*$id" | awk '{print $1}' | head -n 1)
+status=$(cat /proc/$pid/status 2>/dev/null)
+uid=$(echo "$status" | awk '/^Uid:/ {print $2 $3 $4 $5}')
+capeff=$(echo "$status" | awk '/^CapEff:/ {print $2}')
+cg=$(cat /proc/$pid/cgroup 2>/dev/null)
+cpu=$(cat /sys/fs/cgroup/vim-vms/$dst/$id/cpu.max 2>/dev/null)
+mem=$(cat /sys/fs/cgroup/vim-vms/$dst/$id/memory.max 2>/dev/null)
+if [ "$uid" = 64000640006400064000 ] && [ "$capeff" = 0000000000000000 ] \
+    && [ "$cg" = "0::/vim-vms/$dst/$id" ] && [ "$cpu" = "100000 100000" ] && [ "$mem" = 402653184 ]; then
+    result vim-jail pass "VMM $pid: uid 64000, no capabilities, cgroup $cg: cpu.max $cpu, memory.max $mem"
+else
+    result vim-jail fail "VMM '$pid': uid '$uid' CapEff '$capeff' cgroup '$cg' cpu.max '$cpu' memory.max '$mem'"
+fi
 vimctl vm stop "$id" >/dev/null 2>&1
 after=$(guest-agent checksum "$disk" 4194304)
 [ "$after" = "$pattern" ] && result vim-disk-intact pass "fnv64 $after" \
