@@ -653,6 +653,17 @@ impl Fleet {
         slot.1 = Some(Proc(p));
     }
 
+    /// The nats-server vimd started for this fleet, if one runs.
+    fn nats_pid(&self) -> Option<u32> {
+        let conf = self.state().join("nats/nats.conf");
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (cmd.starts_with("nats-server") && cmd.contains(conf.to_str()?)).then_some(pid)
+        })
+    }
+
     /// The API socket of VM `id`'s VMM on `host` (where the agent keeps it).
     fn api_socket(&self, host: &str, id: &str) -> PathBuf {
         self.dir
@@ -1561,16 +1572,7 @@ fn host_credentials_reach_only_their_own_commands_and_garbage_is_dead_lettered()
 fn a_job_survives_nats_server_being_killed() {
     let f = Fleet::start(None, &["h1"]);
     f.add_test_image();
-    let conf = f.state().join("nats/nats.conf");
-    let nats_pid = || -> Option<u32> {
-        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            (cmd.starts_with("nats-server") && cmd.contains(conf.to_str()?)).then_some(pid)
-        })
-    };
-    let first = nats_pid().expect("vimd's nats-server not found");
+    let first = f.nats_pid().expect("vimd's nats-server not found");
     let (job, id) = f.create_no_wait("n");
     let st = Command::new("kill")
         .args(["-9", &first.to_string()])
@@ -1580,7 +1582,7 @@ fn a_job_survives_nats_server_being_killed() {
     // vimd restarts its server; the clients reconnect; the job completes once — through a
     // redelivery (30 s ack wait) or the stale-job republish (30 s) if the server lost the message.
     wait_until("a new nats-server", || {
-        nats_pid().is_some_and(|p| p != first)
+        f.nats_pid().is_some_and(|p| p != first)
     });
     f.create_done_once(&job, &id);
     // And the fleet keeps working after the restart.
@@ -5209,15 +5211,6 @@ fn a_mixed_workload_under_kills_and_cuts_loses_nothing_and_runs_nothing_twice() 
     let hosts = ["h1", "h2"];
     let mut f = Fleet::start_failover(&hosts);
     f.add_test_image();
-    let nats_conf = f.state().join("nats/nats.conf");
-    let nats_pid = || -> Option<u32> {
-        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            (cmd.starts_with("nats-server") && cmd.contains(nats_conf.to_str()?)).then_some(pid)
-        })
-    };
     let kill = |pid: u32| {
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
     };
@@ -5301,7 +5294,7 @@ fn a_mixed_workload_under_kills_and_cuts_loses_nothing_and_runs_nothing_twice() 
                 f.start_agent(h);
             }
             2 => {
-                if let Some(p) = nats_pid() {
+                if let Some(p) = f.nats_pid() {
                     log.push(format!("round {round}: kill nats-server"));
                     kill(p);
                 }
