@@ -81,8 +81,16 @@ impl Components {
     }
 
     pub fn save_devices(&self) -> Result<DeviceStates, MigrationError> {
+        let serial = {
+            let mut s = lock(&self.serial);
+            // What the guest printed up to the pause reaches its console file now, a line the
+            // pause cut included: a migration target appends to the same file, and a line
+            // left in this process's buffer until it exits would land after the target's.
+            s.flush_output();
+            s.snapshot()?
+        };
         Ok(DeviceStates {
-            serial: lock(&self.serial).snapshot()?,
+            serial,
             ged: lock(&self.ged).snapshot()?,
             cpu_hotplug: Some(lock(&self.cpu_hotplug).snapshot()?),
             virtio: self.virtio.save()?,
