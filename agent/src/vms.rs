@@ -173,6 +173,61 @@ pub fn next_report_seq() -> u64 {
     SEQ.fetch_add(1, Ordering::SeqCst) + 1
 }
 
+/// A migration between this host's jailed VMM and one of a host still on the release before
+/// the jail: that VMM runs as root with umask 077, so what it writes into the migration directory
+/// for the other side is root's, 0600, and the jailed VMM cannot read it — the handover
+/// (`memory.bin`, then `state.bin`) when this host is the target, `resumed` or `failed` when it
+/// is the source. Gives each of `files` to the VMM user as it appears (the jailed VMM waits
+/// until it can read them), every 2 ms while `go_on` says so. Files a jailed VMM wrote are the
+/// VMM user's already: nothing to do then but look.
+fn adopt_from_unjailed(
+    jail: &crate::jail::Jail,
+    dir: &Path,
+    files: &[&str],
+    mut go_on: impl FnMut() -> bool,
+) {
+    use std::os::unix::fs::MetadataExt;
+    while go_on() {
+        for f in files.iter().map(|f| dir.join(f)) {
+            let Ok(meta) = std::fs::symlink_metadata(&f) else {
+                continue;
+            };
+            if meta.uid() != jail.uid {
+                match jail.own(&f) {
+                    Ok(()) => tracing::info!(
+                        file = %f.display(),
+                        owner = meta.uid(),
+                        "a migration file from an unjailed VMM given to the VMM user"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(file = %f.display(), error = %e, "cannot give a migration file to the VMM user")
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The target side of [`adopt_from_unjailed`]: until a claim made after it started (a claim an
+/// earlier migration left goes before the next handover appears), the VMM's exit, or `wait`
+/// (the VMM's own limit) and a second.
+fn adopt_handover(dirs: &Dirs, dir: &Path, pid: u32, wait: Duration) {
+    let Some(jail) = &dirs.jail else {
+        return;
+    };
+    let deadline = Instant::now() + wait + Duration::from_secs(1);
+    let claim = dir.join("claimed");
+    let mut unclaimed = false;
+    let files = [vmm_api::SNAPSHOT_MEMORY_FILE, vmm_api::SNAPSHOT_STATE_FILE];
+    adopt_from_unjailed(jail, dir, &files, || {
+        let claimed = claim.exists();
+        let claimed_now = claimed && unclaimed;
+        unclaimed |= !claimed;
+        !claimed_now && Instant::now() < deadline && alive(pid)
+    });
+}
+
 fn alive(pid: u32) -> bool {
     // SAFETY: kill with signal 0 only checks that the process exists.
     if pid == 0 || unsafe { libc::kill(pid as i32, 0) } != 0 {
@@ -523,6 +578,10 @@ impl Vm {
         if let Err(e) = vm.spawn_vmm(cmd, VmState::Incoming, Some(vmm_api::INCOMING_READY_LINE)) {
             vm.forget();
             return Err(e);
+        }
+        if dirs.jail.is_some() {
+            let (dirs, pid) = (dirs.clone(), vm.record.pid);
+            std::thread::spawn(move || adopt_handover(&dirs, &dir, pid, wait));
         }
         Ok(vm)
     }
@@ -1041,10 +1100,27 @@ impl Vm {
         };
         self.record.outgoing = true;
         self.save().map_err(|e| format!("{e:#}"))?;
+        // The target's answer (`resumed`, `failed`), for a jailed VMM to read, while the
+        // migration is under way or waits for the target.
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if self.dirs.jail.is_some() {
+            let (dirs, dir, ended, pid) = (self.dirs.clone(), dir.clone(), ended.clone(), r.pid);
+            std::thread::spawn(move || {
+                if let Some(jail) = &dirs.jail {
+                    adopt_from_unjailed(jail, &dir, &["resumed", "failed"], || {
+                        !ended.load(std::sync::atomic::Ordering::Relaxed) && alive(pid)
+                    });
+                }
+            });
+        }
         let client = vmm_api::Client::new(&r.api_socket);
         let answer = watch_progress(&r.api_socket, progress, || {
             client.call::<vmm_api::MigrationOutcome>(&req, MAX_MIGRATION_WAIT)
         });
+        // Waiting for the target, the VMM may still read its answer: looked for until it exits.
+        if !matches!(&answer, Ok(o) if o.waiting_for_target) {
+            ended.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let outcome = match answer {
             Ok(o) => o,
             // Asked already, by this agent before it restarted: that migration's end is awaited.

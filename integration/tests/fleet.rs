@@ -219,6 +219,8 @@ struct Fleet {
     /// Where vimd's API listens, when not only where `api` reaches it (a joining host's
     /// namespace reaches it over its veth).
     api_listen: Option<String>,
+    /// Extra arguments for one host's agent (e.g. `--no-jail`), from its next start on.
+    agent_args: Vec<(String, Vec<String>)>,
 }
 
 /// A 3-node NATS JetStream cluster on this machine, run the way an operator would: each node's
@@ -393,6 +395,7 @@ impl Fleet {
             shared_mount: None,
             profile: vimd_args.iter().map(|a| a.to_string()).collect(),
             api_listen: None,
+            agent_args: Vec::new(),
         };
         if let Some(mib) = shared_mib {
             let shared = f.state().join("shared");
@@ -645,6 +648,12 @@ impl Fleet {
             .args(["--probe-misses", "10"])
             // In the host's own namespace: every agent can have the same port.
             .args(["--metrics-listen", AGENT_METRICS])
+            .args(
+                self.agent_args
+                    .iter()
+                    .filter(|(h, _)| h == host)
+                    .flat_map(|(_, a)| a),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -3611,6 +3620,56 @@ fn a_vmm_runs_unprivileged_in_its_own_jail_and_cgroup() {
     });
     let n = f.beats(&id).len();
     wait_until("heartbeats on the target", || f.beats(&id).len() >= n + 3);
+    f.assert_never_rebooted(&id);
+}
+
+/// Issue 19's rolling upgrade: a host still on the release before the jail runs its VMMs as
+/// root, and they write the migration handover (`memory.bin`, `state.bin`) 0600 as root. A VM
+/// moves from such a host to a jailed one (the jailed target's agent hands those files to the VMM
+/// user as they appear) and back, never rebooting; on the jailed host it runs jailed. An agent
+/// started with `--no-jail` writes exactly what the old release did (a root VMM, umask 077).
+#[test]
+fn a_vm_moves_between_a_host_not_yet_upgraded_and_a_jailed_one() {
+    let mut f = Fleet::start(None, &["h1", "h2"]);
+    f.agent_args.push(("h1".into(), vec!["--no-jail".into()]));
+    f.kill_agent("h1");
+    f.start_agent("h1");
+    wait_until("h1 reachable again", || {
+        f.ctl_ok(&["hosts", "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["state"] == "reachable")
+    });
+    f.add_test_image();
+    let id = f.create("old").unwrap();
+    wait_until("the guest's heartbeats", || f.beats(&id).len() >= 3);
+    let uid_of = |pid: u32| {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        st.lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next())
+            .unwrap()
+            .to_string()
+    };
+    let migrate_to = |to: &str| {
+        let r = f.ctl_ok(&["vm", "migrate", &id, "--to", to, "--json"]);
+        assert_eq!(r["job"]["state"], "done", "{r}");
+        assert_eq!(f.host_of(&id), to);
+        wait_until("one VMM", || f.vmm_pids(&id).len() == 1);
+        let n = f.beats(&id).len();
+        wait_until("heartbeats after the move", || f.beats(&id).len() >= n + 3);
+        f.vmm_pids(&id)[0]
+    };
+    if f.host_of(&id) == "h2" {
+        migrate_to("h1");
+    }
+    assert_eq!(uid_of(f.vmm_pids(&id)[0]), "0", "h1's VMM is not unjailed");
+    let pid = migrate_to("h2");
+    assert_ne!(uid_of(pid), "0", "the VM runs unjailed on the jailed host");
+    let pid = migrate_to("h1");
+    assert_eq!(uid_of(pid), "0");
+    migrate_to("h2");
     f.assert_never_rebooted(&id);
 }
 

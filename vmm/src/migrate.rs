@@ -514,7 +514,7 @@ fn wait_for_handover(dir: &Path, wait: Duration) -> std::io::Result<bool> {
     let deadline = Instant::now() + wait;
     loop {
         let open = !dir.join(CLAIM_FILE).exists() && !dir.join(FAILED_FILE).exists();
-        if open && dir.join(snapshot::STATE_FILE).exists() {
+        if open && dir.join(snapshot::STATE_FILE).exists() && readable(dir) {
             return claim(dir, "target");
         }
         if Instant::now() >= deadline {
@@ -538,6 +538,16 @@ fn wait_for_handover(dir: &Path, wait: Duration) -> std::io::Result<bool> {
             Duration::from_millis(20)
         });
     }
+}
+
+/// Whether this target can read the handover. A source VMM of the release before the jail runs
+/// as root and writes it 0600; the target's agent gives the files to this VMM's user as they
+/// appear (agent `vms::adopt_handover`), and until it has, the handover is not this target's
+/// to claim yet (claiming it would only fail and give the guest back).
+fn readable(dir: &Path) -> bool {
+    [snapshot::STATE_FILE, snapshot::MEMORY_FILE]
+        .iter()
+        .all(|f| File::open(dir.join(f)).is_ok())
 }
 
 /// Target side, after claiming: the VM cannot start here. Says why and gives the claim up, so the

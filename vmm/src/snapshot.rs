@@ -32,7 +32,7 @@ const HEADER_LEN: usize = 8 + 6 + 8 + 4;
 const MAX_BODY: u64 = 64 << 20;
 
 pub const STATE_FILE: &str = vmm_api::SNAPSHOT_STATE_FILE;
-pub const MEMORY_FILE: &str = "memory.bin";
+pub const MEMORY_FILE: &str = vmm_api::SNAPSHOT_MEMORY_FILE;
 
 #[derive(Debug, Error)]
 pub enum SnapshotError {

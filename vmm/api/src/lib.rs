@@ -31,6 +31,8 @@ pub const INCOMING_READY_LINE: &str = "vmm: waiting for a handover in ";
 /// The file of a snapshot directory that holds everything but memory, written last: a directory
 /// without it holds no usable snapshot.
 pub const SNAPSHOT_STATE_FILE: &str = "state.bin";
+/// The file of a snapshot (or migration) directory that holds guest memory.
+pub const SNAPSHOT_MEMORY_FILE: &str = "memory.bin";
 
 /// The file a live-migration target writes in the migration directory once it sees the source
 /// copying (it looks often from then on). Its supervisor removes it after stopping a target
