@@ -5,7 +5,8 @@
 #   - our vmm with the shared libraries ldd lists and the dynamic loader,
 #   - the L2 guest: images/out/vmlinuz + initramfs.cpio.gz,
 #   - with L1_VIM_BINS=DIR: the fleet (vimd, vimctl, vim-agent from DIR, nats-server) and
-#     iproute2's ip (network namespaces, bridges, taps) in place of busybox's, and the modules
+#     iproute2's ip (network namespaces, bridges, taps) in place of busybox's, curl, dpkg-deb and
+#     GNU tar (a host's join), the user vim-vmm (uid and gid 64000), and the modules
 #     for a virtio NIC and an NFS mount, and softdog (modules/watchdog/, loaded by its scenario),
 #   - /lib/l1.sh: the helpers scenarios use, and a base /init that only reports "no scenario".
 # A scenario is a second, small cpio whose /init replaces the base one (see run-l1.sh).
@@ -70,6 +71,22 @@ if [ -n "${L1_VIM_BINS:-}" ]; then
     rm -f "$root/bin/ip"
     install_bin "$(readlink -f "$(command -v ip)")" /bin/ip
     mkdir -p "$root/var/run/netns" "$root/etc"
+    # A host joins the fleet with the one command vimctl prints (`curl … | sh`); the script
+    # unpacks fleet-agent.deb with dpkg-deb, which runs GNU tar: Debian's programs, as a real host
+    # has them. And the VMM user the package's postinst would have made.
+    # Busybox's shell runs its own applets for dpkg-deb and tar whatever PATH says (and its
+    # dpkg-deb reads no xz), so the join runs under Debian's shell, found first as `sh` in
+    # /opt/debian/bin; and coreutils' install, which this busybox lacks.
+    install_bin "$(command -v curl)" /bin/curl
+    install_bin "$(command -v dpkg-deb)" /bin/dpkg-deb
+    rm -f "$root/bin/tar"
+    install_bin "$(readlink -f "$(command -v tar)")" /bin/tar
+    install_bin "$(readlink -f "$(command -v dash)")" /bin/dash
+    install_bin "$(command -v install)" /bin/install
+    mkdir -p "$root/opt/debian/bin"
+    ln -sf /bin/dash "$root/opt/debian/bin/sh"
+    printf 'root:x:0:0:root:/:/bin/sh\nvim-vmm:x:64000:64000::/nonexistent:/bin/false\n' > "$root/etc/passwd"
+    printf 'root:x:0:\nvim-vmm:x:64000:\n' > "$root/etc/group"
 fi
 
 cp "$images/vmlinuz" "$images/initramfs.cpio.gz" "$root/l2/"

@@ -5003,18 +5003,27 @@ fn a_host_joins_with_one_command_and_leaves() {
     );
     // The agent from the installed root: the NATS address is this namespace's way to vimd's
     // server (the advertised one is nominal in this test), beats as fast as the fleet's.
-    let log = std::fs::File::create(f.dir.path().join("agent-h2.log")).unwrap();
-    let agent = netns_exec(&ns)
-        .arg(root.join("usr/bin/vim-agent"))
-        .arg("--config")
-        .arg(root.join("etc/vim-agent/agent.toml"))
-        .args(["--nats-url", &f.agent_nats_url(&root_ip)])
-        .args(["--heartbeat-ms", "300", "--probe-misses", "10"])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    f.agents.push(("h2".into(), Some(Proc(agent))));
+    let log_path = f.dir.path().join("agent-h2.log");
+    let nats_url = f.agent_nats_url(&root_ip);
+    let start_agent = || {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        let agent = netns_exec(&ns)
+            .arg(root.join("usr/bin/vim-agent"))
+            .arg("--config")
+            .arg(root.join("etc/vim-agent/agent.toml"))
+            .args(["--nats-url", &nats_url])
+            .args(["--heartbeat-ms", "300", "--probe-misses", "10"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Some(Proc(agent))
+    };
+    f.agents.push(("h2".into(), start_agent()));
     wait_until("h2 reachable", || {
         f.ctl_ok(&["hosts", "--json"])
             .as_array()
@@ -5027,6 +5036,48 @@ fn a_host_joins_with_one_command_and_leaves() {
     let id = f.create("joined").unwrap();
     assert_eq!(f.host_of(&id), "h2");
     wait_until("the guest's heartbeats on h2", || f.beats(&id).len() >= 3);
+
+    // An upgrade with the VM running, as the package does it: the new files unpacked over the
+    // old, then the service restarted with KillMode=process (SIGTERM to the agent alone; no
+    // systemd runs here, so the unit's restart itself is not exercised). The VMM lives on,
+    // untouched, and the new agent adopts it: it reports it and stops it when asked.
+    let [vmm] = f.vmm_pids(&id)[..] else {
+        panic!("not one VMM: {:?}", f.vmm_pids(&id));
+    };
+    let unpacked = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(deb.join("fleet-agent.deb"))
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(unpacked.success());
+    let slot = f.agents.iter_mut().find(|(h, _)| h == "h2").unwrap();
+    let mut old = slot.1.take().unwrap();
+    let term = Command::new("kill")
+        .args(["-TERM", &old.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    old.0.wait().unwrap();
+    assert!(
+        Path::new(&format!("/proc/{vmm}")).exists(),
+        "the VMM went with the agent"
+    );
+    let n = f.beats(&id).len();
+    wait_until("heartbeats while no agent runs", || {
+        f.beats(&id).len() >= n + 2
+    });
+    let slot = f.agents.iter_mut().find(|(h, _)| h == "h2").unwrap();
+    slot.1 = start_agent();
+    wait_until("the new agent adopts the VMM", || {
+        f.log_tail("agent-h2.log", 40)
+            .contains("re-adopted a running VMM")
+    });
+    assert_eq!(f.vmm_pids(&id), [vmm]);
+    assert_eq!(f.host_of(&id), "h2");
+    assert_eq!(f.ctl_ok(&["vm", "show", &id])["state"], "running");
+    f.assert_never_rebooted(&id);
+    // (The drain below migrates it away: the new agent controls it.)
 
     // An expired command is refused.
     let (ok, out, err) = f.ctl(&[

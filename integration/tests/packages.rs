@@ -146,6 +146,22 @@ fn packages_install_upgrade_remove_and_purge_in_a_fresh_debian() {
     let vimd_unit =
         std::fs::read_to_string(root.join("usr/lib/systemd/system/vimd.service")).unwrap();
     assert!(vimd_unit.contains("StateDirectoryMode=0700"), "{vimd_unit}");
+    // systemd (installed in the root, not running) accepts both units as installed: their
+    // settings, and programs where they name them. A setting it cannot parse is only a warning
+    // (status 0): any output is a failure.
+    let verified = chroot(
+        &root,
+        &[
+            "systemd-analyze",
+            "verify",
+            "/usr/lib/systemd/system/vim-agent.service",
+            "/usr/lib/systemd/system/vimd.service",
+        ],
+    );
+    assert!(
+        verified.trim().is_empty(),
+        "systemd-analyze verify: {verified}"
+    );
     // Enabled for boot.
     for u in ["vim-agent", "vimd"] {
         let link = root.join(format!(

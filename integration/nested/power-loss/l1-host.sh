@@ -4,7 +4,7 @@
 # the CI machine's loopback), mounts the shared storage over NFS at the very path vimd uses for
 # it, and runs vim-agent until its QEMU is killed (the power loss) or the driver leaves a `done`
 # file on the share. /etc/scenario.env (from the driver) names HOST_ID, NATS_PORT, NFS_PORT and
-# EXPORT.
+# EXPORT, and /etc/join-command the host's join command.
 . /lib/l1.sh
 l1_setup
 . /etc/scenario.env
@@ -25,16 +25,25 @@ if ! mount -t nfs4 -o "vers=4.1,port=$NFS_PORT,addr=10.0.2.2,clientaddr=10.0.2.1
 fi
 echo "L1: $HOST_ID: share mounted after $(cut -d' ' -f1 /proc/uptime)s"
 mkdir -p "$EXPORT/logs"
-vim-agent --host-id "$HOST_ID" --nats-url "nats://10.0.2.2:$NATS_PORT" \
-    --credentials "$EXPORT/conf/$HOST_ID.json" --nats-ca "$EXPORT/conf/ca.pem" \
-    --state-dir /tmp/agent --shared-dir "$EXPORT/shared" --vmm /bin/vmm --vmm-user 64000:64000 \
-    --heartbeat-ms 1000 2>"$EXPORT/logs/agent-$HOST_ID.log" &
+# The join: the command the driver got from `vimctl host add --join`, run as an operator would
+# (VIM_JOIN_ROOT=/: unpacked with dpkg-deb into this root, as no apt or systemd runs here), under
+# Debian's shell as on a real host (build-l1.sh says why).
+if PATH="/opt/debian/bin:$PATH" VIM_JOIN_ROOT=/ dash -c "$(cat /etc/join-command)" > /tmp/join.log 2>&1; then
+    # For the driver (L1's console reaches it only when L1 ends).
+    cp /tmp/join.log "$EXPORT/logs/join-$HOST_ID.log"
+    echo "L1: $(grep '^join:' /tmp/join.log)"
+else
+    echo "L1: $HOST_ID: the join failed: $(cat /tmp/join.log)"
+    l1_poweroff
+fi
+/usr/bin/vim-agent --config /etc/vim-agent/agent.toml --heartbeat-ms 1000 \
+    2>"$EXPORT/logs/agent-$HOST_ID.log" &
 # The VMMs' logs go to the share every 2 s (for the driver to show), a line every 20 s keeps
 # run-l1.sh's stall watch quiet; the driver ends it.
 n=0
 while [ ! -e "$EXPORT/conf/done" ]; do
     sleep 2
-    for f in /tmp/agent/vms/*.vmm.log; do
+    for f in /var/lib/vim-agent/vms/*.vmm.log; do
         [ -e "$f" ] && cp "$f" "$EXPORT/logs/$HOST_ID-$(basename "$f")"
     done
     n=$((n + 1))

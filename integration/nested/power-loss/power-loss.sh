@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Nested lane, issue 13: a host that loses power. Two L1 VMs (QEMU TCG, run-l1.sh) are the hosts,
-# each running vim-agent (l1-host.sh); vimd with its NATS, and an NFS server (nfs-ganesha, in user
+# each joining the fleet with the command `vimctl host add --join` prints and then running the
+# vim-agent it installed (l1-host.sh; issue 19); vimd with its NATS, and an NFS server (nfs-ganesha, in user
 # space) exporting the shared storage, run here and the L1s reach them through QEMU's user network.
 # A Debian guest booted from its ext4 root disk (images/out/rootfs.ext4, systemd) appends and
 # fsyncs numbered records (images/rootfs/disk-writer) on one host; that host's QEMU is SIGKILLed.
@@ -60,7 +61,7 @@ result() { # name pass|fail detail
     echo "RESULT $1 $2 $3"
     [ "$2" = pass ] || failed=1
 }
-names=(pl-boot pl-restarted pl-synced-kept pl-writes-go-on pl-fsck pl-events)
+names=(pl-joined pl-boot pl-restarted pl-synced-kept pl-writes-go-on pl-fsck pl-events)
 fail_all() {
     for r in "${names[@]}"; do echo "RESULT $r fail $1"; done
     show_logs
@@ -97,18 +98,24 @@ api_port=$(free_port)
 nats_port=$(free_port)
 export VIM_API="https://127.0.0.1:$api_port" VIM_TOKEN_FILE="$work/vim/admin.token" VIM_CA="$work/vim/tls/ca.pem"
 PATH="$bins:$PATH"
+[ -e "$repo/target/debian/fleet-agent.deb" ] || fail_all "no target/debian/fleet-agent.deb (scripts/package.sh)"
 vimd --state-dir "$work/vim" --shared-dir "$export_dir/shared" --listen "127.0.0.1:$api_port" \
+    --packages-dir "$repo/target/debian" \
     --nats-listen "127.0.0.1:$nats_port" --nats-advertise "nats://10.0.2.2:$nats_port" \
     --tls-name 10.0.2.2 --heartbeat-ms 1000 --misses 10 --lease-ms 10000 2>"$work/vimd.log" &
 vimd_pid=$!
 wait_for 60 "vimd" vimctl hosts || fail_all "vimd did not answer"
-cp "$VIM_CA" "$export_dir/conf/ca.pem"
+# Each L1 joins as an operator's new host would: with the one command `host add --join` prints
+# (run in L1, it fetches the agent package and the host's credentials from vimd over TLS pinned to
+# vimd's key). L1 reaches vimd's API as 10.0.2.2; the shared storage is at the same path there.
 for h in h1 h2; do
-    creds=$(field "$(vimctl host add "$h" --json)" credentials_file)
-    [ -n "$creds" ] || fail_all "host add $h failed"
-    cp "$creds" "$export_dir/conf/$h.json"
+    vimctl host add "$h" --join --join-url "https://10.0.2.2:$api_port" \
+        --shared-dir "$export_dir/shared" > "$work/join-$h.out" 2>&1 \
+        || fail_all "host add $h --join failed: $(cat "$work/join-$h.out")"
     files="$work/l1-$h"
     mkdir -p "$files/etc"
+    sed -n 's/^ *\(curl .*\)$/\1/p' "$work/join-$h.out" > "$files/etc/join-command"
+    [ -s "$files/etc/join-command" ] || fail_all "no join command for $h in: $(cat "$work/join-$h.out")"
     printf 'HOST_ID=%s\nNATS_PORT=%s\nNFS_PORT=%s\nEXPORT=%s\n' "$h" "$nats_port" "$nfs_port" "$export_dir" \
         > "$files/etc/scenario.env"
     L1_FILES_DIR="$files" L1_PID_FILE="$work/qemu-$h.pid" \
@@ -117,8 +124,24 @@ for h in h1 h2; do
     l1_pids+=($!)
 done
 both_reachable() { [ "$(vimctl hosts | grep -c ' reachable')" = 2 ]; }
-wait_for 600 "both hosts" both_reachable || fail_all "the L1 hosts did not come up: $(vimctl hosts 2>&1)"
+# An L1 that powered off (its join failed) ends the wait at once.
+up_or_gone() {
+    both_reachable && return 0
+    for p in "${l1_pids[@]}"; do kill -0 "$p" 2>/dev/null || return 0; done
+    return 1
+}
+wait_for 600 "both hosts" up_or_gone && both_reachable \
+    || fail_all "the L1 hosts did not come up: $(vimctl hosts 2>&1)"
 say "fleet up after ${SECONDS}s"
+joined=""
+for h in h1 h2; do
+    grep -q "join: host $h installed under /" "$export_dir/logs/join-$h.log" && joined="$joined $h"
+done
+if [ "$joined" = " h1 h2" ]; then
+    result pl-joined pass "h1 and h2 joined with the printed command and run the agent it installed"
+else
+    result pl-joined fail "joined:$joined"
+fi
 
 # --- the Debian guest, booted from its root disk
 vimctl image add deb --kernel "$images/vmlinuz" --initrd "$images/initramfs.cpio.gz" \
