@@ -10,16 +10,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-15}
 scripts/setup.sh
-cargo build --release -p vmm >/dev/null 2>&1
+vmm=$(scripts/build-vmm.sh 2>/dev/null)
 images/build.sh >/dev/null 2>&1
-python3 - "$runs" <<'PY'
+python3 - "$runs" "$vmm" <<'PY'
 import os, statistics, subprocess, sys, time, select, signal
 
 runs = int(sys.argv[1])
 guest = "images/out/testguest.elf"
 mem = 128
 vmms = {
-    "vmm": ["target/release/vmm", "run", "--kernel", guest, "--memory-mib", str(mem),
+    "vmm": [sys.argv[2], "run", "--kernel", guest, "--memory-mib", str(mem),
             "--cmdline", "tg.mode=hold"],
     "qemu-microvm": ["qemu-system-x86_64", "-M", "microvm,acpi=on,memory-backend=mem", "-enable-kvm",
                      "-cpu", "host,-arch-capabilities,-cx16", "-m", f"{mem}M",

@@ -8,11 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release -p vmm >/dev/null 2>&1
+vmm=$(scripts/build-vmm.sh 2>/dev/null)
 images/build.sh >/dev/null
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-L1_WITH_QEMU=1 integration/nested/build-l1.sh target/release/vmm "$out" 2>/dev/null
+L1_WITH_QEMU=1 integration/nested/build-l1.sh "$vmm" "$out" 2>/dev/null
 integration/nested/run-l1.sh "$out/l1-base.cpio" integration/nested/scenarios/bench-hotplug.sh 1500 \
     > "$out/console.log" 2>&1 || true
 grep -E "^BENCH|^L1: " "$out/console.log" || true

@@ -19,13 +19,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
 scripts/setup.sh
-cargo build --release -p vmm -p vim -p vim-agent >/dev/null 2>&1
+cargo build --release -p vim -p vim-agent >/dev/null 2>&1
+vmm=$(scripts/build-vmm.sh 2>/dev/null)
 images/build.sh >/dev/null
-python3 -u - "$runs" <<'PY'
+python3 -u - "$runs" "$vmm" <<'PY'
 import json, os, shutil, socket, statistics, subprocess, sys, tempfile, time
 
 runs = int(sys.argv[1])
-vmm = "target/release/vmm"
+vmm = sys.argv[2]
 guest = "images/out/testguest.elf"
 MEM = 1024
 QEMU = ["qemu-system-x86_64", "-M", "microvm,acpi=on", "-enable-kvm", "-cpu", "host,-arch-capabilities,-cx16",

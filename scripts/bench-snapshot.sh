@@ -6,13 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-5}
-cargo build --release -p vmm >/dev/null 2>&1
+vmm=$(scripts/build-vmm.sh 2>/dev/null)
 images/build.sh >/dev/null
-python3 - "$runs" <<'PY'
+python3 - "$runs" "$vmm" <<'PY'
 import json, os, shutil, socket, statistics, subprocess, sys, tempfile, time
 
 runs = int(sys.argv[1])
-vmm = "target/release/vmm"
+vmm = sys.argv[2]
 guest = "images/out/testguest.elf"
 
 def call(sock, req):

@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release -p vmm -p vim -p vim-agent
+cargo build --release -p vim -p vim-agent
+vmm=$(scripts/build-vmm.sh)
 images/build.sh
 B=$PWD/target/release
 state=$(mktemp -d /tmp/fleet-demo.XXXXXX)
@@ -33,7 +34,7 @@ pids+=($!)
 for _ in $(seq 100); do [ -s "$state/vim/admin.token" ] && $B/vimctl hosts >/dev/null 2>&1 && break; sleep 0.1; done
 creds=$($B/vimctl host add local --json | sed -n 's/.*"credentials_file": *"\([^"]*\)".*/\1/p')
 $B/vim-agent --host-id local --nats-url nats://127.0.0.1:14222 --credentials "$creds" --nats-ca "$VIM_CA" \
-    --state-dir "$state/agent" --shared-dir "$state/vim/shared" --vmm $B/vmm --heartbeat-ms 1000 \
+    --state-dir "$state/agent" --shared-dir "$state/vim/shared" --vmm "$vmm" --heartbeat-ms 1000 \
     --bridge $bridge 2>"$state/agent.log" &
 pids+=($!)
 for _ in $(seq 100); do $B/vimctl hosts | grep -q reachable && break; sleep 0.1; done

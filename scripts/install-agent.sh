@@ -34,8 +34,9 @@ for v in host_id nats_url creds shared; do
 done
 [ -r "$creds" ] || { echo "install-agent: cannot read $creds" >&2; exit 2; }
 [ -z "$ca" ] || [ -r "$ca" ] || { echo "install-agent: cannot read $ca" >&2; exit 2; }
-for b in vim-agent vmm; do
-    [ -x "target/release/$b" ] || { echo "install-agent: target/release/$b missing (cargo build --release -p vim-agent -p vmm)" >&2; exit 2; }
+vmm_bin=target/x86_64-unknown-linux-gnu/release/vmm
+for b in target/release/vim-agent "$vmm_bin"; do
+    [ -x "$b" ] || { echo "install-agent: $b missing (cargo build --release -p vim-agent; scripts/build-vmm.sh)" >&2; exit 2; }
 done
 
 config="host_id = \"$host_id\"
@@ -66,7 +67,7 @@ StateDirectory=vim-agent
 WantedBy=multi-user.target"
 
 if [ "$dry" = 1 ]; then
-    echo "would install target/release/vim-agent and target/release/vmm to $root$prefix/bin/"
+    echo "would install target/release/vim-agent and $vmm_bin to $root$prefix/bin/"
     echo "would write $root/etc/vim-agent/agent.toml:"; echo "$config" | sed 's/^/    /'
     echo "would copy $creds to $root/etc/vim-agent/credentials.json (mode 0600)"
     [ -n "$ca" ] && echo "would copy $ca to $root/etc/vim-agent/nats-ca.pem"
@@ -75,7 +76,7 @@ if [ "$dry" = 1 ]; then
     exit 0
 fi
 install -d "$root$prefix/bin" "$root/etc/vim-agent" "$root/etc/systemd/system" "$root/var/lib/vim-agent"
-install -m 0755 target/release/vim-agent target/release/vmm "$root$prefix/bin/"
+install -m 0755 target/release/vim-agent "$vmm_bin" "$root$prefix/bin/"
 echo "$config" > "$root/etc/vim-agent/agent.toml"
 install -m 0600 "$creds" "$root/etc/vim-agent/credentials.json"
 [ -z "$ca" ] || install -m 0644 "$ca" "$root/etc/vim-agent/nats-ca.pem"

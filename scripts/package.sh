@@ -13,7 +13,9 @@ version=3.6.2
 if ! cargo deb --version 2>/dev/null | grep -q "$version"; then
     cargo install cargo-deb --locked --version "$version"
 fi
-cargo build --release -p vmm -p vim-agent -p vim
+cargo build --release -p vim-agent -p vim
+mkdir -p target/static
+cp "$(scripts/build-vmm.sh)" target/static/vmm
 mkdir -p target/debian
 agent=$(cargo deb -p vim-agent --no-build --deb-revision "$rev" | tail -n 1)
 cp "$agent" target/debian/fleet-agent.deb

@@ -7,7 +7,7 @@ scripts/setup.sh
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 images/build.sh
-cargo build --release -p vmm
+scripts/build-vmm.sh >/dev/null
 # The Debian packages (cargo-deb): the package tests install them, the join test serves them.
 scripts/package.sh
 # PostgreSQL for the VIM's tests (they run on SQLite and on this): Debian's cluster, a test role

@@ -74,6 +74,38 @@ pub struct Plan {
     pub writable: Vec<PathBuf>,
     /// Whether the VM has a NIC (`/dev/net/tun`).
     pub net: bool,
+    /// Whether the vmm is dynamically linked: then the library directories and the loader's
+    /// cache are bound too (read-only). The vmm as shipped is static (`scripts/build-vmm.sh`).
+    pub libraries: bool,
+}
+
+/// Whether the program at `path` asks for a dynamic loader (an ELF `PT_INTERP` program header).
+/// Anything unreadable or not a 64-bit little-endian ELF counts as dynamic: the jail then binds
+/// the libraries, which is only more than a static program needs.
+pub fn dynamically_linked(path: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    const PT_INTERP: u32 = 3;
+    let interp = || -> std::io::Result<bool> {
+        let mut f = std::fs::File::open(path)?;
+        let mut h = [0u8; 64];
+        f.read_exact(&mut h)?;
+        if h[..4] != *b"\x7fELF" || h[4] != 2 || h[5] != 1 {
+            return Ok(true);
+        }
+        let u16_at = |i: usize| u64::from(u16::from_le_bytes([h[i], h[i + 1]]));
+        let phoff = u64::from_le_bytes(h[32..40].try_into().unwrap_or_default());
+        let (phentsize, phnum) = (u16_at(54), u16_at(56));
+        if phentsize < 4 || phnum > 256 {
+            return Ok(true);
+        }
+        let mut table = vec![0u8; (phentsize * phnum) as usize];
+        f.seek(SeekFrom::Start(phoff))?;
+        f.read_exact(&mut table)?;
+        Ok(table
+            .chunks(phentsize as usize)
+            .any(|e| u32::from_le_bytes([e[0], e[1], e[2], e[3]]) == PT_INTERP))
+    };
+    interp().unwrap_or(true)
 }
 
 /// One step of the child's set-up, on paths under the jail's root.
@@ -200,14 +232,19 @@ impl Plan {
         const RW: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
         let mut entries: Vec<(PathBuf, libc::c_ulong)> = Vec::new();
         let mut links: Vec<(PathBuf, PathBuf)> = Vec::new();
-        for d in LIBRARY_DIRS.iter().map(Path::new) {
+        let libraries = if self.libraries {
+            &LIBRARY_DIRS[..]
+        } else {
+            &[]
+        };
+        for d in libraries.iter().map(Path::new) {
             match std::fs::symlink_metadata(d) {
                 Ok(m) if m.file_type().is_symlink() => links.push((d.into(), d.read_link()?)),
                 Ok(m) if m.is_dir() => entries.push((d.into(), RO)),
                 _ => {}
             }
         }
-        if Path::new("/etc/ld.so.cache").is_file() {
+        if self.libraries && Path::new("/etc/ld.so.cache").is_file() {
             entries.push(("/etc/ld.so.cache".into(), RO));
         }
         entries.extend(self.read_only.iter().map(|p| (p.clone(), RO)));
@@ -526,6 +563,7 @@ mod tests {
             read_only: vec![kernel.clone()],
             writable: vec![disk.clone(), vm.clone()],
             net: true,
+            libraries: true,
         };
         let root = Path::new("/jr");
         let ops = plan.compile(root).unwrap();
@@ -540,6 +578,16 @@ mod tests {
         assert!(binds.contains(&&cstr(&vm).unwrap()));
         assert!(binds.contains(&&cstr(&kernel).unwrap()));
         assert!(!binds.contains(&&cstr(&disk).unwrap()));
+        let lib = |ops: &[Op]| {
+            ops.iter().any(|o| matches!(o, Op::Bind { src, .. } if src.as_bytes().starts_with(b"/usr/lib") || src.as_bytes().starts_with(b"/lib")))
+        };
+        assert!(lib(&ops) || !Path::new("/lib").exists());
+        let static_vmm = Plan {
+            read_only: vec![kernel.clone()],
+            writable: vec![vm.clone()],
+            ..Plan::default()
+        };
+        assert!(!lib(&static_vmm.compile(root).unwrap()));
         assert!(ops.contains(&Op::Touch(cstr(&under(root, &kernel)).unwrap())));
         assert!(ops.contains(&Op::Mkdir(cstr(&under(root, &vm)).unwrap())));
         let kvm = std::fs::metadata("/dev/kvm").map(|m| m.rdev());
@@ -566,5 +614,21 @@ mod tests {
             ..Plan::default()
         };
         assert!(bad.compile(root).is_err());
+    }
+
+    /// The shipped vmm is static (no loader), this test binary is not; a non-ELF file counts
+    /// as dynamic.
+    #[test]
+    fn a_static_program_needs_no_libraries() {
+        assert!(dynamically_linked(&std::env::current_exe().unwrap()));
+        let t = tempfile::tempdir().unwrap();
+        let text = t.path().join("script");
+        std::fs::write(&text, b"#!/bin/sh\n").unwrap();
+        assert!(dynamically_linked(&text));
+        let busybox = Path::new("/bin/busybox");
+        if busybox.exists() {
+            // Debian's busybox-static, which the test machines install.
+            assert!(!dynamically_linked(busybox));
+        }
     }
 }

@@ -905,6 +905,7 @@ impl Vm {
                 read_only,
                 writable,
                 net: !s.mac.is_empty(),
+                libraries: crate::jail::dynamically_linked(&self.dirs.vmm),
             };
             jail.confine(&mut cmd, &id, &plan, (s.vcpus, s.memory_mib))?;
         }

@@ -5044,6 +5044,12 @@ fn a_host_joins_with_one_command_and_leaves() {
     let [vmm] = f.vmm_pids(&id)[..] else {
         panic!("not one VMM: {:?}", f.vmm_pids(&id));
     };
+    // The package's vmm is static (scripts/build-vmm.sh): its jail holds no library directory.
+    for d in ["lib", "lib64", "usr/lib", "etc/ld.so.cache"] {
+        let p = format!("/proc/{vmm}/root/{d}");
+        assert!(!Path::new(&p).exists(), "{p} in the jail of a static vmm");
+    }
+    assert!(Path::new(&format!("/proc/{vmm}/root/dev/kvm")).exists());
     let unpacked = Command::new("dpkg-deb")
         .arg("-x")
         .arg(deb.join("fleet-agent.deb"))

@@ -48,19 +48,27 @@ fn l1_base() -> &'static Path {
             "build",
             "--release",
             "-p",
-            "vmm",
-            "-p",
             "vim",
             "-p",
             "vim-agent",
-            // vmm; vimd and vimctl; vim-agent (`--bin` would narrow all three packages to one).
+            // vimd and vimctl; vim-agent (`--bin` would narrow both packages to one).
             "--bins",
         ]));
         run(&mut Command::new(repo.join("images/build.sh")));
+        // The vmm as it ships (static: scripts/build-vmm.sh).
+        let out = Command::new(repo.join("scripts/build-vmm.sh"))
+            .output()
+            .expect("scripts/build-vmm.sh");
+        assert!(
+            out.status.success(),
+            "scripts/build-vmm.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let vmm = String::from_utf8_lossy(&out.stdout).trim().to_string();
         let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nested");
         run(Command::new(repo.join("integration/nested/build-l1.sh"))
             .env("L1_VIM_BINS", release_dir())
-            .arg(release_dir().join("vmm"))
+            .arg(&vmm)
             .arg(&out));
         out.join("l1-base.cpio")
     })
