@@ -1101,27 +1101,44 @@ impl Vm {
         };
         self.record.outgoing = true;
         self.save().map_err(|e| format!("{e:#}"))?;
-        // The target's answer (`resumed`, `failed`), for a jailed VMM to read, while the
-        // migration is under way or waits for the target.
-        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // The target's answer (`resumed`, `failed`), for a jailed VMM to read: while the
+        // migration is under way, and after it if the VMM waits for the target, until the
+        // answer is the VMM user's (the previous migration's answers were retired at its start).
+        const UNDER_WAY: u8 = 0;
+        const OVER: u8 = 1;
+        const WAITING: u8 = 2;
+        let phase = Arc::new(std::sync::atomic::AtomicU8::new(UNDER_WAY));
         if self.dirs.jail.is_some() {
-            let (dirs, dir, ended, pid) = (self.dirs.clone(), dir.clone(), ended.clone(), r.pid);
+            let (dirs, dir, phase, pid) = (self.dirs.clone(), dir.clone(), phase.clone(), r.pid);
             std::thread::spawn(move || {
-                if let Some(jail) = &dirs.jail {
-                    adopt_from_unjailed(jail, &dir, &["resumed", "failed"], || {
-                        !ended.load(std::sync::atomic::Ordering::Relaxed) && alive(pid)
-                    });
-                }
+                use std::os::unix::fs::MetadataExt;
+                let Some(jail) = &dirs.jail else {
+                    return;
+                };
+                let answers = ["resumed", "failed"];
+                let answered = || {
+                    answers.iter().any(|f| {
+                        std::fs::symlink_metadata(dir.join(f)).is_ok_and(|m| m.uid() == jail.uid)
+                    })
+                };
+                adopt_from_unjailed(jail, &dir, &answers, || {
+                    match phase.load(std::sync::atomic::Ordering::Relaxed) {
+                        UNDER_WAY => alive(pid),
+                        WAITING => alive(pid) && !answered(),
+                        _ => false,
+                    }
+                });
             });
         }
         let client = vmm_api::Client::new(&r.api_socket);
         let answer = watch_progress(&r.api_socket, progress, || {
             client.call::<vmm_api::MigrationOutcome>(&req, MAX_MIGRATION_WAIT)
         });
-        // Waiting for the target, the VMM may still read its answer: looked for until it exits.
-        if !matches!(&answer, Ok(o) if o.waiting_for_target) {
-            ended.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
+        let waiting = matches!(&answer, Ok(o) if o.waiting_for_target);
+        phase.store(
+            if waiting { WAITING } else { OVER },
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let outcome = match answer {
             Ok(o) => o,
             // Asked already, by this agent before it restarted: that migration's end is awaited.
