@@ -3,7 +3,8 @@
 # SQLite database under a state directory; one vim-agent registers this machine as host "local";
 # vimctl adds the test guest as an image and creates a VM, which the agent boots as a real KVM
 # guest under our vmm; its console is shown, then the VM is stopped and deleted and everything this
-# script started is stopped (by pid).
+# script started is stopped (by pid). Its state directory under /tmp goes too, unless DEMO_KEEP=1
+# (or the demo failed: then it stays, for the logs in it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -23,8 +24,13 @@ cleanup() {
     # vimd's nats-server outlives vimd (the hosts' leases depend on it): stopped by its pid file.
     kill "$(cat "$state/vim/nats/nats.pid" 2>/dev/null)" 2>/dev/null || true
     if [ -n "$made_bridge" ]; then ip link del "$bridge" 2>/dev/null || true; fi
+    if [ "$1" = 0 ] && [ "${DEMO_KEEP:-0}" != 1 ]; then
+        rm -rf "$state"
+    else
+        echo "demo: state and logs kept in $state" >&2
+    fi
 }
-trap cleanup EXIT
+trap 'cleanup $?' EXIT
 # HTTPS with vimd's own CA (made at its first start); NATS speaks TLS with the same CA.
 export VIM_API=https://127.0.0.1:18640 VIM_TOKEN_FILE=$state/vim/admin.token VIM_CA=$state/vim/tls/ca.pem
 echo "--- vimd (state in $state/vim, NATS on 127.0.0.1:14222) ---"
