@@ -1016,13 +1016,19 @@ impl Drop for Fleet {
             }
         }
         let mut vm_pids = Vec::new();
+        // The cgroups of VMs still recorded: their agent, SIGKILLed below, cannot remove them.
+        let mut groups = Vec::new();
         if let Ok(d) = std::fs::read_dir(self.dir.path()) {
             for a in d
                 .flatten()
                 .filter(|e| e.file_name().to_string_lossy().starts_with("agent-"))
             {
+                let host = a.file_name().to_string_lossy()["agent-".len()..].to_string();
                 if let Ok(vms) = std::fs::read_dir(a.path().join("vms")) {
                     for v in vms.flatten() {
+                        if let Some(id) = v.file_name().to_string_lossy().strip_suffix(".json") {
+                            groups.push(format!("vim-vms/{host}/{id}"));
+                        }
                         let t = std::fs::read_to_string(v.path()).unwrap_or_default();
                         if let Ok(r) = serde_json::from_str::<Value>(&t) {
                             if let Some(p) = r["pid"].as_u64().filter(|p| *p > 0) {
@@ -1061,6 +1067,23 @@ impl Drop for Fleet {
                 .args(["-9", &p.to_string()])
                 .stderr(Stdio::null())
                 .status();
+        }
+        // Once their VMMs are gone (an exiting VMM keeps its group busy for a moment). A group
+        // that still holds a process is left alone: rmdir refuses it.
+        let dirs: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .chain([PathBuf::from("/sys/fs/cgroup")])
+            .flat_map(|root| groups.iter().map(move |g| root.join(g)))
+            .filter(|d| d.is_dir())
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for d in dirs {
+            while std::fs::remove_dir(&d).is_err() && d.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         if let Some(m) = self.shared_mount.take() {
             // Lazily: a VMM killed just now may not have closed its files yet.
