@@ -217,7 +217,7 @@ fn adopt_handover(dirs: &Dirs, dir: &Path, pid: u32, wait: Duration) {
         return;
     };
     let deadline = Instant::now() + wait + Duration::from_secs(1);
-    let claim = dir.join("claimed");
+    let claim = dir.join(vmm_api::MIGRATION_CLAIM_FILE);
     let mut unclaimed = false;
     let files = [vmm_api::SNAPSHOT_MEMORY_FILE, vmm_api::SNAPSHOT_STATE_FILE];
     adopt_from_unjailed(jail, dir, &files, || {
@@ -1115,7 +1115,10 @@ impl Vm {
                 let Some(jail) = &dirs.jail else {
                     return;
                 };
-                let answers = ["resumed", "failed"];
+                let answers = [
+                    vmm_api::MIGRATION_RESUMED_FILE,
+                    vmm_api::MIGRATION_FAILED_FILE,
+                ];
                 let answered = || {
                     answers.iter().any(|f| {
                         std::fs::symlink_metadata(dir.join(f)).is_ok_and(|m| m.uid() == jail.uid)

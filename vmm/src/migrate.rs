@@ -29,10 +29,11 @@ use crate::persist::Components;
 use crate::snapshot::{self, SnapshotState};
 use crate::vm::Vm;
 
-pub const CLAIM_FILE: &str = "claimed";
-pub const RESUMED_FILE: &str = "resumed";
-pub const FAILED_FILE: &str = "failed";
 pub use crate::api::WATCHING_FILE;
+pub use vmm_api::{
+    MIGRATION_CLAIM_FILE as CLAIM_FILE, MIGRATION_FAILED_FILE as FAILED_FILE,
+    MIGRATION_RESUMED_FILE as RESUMED_FILE,
+};
 /// How long a source waits, before it pauses the guest, for a target to say it is watching: a
 /// target that still looks only every 20 ms would add that to the downtime. One that started
 /// late, or is gone, is not waited for longer.

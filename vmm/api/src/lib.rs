@@ -31,6 +31,11 @@ pub const INCOMING_READY_LINE: &str = "vmm: waiting for a handover in ";
 /// The file of a snapshot directory that holds everything but memory, written last: a directory
 /// without it holds no usable snapshot.
 pub const SNAPSHOT_STATE_FILE: &str = "state.bin";
+/// Live migration: who runs the guest (made exclusively by the target or the source), the
+/// target's word that the guest runs there, and the target's reason for giving it back.
+pub const MIGRATION_CLAIM_FILE: &str = "claimed";
+pub const MIGRATION_RESUMED_FILE: &str = "resumed";
+pub const MIGRATION_FAILED_FILE: &str = "failed";
 /// The file of a snapshot (or migration) directory that holds guest memory.
 pub const SNAPSHOT_MEMORY_FILE: &str = "memory.bin";
 
