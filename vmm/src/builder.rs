@@ -269,6 +269,8 @@ impl Machine {
             balloon,
             mem,
             migration: None,
+            checkpoint: None,
+            checkpoints: Default::default(),
             resize: None,
             supported_cpuid,
             events_tx: tx,

@@ -13,6 +13,7 @@
 //! - [`builder`]: builds a machine, booted or from a snapshot's state;
 //! - [`persist`]: the machine's components as one tree (pause, save, restore), and snapshots;
 //! - [`migrate`]: live migration through a directory on shared storage;
+//! - [`checkpoint`]: replicated checkpoints a VM resumes from on another host;
 //! - [`vmm`]: the control loop that runs the machine to its end;
 //! - [`seccomp`]: the system calls each kind of thread may make;
 //! - [`state_roots`]: the directories API requests may name.
@@ -22,6 +23,7 @@ pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod builder;
+pub mod checkpoint;
 pub mod config;
 pub mod devices;
 pub mod lease;

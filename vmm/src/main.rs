@@ -73,8 +73,16 @@ impl SandboxArgs {
 
 #[derive(Args)]
 struct RestoreArgs {
-    #[arg(long)]
-    snapshot: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "checkpoint",
+        conflicts_with = "checkpoint"
+    )]
+    snapshot: Option<PathBuf>,
+    /// Resume from the newest usable checkpoint in DIR (docs/checkpoint.md), rolling the VM's
+    /// disks back to that instant; exits 1 if none is usable.
+    #[arg(long, value_name = "DIR")]
+    checkpoint: Option<PathBuf>,
     #[arg(long = "api-socket")]
     api_socket: Option<PathBuf>,
     #[arg(long, default_value = "stdio")]
@@ -196,6 +204,12 @@ enum CtlCommand {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Write a checkpoint of the running VM into DIR (docs/checkpoint.md): memory, device state
+    /// and its writable disks at one instant, the last two kept.
+    Checkpoint {
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Live-migrate to the `vmm run --incoming DIR` waiting on the same shared directory. Prints
     /// the outcome as one JSON line.
     Migrate {
@@ -307,13 +321,32 @@ fn incoming(
 
 fn restore(args: RestoreArgs) -> Result<i32> {
     let serial: SerialOutput = args.serial.parse()?;
+    // Chosen and the disks rolled back before the filters: one thread, file work only.
+    let snapshot = match (&args.snapshot, &args.checkpoint) {
+        (Some(s), _) => s.clone(),
+        (None, Some(dir)) => {
+            let chosen = vmm::checkpoint::choose_and_roll_back(dir)?;
+            // The line a supervisor reads to say what the guest resumed from.
+            eprintln!(
+                "{}{}",
+                vmm_api::CHECKPOINT_RESUMED_LINE,
+                serde_json::json!({
+                    "seq": chosen.meta.seq,
+                    "taken_unix_ms": chosen.meta.taken_unix_ms,
+                    "skipped": chosen.skipped,
+                })
+            );
+            chosen.dir
+        }
+        (None, None) => anyhow::bail!("--snapshot or --checkpoint is needed"),
+    };
     args.sandbox.enable()?;
     let roots = args.sandbox.state_roots()?;
     if let Some(l) = args.lease.clone() {
         vmm::lease::watch(l)?;
     }
     let kvm = vm::open_kvm()?;
-    let machine = Machine::restore(&args.snapshot, serial, args.api_socket, args.paused, kvm)?
+    let machine = Machine::restore(&snapshot, serial, args.api_socket, args.paused, kvm)?
         .with_state_roots(roots);
     let outcome = machine.run();
     if outcome.exit_code != 0 {
@@ -358,6 +391,9 @@ fn ctl(args: CtlArgs) -> Result<i32> {
         }
         CtlCommand::MigrateCancel => Request::MigrateCancel {},
         CtlCommand::Snapshot { dir } => Request::Snapshot {
+            dir: std::path::absolute(&dir)?,
+        },
+        CtlCommand::Checkpoint { dir } => Request::Checkpoint {
             dir: std::path::absolute(&dir)?,
         },
     };

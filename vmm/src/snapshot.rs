@@ -222,7 +222,9 @@ fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
     extents
 }
 
-fn copy_extents(src: &File, out: &File, size: u64) -> std::io::Result<u64> {
+/// Copies the data extents of `src` (its first `size` bytes) into `out` at the same offsets:
+/// holes stay holes. Returns the bytes written.
+pub(crate) fn copy_extents(src: &File, out: &File, size: u64) -> std::io::Result<u64> {
     use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; 1 << 20];
     let mut written = 0;

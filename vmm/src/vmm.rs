@@ -36,6 +36,8 @@ pub enum VmmEvent {
     Run(RunState, std::sync::mpsc::Sender<Result<(), String>>),
     /// The guest ejected this vCPU (the hotplug controller): its thread can stop.
     VcpuEjected(u8),
+    /// A checkpoint ended (docs/checkpoint.md).
+    CheckpointDone(Result<api::CheckpointDone, String>),
 }
 
 /// How old the guest's memory statistics may be for `info` to show its memory use.
@@ -59,6 +61,10 @@ pub struct Machine {
     /// The virtio-mem device, when the VM can grow (`--max-memory-mib`).
     pub(crate) mem: Option<(Arc<Mutex<MmioTransport>>, Arc<MemControl>)>,
     pub(crate) migration: Option<Migration>,
+    /// Who waits for the checkpoint under way, if one is.
+    pub(crate) checkpoint: Option<Reply>,
+    /// What the checkpoints so far left behind, for the next one to write only the changes.
+    pub(crate) checkpoints: Arc<Mutex<crate::checkpoint::Tracker>>,
     pub(crate) resize: Option<Resize>,
     /// What KVM supports, for vCPUs hot-added later.
     pub(crate) supported_cpuid: kvm_bindings::CpuId,
@@ -261,9 +267,20 @@ impl Machine {
                     let _ = answer.send(self.set_run_state(want));
                 }
                 VmmEvent::VcpuEjected(index) => self.vcpu_ejected(index),
+                VmmEvent::CheckpointDone(result) => {
+                    if let Some(reply) = self.checkpoint.take() {
+                        reply.send(match result {
+                            Ok(done) => Response::ok(&done),
+                            Err(e) => Response::err(e),
+                        });
+                    }
+                }
                 VmmEvent::Api(Request::Info {}, reply) => reply.send(Response::ok(&self.info())),
                 VmmEvent::Api(_, reply) if self.migration.is_some() => {
                     reply.send(Response::err("a migration is in progress"));
+                }
+                VmmEvent::Api(_, reply) if self.checkpoint.is_some() => {
+                    reply.send(Response::err("a checkpoint is in progress"));
                 }
                 VmmEvent::Api(
                     Request::Migrate {
@@ -278,6 +295,9 @@ impl Machine {
                 }
                 VmmEvent::Api(_, reply) if self.resize.is_some() => {
                     reply.send(Response::err("a resize is in progress"));
+                }
+                VmmEvent::Api(Request::Checkpoint { dir }, reply) => {
+                    self.start_checkpoint(dir, reply);
                 }
                 VmmEvent::Api(
                     Request::Resize {
@@ -354,7 +374,7 @@ impl Machine {
                     used_pct: None,
                 })
             }
-            Request::Migrate { .. } | Request::MigrateCancel {} => {
+            Request::Migrate { .. } | Request::MigrateCancel {} | Request::Checkpoint { .. } => {
                 Response::err("handled by the main loop")
             }
             Request::Snapshot { dir } => match self
@@ -393,13 +413,9 @@ impl Machine {
         };
         let progress = Arc::new(Mutex::new(api::MigrationProgress::default()));
         let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let tx = self.events_tx.clone();
-        let run: crate::migrate::RunControl = Box::new(move |want| {
-            let (answer, rx) = std::sync::mpsc::channel();
-            let gone = || "the VMM is exiting".to_string();
-            tx.send(VmmEvent::Run(want, answer)).map_err(|_| gone())?;
-            rx.recv().map_err(|_| gone())?
-        });
+        // The migration reads the dirty logs and turns them off: checkpoints start over.
+        lock(&self.checkpoints).forget();
+        let run = self.run_control();
         let source = crate::migrate::Source {
             parts: self.parts.clone(),
             config: self.config.clone(),
@@ -435,6 +451,51 @@ impl Machine {
             }
             Err(e) => reply.send(Response::err(format!(
                 "cannot start the migration thread: {e}"
+            ))),
+        }
+    }
+
+    /// Lets another thread pause the guest or let it run, through this loop.
+    fn run_control(&self) -> crate::migrate::RunControl {
+        let tx = self.events_tx.clone();
+        Box::new(move |want| {
+            let (answer, rx) = std::sync::mpsc::channel();
+            let gone = || "the VMM is exiting".to_string();
+            tx.send(VmmEvent::Run(want, answer)).map_err(|_| gone())?;
+            rx.recv().map_err(|_| gone())?
+        })
+    }
+
+    /// Writes a checkpoint on a thread of its own (the guest runs meanwhile, but for a short
+    /// pause); the answer goes out when it ends (`VmmEvent::CheckpointDone`).
+    fn start_checkpoint(&mut self, dir: std::path::PathBuf, reply: Reply) {
+        let dir = match self.state_roots.check(&dir) {
+            Ok(d) => d,
+            Err(e) => return reply.send(Response::err(e.to_string())),
+        };
+        let (parts, config, run) = (self.parts.clone(), self.config.clone(), self.run_control());
+        let running = self.state == RunState::Running;
+        let tracker = self.checkpoints.clone();
+        let events = self.events_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || {
+                let src = crate::checkpoint::Source {
+                    parts: &parts,
+                    config: &config,
+                    run: &run,
+                    running,
+                };
+                let r = lock(&tracker).take(&dir, &src);
+                if let Err(e) = &r {
+                    tracing::warn!(dir = %dir.display(), error = %e, "checkpoint failed");
+                }
+                let _ = events.send(VmmEvent::CheckpointDone(r.map_err(|e| e.to_string())));
+            });
+        match spawned {
+            Ok(_) => self.checkpoint = Some(reply),
+            Err(e) => reply.send(Response::err(format!(
+                "cannot start the checkpoint thread: {e}"
             ))),
         }
     }

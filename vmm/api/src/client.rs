@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 use crate::{
-    BalloonStats, BalloonTarget, Cancelling, Info, Request, Resized, Response, SnapshotDone,
-    StateChanged, Stopped,
+    BalloonStats, BalloonTarget, Cancelling, CheckpointDone, Info, Request, Resized, Response,
+    SnapshotDone, StateChanged, Stopped,
 };
 
 #[derive(Debug, Error)]
@@ -106,6 +106,11 @@ impl Client {
 
     pub fn snapshot(&self, dir: impl Into<PathBuf>) -> Result<SnapshotDone, ClientError> {
         self.send(&Request::Snapshot { dir: dir.into() })
+    }
+
+    /// Writes a checkpoint of the running VM into `dir` (docs/checkpoint.md).
+    pub fn checkpoint(&self, dir: impl Into<PathBuf>) -> Result<CheckpointDone, ClientError> {
+        self.send(&Request::Checkpoint { dir: dir.into() })
     }
 
     /// Changes the vCPUs and the memory (each `None`: unchanged); waits for the guest (at most

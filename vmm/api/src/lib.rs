@@ -95,6 +95,10 @@ pub enum Request {
     },
     /// Stop a running migration; the guest keeps running here: [`Cancelling`].
     MigrateCancel {},
+    /// Write a consistent checkpoint of the running VM (memory, device state and a
+    /// point-in-time copy of its writable disks) into the directory, incrementally after the
+    /// first, keeping the last two complete (docs/checkpoint.md): [`CheckpointDone`].
+    Checkpoint { dir: PathBuf },
     /// Change a running VM's size: vCPUs by ACPI hotplug (docs/hotplug.md). Answered once the
     /// guest has taken the new vCPUs or ejected the removed ones, or with an error saying how far
     /// it got after `timeout_ms`: [`Resized`].
@@ -142,7 +146,9 @@ impl Request {
         let req: Request = serde_json::from_str(line)
             .map_err(|e| format!("invalid request: {}{e}", Self::culprit(line)))?;
         match &req {
-            Request::Snapshot { dir } | Request::Migrate { dir, .. }
+            Request::Snapshot { dir }
+            | Request::Migrate { dir, .. }
+            | Request::Checkpoint { dir }
                 if dir.as_os_str().is_empty() =>
             {
                 Err("\"dir\" must be a path, not empty".into())
@@ -177,7 +183,7 @@ impl Request {
             Request::Shutdown { timeout_ms } => {
                 Duration::from_millis(*timeout_ms) + Duration::from_secs(10)
             }
-            Request::Snapshot { .. } => Duration::from_secs(600),
+            Request::Snapshot { .. } | Request::Checkpoint { .. } => Duration::from_secs(600),
             Request::Migrate { .. } => Duration::from_secs(24 * 3600),
             Request::Resize { timeout_ms, .. } => {
                 Duration::from_millis(*timeout_ms) + Duration::from_secs(10)
@@ -390,6 +396,32 @@ pub struct MigrationOutcome {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub waiting_for_target: bool,
 }
+
+/// The answer to `checkpoint`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointDone {
+    /// The checkpoint's sequence number; it is published as `DIR/ckpt-<seq>`.
+    pub seq: u64,
+    pub path: PathBuf,
+    /// How long the guest was paused.
+    pub pause_ms: f64,
+    pub total_ms: f64,
+    /// Copy rounds while the guest ran, before the pause.
+    pub rounds: u32,
+    /// Guest memory and disk bytes written into the checkpoint.
+    pub bytes_written: u64,
+    /// Whether the slot was written whole (the first checkpoints of a VMM) rather than only
+    /// what changed since it was last written.
+    pub full: bool,
+}
+
+/// A checkpoint directory's published checkpoints are `ckpt-<seq>` (seq in 20 digits, so names
+/// sort as numbers); anything else in it is work in progress or a used one.
+pub const CHECKPOINT_PREFIX: &str = "ckpt-";
+
+/// What `vmm restore --checkpoint` prints on stderr once it has chosen a checkpoint, followed by
+/// JSON: `{"seq", "taken_unix_ms", "skipped": ["ckpt-…: why", …]}`.
+pub const CHECKPOINT_RESUMED_LINE: &str = "vmm: resuming checkpoint ";
 
 /// The answer to `migrate-cancel`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

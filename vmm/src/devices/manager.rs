@@ -153,6 +153,14 @@ impl VirtioDevices {
         }
     }
 
+    /// The writable disks, in attach order (what a checkpoint copies).
+    pub fn disks(&self) -> Vec<crate::devices::virtio::block::DiskView> {
+        self.transports
+            .iter()
+            .filter_map(|t| lock(t).disk())
+            .collect()
+    }
+
     /// Migration handover: every device lets go of its host resources.
     pub fn release(&self) {
         self.transports.iter().for_each(|t| lock(t).release());

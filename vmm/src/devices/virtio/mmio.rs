@@ -211,6 +211,10 @@ impl MmioTransport {
         self.device.announce()
     }
 
+    pub fn disk(&self) -> Option<super::block::DiskView> {
+        self.device.disk()
+    }
+
     pub fn device(&mut self) -> &mut dyn VirtioDevice {
         self.device.as_mut()
     }

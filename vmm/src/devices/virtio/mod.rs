@@ -169,6 +169,10 @@ pub trait VirtioDevice: Send {
             other => Err(format!("{} cannot take {other:?}", self.name())),
         }
     }
+    /// A writable disk's image and write log, for checkpoints; other devices have none.
+    fn disk(&self) -> Option<block::DiskView> {
+        None
+    }
     /// Lets go of the host resources the migration target takes over (disk lock, tap, socket).
     /// The device is reset (worker gone) when this is called.
     fn release_backend(&mut self) {}
