@@ -327,6 +327,7 @@ impl Agent {
                         migration: None,
                         progress: None,
                         scale: None,
+                        checkpoint: None,
                     };
                     let ev = match queued.flatten() {
                         None => failed(EventKind::CommandRefused, "no action"),
@@ -518,6 +519,7 @@ async fn serve(
                         migration: None,
                         progress: None,
                         scale: None,
+                        checkpoint: None,
                     },
                 ),
                 supervisor::Notice::Scale {

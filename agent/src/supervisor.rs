@@ -25,6 +25,8 @@ pub struct Outcome {
     pub report: Option<VmReport>,
     /// The answer to a `migrate_out`: how the migration went (also when it failed).
     pub migration: Option<MigrationResult>,
+    /// The answer to a create with `resume_checkpoint`: what the guest resumed from.
+    pub checkpoint: Option<vim_proto::CheckpointResume>,
 }
 
 /// A command for one VM's supervisor, answered on `reply`.
@@ -182,6 +184,7 @@ impl Host {
                                 result: r.map_err(|e| format!("{e:#}")),
                                 report: Some(deleted_report(id)),
                                 migration: None,
+                                checkpoint: None,
                             }
                         }
                         // Moved away, and the answer was lost with the agent that saw it go.
@@ -193,6 +196,7 @@ impl Host {
                                 result: Ok(()),
                                 report: Some(deleted_report(&m.vm_id)),
                                 migration: o.as_ref().map(migration_result),
+                                checkpoint: None,
                             }
                         }
                         // Suspended already, and the answer was lost with the agent that did it.
@@ -208,6 +212,7 @@ impl Host {
                                 result: Ok(()),
                                 report: Some(state_report(id, VmState::Suspended)),
                                 migration: None,
+                                checkpoint: None,
                             }
                         }
                         // Nothing waits here for that VM: already aborted (a redelivery), or
@@ -218,6 +223,7 @@ impl Host {
                             result: Ok(()),
                             report: Some(deleted_report(id)),
                             migration: None,
+                            checkpoint: None,
                         },
                         a => no_vm(a, "no such VM on this host"),
                     };
@@ -258,6 +264,8 @@ impl Host {
             scaling: crate::scaling::Watch::default(),
             probe: Default::default(),
             probe_misses: self.probe_misses,
+            checkpoints: None,
+            resumed: None,
         };
         tokio::spawn(s.run(rx, self.every, self.shutdown.clone()));
         tx
@@ -303,6 +311,7 @@ fn refused(why: String) -> Outcome {
         result: Err(why),
         report: None,
         migration: None,
+        checkpoint: None,
     }
 }
 
@@ -314,6 +323,7 @@ fn no_vm(action: &Action, why: &str) -> Outcome {
         report: Some(deleted_report(&id)),
         vm_id: id,
         migration: None,
+        checkpoint: None,
     }
 }
 
@@ -330,6 +340,20 @@ struct Supervisor {
     /// The guest's heartbeat.
     probe: crate::probe::Probe,
     probe_misses: u32,
+    /// The VM's checkpoints (docs/checkpoint.md): their interval and timer, when it has them.
+    checkpoints: Option<(u32, tokio::time::Interval)>,
+    /// What the last create resumed the guest from, for its answer.
+    resumed: Option<vim_proto::CheckpointResume>,
+}
+
+/// The next tick of the checkpoint timer; never without one.
+async fn next_checkpoint(t: &mut Option<(u32, tokio::time::Interval)>) {
+    match t {
+        Some((_, i)) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 impl Supervisor {
@@ -357,7 +381,9 @@ impl Supervisor {
                     if gone {
                         break "it is no longer on this host";
                     }
+                    self.set_checkpoint_timer();
                 }
+                _ = next_checkpoint(&mut self.checkpoints) => self.checkpoint().await,
                 _ = tick.tick() => {
                     self.watch().await;
                     if self.vm.as_ref().is_some_and(Vm::gone) {
@@ -444,6 +470,7 @@ impl Supervisor {
                     result: Err(e),
                     report: Some(lock(&self.report).clone()),
                     migration: None,
+                    checkpoint: None,
                 };
             }
             if matches!(action, Action::MigrateIn(_) | Action::Resume(_)) {
@@ -458,6 +485,7 @@ impl Supervisor {
                     result: Ok(()),
                     report,
                     migration: None,
+                    checkpoint: None,
                 };
             }
         }
@@ -534,6 +562,12 @@ impl Supervisor {
             result,
             report: Some(report),
             migration,
+            // Only a create that resumed (or tried to) says from what.
+            checkpoint: if matches!(action, Action::Create(_)) {
+                self.resumed.take()
+            } else {
+                None
+            },
         }
     }
 
@@ -550,17 +584,55 @@ impl Supervisor {
         }
     }
 
+    /// The checkpoint timer follows the VM's interval (a VM created, moved in, or forgotten).
+    fn set_checkpoint_timer(&mut self) {
+        let every = self.vm.as_ref().map_or(0, |v| v.record.spec.checkpoint_ms);
+        if self.checkpoints.as_ref().map(|(ms, _)| *ms) == Some(every) {
+            return;
+        }
+        self.checkpoints = (every > 0).then(|| {
+            let period = Duration::from_millis(u64::from(every));
+            let mut i = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            // A checkpoint that takes longer than the interval delays the next; none pile up.
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            (every, i)
+        });
+    }
+
+    /// Writes a checkpoint of the VM if it runs here. A failure is logged; the previous
+    /// checkpoint stays the one to resume from.
+    async fn checkpoint(&mut self) {
+        let id = self.id.clone();
+        match self.blocking(|vm| vm.checkpoint()).await.flatten() {
+            Some(Ok(done)) => tracing::debug!(
+                vm = id,
+                seq = done.seq,
+                pause_ms = done.pause_ms,
+                total_ms = done.total_ms,
+                bytes = done.bytes_written,
+                "checkpoint"
+            ),
+            Some(Err(e)) => tracing::warn!(vm = id, error = %e, "checkpoint failed"),
+            None => {}
+        }
+    }
+
     /// Makes the VM's record: a VM to start (`incoming` None), or one whose VMM waits (that
-    /// long at most) for a migration's handover.
+    /// long at most) for a migration's handover. A create that asks for it resumes the VM from
+    /// its newest checkpoint instead (what it resumed from is kept for the answer).
     async fn create(&mut self, spec: VmSpec, incoming: Option<Duration>) -> Result<(), String> {
         let dirs = self.dirs.clone();
         let made = tokio::task::spawn_blocking(move || match incoming {
-            None => Vm::create(&dirs, &spec),
-            Some(wait) => Vm::create_incoming(&dirs, &spec, wait),
+            None if spec.resume_checkpoint => {
+                Vm::create_from_checkpoint(&dirs, &spec).map(|(vm, r)| (vm, Some(r)))
+            }
+            None => Vm::create(&dirs, &spec).map(|vm| (vm, None)),
+            Some(wait) => Vm::create_incoming(&dirs, &spec, wait).map(|vm| (vm, None)),
         });
         match made.await {
-            Ok(Ok(vm)) => {
+            Ok(Ok((vm, resumed))) => {
                 self.vm = Some(vm);
+                self.resumed = resumed;
                 Ok(())
             }
             Ok(Err(e)) => Err(format!("{e:#}")),
@@ -643,6 +715,7 @@ pub fn event(host_id: &str, job_id: &str, o: Outcome) -> HostEvent {
         migration: o.migration,
         progress: None,
         scale: None,
+        checkpoint: o.checkpoint,
     }
 }
 

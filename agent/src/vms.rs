@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use vim_proto::{VmReport, VmSpec, VmState};
 
@@ -49,6 +50,9 @@ pub struct SpecRecord {
     /// What the agent watches to ask for a resize (none: nothing).
     #[serde(default)]
     pub scaling: Option<WatchRecord>,
+    /// How often the agent checkpoints it (docs/checkpoint.md); 0: never.
+    #[serde(default)]
+    pub checkpoint_ms: u32,
 }
 
 /// The serialisable copy of a `ScalingWatch`.
@@ -112,6 +116,7 @@ impl From<&VmSpec> for SpecRecord {
             max_vcpus: s.max_vcpus,
             max_memory_mib: s.max_memory_mib,
             scaling: s.scaling.as_ref().map(WatchRecord::from),
+            checkpoint_ms: s.checkpoint_ms,
         }
     }
 }
@@ -428,6 +433,12 @@ impl Dirs {
         self.vm_dir(id).join("migration")
     }
 
+    /// Where VM `id`'s checkpoints go (docs/checkpoint.md): its own directory on shared storage,
+    /// derived from the id on each host, so any host can resume it.
+    pub fn checkpoint_dir(&self, id: &str) -> PathBuf {
+        self.vm_dir(id).join("checkpoint")
+    }
+
     /// Where VM `id`'s state goes when it is suspended: its own directory on shared storage,
     /// derived from the id on each host, so any host can resume it.
     pub fn suspend_dir(&self, id: &str) -> PathBuf {
@@ -613,6 +624,86 @@ impl Vm {
             return Err(e);
         }
         Ok(vm)
+    }
+
+    /// A VM restarted after a failure comes back from its newest usable checkpoint: a record
+    /// and a VMM resuming it (`vmm restore --checkpoint`, which rolls its disks back to the
+    /// checkpoint's instant). Without a usable checkpoint the record is left stopped, for the
+    /// caller to boot it, and the answer says why.
+    pub fn create_from_checkpoint(
+        dirs: &Arc<Dirs>,
+        spec: &VmSpec,
+    ) -> anyhow::Result<(Vm, vim_proto::CheckpointResume)> {
+        let dir = dirs.checkpoint_dir(&spec.vm_id);
+        let mut vm = Vm::new_record(dirs, spec, VmState::Creating)?;
+        let log = dirs.vmm_log(&spec.vm_id);
+        let log_start = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        let started = vm.ensure_tap().and_then(|_| {
+            let mut cmd = Command::new(&dirs.vmm);
+            cmd.arg("restore").arg("--checkpoint").arg(&dir);
+            vm.spawn_vmm(cmd, VmState::Running, None)?;
+            vm.wait_serving(Duration::from_secs(30))
+        });
+        let said = log_since(&log, log_start);
+        let chosen = said
+            .lines()
+            .find_map(|l| l.strip_prefix(vmm_api::CHECKPOINT_RESUMED_LINE))
+            .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok());
+        match started {
+            Ok(()) => {
+                let c = chosen.unwrap_or_default();
+                let resumed = vim_proto::CheckpointResume {
+                    resumed: true,
+                    seq: c["seq"].as_u64().unwrap_or(0),
+                    taken_unix_ms: c["taken_unix_ms"].as_u64().unwrap_or(0),
+                    skipped: c["skipped"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|s| s.as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    why_not: String::new(),
+                };
+                tracing::info!(
+                    vm = spec.vm_id,
+                    seq = resumed.seq,
+                    "resumed from a checkpoint"
+                );
+                Ok((vm, resumed))
+            }
+            Err(e) => {
+                if kill_vmm(vm.record.pid) {
+                    vm.reap();
+                }
+                vm.record.pid = 0;
+                vm.record.state = VmState::Stopped;
+                vm.save()?;
+                tracing::warn!(vm = spec.vm_id, error = %e, "no checkpoint to resume from: booting");
+                Ok((
+                    vm,
+                    vim_proto::CheckpointResume {
+                        why_not: format!("{e:#}"),
+                        ..Default::default()
+                    },
+                ))
+            }
+        }
+    }
+
+    /// Writes a checkpoint of the running VM (docs/checkpoint.md); `None` when it is not
+    /// running here.
+    pub fn checkpoint(&mut self) -> Option<anyhow::Result<vmm_api::CheckpointDone>> {
+        if !self.running_here() {
+            return None;
+        }
+        let client = vmm_api::Client::new(&self.record.api_socket);
+        Some(
+            client
+                .checkpoint(self.dirs.checkpoint_dir(self.id()))
+                .map_err(anyhow::Error::from),
+        )
     }
 
     /// Waits (at most `timeout`) for the VMM to answer as running; an error with the last line
@@ -822,6 +913,14 @@ impl Vm {
             tracing::info!(vm = id, pid, "adopted the VMM already serving this VM");
             return self.record_running(pid);
         }
+        // A boot starts the guest afresh: a checkpoint from before would take its disk back in
+        // time if it were resumed later.
+        let ckpt = self.dirs.checkpoint_dir(&id);
+        if ckpt.exists() {
+            std::fs::remove_dir_all(&ckpt)
+                .with_context(|| format!("cannot remove old checkpoints in {}", ckpt.display()))?;
+        }
+        let r = &self.record;
         let s = &r.spec;
         let mut cmd = Command::new(&self.dirs.vmm);
         cmd.arg("run")
@@ -901,6 +1000,9 @@ impl Vm {
                 jail.let_read(&p)?;
                 read_only.push(p);
             }
+            // A disk in the VM's directory is reached through it, not bound on its own: a
+            // resume from a checkpoint renames the checkpoint's copy into its place.
+            writable.retain(|p| p == &vm_dir || !p.starts_with(&vm_dir));
             let plan = crate::jail::Plan {
                 read_only,
                 writable,

@@ -3135,6 +3135,184 @@ fn a_crashed_hosts_vms_run_again_elsewhere_and_never_twice() {
     }
 }
 
+/// Issue 15, `--ha resume` (docs/checkpoint.md): the agent checkpoints the VM every second
+/// (memory, devices and a point-in-time copy of its disk, on shared storage). Its host crashes:
+/// the VM goes on on another host from its newest checkpoint — its heartbeat counter continues
+/// from at most about a second before the crash (not from 1), and its disk is rolled back to the
+/// same instant (the guest checks: each beat reads back the counter it wrote to its disk at the
+/// beat before, `disk=ok`). Then that host crashes too, with its newest checkpoint corrupt: the VM
+/// resumes from the one before, and the restart says which one it skipped and why.
+#[test]
+fn a_resume_vm_whose_host_crashes_goes_on_from_its_checkpoint_elsewhere() {
+    let mut f = Fleet::start_failover(&["h1", "h2", "h3"]);
+    let guest = tmp().join("guest/testguest.elf");
+    let disk = f.dir.path().join("checkpoint-disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    f.ctl_ok(&[
+        "image",
+        "add",
+        "tgck",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--disk",
+        disk.to_str().unwrap(),
+        "--cmdline",
+        "tg.mode=hold tg.hb_ms=100 tg.disk_hb=1",
+        "--json",
+    ]);
+    let (ok, out, err) = f.ctl(&[
+        "vm",
+        "create",
+        "--name",
+        "r",
+        "--image",
+        "tgck",
+        "--memory-mib",
+        "64",
+        "--ha",
+        "resume",
+        "--checkpoint-s",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    let id = out.trim().to_string();
+    wait_until("the VM running", || {
+        f.ctl_ok(&["vm", "show", &id])["state"] == "running"
+    });
+    let v = f.ctl_ok(&["vm", "show", &id]);
+    assert_eq!(
+        (v["ha"].as_str(), v["checkpoint_ms"].as_i64()),
+        (Some("resume"), Some(1000)),
+        "{v}"
+    );
+    let watch = OneVmmEach::watch(std::slice::from_ref(&id));
+    let ckpt = f.state().join("shared/vms").join(&id).join("checkpoint");
+    let published = |at_least: u64| {
+        wait_until_for("checkpoints", Duration::from_secs(30), || {
+            newest_checkpoint(&ckpt).is_some_and(|(seq, _)| seq >= at_least)
+        });
+    };
+    // Two whole checkpoints, then an incremental one.
+    published(3);
+
+    // 1. The host crashes.
+    let first_host = f.host_of(&id);
+    let before = console_text(&f, &id).len();
+    let last = crash(&mut f, &id, &first_host);
+    let second_host = f.wait_restarted(&id, &first_host);
+    let d = restarted_detail(&f, &id, 0);
+    assert_eq!(d["from"], first_host.as_str(), "{d}");
+    let c = &d["checkpoint"];
+    assert!(c["seq"].as_u64().unwrap() >= 3, "{d}");
+    assert!(c["skipped"].as_array().unwrap().is_empty(), "{d}");
+    // The checkpoint's instant is at most an interval (and the checkpoint's own time) before
+    // the host went silent.
+    assert!(c["age_s"].as_f64().unwrap() < 2.5, "{d}");
+    let resumed_at = assert_went_on_from_a_checkpoint(&f, &id, before, last, 25);
+    println!("first crash: last beat {last}, resumed at {resumed_at}, {d}");
+    assert!(f.events_of("VM_Checkpoint_Unusable").is_empty());
+
+    // 2. The crashed host comes back (and forgets the VM); the VM's new host checkpoints it.
+    f.start_agent(&first_host);
+    f.wait_forgotten(&first_host, &id);
+    let resumed_seq = c["seq"].as_u64().unwrap();
+    published(resumed_seq + 3);
+
+    // 3. Its new host crashes, and its newest checkpoint is corrupt.
+    let before = console_text(&f, &id).len();
+    let last = crash(&mut f, &id, &second_host);
+    let (seq, newest) = newest_checkpoint(&ckpt).unwrap();
+    let state = newest.join("state.bin");
+    let mut b = std::fs::read(&state).unwrap();
+    let n = b.len();
+    b[n - 10] ^= 0x55;
+    std::fs::write(&state, b).unwrap();
+    f.wait_restarted(&id, &second_host);
+    let d = restarted_detail(&f, &id, 1);
+    let c = &d["checkpoint"];
+    assert_eq!(c["seq"].as_u64(), Some(seq - 1), "{d}");
+    let skipped = c["skipped"].to_string();
+    assert!(
+        skipped.contains(&format!("{seq:020}")) && skipped.contains("CRC"),
+        "{d}"
+    );
+    // From the checkpoint before: up to two intervals lost.
+    let resumed_at = assert_went_on_from_a_checkpoint(&f, &id, before, last, 45);
+    println!("second crash: last beat {last}, resumed at {resumed_at}, {d}");
+    watch.check();
+}
+
+/// The newest published checkpoint in `dir`: its seq and directory.
+fn newest_checkpoint(dir: &Path) -> Option<(u64, PathBuf)> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let seq = n.strip_prefix("ckpt-")?.parse::<u64>().ok()?;
+            Some((seq, e.path()))
+        })
+        .max()
+}
+
+/// Kills host `host`'s agent and VM `id`'s VMM there at once; returns the guest's last beat.
+fn crash(f: &mut Fleet, id: &str, host: &str) -> u64 {
+    let pids = f.vmm_pids(id);
+    assert_eq!(pids.len(), 1);
+    f.kill_agent(host);
+    for p in pids {
+        signal("-KILL", p);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    *f.beats(id).iter().max().unwrap()
+}
+
+/// The detail of VM `id`'s `nth` `VM_Restarted` event.
+fn restarted_detail(f: &Fleet, id: &str, nth: usize) -> Value {
+    let e = f
+        .events_of("VM_Restarted")
+        .into_iter()
+        .filter(|e| e["vm_id"] == id)
+        .nth(nth)
+        .expect("no VM_Restarted");
+    serde_json::from_str(e["detail"].as_str().unwrap()).unwrap()
+}
+
+/// After the crash (the console from byte `from` on): the resumed guest's first beat follows a
+/// counter its memory had at the checkpoint — below the last beat before the crash by at most
+/// `most_lost` beats, never a reboot's 1 — every beat after it is the next, and at each the disk
+/// agrees with memory. Returns the first beat after the crash.
+fn assert_went_on_from_a_checkpoint(
+    f: &Fleet,
+    id: &str,
+    from: usize,
+    last: u64,
+    most_lost: u64,
+) -> u64 {
+    let text = console_text(f, id);
+    let after: Vec<&str> = text[from..]
+        .lines()
+        .filter(|l| l.starts_with("tg: hb n="))
+        .collect();
+    let beats = heartbeats(&after.join("\n"));
+    // Beats the dying VMM printed after `last` was read come first; the resumed ones follow
+    // the first step back.
+    let resumed = beats
+        .windows(2)
+        .position(|w| w[1] <= w[0])
+        .map_or(0, |i| i + 1);
+    let first = beats[resumed];
+    assert!(
+        first > 1 && first <= last + 1 && last + 1 - first <= most_lost,
+        "resumed at beat {first} after beat {last} (at most {most_lost} lost): {beats:?}"
+    );
+    assert_one_counter(id, &beats[resumed..]);
+    for l in &after[resumed..] {
+        assert!(l.contains(" disk=ok"), "memory and disk disagree: {l}");
+    }
+    first
+}
+
 /// A host cut off from the network (its link down) cannot renew its lease: its VMMs stop their
 /// guests by themselves, and only after that does the VM run on another host. When the link
 /// comes back the host starts nothing again and forgets the VM.

@@ -652,6 +652,9 @@ struct CreateVm {
     /// Among a failed host's VMs, the higher restart first (default 0).
     #[serde(default)]
     ha_priority: i64,
+    /// With `ha: resume`: seconds between checkpoints (default 5).
+    #[serde(default)]
+    checkpoint_s: Option<i64>,
     /// The most vCPUs it can be resized to while it runs (default 4 x vcpus, at most 254).
     #[serde(default)]
     max_vcpus: Option<u32>,
@@ -766,6 +769,7 @@ async fn create_vm(State(v): St, h: Req, b: Result<Body<CreateVm>, ApiError>) ->
             },
             ha: req.ha,
             ha_priority: in_range("ha_priority", req.ha_priority, -1000, 1000)?,
+            checkpoint_ms: checkpoint_ms(req.checkpoint_s, DEFAULT_CHECKPOINT_S * 1000)?,
             max_vcpus: i64::from(max_vcpus),
             max_memory_mib: max_memory_mib as i64,
             group: req.group.unwrap_or_default(),
@@ -971,9 +975,23 @@ struct SetHa {
     ha: db::HaPolicy,
     /// Unchanged when absent.
     priority: Option<i64>,
+    /// Seconds between checkpoints with `resume`; unchanged when absent.
+    checkpoint_s: Option<i64>,
 }
 
-/// Sets a VM's HA policy (`restart` or `off`): what failover does when its host fails.
+/// Seconds between a `resume` VM's checkpoints, default 5.
+const DEFAULT_CHECKPOINT_S: i64 = 5;
+
+/// A checkpoint interval in seconds, checked, as milliseconds (`or` when absent).
+fn checkpoint_ms(s: Option<i64>, or: i64) -> Result<i64, ApiError> {
+    match s {
+        Some(s) => Ok(in_range("checkpoint_s", s, 1, 3600)? * 1000),
+        None => Ok(or),
+    }
+}
+
+/// Sets a VM's HA policy (`restart`, `resume` or `off`): what failover does when its host fails.
+/// A running VM's agent hears of a new checkpoint interval when the VM next starts or moves.
 async fn set_ha(
     State(v): St,
     h: Req,
@@ -987,7 +1005,8 @@ async fn set_ha(
             Some(p) => in_range("priority", p, -1000, 1000)?,
             None => vm.ha_priority,
         };
-        v.db.set_ha(&vm.id, req.ha, priority).await?;
+        let every = checkpoint_ms(req.checkpoint_s, vm.checkpoint_ms)?;
+        v.db.set_ha(&vm.id, req.ha, priority, every).await?;
         ok(json!(owned_vm(&v, &who, &id).await?))
     })
     .await

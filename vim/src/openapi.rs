@@ -131,6 +131,7 @@ pub fn document() -> Value {
                                                   "description": "a NIC on its host's bridge, MAC fixed for life"},
                                           "ha": ha_policy(),
                                           "ha_priority": ha_priority(),
+                                          "checkpoint_s": checkpoint_s(),
                                           "max_vcpus": {"type": "integer", "minimum": 1, "maximum": 254, "nullable": true,
                                                         "description": "the most vCPUs it can be resized to while it runs \
                                                                         (null or absent: the owner's scaling policy's ceiling, else 4 x vcpus; at most 254; at least vcpus)"},
@@ -186,7 +187,8 @@ pub fn document() -> Value {
             "/vms/{id}/ha": {"put": with_body(with_id(op(
                 "Set a VM's HA policy: what failover does when its host fails (docs/failover.md)", "200")),
                 json!({"type": "object", "required": ["ha"], "additionalProperties": false,
-                       "properties": {"ha": ha_policy(), "priority": ha_priority()}}))},
+                       "properties": {"ha": ha_policy(), "priority": ha_priority(),
+                                      "checkpoint_s": checkpoint_s()}}))},
             "/vms/{id}/console": {"get": console},
             "/cluster/balance": {
                 "get": op("The balancer's settings, the imbalance now and each host's load (admin; docs/balance.md)", "200"),
@@ -319,8 +321,14 @@ fn auto_suspend(vm: bool) -> Value {
 
 /// A VM's HA policy, as requests carry it.
 fn ha_policy() -> Value {
-    json!({"enum": ["restart", "off"], "default": "restart",
-           "description": "when its host fails: boot it again on another host, or leave it"})
+    json!({"enum": ["restart", "resume", "off"], "default": "restart",
+           "description": "when its host fails: boot it again on another host, resume it there \
+                           from its newest checkpoint (docs/checkpoint.md), or leave it"})
+}
+
+fn checkpoint_s() -> Value {
+    json!({"type": "integer", "minimum": 1, "maximum": 3600,
+           "description": "with ha resume: seconds between checkpoints (default 5 at create; unchanged when absent)"})
 }
 
 fn ha_priority() -> Value {

@@ -285,6 +285,7 @@ names!(EventKind {
     VmUnreachable => "VM_Unreachable",
     VmReachable => "VM_Reachable",
     SlaViolated => "SLA_Violated",
+    VmCheckpointUnusable => "VM_Checkpoint_Unusable",
 });
 
 impl VmState {

@@ -347,9 +347,13 @@ enum VmCmd {
         /// No NIC (by default a VM gets one on its host's bridge, with a MAC fixed for life).
         #[arg(long = "no-net")]
         no_net: bool,
-        /// When its host fails: `restart` it on another host (default) or leave it (`off`).
-        #[arg(long, default_value = "restart", value_parser = ["restart", "off"])]
+        /// When its host fails: `restart` it on another host (default), `resume` it there from
+        /// its newest checkpoint, or leave it (`off`).
+        #[arg(long, default_value = "restart", value_parser = ["restart", "resume", "off"])]
         ha: String,
+        /// With `--ha resume`: seconds between checkpoints (default 5).
+        #[arg(long = "checkpoint-s")]
+        checkpoint_s: Option<u32>,
         /// Among a failed host's VMs, the higher restart first (-1000 to 1000).
         #[arg(
             long = "ha-priority",
@@ -419,14 +423,18 @@ enum VmCmd {
         #[command(flatten)]
         wait: Wait,
     },
-    /// Set a VM's HA policy: `restart` (on another host when its host fails) or `off`.
+    /// Set a VM's HA policy: `restart` (on another host when its host fails), `resume` (there,
+    /// from its newest checkpoint) or `off`.
     SetHa {
         id: String,
-        #[arg(value_parser = ["restart", "off"])]
+        #[arg(value_parser = ["restart", "resume", "off"])]
         mode: String,
         /// Its restart priority (unchanged without it).
         #[arg(long, allow_negative_numbers = true)]
         priority: Option<i64>,
+        /// Seconds between checkpoints with `resume` (unchanged without it).
+        #[arg(long = "checkpoint-s")]
+        checkpoint_s: Option<u32>,
     },
     /// List the VMs (a consumer sees its own).
     List,
@@ -1017,6 +1025,7 @@ fn run(cli: Cli) -> Result<()> {
                 no_net,
                 ha,
                 ha_priority,
+                checkpoint_s,
                 max_vcpus,
                 max_memory_mib,
                 group,
@@ -1026,6 +1035,9 @@ fn run(cli: Cli) -> Result<()> {
                 let mut body = json!({"name": name, "image": image, "vcpus": vcpus,
                        "memory_mib": memory_mib, "net": !no_net, "ha": ha,
                        "ha_priority": ha_priority});
+                if let Some(s) = checkpoint_s {
+                    body["checkpoint_s"] = json!(s);
+                }
                 if let Some(m) = max_vcpus {
                     body["max_vcpus"] = json!(m);
                 }
@@ -1089,10 +1101,18 @@ fn run(cli: Cli) -> Result<()> {
                 };
                 job_cmd(format!("/vms/{id}/resume"), body, &wait)?
             }
-            VmCmd::SetHa { id, mode, priority } => {
+            VmCmd::SetHa {
+                id,
+                mode,
+                priority,
+                checkpoint_s,
+            } => {
                 let mut body = json!({"ha": mode});
                 if let Some(p) = priority {
                     body["priority"] = json!(p);
+                }
+                if let Some(s) = checkpoint_s {
+                    body["checkpoint_s"] = json!(s);
                 }
                 print(&api.req(reqwest::Method::PUT, &format!("/vms/{id}/ha"), Some(body))?)
             }

@@ -173,8 +173,9 @@ impl Db {
         if let Some(v) = new_vm {
             sqlx::query(
                 "INSERT INTO vms (id, name, owner, image, vcpus, memory_mib, state, created_at, mac, ha,
-                                  ha_priority, max_vcpus, max_memory_mib, affinity_group, sla_target)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                                  ha_priority, max_vcpus, max_memory_mib, affinity_group, sla_target,
+                                  checkpoint_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
             )
             .bind(&v.id)
             .bind(&v.name)
@@ -191,6 +192,7 @@ impl Db {
             .bind(v.max_memory_mib)
             .bind(&v.group)
             .bind(v.sla_target)
+            .bind(v.checkpoint_ms)
             .execute(&mut *tx)
             .await?;
         }

@@ -38,6 +38,8 @@ pub struct Vm {
     pub ha: HaPolicy,
     /// Among a failed host's VMs, the higher restart first.
     pub ha_priority: i64,
+    /// With HA policy `resume`: how often its agent checkpoints it.
+    pub checkpoint_ms: i64,
     /// The most vCPUs it can be resized to while it runs (0: `vcpus`, a VM made before).
     pub max_vcpus: i64,
     /// When the VIM last resized it on its own (ms since the epoch; 0: never).
@@ -72,14 +74,25 @@ pub enum HaPolicy {
     /// Boot it again from its disk on another host when its host fails.
     #[default]
     Restart,
+    /// Checkpoint it every `checkpoint_ms` and resume it from its newest checkpoint on another
+    /// host when its host fails (booting it, as `Restart`, when no checkpoint is usable).
+    Resume,
     /// Leave it where it was.
     Off,
 }
 
 vim_proto::names!(HaPolicy {
     Restart => "restart",
+    Resume => "resume",
     Off => "off",
 });
+
+impl HaPolicy {
+    /// Whether failover brings the VM back when its host fails.
+    pub fn restarts(self) -> bool {
+        matches!(self, HaPolicy::Restart | HaPolicy::Resume)
+    }
+}
 
 /// A JSON text column as the JSON it holds (null when empty or unreadable).
 pub(super) fn json_or_null<S: serde::Serializer>(text: &str, s: S) -> Result<S::Ok, S::Error> {
@@ -108,6 +121,7 @@ fn vm(r: &AnyRow) -> Result<Vm, sqlx::Error> {
         mac: r.try_get("mac")?,
         ha: named(r, "ha")?,
         ha_priority: r.try_get("ha_priority")?,
+        checkpoint_ms: r.try_get("checkpoint_ms")?,
         max_vcpus: r.try_get("max_vcpus")?,
         scaled_at: r.try_get("scaled_at")?,
         max_memory_mib: r.try_get("max_memory_mib")?,
@@ -345,14 +359,24 @@ impl Db {
         Ok(())
     }
 
-    /// Sets a VM's HA policy and restart priority; false if there is no such VM.
-    pub async fn set_ha(&self, id: &str, ha: HaPolicy, priority: i64) -> Result<bool, DbError> {
-        let r = sqlx::query("UPDATE vms SET ha = $1, ha_priority = $2 WHERE id = $3")
-            .bind(ha.as_str())
-            .bind(priority)
-            .bind(id)
-            .execute(&self.writer)
-            .await?;
+    /// Sets a VM's HA policy, restart priority and checkpoint interval; false if there is no
+    /// such VM.
+    pub async fn set_ha(
+        &self,
+        id: &str,
+        ha: HaPolicy,
+        priority: i64,
+        checkpoint_ms: i64,
+    ) -> Result<bool, DbError> {
+        let r = sqlx::query(
+            "UPDATE vms SET ha = $1, ha_priority = $2, checkpoint_ms = $3 WHERE id = $4",
+        )
+        .bind(ha.as_str())
+        .bind(priority)
+        .bind(checkpoint_ms)
+        .bind(id)
+        .execute(&self.writer)
+        .await?;
         Ok(r.rows_affected() == 1)
     }
 

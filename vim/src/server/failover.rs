@@ -222,7 +222,7 @@ impl Vimd {
             .vms_on(host)
             .await?
             .into_iter()
-            .filter(|vm| vm.state == VmState::Unknown && vm.ha == db::HaPolicy::Restart)
+            .filter(|vm| vm.state == VmState::Unknown && vm.ha.restarts())
             .collect();
         vms.sort_by_key(|vm| (std::cmp::Reverse(vm.ha_priority), vm.created_at));
         Ok(vms)
@@ -371,7 +371,7 @@ impl Vimd {
         states: &[VmState],
     ) -> Result<()> {
         let vm_id = vm.id.as_str();
-        if vm.ha != db::HaPolicy::Restart || vm.host_id != host || !states.contains(&vm.state) {
+        if !vm.ha.restarts() || vm.host_id != host || !states.contains(&vm.state) {
             return Ok(());
         }
         let recent = self
@@ -459,10 +459,33 @@ impl Vimd {
         if ev.ok {
             let outage_s = (db::now_ms() - since) as f64 / 1000.0;
             self.metrics.restarted(outage_s);
+            let checkpoint = match &ev.checkpoint {
+                Some(c) if c.resumed => serde_json::json!({
+                    "seq": c.seq,
+                    "taken_unix_ms": c.taken_unix_ms,
+                    // From the checkpoint's instant to the host's last heartbeat (negative: the
+                    // checkpoint is newer). The guest lost what it did after the checkpoint.
+                    "age_s": (since - c.taken_unix_ms as i64) as f64 / 1000.0,
+                    "skipped": c.skipped,
+                }),
+                Some(c) => {
+                    self.event(
+                        EventKind::VmCheckpointUnusable,
+                        &ev.host_id,
+                        &job.vm_id,
+                        &job.id,
+                        &format!("booted from its disk instead: {}", c.why_not),
+                    )
+                    .await;
+                    serde_json::Value::Null
+                }
+                None => serde_json::Value::Null,
+            };
             let detail = serde_json::json!({
                 "from": from,
                 "to": ev.host_id,
                 "outage_s": outage_s,
+                "checkpoint": checkpoint,
             })
             .to_string();
             self.event(

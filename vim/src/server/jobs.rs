@@ -147,7 +147,7 @@ impl Vimd {
     }
 
     /// What a VM is built from, as its host's agent needs it: with the scaling watch of the
-    /// policy that applies to it.
+    /// policy that applies to it, and its checkpoint interval if it is to be resumed on failure.
     async fn vm_spec(
         &self,
         vm: &db::Vm,
@@ -171,6 +171,12 @@ impl Vimd {
             max_vcpus: vm.vcpu_ceiling() as u32,
             max_memory_mib: vm.memory_ceiling() as u64,
             scaling,
+            checkpoint_ms: if vm.ha == db::HaPolicy::Resume {
+                vm.checkpoint_ms.max(0) as u32
+            } else {
+                0
+            },
+            resume_checkpoint: false,
         })
     }
 
@@ -230,7 +236,10 @@ impl Vimd {
                 let Some(image) = self.db.image(&vm.image).await? else {
                     return Ok(Step::Refuse(format!("image {} does not exist", vm.image)));
                 };
-                Action::Create(self.vm_spec(vm, image, vm.disk_path.clone()).await?)
+                let mut spec = self.vm_spec(vm, image, vm.disk_path.clone()).await?;
+                // The guest goes on from its newest checkpoint, if it has a usable one.
+                spec.resume_checkpoint = vm.ha == db::HaPolicy::Resume;
+                Action::Create(spec)
             }
             JobKind::Evict => Action::Evict(vm.id.clone()),
             JobKind::SetScaling => Action::SetScaling(vim_proto::SetScaling {
