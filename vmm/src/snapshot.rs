@@ -228,8 +228,44 @@ pub(crate) fn copy_extents(src: &File, out: &File, size: u64) -> std::io::Result
     use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; 1 << 20];
     let mut written = 0;
+    // In the kernel first: a reflink where the filesystem shares extents (XFS, btrfs), a copy on
+    // the server over NFS 4.2. Read and written here where it cannot.
+    let mut in_kernel = true;
     for (start, end) in data_extents(src, size) {
         let mut off = start;
+        while in_kernel && off < end {
+            let (mut from, mut to) = (off as i64, off as i64);
+            // The system call itself: the static vmm's glibc resolves its `copy_file_range`
+            // wrapper to nothing (a call through it jumped to address 0).
+            // SAFETY: both descriptors are open files we own; the offsets are ours.
+            let n = unsafe {
+                libc::syscall(
+                    libc::SYS_copy_file_range,
+                    src.as_raw_fd(),
+                    &mut from as *mut i64,
+                    out.as_raw_fd(),
+                    &mut to as *mut i64,
+                    (end - off) as usize,
+                    0u32,
+                )
+            };
+            match n {
+                n if n > 0 => {
+                    off += n as u64;
+                    written += n as u64;
+                }
+                0 => break,
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    match e.raw_os_error() {
+                        Some(libc::EXDEV | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => {
+                            in_kernel = false
+                        }
+                        _ => return Err(e),
+                    }
+                }
+            }
+        }
         while off < end {
             let n = buf.len().min((end - off) as usize);
             src.read_exact_at(&mut buf[..n], off)?;

@@ -156,6 +156,8 @@ const VMM: &[Allow] = &[
     Any("fdatasync"),
     Any("ftruncate"),
     Any("fallocate"),
+    // Checkpoints copy disks in the kernel (a reflink where the filesystem can).
+    Any("copy_file_range"),
     Any("newfstatat"),
     Any("fstat"),
     Any("statx"),

@@ -9,8 +9,13 @@ use std::time::{Duration, Instant};
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The vmm under test: this build's, or the one `VMM_TEST_BIN` names (`scripts/test.sh` runs
+/// some tests again with the static vmm the package ships).
 pub fn vmm_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_vmm")
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("VMM_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_vmm").to_string())
+    })
 }
 
 pub fn repo_root() -> PathBuf {
