@@ -24,11 +24,25 @@ class Fleet:
     (NATS over a veth), state and shared storage on tmpfs, and image `tg`, the test guest with
     `cmdline` and a 1 MiB disk."""
 
-    def __init__(self, hosts, vimd_args=(), cmdline="tg.mode=hold tg.hb_ms=500", prefix="bench"):
-        self.hosts = hosts
-        self.d = tempfile.mkdtemp(prefix=f"{prefix}-", dir="/dev/shm")
-        self.tag = str(os.getpid() % 10000)
+    def __init__(self, hosts, vimd_args=(), cmdline="tg.mode=hold tg.hb_ms=500", prefix="bench",
+                 heartbeat_ms=1000, lease_ms=2000):
+        self.heartbeat_ms, self.lease_ms = heartbeat_ms, lease_ms
         self.procs, self.agents, self.nets = [], {}, {}
+        self.d = tempfile.mkdtemp(prefix=f"{prefix}-", dir="/dev/shm")
+        try:
+            self._start(hosts, vimd_args, cmdline)
+        except BaseException:
+            # A fleet that did not come up leaves nothing behind either.
+            self.close()
+            raise
+
+    def _start(self, hosts, vimd_args, cmdline):
+        self.hosts = hosts
+        # Names of its own: a second fleet of the same process must not meet the first's links
+        # while the kernel still tears them down.
+        Fleet.made = getattr(Fleet, "made", 0) + 1
+        self.tag = f"{os.getpid() % 1000}{Fleet.made % 10}"
+
         port = 47800 + os.getpid() % 150
         self.nats_port = port + 1
         self.env = dict(os.environ, VIM_API=f"https://127.0.0.1:{port}", VIM_TOKEN_FILE=f"{self.d}/vim/admin.token",
@@ -37,6 +51,8 @@ class Fleet:
             ns, veth, peer = f"bfo{self.tag}{h}", f"bfr{self.tag}{i}", f"bfh{self.tag}{i}"
             k = 100 + i
             ip("netns", "add", ns)
+            # Recorded at once: close() removes what was made, however far this got.
+            self.nets[h] = (ns, veth, f"10.232.{k}.1")
             ip("link", "add", veth, "type", "veth", "peer", "name", peer)
             ip("link", "set", peer, "netns", ns)
             ip("addr", "add", f"10.232.{k}.1/30", "dev", veth)
@@ -44,10 +60,9 @@ class Fleet:
             ip("-n", ns, "addr", "add", f"10.232.{k}.2/30", "dev", peer)
             ip("-n", ns, "link", "set", peer, "up")
             ip("-n", ns, "link", "set", "lo", "up")
-            self.nets[h] = (ns, veth, f"10.232.{k}.1")
         args = [f"{B}/vimd", "--state-dir", f"{self.d}/vim", "--listen", f"127.0.0.1:{port}",
-                "--nats-listen", f"0.0.0.0:{self.nats_port}", "--heartbeat-ms", "1000", "--misses", "3",
-                "--lease-ms", "2000", *vimd_args]
+                "--nats-listen", f"0.0.0.0:{self.nats_port}", "--heartbeat-ms", str(self.heartbeat_ms),
+                "--misses", "3", "--lease-ms", str(self.lease_ms), *vimd_args]
         for (_, _, rip) in self.nets.values():
             args += ["--tls-name", rip]
         self.procs.append(subprocess.Popen(args, stderr=open(f"{self.d}/vimd.log", "w")))
@@ -62,11 +77,13 @@ class Fleet:
         self.ctl("image", "add", "tg", "--kernel", guest, "--disk", disk, "--cmdline", cmdline, "--json")
     def start_agent(self, h):
         ns, _, rip = self.nets[h]
+        # netns-exec.sh: `ip netns exec` with the cgroup hierarchies mounted again inside (the
+        # agent gives each VMM a cgroup; plain `ip netns exec` hides them and the agent refuses).
         self.agents[h] = subprocess.Popen(
-            ["ip", "netns", "exec", ns, f"{B}/vim-agent", "--host-id", h, "--nats-url", f"nats://{rip}:{self.nats_port}",
+            ["integration/netns-exec.sh", ns, f"{B}/vim-agent", "--host-id", h, "--nats-url", f"nats://{rip}:{self.nats_port}",
              "--credentials", f"{self.d}/vim/hosts/{h}.creds", "--nats-ca", self.env["VIM_CA"],
              "--state-dir", f"{self.d}/agent-{h}", "--shared-dir", f"{self.d}/vim/shared", "--vmm", f"{B}/vmm",
-             "--heartbeat-ms", "1000", "--bridge", f"bfb{self.tag}"],
+             "--heartbeat-ms", str(self.heartbeat_ms), "--bridge", f"bfb{self.tag}"],
             stderr=open(f"{self.d}/agent-{h}.log", "a"))
     def ctl(self, *args, check=True):
         r = subprocess.run([f"{B}/vimctl", *args], capture_output=True, text=True, env=self.env)
@@ -112,7 +129,9 @@ class Fleet:
                     os.kill(int(pid), 9)
             except OSError:
                 pass
-        for (ns, _, _) in self.nets.values():
+        for (ns, veth, _) in self.nets.values():
+            # The veth first: deleting it takes its peer at once (a namespace's links go later).
+            subprocess.run(["ip", "link", "del", veth], stderr=subprocess.DEVNULL)
             subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
         if keep:
             for root, _, files in os.walk(self.d):

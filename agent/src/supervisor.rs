@@ -301,6 +301,7 @@ fn event_kind(action: &Action) -> EventKind {
         Action::Suspend(_) => EventKind::VmSuspended,
         Action::Resume(_) => EventKind::VmResumed,
         Action::SetScaling(_) => EventKind::VmScalingSet,
+        Action::SetCheckpoints(_) => EventKind::VmCheckpointsSet,
     }
 }
 
@@ -537,6 +538,7 @@ impl Supervisor {
                     Action::Evict(_) => vm.evict(),
                     Action::Resize(r) => vm.resize(r),
                     Action::SetScaling(s) => vm.set_scaling(s.scaling.as_ref()),
+                    Action::SetCheckpoints(s) => vm.set_checkpoints(s.checkpoint_ms),
                 };
                 let report = match (&op, vm.gone(), &r) {
                     // Its state is on shared storage now, not on this host.

@@ -339,6 +339,7 @@ impl Dirs {
                 return Ok(());
             }
             Action::SetScaling(s) => return s.scaling.as_ref().map_or(Ok(()), check_watch),
+            Action::SetCheckpoints(s) => return check_checkpoint_ms(s.checkpoint_ms),
             _ => return Ok(()),
         };
         anyhow::ensure!((1..=254).contains(&s.vcpus), "vcpus must be 1 to 254");
@@ -349,6 +350,7 @@ impl Dirs {
         if let Some(w) = &s.scaling {
             check_watch(w)?;
         }
+        check_checkpoint_ms(s.checkpoint_ms)?;
         anyhow::ensure!(
             (16..=1 << 22).contains(&s.memory_mib),
             "memory_mib must be 16 to 4194304"
@@ -490,7 +492,18 @@ pub fn action_vm(action: &vim_proto::host_command::Action) -> &str {
         Action::MigrateOut(m) => &m.vm_id,
         Action::Resize(r) => &r.vm_id,
         Action::SetScaling(s) => &s.vm_id,
+        Action::SetCheckpoints(s) => &s.vm_id,
     }
+}
+
+/// A checkpoint interval a VM may have: none, or 200 ms to an hour (each checkpoint pauses the
+/// guest, and writes what changed to shared storage).
+fn check_checkpoint_ms(ms: u32) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        ms == 0 || (200..=3_600_000).contains(&ms),
+        "checkpoint_ms must be 0 or 200 to 3600000"
+    );
+    Ok(())
 }
 
 impl Vm {
@@ -839,6 +852,12 @@ impl Vm {
     /// Watches new scaling thresholds (or none).
     pub fn set_scaling(&mut self, w: Option<&vim_proto::ScalingWatch>) -> anyhow::Result<()> {
         self.record.spec.scaling = w.map(WatchRecord::from);
+        self.save()
+    }
+
+    /// How often the VM is checkpointed from now on (the supervisor's timer follows the record).
+    pub fn set_checkpoints(&mut self, checkpoint_ms: u32) -> anyhow::Result<()> {
+        self.record.spec.checkpoint_ms = checkpoint_ms;
         self.save()
     }
 

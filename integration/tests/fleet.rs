@@ -3160,6 +3160,8 @@ fn a_resume_vm_whose_host_crashes_goes_on_from_its_checkpoint_elsewhere() {
         "tg.mode=hold tg.hb_ms=100 tg.disk_hb=1",
         "--json",
     ]);
+    // Created `restart` (never checkpointed); made `resume` while it runs: its host starts
+    // checkpointing it.
     let (ok, out, err) = f.ctl(&[
         "vm",
         "create",
@@ -3169,24 +3171,27 @@ fn a_resume_vm_whose_host_crashes_goes_on_from_its_checkpoint_elsewhere() {
         "tgck",
         "--memory-mib",
         "64",
-        "--ha",
-        "resume",
-        "--checkpoint-s",
-        "1",
     ]);
     assert!(ok, "{err}");
     let id = out.trim().to_string();
     wait_until("the VM running", || {
         f.ctl_ok(&["vm", "show", &id])["state"] == "running"
     });
-    let v = f.ctl_ok(&["vm", "show", &id]);
+    let ckpt = f.state().join("shared/vms").join(&id).join("checkpoint");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        newest_checkpoint(&ckpt).is_none(),
+        "a `restart` VM was checkpointed"
+    );
+    let v = f.ctl_ok(&["vm", "set-ha", &id, "resume", "--checkpoint-s", "1"]);
     assert_eq!(
         (v["ha"].as_str(), v["checkpoint_ms"].as_i64()),
         (Some("resume"), Some(1000)),
         "{v}"
     );
+    let (ok, _, err) = f.ctl(&["vm", "set-ha", &id, "resume", "--checkpoint-s", "0"]);
+    assert!(!ok && err.contains("checkpoint_s"), "{err}");
     let watch = OneVmmEach::watch(std::slice::from_ref(&id));
-    let ckpt = f.state().join("shared/vms").join(&id).join("checkpoint");
     let published = |at_least: u64| {
         wait_until_for("checkpoints", Duration::from_secs(30), || {
             newest_checkpoint(&ckpt).is_some_and(|(seq, _)| seq >= at_least)
@@ -3194,6 +3199,12 @@ fn a_resume_vm_whose_host_crashes_goes_on_from_its_checkpoint_elsewhere() {
     };
     // Two whole checkpoints, then an incremental one.
     published(3);
+    assert!(
+        f.events_of("VM_Checkpoints_Set")
+            .iter()
+            .any(|e| e["vm_id"] == id.as_str()),
+        "no VM_Checkpoints_Set"
+    );
 
     // 1. The host crashes.
     let first_host = f.host_of(&id);

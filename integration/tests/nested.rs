@@ -188,12 +188,17 @@ fn virtio_vsock_round_trips_through_the_guest_agent() {
 }
 
 #[test]
-fn debian_guest_survives_snapshot_restore_and_live_migration() {
+fn debian_guest_survives_snapshot_restore_live_migration_and_resumes_from_a_checkpoint() {
     let mut names = vec![
         "snapshot-restore-snapshot-equal".to_string(),
         "migrate-dead-target".into(),
         "migrate-devices".into(),
         "migrate-balloon".into(),
+        "checkpoint-taken".into(),
+        "checkpoint-resumed".into(),
+        "checkpoint-disk-instant".into(),
+        "checkpoint-disk-intact".into(),
+        "checkpoint-goes-on".into(),
     ];
     for moved in ["restore", "takeback", "migrate"] {
         for check in ["counter", "disk-intact", "disk-writes", "net"] {

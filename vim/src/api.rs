@@ -991,7 +991,8 @@ fn checkpoint_ms(s: Option<i64>, or: i64) -> Result<i64, ApiError> {
 }
 
 /// Sets a VM's HA policy (`restart`, `resume` or `off`): what failover does when its host fails.
-/// A running VM's agent hears of a new checkpoint interval when the VM next starts or moves.
+/// A running VM's host is told of a change in how often to checkpoint it (a `set-checkpoints`
+/// job).
 async fn set_ha(
     State(v): St,
     h: Req,
@@ -1007,7 +1008,15 @@ async fn set_ha(
         };
         let every = checkpoint_ms(req.checkpoint_s, vm.checkpoint_ms)?;
         v.db.set_ha(&vm.id, req.ha, priority, every).await?;
-        ok(json!(owned_vm(&v, &who, &id).await?))
+        let now = owned_vm(&v, &who, &id).await?;
+        // A running VM's host checkpoints it from now on as the new policy says.
+        if now.state == db::VmState::Running
+            && now.checkpoint_interval() != vm.checkpoint_interval()
+        {
+            v.queue_job(db::JobKind::SetCheckpoints, &who.name, &vm.id, &json!({}))
+                .await?;
+        }
+        ok(json!(now))
     })
     .await
 }

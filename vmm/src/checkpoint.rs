@@ -586,7 +586,7 @@ mod tests {
     fn changes_are_added_to_every_slot() {
         let mut a = vec![vec![0b01u64]];
         or_into(&mut a, &[vec![0b10, 0b1]]);
-        assert_eq!(a, vec![vec![0b11]]);
+        assert_eq!(a, vec![vec![0b11, 0b1]]);
         let mut empty: Vec<Vec<u64>> = Vec::new();
         or_into(&mut empty, &[vec![5, 6], vec![1]]);
         assert_eq!(empty, vec![vec![5, 6], vec![1]]);

@@ -129,5 +129,57 @@ until vmm ctl --api-socket /tmp/t.sock balloon-stats 2>&1 | grep -q '"actual_mib
 done
 b=$(vmm ctl --api-socket /tmp/t.sock balloon-stats 2>&1 | tr -d '\n ')
 echo "$b" | grep -q '"actual_mib":6[4-9]' && result migrate-balloon pass "$b" || result migrate-balloon fail "$b"
+
+# 4. Checkpoints (docs/checkpoint.md) of the migrated VM, every second while it counts and
+# writes; then its VMM is SIGKILLed (a host crash) and the VM resumes from the newest one.
+ok=0; outs=""
+for n in 1 2 3 4; do
+    o=$(vmm ctl --api-socket /tmp/t.sock checkpoint --dir $S/ckpt 2>&1 | tr -d '\n ')
+    echo "$o" | grep -q '"seq":' && ok=$((ok + 1))
+    outs="$outs $o"
+    sleep 1
+done
+if [ $ok = 4 ] && echo "$outs" | grep -q '"full":false'; then
+    result checkpoint-taken pass "$(echo "$outs" | grep -o '"pause_ms":[0-9.]*' | tr '\n' ' ')"
+else
+    result checkpoint-taken fail "$outs"
+fi
+wait_count /tmp/t.log $(( $(count /tmp/t.log) + 5 )) 30
+newest=$(ls -d $S/ckpt/ckpt-* | sort | tail -n 1)
 kill -9 $t; wait $t 2>/dev/null
+last=$(count /tmp/t.log)
+# The count on the checkpoint's disk copy: what the guest had written at that instant.
+ck_disk=$(dd if=$newest/disk-0.img bs=512 skip=16384 count=1 2>/dev/null | tr -d '\000' | sed -n 's/count \([0-9]*\).*/\1/p')
+vmm restore --checkpoint $S/ckpt --serial file:/tmp/c.log --api-socket /tmp/c.sock 2>/tmp/c.err &
+c=$!
+wait_count /tmp/c.log 1 60
+first=$(tr -d '\r' < /tmp/c.log | sed -n 's/.*guest: count \([0-9]*\).*/\1/p' | head -n 1)
+chosen=$(grep -o 'resuming checkpoint .*' /tmp/c.err)
+# Not a boot (that counts from 1 and writes the pattern again), and back in time: from the
+# checkpoint's count, which the guest had when the checkpoint paused it.
+if [ -n "$first" ] && [ "$first" -gt 1 ] && [ "$first" -le "$last" ] && ! grep -q pattern-written /tmp/c.log; then
+    result checkpoint-resumed pass "last count before the crash $last; resumed at $first; $chosen"
+else
+    result checkpoint-resumed fail "last $last, first after '$first'; $chosen; $(tail -c 1500 /tmp/c.err)"
+fi
+# Memory and disk from one instant: the disk copy holds the count before the one the guest
+# prints first (or that one, when the pause fell between its write and its next count).
+if [ -n "$ck_disk" ] && [ -n "$first" ] && { [ "$ck_disk" = $((first - 1)) ] || [ "$ck_disk" = $((first - 2)) ]; }; then
+    result checkpoint-disk-instant pass "disk copy: count $ck_disk; memory went on at $first"
+else
+    result checkpoint-disk-instant fail "disk copy: count '$ck_disk'; memory went on at '$first' (last before the crash $last)"
+fi
+ans=$(guest-agent call $V 52 checksum /dev/vda 4194304 2>&1)
+echo "$ans" | grep -q "\"fnv64\":\"$pattern\"" && result checkpoint-disk-intact pass "$ans" \
+    || result checkpoint-disk-intact fail "want $pattern: $ans"
+wait_count /tmp/c.log $((first + 10)) 60
+gaps=$(tr -d '\r' < /tmp/c.log | sed -n 's/.*guest: count \([0-9]*\).*/\1/p' | awk 'NR > 1 && $1 != p + 1 {bad++} {p = $1} END {print bad + 0}')
+sleep 2
+on_disk=$(dd if=$S/disk.img bs=512 skip=16384 count=1 2>/dev/null | tr -d '\000' | sed -n 's/count \([0-9]*\).*/\1/p')
+if [ "$gaps" = 0 ] && [ -n "$on_disk" ] && [ "$on_disk" -ge $((first + 10)) ]; then
+    result checkpoint-goes-on pass "counting on without a gap; on disk: $on_disk"
+else
+    result checkpoint-goes-on fail "gaps $gaps; on disk '$on_disk' (resumed at $first)"
+fi
+kill -9 $c; wait $c 2>/dev/null
 l1_poweroff

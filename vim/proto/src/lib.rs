@@ -286,6 +286,7 @@ names!(EventKind {
     VmReachable => "VM_Reachable",
     SlaViolated => "SLA_Violated",
     VmCheckpointUnusable => "VM_Checkpoint_Unusable",
+    VmCheckpointsSet => "VM_Checkpoints_Set",
 });
 
 impl VmState {
@@ -327,6 +328,7 @@ impl EventKind {
                 | EventKind::ScaleUpRequested
                 | EventKind::ScaleDownRequested
                 | EventKind::VmScalingSet
+                | EventKind::VmCheckpointsSet
                 | EventKind::VmSuspended
                 | EventKind::VmResumed
                 | EventKind::VmUnreachable

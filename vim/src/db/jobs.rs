@@ -31,6 +31,8 @@ pub enum JobKind {
     Resize,
     /// The VM's host is told the scaling watch of the policy that applies to it now.
     SetScaling,
+    /// The VM's host is told how often to checkpoint it now (its HA policy changed).
+    SetCheckpoints,
     /// The VM's state goes to shared storage and its host's capacity is freed.
     Suspend,
     /// A suspended VM runs again, on a host placement picks (params: `{"to": HOST}`, optional).
@@ -50,6 +52,7 @@ vim_proto::names!(JobKind {
     Evict => "evict",
     Resize => "resize",
     SetScaling => "set-scaling",
+    SetCheckpoints => "set-checkpoints",
     Suspend => "suspend",
     Resume => "resume",
 });

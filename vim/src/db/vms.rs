@@ -57,6 +57,15 @@ pub struct Vm {
 }
 
 impl Vm {
+    /// How often its agent checkpoints it: only with HA policy `resume` (0: never).
+    pub fn checkpoint_interval(&self) -> u32 {
+        if self.ha == HaPolicy::Resume {
+            self.checkpoint_ms.clamp(0, i64::from(u32::MAX)) as u32
+        } else {
+            0
+        }
+    }
+
     /// The most vCPUs it can have while it runs.
     pub fn vcpu_ceiling(&self) -> i64 {
         self.max_vcpus.max(self.vcpus)

@@ -331,6 +331,7 @@ fn answer_kind(kind: JobKind) -> Option<EventKind> {
         JobKind::Evict => EventKind::VmEvicted,
         JobKind::Resize => EventKind::VmResized,
         JobKind::SetScaling => EventKind::VmScalingSet,
+        JobKind::SetCheckpoints => EventKind::VmCheckpointsSet,
         JobKind::Suspend => EventKind::VmSuspended,
         JobKind::Resume => EventKind::VmResumed,
         JobKind::Migrate => return None,

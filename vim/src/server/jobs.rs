@@ -171,11 +171,7 @@ impl Vimd {
             max_vcpus: vm.vcpu_ceiling() as u32,
             max_memory_mib: vm.memory_ceiling() as u64,
             scaling,
-            checkpoint_ms: if vm.ha == db::HaPolicy::Resume {
-                vm.checkpoint_ms.max(0) as u32
-            } else {
-                0
-            },
+            checkpoint_ms: vm.checkpoint_interval(),
             resume_checkpoint: false,
         })
     }
@@ -249,6 +245,10 @@ impl Vimd {
                     .scaling_policy_for(vm)
                     .await?
                     .and_then(|p| p.watch()),
+            }),
+            JobKind::SetCheckpoints => Action::SetCheckpoints(vim_proto::SetCheckpoints {
+                vm_id: vm.id.clone(),
+                checkpoint_ms: vm.checkpoint_interval(),
             }),
             JobKind::Suspend => Action::Suspend(vm.id.clone()),
             JobKind::Resume => {
