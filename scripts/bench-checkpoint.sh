@@ -25,7 +25,7 @@ parts=${3:-1,2,3}
 vmm=$(scripts/build-vmm.sh 2>/dev/null)
 images/build.sh >/dev/null
 python3 -u - "$ckpts" "$vmm" "$runs" "$parts" <<'PY'
-import json, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+import json, os, re, shutil, socket, statistics, subprocess, sys, tempfile, time
 
 ckpts = int(sys.argv[1])
 vmm = sys.argv[2]
@@ -144,14 +144,10 @@ prepare()
 runs = int(sys.argv[3])
 
 def rto(fleet, ha):
-    for h in ("h2", "h3"):
-        fleet.ctl("host", "drain", h, "--json")
     args = ["vm", "create", "--name", "r", "--image", "tg", "--memory-mib", "64", "--no-net", "--ha", ha]
     if ha == "resume":
         args += ["--checkpoint-s", "1"]
-    vm = fleet.ctl(*args).strip()
-    for h in ("h2", "h3"):
-        fleet.ctl("host", "undrain", h)
+    [vm] = fleet.create_on("h1", [args])
     fleet.wait(lambda: fleet.readies(vm) >= 1, what="the VM to boot")
     ckpt = f"{fleet.d}/vim/shared/vms/{vm}/checkpoint"
     if ha == "resume":
@@ -160,10 +156,7 @@ def rto(fleet, ha):
             what="three checkpoints")
     time.sleep(2.5)
     t0, wall0 = time.monotonic(), time.time()
-    fleet.agents["h1"].send_signal(signal.SIGKILL)
-    for p in fleet.vmm_pids("h1"):
-        os.kill(p, signal.SIGKILL)
-    fleet.agents["h1"].wait()
+    fleet.crash("h1")
     size = len(fleet.console(vm))
     end = t0 + 120
     while len(fleet.console(vm)) <= size:
@@ -177,10 +170,7 @@ def rto(fleet, ha):
     started = min(e["ts"] for e in events if e["kind"] == "VM_Failover_Started" and e["vm_id"] == vm)
     detect = started / 1000 - wall0
     fleet.start_agent("h1")
-    fleet.wait(lambda: "unreachable" not in fleet.ctl("hosts"), what="h1 back")
-    fleet.ctl("vm", "delete", vm, "--no-wait")
-    fleet.wait(lambda: not fleet.vms(), what="the VM deleted")
-    fleet.wait(lambda: not any(fleet.vmm_pids(h) for h in fleet.hosts), what="every VMM gone")
+    fleet.clear([vm])
     return back, detect, kind
 
 print(f"3. RTO, a host with one VM crashes: median of {runs}")

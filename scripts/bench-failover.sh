@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-5}
 python3 -u - "$runs" <<'PY'
-import os, signal, statistics, sys, time
+import statistics, sys, time
 sys.path.insert(0, "scripts")
 from benchfleet import Fleet, ip, prepare
 
@@ -26,22 +26,14 @@ runs = int(sys.argv[1])
 
 def run(fleet, n, how):
     """Fails h1 with `n` VMs on it (`how`: crash or partition); the RTO of the last one back."""
-    # Every new VM lands on h1: the others take none while draining (they hold none).
-    for h in ("h2", "h3"):
-        fleet.ctl("host", "drain", h, "--json")
-    ids = [fleet.ctl("vm", "create", "--name", f"v{i}", "--image", "tg", "--memory-mib", "64", "--no-net").strip()
-           for i in range(n)]
-    for h in ("h2", "h3"):
-        fleet.ctl("host", "undrain", h)
+    ids = fleet.create_on("h1", [("vm", "create", "--name", f"v{i}", "--image", "tg", "--memory-mib", "64", "--no-net")
+                                 for i in range(n)])
     fleet.wait(lambda: all(fleet.readies(v) >= 1 for v in ids), what="the VMs to boot")
     before = {v: fleet.readies(v) for v in ids}
     time.sleep(2.5)  # a few heartbeats and lease renewals with every VM running
     t0 = time.monotonic()
     if how == "crash":
-        fleet.agents["h1"].send_signal(signal.SIGKILL)
-        for p in fleet.vmm_pids("h1"):
-            os.kill(p, signal.SIGKILL)
-        fleet.agents["h1"].wait()
+        fleet.crash("h1")
     else:
         ip("link", "set", fleet.nets["h1"][1], "down")
     back = {}
@@ -59,11 +51,7 @@ def run(fleet, n, how):
         fleet.start_agent("h1")
     else:
         ip("link", "set", fleet.nets["h1"][1], "up")
-    fleet.wait(lambda: "unreachable" not in fleet.ctl("hosts"), what="h1 back")
-    for v in ids:
-        fleet.ctl("vm", "delete", v, "--no-wait")
-    fleet.wait(lambda: not fleet.vms(), what="the VMs deleted")
-    fleet.wait(lambda: not any(fleet.vmm_pids(h) for h in fleet.hosts), what="every VMM gone")
+    fleet.clear(ids)
     return max(back.values())
 
 

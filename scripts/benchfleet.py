@@ -1,6 +1,6 @@
 """A local fleet for the benchmark scripts (bench-failover.sh, bench-suspend.sh): the release
 binaries, run as an operator would, torn down completely by close()."""
-import json, os, shutil, subprocess, tempfile, time
+import json, os, shutil, signal, subprocess, tempfile, time
 
 B = os.path.abspath("target/release")
 guest = os.path.abspath("images/out/testguest.elf")
@@ -117,6 +117,29 @@ class Fleet:
             if cmd.split("\0")[0].endswith("/vmm") and f"{self.d}/agent-{host}/" in cmd:
                 out.append(int(pid))
         return out
+    def create_on(self, host, creates):
+        """Runs each `vimctl vm create` argument list with every other host draining, so the
+        VMs land on `host`; their ids."""
+        others = [h for h in self.hosts if h != host]
+        for h in others:
+            self.ctl("host", "drain", h, "--json")
+        ids = [self.ctl(*args).strip() for args in creates]
+        for h in others:
+            self.ctl("host", "undrain", h)
+        return ids
+    def crash(self, host):
+        """The host fails as a power loss would: its agent and every VMM SIGKILLed at once."""
+        self.agents[host].send_signal(signal.SIGKILL)
+        for p in self.vmm_pids(host):
+            os.kill(p, signal.SIGKILL)
+        self.agents[host].wait()
+    def clear(self, ids):
+        """After a failure: every host back, then the VMs `ids` deleted and their VMMs gone."""
+        self.wait(lambda: "unreachable" not in self.ctl("hosts"), what="every host back")
+        for v in ids:
+            self.ctl("vm", "delete", v, "--no-wait")
+        self.wait(lambda: not self.vms(), what="the VMs deleted")
+        self.wait(lambda: not any(self.vmm_pids(h) for h in self.hosts), what="every VMM gone")
     def close(self):
         keep = os.environ.get("BENCH_KEEP")  # a directory: the logs are copied there first
         for a in self.agents.values():
