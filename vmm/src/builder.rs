@@ -41,9 +41,25 @@ use crate::vmm::{Machine, VmmEvent};
 pub(crate) enum Start {
     /// Boot the configured kernel.
     Boot,
-    /// Continue a snapshot: its state and its memory file.
-    Restore(Box<SnapshotState>, std::fs::File),
+    /// Continue a snapshot: its state and its memory.
+    Restore(Box<SnapshotState>, RestoredMemory),
 }
+
+/// A restored machine's memory.
+pub(crate) enum RestoredMemory {
+    /// The snapshot's memory file, mapped privately (pages load on first touch).
+    File(std::fs::File),
+    /// Memory already loaded in this process (a promoted standby, `standby`): a shared memfd,
+    /// as a booted VM has.
+    Loaded(crate::memory::GuestMemory, std::fs::File),
+}
+
+/// The control loop's channel, when the API is already served on it (a standby's, which keeps
+/// its socket across the promotion).
+pub(crate) type Events = (
+    std::sync::mpsc::Sender<VmmEvent>,
+    std::sync::mpsc::Receiver<VmmEvent>,
+);
 
 fn serial_output(cfg: &SerialOutput) -> Result<serial::Output> {
     Ok(match cfg {
@@ -61,7 +77,7 @@ fn serial_output(cfg: &SerialOutput) -> Result<serial::Output> {
 impl Machine {
     /// Creates the VM, its devices and vCPUs, loads the kernel and starts the vCPUs.
     pub fn build(config: VmConfig, kvm: kvm_ioctls::Kvm) -> Result<Machine> {
-        Self::assemble(config, kvm, Start::Boot, false)
+        Self::assemble(config, kvm, Start::Boot, false, None)
     }
 
     pub(crate) fn assemble(
@@ -69,20 +85,24 @@ impl Machine {
         kvm: kvm_ioctls::Kvm,
         start: Start,
         paused: bool,
+        served: Option<Events>,
     ) -> Result<Machine> {
-        let listener = match &config.api_socket {
-            Some(p) => Some(api::server::bind(p)?),
-            None => None,
+        let listener = match (&config.api_socket, &served) {
+            (Some(p), None) => Some(api::server::bind(p)?),
+            _ => None,
         };
-        let (tx, rx) = channel();
+        let (tx, rx) = served.unwrap_or_else(channel);
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .context("cannot read the CPUID KVM supports")?;
         let mut vm = match &start {
             Start::Boot => Vm::new(kvm, config.memory_layout())?,
-            Start::Restore(_, file) => {
+            Start::Restore(_, RestoredMemory::File(file)) => {
                 let mem = crate::memory::map_snapshot_memory(file, config.memory_layout())?;
                 Vm::with_memory(kvm, mem, Backing::Snapshot(file.try_clone()?))?
+            }
+            Start::Restore(_, RestoredMemory::Loaded(mem, memfd)) => {
+                Vm::with_memory(kvm, mem.clone(), Backing::Memfd(memfd.try_clone()?))?
             }
         };
 

@@ -35,6 +35,9 @@ const PARTIAL: &str = ".partial";
 const RESUMED_PREFIX: &str = "resumed-";
 /// Each checkpoint's own record: when it was taken.
 pub const META_FILE: &str = "checkpoint.json";
+/// Each checkpoint's pages changed since the one before it ([`Changes`]): what a standby reads.
+pub const CHANGES_FILE: &str = "changes.bin";
+const CHANGES_MAGIC: &[u8; 8] = b"VMMCHG01";
 /// The pause aims at no more than this: rounds go on while the guest runs until what is left
 /// can be written within it.
 const PAUSE_TARGET: Duration = Duration::from_millis(10);
@@ -157,6 +160,72 @@ pub struct Tracker {
     /// The RAM regions `(guest address, length)` and disk count the slots were tracked with.
     layout: (Vec<(u64, u64)>, usize),
     logging: bool,
+    /// Pages changed since the last published checkpoint's instant, for its successor's
+    /// `changes.bin`; None: not known (nothing published by this process yet, or the logs were
+    /// read by someone else), and the next one says so.
+    delta: Option<Changes>,
+}
+
+/// The guest pages that changed between two checkpoints' instants, per RAM region (the layout of
+/// KVM's dirty log). A standby that holds checkpoint `since` reads only these from the next.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Changes {
+    pub since: Option<u64>,
+    pub pages: Vec<Vec<u64>>,
+}
+
+impl Changes {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = CHANGES_MAGIC.to_vec();
+        out.extend_from_slice(&self.since.unwrap_or(u64::MAX).to_le_bytes());
+        out.extend_from_slice(&(self.pages.len() as u64).to_le_bytes());
+        for region in &self.pages {
+            out.extend_from_slice(&(region.len() as u64).to_le_bytes());
+            region
+                .iter()
+                .for_each(|w| out.extend_from_slice(&w.to_le_bytes()));
+        }
+        out.extend_from_slice(&crc32fast::hash(&out).to_le_bytes());
+        out
+    }
+
+    fn decode(b: &[u8]) -> Result<Changes, String> {
+        let (body, crc) = b
+            .split_last_chunk::<4>()
+            .ok_or_else(|| format!("{CHANGES_FILE}: truncated"))?;
+        if crc32fast::hash(body) != u32::from_le_bytes(*crc) {
+            return Err(format!("{CHANGES_FILE}: CRC mismatch"));
+        }
+        let body = body
+            .strip_prefix(CHANGES_MAGIC)
+            .ok_or_else(|| format!("{CHANGES_FILE}: not a changes file"))?;
+        let mut words = body
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()));
+        let mut next = || {
+            words
+                .next()
+                .ok_or_else(|| format!("{CHANGES_FILE}: truncated"))
+        };
+        let since = Some(next()?).filter(|&s| s != u64::MAX);
+        let regions = next()?;
+        let mut pages = Vec::new();
+        for _ in 0..regions {
+            let n = next()?;
+            if n > (body.len() / 8) as u64 {
+                return Err(format!("{CHANGES_FILE}: a region of {n} words is too long"));
+            }
+            pages.push((0..n).map(|_| next()).collect::<Result<_, _>>()?);
+        }
+        Ok(Changes { since, pages })
+    }
+
+    /// The changes written with the checkpoint in `slot`.
+    pub fn read(slot: &Path) -> Result<Changes, String> {
+        let path = slot.join(CHANGES_FILE);
+        let b = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::decode(&b)
+    }
 }
 
 /// What one checkpoint works with.
@@ -174,6 +243,7 @@ impl Tracker {
     pub fn forget(&mut self) {
         self.slots.clear();
         self.logging = false;
+        self.delta = None;
     }
 
     /// Writes one checkpoint into `dir` (module docs). On an error the guest runs as before and
@@ -199,6 +269,7 @@ impl Tracker {
         if layout != self.layout || !self.logging {
             // Memory was plugged or unplugged, or nothing is tracked: whole slots from here.
             self.slots.clear();
+            self.delta = None;
             self.layout = layout;
         }
         if !self.logging {
@@ -219,10 +290,16 @@ impl Tracker {
             full: self.slots.len() < 2,
         };
         let partial = dir.join(format!("{}{PARTIAL}", slot_name(seq)));
-        let result = self.write_slot(dir, &partial, src, &disks, &mut done);
+        let mut taken = None;
+        let result = self.write_slot(dir, &partial, src, &disks, &mut done, &mut taken);
         if let Err(e) = result {
             self.slots.retain(|s| s.seq != seq);
             let _ = std::fs::remove_dir_all(&partial);
+            // The changes since the last published checkpoint are still owed to the next one.
+            if let (Some(mut before), Some(after)) = (taken, self.delta.take()) {
+                or_into(&mut before.pages, &after.pages);
+                self.delta = Some(before);
+            }
             return Err(e);
         }
         self.next_seq = seq + 1;
@@ -268,6 +345,9 @@ impl Tracker {
             or_into(&mut s.pages, &pages);
             or_into(&mut s.blocks, &blocks);
         }
+        if let Some(d) = &mut self.delta {
+            or_into(&mut d.pages, &pages);
+        }
         Ok(())
     }
 
@@ -278,6 +358,7 @@ impl Tracker {
         src: &Source,
         disks: &[DiskView],
         done: &mut CheckpointDone,
+        taken: &mut Option<Changes>,
     ) -> Result<(), CheckpointError> {
         let seq = done.seq;
         let _ = std::fs::remove_dir_all(partial);
@@ -364,6 +445,12 @@ impl Tracker {
                 .map_err(|e| CheckpointError::Other(format!("cannot pause: {e}")))?;
         }
         let last = self.absorb(src, disks).and_then(|()| {
+            // What changed since the last checkpoint ends at this instant; from here on the
+            // changes count from this one.
+            *taken = self.delta.replace(Changes {
+                since: Some(seq),
+                pages: Vec::new(),
+            });
             let n = self.copy_changes(slot, src, disks, &memory, &disk_files)?;
             let state = src
                 .parts
@@ -393,6 +480,9 @@ impl Tracker {
         let meta_path = partial.join(META_FILE);
         std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap_or_default())
             .map_err(io(&meta_path))?;
+        let changes_path = partial.join(CHANGES_FILE);
+        let changes = taken.clone().unwrap_or_default();
+        std::fs::write(&changes_path, changes.encode()).map_err(io(&changes_path))?;
         snapshot::write_state(partial, &state)
             .map_err(|e| CheckpointError::Other(e.to_string()))?;
         std::fs::rename(partial, &done.path).map_err(io(partial))?;
@@ -522,7 +612,7 @@ pub fn choose_and_roll_back(dir: &Path) -> Result<Chosen, CheckpointError> {
 }
 
 /// A published checkpoint's record and the live disks its copies belong to, if it is whole.
-fn check(slot: &Path) -> Result<(Meta, Vec<PathBuf>), String> {
+pub(crate) fn check(slot: &Path) -> Result<(Meta, Vec<PathBuf>), String> {
     let state = snapshot::read_state(slot).map_err(|e| e.to_string())?;
     snapshot::open_memory(slot, state.config.memory_bytes()).map_err(|e| e.to_string())?;
     let meta: Meta = std::fs::read(slot.join(META_FILE))

@@ -14,6 +14,7 @@
 //! - [`persist`]: the machine's components as one tree (pause, save, restore), and snapshots;
 //! - [`migrate`]: live migration through a directory on shared storage;
 //! - [`checkpoint`]: replicated checkpoints a VM resumes from on another host;
+//! - [`standby`]: a VMM holding a VM's memory from its checkpoints, promoted when its host fails;
 //! - [`vmm`]: the control loop that runs the machine to its end;
 //! - [`seccomp`]: the system calls each kind of thread may make;
 //! - [`state_roots`]: the directories API requests may name.
@@ -33,6 +34,7 @@ pub mod migration;
 pub mod persist;
 pub mod seccomp;
 pub mod snapshot;
+pub mod standby;
 pub mod state_roots;
 pub mod vcpu;
 pub mod vm;

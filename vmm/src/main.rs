@@ -83,6 +83,11 @@ struct RestoreArgs {
     /// disks back to that instant; exits 1 if none is usable.
     #[arg(long, value_name = "DIR")]
     checkpoint: Option<PathBuf>,
+    /// With --checkpoint: be the VM's standby (docs/standby.md): hold its memory as of the newest
+    /// checkpoint and follow each new one, touching neither the checkpoints nor the disks, until
+    /// `vmm ctl promote` (or shutdown).
+    #[arg(long, conflicts_with = "paused")]
+    standby: bool,
     #[arg(long = "api-socket")]
     api_socket: Option<PathBuf>,
     #[arg(long, default_value = "stdio")]
@@ -210,6 +215,9 @@ enum CtlCommand {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Promote a standby (`restore --checkpoint DIR --standby`): the guest runs from the newest
+    /// usable checkpoint, the disks rolled back to it (docs/standby.md).
+    Promote,
     /// Live-migrate to the `vmm run --incoming DIR` waiting on the same shared directory. Prints
     /// the outcome as one JSON line.
     Migrate {
@@ -321,6 +329,16 @@ fn incoming(
 
 fn restore(args: RestoreArgs) -> Result<i32> {
     let serial: SerialOutput = args.serial.parse()?;
+    if args.standby && args.checkpoint.is_none() {
+        anyhow::bail!("--standby needs --checkpoint DIR: a standby follows a VM's checkpoints");
+    }
+    if let (true, Some(dir)) = (args.standby, &args.checkpoint) {
+        args.sandbox.enable()?;
+        if let Some(l) = args.lease.clone() {
+            vmm::lease::watch(l)?;
+        }
+        return vmm::standby::run(dir.clone(), serial, args.api_socket);
+    }
     // Chosen and the disks rolled back before the filters: one thread, file work only.
     let snapshot = match (&args.snapshot, &args.checkpoint) {
         (Some(s), _) => s.clone(),
@@ -396,6 +414,7 @@ fn ctl(args: CtlArgs) -> Result<i32> {
         CtlCommand::Checkpoint { dir } => Request::Checkpoint {
             dir: std::path::absolute(&dir)?,
         },
+        CtlCommand::Promote => Request::Promote {},
     };
     // Printed as the VMM sent it: `ctl` is a thin client, scripts read its JSON.
     let result: serde_json::Value = client.send(&request)?;

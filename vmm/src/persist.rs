@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use crate::api::{RunState, SnapshotDone};
-use crate::builder::Start;
+use crate::builder::{Events, RestoredMemory, Start};
 use crate::config::{SerialOutput, VmConfig};
 use crate::devices::cpu_hotplug::CpuHotplug;
 use crate::devices::ged::Ged;
@@ -122,12 +122,32 @@ impl Machine {
         kvm: kvm_ioctls::Kvm,
     ) -> Result<Machine> {
         let state = snapshot::read_state(dir)?;
+        let memory = snapshot::open_memory(dir, state.config.memory_bytes())?;
+        let start = (serial, api_socket, paused, None);
+        Self::restore_state(dir, state, RestoredMemory::File(memory), start, kvm)
+    }
+
+    /// Starts a VM from a snapshot's state (read from `dir`) and its memory, once both are
+    /// checked; `start` is the console, API socket, whether to stay paused, and the control
+    /// channel if the API is already served.
+    pub(crate) fn restore_state(
+        dir: &std::path::Path,
+        state: SnapshotState,
+        memory: RestoredMemory,
+        start: (
+            SerialOutput,
+            Option<std::path::PathBuf>,
+            bool,
+            Option<Events>,
+        ),
+        kvm: kvm_ioctls::Kvm,
+    ) -> Result<Machine> {
+        let (serial, api_socket, paused, served) = start;
         state
             .config
             .check(kvm.get_max_vcpus() as u32)
             .with_context(|| format!("snapshot {}", dir.display()))?;
         snapshot::check_external(&state)?;
-        let memory = snapshot::open_memory(dir, state.config.memory_bytes())?;
         if state.vcpus.len() != usize::from(state.config.vcpus) {
             return Err(snapshot::SnapshotError::Decode(
                 dir.join(snapshot::STATE_FILE),
@@ -142,7 +162,13 @@ impl Machine {
         let mut config = state.config.clone();
         config.serial = serial;
         config.api_socket = api_socket;
-        Self::assemble(config, kvm, Start::Restore(Box::new(state), memory), paused)
+        Self::assemble(
+            config,
+            kvm,
+            Start::Restore(Box::new(state), memory),
+            paused,
+            served,
+        )
     }
 
     /// The guest came in by live migration: its NICs tell the network where it is now.

@@ -134,6 +134,7 @@ impl Machine {
                 used_pct: c.used_pct(STATS_MAX_AGE),
             }),
             migration: self.migration.as_ref().map(|m| lock(&m.progress).clone()),
+            standby_seq: None,
         }
     }
 
@@ -329,6 +330,7 @@ impl Machine {
                 self.state = RunState::Running;
                 r
             }
+            RunState::Standby => Err("a running VM cannot become a standby".into()),
         }
     }
 
@@ -389,6 +391,7 @@ impl Machine {
             Request::Shutdown { .. } | Request::BalloonStats {} | Request::Resize { .. } => {
                 Response::err("handled by the main loop")
             }
+            Request::Promote {} => Response::err("this VMM runs its VM: it is no standby"),
         }
     }
 

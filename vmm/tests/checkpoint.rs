@@ -84,6 +84,11 @@ fn published(dir: &Path) -> Vec<String> {
 
 /// `vmm restore --checkpoint DIR`: its console, stderr file and API socket in a new directory.
 fn resume(ckpt: &Path) -> (RunningVmm, PathBuf) {
+    restore_checkpoint(ckpt, &[])
+}
+
+/// `vmm restore --checkpoint DIR` with `extra` arguments.
+fn restore_checkpoint(ckpt: &Path, extra: &[&str]) -> (RunningVmm, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let console = dir.path().join("console.log");
     let api = dir.path().join("api.sock");
@@ -98,6 +103,7 @@ fn resume(ckpt: &Path) -> (RunningVmm, PathBuf) {
         .arg(format!("file:{}", console.display()))
         .arg("--api-socket")
         .arg(&api)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr).unwrap())
@@ -304,4 +310,183 @@ fn a_bad_checkpoint_request_is_refused_and_a_paused_guest_stays_paused() {
     assert_eq!(done["rounds"].as_u64(), Some(0), "{done}");
     let (_, info, _) = g.vmm.ctl(&["info"]);
     assert!(info.contains("\"paused\""), "{info}");
+}
+
+/// The standby's `info`, once it answers.
+fn standby_info(vmm: &RunningVmm) -> serde_json::Value {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let (ok, out, err) = vmm.ctl(&["info"]);
+        if ok {
+            return serde_json::from_str(&out).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the standby does not answer: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_standby_at(vmm: &RunningVmm, seq: u64) -> serde_json::Value {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let info = standby_info(vmm);
+        assert_eq!(info["state"], "standby", "{info}");
+        if info["standby_seq"].as_u64() == Some(seq) {
+            return info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the standby did not follow checkpoint {seq}: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_standby_follows_each_checkpoint_and_promoted_goes_on_from_the_newest() {
+    let g = guest();
+    g.checkpoint();
+    let (standby, stderr) = restore_checkpoint(&g.ckpt, &["--standby"]);
+    let info = wait_standby_at(&standby, 1);
+    assert_eq!(
+        (info["vcpus"].as_u64(), info["memory_mib"].as_u64()),
+        (Some(1), Some(128)),
+        "{info}"
+    );
+    // A standby runs nothing and changes nothing.
+    let (ok, _, err) = standby.ctl(&["pause"]);
+    assert!(!ok && err.contains("standby"), "{err}");
+    let (ok, _, err) = standby.ctl(&["checkpoint", "--dir", g.ckpt.to_str().unwrap()]);
+    assert!(!ok && err.contains("standby"), "{err}");
+    // Two whole checkpoints, then incremental ones: the standby follows each (after the first
+    // it reads only what changed).
+    let mut last = None;
+    for seq in 2..=5 {
+        g.vmm.wait_for_console(
+            &format!("tg: hb n={} ", last_heartbeat(&g.vmm.console_text()) + 2),
+            TIMEOUT,
+        );
+        let c = g.checkpoint();
+        assert_eq!(c["seq"].as_u64(), Some(seq), "{c}");
+        wait_standby_at(&standby, seq);
+        last = Some(c);
+    }
+    let last = last.unwrap();
+    assert_eq!(last["full"].as_bool(), Some(false), "{last}");
+    assert_eq!(
+        published(&g.ckpt),
+        vec![
+            format!("{}{:020}", vmm_api::CHECKPOINT_PREFIX, 4),
+            format!("{}{:020}", vmm_api::CHECKPOINT_PREFIX, 5)
+        ],
+        "the standby touched the checkpoints"
+    );
+    assert!(
+        standby.console_text().is_empty(),
+        "the standby ran the guest: {}",
+        standby.console_text()
+    );
+    let at_last =
+        counter_on_disk(&PathBuf::from(last["path"].as_str().unwrap()).join("disk-0.img"));
+    let (ckpt, disk, _keep) = g.crash();
+    assert!(
+        counter_on_disk(&disk) > at_last + 2,
+        "the guest did not run on"
+    );
+
+    // Promoted: its own memory was the newest checkpoint's, nothing left to read.
+    let (ok, out, err) = standby.ctl(&["promote"]);
+    assert!(ok, "promote failed: {err}");
+    let p: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (
+            p["seq"].as_u64(),
+            p["warm"].as_bool(),
+            p["pages_applied"].as_u64()
+        ),
+        (Some(5), Some(true), Some(0)),
+        "{p}"
+    );
+    assert_eq!(resumed_from(&stderr)["seq"].as_u64(), Some(5));
+    assert_resumed_consistently(&standby, at_last);
+    let info = standby_info(&standby);
+    assert_eq!(info["state"], "running", "{info}");
+    // Taken: no other VMM can take the same checkpoint.
+    assert_eq!(
+        published(&ckpt),
+        vec![format!("resumed-{:020}", 5)],
+        "{:?}",
+        published(&ckpt)
+    );
+    let (ok, _, err) = standby.ctl(&["promote"]);
+    assert!(!ok && err.contains("no standby"), "{err}");
+}
+
+#[test]
+fn a_standby_skips_a_corrupt_checkpoint_and_is_promoted_from_the_one_it_holds() {
+    let g = guest();
+    g.checkpoint();
+    g.checkpoint();
+    let (standby, stderr) = restore_checkpoint(&g.ckpt, &["--standby"]);
+    wait_standby_at(&standby, 2);
+    let at_two = counter_on_disk(&g.ckpt.join(format!("ckpt-{:020}", 2)).join("disk-0.img"));
+    // The next one is published corrupt (as a bad disk would leave it): the standby does not
+    // take it, and the promotion skips it too, saying why.
+    g.vmm.wait_for_console(
+        &format!("tg: hb n={} ", last_heartbeat(&g.vmm.console_text()) + 2),
+        TIMEOUT,
+    );
+    // Corrupted before the standby can look: it is stopped meanwhile.
+    let stop = |sig: &str| {
+        let st = Command::new("kill")
+            .args([sig, &standby.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    stop("-STOP");
+    let c = g.checkpoint();
+    let state = PathBuf::from(c["path"].as_str().unwrap()).join("state.bin");
+    let mut b = std::fs::read(&state).unwrap();
+    let n = b.len();
+    b[n - 10] ^= 0x55;
+    std::fs::write(&state, b).unwrap();
+    stop("-CONT");
+    let _keep = g.crash();
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(standby_info(&standby)["standby_seq"].as_u64(), Some(2));
+    let (ok, out, err) = standby.ctl(&["promote"]);
+    assert!(ok, "promote failed: {err}");
+    let p: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (p["seq"].as_u64(), p["warm"].as_bool()),
+        (Some(2), Some(true)),
+        "{p}"
+    );
+    let skipped = p["skipped"].to_string();
+    assert!(
+        skipped.contains(&format!("{:020}", 3)) && skipped.contains("CRC"),
+        "{p}"
+    );
+    assert_eq!(resumed_from(&stderr)["seq"].as_u64(), Some(2));
+    assert_resumed_consistently(&standby, at_two);
+}
+
+#[test]
+fn a_standby_without_a_checkpoint_waits_and_a_shutdown_ends_it() {
+    let shared = tempfile::tempdir().unwrap();
+    let ckpt = shared.path().join("checkpoint");
+    std::fs::create_dir(&ckpt).unwrap();
+    let (mut standby, _stderr) = restore_checkpoint(&ckpt, &["--standby"]);
+    let info = standby_info(&standby);
+    assert_eq!(info["state"], "standby", "{info}");
+    assert!(info.get("standby_seq").is_none(), "{info}");
+    let (ok, _, _) = standby.ctl(&["shutdown"]);
+    assert!(ok);
+    assert!(standby.wait(TIMEOUT).success());
+    // `--standby` needs `--checkpoint`.
+    let (st, _, err) = run_vmm(&["restore", "--snapshot", "/nonexistent", "--standby"]);
+    assert!(!st.success() && err.contains("--checkpoint"), "{err}");
 }

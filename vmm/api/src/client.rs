@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 use crate::{
-    BalloonStats, BalloonTarget, Cancelling, CheckpointDone, Info, Request, Resized, Response,
-    SnapshotDone, StateChanged, Stopped,
+    BalloonStats, BalloonTarget, Cancelling, CheckpointDone, Info, Promoted, Request, Resized,
+    Response, SnapshotDone, StateChanged, Stopped,
 };
 
 #[derive(Debug, Error)]
@@ -111,6 +111,11 @@ impl Client {
     /// Writes a checkpoint of the running VM into `dir` (docs/checkpoint.md).
     pub fn checkpoint(&self, dir: impl Into<PathBuf>) -> Result<CheckpointDone, ClientError> {
         self.send(&Request::Checkpoint { dir: dir.into() })
+    }
+
+    /// Promotes a standby VMM: the guest runs from the newest usable checkpoint.
+    pub fn promote(&self) -> Result<Promoted, ClientError> {
+        self.send(&Request::Promote {})
     }
 
     /// Changes the vCPUs and the memory (each `None`: unchanged); waits for the guest (at most

@@ -110,6 +110,9 @@ pub enum Request {
         #[serde(default = "default_resize_timeout")]
         timeout_ms: u64,
     },
+    /// A standby VMM (`vmm restore --checkpoint DIR --standby`, docs/standby.md) takes the
+    /// newest usable checkpoint, rolls the disks back to it and runs the guest: [`Promoted`].
+    Promote {},
 }
 
 /// How long a resize waits for the guest to take or give back vCPUs.
@@ -183,7 +186,9 @@ impl Request {
             Request::Shutdown { timeout_ms } => {
                 Duration::from_millis(*timeout_ms) + Duration::from_secs(10)
             }
-            Request::Snapshot { .. } | Request::Checkpoint { .. } => Duration::from_secs(600),
+            Request::Snapshot { .. } | Request::Checkpoint { .. } | Request::Promote { .. } => {
+                Duration::from_secs(600)
+            }
             Request::Migrate { .. } => Duration::from_secs(24 * 3600),
             Request::Resize { timeout_ms, .. } => {
                 Duration::from_millis(*timeout_ms) + Duration::from_secs(10)
@@ -239,6 +244,9 @@ impl Response {
 pub enum RunState {
     Running,
     Paused,
+    /// A standby VMM: it holds the guest's memory as of its newest checkpoint and follows
+    /// each new one; no vCPU or device exists until `promote` (docs/standby.md).
+    Standby,
 }
 
 /// How the guest was started.
@@ -268,6 +276,9 @@ pub struct Info {
     /// A migration under way.
     #[serde(default)]
     pub migration: Option<MigrationProgress>,
+    /// A standby: the checkpoint whose memory it holds (None: none loaded yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby_seq: Option<u64>,
 }
 
 /// The answer to `pause` and `resume`.
@@ -422,6 +433,22 @@ pub const CHECKPOINT_PREFIX: &str = "ckpt-";
 /// What `vmm restore --checkpoint` prints on stderr once it has chosen a checkpoint, followed by
 /// JSON: `{"seq", "taken_unix_ms", "skipped": ["ckpt-…: why", …]}`.
 pub const CHECKPOINT_RESUMED_LINE: &str = "vmm: resuming checkpoint ";
+
+/// The answer to `promote`: the guest runs, from checkpoint `seq`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Promoted {
+    pub seq: u64,
+    pub taken_unix_ms: u64,
+    /// Newer checkpoints that could not be used, each with why.
+    pub skipped: Vec<String>,
+    /// Whether the standby's memory was used (false: the checkpoint's memory file was mapped,
+    /// as `restore --checkpoint` does, because the standby did not hold that checkpoint).
+    pub warm: bool,
+    /// Guest pages read from the checkpoint at promotion (the last changes).
+    pub pages_applied: u64,
+    /// From the request to the guest running.
+    pub took_ms: f64,
+}
 
 /// The answer to `migrate-cancel`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
