@@ -151,7 +151,7 @@ impl Host {
             // a resume) makes one.
             None if matches!(
                 action,
-                Action::Create(_) | Action::MigrateIn(_) | Action::Resume(_)
+                Action::Create(_) | Action::MigrateIn(_) | Action::Resume(_) | Action::Standby(_)
             ) =>
             {
                 Some(self.spawn(id.clone(), None))
@@ -302,6 +302,7 @@ fn event_kind(action: &Action) -> EventKind {
         Action::Resume(_) => EventKind::VmResumed,
         Action::SetScaling(_) => EventKind::VmScalingSet,
         Action::SetCheckpoints(_) => EventKind::VmCheckpointsSet,
+        Action::Standby(_) => EventKind::VmStandbyReady,
     }
 }
 
@@ -455,6 +456,7 @@ impl Supervisor {
             let made = match &action {
                 Action::Create(spec) => Some(self.create(spec.clone(), None).await),
                 Action::Resume(spec) => Some(self.resume(spec.clone()).await),
+                Action::Standby(spec) => Some(self.standby(spec.clone()).await),
                 Action::MigrateIn(m) => Some(match &m.vm {
                     Some(spec) => {
                         let wait = Duration::from_millis(m.wait_ms);
@@ -474,7 +476,10 @@ impl Supervisor {
                     checkpoint: None,
                 };
             }
-            if matches!(action, Action::MigrateIn(_) | Action::Resume(_)) {
+            if matches!(
+                action,
+                Action::MigrateIn(_) | Action::Resume(_) | Action::Standby(_)
+            ) {
                 // Its VMM was started with the record: ready (a resumed VM runs).
                 let report = self.blocking(|vm| vm.report()).await;
                 if let Some(r) = &report {
@@ -495,8 +500,27 @@ impl Supervisor {
         let r = self
             .blocking(move |vm| {
                 let mut migration = None;
+                let mut promoted = None;
                 let r = match &op {
+                    // A restart onto the host that keeps the VM's standby: promoted.
+                    Action::Create(spec) if vm.is_standby() && spec.resume_checkpoint => vm
+                        .promote_or_resume()
+                        .map(|r| promoted = Some(r))
+                        .and_then(|()| vm.start()),
+                    Action::Create(_) | Action::Start(_) if vm.is_standby() => {
+                        Err(anyhow::anyhow!(
+                            "only a standby of VM {} is on this host: a restart with \
+                         resume_checkpoint promotes it",
+                            vm.id()
+                        ))
+                    }
                     Action::Create(_) | Action::Start(_) => vm.start(),
+                    // Here already (a redelivery) as a standby, or running here.
+                    Action::Standby(_) if vm.is_standby() => Ok(()),
+                    Action::Standby(_) => Err(anyhow::anyhow!(
+                        "VM {} runs on this host: it cannot be its own standby",
+                        vm.id()
+                    )),
                     // Here already: a redelivered resume, or a VM that never left.
                     Action::Resume(_) => Ok(()),
                     Action::Suspend(_) => vm.suspend().map(|done| {
@@ -546,11 +570,16 @@ impl Supervisor {
                     (_, true, _) => deleted_report(vm.id()),
                     _ => vm.report(),
                 };
-                (r.map_err(|e| format!("{e:#}")), report, migration)
+                (r.map_err(|e| format!("{e:#}")), report, migration, promoted)
             })
             .await;
         let (result, report, migration) = match r {
-            Some(x) => x,
+            Some((result, report, migration, promoted)) => {
+                if promoted.is_some() {
+                    self.resumed = promoted;
+                }
+                (result, report, migration)
+            }
             None => (
                 Err(format!("VM {id}: no such VM on this host")),
                 deleted_report(&id),
@@ -577,6 +606,19 @@ impl Supervisor {
     async fn resume(&mut self, spec: VmSpec) -> Result<(), String> {
         let dirs = self.dirs.clone();
         match tokio::task::spawn_blocking(move || Vm::create_resumed(&dirs, &spec)).await {
+            Ok(Ok(vm)) => {
+                self.vm = Some(vm);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(format!("{e:#}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Makes the VM's record with a standby VMM following its checkpoints.
+    async fn standby(&mut self, spec: VmSpec) -> Result<(), String> {
+        let dirs = self.dirs.clone();
+        match tokio::task::spawn_blocking(move || Vm::create_standby(&dirs, &spec)).await {
             Ok(Ok(vm)) => {
                 self.vm = Some(vm);
                 Ok(())

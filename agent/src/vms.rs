@@ -321,7 +321,7 @@ impl Dirs {
         use vim_proto::host_command::Action;
         vim_proto::check_id("VM id", action_vm(action))?;
         let s = match action {
-            Action::Create(s) | Action::Resume(s) => s,
+            Action::Create(s) | Action::Resume(s) | Action::Standby(s) => s,
             Action::MigrateIn(m) => m.vm.as_ref().ok_or_else(|| anyhow::anyhow!("no VM"))?,
             Action::MigrateOut(m) => {
                 anyhow::ensure!(
@@ -486,7 +486,7 @@ pub fn action_vm(action: &vim_proto::host_command::Action) -> &str {
         | Action::AbortIncoming(id)
         | Action::Evict(id)
         | Action::Suspend(id) => id,
-        Action::Resume(s) => &s.vm_id,
+        Action::Resume(s) | Action::Standby(s) => &s.vm_id,
         Action::Stop(s) => &s.vm_id,
         Action::MigrateIn(m) => m.vm.as_ref().map_or("", |v| &v.vm_id),
         Action::MigrateOut(m) => &m.vm_id,
@@ -541,6 +541,17 @@ impl Vm {
                     vms.push(vm);
                 } else {
                     tracing::info!(vm = id, "a migration that never came here: forgotten");
+                    vm.forget();
+                }
+                continue;
+            }
+            if r.state == VmState::Standby {
+                if alive(r.pid) && is_vmm(r.pid) {
+                    tracing::info!(vm = id, pid = r.pid, "re-adopted a standby VMM");
+                    vms.push(vm);
+                } else {
+                    // vimd sees it gone from the heartbeats and places another.
+                    tracing::info!(vm = id, "a standby VMM gone while the agent was down");
                     vm.forget();
                 }
                 continue;
@@ -647,15 +658,22 @@ impl Vm {
         dirs: &Arc<Dirs>,
         spec: &VmSpec,
     ) -> anyhow::Result<(Vm, vim_proto::CheckpointResume)> {
-        let dir = dirs.checkpoint_dir(&spec.vm_id);
         let mut vm = Vm::new_record(dirs, spec, VmState::Creating)?;
-        let log = dirs.vmm_log(&spec.vm_id);
+        let resumed = vm.resume_checkpoint()?;
+        Ok((vm, resumed))
+    }
+
+    /// Starts a VMM resuming the VM from its newest usable checkpoint; without one the record
+    /// is left stopped (for the caller to boot it), and the answer says why.
+    fn resume_checkpoint(&mut self) -> anyhow::Result<vim_proto::CheckpointResume> {
+        let dir = self.dirs.checkpoint_dir(self.id());
+        let log = self.dirs.vmm_log(self.id());
         let log_start = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-        let started = vm.ensure_tap().and_then(|_| {
-            let mut cmd = Command::new(&dirs.vmm);
+        let started = self.ensure_tap().and_then(|_| {
+            let mut cmd = Command::new(&self.dirs.vmm);
             cmd.arg("restore").arg("--checkpoint").arg(&dir);
-            vm.spawn_vmm(cmd, VmState::Running, None)?;
-            vm.wait_serving(Duration::from_secs(30))
+            self.spawn_vmm(cmd, VmState::Running, None)?;
+            self.wait_serving(Duration::from_secs(30))
         });
         let said = log_since(&log, log_start);
         let chosen = said
@@ -677,30 +695,98 @@ impl Vm {
                                 .collect()
                         })
                         .unwrap_or_default(),
-                    why_not: String::new(),
+                    ..Default::default()
                 };
                 tracing::info!(
-                    vm = spec.vm_id,
+                    vm = self.id(),
                     seq = resumed.seq,
                     "resumed from a checkpoint"
                 );
-                Ok((vm, resumed))
+                Ok(resumed)
             }
             Err(e) => {
-                if kill_vmm(vm.record.pid) {
-                    vm.reap();
-                }
-                vm.record.pid = 0;
-                vm.record.state = VmState::Stopped;
-                vm.save()?;
-                tracing::warn!(vm = spec.vm_id, error = %e, "no checkpoint to resume from: booting");
-                Ok((
-                    vm,
-                    vim_proto::CheckpointResume {
-                        why_not: format!("{e:#}"),
-                        ..Default::default()
-                    },
-                ))
+                self.stopped_after(&e);
+                tracing::warn!(vm = self.id(), error = %e, "no checkpoint to resume from: booting");
+                Ok(vim_proto::CheckpointResume {
+                    why_not: format!("{e:#}"),
+                    ..Default::default()
+                })
+            }
+        }
+    }
+
+    /// The VMM that was to resume the VM failed: it is killed if it still runs, and the record
+    /// says stopped.
+    fn stopped_after(&mut self, why: &anyhow::Error) {
+        tracing::debug!(vm = self.id(), error = %why, "VMM given up");
+        if kill_vmm(self.record.pid) {
+            self.reap();
+        }
+        self.record.pid = 0;
+        self.record.state = VmState::Stopped;
+        let _ = self.save();
+    }
+
+    /// A standby VMM for a VM that runs on another host (docs/standby.md): a record in state
+    /// `standby` and a VMM holding the VM's memory from its checkpoints. Ready once it answers
+    /// as a standby; an error leaves nothing behind.
+    pub fn create_standby(dirs: &Arc<Dirs>, spec: &VmSpec) -> anyhow::Result<Vm> {
+        let mut vm = Vm::new_record(dirs, spec, VmState::Creating)?;
+        let dir = dirs.checkpoint_dir(&spec.vm_id);
+        let started = vm.ensure_tap().and_then(|_| {
+            std::fs::create_dir_all(&dir)?;
+            let mut cmd = Command::new(&dirs.vmm);
+            cmd.arg("restore")
+                .arg("--checkpoint")
+                .arg(&dir)
+                .arg("--standby");
+            vm.spawn_vmm(cmd, VmState::Standby, None)?;
+            vm.wait_answering(Duration::from_secs(30), vmm_api::RunState::Standby)
+        });
+        if let Err(e) = started {
+            if kill_vmm(vm.record.pid) {
+                vm.reap();
+            }
+            vm.forget();
+            return Err(e);
+        }
+        Ok(vm)
+    }
+
+    pub fn is_standby(&self) -> bool {
+        self.record.state == VmState::Standby
+    }
+
+    /// The VM's host failed and the VM is restarted here: its standby is promoted (the guest
+    /// goes on from the newest checkpoint, with the memory the standby holds), or, if that
+    /// fails, the standby is stopped and the VM resumed from its checkpoint as any other.
+    pub fn promote_or_resume(&mut self) -> anyhow::Result<vim_proto::CheckpointResume> {
+        let client = vmm_api::Client::new(&self.record.api_socket);
+        match client.promote() {
+            Ok(p) => {
+                tracing::info!(
+                    vm = self.id(),
+                    seq = p.seq,
+                    warm = p.warm,
+                    took_ms = p.took_ms,
+                    "standby promoted"
+                );
+                self.record.state = VmState::Running;
+                self.save()?;
+                Ok(vim_proto::CheckpointResume {
+                    resumed: true,
+                    seq: p.seq,
+                    taken_unix_ms: p.taken_unix_ms,
+                    skipped: p.skipped,
+                    promoted: true,
+                    ..Default::default()
+                })
+            }
+            Err(e) => {
+                let e = anyhow::Error::from(e).context("cannot promote the standby");
+                tracing::warn!(vm = self.id(), error = %format!("{e:#}"), "resuming instead");
+                self.stopped_after(&e);
+                self.resume_checkpoint()
             }
         }
     }
@@ -722,6 +808,12 @@ impl Vm {
     /// Waits (at most `timeout`) for the VMM to answer as running; an error with the last line
     /// of its log if it exits first.
     fn wait_serving(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_answering(timeout, vmm_api::RunState::Running)
+    }
+
+    /// Waits (at most `timeout`) for the VMM to answer in state `want`; an error with the last
+    /// line of its log if it exits first.
+    fn wait_answering(&mut self, timeout: Duration, want: vmm_api::RunState) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(st) = self
@@ -734,7 +826,7 @@ impl Vm {
                 anyhow::bail!("vmm exited ({st}): {}", err.lines().last().unwrap_or(""));
             }
             if vmm_info(&self.record.api_socket, Duration::from_millis(200))
-                .is_some_and(|i| i.state == vmm_api::RunState::Running)
+                .is_some_and(|i| i.state == want)
             {
                 return Ok(());
             }
@@ -1419,6 +1511,27 @@ impl Vm {
             }
             return None;
         }
+        if self.record.state == VmState::Standby {
+            let done = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+                .is_some()
+                || !alive(self.record.pid);
+            if done {
+                // Not the VM failing: it runs elsewhere. vimd sees the standby gone from the
+                // heartbeats and places another.
+                let log = std::fs::read_to_string(self.dirs.vmm_log(self.id())).unwrap_or_default();
+                tracing::warn!(
+                    vm = self.id(),
+                    last = log.lines().last().unwrap_or(""),
+                    "the standby VMM ended"
+                );
+                self.child = None;
+                self.forget();
+            }
+            return None;
+        }
         if self.record.state != VmState::Running {
             return None;
         }
@@ -1556,7 +1669,9 @@ fn vmm_info(api_socket: &Path, timeout: Duration) -> Option<vmm_api::Info> {
 /// The pid of a VMM already serving `api_socket` (started by an agent that died before it could
 /// record it), if there is one.
 fn serving_vmm(api_socket: &Path) -> Option<u32> {
-    let pid = vmm_info(api_socket, Duration::from_secs(2))?.pid;
+    let info = vmm_info(api_socket, Duration::from_secs(2))?;
+    // A standby is no running VM.
+    let pid = Some(info.pid).filter(|_| info.state != vmm_api::RunState::Standby)?;
     (alive(pid) && is_vmm(pid)).then_some(pid)
 }
 

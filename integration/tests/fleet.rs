@@ -3253,6 +3253,221 @@ fn a_resume_vm_whose_host_crashes_goes_on_from_its_checkpoint_elsewhere() {
     watch.check();
 }
 
+/// `--ha standby`: a standby VMM on the other host follows the VM's checkpoints; the VM's host
+/// crashes and failover promotes the standby (the same process: no boot, no memory read back),
+/// the guest going on from its newest checkpoint; the crashed host, back, becomes the standby.
+#[test]
+fn a_standby_vm_is_promoted_when_its_host_crashes_and_the_recovered_host_becomes_its_standby() {
+    let mut f = Fleet::start_failover(&["h1", "h2"]);
+    let guest = tmp().join("guest/testguest.elf");
+    let disk = f.dir.path().join("standby-disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    f.ctl_ok(&[
+        "image",
+        "add",
+        "tgsb",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--disk",
+        disk.to_str().unwrap(),
+        "--cmdline",
+        "tg.mode=hold tg.hb_ms=100 tg.disk_hb=1",
+        "--json",
+    ]);
+    let (ok, out, err) = f.ctl(&[
+        "vm",
+        "create",
+        "--name",
+        "sb",
+        "--image",
+        "tgsb",
+        "--memory-mib",
+        "64",
+        "--ha",
+        "standby",
+        "--checkpoint-s",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    let id = out.trim().to_string();
+    wait_until("the VM running", || {
+        f.ctl_ok(&["vm", "show", &id])["state"] == "running"
+    });
+    let active = f.host_of(&id);
+    let other = if active == "h1" { "h2" } else { "h1" };
+    // Its standby on the other host, following the checkpoints.
+    let ckpt = f.state().join("shared/vms").join(&id).join("checkpoint");
+    let standby_pid = wait_for_standby(&f, &id, other, &ckpt);
+    let v = f.ctl_ok(&["vm", "show", &id]);
+    assert_eq!(
+        (v["ha"].as_str(), v["standby_host"].as_str()),
+        (Some("standby"), Some(other)),
+        "{v}"
+    );
+    assert!(
+        f.events_of("VM_Standby_Ready")
+            .iter()
+            .any(|e| e["vm_id"] == id.as_str() && e["host_id"] == other),
+        "no VM_Standby_Ready from {other}"
+    );
+    let watch = OneGuestEach::watch(&id);
+
+    // The VM's host crashes: only its agent and its VMM (the standby's host lives on).
+    let before = console_text(&f, &id).len();
+    let pids = host_vmm_pids(&f, &id, &active);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    f.kill_agent(&active);
+    signal("-KILL", pids[0]);
+    std::thread::sleep(Duration::from_millis(200));
+    let last = *f.beats(&id).iter().max().unwrap();
+    let to = f.wait_restarted(&id, &active);
+    assert_eq!(to, other, "not restarted where its standby was");
+    let d = restarted_detail(&f, &id, 0);
+    let c = &d["checkpoint"];
+    assert_eq!(c["promoted"].as_bool(), Some(true), "{d}");
+    assert!(c["age_s"].as_f64().unwrap() < 2.5, "{d}");
+    // The standby's own process runs the VM: promoted, not a new VMM.
+    assert_eq!(host_vmm_pids(&f, &id, other), vec![standby_pid]);
+    assert_eq!(vmm_state(&f, &id, other).as_deref(), Some("running"));
+    let resumed_at = assert_went_on_from_a_checkpoint(&f, &id, before, last, 25);
+    println!("promoted: last beat {last}, resumed at {resumed_at}, {d}");
+    assert!(f.events_of("VM_Checkpoint_Unusable").is_empty());
+
+    // The crashed host comes back: it forgets the VM it ran, and becomes its standby.
+    f.start_agent(&active);
+    let new_standby = wait_for_standby(&f, &id, &active, &ckpt);
+    assert_ne!(new_standby, standby_pid);
+    let v = f.ctl_ok(&["vm", "show", &id]);
+    assert_eq!(
+        (v["host_id"].as_str(), v["standby_host"].as_str()),
+        (Some(other), Some(active.as_str())),
+        "{v}"
+    );
+    // The VM goes on meanwhile, checkpointed by its new host.
+    let n = f.beats(&id).len();
+    wait_until("the guest's heartbeats", || f.beats(&id).len() >= n + 5);
+    watch.check();
+}
+
+/// Waits until host `host` keeps a standby VMM of VM `id` that follows a checkpoint published
+/// since; returns its pid.
+fn wait_for_standby(f: &Fleet, id: &str, host: &str, ckpt: &Path) -> u32 {
+    let mut found = None;
+    wait_until_for(
+        &format!("a standby of {id} on {host}"),
+        Duration::from_secs(60),
+        || {
+            let pids = host_vmm_pids(f, id, host);
+            let newest = newest_checkpoint(ckpt).map(|(seq, _)| seq);
+            let held = vmm_info(f, id, host).and_then(|i| i["standby_seq"].as_u64());
+            let ok =
+                pids.len() == 1 && held.is_some() && newest.is_some_and(|n| held >= Some(n - 1));
+            found = ok.then(|| pids[0]);
+            ok && f.ctl_ok(&["vm", "show", id])["standby_host"] == host
+        },
+    );
+    found.unwrap()
+}
+
+/// VM `id`'s VMM processes on host `host`.
+fn host_vmm_pids(f: &Fleet, id: &str, host: &str) -> Vec<u32> {
+    let socket = vmm_socket(f, id, host);
+    vmm_pids(id)
+        .into_iter()
+        .filter(|p| {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains(socket.to_str().unwrap())
+        })
+        .collect()
+}
+
+fn vmm_socket(f: &Fleet, id: &str, host: &str) -> PathBuf {
+    f.dir.path().join(format!("agent-{host}/run/{id}/api.sock"))
+}
+
+/// The `info` of VM `id`'s VMM on host `host`, if one answers.
+fn vmm_info(f: &Fleet, id: &str, host: &str) -> Option<Value> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(vmm_socket(f, id, host)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"{\"command\":\"info\"}\n").ok()?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).ok()?;
+    let v: Value = serde_json::from_str(&line).ok()?;
+    Some(v["result"].clone())
+}
+
+fn vmm_state(f: &Fleet, id: &str, host: &str) -> Option<String> {
+    vmm_info(f, id, host).and_then(|i| i["state"].as_str().map(String::from))
+}
+
+/// Watches that VM `id` never runs in two VMMs at once, a standby (which runs nothing) aside:
+/// the VMM processes of the VM that are not standbys, every 50 ms.
+struct OneGuestEach {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    seen: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl OneGuestEach {
+    fn watch(id: &str) -> OneGuestEach {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (id, s) = (id.to_string(), stop.clone());
+        let seen = std::thread::spawn(move || {
+            let mut twice = Vec::new();
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                let running: Vec<u32> = vmm_pids(&id)
+                    .into_iter()
+                    .filter(|p| !is_standby(*p))
+                    .collect();
+                if running.len() > 1 {
+                    twice.push(format!("VM {id} ran in VMMs {running:?} at once"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            twice
+        });
+        OneGuestEach {
+            stop,
+            seen: Some(seen),
+        }
+    }
+
+    fn check(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let twice = self.seen.take().unwrap().join().unwrap();
+        assert!(twice.is_empty(), "{}", twice.join("\n"));
+    }
+}
+
+/// Whether VMM `pid` is a standby now (started as one and not promoted).
+fn is_standby(pid: u32) -> bool {
+    use std::io::{BufRead, Write};
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<String> = cmd
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    if !args.iter().any(|a| a == "--standby") {
+        return false;
+    }
+    let Some(socket) = args
+        .iter()
+        .position(|a| a == "--api-socket")
+        .and_then(|i| args.get(i + 1))
+    else {
+        return false;
+    };
+    let answer = std::os::unix::net::UnixStream::connect(socket).and_then(|mut s| {
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"{\"command\":\"info\"}\n")?;
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line)?;
+        Ok(line)
+    });
+    // A standby that does not answer (busy promoting) counts as running: never missed.
+    answer.is_ok_and(|l| l.contains("\"state\":\"standby\""))
+}
+
 /// The newest published checkpoint in `dir`: its seq and directory.
 fn newest_checkpoint(dir: &Path) -> Option<(u64, PathBuf)> {
     std::fs::read_dir(dir)

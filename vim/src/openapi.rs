@@ -321,9 +321,10 @@ fn auto_suspend(vm: bool) -> Value {
 
 /// A VM's HA policy, as requests carry it.
 fn ha_policy() -> Value {
-    json!({"enum": ["restart", "resume", "off"], "default": "restart",
+    json!({"enum": ["restart", "resume", "standby", "off"], "default": "restart",
            "description": "when its host fails: boot it again on another host, resume it there \
-                           from its newest checkpoint (docs/checkpoint.md), or leave it"})
+                           from its newest checkpoint (docs/checkpoint.md), promote its standby \
+                           on another host (docs/standby.md), or leave it"})
 }
 
 fn checkpoint_s() -> Value {

@@ -238,6 +238,7 @@ names!(VmState {
     PendingRestart => "pending_restart",
     Suspended => "suspended",
     PendingResume => "pending_resume",
+    Standby => "standby",
 });
 
 names!(EventKind {
@@ -287,6 +288,7 @@ names!(EventKind {
     SlaViolated => "SLA_Violated",
     VmCheckpointUnusable => "VM_Checkpoint_Unusable",
     VmCheckpointsSet => "VM_Checkpoints_Set",
+    VmStandbyReady => "VM_Standby_Ready",
 });
 
 impl VmState {
@@ -301,6 +303,7 @@ impl VmState {
                 | VmState::Deleted
                 | VmState::Incoming
                 | VmState::Suspended
+                | VmState::Standby
         )
     }
 }
@@ -329,6 +332,7 @@ impl EventKind {
                 | EventKind::ScaleDownRequested
                 | EventKind::VmScalingSet
                 | EventKind::VmCheckpointsSet
+                | EventKind::VmStandbyReady
                 | EventKind::VmSuspended
                 | EventKind::VmResumed
                 | EventKind::VmUnreachable

@@ -348,10 +348,11 @@ enum VmCmd {
         #[arg(long = "no-net")]
         no_net: bool,
         /// When its host fails: `restart` it on another host (default), `resume` it there from
-        /// its newest checkpoint, or leave it (`off`).
-        #[arg(long, default_value = "restart", value_parser = ["restart", "resume", "off"])]
+        /// its newest checkpoint, promote its `standby` on another host (docs/standby.md), or
+        /// leave it (`off`).
+        #[arg(long, default_value = "restart", value_parser = ["restart", "resume", "standby", "off"])]
         ha: String,
-        /// With `--ha resume`: seconds between checkpoints (default 5).
+        /// With `--ha resume` or `standby`: seconds between checkpoints (default 5).
         #[arg(long = "checkpoint-s")]
         checkpoint_s: Option<u32>,
         /// Among a failed host's VMs, the higher restart first (-1000 to 1000).
@@ -424,15 +425,16 @@ enum VmCmd {
         wait: Wait,
     },
     /// Set a VM's HA policy: `restart` (on another host when its host fails), `resume` (there,
-    /// from its newest checkpoint) or `off`.
+    /// from its newest checkpoint), `standby` (a standby VMM on another host follows its
+    /// checkpoints and is promoted) or `off`.
     SetHa {
         id: String,
-        #[arg(value_parser = ["restart", "resume", "off"])]
+        #[arg(value_parser = ["restart", "resume", "standby", "off"])]
         mode: String,
         /// Its restart priority (unchanged without it).
         #[arg(long, allow_negative_numbers = true)]
         priority: Option<i64>,
-        /// Seconds between checkpoints with `resume` (unchanged without it).
+        /// Seconds between checkpoints with `resume` or `standby` (unchanged without it).
         #[arg(long = "checkpoint-s")]
         checkpoint_s: Option<u32>,
     },

@@ -411,6 +411,7 @@ async fn run(a: Args) -> Result<()> {
     server::run_housekeeping(v.clone());
     server::run_auto_suspend(v.clone());
     server::run_balancer(v.clone());
+    server::standby::run(v.clone());
     vim::webhooks::run(v.clone());
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await

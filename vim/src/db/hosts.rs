@@ -192,7 +192,20 @@ impl Db {
             .await?;
             // A VMM waiting for a migration's handover is not the VM: the migration, not the
             // report, says where the VM runs.
-            for v in hb.vms.iter().filter(|v| v.state() != VmState::Incoming) {
+            // A standby VMM is not the VM either: its report says the standby is alive.
+            for v in hb.vms.iter().filter(|v| v.state() == VmState::Standby) {
+                sqlx::query("UPDATE vms SET standby_seen = $1 WHERE id = $2 AND standby_host = $3")
+                    .bind(*at)
+                    .bind(&v.vm_id)
+                    .bind(&hb.host_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for v in hb
+                .vms
+                .iter()
+                .filter(|v| !matches!(v.state(), VmState::Incoming | VmState::Standby))
+            {
                 // The state and pid only if the report is newer than what set them last (an
                 // answer processed after this heartbeat arrived); the usage always.
                 // And only if no newer report (its agent's sequence number) was applied.
@@ -290,7 +303,7 @@ impl Db {
 
     /// The reachable host with the most free memory that has room for `vcpus` and `memory_mib`
     /// under `p` (overcommit ratios, memory reserved for the host), counting the VMs placed on it
-    /// that are not deleted, and (with `among.group`) that runs no VM of that owner's group.
+    /// that are not deleted and the memory of the standbys it keeps, and (with `among.group`) that runs no VM of that owner's group.
     pub async fn roomiest_host(
         &self,
         p: &crate::placement::Policy,
@@ -302,8 +315,14 @@ impl Db {
             "SELECT h.id,
                     (h.memory_mib - $1) * $2 - COALESCE(u.memory_mib, 0) AS free_mib
              FROM hosts h LEFT JOIN (
-                 SELECT host_id, SUM(vcpus) AS vcpus, SUM(memory_mib) AS memory_mib FROM vms
-                 WHERE host_id <> '' AND state <> $6 GROUP BY host_id
+                 SELECT host_id, SUM(vcpus) AS vcpus, SUM(memory_mib) AS memory_mib FROM (
+                     SELECT host_id, vcpus, memory_mib FROM vms
+                     WHERE host_id <> '' AND state <> $6
+                     UNION ALL
+                     -- A standby holds the VM's memory, and uses no CPU while it waits.
+                     SELECT standby_host AS host_id, 0 AS vcpus, memory_mib FROM vms
+                     WHERE standby_host <> '' AND state <> $6
+                 ) placed GROUP BY host_id
              ) u ON u.host_id = h.id
              WHERE h.state = $7 AND h.draining = 0 AND h.id <> $8 AND ($9 = '' OR h.id = $9)
                AND ($10 = '' OR NOT EXISTS (

@@ -37,6 +37,8 @@ pub enum JobKind {
     Suspend,
     /// A suspended VM runs again, on a host placement picks (params: `{"to": HOST}`, optional).
     Resume,
+    /// The host the job names starts a standby VMM for the VM (docs/standby.md).
+    Standby,
 }
 
 vim_proto::names!(JobKind {
@@ -55,6 +57,7 @@ vim_proto::names!(JobKind {
     SetCheckpoints => "set-checkpoints",
     Suspend => "suspend",
     Resume => "resume",
+    Standby => "standby",
 });
 
 /// Where a job is: written (`pending`), its command sent (`running`), answered (`done` or

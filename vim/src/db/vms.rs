@@ -38,7 +38,7 @@ pub struct Vm {
     pub ha: HaPolicy,
     /// Among a failed host's VMs, the higher restart first.
     pub ha_priority: i64,
-    /// With HA policy `resume`: how often its agent checkpoints it.
+    /// With HA policy `resume` or `standby`: how often its agent checkpoints it.
     pub checkpoint_ms: i64,
     /// The most vCPUs it can be resized to while it runs (0: `vcpus`, a VM made before).
     pub max_vcpus: i64,
@@ -54,12 +54,17 @@ pub struct Vm {
     pub group: String,
     /// Its availability target, percent (docs/sla.md).
     pub sla_target: f64,
+    /// With HA policy `standby`: the host keeping its standby VMM ('' for none yet).
+    pub standby_host: String,
+    /// When that host last reported the standby (ms since the epoch; when it was asked for,
+    /// until then).
+    pub standby_seen: i64,
 }
 
 impl Vm {
     /// How often its agent checkpoints it: only with HA policy `resume` (0: never).
     pub fn checkpoint_interval(&self) -> u32 {
-        if self.ha == HaPolicy::Resume {
+        if matches!(self.ha, HaPolicy::Resume | HaPolicy::Standby) {
             self.checkpoint_ms.clamp(0, i64::from(u32::MAX)) as u32
         } else {
             0
@@ -86,6 +91,9 @@ pub enum HaPolicy {
     /// Checkpoint it every `checkpoint_ms` and resume it from its newest checkpoint on another
     /// host when its host fails (booting it, as `Restart`, when no checkpoint is usable).
     Resume,
+    /// As `Resume`, and a standby VMM on another host keeps its memory from each checkpoint;
+    /// failover promotes it (docs/standby.md).
+    Standby,
     /// Leave it where it was.
     Off,
 }
@@ -93,13 +101,17 @@ pub enum HaPolicy {
 vim_proto::names!(HaPolicy {
     Restart => "restart",
     Resume => "resume",
+    Standby => "standby",
     Off => "off",
 });
 
 impl HaPolicy {
     /// Whether failover brings the VM back when its host fails.
     pub fn restarts(self) -> bool {
-        matches!(self, HaPolicy::Restart | HaPolicy::Resume)
+        matches!(
+            self,
+            HaPolicy::Restart | HaPolicy::Resume | HaPolicy::Standby
+        )
     }
 }
 
@@ -138,6 +150,8 @@ fn vm(r: &AnyRow) -> Result<Vm, sqlx::Error> {
         auto_suspend_s: r.try_get("auto_suspend_s")?,
         group: r.try_get("affinity_group")?,
         sla_target: r.try_get("sla_target")?,
+        standby_host: r.try_get("standby_host")?,
+        standby_seen: r.try_get("standby_seen")?,
     })
 }
 
@@ -384,6 +398,34 @@ impl Db {
         .bind(priority)
         .bind(checkpoint_ms)
         .bind(id)
+        .execute(&self.writer)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// The VMs that have or should have a standby: HA policy `standby`, or a standby host
+    /// recorded (not deleted).
+    pub async fn standby_vms(&self) -> Result<Vec<Vm>, DbError> {
+        let rows = sqlx::query(
+            "SELECT * FROM vms WHERE (ha = $1 OR standby_host <> '') AND state <> $2 ORDER BY id",
+        )
+        .bind(HaPolicy::Standby.as_str())
+        .bind(VmState::Deleted.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(vm).collect::<Result<_, _>>()?)
+    }
+
+    /// Moves a VM's standby from host `from` to `to` ('' for none), counted as seen now; false
+    /// if its standby host was not `from` (changed meanwhile).
+    pub async fn set_standby_host(&self, id: &str, from: &str, to: &str) -> Result<bool, DbError> {
+        let r = sqlx::query(
+            "UPDATE vms SET standby_host = $1, standby_seen = $2 WHERE id = $3 AND standby_host = $4",
+        )
+        .bind(to)
+        .bind(now_ms())
+        .bind(id)
+        .bind(from)
         .execute(&self.writer)
         .await?;
         Ok(r.rows_affected() == 1)

@@ -47,10 +47,9 @@ impl Vimd {
         // A migration step's report is about one side of the move; the migration decides the
         // VM's state and host.
         // An eviction's report is about the copy on the host that came back, not the VM.
-        let step = checked
-            .job
-            .as_ref()
-            .is_some_and(|j| !j.parent_id.is_empty() || j.kind == JobKind::Evict);
+        let step = checked.job.as_ref().is_some_and(|j| {
+            !j.parent_id.is_empty() || matches!(j.kind, JobKind::Evict | JobKind::Standby)
+        });
         if let Some(v) = ev.vm.as_ref().filter(|_| !step) {
             self.db
                 .set_vm_state(&checked.vm_id, v.state(), i64::from(v.pid), v.seq)
@@ -89,8 +88,14 @@ impl Vimd {
                     .set_vm_state(&checked.vm_id, VmState::Failed, 0, 0)
                     .await?;
             }
-            if step && job.kind != JobKind::Evict {
+            if step && !matches!(job.kind, JobKind::Evict | JobKind::Standby) {
                 self.migration_answer(job, &ev).await?;
+            }
+            if job.kind == JobKind::Standby && !ev.ok {
+                // Placed again elsewhere by the standby keeper.
+                self.db
+                    .set_standby_host(&checked.vm_id, &job.host_id, "")
+                    .await?;
             }
             if job.kind == JobKind::Restart {
                 if !ev.ok {
@@ -329,6 +334,7 @@ fn answer_kind(kind: JobKind) -> Option<EventKind> {
         JobKind::AbortIncoming => EventKind::VmIncomingAborted,
         JobKind::Restart => EventKind::VmCreated,
         JobKind::Evict => EventKind::VmEvicted,
+        JobKind::Standby => EventKind::VmStandbyReady,
         JobKind::Resize => EventKind::VmResized,
         JobKind::SetScaling => EventKind::VmScalingSet,
         JobKind::SetCheckpoints => EventKind::VmCheckpointsSet,

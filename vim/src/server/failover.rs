@@ -291,6 +291,9 @@ impl Vimd {
         let apart = crate::placement::Among::for_vm(vm, None, Some(&from));
         let chosen = if in_place {
             Ok(from.clone())
+        } else if let Some(standby) = self.standby_to_promote(vm, &from).await? {
+            // Its standby's host promotes the standby (its room is counted already).
+            Ok(standby)
         } else {
             let (db, p) = (&self.db, &self.policy);
             match crate::placement::choose(db, p, vm.vcpus, vm.memory_mib, apart).await? {
@@ -327,6 +330,22 @@ impl Vimd {
             self.fail_job(job, why).await;
         }
         Ok(())
+    }
+
+    /// The host keeping `vm`'s standby, if there is one that can take over from `from`: the
+    /// restart goes there and promotes it.
+    async fn standby_to_promote(&self, vm: &db::Vm, from: &str) -> Result<Option<String>> {
+        if vm.ha != db::HaPolicy::Standby || vm.standby_host.is_empty() || vm.standby_host == from {
+            return Ok(None);
+        }
+        let hosts = self
+            .db
+            .hosts_among(std::slice::from_ref(&vm.standby_host))
+            .await?;
+        let up = hosts
+            .iter()
+            .any(|h| h.state == HostState::Reachable && !h.draining);
+        Ok(up.then(|| vm.standby_host.clone()))
     }
 
     /// Publishes pending job `id` again after `delay` (under a fresh message id: the first is in
@@ -419,6 +438,10 @@ impl Vimd {
             if vm.host_id == hb.host_id || vm.state == VmState::Deleted {
                 continue;
             }
+            // Its standby, where the standby keeper wants it.
+            if r.state() == VmState::Standby && vm.standby_host == hb.host_id {
+                continue;
+            }
             let mut job = db::Job::new(JobKind::Evict, "vimd", &vm.id);
             job.host_id = hb.host_id.clone();
             if let Err(e) = self.db.add_job(&job, None).await {
@@ -467,6 +490,8 @@ impl Vimd {
                     // checkpoint is newer). The guest lost what it did after the checkpoint.
                     "age_s": (since - c.taken_unix_ms as i64) as f64 / 1000.0,
                     "skipped": c.skipped,
+                    // Its standby was promoted (no memory read back from shared storage).
+                    "promoted": c.promoted,
                 }),
                 Some(c) => {
                     self.event(

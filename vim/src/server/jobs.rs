@@ -54,10 +54,22 @@ impl Vimd {
             }
             JobKind::Restart => return self.restart(&job, &vm).await,
             JobKind::Resume => return self.resume(&job, &vm).await,
-            // To the host the job names (the one that came back), not the VM's.
-            JobKind::Evict => {
-                self.send_to_host(&job.host_id, &job.id, Action::Evict(vm.id.clone()))
-                    .await?;
+            // To the host the job names (the one that came back, or the standby's), not the
+            // VM's.
+            JobKind::Evict | JobKind::Standby => {
+                let action = match job.kind {
+                    JobKind::Standby => {
+                        let Some(image) = self.db.image(&vm.image).await? else {
+                            self.fail_job(&job, &format!("image {} does not exist", vm.image))
+                                .await;
+                            return Ok(());
+                        };
+                        let disk = vm.disk_path.clone();
+                        Action::Standby(self.vm_spec(&vm, image, disk).await?)
+                    }
+                    _ => Action::Evict(vm.id.clone()),
+                };
+                self.send_to_host(&job.host_id, &job.id, action).await?;
                 self.db
                     .transition_job(&job.id, &[JobState::Pending], JobState::Running, "")
                     .await?;
@@ -233,11 +245,14 @@ impl Vimd {
                     return Ok(Step::Refuse(format!("image {} does not exist", vm.image)));
                 };
                 let mut spec = self.vm_spec(vm, image, vm.disk_path.clone()).await?;
-                // The guest goes on from its newest checkpoint, if it has a usable one.
-                spec.resume_checkpoint = vm.ha == db::HaPolicy::Resume;
+                // The guest goes on from its newest checkpoint, if it has a usable one (its
+                // standby's host promotes the standby).
+                spec.resume_checkpoint =
+                    matches!(vm.ha, db::HaPolicy::Resume | db::HaPolicy::Standby);
                 Action::Create(spec)
             }
             JobKind::Evict => Action::Evict(vm.id.clone()),
+            JobKind::Standby => return Ok(Step::Refuse("sent by the job worker".into())),
             JobKind::SetScaling => Action::SetScaling(vim_proto::SetScaling {
                 vm_id: vm.id.clone(),
                 scaling: self

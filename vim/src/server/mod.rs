@@ -11,6 +11,7 @@ mod heartbeats;
 mod jobs;
 pub mod migrations;
 mod scaling;
+pub mod standby;
 pub mod suspend;
 mod upkeep;
 
