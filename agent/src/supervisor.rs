@@ -452,6 +452,13 @@ impl Supervisor {
             tracing::warn!(vm = id, error = %e, "command refused");
             return refused(format!("{e:#}"));
         }
+        if matches!(action, Action::MigrateIn(_)) && self.vm.as_ref().is_some_and(Vm::is_standby) {
+            // The VM moves to this host: its standby here gives way (vimd places another).
+            if let Some(Err(e)) = self.blocking(|vm| vm.evict()).await {
+                return refused(format!("cannot stop the standby here: {e:#}"));
+            }
+            self.vm = None;
+        }
         if self.vm.is_none() {
             let made = match &action {
                 Action::Create(spec) => Some(self.create(spec.clone(), None).await),

@@ -3310,6 +3310,12 @@ fn a_standby_vm_is_promoted_when_its_host_crashes_and_the_recovered_host_becomes
             .any(|e| e["vm_id"] == id.as_str() && e["host_id"] == other),
         "no VM_Standby_Ready from {other}"
     );
+    // It follows incremental checkpoints too (from the third on), reading only what changed.
+    wait_until_for(
+        "the standby at checkpoint 4",
+        Duration::from_secs(30),
+        || vmm_info(&f, &id, other).and_then(|i| i["standby_seq"].as_u64()) >= Some(4),
+    );
     let watch = OneGuestEach::watch(&id);
 
     // The VM's host crashes: only its agent and its VMM (the standby's host lives on).
@@ -3325,6 +3331,7 @@ fn a_standby_vm_is_promoted_when_its_host_crashes_and_the_recovered_host_becomes
     let d = restarted_detail(&f, &id, 0);
     let c = &d["checkpoint"];
     assert_eq!(c["promoted"].as_bool(), Some(true), "{d}");
+    assert!(c["seq"].as_u64() >= Some(4), "{d}");
     assert!(c["age_s"].as_f64().unwrap() < 2.5, "{d}");
     // The standby's own process runs the VM: promoted, not a new VMM.
     assert_eq!(host_vmm_pids(&f, &id, other), vec![standby_pid]);
@@ -3347,6 +3354,19 @@ fn a_standby_vm_is_promoted_when_its_host_crashes_and_the_recovered_host_becomes
     let n = f.beats(&id).len();
     wait_until("the guest's heartbeats", || f.beats(&id).len() >= n + 5);
     watch.check();
+
+    // No longer `standby`: its standby is stopped. `standby` again: one comes back. Deleted:
+    // the standby goes with the VM.
+    f.ctl_ok(&["vm", "set-ha", &id, "resume"]);
+    wait_until("the standby stopped", || {
+        host_vmm_pids(&f, &id, &active).is_empty()
+            && f.ctl_ok(&["vm", "show", &id])["standby_host"] == ""
+    });
+    f.ctl_ok(&["vm", "set-ha", &id, "standby"]);
+    wait_for_standby(&f, &id, &active, &ckpt);
+    let (ok, _, err) = f.ctl(&["vm", "delete", &id]);
+    assert!(ok, "{err}");
+    wait_until("the VM and its standby gone", || vmm_pids(&id).is_empty());
 }
 
 /// Waits until host `host` keeps a standby VMM of VM `id` that follows a checkpoint published

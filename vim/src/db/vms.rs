@@ -403,11 +403,11 @@ impl Db {
         Ok(r.rows_affected() == 1)
     }
 
-    /// The VMs that have or should have a standby: HA policy `standby`, or a standby host
-    /// recorded (not deleted).
+    /// The VMs that have or should have a standby: HA policy `standby` (not deleted), or a
+    /// standby host recorded (deleted or not: a deleted VM's standby is stopped).
     pub async fn standby_vms(&self) -> Result<Vec<Vm>, DbError> {
         let rows = sqlx::query(
-            "SELECT * FROM vms WHERE (ha = $1 OR standby_host <> '') AND state <> $2 ORDER BY id",
+            "SELECT * FROM vms WHERE (ha = $1 AND state <> $2) OR standby_host <> '' ORDER BY id",
         )
         .bind(HaPolicy::Standby.as_str())
         .bind(VmState::Deleted.as_str())

@@ -29,7 +29,8 @@ impl Vimd {
             return Ok(());
         };
         // Deleted is final: a job queued behind the delete (a create racing it) does nothing.
-        if vm.state == VmState::Deleted {
+        // Only an eviction still goes out (a deleted VM's standby is stopped by one).
+        if vm.state == VmState::Deleted && job.kind != JobKind::Evict {
             self.fail_job(&job, "the VM has been deleted").await;
             return Ok(());
         }

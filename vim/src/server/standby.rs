@@ -60,7 +60,11 @@ fn decide(
     // may be promoting the standby right now.
     let settled = matches!(
         vm.state,
-        VmState::Running | VmState::Stopped | VmState::Suspended | VmState::Failed
+        VmState::Running
+            | VmState::Stopped
+            | VmState::Suspended
+            | VmState::Failed
+            | VmState::Deleted
     );
     let wants = vm.ha == HaPolicy::Standby && vm.state == VmState::Running;
     if vm.standby_host.is_empty() {
