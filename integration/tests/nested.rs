@@ -188,13 +188,15 @@ fn virtio_vsock_round_trips_through_the_guest_agent() {
 }
 
 #[test]
-fn debian_guest_survives_snapshot_restore_live_migration_and_resumes_from_a_checkpoint() {
+fn debian_guest_survives_snapshot_restore_live_migration_and_a_promoted_standby_resumes_it() {
     let mut names = vec![
         "snapshot-restore-snapshot-equal".to_string(),
         "migrate-dead-target".into(),
         "migrate-devices".into(),
         "migrate-balloon".into(),
         "checkpoint-taken".into(),
+        "standby-follows".into(),
+        "standby-promoted".into(),
         "checkpoint-resumed".into(),
         "checkpoint-disk-instant".into(),
         "checkpoint-disk-intact".into(),

@@ -131,7 +131,10 @@ b=$(vmm ctl --api-socket /tmp/t.sock balloon-stats 2>&1 | tr -d '\n ')
 echo "$b" | grep -q '"actual_mib":6[4-9]' && result migrate-balloon pass "$b" || result migrate-balloon fail "$b"
 
 # 4. Checkpoints (docs/checkpoint.md) of the migrated VM, every second while it counts and
-# writes; then its VMM is SIGKILLed (a host crash) and the VM resumes from the newest one.
+# writes, followed by a standby VMM (docs/standby.md); then the VM's VMM is SIGKILLed (a host
+# crash) and the standby is promoted: the VM goes on from the newest checkpoint.
+vmm restore --checkpoint $S/ckpt --standby --serial file:/tmp/c.log --api-socket /tmp/c.sock 2>/tmp/c.err &
+c=$!
 ok=0; outs=""
 for n in 1 2 3 4; do
     o=$(vmm ctl --api-socket /tmp/t.sock checkpoint --dir $S/ckpt 2>&1 | tr -d '\n ')
@@ -146,12 +149,21 @@ else
 fi
 wait_count /tmp/t.log $(( $(count /tmp/t.log) + 5 )) 30
 newest=$(ls -d $S/ckpt/ckpt-* | sort | tail -n 1)
+seq=$((10#${newest##*ckpt-}))
+i=0
+until vmm ctl --api-socket /tmp/c.sock info 2>&1 | tr -d '\n ' | grep -q "\"standby_seq\":$seq[,}]" || [ $i -ge 60 ]; do
+    sleep 1; i=$((i + 1))
+done
+sb=$(vmm ctl --api-socket /tmp/c.sock info 2>&1 | tr -d '\n ' | grep -o '"state":"[a-z]*"\|"standby_seq":[0-9]*' | tr '\n' ' ')
+echo "$sb" | grep -q "\"standby_seq\":$seq\b" && result standby-follows pass "$sb (newest checkpoint $seq)" \
+    || result standby-follows fail "$sb; newest checkpoint $seq; $(tail -c 1500 /tmp/c.err)"
 kill -9 $t; wait $t 2>/dev/null
 last=$(count /tmp/t.log)
 # The count on the checkpoint's disk copy: what the guest had written at that instant.
 ck_disk=$(dd if=$newest/disk-0.img bs=512 skip=16384 count=1 2>/dev/null | tr -d '\000' | sed -n 's/count \([0-9]*\).*/\1/p')
-vmm restore --checkpoint $S/ckpt --serial file:/tmp/c.log --api-socket /tmp/c.sock 2>/tmp/c.err &
-c=$!
+p=$(timeout 120 vmm ctl --api-socket /tmp/c.sock promote 2>&1 | tr -d '\n ')
+echo "$p" | grep -q '"warm":true' && result standby-promoted pass "$p" \
+    || result standby-promoted fail "$p; $(tail -c 1500 /tmp/c.err)"
 wait_count /tmp/c.log 1 60
 first=$(tr -d '\r' < /tmp/c.log | sed -n 's/.*guest: count \([0-9]*\).*/\1/p' | head -n 1)
 chosen=$(grep -o 'resuming checkpoint .*' /tmp/c.err)
