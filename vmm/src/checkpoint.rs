@@ -33,6 +33,9 @@ const PAGE: u64 = 4096;
 const PARTIAL: &str = ".partial";
 /// What a checkpoint resumed from is renamed to: nobody else may use it, and it is not a slot.
 const RESUMED_PREFIX: &str = "resumed-";
+/// What the checkpoints older than the one resumed from are renamed to, until they are removed
+/// (after the guest runs: unlinking gigabytes is no part of a recovery).
+const DISCARDED_PREFIX: &str = "discarded-";
 /// Each checkpoint's own record: when it was taken.
 pub const META_FILE: &str = "checkpoint.json";
 /// Each checkpoint's pages changed since the one before it ([`Changes`]): what a standby reads.
@@ -78,7 +81,9 @@ fn published_seq(name: &str) -> Option<u64> {
 /// Any seq a name in a checkpoint directory carries (published, partial or resumed).
 fn any_seq(name: &str) -> Option<u64> {
     let n = name.strip_suffix(PARTIAL).unwrap_or(name);
-    published_seq(n).or_else(|| n.strip_prefix(RESUMED_PREFIX)?.parse().ok())
+    published_seq(n)
+        .or_else(|| n.strip_prefix(RESUMED_PREFIX)?.parse().ok())
+        .or_else(|| n.strip_prefix(DISCARDED_PREFIX)?.parse().ok())
 }
 
 fn entries(dir: &Path) -> Vec<String> {
@@ -571,12 +576,37 @@ pub struct Chosen {
     pub meta: Meta,
     /// Newer checkpoints that could not be used, and why.
     pub skipped: Vec<String>,
+    /// The older ones, out of the rotation: for [`remove_later`] once the guest runs.
+    pub discarded: Vec<PathBuf>,
+}
+
+/// Removes checkpoints taken out of the rotation, on a thread of its own (under the VMM's
+/// filter once the filters are on): the guest need not wait for it. If the process ends first,
+/// the next checkpoint of the VM removes what is left.
+pub fn remove_later(paths: Vec<PathBuf>) {
+    if paths.is_empty() {
+        return;
+    }
+    let spawned = crate::seccomp::spawn(
+        crate::seccomp::Kind::Vmm,
+        "ckpt-discard".into(),
+        move || {
+            for p in paths {
+                if let Err(e) = std::fs::remove_dir_all(&p) {
+                    tracing::warn!(path = %p.display(), error = %e, "cannot remove an old checkpoint");
+                }
+            }
+        },
+    );
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "old checkpoints left for the next checkpoint to remove");
+    }
 }
 
 /// Picks the newest usable checkpoint in `dir`, takes it (renamed `resumed-<seq>`, so no other
 /// VMM uses it), rolls the VM's writable disks back to its copies (a rename into place where
-/// the filesystem allows, else a copy), and drops the older ones, which belong to the timeline
-/// the resumed guest leaves. A checkpoint is unusable when its state does not read back whole
+/// the filesystem allows, else a copy), and takes the older ones out of the rotation (they
+/// belong to the timeline the resumed guest leaves; [`remove_later`] removes them). A checkpoint is unusable when its state does not read back whole
 /// (magic, version, CRC), or its memory or a disk copy is missing or of the wrong size.
 pub fn choose_and_roll_back(dir: &Path) -> Result<Chosen, CheckpointError> {
     let mut skipped = Vec::new();
@@ -589,14 +619,22 @@ pub fn choose_and_roll_back(dir: &Path) -> Result<Chosen, CheckpointError> {
                 for (i, live) in disks.iter().enumerate() {
                     roll_back(&disk_file(&taken, i), live)?;
                 }
-                for (_, older) in published(dir) {
-                    let _ = std::fs::remove_dir_all(older);
+                let mut discarded = Vec::new();
+                for (seq, older) in published(dir) {
+                    let out = dir.join(format!("{DISCARDED_PREFIX}{seq:020}"));
+                    match std::fs::rename(&older, &out) {
+                        Ok(()) => discarded.push(out),
+                        Err(e) => {
+                            tracing::warn!(path = %older.display(), error = %e, "cannot discard an old checkpoint")
+                        }
+                    }
                 }
                 sync_dir(dir)?;
                 return Ok(Chosen {
                     dir: taken,
                     meta,
                     skipped,
+                    discarded,
                 });
             }
             Err(why) => {
@@ -669,6 +707,7 @@ mod tests {
         assert_eq!(published_seq(&format!("{}{PARTIAL}", slot_name(42))), None);
         assert_eq!(any_seq(&format!("{}{PARTIAL}", slot_name(42))), Some(42));
         assert_eq!(any_seq(&format!("{RESUMED_PREFIX}{:020}", 7)), Some(7));
+        assert_eq!(any_seq(&format!("{DISCARDED_PREFIX}{:020}", 6)), Some(6));
         assert_eq!(any_seq("memory.bin"), None);
     }
 

@@ -340,6 +340,7 @@ fn restore(args: RestoreArgs) -> Result<i32> {
         return vmm::standby::run(dir.clone(), serial, args.api_socket);
     }
     // Chosen and the disks rolled back before the filters: one thread, file work only.
+    let mut discarded = Vec::new();
     let snapshot = match (&args.snapshot, &args.checkpoint) {
         (Some(s), _) => s.clone(),
         (None, Some(dir)) => {
@@ -354,11 +355,13 @@ fn restore(args: RestoreArgs) -> Result<i32> {
                     "skipped": chosen.skipped,
                 })
             );
+            discarded = chosen.discarded;
             chosen.dir
         }
         (None, None) => anyhow::bail!("--snapshot or --checkpoint is needed"),
     };
     args.sandbox.enable()?;
+    vmm::checkpoint::remove_later(discarded);
     let roots = args.sandbox.state_roots()?;
     if let Some(l) = args.lease.clone() {
         vmm::lease::watch(l)?;

@@ -163,7 +163,9 @@ impl Standby {
         let t0 = Instant::now();
         // Whatever was published since the last look, while the directory is still as it was.
         self.refresh();
-        let chosen = checkpoint::choose_and_roll_back(&self.dir)?;
+        let mut chosen = checkpoint::choose_and_roll_back(&self.dir)?;
+        checkpoint::remove_later(std::mem::take(&mut chosen.discarded));
+        let chosen_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let state = snapshot::read_state(&chosen.dir)?;
         let layout = state.config.memory_layout();
         let mut pages_applied = 0;
@@ -190,6 +192,7 @@ impl Standby {
                 state.config.memory_bytes(),
             )?),
         };
+        let memory_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let kvm = crate::vm::open_kvm()?;
         let machine = Machine::restore_state(
             &chosen.dir,
@@ -198,6 +201,12 @@ impl Standby {
             (serial, api_socket, false, Some(events)),
             kvm,
         )?;
+        tracing::info!(
+            chosen_ms,
+            memory_ms,
+            built_ms = t0.elapsed().as_secs_f64() * 1000.0,
+            "promotion"
+        );
         let promoted = Promoted {
             seq: chosen.meta.seq,
             taken_unix_ms: chosen.meta.taken_unix_ms,
