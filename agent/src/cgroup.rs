@@ -160,14 +160,18 @@ impl Hierarchy {
 
     /// Removes every VM group of this agent that holds no process (left by a VMM that exited
     /// while no agent ran, or by a removal that raced its VMM's last thread); a VM started
-    /// again gets a new one.
-    pub fn prune(&self) {
+    /// again gets a new one. Only the groups of VMs `ours` says this agent ran: another agent
+    /// with the same host id on this machine (two test fleets) may be about to use its own.
+    pub fn prune(&self, ours: impl Fn(&str) -> bool) {
         let bases = match self {
             Hierarchy::V2 { base } => vec![base.clone()],
             Hierarchy::V1 { cpu, memory } => vec![cpu.clone(), memory.clone()],
         };
         for b in bases {
             for e in std::fs::read_dir(&b).into_iter().flatten().flatten() {
+                if !ours(&e.file_name().to_string_lossy()) {
+                    continue;
+                }
                 // A group with a live process is busy: it stays.
                 let _ = std::fs::remove_dir(e.path());
             }
@@ -228,6 +232,18 @@ mod tests {
         // A VM without a group (started unjailed) is left alone.
         h.set_limits("other", 1, 64).unwrap();
         assert!(!t.path().join("memory/vim-vms/h1/other").exists());
+        // Pruned: empty groups of this agent's VMs only (another agent with the same host id
+        // may be about to start a VMM in its own).
+        for vm in ["mine", "theirs"] {
+            for c in ["cpu,cpuacct", "memory"] {
+                std::fs::create_dir(t.path().join(c).join("vim-vms/h1").join(vm)).unwrap();
+            }
+        }
+        h.prune(|id| id == "mine");
+        for c in ["cpu,cpuacct", "memory"] {
+            let base = t.path().join(c).join("vim-vms/h1");
+            assert!(!base.join("mine").exists() && base.join("theirs").exists());
+        }
         assert!(Hierarchy::from_mounts("cgroup /x cgroup rw,cpu 0 0\n", "h1").is_err());
     }
 

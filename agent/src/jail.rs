@@ -142,7 +142,8 @@ impl Jail {
     pub fn new(uid: u32, gid: u32, cgroups: Hierarchy, state_dir: &Path) -> Result<Jail> {
         let roots = state_dir.join("jail");
         std::fs::create_dir_all(&roots)?;
-        cgroups.prune();
+        // A VM this agent ever started a VMM for has its log here.
+        cgroups.prune(|id| crate::vms::vmm_log_path(state_dir, id).exists());
         Ok(Jail {
             uid,
             gid,

@@ -310,7 +310,7 @@ impl Dirs {
 
     /// Where VM `id`'s VMM writes its log (stderr).
     pub fn vmm_log(&self, id: &str) -> PathBuf {
-        self.state_dir.join("vms").join(format!("{id}.vmm.log"))
+        vmm_log_path(&self.state_dir, id)
     }
 
     /// Refuses a command this host must not carry out, whoever sent it: an id that is not of
@@ -494,6 +494,12 @@ pub fn action_vm(action: &vim_proto::host_command::Action) -> &str {
         Action::SetScaling(s) => &s.vm_id,
         Action::SetCheckpoints(s) => &s.vm_id,
     }
+}
+
+/// Where an agent with state directory `state_dir` keeps VM `id`'s VMM log (kept after the VM
+/// leaves the host).
+pub fn vmm_log_path(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join("vms").join(format!("{id}.vmm.log"))
 }
 
 /// A checkpoint interval a VM may have: none, or 200 ms to an hour (each checkpoint pauses the
