@@ -3484,8 +3484,10 @@ fn is_standby(pid: u32) -> bool {
         std::io::BufReader::new(s).read_line(&mut line)?;
         Ok(line)
     });
-    // A standby that does not answer (busy promoting) counts as running: never missed.
-    answer.is_ok_and(|l| l.contains("\"state\":\"standby\""))
+    // One that does not answer yet (starting: its socket not bound) or for a moment (its
+    // promotion under way) is not counted: a guest it ran beside another would show at the
+    // next samples, once it answers as running.
+    answer.map_or(true, |l| l.contains("\"state\":\"standby\""))
 }
 
 /// The newest published checkpoint in `dir`: its seq and directory.
