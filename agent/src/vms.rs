@@ -647,10 +647,7 @@ impl Vm {
             vm.wait_serving(Duration::from_secs(30))
         });
         if let Err(e) = started {
-            if kill_vmm(vm.record.pid) {
-                vm.reap();
-            }
-            vm.forget();
+            vm.abandon();
             return Err(e);
         }
         Ok(vm)
@@ -750,13 +747,18 @@ impl Vm {
             vm.wait_answering(Duration::from_secs(30), vmm_api::RunState::Standby)
         });
         if let Err(e) = started {
-            if kill_vmm(vm.record.pid) {
-                vm.reap();
-            }
-            vm.forget();
+            vm.abandon();
             return Err(e);
         }
         Ok(vm)
+    }
+
+    /// A VMM that did not come up: killed if it still runs, and the VM forgotten here.
+    fn abandon(&mut self) {
+        if kill_vmm(self.record.pid) {
+            self.reap();
+        }
+        self.forget();
     }
 
     pub fn is_standby(&self) -> bool {

@@ -3407,8 +3407,13 @@ fn vmm_socket(f: &Fleet, id: &str, host: &str) -> PathBuf {
 
 /// The `info` of VM `id`'s VMM on host `host`, if one answers.
 fn vmm_info(f: &Fleet, id: &str, host: &str) -> Option<Value> {
+    info_at(&vmm_socket(f, id, host))
+}
+
+/// The `info` of the VMM at API socket `socket`, if it answers (within 2 s).
+fn info_at(socket: &Path) -> Option<Value> {
     use std::io::{BufRead, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(vmm_socket(f, id, host)).ok()?;
+    let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     s.write_all(b"{\"command\":\"info\"}\n").ok()?;
     let mut line = String::new();
@@ -3461,7 +3466,6 @@ impl OneGuestEach {
 
 /// Whether VMM `pid` is a standby now (started as one and not promoted).
 fn is_standby(pid: u32) -> bool {
-    use std::io::{BufRead, Write};
     let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let args: Vec<String> = cmd
         .split(|&b| b == 0)
@@ -3477,17 +3481,10 @@ fn is_standby(pid: u32) -> bool {
     else {
         return false;
     };
-    let answer = std::os::unix::net::UnixStream::connect(socket).and_then(|mut s| {
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        s.write_all(b"{\"command\":\"info\"}\n")?;
-        let mut line = String::new();
-        std::io::BufReader::new(s).read_line(&mut line)?;
-        Ok(line)
-    });
     // One that does not answer yet (starting: its socket not bound) or for a moment (its
     // promotion under way) is not counted: a guest it ran beside another would show at the
     // next samples, once it answers as running.
-    answer.map_or(true, |l| l.contains("\"state\":\"standby\""))
+    info_at(Path::new(socket)).is_none_or(|i| i["state"] == "standby")
 }
 
 /// The newest published checkpoint in `dir`: its seq and directory.
