@@ -79,10 +79,15 @@ fn scenario(name: &str, timeout_s: u32) -> String {
     let script = repo()
         .join("integration/nested/scenarios")
         .join(format!("{name}.sh"));
-    run(Command::new(repo().join("integration/nested/run-l1.sh"))
-        .arg(l1_base())
+    let base = l1_base();
+    let start = std::time::Instant::now();
+    let console = run(Command::new(repo().join("integration/nested/run-l1.sh"))
+        .arg(base)
         .arg(&script)
-        .arg(timeout_s.to_string()))
+        .arg(timeout_s.to_string()));
+    // Where the lane's time goes (seen with --nocapture, and in a failure's output).
+    eprintln!("scenario {name}: {} s", start.elapsed().as_secs());
+    console
 }
 
 /// A console's RESULT lines as (name, passed, detail).

@@ -1,11 +1,15 @@
 //! API load for `scripts/bench-vim.sh`: C concurrent clients (one keep-alive connection each) send
-//! R requests each, first `GET /vms` then `POST /vms` (job submission), and the run prints
-//! throughput and p50/p99/max latency. Every request must answer 2xx, or the run fails.
+//! R requests each, of each kind in turn, and the run prints throughput and p50/p99/max latency
+//! per kind, then the same as one JSON line. Every request must answer 2xx, or the run fails.
+//! - `list`: `GET /vms` as a consumer owning 200 VMs (so each lists 200 however many VMs the
+//!   database holds);
+//! - `show`: `GET /vms/ID` as the admin, of the VMs `seed` wrote (`simvm0`… `simvm{SHOW_VMS-1}`),
+//!   spread over the whole table; skipped when SHOW_VMS is 0;
+//! - `submit`: `POST /vms` as the admin (job submission: commit and publish; every run adds C×R
+//!   VMs; whether they are placed is not measured).
 //!
-//! Usage: api_load API_URL ADMIN_TOKEN_FILE CLIENTS REQUESTS KERNEL
-//! It adds an image `img` with that kernel (if missing) and a consumer owning 200 VMs: the
-//! `GET /vms` calls are that consumer's, so each lists 200 VMs however many other VMs the
-//! database holds (every run's `POST /vms` adds C×R of the admin's).
+//! Usage: api_load API_URL ADMIN_TOKEN_FILE CLIENTS REQUESTS KERNEL [SHOW_VMS]
+//! It adds an image `img` with that kernel (if missing) and the consumer with its 200 VMs.
 
 use std::time::{Duration, Instant};
 
@@ -16,9 +20,10 @@ use serde_json::json;
 async fn main() -> Result<()> {
     let a: Vec<String> = std::env::args().collect();
     ensure!(
-        a.len() == 6,
-        "usage: api_load API_URL ADMIN_TOKEN_FILE CLIENTS REQUESTS KERNEL"
+        a.len() == 6 || a.len() == 7,
+        "usage: api_load API_URL ADMIN_TOKEN_FILE CLIENTS REQUESTS KERNEL [SHOW_VMS]"
     );
+    let show_vms: usize = a.get(6).map_or(Ok(0), |n| n.parse())?;
     let base = a[1].trim_end_matches('/').to_string();
     let token = std::fs::read_to_string(&a[2])
         .with_context(|| format!("cannot read {}", a[2]))?
@@ -56,8 +61,20 @@ async fn main() -> Result<()> {
         let vm = json!({"name": format!("seed{i}"), "image": "img", "vcpus": 1, "memory_mib": 64});
         send(&c, &base, &lister_token, "/vms", Some(vm)).await?;
     }
-    run("GET /vms", &base, &lister_token, clients, per, false).await?;
-    run("POST /vms", &base, &token, clients, per, true).await?;
+    let mut out = serde_json::Map::new();
+    out.insert(
+        "list".into(),
+        run(Op::List, &base, &lister_token, clients, per).await?,
+    );
+    if show_vms > 0 {
+        let show = run(Op::Show(show_vms), &base, &token, clients, per).await?;
+        out.insert("show".into(), show);
+    }
+    out.insert(
+        "submit".into(),
+        run(Op::Submit, &base, &token, clients, per).await?,
+    );
+    println!("{}", serde_json::Value::Object(out));
     Ok(())
 }
 
@@ -90,14 +107,22 @@ async fn send(
     Ok(t.elapsed())
 }
 
+#[derive(Clone, Copy)]
+enum Op {
+    List,
+    /// Of this many seeded VMs.
+    Show(usize),
+    Submit,
+}
+
+/// One kind of request from every client; its figures as JSON.
 async fn run(
-    name: &str,
+    op: Op,
     base: &str,
     token: &str,
     clients: usize,
     per: usize,
-    post: bool,
-) -> Result<()> {
+) -> Result<serde_json::Value> {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for k in 0..clients {
@@ -106,11 +131,17 @@ async fn run(
             let c = client()?;
             let mut lat = Vec::with_capacity(per);
             for i in 0..per {
-                let body = post.then(|| {
-                    json!({"name": format!("b{}x{k}x{i}", std::process::id()), "image": "img",
-                           "vcpus": 1, "memory_mib": 64})
-                });
-                lat.push(send(&c, &base, &token, "/vms", body).await?);
+                let (path, body) = match op {
+                    Op::List => ("/vms".to_string(), None),
+                    // Strides of two primes: every client reads VMs far apart in the table.
+                    Op::Show(n) => (format!("/vms/simvm{}", (k * 7919 + i * 104_729) % n), None),
+                    Op::Submit => (
+                        "/vms".to_string(),
+                        Some(json!({"name": format!("b{}x{k}x{i}", std::process::id()),
+                                    "image": "img", "vcpus": 1, "memory_mib": 64})),
+                    ),
+                };
+                lat.push(send(&c, &base, &token, &path, body).await?);
             }
             anyhow::Ok(lat)
         }));
@@ -122,13 +153,18 @@ async fn run(
     let elapsed = start.elapsed().as_secs_f64();
     lat.sort();
     let p = |q: f64| lat[((q * lat.len() as f64) as usize).min(lat.len() - 1)].as_secs_f64() * 1e3;
+    let name = match op {
+        Op::List => "GET /vms",
+        Op::Show(_) => "GET /vms/ID",
+        Op::Submit => "POST /vms",
+    };
+    let rps = lat.len() as f64 / elapsed;
     println!(
-        "{name:10} {:6} requests, {clients} clients: {:7.0} req/s  p50 {:6.2} ms  p99 {:6.2} ms  max {:6.2} ms",
+        "{name:12} {:6} requests, {clients} clients: {rps:7.0} req/s  p50 {:6.2} ms  p99 {:6.2} ms  max {:6.2} ms",
         lat.len(),
-        lat.len() as f64 / elapsed,
         p(0.5),
         p(0.99),
         p(1.0)
     );
-    Ok(())
+    Ok(json!({"rps": rps, "p50_ms": p(0.5), "p99_ms": p(0.99), "max_ms": p(1.0)}))
 }

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures::Stream;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::auth::{self, Identity, Role};
@@ -312,7 +312,9 @@ pub fn router(v: Arc<Vimd>) -> Router {
         .with_state(v)
 }
 
-fn ok(v: Value) -> Result<Response, ApiError> {
+/// 200 with `v` as JSON. Serialized straight from its type: `json!` first builds a tree of maps,
+/// which cost `GET /vms` more than its query.
+fn ok(v: impl Serialize) -> Result<Response, ApiError> {
     Ok(Json(v).into_response())
 }
 
@@ -629,9 +631,7 @@ async fn list_vms(State(v): St, h: Req, q: Result<Query<VmPage>, QueryRejection>
             },
             None => None,
         };
-        ok(json!(
-            v.db.vms(who.owner_filter(), after.as_ref(), limit).await?
-        ))
+        ok(v.db.vms(who.owner_filter(), after.as_ref(), limit).await?)
     })
     .await
 }
@@ -819,7 +819,7 @@ async fn ready_for_change(v: &Vimd, vm: &db::Vm, state: db::VmState) -> Result<(
 
 async fn show_vm(State(v): St, h: Req, Path(id): Path<String>) -> Response {
     call(&v, &h, "vms.show", &id.clone(), |v, who| async move {
-        ok(json!(owned_vm(&v, &who, &id).await?))
+        ok(owned_vm(&v, &who, &id).await?)
     })
     .await
 }
@@ -1096,7 +1096,7 @@ async fn set_auto_suspend(
             };
             let vm = owned_vm(&v, &who, &id).await?;
             v.db.set_auto_suspend(&vm.id, pct, idle_s).await?;
-            ok(json!(owned_vm(&v, &who, &id).await?))
+            ok(owned_vm(&v, &who, &id).await?)
         },
     )
     .await

@@ -90,16 +90,7 @@ async fn hash(password: &str) -> anyhow::Result<String> {
 /// otherwise each write a list the other is missing from.
 async fn publish_users(v: &Vimd, id: &str) -> anyhow::Result<()> {
     rewrite_users(v).await?;
-    // Right after a reload the account's JetStream may briefly answer "not found".
-    let mut tries = 0;
-    while let Err(e) = crate::queue::declare_host_consumer(&v.js, id).await {
-        tries += 1;
-        if tries >= 50 {
-            return Err(e);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    Ok(())
+    crate::queue::declare_host_consumer(&v.js, id).await
 }
 
 /// Writes the NATS users from the database and has the server load them.

@@ -1,6 +1,8 @@
 //! Placement: which host gets a new VM. Hosts that are reachable and have room, with CPU and
 //! memory overcommit ratios (OpenStack's defaults since 2023: 4.0 CPU, 1.0 memory) and memory
-//! reserved for the host itself; the host with the most free memory wins.
+//! reserved for the host itself; the host with the most free memory wins. With more reachable
+//! hosts than [`crate::db::PLACEMENT_SAMPLE`], the roomiest of a random sample of that many
+//! wins, and every host is weighed only when none of the sample has room (docs/scale.md).
 
 use serde::Serialize;
 
@@ -85,7 +87,29 @@ mod tests {
 
     /// Hosts a (1000 MiB used), b (empty), c (unreachable), each 2 cores and 4096 MiB.
     async fn fleet(db: &Db) {
-        for id in ["a", "b", "c"] {
+        hosts(db, &["a", "b", "c"]).await;
+        place(db, "v", 0, 1000, "a").await;
+    }
+
+    /// A running VM of owner o placed on `host`.
+    async fn place(db: &Db, id: &str, vcpus: i64, memory_mib: i64, host: &str) {
+        let vm = Vm {
+            id: id.into(),
+            owner: "o".into(),
+            vcpus,
+            memory_mib,
+            state: VmState::Running,
+            ..Vm::default()
+        };
+        db.add_job(&Job::new(JobKind::Create, "o", id), Some(&vm))
+            .await
+            .unwrap();
+        db.place_vm(id, host, "").await.unwrap();
+    }
+
+    /// Hosts of 2 cores and 4096 MiB, reachable but for one named "c".
+    async fn hosts(db: &Db, ids: &[&str]) {
+        for &id in ids {
             db.add_host(id, "u", "p").await.unwrap();
             let hb = vim_proto::Heartbeat {
                 host_id: id.into(),
@@ -107,17 +131,42 @@ mod tests {
             .await
             .unwrap();
         }
-        let vm = Vm {
-            id: "v".into(),
-            vcpus: 0,
-            memory_mib: 1000,
-            state: VmState::Running,
-            ..Vm::default()
-        };
-        db.add_job(&Job::new(JobKind::Create, "o", "v"), Some(&vm))
-            .await
-            .unwrap();
-        db.place_vm("v", "a", "").await.unwrap();
+    }
+
+    /// More reachable hosts than a placement samples, all full but one: that one is found
+    /// wherever it lies in the sample order (placement then weighs every host), a migration
+    /// away from it is refused, and with room everywhere the pick is a host with room.
+    #[tokio::test]
+    async fn the_one_host_with_room_among_many_is_found() {
+        let n = crate::db::PLACEMENT_SAMPLE as usize * 2 + 5;
+        let names: Vec<String> = (0..n).map(|i| format!("h{i:03}")).collect();
+        let ids: Vec<&str> = names.iter().map(String::as_str).collect();
+        for (db, _dir) in databases().await {
+            hosts(&db, &ids).await;
+            let p = Policy::default();
+            let any = Among::default();
+            assert!(ids.contains(
+                &choose(&db, &p, 1, 3000, any)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .as_str()
+            ));
+            for (i, id) in ids.iter().enumerate().filter(|(i, _)| *i != 17) {
+                place(&db, &format!("v{i}"), 1, 3000, id).await;
+            }
+            for _ in 0..5 {
+                assert_eq!(choose(&db, &p, 1, 600, any).await.unwrap().unwrap(), "h017");
+            }
+            let except = Among {
+                except: Some("h017"),
+                ..any
+            };
+            let e = choose(&db, &p, 1, 600, except).await.unwrap().unwrap_err();
+            assert!(e.contains("no host has room"), "{e}");
+            // Full on CPU too: 8 vCPUs fit h017's 2 cores at 4.0, 9 do not, anywhere.
+            assert!(choose(&db, &p, 9, 64, any).await.unwrap().is_err());
+        }
     }
 
     #[tokio::test]

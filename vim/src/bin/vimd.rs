@@ -338,9 +338,8 @@ async fn run(a: Args) -> Result<()> {
         tracing::info!(error = %e, "JetStream not ready; retrying");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    for h in db.hosts().await? {
-        queue::declare_host_consumer(&js, &h.id).await?;
-    }
+    let host_ids: Vec<String> = db.hosts().await?.into_iter().map(|h| h.id).collect();
+    queue::declare_host_consumers(&js, &host_ids).await?;
     let (events, _) = tokio::sync::broadcast::channel(1024);
     db.tell_events(events.clone());
     // VMs that ran before usage was metered (an upgraded VIM) start being billed now.

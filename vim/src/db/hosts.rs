@@ -1,11 +1,10 @@
 //! Hosts: what they report, their liveness state, and where a new VM fits.
 
 use serde::Serialize;
-use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::usage::{meter, Scope};
-use super::{marks, named, now_ms, Db, DbError, VmState, HEARTBEAT_CHUNK};
+use super::{marks, named, now_ms, read, Cols, Db, DbError, VmState, HEARTBEAT_CHUNK};
 
 /// Whether a host's heartbeats arrive: not yet since it was added, yes, or not for the number
 /// of intervals that makes it unreachable.
@@ -51,35 +50,60 @@ pub struct HostChange {
     pub missed: i64,
 }
 
-fn host(r: &AnyRow) -> Result<Host, sqlx::Error> {
+fn host(r: &impl Cols) -> Result<Host, sqlx::Error> {
     Ok(Host {
-        id: r.try_get("id")?,
-        hostname: r.try_get("hostname")?,
-        address: r.try_get("address")?,
-        cpu_cores: r.try_get("cpu_cores")?,
-        memory_mib: r.try_get("memory_mib")?,
-        agent_version: r.try_get("agent_version")?,
+        id: r.col("id")?,
+        hostname: r.col("hostname")?,
+        address: r.col("address")?,
+        cpu_cores: r.col("cpu_cores")?,
+        memory_mib: r.col("memory_mib")?,
+        agent_version: r.col("agent_version")?,
         state: named(r, "state")?,
-        draining: r.try_get::<i64, _>("draining")? != 0,
-        last_heartbeat: r.try_get("last_heartbeat")?,
-        missed: r.try_get("missed")?,
-        nats_user: r.try_get("nats_user")?,
-        nats_password_hash: r.try_get("nats_password")?,
+        draining: r.col::<i64>("draining")? != 0,
+        last_heartbeat: r.col("last_heartbeat")?,
+        missed: r.col("missed")?,
+        nats_user: r.col("nats_user")?,
+        nats_password_hash: r.col("nats_password")?,
     })
+}
+
+/// How many hosts a placement weighs at most before it looks at all of them
+/// ([`Db::roomiest_host`]).
+pub const PLACEMENT_SAMPLE: i64 = 32;
+
+/// A host as placement weighs it.
+struct Capacity {
+    id: String,
+    cpu_cores: i64,
+    memory_mib: i64,
+}
+
+fn capacity(r: &impl Cols) -> Result<Capacity, sqlx::Error> {
+    Ok(Capacity {
+        id: r.col("id")?,
+        cpu_cores: r.col("cpu_cores")?,
+        memory_mib: r.col("memory_mib")?,
+    })
+}
+
+/// A host's random position in placement's sample order (a non-negative 63-bit number).
+pub fn place_key() -> i64 {
+    (uuid::Uuid::new_v4().as_u64_pair().0 >> 1) as i64
 }
 
 impl Db {
     /// A new host, with its NATS user and that user's password hash.
     pub async fn add_host(&self, id: &str, user: &str, password_hash: &str) -> Result<(), DbError> {
         let r = sqlx::query(
-            "INSERT INTO hosts (id, state, nats_user, nats_password, created_at)
-             VALUES ($1, $5, $2, $3, $4)",
+            "INSERT INTO hosts (id, state, nats_user, nats_password, created_at, place_key)
+             VALUES ($1, $5, $2, $3, $4, $6)",
         )
         .bind(id)
         .bind(user)
         .bind(password_hash)
         .bind(now_ms())
         .bind(HostState::Registered.as_str())
+        .bind(place_key())
         .execute(&self.writer)
         .await;
         match r {
@@ -89,6 +113,21 @@ impl Db {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Gives the hosts added before placement sampled (migration 0014) their random place key.
+    pub(super) async fn key_unkeyed_hosts(&self) -> Result<(), DbError> {
+        let rows = sqlx::query("SELECT id FROM hosts WHERE place_key = 0")
+            .fetch_all(&self.writer)
+            .await?;
+        for r in rows {
+            sqlx::query("UPDATE hosts SET place_key = $1 WHERE id = $2 AND place_key = 0")
+                .bind(place_key())
+                .bind(r.try_get::<String, _>("id")?)
+                .execute(&self.writer)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Removes a host that runs no VM (any VM placed on it that is not deleted, stopped ones
@@ -139,6 +178,19 @@ impl Db {
         Ok(rows.iter().map(host).collect::<Result<_, _>>()?)
     }
 
+    /// The hosts in `state`, and how many hosts there are in all.
+    pub async fn hosts_in_state(&self, state: HostState) -> Result<(Vec<Host>, i64), DbError> {
+        read!(self, p => {
+            let rows = sqlx::query("SELECT * FROM hosts WHERE state = $1 ORDER BY id")
+                .bind(state.as_str())
+                .fetch_all(p)
+                .await?;
+            let all = sqlx::query("SELECT COUNT(*) AS n FROM hosts").fetch_one(p).await?;
+            let hosts = rows.iter().map(host).collect::<Result<_, _>>()?;
+            Ok((hosts, all.col("n")?))
+        })
+    }
+
     /// The hosts among `ids` that exist (one query per few hundred ids).
     pub async fn hosts_among(&self, ids: &[String]) -> Result<Vec<Host>, DbError> {
         let mut out = Vec::new();
@@ -147,13 +199,15 @@ impl Db {
                 "SELECT * FROM hosts WHERE id IN ({})",
                 marks(1, chunk.len())
             );
-            let mut q = sqlx::query(&sql);
-            for id in chunk {
-                q = q.bind(id);
-            }
-            for r in q.fetch_all(&self.pool).await? {
-                out.push(host(&r)?);
-            }
+            read!(self, p => {
+                let mut q = sqlx::query(&sql);
+                for id in chunk {
+                    q = q.bind(id);
+                }
+                for r in q.fetch_all(p).await? {
+                    out.push(host(&r)?);
+                }
+            });
         }
         Ok(out)
     }
@@ -303,7 +357,12 @@ impl Db {
 
     /// The reachable host with the most free memory that has room for `vcpus` and `memory_mib`
     /// under `p` (overcommit ratios, memory reserved for the host), counting the VMs placed on it
-    /// that are not deleted and the memory of the standbys it keeps, and (with `among.group`) that runs no VM of that owner's group.
+    /// that are not deleted and the memory of the standbys it keeps, and (with `among.group`)
+    /// that runs no VM of that owner's group. With more than [`PLACEMENT_SAMPLE`] reachable
+    /// hosts, the roomiest of that many taken from a random point of the hosts' `place_key` index
+    /// on ("power of k choices", as Nomad and Sparrow sample): its cost is that of the sample's
+    /// VMs, not of every VM of every host. When no sampled host fits, every host is weighed
+    /// (one query over all VMs), so a refusal is never for want of looking.
     pub async fn roomiest_host(
         &self,
         p: &crate::placement::Policy,
@@ -311,43 +370,179 @@ impl Db {
         memory_mib: i64,
         among: crate::placement::Among<'_>,
     ) -> Result<Option<String>, DbError> {
-        let r = sqlx::query(
-            "SELECT h.id,
-                    (h.memory_mib - $1) * $2 - COALESCE(u.memory_mib, 0) AS free_mib
-             FROM hosts h LEFT JOIN (
-                 SELECT host_id, SUM(vcpus) AS vcpus, SUM(memory_mib) AS memory_mib FROM (
-                     SELECT host_id, vcpus, memory_mib FROM vms
-                     WHERE host_id <> '' AND state <> $6
-                     UNION ALL
-                     -- A standby holds the VM's memory, and uses no CPU while it waits.
-                     SELECT standby_host AS host_id, 0 AS vcpus, memory_mib FROM vms
-                     WHERE standby_host <> '' AND state <> $6
-                 ) placed GROUP BY host_id
-             ) u ON u.host_id = h.id
-             WHERE h.state = $7 AND h.draining = 0 AND h.id <> $8 AND ($9 = '' OR h.id = $9)
-               AND ($10 = '' OR NOT EXISTS (
-                   SELECT 1 FROM vms g WHERE g.host_id = h.id AND g.affinity_group = $10
-                                         AND g.owner = $11 AND g.state <> $6))
-               AND COALESCE(u.vcpus, 0) + $3 <= h.cpu_cores * $4
-               AND $5 <= (h.memory_mib - $1) * $2 - COALESCE(u.memory_mib, 0)
-             ORDER BY free_mib DESC, h.id LIMIT 1",
-        )
-        .bind(p.reserved_memory_mib)
-        .bind(p.memory_ratio)
-        .bind(vcpus)
-        .bind(p.cpu_ratio)
-        .bind(memory_mib)
-        .bind(VmState::Deleted.as_str())
-        .bind(HostState::Reachable.as_str())
-        .bind(among.except.unwrap_or(""))
-        .bind(among.only.unwrap_or(""))
-        .bind(among.group.map_or("", |(_, g)| g))
-        .bind(among.group.map_or("", |(o, _)| o))
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(match r {
-            Some(r) => Some(r.try_get("id")?),
-            None => None,
+        let (sample, whole) = self.host_sample(among).await?;
+        let pick = self
+            .roomiest_of(&sample, p, vcpus, memory_mib, among)
+            .await?;
+        if pick.is_some() || whole {
+            return Ok(pick);
+        }
+        self.roomiest_of_all(p, vcpus, memory_mib, among).await
+    }
+
+    /// The hosts a placement weighs: reachable, not draining, as `among` allows, up to
+    /// [`PLACEMENT_SAMPLE`] of them from a random place key on (wrapping around); and whether
+    /// that is every such host.
+    async fn host_sample(
+        &self,
+        among: crate::placement::Among<'_>,
+    ) -> Result<(Vec<Capacity>, bool), DbError> {
+        let reachable = HostState::Reachable.as_str();
+        let allowed = |c: &Capacity| among.except != Some(c.id.as_str());
+        if let Some(only) = among.only {
+            let hosts = read!(self, p => {
+                let rows = sqlx::query(
+                    "SELECT id, cpu_cores, memory_mib FROM hosts
+                     WHERE id = $1 AND state = $2 AND draining = 0",
+                )
+                .bind(only)
+                .bind(reachable)
+                .fetch_all(p)
+                .await?;
+                rows.iter().map(capacity).collect::<Result<Vec<_>, _>>()?
+            });
+            return Ok((hosts.into_iter().filter(allowed).collect(), true));
+        }
+        let from = place_key();
+        // One more than the sample (and one for `except`): fewer came back, so that is all.
+        let want = PLACEMENT_SAMPLE + 2;
+        let mut hosts = Vec::new();
+        for (op, limit) in [(">=", want), ("<", want)] {
+            let limit = limit - hosts.len() as i64;
+            if limit <= 0 {
+                break;
+            }
+            let sql = format!(
+                "SELECT id, cpu_cores, memory_mib FROM hosts
+                 WHERE state = $1 AND draining = 0 AND place_key {op} $2
+                 ORDER BY place_key LIMIT $3"
+            );
+            read!(self, p => {
+                let rows = sqlx::query(&sql)
+                    .bind(reachable)
+                    .bind(from)
+                    .bind(limit)
+                    .fetch_all(p)
+                    .await?;
+                for r in &rows {
+                    hosts.push(capacity(r)?);
+                }
+            });
+        }
+        let whole = (hosts.len() as i64) < want;
+        hosts.retain(allowed);
+        hosts.truncate(PLACEMENT_SAMPLE as usize);
+        Ok((hosts, whole))
+    }
+
+    /// The roomiest of `hosts` that has room (see [`Db::roomiest_host`]): their VMs' and
+    /// standbys' use summed through the hosts' indexes.
+    async fn roomiest_of(
+        &self,
+        hosts: &[Capacity],
+        p: &crate::placement::Policy,
+        vcpus: i64,
+        memory_mib: i64,
+        among: crate::placement::Among<'_>,
+    ) -> Result<Option<String>, DbError> {
+        if hosts.is_empty() {
+            return Ok(None);
+        }
+        let ids = marks(2, hosts.len());
+        let deleted = VmState::Deleted.as_str();
+        let mut used: std::collections::HashMap<String, (i64, i64)> = Default::default();
+        let mut grouped = std::collections::HashSet::new();
+        let placed = format!(
+            "SELECT host_id, CAST(SUM(vcpus) AS BIGINT) AS vcpus,
+                    CAST(SUM(memory_mib) AS BIGINT) AS memory_mib
+             FROM vms WHERE state <> $1 AND host_id IN ({ids}) GROUP BY host_id
+             UNION ALL
+             -- A standby holds the VM's memory, and uses no CPU while it waits.
+             SELECT standby_host AS host_id, 0 AS vcpus, CAST(SUM(memory_mib) AS BIGINT) AS memory_mib
+             FROM vms WHERE state <> $1 AND standby_host IN ({ids}) GROUP BY standby_host"
+        );
+        let members = format!(
+            "SELECT DISTINCT host_id FROM vms
+             WHERE state <> $1 AND host_id IN ({ids}) AND affinity_group = ${} AND owner = ${}",
+            hosts.len() + 2,
+            hosts.len() + 3
+        );
+        read!(self, pool => {
+            let q = hosts.iter().fold(sqlx::query(&placed).bind(deleted), |q, h| q.bind(&h.id));
+            for r in q.fetch_all(pool).await? {
+                let u = used.entry(r.col::<String>("host_id")?).or_default();
+                u.0 += r.col::<i64>("vcpus")?;
+                u.1 += r.col::<i64>("memory_mib")?;
+            }
+            if let Some((owner, group)) = among.group {
+                let q = hosts.iter().fold(sqlx::query(&members).bind(deleted), |q, h| q.bind(&h.id));
+                for r in q.bind(group).bind(owner).fetch_all(pool).await? {
+                    grouped.insert(r.col::<String>("host_id")?);
+                }
+            }
+        });
+        let mut best: Option<(f64, &str)> = None;
+        for h in hosts.iter().filter(|h| !grouped.contains(&h.id)) {
+            let (used_vcpus, used_mib) = used.get(&h.id).copied().unwrap_or_default();
+            let free =
+                (h.memory_mib - p.reserved_memory_mib) as f64 * p.memory_ratio - used_mib as f64;
+            let fits = (used_vcpus + vcpus) as f64 <= h.cpu_cores as f64 * p.cpu_ratio
+                && memory_mib as f64 <= free;
+            // The most free memory; among equals, the first id.
+            if fits && best.is_none_or(|(f, id)| free > f || (free == f && h.id.as_str() < id)) {
+                best = Some((free, &h.id));
+            }
+        }
+        Ok(best.map(|(_, id)| id.to_string()))
+    }
+
+    /// [`Db::roomiest_host`] over every reachable host, in one query over all VMs.
+    async fn roomiest_of_all(
+        &self,
+        p: &crate::placement::Policy,
+        vcpus: i64,
+        memory_mib: i64,
+        among: crate::placement::Among<'_>,
+    ) -> Result<Option<String>, DbError> {
+        read!(self, pool => {
+            let r = sqlx::query(
+                "SELECT h.id,
+                        (h.memory_mib - $1) * $2 - COALESCE(u.memory_mib, 0) AS free_mib
+                 FROM hosts h LEFT JOIN (
+                     SELECT host_id, SUM(vcpus) AS vcpus, SUM(memory_mib) AS memory_mib FROM (
+                         SELECT host_id, vcpus, memory_mib FROM vms
+                         WHERE host_id <> '' AND state <> $6
+                         UNION ALL
+                         -- A standby holds the VM's memory, and uses no CPU while it waits.
+                         SELECT standby_host AS host_id, 0 AS vcpus, memory_mib FROM vms
+                         WHERE standby_host <> '' AND state <> $6
+                     ) placed GROUP BY host_id
+                 ) u ON u.host_id = h.id
+                 WHERE h.state = $7 AND h.draining = 0 AND h.id <> $8 AND ($9 = '' OR h.id = $9)
+                   AND ($10 = '' OR NOT EXISTS (
+                       SELECT 1 FROM vms g WHERE g.host_id = h.id AND g.affinity_group = $10
+                                             AND g.owner = $11 AND g.state <> $6))
+                   AND COALESCE(u.vcpus, 0) + $3 <= h.cpu_cores * $4
+                   AND $5 <= (h.memory_mib - $1) * $2 - COALESCE(u.memory_mib, 0)
+                 ORDER BY free_mib DESC, h.id LIMIT 1",
+            )
+            .bind(p.reserved_memory_mib)
+            .bind(p.memory_ratio)
+            .bind(vcpus)
+            .bind(p.cpu_ratio)
+            .bind(memory_mib)
+            .bind(VmState::Deleted.as_str())
+            .bind(HostState::Reachable.as_str())
+            .bind(among.except.unwrap_or(""))
+            .bind(among.only.unwrap_or(""))
+            .bind(among.group.map_or("", |(_, g)| g))
+            .bind(among.group.map_or("", |(o, _)| o))
+            .fetch_optional(pool)
+            .await?;
+            Ok(match r {
+                Some(r) => Some(r.col("id")?),
+                None => None,
+            })
         })
     }
 }

@@ -1,7 +1,10 @@
 //! The VIM's state, the source of truth: hosts, images, VMs, jobs, events, the audit log and API
 //! tokens. One schema and one set of queries for SQLite (the embedded default, a file in the state
-//! directory) and PostgreSQL (by URL), through sqlx's `Any` driver: only types and SQL both share
-//! (TEXT, BIGINT, `$n` placeholders).
+//! directory) and PostgreSQL (by URL): only types and SQL both share (TEXT, BIGINT, DOUBLE
+//! PRECISION, `$n` placeholders). Most queries go through sqlx's `Any` driver; the hot reads (a
+//! VM, a page of VMs, placement, the heartbeat path's host lookup) go through typed pools
+//! ([`Reader`]), because `Any` copies every value of every row into its own representation first
+//! (measured as most of `GET /vms`'s cost, issue 17).
 
 mod audit;
 mod cluster;
@@ -19,7 +22,7 @@ mod webhooks;
 pub use audit::AuditEntry;
 pub use events::Event;
 pub use hosts::HostChange;
-pub use hosts::{Host, HostState};
+pub use hosts::{place_key, Host, HostState, PLACEMENT_SAMPLE};
 pub use images::Image;
 pub use jobs::Job;
 pub use jobs::{JobKind, JobState};
@@ -31,6 +34,8 @@ pub use vms::{HaPolicy, Vm};
 pub use webhooks::Webhook;
 
 use sqlx::any::AnyPoolOptions;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::AnyPool;
 use thiserror::Error;
 
@@ -65,6 +70,8 @@ pub fn new_id() -> String {
 pub struct Db {
     pool: AnyPool,
     writer: AnyPool,
+    /// The same database for the hot reads, typed ([`read!`]).
+    reader: Reader,
     /// Where events the database writes itself (usage) are told, once committed.
     listeners: std::sync::Arc<std::sync::OnceLock<tokio::sync::broadcast::Sender<Event>>>,
 }
@@ -75,13 +82,66 @@ pub struct Db {
 /// 33–38 ms where 250 gave 42–56 ms (`scripts/bench-vim.sh`).
 const HEARTBEAT_CHUNK: usize = 50;
 
+/// A typed read pool of the database's own backend.
+#[derive(Clone)]
+enum Reader {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$p` bound to the typed read pool: the same SQL and decoding (through
+/// [`Cols`]), compiled once per backend.
+macro_rules! read {
+    ($db:expr, $p:ident => $body:expr) => {
+        match &$db.reader {
+            $crate::db::Reader::Sqlite($p) => $body,
+            $crate::db::Reader::Postgres($p) => $body,
+        }
+    };
+}
+use read;
+
+/// A value type every backend decodes: what the schema holds.
+pub(crate) trait Column:
+    Sized
+    + for<'r> sqlx::Decode<'r, sqlx::Any>
+    + sqlx::Type<sqlx::Any>
+    + for<'r> sqlx::Decode<'r, sqlx::Sqlite>
+    + sqlx::Type<sqlx::Sqlite>
+    + for<'r> sqlx::Decode<'r, sqlx::Postgres>
+    + sqlx::Type<sqlx::Postgres>
+{
+}
+impl Column for String {}
+impl Column for i64 {}
+impl Column for f64 {}
+
+/// A row of any of the backends, so one decoding function serves the `Any` and the typed pools.
+pub(crate) trait Cols {
+    fn col<T: Column>(&self, name: &str) -> Result<T, sqlx::Error>;
+}
+
+macro_rules! cols {
+    ($($row:ty),*) => {$(
+        impl Cols for $row {
+            fn col<T: Column>(&self, name: &str) -> Result<T, sqlx::Error> {
+                sqlx::Row::try_get(self, name)
+            }
+        }
+    )*};
+}
+cols!(
+    sqlx::any::AnyRow,
+    sqlx::sqlite::SqliteRow,
+    sqlx::postgres::PgRow
+);
+
 /// A column holding one of the enums' names (`vim_proto::names!`), decoded.
-fn named<T>(r: &sqlx::any::AnyRow, col: &str) -> Result<T, sqlx::Error>
+fn named<T>(r: &impl Cols, col: &str) -> Result<T, sqlx::Error>
 where
     T: std::str::FromStr<Err = vim_proto::UnknownName>,
 {
-    use sqlx::Row;
-    r.try_get::<String, _>(col)?
+    r.col::<String>(col)?
         .parse()
         .map_err(|e| sqlx::Error::ColumnDecode {
             index: col.into(),
@@ -141,11 +201,30 @@ impl Db {
         } else {
             writer.clone()
         };
-        Ok(Db {
+        let reader = if sqlite {
+            let opts: SqliteConnectOptions = url.parse()?;
+            Reader::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(4)
+                    .connect_with(opts.busy_timeout(std::time::Duration::from_secs(5)))
+                    .await?,
+            )
+        } else {
+            Reader::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(16)
+                    .connect(&url)
+                    .await?,
+            )
+        };
+        let db = Db {
             pool,
             writer,
+            reader,
             listeners: Default::default(),
-        })
+        };
+        db.key_unkeyed_hosts().await?;
+        Ok(db)
     }
 
     /// Tells `to` the events the database writes inside other changes' transactions (usage),

@@ -1,11 +1,9 @@
 //! VMs: where each runs and in which state, as its host last reported.
 
 use serde::Serialize;
-use sqlx::any::AnyRow;
-use sqlx::Row;
 
 use super::usage::Scope;
-use super::{named, now_ms, Db, DbError, VmState};
+use super::{named, now_ms, read, Cols, Db, DbError, VmState};
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Vm {
@@ -121,47 +119,49 @@ pub(super) fn json_or_null<S: serde::Serializer>(text: &str, s: S) -> Result<S::
     v.serialize(s)
 }
 
-fn vm(r: &AnyRow) -> Result<Vm, sqlx::Error> {
+fn vm(r: &impl Cols) -> Result<Vm, sqlx::Error> {
     Ok(Vm {
-        id: r.try_get("id")?,
-        name: r.try_get("name")?,
-        owner: r.try_get("owner")?,
-        image: r.try_get("image")?,
-        vcpus: r.try_get("vcpus")?,
-        memory_mib: r.try_get("memory_mib")?,
-        host_id: r.try_get("host_id")?,
+        id: r.col("id")?,
+        name: r.col("name")?,
+        owner: r.col("owner")?,
+        image: r.col("image")?,
+        vcpus: r.col("vcpus")?,
+        memory_mib: r.col("memory_mib")?,
+        host_id: r.col("host_id")?,
         state: named(r, "state")?,
-        disk_path: r.try_get("disk_path")?,
-        pid: r.try_get("pid")?,
-        cpu_pct: r.try_get("cpu_pct")?,
-        rss_kib: r.try_get("rss_kib")?,
-        vmm_cpu_pct: r.try_get("vmm_cpu_pct")?,
-        balloon_mib: r.try_get("balloon_mib")?,
-        created_at: r.try_get("created_at")?,
-        last_migration: r.try_get("last_migration")?,
-        mac: r.try_get("mac")?,
+        disk_path: r.col("disk_path")?,
+        pid: r.col("pid")?,
+        cpu_pct: r.col("cpu_pct")?,
+        rss_kib: r.col("rss_kib")?,
+        vmm_cpu_pct: r.col("vmm_cpu_pct")?,
+        balloon_mib: r.col("balloon_mib")?,
+        created_at: r.col("created_at")?,
+        last_migration: r.col("last_migration")?,
+        mac: r.col("mac")?,
         ha: named(r, "ha")?,
-        ha_priority: r.try_get("ha_priority")?,
-        checkpoint_ms: r.try_get("checkpoint_ms")?,
-        max_vcpus: r.try_get("max_vcpus")?,
-        scaled_at: r.try_get("scaled_at")?,
-        max_memory_mib: r.try_get("max_memory_mib")?,
-        auto_suspend_pct: r.try_get("auto_suspend_pct")?,
-        auto_suspend_s: r.try_get("auto_suspend_s")?,
-        group: r.try_get("affinity_group")?,
-        sla_target: r.try_get("sla_target")?,
-        standby_host: r.try_get("standby_host")?,
-        standby_seen: r.try_get("standby_seen")?,
+        ha_priority: r.col("ha_priority")?,
+        checkpoint_ms: r.col("checkpoint_ms")?,
+        max_vcpus: r.col("max_vcpus")?,
+        scaled_at: r.col("scaled_at")?,
+        max_memory_mib: r.col("max_memory_mib")?,
+        auto_suspend_pct: r.col("auto_suspend_pct")?,
+        auto_suspend_s: r.col("auto_suspend_s")?,
+        group: r.col("affinity_group")?,
+        sla_target: r.col("sla_target")?,
+        standby_host: r.col("standby_host")?,
+        standby_seen: r.col("standby_seen")?,
     })
 }
 
 impl Db {
     pub async fn vm(&self, id: &str) -> Result<Option<Vm>, DbError> {
-        let r = sqlx::query("SELECT * FROM vms WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(r.as_ref().map(vm).transpose()?)
+        read!(self, p => {
+            let r = sqlx::query("SELECT * FROM vms WHERE id = $1")
+                .bind(id)
+                .fetch_optional(p)
+                .await?;
+            Ok(r.as_ref().map(vm).transpose()?)
+        })
     }
 
     /// VMs not deleted, oldest first (then by id), at most `limit` of them, starting after the VM
@@ -186,15 +186,17 @@ impl Db {
             sql += &format!(" AND (created_at > {a} OR (created_at = {b} AND id > {c}))");
         }
         sql += &format!(" ORDER BY created_at, id LIMIT {}", mark());
-        let mut q = sqlx::query(&sql).bind(VmState::Deleted.as_str());
-        if let Some(o) = owner {
-            q = q.bind(o);
-        }
-        if let Some(a) = after {
-            q = q.bind(a.created_at).bind(a.created_at).bind(&a.id);
-        }
-        let rows = q.bind(limit).fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(vm).collect::<Result<_, _>>()?)
+        read!(self, p => {
+            let mut q = sqlx::query(&sql).bind(VmState::Deleted.as_str());
+            if let Some(o) = owner {
+                q = q.bind(o);
+            }
+            if let Some(a) = after {
+                q = q.bind(a.created_at).bind(a.created_at).bind(&a.id);
+            }
+            let rows = q.bind(limit).fetch_all(p).await?;
+            Ok(rows.iter().map(vm).collect::<Result<_, _>>()?)
+        })
     }
 
     /// Places a VM on a host; false if it was deleted meanwhile (it is never placed then).
@@ -342,24 +344,34 @@ impl Db {
     /// Running VMs that are suspended when idle, by their own setting or, without one, their
     /// consumer's (the setting that applies is in `auto_suspend_pct` and `auto_suspend_s`).
     pub async fn auto_suspend_vms(&self) -> Result<Vec<Vm>, DbError> {
-        let rows = sqlx::query(
-            "SELECT v.*, p.idle_pct AS consumer_pct, p.idle_s AS consumer_s
-             FROM vms v LEFT JOIN auto_suspend_policies p ON p.consumer = v.owner
-             WHERE v.state = $1 AND (v.auto_suspend_s > 0 OR (v.auto_suspend_s = 0 AND p.idle_s > 0))",
-        )
-        .bind(VmState::Running.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        let mut out = Vec::new();
-        for r in &rows {
-            let mut v = vm(r)?;
-            if v.auto_suspend_s == 0 {
-                v.auto_suspend_pct = r.try_get("consumer_pct")?;
-                v.auto_suspend_s = r.try_get("consumer_s")?;
+        // Two parts, each found through an index: VMs with their own setting, and the VMs of
+        // consumers with a policy, from the policies through the VMs' owner index (CROSS JOIN
+        // fixes SQLite's join order, `+` keeps it off the auto-suspend index, which holds
+        // nearly every VM under 0).
+        read!(self, p => {
+            let rows = sqlx::query(
+                "SELECT v.*, 0 AS consumer_pct, 0 AS consumer_s FROM vms v
+                 WHERE v.auto_suspend_s > 0 AND v.state = $1
+                 UNION ALL
+                 SELECT v.*, p.idle_pct AS consumer_pct, p.idle_s AS consumer_s
+                 FROM auto_suspend_policies p CROSS JOIN vms v
+                 WHERE v.owner = p.consumer AND p.idle_s > 0 AND +v.auto_suspend_s = 0
+                   AND v.state = $1",
+            )
+            .bind(VmState::Running.as_str())
+            .fetch_all(p)
+            .await?;
+            let mut out = Vec::new();
+            for r in &rows {
+                let mut v = vm(r)?;
+                if v.auto_suspend_s == 0 {
+                    v.auto_suspend_pct = r.col("consumer_pct")?;
+                    v.auto_suspend_s = r.col("consumer_s")?;
+                }
+                out.push(v);
             }
-            out.push(v);
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Sets consumer `consumer`'s auto-suspend policy, for its VMs without one of their own
@@ -406,14 +418,20 @@ impl Db {
     /// The VMs that have or should have a standby: HA policy `standby` (not deleted), or a
     /// standby host recorded (deleted or not: a deleted VM's standby is stopped).
     pub async fn standby_vms(&self) -> Result<Vec<Vm>, DbError> {
-        let rows = sqlx::query(
-            "SELECT * FROM vms WHERE (ha = $1 AND state <> $2) OR standby_host <> '' ORDER BY id",
-        )
-        .bind(HaPolicy::Standby.as_str())
-        .bind(VmState::Deleted.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(vm).collect::<Result<_, _>>()?)
+        // Through the `ha` and `standby_host` indexes (`> ''`, a range, where `<> ''` is a
+        // scan), sorted here: an ORDER BY id makes SQLite walk the whole table in id order.
+        let mut vms: Vec<Vm> = read!(self, p => {
+            let rows = sqlx::query(
+                "SELECT * FROM vms WHERE (ha = $1 AND state <> $2) OR standby_host > ''",
+            )
+            .bind(HaPolicy::Standby.as_str())
+            .bind(VmState::Deleted.as_str())
+            .fetch_all(p)
+            .await?;
+            rows.iter().map(vm).collect::<Result<_, _>>()?
+        });
+        vms.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(vms)
     }
 
     /// Moves a VM's standby from host `from` to `to` ('' for none), counted as seen now; false
