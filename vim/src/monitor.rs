@@ -1,8 +1,8 @@
 //! Host liveness, kept in memory: heartbeats only touch a map; the database hears about state
-//! changes (`PS_*`) at once and about heartbeat details in batches — changed hosts every second,
-//! the others' `last_heartbeat` at most every `REFRESH` — so 10,000 hosts beating at 1 Hz cost
-//! a few thousand row updates a second in a handful of transactions, and the monitor's clock never
-//! reads the hosts table.
+//! changes (`PS_*`) at once and about heartbeat details in batches — hosts whose facts changed
+//! (a VM's state or pid, the host's size) every second, usage figures and `last_heartbeat` at most
+//! every `REFRESH` — so 10,000 hosts beating at 1 Hz cost a few thousand row updates a second in a
+//! handful of statements, and the monitor's clock never reads the hosts table.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use vim_proto::Heartbeat;
 
-use crate::db::{Host, HostState};
+use crate::db::{Host, HostReport, HostState};
 
 /// How stale a healthy host's `last_heartbeat` in the database may get.
 pub const REFRESH: Duration = Duration::from_secs(5);
@@ -37,7 +37,6 @@ pub enum Beat {
     },
 }
 
-/// The same report apart from the sequence number.
 /// The largest host a heartbeat may claim: what a host reports is what placement trusts, so an
 /// absurd figure (or one that turns negative in the database's signed columns) is cut down to
 /// this, and text fields are kept short and printable.
@@ -76,14 +75,22 @@ pub fn bound_report(hb: &mut Heartbeat) {
     }
 }
 
-fn same_report(a: &Heartbeat, b: &Heartbeat) -> bool {
+/// The same facts: what the host is and has, and which VMs it runs in which state. The moving
+/// figures (CPU, memory use, the balloon, the sequence numbers) may differ: they change in nearly
+/// every report, and writing them each second is what one database could not take at 100,000
+/// VMs (docs/scale.md); they are written every `REFRESH`.
+fn same_facts(a: &Heartbeat, b: &Heartbeat) -> bool {
     a.host_id == b.host_id
         && a.hostname == b.hostname
         && a.address == b.address
         && a.cpu_cores == b.cpu_cores
         && a.memory_mib == b.memory_mib
         && a.agent_version == b.agent_version
-        && a.vms == b.vms
+        && a.vms.len() == b.vms.len()
+        && a.vms.iter().zip(&b.vms).all(|(a, b)| {
+            (&a.vm_id, a.state, a.pid, a.vcpus, a.memory_mib)
+                == (&b.vm_id, b.state, b.pid, b.vcpus, b.memory_mib)
+        })
 }
 
 /// A fixed point within `REFRESH` for a host.
@@ -211,16 +218,17 @@ impl Liveness {
         r
     }
 
-    /// Heartbeats to write now: hosts whose report changed since the last write, and the others
-    /// every `REFRESH`.
-    pub fn to_flush(&self, now: i64) -> Vec<(Heartbeat, i64)> {
+    /// Heartbeats to write now: hosts whose facts changed since the last write (at once: placement,
+    /// failover and jobs act on them), and the others every `REFRESH` (their usage figures and
+    /// `last_heartbeat`).
+    pub fn to_flush(&self, now: i64) -> Vec<HostReport> {
         let mut out = Vec::new();
         for l in self.lock().values_mut() {
             let Some((hb, at)) = l.latest.take() else {
                 continue;
             };
-            let changed = l.flushed.as_ref().is_none_or(|f| !same_report(f, &hb));
-            if changed || now - l.flushed_at >= REFRESH.as_millis() as i64 {
+            let facts = l.flushed.as_ref().is_none_or(|f| !same_facts(f, &hb));
+            if facts || now - l.flushed_at >= REFRESH.as_millis() as i64 {
                 // A host's first write is back-dated by a share of REFRESH that depends on its id,
                 // so hosts that appeared together are refreshed spread out, not all at once.
                 l.flushed_at = if l.flushed.is_none() {
@@ -228,7 +236,11 @@ impl Liveness {
                 } else {
                     now
                 };
-                out.push((hb.clone(), at));
+                out.push(HostReport {
+                    hb: hb.clone(),
+                    at,
+                    facts,
+                });
                 l.flushed = Some(hb);
             } else {
                 l.latest = Some((hb, at));
@@ -350,6 +362,44 @@ mod tests {
         assert_eq!(l.to_flush(3000).len(), 1, "a changed report not written");
         l.beat(hb("h", 4, 4), 8100);
         assert_eq!(l.to_flush(8100).len(), 1, "last_heartbeat never refreshed");
+    }
+
+    #[test]
+    fn moving_figures_wait_for_the_refresh_and_a_vm_state_does_not() {
+        let with_vm = |seq: u64, state: vim_proto::VmState, cpu: f64| {
+            let mut b = hb("h", seq, 2);
+            b.vms.push(vim_proto::VmReport {
+                vm_id: "vm".into(),
+                state: state as i32,
+                pid: 7,
+                cpu_pct: cpu,
+                rss_kib: 1000 + seq,
+                seq,
+                ..Default::default()
+            });
+            b
+        };
+        let l = Liveness::default();
+        l.register("h");
+        l.beat(with_vm(1, vim_proto::VmState::Running, 10.0), 1000);
+        assert_eq!(l.to_flush(1000).len(), 1);
+        l.beat(with_vm(2, vim_proto::VmState::Running, 95.0), 2000);
+        assert!(
+            l.to_flush(2000).is_empty(),
+            "new CPU figures written before the refresh"
+        );
+        l.beat(with_vm(3, vim_proto::VmState::Stopped, 0.0), 3000);
+        let out = l.to_flush(3000);
+        assert_eq!(out.len(), 1, "a VM's new state not written at once");
+        assert_eq!(out[0].hb.seq, 3, "not the latest report");
+        assert!(out[0].facts);
+        l.beat(with_vm(4, vim_proto::VmState::Stopped, 1.0), 4000);
+        assert!(l.to_flush(4000).is_empty());
+        l.beat(with_vm(9, vim_proto::VmState::Stopped, 2.0), 8000);
+        let out = l.to_flush(8000);
+        assert_eq!(out.len(), 1, "usage never refreshed");
+        assert_eq!(out[0].hb.vms[0].cpu_pct, 2.0);
+        assert!(!out[0].facts, "a refresh said to have new facts");
     }
 
     #[test]

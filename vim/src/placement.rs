@@ -117,7 +117,9 @@ mod tests {
                 memory_mib: 4096,
                 ..Default::default()
             };
-            db.record_heartbeats(&[(hb, 1)]).await.unwrap();
+            db.record_heartbeats(&[crate::db::HostReport::new(hb, 1)])
+                .await
+                .unwrap();
             let state = if id == "c" {
                 HostState::Unreachable
             } else {

@@ -4,7 +4,22 @@ use serde::Serialize;
 use sqlx::Row;
 
 use super::usage::{meter, Scope};
-use super::{marks, named, now_ms, read, Cols, Db, DbError, VmState, HEARTBEAT_CHUNK};
+use super::{marks, named, now_ms, read, Cols, Db, DbError, VmState, BATCH_ROWS, HEARTBEAT_CHUNK};
+
+/// A heartbeat's host row: id, hostname, cores, memory, agent version, time, address.
+const HOST_ROW: [&str; 7] = ["TEXT", "TEXT", "BIGINT", "BIGINT", "TEXT", "BIGINT", "TEXT"];
+/// A VM's usage row: host, VM, CPU, RSS, VMM CPU, balloon, time.
+const USAGE_ROW: [&str; 7] = [
+    "TEXT",
+    "TEXT",
+    "DOUBLE PRECISION",
+    "BIGINT",
+    "DOUBLE PRECISION",
+    "BIGINT",
+    "BIGINT",
+];
+/// A VM report's facts: VM, host, state, pid, time, sequence number.
+const FACTS_ROW: [&str; 6] = ["TEXT", "TEXT", "TEXT", "BIGINT", "BIGINT", "BIGINT"];
 
 /// Whether a host's heartbeats arrive: not yet since it was added, yes, or not for the number
 /// of intervals that makes it unreachable.
@@ -40,6 +55,27 @@ pub struct Host {
     /// A bcrypt hash (the plaintext is only in the credentials handed to the host).
     #[serde(skip)]
     pub nats_password_hash: String,
+}
+
+/// A heartbeat to write: the report, when it came, and whether its facts (the VMs the host runs,
+/// their states and pids) may differ from what was written last. Without, only the figures and
+/// the host's `last_heartbeat` are written: no VM row is read or rewritten.
+#[derive(Debug, Clone)]
+pub struct HostReport {
+    pub hb: vim_proto::Heartbeat,
+    pub at: i64,
+    pub facts: bool,
+}
+
+impl HostReport {
+    /// A report written whole.
+    pub fn new(hb: vim_proto::Heartbeat, at: i64) -> HostReport {
+        HostReport {
+            hb,
+            at,
+            facts: true,
+        }
+    }
 }
 
 /// A host's state and missed-heartbeat count, as the monitor sees them.
@@ -214,86 +250,150 @@ impl Db {
 
     /// Writes heartbeat reports (host facts, time, VM usage) in one transaction. Host states are
     /// not touched here: they change only through [`Db::set_host_states`].
-    pub async fn record_heartbeats(
-        &self,
-        beats: &[(vim_proto::Heartbeat, i64)],
-    ) -> Result<(), DbError> {
+    pub async fn record_heartbeats(&self, beats: &[HostReport]) -> Result<(), DbError> {
         for chunk in beats.chunks(HEARTBEAT_CHUNK) {
             self.record_heartbeat_chunk(chunk).await?;
         }
         Ok(())
     }
 
-    async fn record_heartbeat_chunk(
-        &self,
-        beats: &[(vim_proto::Heartbeat, i64)],
-    ) -> Result<(), DbError> {
+    /// Writes a chunk of heartbeats in one transaction, a statement per table for the whole
+    /// chunk (per `BATCH_ROWS`): one statement per VM was what a database could not keep up with
+    /// at 100,000 VMs (docs/scale.md).
+    async fn record_heartbeat_chunk(&self, beats: &[HostReport]) -> Result<(), DbError> {
         let mut tx = self.writer.begin().await?;
-        let mut reported = Vec::new();
-        for (hb, at) in beats {
-            sqlx::query(
-                "UPDATE hosts SET hostname = $1, cpu_cores = $2, memory_mib = $3,
-                 agent_version = $4, last_heartbeat = $5, address = $7 WHERE id = $6",
-            )
-            .bind(&hb.hostname)
-            .bind(i64::from(hb.cpu_cores))
-            .bind(hb.memory_mib as i64)
-            .bind(&hb.agent_version)
-            .bind(*at)
-            .bind(&hb.host_id)
-            .bind(&hb.address)
-            .execute(&mut *tx)
-            .await?;
-            // A VMM waiting for a migration's handover is not the VM: the migration, not the
-            // report, says where the VM runs.
-            // A standby VMM is not the VM either: its report says the standby is alive.
-            for v in hb.vms.iter().filter(|v| v.state() == VmState::Standby) {
-                sqlx::query("UPDATE vms SET standby_seen = $1 WHERE id = $2 AND standby_host = $3")
-                    .bind(*at)
-                    .bind(&v.vm_id)
-                    .bind(&hb.host_id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            for v in hb
-                .vms
-                .iter()
-                .filter(|v| !matches!(v.state(), VmState::Incoming | VmState::Standby))
-            {
-                // The state and pid only if the report is newer than what set them last (an
-                // answer processed after this heartbeat arrived); the usage always.
-                // And only if no newer report (its agent's sequence number) was applied.
-                sqlx::query(
-                    "UPDATE vms SET
-                     state = CASE WHEN state_at <= $12 AND ($13 = 0 OR report_seq < $13) THEN $1 ELSE state END,
-                     pid = CASE WHEN state_at <= $12 AND ($13 = 0 OR report_seq < $13) THEN $2 ELSE pid END,
-                     report_seq = CASE WHEN state_at <= $12 AND $13 > report_seq THEN $13 ELSE report_seq END,
-                     cpu_pct = $3, rss_kib = $4, vmm_cpu_pct = $7, balloon_mib = $8
-                     WHERE id = $5 AND host_id = $6 AND state NOT IN ($9, $10, $11, $14)",
-                )
-                .bind(v.state().as_str())
-                .bind(i64::from(v.pid))
-                .bind(v.cpu_pct)
-                .bind(v.rss_kib as i64)
-                .bind(&v.vm_id)
+        let hosts_sql = format!(
+            "WITH r(id, hostname, cpu_cores, memory_mib, agent_version, at, address) AS (VALUES {})
+             UPDATE hosts SET hostname = r.hostname, cpu_cores = r.cpu_cores,
+             memory_mib = r.memory_mib, agent_version = r.agent_version, last_heartbeat = r.at,
+             address = r.address FROM r WHERE hosts.id = r.id",
+            self.marks().rows(&HOST_ROW, beats.len())
+        );
+        let mut q = sqlx::query(&hosts_sql);
+        for HostReport { hb, at, .. } in beats {
+            q = q
                 .bind(&hb.host_id)
-                .bind(v.vmm_cpu_pct)
-                .bind(v.balloon_mib as i64)
-                .bind(VmState::Deleted.as_str())
+                .bind(&hb.hostname)
+                .bind(i64::from(hb.cpu_cores))
+                .bind(hb.memory_mib as i64)
+                .bind(&hb.agent_version)
+                .bind(*at)
+                .bind(&hb.address);
+        }
+        q.execute(&mut *tx).await?;
+        // A VMM waiting for a migration's handover is not the VM: the migration, not the
+        // report, says where the VM runs.
+        // A standby VMM is not the VM either: its report says the standby is alive.
+        let standbys: Vec<_> = beats
+            .iter()
+            .flat_map(|b| b.hb.vms.iter().map(move |v| (&b.hb, v, b.at)))
+            .filter(|(_, v, _)| v.state() == VmState::Standby)
+            .collect();
+        for batch in standbys.chunks(BATCH_ROWS) {
+            let sql = format!(
+                "WITH r(id, host, at) AS (VALUES {})
+                 UPDATE vms SET standby_seen = r.at FROM r
+                 WHERE vms.id = r.id AND vms.standby_host = r.host",
+                self.marks().rows(&["TEXT", "TEXT", "BIGINT"], batch.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for (hb, v, at) in batch {
+                q = q.bind(&v.vm_id).bind(&hb.host_id).bind(*at);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        // A VM once per report: a report naming one twice (a broken or hostile agent) would
+        // make PostgreSQL refuse the whole chunk's upsert, other hosts' beats with it.
+        let mut seen = std::collections::HashSet::new();
+        let reports: Vec<_> = beats
+            .iter()
+            .flat_map(|b| b.hb.vms.iter().map(move |v| (b, v)))
+            .filter(|(_, v)| !matches!(v.state(), VmState::Incoming | VmState::Standby))
+            .filter(|(b, v)| seen.insert((&b.hb.host_id, &v.vm_id)))
+            .collect();
+        let mut usage = Vec::new();
+        for batch in reports.chunks(BATCH_ROWS) {
+            // The figures, into the host's neighbouring `vm_usage` rows.
+            let sql = format!(
+                "INSERT INTO vm_usage (host, vm, cpu_pct, rss_kib, vmm_cpu_pct, balloon_mib, usage_at)
+                 VALUES {} ON CONFLICT (host, vm) DO UPDATE SET cpu_pct = excluded.cpu_pct,
+                 rss_kib = excluded.rss_kib, vmm_cpu_pct = excluded.vmm_cpu_pct,
+                 balloon_mib = excluded.balloon_mib, usage_at = excluded.usage_at",
+                self.marks().rows(&USAGE_ROW, batch.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for (b, v) in batch {
+                q = q
+                    .bind(&b.hb.host_id)
+                    .bind(&v.vm_id)
+                    .bind(v.cpu_pct)
+                    .bind(v.rss_kib as i64)
+                    .bind(v.vmm_cpu_pct)
+                    .bind(v.balloon_mib as i64)
+                    .bind(b.at);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        // The facts, of the reports that may have new ones.
+        let facts: Vec<_> = reports.iter().filter(|(b, _)| b.facts).collect();
+        for batch in facts.chunks(BATCH_ROWS) {
+            // The state and pid, only where the database has them otherwise (a VM's row is not
+            // rewritten each refresh), and only if the report is newer than what set them last
+            // (an answer processed after this heartbeat arrived) and no newer report (its agent's
+            // sequence number) was applied.
+            let mut m = self.marks();
+            let sql = format!(
+                "WITH r(id, host, state, pid, at, seq) AS (VALUES {})
+                 UPDATE vms SET
+                 state = CASE WHEN vms.state_at <= r.at AND (r.seq = 0 OR vms.report_seq < r.seq)
+                         THEN r.state ELSE vms.state END,
+                 pid = CASE WHEN vms.state_at <= r.at AND (r.seq = 0 OR vms.report_seq < r.seq)
+                       THEN r.pid ELSE vms.pid END,
+                 report_seq = CASE WHEN vms.state_at <= r.at AND r.seq > vms.report_seq
+                              THEN r.seq ELSE vms.report_seq END
+                 FROM r WHERE vms.id = r.id AND vms.host_id = r.host
+                 AND (vms.state <> r.state OR vms.pid <> r.pid) AND vms.state NOT IN ({})",
+                m.rows(&FACTS_ROW, batch.len()),
+                m.list(4)
+            );
+            let mut q = sqlx::query(&sql);
+            for (b, v) in batch {
+                q = q
+                    .bind(&v.vm_id)
+                    .bind(&b.hb.host_id)
+                    .bind(v.state().as_str())
+                    .bind(i64::from(v.pid))
+                    .bind(b.at)
+                    .bind(v.seq as i64);
+            }
+            q.bind(VmState::Deleted.as_str())
                 .bind(VmState::Pending.as_str())
                 // A migration's state is the migration's: the source still reports it running.
                 .bind(VmState::Migrating.as_str())
-                .bind(*at)
-                .bind(v.seq as i64)
-                // A restart waiting (for room, or for the disk's lock) is the restart's: the
-                // host it waits on reports its copy stopped meanwhile.
+                // A restart waiting (for room, or for the disk's lock) is the restart's: the host
+                // it waits on reports its copy stopped meanwhile.
                 .bind(VmState::PendingRestart.as_str())
                 .execute(&mut *tx)
                 .await?;
-                reported.push(v.vm_id.clone());
-            }
+            let ids: Vec<String> = batch.iter().map(|(_, v)| v.vm_id.clone()).collect();
+            usage.extend(meter(&mut tx, Scope::Vms(&ids)).await?);
         }
-        let usage = meter(&mut tx, Scope::Vms(&reported)).await?;
+        // Figures of VMs a host no longer reports (stopped there, moved, deleted): what these
+        // reports did not just write. Only a report with new facts can leave out a VM.
+        let changed: Vec<_> = beats.iter().filter(|b| b.facts).collect();
+        if !changed.is_empty() {
+            let sql = format!(
+                "WITH r(host, at) AS (VALUES {})
+                 DELETE FROM vm_usage WHERE host IN (SELECT host FROM r)
+                 AND usage_at < (SELECT at FROM r WHERE r.host = vm_usage.host)",
+                self.marks().rows(&["TEXT", "BIGINT"], changed.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for b in changed {
+                q = q.bind(&b.hb.host_id).bind(b.at);
+            }
+            q.execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         self.announce(usage);
         Ok(())
@@ -553,6 +653,124 @@ mod tests {
     use crate::db::tests::databases;
     use crate::db::{Event, EventKind};
 
+    /// A heartbeat chunk is written a statement per `BATCH_ROWS` VMs: every VM of a report
+    /// longer than one batch gets its figures, a standby its sighting, and a VM on another host
+    /// or deleted is not touched.
+    #[tokio::test]
+    async fn every_vm_of_a_long_report_is_written() {
+        use crate::db::tests::pending_vm;
+        use crate::db::{Job, JobKind};
+        for (db, _dir) in databases().await {
+            db.add_host("h1", "u", "p").await.unwrap();
+            db.add_host("h2", "u", "p").await.unwrap();
+            let mut ids = Vec::new();
+            for _ in 0..BATCH_ROWS + 3 {
+                let vm = pending_vm();
+                db.add_job(&Job::new(JobKind::Create, "alice", &vm.id), Some(&vm))
+                    .await
+                    .unwrap();
+                assert!(db.place_vm(&vm.id, "h1", "").await.unwrap());
+                assert!(db
+                    .set_vm_state(&vm.id, VmState::Creating, 0, 0)
+                    .await
+                    .unwrap());
+                ids.push(vm.id);
+            }
+            // One of h1's VMs has a standby on h2; the last one is deleted.
+            assert!(db.set_standby_host(&ids[0], "", "h2").await.unwrap());
+            let deleted = ids.last().unwrap().clone();
+            assert!(db
+                .set_vm_state(&deleted, VmState::Deleted, 0, 0)
+                .await
+                .unwrap());
+            let report = |i: usize, id: &str, state: VmState| vim_proto::VmReport {
+                vm_id: id.into(),
+                state: state.into(),
+                pid: 100 + i as u32,
+                cpu_pct: i as f64,
+                rss_kib: 1000 + i as u64,
+                seq: 5,
+                ..Default::default()
+            };
+            let h1 = vim_proto::Heartbeat {
+                host_id: "h1".into(),
+                hostname: "one".into(),
+                cpu_cores: 16,
+                vms: ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, id)| report(i, id, VmState::Running))
+                    .collect(),
+                ..Default::default()
+            };
+            // h2 claims one of h1's VMs as its own (not where it runs) and reports the standby.
+            let h2 = vim_proto::Heartbeat {
+                host_id: "h2".into(),
+                hostname: "two".into(),
+                vms: vec![
+                    report(9999, &ids[1], VmState::Stopped),
+                    report(0, &ids[0], VmState::Standby),
+                ],
+                ..Default::default()
+            };
+            let at = now_ms() + 1000;
+            db.record_heartbeats(&[HostReport::new(h1, at), HostReport::new(h2, at + 1)])
+                .await
+                .unwrap();
+            for (i, id) in ids.iter().enumerate() {
+                let vm = db.vm(id).await.unwrap().unwrap();
+                if *id == deleted {
+                    assert_eq!((vm.state, vm.pid), (VmState::Deleted, 0));
+                    continue;
+                }
+                assert_eq!(
+                    (vm.state, vm.pid, vm.cpu_pct, vm.rss_kib),
+                    (VmState::Running, 100 + i as i64, i as f64, 1000 + i as i64),
+                    "VM {i} of {}",
+                    ids.len()
+                );
+            }
+            assert_eq!(db.vm(&ids[0]).await.unwrap().unwrap().standby_seen, at + 1);
+            let hosts = db.hosts().await.unwrap();
+            let h1 = hosts.iter().find(|h| h.id == "h1").unwrap();
+            assert_eq!(
+                (h1.hostname.as_str(), h1.cpu_cores, h1.last_heartbeat),
+                ("one", 16, at)
+            );
+            // A report whose facts the monitor found unchanged writes only the figures.
+            let mut quiet = HostReport::new(
+                vim_proto::Heartbeat {
+                    host_id: "h1".into(),
+                    hostname: "one".into(),
+                    vms: vec![report(4242, &ids[3], VmState::Stopped)],
+                    ..Default::default()
+                },
+                at + 2000,
+            );
+            quiet.facts = false;
+            db.record_heartbeats(&[quiet]).await.unwrap();
+            let vm = db.vm(&ids[3]).await.unwrap().unwrap();
+            assert_eq!((vm.state, vm.cpu_pct), (VmState::Running, 4242.0));
+            // h1 no longer reports its first two VMs: their figures are gone, the rest are new.
+            let h1 = vim_proto::Heartbeat {
+                host_id: "h1".into(),
+                vms: ids[2..]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, id)| report(i + 7, id, VmState::Running))
+                    .collect(),
+                ..Default::default()
+            };
+            db.record_heartbeats(&[HostReport::new(h1, at + 5000)])
+                .await
+                .unwrap();
+            for (i, id) in ids.iter().enumerate().take(4) {
+                let want = if i < 2 { 0.0 } else { (i + 5) as f64 };
+                assert_eq!(db.vm(id).await.unwrap().unwrap().cpu_pct, want, "VM {i}");
+            }
+        }
+    }
+
     /// The monitor's batched writes: more hosts than one chunk, looked up, marked and unmarked.
     #[tokio::test]
     async fn host_batches() {
@@ -565,7 +783,7 @@ mod tests {
             let mut asked = ids.clone();
             asked.push("nobody".into());
             assert_eq!(db.hosts_among(&asked).await.unwrap().len(), n);
-            let beats: Vec<(vim_proto::Heartbeat, i64)> = ids
+            let beats: Vec<HostReport> = ids
                 .iter()
                 .map(|id| {
                     let hb = vim_proto::Heartbeat {
@@ -573,7 +791,7 @@ mod tests {
                         cpu_cores: 8,
                         ..Default::default()
                     };
-                    (hb, 42)
+                    HostReport::new(hb, 42)
                 })
                 .collect();
             db.record_heartbeats(&beats).await.unwrap();

@@ -516,7 +516,7 @@ impl Db {
 mod tests {
     use super::*;
     use crate::db::tests::{databases, pending_vm};
-    use crate::db::VmState;
+    use crate::db::{HostReport, VmState};
 
     /// A change queued behind an unfinished one for the same VM sees it; the first sees none;
     /// steps, other VMs' jobs and ended jobs do not count.
@@ -680,7 +680,7 @@ mod tests {
                 ..Default::default()
             };
             let later = now_ms() + 1000;
-            db.record_heartbeats(&[(hb(VmState::Creating, 100), later)])
+            db.record_heartbeats(&[HostReport::new(hb(VmState::Creating, 100), later)])
                 .await
                 .unwrap();
             assert_eq!(state().await, VmState::Running);
@@ -690,7 +690,7 @@ mod tests {
                 .unwrap());
             assert_eq!(state().await, VmState::Running);
             // Newer reports apply, by either path.
-            db.record_heartbeats(&[(hb(VmState::Stopped, 300), later)])
+            db.record_heartbeats(&[HostReport::new(hb(VmState::Stopped, 300), later)])
                 .await
                 .unwrap();
             assert_eq!(state().await, VmState::Stopped);

@@ -21,8 +21,8 @@ mod webhooks;
 
 pub use audit::AuditEntry;
 pub use events::Event;
-pub use hosts::HostChange;
 pub use hosts::{place_key, Host, HostState, PLACEMENT_SAMPLE};
+pub use hosts::{HostChange, HostReport};
 pub use images::Image;
 pub use jobs::Job;
 pub use jobs::{JobKind, JobState};
@@ -157,7 +157,59 @@ fn marks(first: usize, n: usize) -> String {
         .join(", ")
 }
 
+/// The bind markers of a batched statement, made in the order they appear in its text (and are
+/// bound in): `?` on SQLite, `$N` cast to the column's type on PostgreSQL. SQLite takes `$N` as
+/// a name and looks each one up among those before it when it parses a statement: a statement of
+/// 500 VM rows (5,000 values) took 213 ms with `$N`, 21 ms with `?`.
+pub(crate) struct Marks {
+    sqlite: bool,
+    n: usize,
+}
+
+impl Marks {
+    /// The next marker, for a value of SQL type `ty`.
+    fn next(&mut self, ty: &str) -> String {
+        self.n += 1;
+        if self.sqlite {
+            "?".into()
+        } else {
+            format!("CAST(${} AS {ty})", self.n)
+        }
+    }
+
+    /// `rows` rows of one marker per type of `types`, for a `WITH r(…) AS (VALUES …)` table:
+    /// one statement writes a whole batch (both databases take `UPDATE … FROM` such a table).
+    fn rows(&mut self, types: &[&str], rows: usize) -> String {
+        (0..rows)
+            .map(|_| {
+                let row: Vec<String> = types.iter().map(|t| self.next(t)).collect();
+                format!("({})", row.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `n` markers for an `IN (…)` list of text.
+    fn list(&mut self, n: usize) -> String {
+        (0..n)
+            .map(|_| self.next("TEXT"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Rows one batched statement writes at most: SQLite takes 32,766 bind values in a statement.
+const BATCH_ROWS: usize = 1000;
+
 impl Db {
+    /// Markers for a new batched statement ([`Marks`]).
+    fn marks(&self) -> Marks {
+        Marks {
+            sqlite: matches!(self.reader, Reader::Sqlite(_)),
+            n: 0,
+        }
+    }
+
     /// Opens (creating a SQLite file if needed) and brings the schema up to date (`vim/migrations`).
     pub async fn open(url: &str) -> Result<Db, DbError> {
         sqlx::any::install_default_drivers();

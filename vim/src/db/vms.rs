@@ -25,6 +25,11 @@ pub struct Vm {
     pub vmm_cpu_pct: f64,
     /// Memory the guest has handed back through its balloon.
     pub balloon_mib: i64,
+    /// When its host took the figures above (0: none reported yet). They are refreshed every few
+    /// seconds (`monitor::REFRESH`), so what judges them over time goes by this, not by when
+    /// it read them.
+    #[serde(skip)]
+    pub usage_at: i64,
     pub created_at: i64,
     /// How its last live migration went (source, target, downtime, total, bytes, rounds), or
     /// null.
@@ -119,6 +124,16 @@ pub(super) fn json_or_null<S: serde::Serializer>(text: &str, s: S) -> Result<S::
     v.serialize(s)
 }
 
+/// VMs with their latest usage figures (`vm_usage`, from their host's reports), for a
+/// `SELECT {VM_COLUMNS} FROM {VM_ROWS} …` that [`vm`] decodes. The VM's own columns are `vms.…`
+/// (or unqualified: no column of `vm_usage` shares a name with one of `vms`).
+pub(super) const VM_ROWS: &str =
+    "vms LEFT JOIN vm_usage u ON u.host = vms.host_id AND u.vm = vms.id";
+/// The columns of a [`VM_ROWS`] row that [`vm`] decodes; a VM not reported yet has zero usage.
+pub(super) const VM_COLUMNS: &str = "vms.*, COALESCE(u.cpu_pct, 0.0) AS cpu_pct,
+    COALESCE(u.rss_kib, 0) AS rss_kib, COALESCE(u.vmm_cpu_pct, 0.0) AS vmm_cpu_pct,
+    COALESCE(u.balloon_mib, 0) AS balloon_mib, COALESCE(u.usage_at, 0) AS usage_at";
+
 fn vm(r: &impl Cols) -> Result<Vm, sqlx::Error> {
     Ok(Vm {
         id: r.col("id")?,
@@ -135,6 +150,7 @@ fn vm(r: &impl Cols) -> Result<Vm, sqlx::Error> {
         rss_kib: r.col("rss_kib")?,
         vmm_cpu_pct: r.col("vmm_cpu_pct")?,
         balloon_mib: r.col("balloon_mib")?,
+        usage_at: r.col("usage_at")?,
         created_at: r.col("created_at")?,
         last_migration: r.col("last_migration")?,
         mac: r.col("mac")?,
@@ -156,7 +172,7 @@ fn vm(r: &impl Cols) -> Result<Vm, sqlx::Error> {
 impl Db {
     pub async fn vm(&self, id: &str) -> Result<Option<Vm>, DbError> {
         read!(self, p => {
-            let r = sqlx::query("SELECT * FROM vms WHERE id = $1")
+            let r = sqlx::query(&format!("SELECT {VM_COLUMNS} FROM {VM_ROWS} WHERE vms.id = $1"))
                 .bind(id)
                 .fetch_optional(p)
                 .await?;
@@ -172,7 +188,7 @@ impl Db {
         after: Option<&Vm>,
         limit: i64,
     ) -> Result<Vec<Vm>, DbError> {
-        let mut sql = String::from("SELECT * FROM vms WHERE state <> $1");
+        let mut sql = format!("SELECT {VM_COLUMNS} FROM {VM_ROWS} WHERE state <> $1");
         let mut n = 1;
         let mut mark = || {
             n += 1;
@@ -183,9 +199,9 @@ impl Db {
         }
         if after.is_some() {
             let (a, b, c) = (mark(), mark(), mark());
-            sql += &format!(" AND (created_at > {a} OR (created_at = {b} AND id > {c}))");
+            sql += &format!(" AND (created_at > {a} OR (created_at = {b} AND vms.id > {c}))");
         }
-        sql += &format!(" ORDER BY created_at, id LIMIT {}", mark());
+        sql += &format!(" ORDER BY created_at, vms.id LIMIT {}", mark());
         read!(self, p => {
             let mut q = sqlx::query(&sql).bind(VmState::Deleted.as_str());
             if let Some(o) = owner {
@@ -240,11 +256,13 @@ impl Db {
 
     /// The VMs placed on `host` (not deleted).
     pub async fn vms_on(&self, host: &str) -> Result<Vec<Vm>, DbError> {
-        let rows = sqlx::query("SELECT * FROM vms WHERE host_id = $1 AND state <> $2 ORDER BY id")
-            .bind(host)
-            .bind(VmState::Deleted.as_str())
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {VM_COLUMNS} FROM {VM_ROWS} WHERE host_id = $1 AND state <> $2 ORDER BY vms.id"
+        ))
+        .bind(host)
+        .bind(VmState::Deleted.as_str())
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.iter().map(vm).collect::<Result<_, _>>()?)
     }
 
@@ -334,10 +352,12 @@ impl Db {
 
     /// Every VM not deleted (the metrics' inventory, the balancer's model).
     pub async fn live_vms(&self) -> Result<Vec<Vm>, DbError> {
-        let rows = sqlx::query("SELECT * FROM vms WHERE state <> $1")
-            .bind(VmState::Deleted.as_str())
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {VM_COLUMNS} FROM {VM_ROWS} WHERE state <> $1"
+        ))
+        .bind(VmState::Deleted.as_str())
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.iter().map(vm).collect::<Result<_, _>>()?)
     }
 
@@ -349,15 +369,15 @@ impl Db {
         // fixes SQLite's join order, `+` keeps it off the auto-suspend index, which holds
         // nearly every VM under 0).
         read!(self, p => {
-            let rows = sqlx::query(
-                "SELECT v.*, 0 AS consumer_pct, 0 AS consumer_s FROM vms v
-                 WHERE v.auto_suspend_s > 0 AND v.state = $1
+            let rows = sqlx::query(&format!(
+                "SELECT {VM_COLUMNS}, 0 AS consumer_pct, 0 AS consumer_s FROM {VM_ROWS}
+                 WHERE vms.auto_suspend_s > 0 AND vms.state = $1
                  UNION ALL
-                 SELECT v.*, p.idle_pct AS consumer_pct, p.idle_s AS consumer_s
-                 FROM auto_suspend_policies p CROSS JOIN vms v
-                 WHERE v.owner = p.consumer AND p.idle_s > 0 AND +v.auto_suspend_s = 0
-                   AND v.state = $1",
-            )
+                 SELECT {VM_COLUMNS}, p.idle_pct AS consumer_pct, p.idle_s AS consumer_s
+                 FROM auto_suspend_policies p CROSS JOIN {VM_ROWS}
+                 WHERE vms.owner = p.consumer AND p.idle_s > 0 AND +vms.auto_suspend_s = 0
+                   AND vms.state = $1",
+            ))
             .bind(VmState::Running.as_str())
             .fetch_all(p)
             .await?;
@@ -421,9 +441,10 @@ impl Db {
         // Through the `ha` and `standby_host` indexes (`> ''`, a range, where `<> ''` is a
         // scan), sorted here: an ORDER BY id makes SQLite walk the whole table in id order.
         let mut vms: Vec<Vm> = read!(self, p => {
-            let rows = sqlx::query(
-                "SELECT * FROM vms WHERE (ha = $1 AND state <> $2) OR standby_host > ''",
-            )
+            let rows = sqlx::query(&format!(
+                "SELECT {VM_COLUMNS} FROM {VM_ROWS}
+                 WHERE (ha = $1 AND state <> $2) OR standby_host > ''",
+            ))
             .bind(HaPolicy::Standby.as_str())
             .bind(VmState::Deleted.as_str())
             .fetch_all(p)
@@ -457,10 +478,10 @@ impl Db {
         id: Option<&str>,
         to: i64,
     ) -> Result<Vec<Vm>, DbError> {
-        let rows = sqlx::query(
-            "SELECT * FROM vms WHERE created_at < $1 AND ($2 = '' OR owner = $2)
-             AND ($3 = '' OR id = $3) ORDER BY id",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {VM_COLUMNS} FROM {VM_ROWS} WHERE created_at < $1 AND ($2 = '' OR owner = $2)
+             AND ($3 = '' OR vms.id = $3) ORDER BY vms.id",
+        ))
         .bind(to)
         .bind(owner.unwrap_or(""))
         .bind(id.unwrap_or(""))

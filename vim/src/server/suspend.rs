@@ -27,8 +27,9 @@ pub struct ResumeParams {
 const AUTO_SUSPEND_EVERY: Duration = Duration::from_secs(1);
 
 /// Auto-suspend ("scale to zero"): every second, each running VM with an auto-suspend setting
-/// whose CPU use per vCPU (from its host's reports) is at or below its threshold is timed; one
-/// idle for its whole period, with no job under way, is suspended. `vm start` brings it back.
+/// whose CPU use per vCPU (from its host's reports) is at or below its threshold is timed, by
+/// the time those figures were taken; one idle for its whole period, with no job under way, is
+/// suspended. `vm start` brings it back.
 /// The timing lives in vimd's memory: a vimd restart starts every period again.
 pub fn run_auto_suspend(v: Arc<Vimd>) {
     tokio::spawn(async move {
@@ -55,17 +56,21 @@ impl Vimd {
         self: &Arc<Self>,
         idle_since: &mut HashMap<String, i64>,
     ) -> Result<()> {
-        let now = db::now_ms();
         let vms = self.db.auto_suspend_vms().await?;
         idle_since.retain(|id, _| vms.iter().any(|vm| &vm.id == id));
         for vm in vms {
             let pct = vm.cpu_pct / vm.vcpus.max(1) as f64;
-            if pct > vm.auto_suspend_pct as f64 {
+            // No figures yet say nothing; figures over the threshold end an idle period.
+            if vm.usage_at == 0 || pct > vm.auto_suspend_pct as f64 {
                 idle_since.remove(&vm.id);
                 continue;
             }
-            let since = *idle_since.entry(vm.id.clone()).or_insert(now);
-            if now - since < vm.auto_suspend_s * 1000
+            // Timed by when the figures were taken: the database holds each VM's latest, which
+            // its host's reports refresh every few seconds, so a period is idle only once figures
+            // taken at its end are idle too (a VM that just started, its first figure low, is
+            // not suspended before its next figure says whether it got busy).
+            let since = *idle_since.entry(vm.id.clone()).or_insert(vm.usage_at);
+            if vm.usage_at - since < vm.auto_suspend_s * 1000
                 || self.db.unfinished_jobs_for(&vm.id).await? > 0
             {
                 continue;
