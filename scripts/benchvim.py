@@ -120,7 +120,9 @@ def cell(v, vms, hosts, clients, per, log):
                  str(clients), str(per), f"{v.state}/kernel", str(vms))
     hb = None
     if hosts:
-        hb = subprocess.Popen(pinned(0, f"{R}/examples/hb_load", v.url, v.state, f"nats://127.0.0.1:{v.nport}",
+        # Before the API load on their shared core: beats the generator sends late are misses
+        # that vimd rightly counts, not vimd's.
+        hb = subprocess.Popen(["nice", "-n", "-10"] + pinned(0, f"{R}/examples/hb_load", v.url, v.state, f"nats://127.0.0.1:{v.nport}",
                                      str(hosts), str(vms), "45"),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(15)
